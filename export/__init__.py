@@ -1,0 +1,2 @@
+"""Deployment side: freeze a checkpoint to ONNX (to_onnx, the only torch user) and serve it
+with numpy + onnxruntime (runtime, batch, drift, card)."""

@@ -1,0 +1,106 @@
+"""Predictor: a frozen ONNX model served by onnxruntime. numpy + onnxruntime only.
+
+The model card inside the file says what input the graph takes; every batch is checked
+against it before it reaches the session, and the error names the expected spec.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from export.card import parse_card
+from export.errors import InputError
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+@dataclass
+class Prediction:
+    labels: np.ndarray         # (N,) int64 class index
+    probabilities: np.ndarray  # (N, classes) float32
+    logits: np.ndarray         # (N, classes) float32
+
+    @property
+    def confidence(self) -> np.ndarray:
+        return self.probabilities.max(axis=1)
+
+
+def _providers(provider: str) -> list[str]:
+    available = ort.get_available_providers()
+    if provider == "auto":
+        return [p for p in (PROVIDERS["cuda"], PROVIDERS["cpu"]) if p in available]
+    if provider not in PROVIDERS:
+        raise InputError(f"--provider: expected auto, cpu or cuda, got {provider!r}")
+    if PROVIDERS[provider] not in available:
+        raise InputError(f"--provider {provider}: onnxruntime offers only {available}")
+    return [PROVIDERS[provider]]
+
+
+class Predictor:
+    def __init__(self, path: str | Path, provider: str = "auto", threads: int = 0):
+        """Load `path`; `threads=0` lets onnxruntime use one thread per physical core."""
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise InputError(f"{self.path}: model file not found")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(self.path), options,
+                                                providers=_providers(provider))
+        except InputError:
+            raise
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf types
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise InputError(f"{self.path}: not a loadable ONNX model ({type(exc).__name__}"
+                             f"{': ' + first[:200] if first else ''})") from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.card = parse_card(meta, str(self.path))
+        self.spec = self.card["input"]
+        self.class_names: list[str] = self.card["class_names"]
+        self.provider = self.session.get_providers()[0]
+
+    def describe_input(self) -> str:
+        dims = ", ".join(map(str, self.spec["shape"]))
+        lo, hi = self.spec["value_range"]
+        return f"{self.spec['dtype']} array of shape (N, {dims}) with values in [{lo}, {hi}]"
+
+    def check(self, x: np.ndarray, source: str = "input") -> np.ndarray:
+        """Return `x` as the graph wants it, or raise InputError naming the expected spec."""
+        shape = tuple(self.spec["shape"])
+        if x.ndim == len(shape) and shape[0] == 1 and self.spec["kind"] == "image":
+            x = x[:, None]  # (N, H, W) grayscale -> (N, 1, H, W)
+        if x.ndim != len(shape) + 1 or tuple(x.shape[1:]) != shape:
+            raise InputError(f"{source}: expected {self.describe_input()}, "
+                             f"got shape {tuple(x.shape)}")
+        want = np.dtype(self.spec["dtype"])
+        if want == np.uint8:
+            if x.dtype != np.uint8:
+                raise InputError(f"{source}: expected {self.describe_input()}, got dtype {x.dtype}")
+        else:
+            if x.dtype.kind not in "fiu":
+                raise InputError(f"{source}: expected {self.describe_input()}, got dtype {x.dtype}")
+            x = x.astype(want, copy=False)
+            bad = ~np.isfinite(x).reshape(len(x), -1).all(axis=1)
+            if bad.any():
+                raise InputError(f"{source}: row {int(np.flatnonzero(bad)[0])} has NaN or "
+                                 "infinite values")
+        return np.ascontiguousarray(x)
+
+    def predict(self, x: np.ndarray, batch_size: int = 1024, source: str = "input") -> Prediction:
+        """Classify `x` in chunks of `batch_size` rows."""
+        x = self.check(x, source)
+        name = self.session.get_inputs()[0].name
+        logits, probs = [], []
+        for start in range(0, len(x), batch_size):
+            lg, pr = self.session.run(["logits", "probabilities"],
+                                      {name: x[start:start + batch_size]})
+            logits.append(lg)
+            probs.append(pr)
+        n_cls = len(self.class_names)
+        logits_all = np.concatenate(logits) if logits else np.zeros((0, n_cls), np.float32)
+        probs_all = np.concatenate(probs) if probs else np.zeros((0, n_cls), np.float32)
+        return Prediction(probs_all.argmax(axis=1), probs_all, logits_all)

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Create .venv (if missing) and install the project with its train + dev extras.
+# Idempotent: a second run with an unchanged pyproject.toml returns in about a second.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    echo "setup: creating .venv with $($PYTHON --version)"
+    "$PYTHON" -m venv .venv
+fi
+
+stamp=.venv/.frozenfit-installed
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    exit 0
+fi
+
+echo "setup: installing the project into .venv (first run takes a minute or two)"
+.venv/bin/python -m pip install --quiet --upgrade pip
+# Plain pip on purpose: it honours this machine's constraint file and local torch wheels.
+.venv/bin/python -m pip install --quiet -e ".[dev]"
+echo "$want" > "$stamp"
+echo "setup: done"

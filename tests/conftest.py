@@ -1,0 +1,73 @@
+"""Shared fixtures: one real digits run (fit -> model.onnx) for the whole session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MNIST = ROOT.parent / "shared" / "data" / "mnist"
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None,
+            timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `python -m trainer ARGS` in a fresh interpreter, as a user would."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "trainer", *args], cwd=cwd or ROOT,
+                          env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    """Non-zero exit, a single line on stderr naming the problem, no traceback."""
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    err = proc.stderr.strip()
+    assert "Traceback" not in err, err
+    assert len(err.splitlines()) == 1, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory) -> Path:
+    """`trainer fit` on digits for a few epochs; returns the run folder."""
+    work = tmp_path_factory.mktemp("digits_run")
+    proc = run_cli("fit", "--config", str(ROOT / "configs" / "digits.yaml"),
+                   "--trainer.max_epochs", "6", "--trainer.enable_progress_bar", "false",
+                   "--trainer.logger.init_args.save_dir", str(work / "runs"), cwd=work)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    runs = sorted((work / "runs" / "digits").glob("version_*"))
+    assert len(runs) == 1
+    return runs[0]
+
+
+@pytest.fixture(scope="session")
+def digits_test_npz(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("digits_data") / "test.npz"
+    proc = run_cli("data", "--config", str(ROOT / "configs" / "digits.yaml"),
+                   "--split", "test", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out
+
+
+def pytest_collection_modifyitems(config, items):
+    import importlib.util
+
+    has_cuda = False
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run on a GPU machine: ./scripts/test.sh -m cuda)")
+    for item in items:
+        if "cuda" in item.keywords and not has_cuda:
+            item.add_marker(skip)
+
+
+requires_mnist = pytest.mark.skipif(
+    not (MNIST / "train-images-idx3-ubyte.gz").exists(),
+    reason=f"real MNIST not found at {MNIST} (it ships beside the project checkout only)")

@@ -1,0 +1,74 @@
+"""The whole path on digits through the CLI: fit -> export -> predict, accuracy asserted."""
+
+from __future__ import annotations
+
+import csv
+import re
+
+import numpy as np
+import onnx
+
+from export.card import read_card
+from tests.conftest import run_cli
+
+
+def test_fit_writes_a_complete_run_folder(digits_run):
+    assert (digits_run / "config.yaml").is_file()
+    assert (digits_run / "metrics.csv").is_file()
+    assert (digits_run / "checkpoints" / "last.ckpt").is_file()
+    assert len(list((digits_run / "checkpoints").glob("best-*.ckpt"))) == 1
+    model = digits_run / "model.onnx"
+    onnx.checker.check_model(onnx.load(str(model)), full_check=True)
+    card = read_card(model)
+    assert card["class_names"] == [str(i) for i in range(10)]
+    assert card["input"]["shape"] == [1, 8, 8] and card["input"]["dtype"] == "uint8"
+    assert card["dataset"]["split_sizes"] == {"train": 1258, "val": 269, "test": 270}
+    assert card["parity"]["max_abs_diff"] <= 1e-3
+    assert card["metrics"]["val/acc"] > 0.9
+
+
+def test_export_then_predict_through_the_cli(digits_run, digits_test_npz, tmp_path):
+    best = next((digits_run / "checkpoints").glob("best-*.ckpt"))
+    model = tmp_path / "model.onnx"
+    proc = run_cli("export", "--ckpt", str(best), "--out", str(model))
+    assert proc.returncode == 0, proc.stderr
+    assert "parity" in proc.stdout
+
+    preds = tmp_path / "preds.csv"
+    proc = run_cli("predict", "--model", str(model), "--input", str(digits_test_npz),
+                   "--output", str(preds))
+    assert proc.returncode == 0, proc.stderr
+    reported = float(re.search(r"accuracy: ([0-9.]+)", proc.stdout).group(1))
+    assert reported >= 0.95
+
+    with open(preds) as f:
+        rows = list(csv.DictReader(f))
+    y = np.load(digits_test_npz)["y"]
+    assert len(rows) == len(y) == 270
+    assert [r["id"] for r in rows] == [str(i) for i in range(270)]
+    labels = np.array([int(r["label"]) for r in rows])
+    assert abs((labels == y).mean() - reported) < 1e-4
+    conf = np.array([float(r["confidence"]) for r in rows])
+    assert ((conf > 0) & (conf <= 1)).all()
+
+
+def test_graph_takes_raw_pixels_and_has_a_dynamic_batch(digits_run, digits_test_npz):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(digits_run / "model.onnx"))
+    inp = session.get_inputs()[0]
+    assert inp.type == "tensor(uint8)"
+    assert not isinstance(inp.shape[0], int)  # symbolic batch dimension
+    x = np.load(digits_test_npz)["x"]
+    for n in (1, 5, 270):
+        logits, probs = session.run(["logits", "probabilities"], {inp.name: x[:n]})
+        assert logits.shape == probs.shape == (n, 10)
+        np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
+
+
+def test_inspect_prints_the_card(digits_run):
+    proc = run_cli("inspect", str(digits_run / "model.onnx"))
+    assert proc.returncode == 0, proc.stderr
+    assert "classes:     10" in proc.stdout and "fingerprint" in proc.stdout
+    proc = run_cli("inspect", str(digits_run / "model.onnx"), "--json")
+    assert '"card_version": 1' in proc.stdout

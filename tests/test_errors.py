@@ -1,0 +1,97 @@
+"""Bad input: a one-line error naming the problem, a non-zero exit, nothing written."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tests.conftest import ROOT, assert_one_line_error, run_cli
+
+
+def test_missing_config(tmp_path):
+    proc = run_cli("fit", "--config", str(tmp_path / "nope.yaml"))
+    assert_one_line_error(proc, "nope.yaml", "config file not found")
+
+
+def test_missing_checkpoint_for_export(tmp_path):
+    out = tmp_path / "m.onnx"
+    proc = run_cli("export", "--ckpt", str(tmp_path / "gone.ckpt"), "--out", str(out))
+    assert_one_line_error(proc, "gone.ckpt", "checkpoint not found")
+    assert not out.exists()
+
+
+def test_missing_checkpoint_for_validate(tmp_path):
+    proc = run_cli("validate", "--config", str(ROOT / "configs" / "digits.yaml"),
+                   "--ckpt_path", str(tmp_path / "gone.ckpt"))
+    assert_one_line_error(proc, "gone.ckpt", "checkpoint not found")
+
+
+def test_file_that_is_not_a_checkpoint(tmp_path):
+    bogus = tmp_path / "bogus.ckpt"
+    bogus.write_bytes(b"definitely not a checkpoint")
+    proc = run_cli("export", "--ckpt", str(bogus), "--out", str(tmp_path / "m.onnx"))
+    assert_one_line_error(proc, "bogus.ckpt", "not a loadable checkpoint")
+
+
+def test_non_onnx_model_file(tmp_path, digits_test_npz):
+    bogus = tmp_path / "model.onnx"
+    bogus.write_text("this is not a protobuf")
+    out = tmp_path / "preds.csv"
+    proc = run_cli("predict", "--model", str(bogus), "--input", str(digits_test_npz),
+                   "--output", str(out))
+    assert_one_line_error(proc, "model.onnx", "not a loadable ONNX model")
+    assert not out.exists()
+    proc = run_cli("inspect", str(bogus))
+    assert_one_line_error(proc, "model.onnx", "not an ONNX model")
+
+
+def test_onnx_file_without_a_card(tmp_path, digits_test_npz):
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    path = tmp_path / "plain.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    proc = run_cli("predict", "--model", str(path), "--input", str(digits_test_npz),
+                   "--output", str(tmp_path / "p.csv"))
+    assert_one_line_error(proc, "plain.onnx", "no 'frozenfit.card' model card")
+
+
+def test_input_of_the_wrong_shape(tmp_path, digits_run):
+    bad = tmp_path / "flat.npz"
+    np.savez(bad, x=np.zeros((5, 64), np.uint8))
+    out = tmp_path / "preds.csv"
+    proc = run_cli("predict", "--model", str(digits_run / "model.onnx"), "--input", str(bad),
+                   "--output", str(out))
+    assert_one_line_error(proc, "flat.npz", "shape (N, 1, 8, 8)", "got shape (5, 64)")
+    assert not out.exists()
+
+
+def test_input_of_the_wrong_dtype(tmp_path, digits_run):
+    bad = tmp_path / "floats.npy"
+    np.save(bad, np.zeros((5, 1, 8, 8), np.float64))
+    proc = run_cli("predict", "--model", str(digits_run / "model.onnx"), "--input", str(bad),
+                   "--output", str(tmp_path / "p.csv"))
+    assert_one_line_error(proc, "floats.npy", "uint8", "got dtype float64")
+
+
+def test_failed_predict_keeps_the_previous_output(tmp_path, digits_run):
+    out = tmp_path / "preds.csv"
+    out.write_text("previous results\n")
+    bad = tmp_path / "flat.npz"
+    np.savez(bad, x=np.zeros((5, 64), np.uint8))
+    run_cli("predict", "--model", str(digits_run / "model.onnx"), "--input", str(bad),
+            "--output", str(out))
+    assert out.read_text() == "previous results\n"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_unknown_data_source():
+    proc = run_cli("fit", "--config", str(ROOT / "configs" / "digits.yaml"),
+                   "--data.source", "imagenet")
+    assert_one_line_error(proc, "data.source", "imagenet")
+
+
+def test_unknown_command():
+    assert_one_line_error(run_cli("train"), "unknown command 'train'")

@@ -1,0 +1,215 @@
+"""The `trainer` command.
+
+fit / validate / test go through LightningCLI (YAML config + dotted overrides,
+--print_config). export / predict / inspect / data are small argparse commands whose heavy
+imports happen inside them, so `trainer --help`, `predict` and `inspect` never import torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+from export.errors import InputError
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test")
+
+HELP = """usage: trainer COMMAND [options]
+
+Offline learning on a fixed dataset: fit with Lightning, freeze to ONNX, predict with
+onnxruntime (no torch needed to predict).
+
+training (LightningCLI: --config FILE.yaml, dotted overrides, --print_config):
+  fit        train for N full epochs; writes runs/<name>/version_<n>/ and model.onnx
+  validate   evaluate a checkpoint on the validation split (--ckpt_path)
+  test       evaluate a checkpoint on the test split (--ckpt_path)
+
+deployment:
+  export     checkpoint -> frozen ONNX with model card, behind a parity gate
+  predict    batch inference with onnxruntime: inputs -> predictions CSV
+  inspect    show the model card of an ONNX file
+  data       write one split of a configured dataset to .npz (input for predict)
+
+Run `trainer COMMAND --help` for the options of one command.
+Example: trainer fit --config configs/digits.yaml --trainer.max_epochs 3
+"""
+
+
+def _flag_value(argv: list[str], *names: str) -> str | None:
+    for i, arg in enumerate(argv):
+        for name in names:
+            if arg == name and i + 1 < len(argv):
+                return argv[i + 1]
+            if arg.startswith(name + "="):
+                return arg.split("=", 1)[1]
+    return None
+
+
+def _check_paths(argv: list[str]) -> None:
+    """Fail with one line before Lightning starts when a named file does not exist."""
+    config = _flag_value(argv, "--config", "-c")
+    if config is not None and not Path(config).is_file():
+        raise InputError(f"{config}: config file not found")
+    ckpt = _flag_value(argv, "--ckpt_path")
+    if ckpt is not None and ckpt not in ("last", "best", "hpc", "registry") \
+            and not Path(ckpt).is_file():
+        raise InputError(f"{ckpt}: checkpoint not found (--ckpt_path)")
+
+
+def build_cli(args: list[str], run: bool = True, instantiate: bool = True):
+    """The LightningCLI over ClassifierModule + FixedDataModule with the product's defaults.
+    `instantiate=False` only parses and validates (`cli.config`), loading no data."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.cli import LightningCLI
+
+    from trainer.callbacks import ExportOnnx
+    from trainer.data.datamodule import FixedDataModule
+    from trainer.module import ClassifierModule
+
+    class TrainerCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser):
+            # The model learns its input spec, classes and normalisation from the data.
+            parser.link_arguments("data.info", "model.data_info", apply_on="instantiate")
+            parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+            parser.set_defaults({
+                "checkpoint.monitor": "val/loss", "checkpoint.mode": "min",
+                "checkpoint.save_last": True, "checkpoint.auto_insert_metric_name": False,
+                "checkpoint.filename": "best-epoch{epoch:03d}",
+            })
+            parser.add_lightning_class_args(ExportOnnx, "export")
+
+        def instantiate_classes(self) -> None:
+            if instantiate:
+                super().instantiate_classes()
+
+    # The seed is recorded in config.yaml; its log line would only clutter error output.
+    logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
+    with warnings.catch_warnings():
+        # `args` is how `trainer` hands its own argv to LightningCLI; that is intended.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        return TrainerCLI(
+            ClassifierModule, FixedDataModule, args=args, run=run,
+            seed_everything_default=0,
+            trainer_defaults={
+                "max_epochs": 10,
+                "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                           "init_args": {"save_dir": "runs", "name": "default"}},
+            },
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"description": "Train on a fixed dataset (see `trainer --help`)."},
+        )
+
+
+def cmd_export(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="trainer export", description=(
+        "Freeze a checkpoint to ONNX: eval mode, normalisation inside the graph, dynamic "
+        "batch axis, model card in the metadata, onnx.checker and an onnxruntime-vs-torch "
+        "parity check. On a parity failure nothing is written."))
+    p.add_argument("--ckpt", required=True, help="Lightning checkpoint (.ckpt)")
+    p.add_argument("--out", required=True, help="ONNX file to write")
+    p.add_argument("--samples", help=".npz with held-out 'x' for the parity check "
+                   "(default: the test split of the checkpoint's dataset)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    p.add_argument("--atol", type=float, default=1e-3,
+                   help="max |logit difference| onnxruntime vs torch (default 1e-3)")
+    args = p.parse_args(argv)
+    from export.batch import read_arrays
+    from export.to_onnx import export_checkpoint
+
+    samples = read_arrays(Path(args.samples), []).x if args.samples else None
+    card = export_checkpoint(args.ckpt, args.out, samples=samples, opset=args.opset,
+                             atol=args.atol)
+    par = card["parity"]
+    print(f"wrote {args.out}: {len(card['class_names'])} classes, parity max |diff| "
+          f"{par['max_abs_diff']:.2e} on {par['samples']} samples, "
+          f"top-1 agreement {par['top1_agreement']:.4f}")
+    return 0
+
+
+def cmd_predict(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="trainer predict", description=(
+        "Batch inference with onnxruntime (no torch): one CSV row per input with id, "
+        "predicted label and confidence; prints accuracy when the input carries labels."))
+    p.add_argument("--model", required=True, help="ONNX file written by trainer export/fit")
+    p.add_argument("--input", required=True,
+                   help=".npz with 'x' (and optional 'y'), .npy, or a folder of PNG/JPEG images")
+    p.add_argument("--output", required=True, help="predictions .csv (written atomically)")
+    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda"])
+    args = p.parse_args(argv)
+    from export.batch import run_batch
+
+    summary = run_batch(args.model, args.input, args.output, args.batch_size, args.provider)
+    line = (f"predicted {summary['rows']} rows -> {summary['output']} "
+            f"({summary['rows_per_second']:.0f} rows/s on {summary['provider']})")
+    if "accuracy" in summary:
+        line += f"\naccuracy: {summary['accuracy']:.4f}"
+    print(line)
+    return 0
+
+
+def cmd_inspect(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="trainer inspect",
+                                description="Show the model card stored in an ONNX file.")
+    p.add_argument("model", help="ONNX file")
+    p.add_argument("--json", action="store_true", help="print the whole card as JSON")
+    args = p.parse_args(argv)
+    from export.card import format_card, read_card
+
+    card = read_card(args.model)
+    print(json.dumps(card, indent=2) if args.json else format_card(card))
+    return 0
+
+
+def cmd_data(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="trainer data", description=(
+        "Write one split of the configured dataset to an .npz (x, y, class_names); any "
+        "other options (--config, --data.*) are read as by `trainer fit`."))
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--out", required=True, help=".npz file to write")
+    args, rest = p.parse_known_args(argv)
+    _check_paths(rest)
+    import numpy as np
+
+    from export.atomic import atomic_path
+
+    import lightning.pytorch  # noqa: F401  (it sets its log level on import; lower it after)
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no Trainer banner
+    cli = build_cli(rest, run=False)
+    split = cli.datamodule.splits[args.split]
+    with atomic_path(args.out) as tmp, open(tmp, "wb") as f:
+        np.savez(f, x=split.x, y=split.y, class_names=np.array(cli.datamodule.dataset.class_names))
+    print(f"wrote {args.out}: {len(split)} rows of the {args.split} split")
+    return 0
+
+
+TOOLS = {"export": cmd_export, "predict": cmd_predict, "inspect": cmd_inspect, "data": cmd_data}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv else ""
+    try:
+        if command in ("", "-h", "--help"):
+            print(HELP)
+            return 0
+        if command in LIGHTNING_COMMANDS:
+            _check_paths(argv[1:])
+            build_cli(argv)
+            return 0
+        if command in TOOLS:
+            return TOOLS[command](argv[1:])
+        raise InputError(f"unknown command {command!r}; expected one of "
+                         f"{', '.join(LIGHTNING_COMMANDS + tuple(TOOLS))}")
+    except InputError as exc:
+        print(f"trainer {command}: error: {exc}".replace("trainer : ", "trainer: "),
+              file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"trainer {command}: interrupted", file=sys.stderr)
+        return 130

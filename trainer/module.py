@@ -1,0 +1,115 @@
+"""The LightningModule: normalisation + backbone, loss, torchmetrics, optimizer, schedule.
+
+The only file of the training side that knows Lightning's module API. Everything the model
+needs to know about its data arrives as `data_info` (linked from the DataModule by the CLI)
+and is saved in the checkpoint's hyperparameters, so a checkpoint alone can be exported.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from trainer.models import build_backbone
+from trainer.models.nets import Normalize
+
+
+class ClassifierModule(L.LightningModule):
+    def __init__(
+        self,
+        arch: str = "convnet",
+        width: int = 32,
+        dropout: float = 0.1,
+        optimizer: Literal["adamw", "sgd"] = "adamw",
+        lr: float = 3e-3,
+        weight_decay: float = 5e-4,
+        schedule: Literal["onecycle", "cosine", "constant"] = "onecycle",
+        label_smoothing: float = 0.0,
+        data_info: dict | None = None,
+    ):
+        """
+        Args:
+            arch: Backbone architecture: convnet (images) or mlp (images or features).
+            width: Base channel/hidden width of the backbone.
+            dropout: Dropout before the classifier layer.
+            optimizer: adamw, or sgd (momentum 0.9, Nesterov).
+            lr: Peak learning rate.
+            weight_decay: Decoupled weight decay (not applied to norms and biases).
+            schedule: onecycle, cosine (decay to 0 over the run), or constant.
+            label_smoothing: Label smoothing of the cross-entropy loss.
+            data_info: Set by the CLI from the DataModule (input spec, classes, statistics).
+        """
+        super().__init__()
+        if data_info is None:
+            raise ValueError("model.data_info is missing: build the module through the "
+                             "`trainer` CLI or pass the DataModule's `info`")
+        if lr <= 0:
+            raise ValueError(f"model.lr must be > 0, got {lr}")
+        self.save_hyperparameters()
+        num_classes = len(data_info["class_names"])
+        spec, norm = data_info["input"], data_info["normalization"]
+        self.net = nn.Sequential(
+            Normalize(norm["mean"], norm["std"], image=spec["kind"] == "image"),
+            build_backbone(arch, spec["shape"], num_classes, width, dropout),
+        )
+        self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.metrics = nn.ModuleDict({
+            stage: MulticlassAccuracy(num_classes, average="micro")
+            for stage in ("train_acc", "val_acc", "test_acc")
+        })
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Raw inputs (N, *input shape) -> logits (N, classes)."""
+        return self.net(x)
+
+    def _step(self, batch, stage: str) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = self.loss(logits, y)
+        acc = self.metrics[f"{stage}_acc"]
+        acc.update(logits, y)  # accumulated on the device, read once per epoch
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=on_step,
+                 batch_size=len(y), sync_dist=not on_step)
+        self.log(f"{stage}/acc", acc, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._step(batch, "test")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The epoch's logged metrics travel with the weights, into the model card on export.
+        checkpoint["metrics"] = {k: float(v) for k, v in self.trainer.callback_metrics.items()
+                                 if "/" in k and v.numel() == 1}
+
+    def predict_step(self, batch, batch_idx):
+        return self(batch[0]).softmax(-1)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        decay = [p for p in self.parameters() if p.ndim > 1]
+        no_decay = [p for p in self.parameters() if p.ndim <= 1]
+        groups = [{"params": decay, "weight_decay": hp.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        if hp.optimizer == "sgd":
+            opt = torch.optim.SGD(groups, lr=hp.lr, momentum=0.9, nesterov=True)
+        else:
+            opt = torch.optim.AdamW(groups, lr=hp.lr)
+        if hp.schedule == "constant":
+            return opt
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        if hp.schedule == "onecycle":
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=hp.lr, total_steps=total)
+        else:
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
