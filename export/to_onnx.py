@@ -24,7 +24,7 @@ from export.errors import InputError
 
 DEFAULT_OPSET = 18
 DEFAULT_ATOL = 1e-3  # max |logit_onnx - logit_torch|; float32 reorderings stay ~1e-5
-OUTPUTS = ["logits", "probabilities"]
+OUTPUTS = {"classification": ["logits", "probabilities"], "regression": ["values"]}
 
 
 class ParityError(InputError):
@@ -32,15 +32,15 @@ class ParityError(InputError):
 
 
 class Frozen(nn.Module):
-    """What the graph computes: raw input -> (logits, probabilities)."""
+    """What the graph computes: raw input -> (logits, probabilities), or (values,)."""
 
-    def __init__(self, net: nn.Module):
+    def __init__(self, module: nn.Module):
         super().__init__()
-        self.net = net
+        self.module = module
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.net(x)
-        return logits, logits.softmax(-1)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.module(x)
+        return (out,) if self.module.regression else (out, out.softmax(-1))
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -79,7 +79,7 @@ def heldout_samples(ckpt: dict, limit: int = 512) -> np.ndarray:
     if dm.dataset.fingerprint != fp:
         raise InputError(f"data.root: the dataset now has fingerprint {dm.dataset.fingerprint[:12]}, "
                          f"the checkpoint was trained on {fp[:12]}; pass --samples")
-    return dm.splits["test"].x[:limit]
+    return dm.splits["test"].arrays(limit)[0]
 
 
 def checkpoint_metrics(ckpt: dict) -> dict[str, float]:
@@ -102,13 +102,14 @@ def build_card(ckpt: dict, ckpt_sha256: str) -> dict:
     hp = init_args(ckpt, "hyper_parameters")
     data = init_args(ckpt, "datamodule_hyper_parameters")
     info = hp.pop("data_info")
+    task = info.get("task", "classification")
     return {
-        "task": "classification",
+        "task": task,
         "class_names": info["class_names"],
         "input": info["input"],
-        "outputs": OUTPUTS,
+        "outputs": OUTPUTS[task],
         "normalization": info["normalization"],
-        "dataset": {**info["dataset"], "class_counts": info["stats"]["class_counts"]},
+        "dataset": {**info["dataset"], "class_counts": info["stats"].get("class_counts")},
         "training_stats": info["stats"],
         "training": {
             "model": hp,
@@ -129,21 +130,26 @@ def _torch_outputs(frozen: nn.Module, x: np.ndarray) -> np.ndarray:
         return frozen(torch.from_numpy(x))[0].numpy()
 
 
+def _top1(out: np.ndarray) -> np.ndarray:
+    """Predicted class per row; for regression (N,) values there is nothing to agree on."""
+    return out.argmax(-1) if out.ndim == 2 else np.zeros(len(out), np.int64)
+
+
 def parity_check(frozen: nn.Module, model_bytes: bytes, samples: np.ndarray,
                  atol: float) -> dict:
     """Run onnxruntime and torch on the same samples at batch sizes 1, an odd size and all;
-    raise ParityError if any logit differs by more than `atol`."""
+    raise ParityError if any logit (or regression value) differs by more than `atol`."""
     session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
+    name, first = session.get_inputs()[0].name, session.get_outputs()[0].name
     worst, agree = 0.0, []
     n = len(samples)
     for bs in sorted({1, min(7, n), n}):
         for start in range(0, n, bs):
             x = samples[start:start + bs]
-            got = session.run(["logits"], {name: x})[0]
+            got = session.run([first], {name: x})[0]
             ref = _torch_outputs(frozen, x)
             worst = max(worst, float(np.abs(got - ref).max()))
-            agree.append(got.argmax(-1) == ref.argmax(-1))
+            agree.append(_top1(got) == _top1(ref))
             if bs == 1 and start >= 31:  # 32 single-sample runs are plenty
                 break
     result = {"samples": int(n), "batch_sizes": sorted({1, min(7, n), n}),
@@ -160,15 +166,16 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path, samples: np.ndarra
     """Export `ckpt_path` to `out` (atomically) and return the model card written into it."""
     ckpt_path, out = Path(ckpt_path), Path(out)
     ckpt = load_checkpoint(ckpt_path)
-    frozen = Frozen(module_from_checkpoint(ckpt).net).eval()
+    frozen = Frozen(module_from_checkpoint(ckpt)).eval()
     if samples is None:
         samples = heldout_samples(ckpt)
     spec = ckpt["hyper_parameters"]["data_info"]["input"]
+    card_outputs = OUTPUTS[ckpt["hyper_parameters"]["data_info"].get("task", "classification")]
     samples = np.ascontiguousarray(samples.astype(spec["dtype"], copy=False))
 
     program = torch.onnx.export(
         frozen, (torch.from_numpy(samples[:2]),), input_names=[spec["name"]],
-        output_names=OUTPUTS, opset_version=opset, dynamo=True, external_data=False,
+        output_names=card_outputs, opset_version=opset, dynamo=True, external_data=False,
         dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False,
     )
     frozen.eval()  # the exporter restores the wrapper's own mode; keep it in eval

@@ -22,7 +22,7 @@ def test_fit_writes_a_complete_run_folder(digits_run):
     card = read_card(model)
     assert card["class_names"] == [str(i) for i in range(10)]
     assert card["input"]["shape"] == [1, 8, 8] and card["input"]["dtype"] == "uint8"
-    assert card["dataset"]["split_sizes"] == {"train": 1258, "val": 269, "test": 270}
+    assert card["dataset"]["split_sizes"] == {"train": 1259, "val": 269, "test": 269}
     assert card["parity"]["max_abs_diff"] <= 1e-3
     assert card["metrics"]["val/acc"] > 0.9
 
@@ -44,8 +44,8 @@ def test_export_then_predict_through_the_cli(digits_run, digits_test_npz, tmp_pa
     with open(preds) as f:
         rows = list(csv.DictReader(f))
     y = np.load(digits_test_npz)["y"]
-    assert len(rows) == len(y) == 270
-    assert [r["id"] for r in rows] == [str(i) for i in range(270)]
+    assert len(rows) == len(y) == 269
+    assert [r["id"] for r in rows] == [str(i) for i in range(269)]
     labels = np.array([int(r["label"]) for r in rows])
     assert abs((labels == y).mean() - reported) < 1e-4
     conf = np.array([float(r["confidence"]) for r in rows])
@@ -60,7 +60,7 @@ def test_graph_takes_raw_pixels_and_has_a_dynamic_batch(digits_run, digits_test_
     assert inp.type == "tensor(uint8)"
     assert not isinstance(inp.shape[0], int)  # symbolic batch dimension
     x = np.load(digits_test_npz)["x"]
-    for n in (1, 5, 270):
+    for n in (1, 5, 269):
         logits, probs = session.run(["logits", "probabilities"], {inp.name: x[:n]})
         assert logits.shape == probs.shape == (n, 10)
         np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)

@@ -35,7 +35,7 @@ class ExportOnnx(L.Callback):
             rank_zero_info("ExportOnnx: no checkpoint was saved; skipping the export")
             return
         self.path = Path(trainer.log_dir or ".") / self.filename
-        samples = trainer.datamodule.splits["test"].x[:512]
+        samples = trainer.datamodule.splits["test"].arrays(512)[0]
         card = export_checkpoint(ckpt, self.path, samples=samples, opset=self.opset,
                                  atol=self.atol)
         parity = card["parity"]

@@ -96,6 +96,8 @@ def build_cli(args: list[str], run: bool = True, instantiate: bool = True):
             seed_everything_default=0,
             trainer_defaults={
                 "max_epochs": 10,
+                # The loaders shard each epoch per rank themselves (trainer/data/loader.py).
+                "use_distributed_sampler": False,
                 "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
                            "init_args": {"save_dir": "runs", "name": "default"}},
             },
@@ -181,10 +183,10 @@ def cmd_data(argv: list[str]) -> int:
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no Trainer banner
     cli = build_cli(rest, run=False)
-    split = cli.datamodule.splits[args.split]
+    x, y = cli.datamodule.splits[args.split].arrays()
     with atomic_path(args.out) as tmp, open(tmp, "wb") as f:
-        np.savez(f, x=split.x, y=split.y, class_names=np.array(cli.datamodule.dataset.class_names))
-    print(f"wrote {args.out}: {len(split)} rows of the {args.split} split")
+        np.savez(f, x=x, y=y, class_names=np.array(cli.datamodule.dataset.class_names))
+    print(f"wrote {args.out}: {len(y)} rows of the {args.split} split")
     return 0
 
 

@@ -12,6 +12,7 @@ from typing import Literal
 import lightning as L
 import torch
 from torch import nn
+from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from trainer.models import build_backbone
@@ -50,32 +51,49 @@ class ClassifierModule(L.LightningModule):
         if lr <= 0:
             raise ValueError(f"model.lr must be > 0, got {lr}")
         self.save_hyperparameters()
-        num_classes = len(data_info["class_names"])
+        self.regression = data_info.get("task", "classification") == "regression"
+        outputs = 1 if self.regression else len(data_info["class_names"])
         spec, norm = data_info["input"], data_info["normalization"]
         self.net = nn.Sequential(
             Normalize(norm["mean"], norm["std"], image=spec["kind"] == "image"),
-            build_backbone(arch, spec["shape"], num_classes, width, dropout),
+            build_backbone(arch, spec["shape"], outputs, width, dropout),
         )
-        self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-        self.metrics = nn.ModuleDict({
-            stage: MulticlassAccuracy(num_classes, average="micro")
-            for stage in ("train_acc", "val_acc", "test_acc")
-        })
+        if self.regression:
+            target = data_info["stats"]["target"]
+            # Predict the standardised target; `forward` maps back to the original units.
+            self.register_buffer("target_mean", torch.tensor(float(target["mean"])))
+            self.register_buffer("target_std", torch.tensor(max(float(target["std"]), 1e-6)))
+            self.loss = nn.MSELoss()
+            make = lambda: MetricCollection({"mae": MeanAbsoluteError(),  # noqa: E731
+                                             "rmse": MeanSquaredError(squared=False)})
+        else:
+            self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+            make = lambda: MetricCollection({"acc": MulticlassAccuracy(outputs, average="micro")})  # noqa: E731
+        self.metrics = nn.ModuleDict({f"{s}_metrics": make() for s in ("train", "val", "test")})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Raw inputs (N, *input shape) -> logits (N, classes)."""
-        return self.net(x)
+        """Raw inputs (N, *input shape) -> logits (N, classes), or values (N,) in the
+        target's units for regression."""
+        out = self.net(x)
+        if self.regression:
+            return out.squeeze(-1) * self.target_std + self.target_mean
+        return out
 
     def _step(self, batch, stage: str) -> torch.Tensor:
         x, y = batch
-        logits = self(x)
-        loss = self.loss(logits, y)
-        acc = self.metrics[f"{stage}_acc"]
-        acc.update(logits, y)  # accumulated on the device, read once per epoch
+        out = self(x)
+        if self.regression:
+            loss = self.loss((out - self.target_mean) / self.target_std,
+                             (y - self.target_mean) / self.target_std)
+        else:
+            loss = self.loss(out, y)
+        metrics = self.metrics[f"{stage}_metrics"]
+        metrics.update(out, y)  # accumulated on the device, read once per epoch
         on_step = stage == "train"
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=on_step,
                  batch_size=len(y), sync_dist=not on_step)
-        self.log(f"{stage}/acc", acc, on_step=False, on_epoch=True, prog_bar=True)
+        self.log_dict({f"{stage}/{k}": m for k, m in metrics.items()}, on_step=False,
+                      on_epoch=True, prog_bar=True)
         return loss
 
     def training_step(self, batch, batch_idx):
@@ -93,7 +111,8 @@ class ClassifierModule(L.LightningModule):
                                  if "/" in k and v.numel() == 1}
 
     def predict_step(self, batch, batch_idx):
-        return self(batch[0]).softmax(-1)
+        out = self(batch[0])
+        return out if self.regression else out.softmax(-1)
 
     def configure_optimizers(self):
         hp = self.hparams

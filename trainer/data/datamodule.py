@@ -1,15 +1,19 @@
-"""The LightningDataModule over a FixedDataset held in memory."""
+"""The LightningDataModule over a FixedDataset: in memory (or on the GPU) when it fits the
+budget, streamed from a memory map when it does not."""
 
 from __future__ import annotations
 
 from functools import cached_property
+from typing import Literal
 
 import lightning as L
 import numpy as np
 import torch
 
-from trainer.data.dataset import FixedDataset, Split
-from trainer.data.loader import EpochSampler, InMemoryLoader
+from export.errors import InputError
+from trainer.data.augment import augment_batch
+from trainer.data.dataset import FixedDataset, SourceOptions, Split
+from trainer.data.loader import EpochSampler, InMemoryLoader, streaming_loader
 from trainer.data.sources import load_source
 from trainer.data.split import stratified_split
 from trainer.data.stats import training_stats
@@ -25,54 +29,91 @@ class FixedDataModule(L.LightningDataModule):
         val_fraction: float = 0.15,
         test_fraction: float = 0.15,
         seed: int = 0,
+        crop_padding: int = 0,
+        hflip: bool = False,
+        image_size: tuple[int, int] | None = None,
+        color_mode: Literal["L", "RGB"] | None = None,
+        target: str = "target",
+        task: Literal["auto", "classification", "regression"] = "auto",
+        cache_dir: str | None = None,
+        memory_budget_gb: float = 8.0,
         gpu_memory_budget_gb: float = 4.0,
+        num_workers: int = 2,
     ):
         """
         Args:
-            source: Dataset source: digits (embedded), mnist (IDX folder), arrays (.npz).
+            source: digits (embedded), mnist (IDX folder), cifar10 (python batches folder),
+                image_folder (class sub-folders), tabular (.csv/.parquet), arrays (.npz).
             root: Folder or file the source reads; unused by digits.
             batch_size: Training batch size per device.
             eval_batch_size: Batch size for validation and test.
-            val_fraction: Share of the training rows held out for validation (stratified).
+            val_fraction: Share of the training rows held out for validation (stratified),
+                unless the source has its own validation split.
             test_fraction: Share held out for test when the source has no test split.
-            seed: Seeds the train/val/test split and the per-epoch shuffle.
-            gpu_memory_budget_gb: On CUDA, keep the dataset on the GPU if it fits in this.
+            seed: Seeds the train/val/test split, the per-epoch shuffle and augmentation.
+            crop_padding: Images: random translation by up to this many pixels (0 = off).
+            hflip: Images: random horizontal flip.
+            image_size: image_folder: resize every image to (H, W); default: the first's size.
+            color_mode: image_folder: L or RGB; default: the first image's mode.
+            target: tabular: name of the target column.
+            task: tabular: classification or regression; auto = floats are regression.
+            cache_dir: image_folder: where decoded arrays are cached (default
+                $FROZENFIT_CACHE or ~/.cache/frozenfit).
+            memory_budget_gb: Above this the training data is streamed by a DataLoader with
+                persistent workers instead of being held in RAM.
+            gpu_memory_budget_gb: On CUDA, keep the in-memory dataset on the GPU if it fits.
+            num_workers: Worker processes of the streaming loader.
         """
         super().__init__()
         for flag, value in (("data.val_fraction", val_fraction),
                             ("data.test_fraction", test_fraction)):
             if not 0.0 <= value < 1.0:
-                raise ValueError(f"{flag} must be in [0, 1), got {value}")
+                raise InputError(f"{flag} must be in [0, 1), got {value}")
         if batch_size < 1 or eval_batch_size < 1:
-            raise ValueError("data.batch_size and data.eval_batch_size must be >= 1")
+            raise InputError("data.batch_size and data.eval_batch_size must be >= 1")
         self.save_hyperparameters()
         self.tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @cached_property
     def dataset(self) -> FixedDataset:
-        return load_source(self.hparams.source, self.hparams.root)
+        hp = self.hparams
+        opts = SourceOptions(image_size=hp.image_size, color_mode=hp.color_mode,
+                             target=hp.target, task=hp.task, cache_dir=hp.cache_dir)
+        return load_source(hp.source, hp.root, opts)
 
     @cached_property
     def splits(self) -> dict[str, Split]:
-        """train/val/test as numpy arrays, decided once by `seed`."""
+        """train/val/test, decided once by `seed` (subsets of the source's arrays)."""
         ds, hp = self.dataset, self.hparams
-        if ds.test is not None:
-            train_idx, val_idx = stratified_split(ds.train.y, [1 - hp.val_fraction], hp.seed)
-            test = ds.test
-        else:
-            fracs = [1 - hp.val_fraction - hp.test_fraction, hp.val_fraction]
-            train_idx, val_idx, test_idx = stratified_split(ds.train.y, fracs, hp.seed)
-            test = Split(ds.train.x[test_idx], ds.train.y[test_idx])
-        take = lambda idx: Split(ds.train.x[idx], ds.train.y[idx])  # noqa: E731
-        return {"train": take(train_idx), "val": take(val_idx), "test": test}
+        # Regression has no classes to stratify by: one stratum is a seeded random split.
+        strata = ds.train.y if ds.train.rows is None else ds.train.y[ds.train.rows]
+        if not ds.num_classes:
+            strata = np.zeros(len(ds.train), np.int64)
+        fracs = []
+        if ds.val is None:
+            fracs.append(hp.val_fraction)
+        if ds.test is None:
+            fracs.append(hp.test_fraction)
+        parts = stratified_split(strata, fracs, hp.seed)
+        held = iter(ds.train.subset(p) for p in parts[:-1])
+        out = {"train": ds.train.subset(parts[-1]),
+               "val": ds.val if ds.val is not None else next(held),
+               "test": ds.test if ds.test is not None else next(held)}
+        for name, split in out.items():
+            if len(split) == 0:
+                raise InputError(f"{ds.name}: the {name} split is empty; the dataset has "
+                                 f"{len(ds.train)} rows (data.val_fraction/test_fraction)")
+        return out
 
     @cached_property
     def info(self) -> dict:
         """Everything downstream needs to know about the data, JSON-ready: it travels in
         the checkpoint's hyperparameters and from there into the ONNX model card."""
-        ds, train = self.dataset, self.splits["train"]
-        stats = training_stats(train.x, train.y, ds.num_classes, ds.input_spec["value_range"])
+        ds = self.dataset
+        stats = training_stats(self.splits["train"], ds.num_classes,
+                               ds.input_spec["value_range"], self.hparams.seed)
         return {
+            "task": ds.task,
             "input": ds.input_spec,
             "class_names": ds.class_names,
             "normalization": {"mean": stats["mean"], "std": stats["std"]},
@@ -86,35 +127,56 @@ class FixedDataModule(L.LightningDataModule):
             "stats": stats,
         }
 
+    @property
+    def streaming(self) -> bool:
+        total = sum(s.nbytes for s in self.splits.values())
+        return total > self.hparams.memory_budget_gb * 2**30
+
     def setup(self, stage: str) -> None:
+        if self.streaming or self.tensors:
+            return
         device = torch.device("cpu")
         trainer = self.trainer
         if trainer is not None and trainer.strategy.root_device.type == "cuda":
-            nbytes = sum(s.x.nbytes + s.y.nbytes for s in self.splits.values())
-            if nbytes <= self.hparams.gpu_memory_budget_gb * 2**30:
+            if sum(s.nbytes for s in self.splits.values()) <= self.hparams.gpu_memory_budget_gb * 2**30:
                 device = trainer.strategy.root_device
         for name, split in self.splits.items():
-            if name not in self.tensors:
-                self.tensors[name] = (torch.from_numpy(np.ascontiguousarray(split.x)).to(device),
-                                      torch.from_numpy(split.y).to(device))
+            x, y = split.arrays()
+            self.tensors[name] = (torch.from_numpy(np.ascontiguousarray(x)).to(device),
+                                  torch.from_numpy(y).to(device))
 
-    def _loader(self, split: str, train: bool) -> InMemoryLoader:
-        x, y = self.tensors[split]
+    def _loader(self, split: str, train: bool):
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
-        sampler = EpochSampler(len(y), shuffle=train, seed=self.hparams.seed,
-                               rank=rank, world_size=world)
+        n = len(self.splits[split])
+        sampler = EpochSampler(n, shuffle=train, seed=self.hparams.seed, rank=rank,
+                               world_size=world)
         bs = self.hparams.batch_size if train else self.hparams.eval_batch_size
-        return InMemoryLoader(x, y, bs, sampler, drop_last=train and len(sampler) > bs)
+        drop_last = train and len(sampler) > bs
+        if self.streaming:
+            return streaming_loader(self.splits[split], bs, sampler, drop_last,
+                                    self.hparams.num_workers)
+        return InMemoryLoader(*self.tensors[split], bs, sampler, drop_last)
 
-    def train_dataloader(self) -> InMemoryLoader:
+    def train_dataloader(self):
         return self._loader("train", train=True)
 
-    def val_dataloader(self) -> InMemoryLoader:
+    def val_dataloader(self):
         return self._loader("val", train=False)
 
-    def test_dataloader(self) -> InMemoryLoader:
+    def test_dataloader(self):
         return self._loader("test", train=False)
 
-    def predict_dataloader(self) -> InMemoryLoader:
-        return self._loader("test", train=False)
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Augment training batches on the device they now live on, deterministically per
+        (seed, epoch, step), so a resumed run sees the same augmentations."""
+        hp, trainer = self.hparams, self.trainer
+        if not (trainer and trainer.training) or self.dataset.input_spec["kind"] != "image":
+            return batch
+        if not (hp.crop_padding or hp.hflip):
+            return batch
+        x, y = batch
+        gen = torch.Generator(device=x.device)
+        gen.manual_seed(hash((hp.seed, trainer.current_epoch, trainer.global_step,
+                             trainer.global_rank)) & 0x7FFF_FFFF_FFFF)
+        return augment_batch(x, gen, hp.crop_padding, hp.hflip), y

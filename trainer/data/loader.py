@@ -1,19 +1,25 @@
-"""The in-memory loader: batches are index slices of a per-epoch permutation.
+"""Loaders for a fixed dataset: batches are index slices of a per-epoch permutation.
 
-No per-item Python, no worker processes: one `index_select` per batch on tensors that were
-decoded once (and that live on the GPU when training on CUDA). Lightning treats it as an
-ordinary dataloader: it has `len()`, and `sampler.set_epoch` is called at each epoch start.
+`InMemoryLoader` (the fast path): one `index_select` per batch on tensors decoded once (on
+the GPU when training on CUDA); no per-item Python, no worker processes.
+`streaming_loader` (datasets beyond the memory budget): a torch DataLoader with persistent
+workers that reads whole batches of rows from a memory-mapped array.
+Both draw the same batches from the same `EpochSampler`, and Lightning calls
+`sampler.set_epoch` on either at each epoch start.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
+
+from trainer.data.dataset import Split
 
 
 class EpochSampler:
-    """Yields this rank's share of epoch `e`'s permutation, seeded by (seed, e).
+    """This rank's share of epoch `e`'s permutation, seeded by (seed, e).
 
     Under DDP every rank draws the same permutation and takes a disjoint, equally long
     strided slice of it, so all ranks run the same number of steps.
@@ -39,6 +45,14 @@ class EpochSampler:
         # Trim the tail so every rank gets exactly len(self) rows.
         return order[: len(self) * self.world_size][self.rank:: self.world_size]
 
+    def num_batches(self, batch_size: int, drop_last: bool) -> int:
+        return len(self) // batch_size if drop_last else math.ceil(len(self) / batch_size)
+
+    def batches(self, batch_size: int, drop_last: bool):
+        idx = self.indices()
+        for b in range(self.num_batches(batch_size, drop_last)):
+            yield idx[b * batch_size: (b + 1) * batch_size]
+
 
 class InMemoryLoader:
     batch_sampler = None  # Lightning probes DataLoader attributes; batching is done here
@@ -50,11 +64,52 @@ class InMemoryLoader:
         self.sampler = sampler
 
     def __len__(self) -> int:
-        n = len(self.sampler)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        return self.sampler.num_batches(self.batch_size, self.drop_last)
 
     def __iter__(self):
-        idx = self.sampler.indices().to(self.x.device)
-        for b in range(len(self)):
-            rows = idx[b * self.batch_size: (b + 1) * self.batch_size]
+        for rows in self.sampler.batches(self.batch_size, self.drop_last):
+            rows = rows.to(self.x.device, non_blocking=True)
             yield self.x.index_select(0, rows), self.y.index_select(0, rows)
+
+
+class _BatchSampler:
+    """Adapts EpochSampler to DataLoader's batch_sampler protocol."""
+
+    def __init__(self, sampler: EpochSampler, batch_size: int, drop_last: bool):
+        self.sampler, self.batch_size, self.drop_last = sampler, batch_size, drop_last
+
+    def __len__(self) -> int:
+        return self.sampler.num_batches(self.batch_size, self.drop_last)
+
+    def __iter__(self):
+        for rows in self.sampler.batches(self.batch_size, self.drop_last):
+            yield rows.tolist()
+
+
+class _Rows(torch.utils.data.Dataset):
+    """Whole-batch reads from a (memory-mapped) split: one fancy index per batch."""
+
+    def __init__(self, split: Split):
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitems__(self, rows: list[int]):
+        order = np.argsort(rows)  # sorted reads are sequential on disk
+        x, y = self.split.subset(np.asarray(rows)[order]).arrays()
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        return torch.from_numpy(x[inverse]), torch.from_numpy(y[inverse])
+
+
+def _keep(batch):
+    return batch
+
+
+def streaming_loader(split: Split, batch_size: int, sampler: EpochSampler, drop_last: bool,
+                     num_workers: int) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        _Rows(split), batch_sampler=_BatchSampler(sampler, batch_size, drop_last),
+        collate_fn=_keep, num_workers=num_workers, persistent_workers=num_workers > 0,
+        pin_memory=torch.cuda.is_available())

@@ -5,28 +5,41 @@ from __future__ import annotations
 
 import numpy as np
 
+from trainer.data.dataset import Split
+
 HIST_BINS = 32
+MAX_ROWS = 100_000  # above this, statistics come from a seeded sample of rows
 
 
-def training_stats(x: np.ndarray, y: np.ndarray, num_classes: int,
-                   value_range: tuple[float, float]) -> dict:
-    """Per channel (images: x is N,C,H,W) or per feature (tabular: x is N,F): mean, std,
-    a histogram over `value_range`; plus the class frequencies. JSON-ready lists."""
-    # Put the channel/feature axis first and flatten the rest: (C, N*H*W) or (F, N).
-    per = np.moveaxis(x, 1, 0).reshape(x.shape[1], -1)
+def _hist(values: np.ndarray, lo: float, hi: float) -> list[float]:
+    counts = np.histogram(values, bins=HIST_BINS, range=(lo, hi))[0]
+    return (counts / max(1, counts.sum())).tolist()
+
+
+def training_stats(split: Split, num_classes: int, value_range: tuple[float, float],
+                   seed: int = 0) -> dict:
+    """Per channel (images: N,C,H,W) or per feature (tabular: N,F): mean, std and a histogram
+    over `value_range`; class frequencies (classification) or target statistics
+    (regression). JSON-ready lists."""
+    if len(split) > MAX_ROWS:
+        rows = np.sort(np.random.default_rng(seed).choice(len(split), MAX_ROWS, replace=False))
+        split = split.subset(rows)
+    x, y = split.arrays()
+    per = np.moveaxis(x, 1, 0).reshape(x.shape[1], -1)  # (C, N*H*W) or (F, N)
     lo, hi = float(value_range[0]), float(value_range[1])
-    if hi <= lo:
-        hi = lo + 1.0
+    hi = hi if hi > lo else lo + 1.0
     mean = per.mean(axis=1, dtype=np.float64)
     std = per.std(axis=1, dtype=np.float64)
-    hist = [np.histogram(row, bins=HIST_BINS, range=(lo, hi))[0] for row in per]
-    counts = np.bincount(y, minlength=num_classes)
-    return {
+    stats = {
         "mean": mean.tolist(),
-        # A constant channel must not divide by zero in the graph.
-        "std": np.where(std > 1e-6, std, 1.0).tolist(),
+        "std": np.where(std > 1e-6, std, 1.0).tolist(),  # a constant channel must not divide by 0
         "histogram": {"range": [lo, hi], "bins": HIST_BINS,
-                      "frequencies": [(h / h.sum()).tolist() for h in hist]},
-        "class_counts": counts.tolist(),
+                      "frequencies": [_hist(row, lo, hi) for row in per]},
         "samples": int(len(y)),
     }
+    if num_classes:
+        stats["class_counts"] = np.bincount(y, minlength=num_classes).tolist()
+    else:
+        stats["target"] = {"mean": float(y.mean()), "std": float(y.std()),
+                           "quantiles": np.quantile(y, [0, 0.05, 0.25, 0.5, 0.75, 0.95, 1]).tolist()}
+    return stats

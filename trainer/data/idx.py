@@ -1,0 +1,66 @@
+"""MNIST-format IDX files: MNIST, Fashion-MNIST and KMNIST share the format."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+
+from export.errors import InputError
+from trainer.data.dataset import (FixedDataset, SourceOptions, Split, image_spec, make_dataset,
+                                  require_root)
+
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+IMAGES_MAGIC, LABELS_MAGIC = 2051, 2049
+
+
+def find_idx(root: Path, stem: str) -> Path:
+    """Accept `stem`, `stem.gz` and the dotted variant (`train-images.idx3-ubyte`)."""
+    dotted = stem.replace("-idx", ".idx")
+    for name in (stem, stem + ".gz", dotted, dotted + ".gz"):
+        if (root / name).is_file():
+            return root / name
+    raise InputError(f"{root}: missing IDX file {stem}[.gz] (or {dotted}[.gz])")
+
+
+def read_idx(path: Path, expected_magic: int | None = None) -> np.ndarray:
+    """Read one IDX file with a uint8 payload, checking its magic number and length."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as exc:
+        raise InputError(f"{path}: cannot read IDX file ({exc})") from None
+    if len(raw) < 8:
+        raise InputError(f"{path}: IDX file is truncated ({len(raw)} bytes)")
+    magic = int.from_bytes(raw[:4], "big")
+    if (expected_magic is not None and magic != expected_magic) or magic >> 8 != 0x08:
+        want = expected_magic if expected_magic is not None else "0x08NN (uint8 payload)"
+        raise InputError(f"{path}: IDX magic number is {magic}, expected {want}")
+    ndim = magic & 0xFF
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    offset = 4 + 4 * ndim
+    expected = offset + int(np.prod(dims))
+    if len(raw) != expected:
+        raise InputError(f"{path}: IDX file has {len(raw)} bytes, expected {expected} "
+                         f"for dimensions {dims}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(dims)
+
+
+def load_mnist(root: str | None, opts: SourceOptions) -> FixedDataset:
+    """The four IDX files in `root`: 28x28 grayscale images, 10 classes."""
+    folder = require_root(root, "mnist", "the folder holding the four IDX files")
+    splits = {}
+    for split, (img_stem, lbl_stem) in IDX_FILES.items():
+        x = read_idx(find_idx(folder, img_stem), IMAGES_MAGIC)
+        y = read_idx(find_idx(folder, lbl_stem), LABELS_MAGIC).astype(np.int64)
+        if len(x) != len(y):
+            raise InputError(f"{folder}: {split} has {len(x)} images but {len(y)} labels")
+        splits[split] = Split(np.ascontiguousarray(x[:, None]), y)  # (N, 1, 28, 28)
+    names = [str(i) for i in range(10)]
+    return make_dataset(folder.name or "mnist", splits["train"], splits["test"], names,
+                        image_spec(1, *splits["train"].x.shape[2:]))
