@@ -29,7 +29,10 @@ class Inputs:
 
 
 def _labels(y: np.ndarray, class_names: list[str], source: str) -> np.ndarray:
-    """Labels may be class indices or class names; return indices."""
+    """Labels may be class indices or class names; return indices. Without classes
+    (regression) they are target values."""
+    if not class_names:
+        return y.astype(np.float32)
     if y.dtype.kind in "iu":
         bad = (y < 0) | (y >= len(class_names))
         if bad.any():
@@ -100,17 +103,32 @@ def read_inputs(path: str | Path, spec: dict, class_names: list[str]) -> Inputs:
     raise InputError(f"{path}: unsupported input; expected .npz, .npy or a folder of images")
 
 
-def write_csv(path: Path, inputs: Inputs, pred, class_names: list[str]) -> None:
+def _columns(pred, y: np.ndarray | None, class_names: list[str]) -> dict[str, list]:
+    """Output columns after `id`: label + confidence (+ true_label), or value (+ true_value)."""
+    if pred.values is not None:
+        cols = {"value": [f"{v:.6g}" for v in pred.values]}
+        if y is not None:
+            cols["true_value"] = [f"{v:.6g}" for v in y]
+        return cols
+    cols = {"label": [class_names[i] for i in pred.labels],
+            "confidence": [f"{c:.6f}" for c in pred.confidence]}
+    if y is not None:
+        cols["true_label"] = [class_names[i] for i in y]
+    return cols
+
+
+def write_csv(path: Path, ids: list[str], columns: dict[str, list]) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
-        header = ["id", "label", "confidence"] + (["true_label"] if inputs.y is not None else [])
-        writer.writerow(header)
-        conf = pred.confidence
-        for i, row_id in enumerate(inputs.ids):
-            row = [row_id, class_names[pred.labels[i]], f"{conf[i]:.6f}"]
-            if inputs.y is not None:
-                row.append(class_names[inputs.y[i]])
-            writer.writerow(row)
+        writer.writerow(["id", *columns])
+        writer.writerows(zip(ids, *columns.values()))
+
+
+def label_metrics(pred, y: np.ndarray) -> dict[str, float]:
+    if pred.values is not None:
+        err = pred.values - y
+        return {"mae": float(np.abs(err).mean()), "rmse": float(np.sqrt((err ** 2).mean()))}
+    return {"accuracy": float((pred.labels == y).mean())}
 
 
 def run_batch(model: str | Path, input_path: str | Path, output: str | Path,
@@ -123,10 +141,10 @@ def run_batch(model: str | Path, input_path: str | Path, output: str | Path,
     predictor = Predictor(model, provider=provider)
     inputs = read_inputs(input_path, predictor.spec, predictor.class_names)
     pred = predictor.predict(inputs.x, batch_size=batch_size, source=str(input_path))
-    write_csv(output, inputs, pred, predictor.class_names)
+    write_csv(output, inputs.ids, _columns(pred, inputs.y, predictor.class_names))
     elapsed = time.perf_counter() - start
     summary = {"rows": len(inputs.ids), "output": str(output), "provider": predictor.provider,
                "seconds": round(elapsed, 3), "rows_per_second": round(len(inputs.ids) / elapsed, 1)}
     if inputs.y is not None:
-        summary["accuracy"] = float((pred.labels == inputs.y).mean())
+        summary.update(label_metrics(pred, inputs.y))
     return summary

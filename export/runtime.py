@@ -20,9 +20,12 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 @dataclass
 class Prediction:
-    labels: np.ndarray         # (N,) int64 class index
-    probabilities: np.ndarray  # (N, classes) float32
-    logits: np.ndarray         # (N, classes) float32
+    """Classification fills labels/probabilities/logits; regression fills values."""
+
+    labels: np.ndarray | None = None         # (N,) int64 class index
+    probabilities: np.ndarray | None = None  # (N, classes) float32
+    logits: np.ndarray | None = None         # (N, classes) float32
+    values: np.ndarray | None = None         # (N,) float32 regression outputs
 
     @property
     def confidence(self) -> np.ndarray:
@@ -90,17 +93,18 @@ class Predictor:
                                  "infinite values")
         return np.ascontiguousarray(x)
 
+    @property
+    def regression(self) -> bool:
+        return self.card["task"] == "regression"
+
     def predict(self, x: np.ndarray, batch_size: int = 1024, source: str = "input") -> Prediction:
-        """Classify `x` in chunks of `batch_size` rows."""
+        """Run `x` through the graph in chunks of `batch_size` rows."""
         x = self.check(x, source)
-        name = self.session.get_inputs()[0].name
-        logits, probs = [], []
-        for start in range(0, len(x), batch_size):
-            lg, pr = self.session.run(["logits", "probabilities"],
-                                      {name: x[start:start + batch_size]})
-            logits.append(lg)
-            probs.append(pr)
-        n_cls = len(self.class_names)
-        logits_all = np.concatenate(logits) if logits else np.zeros((0, n_cls), np.float32)
-        probs_all = np.concatenate(probs) if probs else np.zeros((0, n_cls), np.float32)
-        return Prediction(probs_all.argmax(axis=1), probs_all, logits_all)
+        name, outputs = self.session.get_inputs()[0].name, self.card["outputs"]
+        chunks = [self.session.run(outputs, {name: x[s:s + batch_size]})
+                  for s in range(0, max(len(x), 1), batch_size)]
+        out = {k: np.concatenate([c[i] for c in chunks]) for i, k in enumerate(outputs)}
+        if self.regression:
+            return Prediction(values=out["values"])
+        return Prediction(out["probabilities"].argmax(axis=1), out["probabilities"],
+                          out["logits"])

@@ -148,8 +148,9 @@ def cmd_predict(argv: list[str]) -> int:
     summary = run_batch(args.model, args.input, args.output, args.batch_size, args.provider)
     line = (f"predicted {summary['rows']} rows -> {summary['output']} "
             f"({summary['rows_per_second']:.0f} rows/s on {summary['provider']})")
-    if "accuracy" in summary:
-        line += f"\naccuracy: {summary['accuracy']:.4f}"
+    for metric in ("accuracy", "mae", "rmse"):
+        if metric in summary:
+            line += f"\n{metric}: {summary[metric]:.4f}"
     print(line)
     return 0
 

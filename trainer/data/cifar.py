@@ -63,4 +63,4 @@ def load_cifar10(root: str | None, opts: SourceOptions) -> FixedDataset:
     parts = [_images(folder / b) for b in TRAIN_BATCHES]
     train = Split(np.concatenate([p.x for p in parts]), np.concatenate([p.y for p in parts]))
     test = _images(folder / "test_batch")
-    return make_dataset("cifar10", train, test, names, image_spec(3, 32, 32))
+    return make_dataset("cifar10", train, test, names, image_spec(3, 32, 32), origin=folder)

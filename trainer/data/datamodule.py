@@ -141,7 +141,7 @@ class FixedDataModule(L.LightningDataModule):
             if sum(s.nbytes for s in self.splits.values()) <= self.hparams.gpu_memory_budget_gb * 2**30:
                 device = trainer.strategy.root_device
         for name, split in self.splits.items():
-            x, y = split.arrays()
+            x, y = (a if a.flags.writeable else a.copy() for a in split.arrays())
             self.tensors[name] = (torch.from_numpy(np.ascontiguousarray(x)).to(device),
                                   torch.from_numpy(y).to(device))
 

@@ -154,11 +154,12 @@ def _check_split(name: str, split_name: str, split: Split, num_classes: int) -> 
 
 
 def make_dataset(name: str, train: Split, test: Split | None, class_names: list[str],
-                 input_spec: dict, val: Split | None = None,
-                 task: str = "classification") -> FixedDataset:
-    """Build a FixedDataset, checking labels and values, and stamp its fingerprint."""
+                 input_spec: dict, val: Split | None = None, task: str = "classification",
+                 origin: str | Path | None = None) -> FixedDataset:
+    """Build a FixedDataset, checking labels and values, and stamp its fingerprint.
+    `origin` (the file or folder read) is what error messages name."""
     for split_name, split in (("train", train), ("val", val), ("test", test)):
         if split is not None:
-            _check_split(name, split_name, split, len(class_names))
+            _check_split(str(origin or name), split_name, split, len(class_names))
     fp = fingerprint(class_names, [train, val, test])
     return FixedDataset(name, train, val, test, class_names, input_spec, task, fp)

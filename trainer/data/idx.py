@@ -63,4 +63,4 @@ def load_mnist(root: str | None, opts: SourceOptions) -> FixedDataset:
         splits[split] = Split(np.ascontiguousarray(x[:, None]), y)  # (N, 1, 28, 28)
     names = [str(i) for i in range(10)]
     return make_dataset(folder.name or "mnist", splits["train"], splits["test"], names,
-                        image_spec(1, *splits["train"].x.shape[2:]))
+                        image_spec(1, *splits["train"].x.shape[2:]), origin=folder)

@@ -122,4 +122,5 @@ def load_image_folder(root: str | None, opts: SourceOptions) -> FixedDataset:
     y, split_of = np.array(meta["labels"], dtype=np.int64), np.array(meta["splits"])
     parts = {s: Split(x, y).subset(np.flatnonzero(split_of == s)) for s in layout}
     return make_dataset(folder.name, parts["train"], parts.get("test"), names,
-                        image_spec(x.shape[1], *size), val=parts.get("val"))
+                        image_spec(x.shape[1], *size), val=parts.get("val"),
+                        origin=folder)

@@ -56,7 +56,7 @@ def load_arrays(root: str | None, opts: SourceOptions) -> FixedDataset:
     else:
         raise InputError(f"{path}: 'x' must be uint8 images (N, C, H, W) or (N, H, W), or "
                          f"numeric features (N, F); got {x.dtype} {x.shape}")
-    return make_dataset(path.stem, Split(x, y.astype(np.int64)), None, names, spec)
+    return make_dataset(path.stem, Split(x, y.astype(np.int64)), None, names, spec, origin=path)
 
 
 SOURCES = {"digits": load_digits, "mnist": load_mnist, "cifar10": load_cifar10,

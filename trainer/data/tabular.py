@@ -87,4 +87,5 @@ def load_tabular(root: str | None, opts: SourceOptions) -> FixedDataset:
         uniq, y = np.unique(values if values.dtype.kind in "iub" else values.astype(str),
                             return_inverse=True)
         names, y = [str(u) for u in uniq], y.astype(np.int64)
-    return make_dataset(path.stem, Split(x, y), None, names, feature_spec(columns, x), task=task)
+    return make_dataset(path.stem, Split(x, y), None, names, feature_spec(columns, x), task=task,
+                        origin=path)

@@ -1,0 +1,122 @@
+"""Splits, the epoch sampler (incl. DDP shards), device augmentation, the DataModule in
+Lightning's loop, and the streaming fallback."""
+
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import torch
+
+from tests.conftest import MNIST, requires_mnist
+from trainer.data.augment import augment_batch, random_hflip, random_translate
+from trainer.data.datamodule import FixedDataModule
+from trainer.data.loader import EpochSampler, InMemoryLoader
+from trainer.data.split import stratified_split
+from trainer.module import ClassifierModule
+
+
+def test_split_is_deterministic_stratified_and_disjoint():
+    y = np.repeat(np.arange(4), [100, 50, 30, 20])
+    a = stratified_split(y, [0.2, 0.1], seed=3)
+    b = stratified_split(y, [0.2, 0.1], seed=3)
+    c = stratified_split(y, [0.2, 0.1], seed=4)
+    assert all((p == q).all() for p, q in zip(a, b))
+    assert any(not np.array_equal(p, q) for p, q in zip(a, c))
+    assert sorted(np.concatenate(a).tolist()) == list(range(200))
+    assert np.bincount(y[a[0]]).tolist() == [20, 10, 6, 4]  # 20% of every class
+
+
+def test_two_ranks_see_disjoint_complete_equal_shards():
+    for epoch in (0, 1):
+        shards = []
+        for rank in (0, 1):
+            s = EpochSampler(101, shuffle=True, seed=7, rank=rank, world_size=2)
+            s.set_epoch(epoch)
+            shards.append(s.indices())
+        assert len(shards[0]) == len(shards[1]) == 50
+        assert not set(shards[0].tolist()) & set(shards[1].tolist())
+        union = set(shards[0].tolist()) | set(shards[1].tolist())
+        assert len(union) == 100 and union <= set(range(101))  # one row trimmed, none repeated
+
+
+def test_each_epoch_has_its_own_reproducible_permutation():
+    s = EpochSampler(50, shuffle=True, seed=0)
+    s.set_epoch(0)
+    e0 = s.indices()
+    s.set_epoch(1)
+    e1 = s.indices()
+    s.set_epoch(0)
+    assert torch.equal(s.indices(), e0) and not torch.equal(e0, e1)
+    assert sorted(e1.tolist()) == list(range(50))
+
+
+def test_in_memory_loader_batches_and_length():
+    x, y = torch.arange(10)[:, None], torch.arange(10)
+    loader = InMemoryLoader(x, y, 4, EpochSampler(10, shuffle=False, seed=0))
+    batches = list(loader)
+    assert len(loader) == len(batches) == 3
+    assert [b[1].tolist() for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    dropped = InMemoryLoader(x, y, 4, EpochSampler(10, shuffle=False, seed=0), drop_last=True)
+    assert len(dropped) == len(list(dropped)) == 2
+
+
+def test_translate_moves_a_pixel_by_at_most_the_padding():
+    x = torch.zeros(64, 1, 9, 9, dtype=torch.uint8)
+    x[:, 0, 4, 4] = 255
+    out = random_translate(x, 2, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and out.dtype == torch.uint8
+    pos = [(int(r), int(c)) for r, c in (out[:, 0] == 255).nonzero()[:, 1:]]
+    assert len(pos) == 64 and all(abs(r - 4) <= 2 and abs(c - 4) <= 2 for r, c in pos)
+    assert len(set(pos)) > 5  # offsets differ per sample
+
+
+def test_hflip_flips_about_half_and_is_seeded():
+    x = torch.arange(4, dtype=torch.uint8).view(1, 1, 1, 4).repeat(200, 1, 1, 1)
+    a = random_hflip(x, torch.Generator().manual_seed(1))
+    b = random_hflip(x, torch.Generator().manual_seed(1))
+    flipped = (a[:, 0, 0, 0] == 3).float().mean()
+    assert torch.equal(a, b) and 0.35 < flipped < 0.65
+    assert torch.equal(augment_batch(x, torch.Generator(), 0, False), x)
+
+
+def _fit(dm, **trainer_kwargs):
+    model = ClassifierModule(arch="mlp", width=8, data_info=dm.info, schedule="constant")
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        use_distributed_sampler=False, **trainer_kwargs)
+    trainer.fit(model, dm)
+    return trainer
+
+
+def test_limit_train_batches_and_augmentation_inside_lightning():
+    dm = FixedDataModule(batch_size=32, crop_padding=1, hflip=True)
+    trainer = _fit(dm, limit_train_batches=3, limit_val_batches=1)
+    assert trainer.global_step == 3
+    assert isinstance(dm.train_dataloader(), InMemoryLoader)
+
+
+def test_streaming_fallback_yields_the_same_batches(tmp_path):
+    fast = FixedDataModule(batch_size=100)
+    slow = FixedDataModule(batch_size=100, memory_budget_gb=1e-9, num_workers=1)
+    fast.setup("fit")
+    slow.setup("fit")
+    assert slow.streaming and not fast.streaming
+    fast_loader, slow_loader = fast.train_dataloader(), slow.train_dataloader()
+    fast_loader.sampler.set_epoch(2)
+    slow_loader.batch_sampler.sampler.set_epoch(2)  # where Lightning finds it on a DataLoader
+    got, want = list(slow_loader), list(fast_loader)
+    assert len(got) == len(want) == len(fast.splits["train"]) // 100
+    for (gx, gy), (wx, wy) in zip(got, want):
+        assert torch.equal(gx, wx) and torch.equal(gy, wy)
+    assert _fit(slow, limit_val_batches=1).global_step == 12
+
+
+@requires_mnist
+def test_real_mnist_datamodule():
+    dm = FixedDataModule(source="mnist", root=str(MNIST), val_fraction=0.1)
+    sizes = {k: len(v) for k, v in dm.splits.items()}
+    assert sizes["test"] == 10000 and sizes["train"] + sizes["val"] == 60000
+    assert abs(sizes["val"] - 6000) <= 5  # 10% of each class, rounded per class
+    stats = dm.info["stats"]
+    assert abs(stats["mean"][0] - 0.1307 * 255) < 1.0 and abs(stats["std"][0] - 0.3081 * 255) < 1.0
+    assert sum(stats["class_counts"]) == sizes["train"]

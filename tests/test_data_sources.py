@@ -1,0 +1,269 @@
+"""Every source on fixtures the tests generate, plus the real MNIST where it is present."""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from export.errors import InputError
+from tests.conftest import MNIST, requires_mnist
+from trainer.data.dataset import SourceOptions
+from trainer.data.sources import load_source
+
+
+# ---------------------------------------------------------------- digits / arrays
+
+def test_digits_counts_and_fingerprint_stability():
+    a, b = load_source("digits", None), load_source("digits", None)
+    assert a.train.x.shape == (1797, 1, 8, 8) and a.train.x.dtype == np.uint8
+    assert a.num_classes == 10 and a.test is None
+    assert np.bincount(a.train.y).min() >= 170
+    assert a.fingerprint == b.fingerprint and len(a.fingerprint) == 64
+
+
+def test_arrays_fingerprint_is_content_not_name(tmp_path):
+    x = np.random.default_rng(0).integers(0, 255, (20, 1, 4, 4), dtype=np.uint8)
+    y = np.arange(20) % 2
+    np.savez(tmp_path / "one.npz", x=x, y=y)
+    np.savez(tmp_path / "two.npz", x=x, y=y)
+    x2 = x.copy()
+    x2[0, 0, 0, 0] ^= 1
+    np.savez(tmp_path / "three.npz", x=x2, y=y)
+    fps = [load_source("arrays", str(tmp_path / f"{n}.npz")).fingerprint
+           for n in ("one", "two", "three")]
+    assert fps[0] == fps[1] != fps[2]
+
+
+def test_arrays_label_outside_class_set(tmp_path):
+    np.savez(tmp_path / "a.npz", x=np.zeros((4, 3), np.float32), y=np.array([0, 1, 2, 5]),
+             class_names=np.array(["a", "b", "c"]))
+    with pytest.raises(InputError, match=r"a.npz: train label 5 at row 3 is outside the 3"):
+        load_source("arrays", str(tmp_path / "a.npz"))
+
+
+def test_arrays_nan_features(tmp_path):
+    x = np.ones((4, 3), np.float32)
+    x[2, 1] = np.nan
+    np.savez(tmp_path / "a.npz", x=x, y=np.array([0, 1, 0, 1]))
+    with pytest.raises(InputError, match="row 2, feature 1 is NaN or infinite"):
+        load_source("arrays", str(tmp_path / "a.npz"))
+
+
+# ---------------------------------------------------------------- mnist (IDX)
+
+def _write_idx(path, arr: np.ndarray, magic: int, gz: bool):
+    header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in arr.shape)
+    data = header + arr.astype(np.uint8).tobytes()
+    (gzip.open if gz else open)(path, "wb").write(data)
+
+
+def _mnist_folder(folder, gz=True, dotted=False, n_train=30, n_test=10):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        for kind, arr, magic in (("images", rng.integers(0, 255, (n, 28, 28)), 2051),
+                                 ("labels", np.arange(n) % 10, 2049)):
+            dim = "idx3" if kind == "images" else "idx1"
+            name = f"{split}-{kind}.{dim}-ubyte" if dotted else f"{split}-{kind}-{dim}-ubyte"
+            _write_idx(folder / (name + (".gz" if gz else "")), arr, magic, gz)
+    return folder
+
+
+@pytest.mark.parametrize("gz,dotted", [(True, False), (False, False), (False, True), (True, True)])
+def test_mnist_reads_every_naming(tmp_path, gz, dotted):
+    ds = load_source("mnist", str(_mnist_folder(tmp_path / "m", gz, dotted)))
+    assert ds.train.x.shape == (30, 1, 28, 28) and ds.test.x.shape == (10, 1, 28, 28)
+    assert ds.train.y.tolist() == [i % 10 for i in range(30)]
+
+
+def test_mnist_fingerprint_same_for_gz_and_plain(tmp_path):
+    a = load_source("mnist", str(_mnist_folder(tmp_path / "a", gz=True)))
+    b = load_source("mnist", str(_mnist_folder(tmp_path / "b", gz=False, dotted=True)))
+    assert a.fingerprint == b.fingerprint
+
+
+def test_mnist_wrong_magic(tmp_path):
+    folder = _mnist_folder(tmp_path / "m", gz=False)
+    _write_idx(folder / "train-labels-idx1-ubyte", np.zeros(30), 2051, gz=False)
+    with pytest.raises(InputError, match=r"train-labels-idx1-ubyte: IDX magic number is 2051, "
+                                         r"expected 2049"):
+        load_source("mnist", str(folder))
+
+
+def test_mnist_truncated(tmp_path):
+    folder = _mnist_folder(tmp_path / "m", gz=False)
+    path = folder / "t10k-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(InputError, match=r"t10k-images-idx3-ubyte: IDX file has \d+ bytes, "
+                                         r"expected \d+"):
+        load_source("mnist", str(folder))
+
+
+def test_mnist_missing_folder(tmp_path):
+    with pytest.raises(InputError, match="folder not found"):
+        load_source("mnist", str(tmp_path / "nothing"))
+
+
+@requires_mnist
+def test_real_mnist():
+    ds = load_source("mnist", str(MNIST))
+    assert ds.train.x.shape == (60000, 1, 28, 28) and ds.test.x.shape == (10000, 1, 28, 28)
+    assert np.bincount(ds.train.y).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918,
+                                                6265, 5851, 5949]
+    assert np.bincount(ds.test.y).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028,
+                                               974, 1009]
+    assert load_source("mnist", str(MNIST)).fingerprint == ds.fingerprint
+
+
+# ---------------------------------------------------------------- cifar10
+
+def _cifar_folder(folder, n=6):
+    folder.mkdir()
+    rng = np.random.default_rng(2)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 255, (n, 3072)).astype(np.uint8),
+                 b"labels": [int(v) for v in rng.integers(0, 10, n)]}
+        pickle.dump(batch, open(folder / name, "wb"))
+    names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse",
+             b"ship", b"truck"]
+    pickle.dump({b"label_names": names}, open(folder / "batches.meta", "wb"))
+    return folder
+
+
+def test_cifar10(tmp_path):
+    folder = _cifar_folder(tmp_path / "c")
+    ds = load_source("cifar10", str(folder))
+    assert ds.train.x.shape == (30, 3, 32, 32) and ds.test.x.shape == (6, 3, 32, 32)
+    assert ds.class_names[0] == "airplane" and ds.input_spec["color_mode"] == "RGB"
+    raw = pickle.load(open(folder / "data_batch_1", "rb"), encoding="bytes")
+    assert (ds.train.x[0, 0].reshape(-1) == raw[b"data"][0, :1024]).all()  # red plane first
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_cifar10_refuses_code_in_pickles(tmp_path):
+    folder = _cifar_folder(tmp_path / "c")
+    pickle.dump({b"data": _Evil(), b"labels": []}, open(folder / "data_batch_3", "wb"))
+    with pytest.raises(InputError, match=r"data_batch_3: not a CIFAR-10 batch .*refusing"):
+        load_source("cifar10", str(folder))
+
+
+# ---------------------------------------------------------------- image_folder
+
+def _png(path, size=(8, 8), mode="RGB", value=128):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, value if mode == "L" else (value, value // 2, 255 - value)).save(path)
+
+
+def _image_tree(root, split_dirs=False):
+    base = root / "train" if split_dirs else root
+    for cls, v in (("cat", 40), ("dog", 200)):
+        for i in range(4):
+            _png(base / cls / f"{i}.png", value=v + i)
+    if split_dirs:
+        for cls in ("cat", "dog"):
+            _png(root / "test" / cls / "0.png")
+    return root
+
+
+def test_image_folder_decodes_converts_and_caches(tmp_path, capsys, monkeypatch):
+    root = _image_tree(tmp_path / "imgs")
+    _png(root / "cat" / "big.png", size=(16, 12))  # other size
+    _png(root / "dog" / "gray.png", mode="L")  # other mode
+    opts = SourceOptions(cache_dir=str(tmp_path / "cache"))
+    ds = load_source("image_folder", str(root), opts)
+    assert ds.class_names == ["cat", "dog"]
+    assert ds.train.x.shape == (10, 3, 8, 8) and ds.train.x.dtype == np.uint8
+    assert "converted 1 images to RGB, resized 1 to 8x8" in capsys.readouterr().err
+    assert len(list((tmp_path / "cache").glob("*.x.npy"))) == 1
+
+    import trainer.data.image_folder as image_folder
+
+    def no_decode(*a, **k):
+        raise AssertionError("decoded again despite the cache")
+
+    monkeypatch.setattr(image_folder, "_decode", no_decode)
+    again = load_source("image_folder", str(root), opts)
+    assert again.fingerprint == ds.fingerprint
+    np.testing.assert_array_equal(again.train.arrays()[0], ds.train.arrays()[0])
+
+
+def test_image_folder_split_dirs_and_size_option(tmp_path):
+    root = _image_tree(tmp_path / "imgs", split_dirs=True)
+    opts = SourceOptions(cache_dir=str(tmp_path / "cache"), image_size=(4, 6), color_mode="L")
+    ds = load_source("image_folder", str(root), opts)
+    assert len(ds.train) == 8 and len(ds.test) == 2 and ds.val is None
+    assert ds.train.arrays()[0].shape == (8, 1, 4, 6)
+    assert ds.input_spec["shape"] == [1, 4, 6] and ds.input_spec["color_mode"] == "L"
+
+
+def test_image_folder_corrupt_image_names_file_and_writes_nothing(tmp_path):
+    root = _image_tree(tmp_path / "imgs")
+    (root / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    with pytest.raises(InputError, match=r"broken.png: cannot decode image"):
+        load_source("image_folder", str(root), SourceOptions(cache_dir=str(tmp_path / "cache")))
+    assert not list((tmp_path / "cache").glob("*")) if (tmp_path / "cache").exists() else True
+
+
+def test_image_folder_empty_class(tmp_path):
+    root = _image_tree(tmp_path / "imgs")
+    (root / "bird").mkdir()
+    with pytest.raises(InputError, match=r"bird: class folder has no PNG or JPEG images"):
+        load_source("image_folder", str(root), SourceOptions(cache_dir=str(tmp_path / "c")))
+
+
+def test_image_folder_train_test_classes_differ(tmp_path):
+    root = _image_tree(tmp_path / "imgs", split_dirs=True)
+    _png(root / "test" / "bird" / "0.png")
+    with pytest.raises(InputError, match=r"test: class folders \['bird', 'cat', 'dog'\] differ"):
+        load_source("image_folder", str(root), SourceOptions(cache_dir=str(tmp_path / "c")))
+
+
+# ---------------------------------------------------------------- tabular
+
+def _csv(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+def test_tabular_csv_classification_with_string_labels(tmp_path):
+    path = _csv(tmp_path / "t.csv", "a,b,species\n1,2.5,setosa\n3,4,virginica\n5,6,setosa\n")
+    ds = load_source("tabular", path, SourceOptions(target="species"))
+    assert ds.task == "classification" and ds.class_names == ["setosa", "virginica"]
+    assert ds.train.y.tolist() == [0, 1, 0]
+    assert ds.train.x.dtype == np.float32 and ds.input_spec["columns"] == ["a", "b"]
+
+
+def test_tabular_parquet_regression(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"x1": [1.0, 2.0, 3.0], "x2": [0, 1, 0], "price": [1.5, 2.5, 9.0]}),
+                   tmp_path / "t.parquet")
+    ds = load_source("tabular", str(tmp_path / "t.parquet"), SourceOptions(target="price"))
+    assert ds.task == "regression" and ds.class_names == []
+    assert ds.train.y.dtype == np.float32 and ds.train.y.tolist() == [1.5, 2.5, 9.0]
+
+
+@pytest.mark.parametrize("text,message", [
+    ("a,b\n1,2\n", r"missing target column 'target'"),
+    ("a,b,target\n1,x,0\n2,y,1\n", r"feature column 'b' is string, expected numbers"),
+    ("a,b,target\n1,2,0\n2,inf,1\n", r"row 1, column 'b' is NaN or infinite"),
+    ("a,b,target\n1,2,0\n2,,1\n", r"row 1, column 'b' is empty"),
+    ("a,b,target\n", r"the table has no rows"),
+])
+def test_tabular_bad_input(tmp_path, text, message):
+    with pytest.raises(InputError, match=r"t.csv: " + message):
+        load_source("tabular", _csv(tmp_path / "t.csv", text))
+
+
+def test_unknown_source():
+    with pytest.raises(InputError, match="data.source: unknown source 'imagenet'"):
+        load_source("imagenet", None)
