@@ -1,8 +1,11 @@
 """Checkpoint -> frozen ONNX graph with its model card, behind a parity gate.
 
 The only module of `export/` that imports torch. The graph takes raw inputs (uint8 pixels or
-float features), normalises them itself, and returns logits and probabilities with a dynamic
-batch axis. Nothing is written unless onnx.checker passes and onnxruntime agrees with torch.
+float features), normalises them itself, and returns logits and probabilities (or values)
+with a dynamic batch axis. The torch.export-based exporter folds constants and BatchNorm
+(Conv+BN and Linear+BN1d) into the preceding layer. Nothing is written unless
+onnx.checker passes, onnxruntime agrees with torch on real held-out samples, and a
+quantized variant keeps its accuracy.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import importlib.metadata as md
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,17 +22,40 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from export import variants
 from export.atomic import atomic_path
 from export.card import attach_card
 from export.errors import InputError
 
 DEFAULT_OPSET = 18
-DEFAULT_ATOL = 1e-3  # max |logit_onnx - logit_torch|; float32 reorderings stay ~1e-5
+# Max |output_onnx - output_torch| per precision: float32 reorderings stay around 1e-5;
+# fp16 weights and activations carry ~3 significant digits. INT8 is gated by accuracy.
+DEFAULT_ATOL = {"fp32": 1e-3, "fp16": 5e-2, "int8": float("inf")}
+DEFAULT_MAX_ACCURACY_DROP = 0.5  # percentage points, INT8 vs float32 on the validation set
 OUTPUTS = {"classification": ["logits", "probabilities"], "regression": ["values"]}
 
 
 class ParityError(InputError):
-    """onnxruntime and torch disagree beyond the tolerance."""
+    """The exported graph disagrees with torch, or a variant lost too much accuracy."""
+
+
+@dataclass
+class HeldOut:
+    """Real samples the export is checked with."""
+
+    parity_x: np.ndarray  # held-out test inputs (parity: onnxruntime vs torch)
+    val_x: np.ndarray  # validation inputs and labels (accuracy of a quantized variant)
+    val_y: np.ndarray
+    calibration_x: np.ndarray  # training inputs (INT8 calibration)
+
+
+def held_out(dm, parity: int = 512, val: int = 5000, calibration: int = 512) -> HeldOut:
+    """Samples from a FixedDataModule: test rows, validation rows, a seeded training sample."""
+    train = dm.splits["train"]
+    pick = np.random.default_rng(0).choice(len(train), min(calibration, len(train)), False)
+    val_x, val_y = dm.splits["val"].arrays(val)
+    return HeldOut(dm.splits["test"].arrays(parity)[0], val_x, val_y,
+                   train.subset(np.sort(pick)).arrays()[0])
 
 
 class Frozen(nn.Module):
@@ -70,8 +97,8 @@ def module_from_checkpoint(ckpt: dict) -> nn.Module:
     return module.eval()
 
 
-def heldout_samples(ckpt: dict, limit: int = 512) -> np.ndarray:
-    """Real held-out inputs for the parity check: the test split of the checkpoint's data."""
+def held_out_from_checkpoint(ckpt: dict) -> HeldOut:
+    """Rebuild the checkpoint's DataModule (same source, same split seed) for its samples."""
     from trainer.data.datamodule import FixedDataModule
 
     dm = FixedDataModule(**init_args(ckpt, "datamodule_hyper_parameters"))
@@ -79,7 +106,7 @@ def heldout_samples(ckpt: dict, limit: int = 512) -> np.ndarray:
     if dm.dataset.fingerprint != fp:
         raise InputError(f"data.root: the dataset now has fingerprint {dm.dataset.fingerprint[:12]}, "
                          f"the checkpoint was trained on {fp[:12]}; pass --samples")
-    return dm.splits["test"].arrays(limit)[0]
+    return held_out(dm)
 
 
 def checkpoint_metrics(ckpt: dict) -> dict[str, float]:
@@ -93,12 +120,21 @@ def checkpoint_metrics(ckpt: dict) -> dict[str, float]:
     return out
 
 
-def _versions() -> dict[str, str]:
-    names = ("torch", "lightning", "onnx", "onnxruntime")
-    return {n: md.version(n) for n in names}
+def _run_config(ckpt_path: Path) -> str | None:
+    """The resolved config.yaml of the run the checkpoint belongs to, if it is beside it."""
+    config = ckpt_path.parent.parent / "config.yaml"
+    return config.read_text() if config.is_file() else None
 
 
-def build_card(ckpt: dict, ckpt_sha256: str) -> dict:
+def _epochs_trained(ckpt: dict) -> int:
+    """Training epochs the weights have seen (`epoch` alone is off by one after fit ends)."""
+    try:
+        return int(ckpt["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
+    except KeyError:
+        return int(ckpt.get("epoch", -1)) + 1
+
+
+def build_card(ckpt: dict, ckpt_path: Path) -> dict:
     hp = init_args(ckpt, "hyper_parameters")
     data = init_args(ckpt, "datamodule_hyper_parameters")
     info = hp.pop("data_info")
@@ -114,13 +150,15 @@ def build_card(ckpt: dict, ckpt_sha256: str) -> dict:
         "training": {
             "model": hp,
             "data": data,
+            "config_yaml": _run_config(ckpt_path),
             "seed": data.get("seed"),
-            "epochs": int(ckpt.get("epoch", -1)) + 1,
+            "epochs": _epochs_trained(ckpt),
             "global_step": int(ckpt.get("global_step", 0)),
-            "checkpoint_sha256": ckpt_sha256,
+            "checkpoint": ckpt_path.name,
+            "checkpoint_sha256": hashlib.sha256(ckpt_path.read_bytes()).hexdigest(),
         },
         "metrics": checkpoint_metrics(ckpt),
-        "versions": _versions(),
+        "versions": {n: md.version(n) for n in ("torch", "lightning", "onnx", "onnxruntime")},
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -135,57 +173,93 @@ def _top1(out: np.ndarray) -> np.ndarray:
     return out.argmax(-1) if out.ndim == 2 else np.zeros(len(out), np.int64)
 
 
-def parity_check(frozen: nn.Module, model_bytes: bytes, samples: np.ndarray,
+def parity_check(frozen: nn.Module, model: onnx.ModelProto, samples: np.ndarray,
                  atol: float) -> dict:
     """Run onnxruntime and torch on the same samples at batch sizes 1, an odd size and all;
     raise ParityError if any logit (or regression value) differs by more than `atol`."""
-    session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     name, first = session.get_inputs()[0].name, session.get_outputs()[0].name
-    worst, agree = 0.0, []
     n = len(samples)
-    for bs in sorted({1, min(7, n), n}):
-        for start in range(0, n, bs):
+    sizes = sorted({1, min(7, n), n})
+    worst, agree = 0.0, []
+    for bs in sizes:
+        stop = min(n, 32) if bs == 1 else n  # 32 single-sample runs are plenty
+        for start in range(0, stop, bs):
             x = samples[start:start + bs]
-            got = session.run([first], {name: x})[0]
-            ref = _torch_outputs(frozen, x)
-            worst = max(worst, float(np.abs(got - ref).max()))
+            got, ref = session.run([first], {name: x})[0], _torch_outputs(frozen, x)
+            worst = max(worst, float(np.abs(got.astype(np.float32) - ref).max()))
             agree.append(_top1(got) == _top1(ref))
-            if bs == 1 and start >= 31:  # 32 single-sample runs are plenty
-                break
-    result = {"samples": int(n), "batch_sizes": sorted({1, min(7, n), n}),
-              "max_abs_diff": worst, "top1_agreement": float(np.concatenate(agree).mean()),
-              "atol": atol}
+    result = {"samples": int(n), "batch_sizes": sizes, "max_abs_diff": worst,
+              "top1_agreement": float(np.concatenate(agree).mean()), "atol": atol}
     if not worst <= atol:
-        raise ParityError(f"parity check failed: max |onnx - torch| logit difference {worst:.3g} "
+        raise ParityError(f"parity check failed: max |onnx - torch| output difference {worst:.3g} "
                           f"exceeds --atol {atol:g} on {n} held-out samples; nothing written")
     return result
 
 
-def export_checkpoint(ckpt_path: str | Path, out: str | Path, samples: np.ndarray | None = None,
-                      opset: int = DEFAULT_OPSET, atol: float = DEFAULT_ATOL) -> dict:
-    """Export `ckpt_path` to `out` (atomically) and return the model card written into it."""
+def _quantize_gate(fp32: onnx.ModelProto, int8: onnx.ModelProto, data: HeldOut,
+                   max_drop: float) -> dict:
+    base = variants.accuracy(fp32, data.val_x, data.val_y)
+    quant = variants.accuracy(int8, data.val_x, data.val_y)
+    drop = 100.0 * (base - quant)
+    result = {"val_accuracy_fp32": base, "val_accuracy_int8": quant,
+              "drop_points": drop, "max_drop_points": max_drop, "val_samples": len(data.val_y)}
+    if drop > max_drop:
+        raise ParityError(f"int8 quantization lost {drop:.2f} accuracy points on {len(data.val_y)} "
+                          f"validation samples ({base:.4f} -> {quant:.4f}), more than "
+                          f"--max-accuracy-drop {max_drop:g}; nothing written")
+    return result
+
+
+def export_checkpoint(ckpt_path: str | Path, out: str | Path, data: HeldOut | None = None,
+                      opset: int = DEFAULT_OPSET, atol: float | None = None,
+                      precision: str = "fp32", quantize: str | None = None,
+                      max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP) -> dict:
+    """Export `ckpt_path` to `out` (atomically) and return the model card written into it.
+
+    precision: fp32 or fp16; quantize: None or "int8" (static QDQ, calibrated on training
+    samples, refused if validation accuracy drops by more than `max_accuracy_drop` points).
+    """
     ckpt_path, out = Path(ckpt_path), Path(out)
+    variant = "int8" if quantize == "int8" else precision
+    if quantize not in (None, "int8") or precision not in ("fp32", "fp16"):
+        raise InputError(f"--precision fp32|fp16 and --quantize int8 only; got {precision}, {quantize}")
+    if quantize and precision == "fp16":
+        raise InputError("--quantize int8 starts from fp32; do not combine it with --precision fp16")
     ckpt = load_checkpoint(ckpt_path)
-    frozen = Frozen(module_from_checkpoint(ckpt)).eval()
-    if samples is None:
-        samples = heldout_samples(ckpt)
-    spec = ckpt["hyper_parameters"]["data_info"]["input"]
-    card_outputs = OUTPUTS[ckpt["hyper_parameters"]["data_info"].get("task", "classification")]
-    samples = np.ascontiguousarray(samples.astype(spec["dtype"], copy=False))
+    module = module_from_checkpoint(ckpt)
+    if quantize and module.regression:
+        raise InputError("--quantize int8 is for classifiers; its gate is accuracy")
+    frozen = Frozen(module).eval()
+    data = data or held_out_from_checkpoint(ckpt)
+    info = ckpt["hyper_parameters"]["data_info"]
+    spec, outputs = info["input"], OUTPUTS[info.get("task", "classification")]
+    cast = lambda a: np.ascontiguousarray(a.astype(spec["dtype"], copy=False))  # noqa: E731
+    data = HeldOut(cast(data.parity_x), cast(data.val_x), data.val_y, cast(data.calibration_x))
 
     program = torch.onnx.export(
-        frozen, (torch.from_numpy(samples[:2]),), input_names=[spec["name"]],
-        output_names=card_outputs, opset_version=opset, dynamo=True, external_data=False,
+        frozen, (torch.from_numpy(data.parity_x[:2]),), input_names=[spec["name"]],
+        output_names=outputs, opset_version=opset, dynamo=True, external_data=False,
         dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False,
     )
     frozen.eval()  # the exporter restores the wrapper's own mode; keep it in eval
-    proto = program.model_proto
-    sha = hashlib.sha256(ckpt_path.read_bytes()).hexdigest()
-    card = build_card(ckpt, sha)
-    card["opset"] = opset
-    card["parity"] = parity_check(frozen, proto.SerializeToString(), samples, atol)
-    attach_card(proto, card)
-    onnx.checker.check_model(proto, full_check=True)
+    model = program.model_proto
+    got = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    if got != opset:  # the exporter keeps its own opset when it cannot convert the graph
+        raise InputError(f"--opset {opset}: this graph could only be exported at opset {got} "
+                         f"(opsets {DEFAULT_OPSET} and newer are supported)")
+    card = build_card(ckpt, ckpt_path)
+    card["opset"], card["precision"] = opset, variant
+    if variant == "fp16":
+        model = variants.to_fp16(model)
+    elif variant == "int8":
+        int8 = variants.to_int8(model, data.calibration_x)
+        card["quantization"] = _quantize_gate(model, int8, data, max_accuracy_drop)
+        model = int8
+    card["parity"] = parity_check(frozen, model, data.parity_x,
+                                  DEFAULT_ATOL[variant] if atol is None else atol)
+    attach_card(model, card)
+    onnx.checker.check_model(model, full_check=True)
     with atomic_path(out) as tmp:
-        onnx.save_model(proto, str(tmp))
+        onnx.save_model(model, str(tmp))
     return card

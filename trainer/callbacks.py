@@ -27,17 +27,18 @@ class ExportOnnx(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.enabled or not trainer.is_global_zero or trainer.interrupted:
             return
-        from export.to_onnx import export_checkpoint
+        from export.to_onnx import export_checkpoint, held_out
 
-        ckpt_cb = trainer.checkpoint_callback
-        ckpt = ckpt_cb.best_model_path or ckpt_cb.last_model_path if ckpt_cb else ""
+        ranked = [cb for cb in trainer.checkpoint_callbacks if getattr(cb, "monitor", None)]
+        paths = [cb.best_model_path for cb in ranked] + \
+                [cb.last_model_path for cb in trainer.checkpoint_callbacks]
+        ckpt = next((p for p in paths if p), "")
         if not ckpt:
             rank_zero_info("ExportOnnx: no checkpoint was saved; skipping the export")
             return
         self.path = Path(trainer.log_dir or ".") / self.filename
-        samples = trainer.datamodule.splits["test"].arrays(512)[0]
-        card = export_checkpoint(ckpt, self.path, samples=samples, opset=self.opset,
-                                 atol=self.atol)
+        card = export_checkpoint(ckpt, self.path, data=held_out(trainer.datamodule),
+                                 opset=self.opset, atol=self.atol)
         parity = card["parity"]
         rank_zero_info(f"Exported {self.path} from {Path(ckpt).name} "
                        f"(parity: max |diff| {parity['max_abs_diff']:.1e}, "

@@ -74,11 +74,17 @@ def build_cli(args: list[str], run: bool = True, instantiate: bool = True):
         def add_arguments_to_parser(self, parser):
             # The model learns its input spec, classes and normalisation from the data.
             parser.link_arguments("data.info", "model.data_info", apply_on="instantiate")
+            # Two checkpoint callbacks that are always there: the best by a monitored metric,
+            # and last.ckpt rewritten every epoch (Lightning's save_last only follows top-k
+            # saves, so it can lag behind the final epoch).
             parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+            parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
             parser.set_defaults({
                 "checkpoint.monitor": "val/loss", "checkpoint.mode": "min",
-                "checkpoint.save_last": True, "checkpoint.auto_insert_metric_name": False,
+                "checkpoint.auto_insert_metric_name": False,
                 "checkpoint.filename": "best-epoch{epoch:03d}",
+                "last_checkpoint.filename": "last", "last_checkpoint.monitor": None,
+                "last_checkpoint.enable_version_counter": False,
             })
             parser.add_lightning_class_args(ExportOnnx, "export")
 
@@ -110,25 +116,45 @@ def cmd_export(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="trainer export", description=(
         "Freeze a checkpoint to ONNX: eval mode, normalisation inside the graph, dynamic "
         "batch axis, model card in the metadata, onnx.checker and an onnxruntime-vs-torch "
-        "parity check. On a parity failure nothing is written."))
+        "parity check on real held-out samples. On any failure nothing is written."))
     p.add_argument("--ckpt", required=True, help="Lightning checkpoint (.ckpt)")
     p.add_argument("--out", required=True, help="ONNX file to write")
-    p.add_argument("--samples", help=".npz with held-out 'x' for the parity check "
-                   "(default: the test split of the checkpoint's dataset)")
+    p.add_argument("--samples", help=".npz with held-out 'x' and 'y' to check with (default: "
+                   "the test/val/train splits of the checkpoint's own dataset)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
-    p.add_argument("--atol", type=float, default=1e-3,
-                   help="max |logit difference| onnxruntime vs torch (default 1e-3)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16"],
+                   help="fp16: float16 weights and activations, for GPU deployment")
+    p.add_argument("--quantize", choices=["int8"],
+                   help="static INT8 (QDQ) quantization calibrated on training samples")
+    p.add_argument("--atol", type=float, default=None, help="max |output difference| "
+                   "onnxruntime vs torch (default 1e-3 for fp32, 5e-2 for fp16; INT8 is "
+                   "gated by accuracy instead)")
+    p.add_argument("--max-accuracy-drop", type=float, default=0.5,
+                   help="INT8: refuse if validation accuracy drops by more percentage points "
+                   "than this (default 0.5)")
     args = p.parse_args(argv)
-    from export.batch import read_arrays
-    from export.to_onnx import export_checkpoint
+    import numpy as np
 
-    samples = read_arrays(Path(args.samples), []).x if args.samples else None
-    card = export_checkpoint(args.ckpt, args.out, samples=samples, opset=args.opset,
-                             atol=args.atol)
+    from export.batch import read_arrays
+    from export.to_onnx import HeldOut, export_checkpoint
+
+    data = None
+    if args.samples:
+        arrays = read_arrays(Path(args.samples), [])
+        if arrays.y is None and args.quantize:
+            raise InputError(f"{args.samples}: --quantize needs labels 'y' to measure accuracy")
+        y = arrays.y if arrays.y is not None else np.zeros(len(arrays.x), np.int64)
+        data = HeldOut(arrays.x, arrays.x, y, arrays.x)
+    card = export_checkpoint(args.ckpt, args.out, data=data, opset=args.opset, atol=args.atol,
+                             precision=args.precision, quantize=args.quantize,
+                             max_accuracy_drop=args.max_accuracy_drop)
     par = card["parity"]
-    print(f"wrote {args.out}: {len(card['class_names'])} classes, parity max |diff| "
-          f"{par['max_abs_diff']:.2e} on {par['samples']} samples, "
-          f"top-1 agreement {par['top1_agreement']:.4f}")
+    print(f"wrote {args.out} ({card['precision']}): parity max |diff| {par['max_abs_diff']:.2e} "
+          f"on {par['samples']} samples, top-1 agreement {par['top1_agreement']:.4f}")
+    if "quantization" in card:
+        q = card["quantization"]
+        print(f"int8 validation accuracy {q['val_accuracy_int8']:.4f} vs fp32 "
+              f"{q['val_accuracy_fp32']:.4f} ({q['drop_points']:+.2f} points drop)")
     return 0
 
 

@@ -1,0 +1,59 @@
+"""Deployment variants of a float32 ONNX graph: fp16 weights for GPUs, and static INT8 (QDQ)
+quantization calibrated on training samples. numpy + onnx + onnxruntime only."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+
+def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Weights and activations in float16; the input (uint8 or float32) and the outputs keep
+    their types, so callers see no difference."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    return convert_float_to_float16(model, keep_io_types=True)
+
+
+class _Calibration:
+    """onnxruntime.quantization.CalibrationDataReader over an array of inputs."""
+
+    def __init__(self, name: str, x: np.ndarray, batch_size: int = 64):
+        self.batches = iter([{name: x[i:i + batch_size]} for i in range(0, len(x), batch_size)])
+
+    def get_next(self):
+        return next(self.batches, None)
+
+
+def to_int8(model: onnx.ModelProto, calibration: np.ndarray) -> onnx.ModelProto:
+    """Static QDQ quantization (int8 weights per channel, int8 activations), with activation
+    ranges calibrated on `calibration` inputs."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    name = model.graph.input[0].name
+    with tempfile.TemporaryDirectory() as tmp:
+        src, pre, dst = (Path(tmp) / n for n in ("fp32.onnx", "pre.onnx", "int8.onnx"))
+        onnx.save(model, str(src))
+        quant_pre_process(str(src), str(pre))
+        quantize_static(str(pre), str(dst), _Calibration(name, calibration),
+                        quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+        return onnx.load(str(dst))
+
+
+def accuracy(model: onnx.ModelProto | bytes, x: np.ndarray, y: np.ndarray,
+             batch_size: int = 512) -> float:
+    """Top-1 accuracy of a classification graph under onnxruntime (CPU)."""
+    data = model if isinstance(model, bytes) else model.SerializeToString()
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    hits = 0
+    for i in range(0, len(x), batch_size):
+        logits = session.run(["logits"], {name: x[i:i + batch_size]})[0]
+        hits += int((logits.argmax(1) == y[i:i + batch_size]).sum())
+    return hits / max(1, len(x))
