@@ -1,150 +1,218 @@
-"""The batch inference job: inputs -> predictions CSV (+ accuracy when labels are given).
+"""The batch inference job: inputs -> predictions file + summary + drift report.
 
-numpy + onnxruntime + pillow only. Inputs: an .npz with `x` (and optionally `y`), an .npy,
-or a folder of PNG/JPEG images (searched recursively; resized and converted as the model
-card says; if every image sits in a folder named after a class, that is its label).
+numpy + onnxruntime + pillow (+ pyarrow for tables). Inputs stream in chunks of
+`chunk_rows`, so memory stays bounded whatever the input size. Each chunk becomes a part
+file plus a small JSON of its counts in `.<output>.partial/`; the final file is joined from
+the parts and renamed into place. `resume=True` continues after the last complete part.
 """
 
 from __future__ import annotations
 
-import csv
+import hashlib
+import json
+import shutil
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from export.atomic import atomic_path
+from export.drift import DriftAccumulator, format_report
 from export.errors import InputError
-from export.runtime import Predictor
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+from export.readers import iter_chunks
+from export.runtime import Prediction, Predictor
+from export.writers import check_format, join_parts, write_part
 
 
 @dataclass
-class Inputs:
-    ids: list[str]
-    x: np.ndarray
-    y: np.ndarray | None  # class indices, when the input carries labels
+class JobOptions:
+    batch_size: int = 1024  # rows per onnxruntime call
+    chunk_rows: int = 8192  # rows per part (memory bound, resume granularity)
+    top_k: int = 1
+    provider: str = "auto"
+    on_error: str = "fail"  # unreadable image: fail the job, or skip and list it
+    resume: bool = False
+    progress: bool = True
 
 
-def _labels(y: np.ndarray, class_names: list[str], source: str) -> np.ndarray:
-    """Labels may be class indices or class names; return indices. Without classes
-    (regression) they are target values."""
-    if not class_names:
-        return y.astype(np.float32)
-    if y.dtype.kind in "iu":
-        bad = (y < 0) | (y >= len(class_names))
-        if bad.any():
-            row = int(np.flatnonzero(bad)[0])
-            raise InputError(f"{source}: label {int(y[row])} at row {row} is outside the "
-                             f"{len(class_names)} classes")
-        return y.astype(np.int64)
-    index = {name: i for i, name in enumerate(class_names)}
-    unknown = [str(v) for v in y if str(v) not in index]
-    if unknown:
-        raise InputError(f"{source}: label {unknown[0]!r} is not one of the classes {class_names}")
-    return np.array([index[str(v)] for v in y], dtype=np.int64)
-
-
-def read_arrays(path: Path, class_names: list[str]) -> Inputs:
-    try:
-        if path.suffix == ".npy":
-            x, y = np.load(path, allow_pickle=False), None
-        else:
-            with np.load(path, allow_pickle=False) as npz:
-                if "x" not in npz:
-                    raise InputError(f"{path}: missing array 'x' (found {sorted(npz.files)})")
-                x, y = npz["x"], (npz["y"] if "y" in npz else None)
-    except InputError:
-        raise
-    except Exception as exc:  # zipfile/pickle/format errors
-        raise InputError(f"{path}: cannot read arrays ({type(exc).__name__}: {exc})") from None
-    if y is not None and len(y) != len(x):
-        raise InputError(f"{path}: 'x' has {len(x)} rows but 'y' has {len(y)}")
-    labels = None if y is None else _labels(y, class_names, f"{path}:y")
-    return Inputs([str(i) for i in range(len(x))], x, labels)
-
-
-def read_image_folder(folder: Path, spec: dict, class_names: list[str]) -> Inputs:
-    from PIL import Image, UnidentifiedImageError
-
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise InputError(f"{folder}: no PNG or JPEG images found")
-    channels, height, width = spec["shape"]
-    mode = spec.get("color_mode", "L" if channels == 1 else "RGB")
-    x = np.empty((len(files), channels, height, width), dtype=np.uint8)
-    for i, path in enumerate(files):
-        try:
-            with Image.open(path) as img:
-                img = img.convert(mode)
-                if img.size != (width, height):
-                    img = img.resize((width, height), Image.Resampling.BILINEAR)
-                arr = np.asarray(img, dtype=np.uint8)
-        except (OSError, UnidentifiedImageError) as exc:
-            raise InputError(f"{path}: cannot decode image ({exc})") from None
-        x[i] = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-    parents = [p.parent.name for p in files]
-    labels = None
-    if all(name in class_names for name in parents):
-        labels = np.array([class_names.index(name) for name in parents], dtype=np.int64)
-    return Inputs([str(p.relative_to(folder)) for p in files], x, labels)
-
-
-def read_inputs(path: str | Path, spec: dict, class_names: list[str]) -> Inputs:
-    path = Path(path)
-    if path.is_dir():
-        return read_image_folder(path, spec, class_names)
-    if not path.is_file():
-        raise InputError(f"{path}: input not found")
-    if path.suffix in (".npz", ".npy"):
-        return read_arrays(path, class_names)
-    raise InputError(f"{path}: unsupported input; expected .npz, .npy or a folder of images")
-
-
-def _columns(pred, y: np.ndarray | None, class_names: list[str]) -> dict[str, list]:
-    """Output columns after `id`: label + confidence (+ true_label), or value (+ true_value)."""
+def output_columns(pred: Prediction, y: np.ndarray | None, class_names: list[str],
+                   top_k: int) -> dict[str, list]:
+    """Columns after id and pass-through columns: label, confidence (+ top-k) and
+    true_label; or value and true_value for regression."""
     if pred.values is not None:
-        cols = {"value": [f"{v:.6g}" for v in pred.values]}
+        cols = {"value": [float(v) for v in pred.values]}
         if y is not None:
-            cols["true_value"] = [f"{v:.6g}" for v in y]
+            cols["true_value"] = [float(v) for v in y]
         return cols
     cols = {"label": [class_names[i] for i in pred.labels],
-            "confidence": [f"{c:.6f}" for c in pred.confidence]}
+            "confidence": [round(float(c), 6) for c in pred.confidence]}
+    if top_k > 1:
+        order = np.argsort(-pred.probabilities, axis=1)[:, :top_k]
+        for k in range(order.shape[1]):
+            cols[f"top{k + 1}_label"] = [class_names[i] for i in order[:, k]]
+            cols[f"top{k + 1}_confidence"] = [
+                round(float(p), 6) for p in pred.probabilities[np.arange(len(order)), order[:, k]]]
     if y is not None:
         cols["true_label"] = [class_names[i] for i in y]
     return cols
 
 
-def write_csv(path: Path, ids: list[str], columns: dict[str, list]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["id", *columns])
-        writer.writerows(zip(ids, *columns.values()))
-
-
-def label_metrics(pred, y: np.ndarray) -> dict[str, float]:
+def label_sums(pred: Prediction, y: np.ndarray | None) -> dict[str, float]:
+    """Additive sums for accuracy (classification) or MAE/RMSE (regression)."""
+    if y is None:
+        return {}
     if pred.values is not None:
-        err = pred.values - y
-        return {"mae": float(np.abs(err).mean()), "rmse": float(np.sqrt((err ** 2).mean()))}
-    return {"accuracy": float((pred.labels == y).mean())}
+        err = pred.values.astype(np.float64) - y
+        return {"n": len(y), "abs_err": float(np.abs(err).sum()), "sq_err": float((err ** 2).sum())}
+    return {"n": len(y), "correct": int((pred.labels == y).sum())}
+
+
+def label_metrics(sums: dict[str, float]) -> dict[str, float]:
+    if not sums.get("n"):
+        return {}
+    if "correct" in sums:
+        return {"accuracy": sums["correct"] / sums["n"]}
+    return {"mae": sums["abs_err"] / sums["n"], "rmse": float(np.sqrt(sums["sq_err"] / sums["n"]))}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process. Linux's VmHWM belongs to this program alone;
+    ru_maxrss would also carry the high-water mark of whatever exec'd it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class _Progress:
+    def __init__(self, enabled: bool):
+        self.enabled, self.start, self.last = enabled, time.perf_counter(), 0.0
+
+    def update(self, rows: int, final: bool = False) -> None:
+        now = time.perf_counter()
+        if not self.enabled or (now - self.last < 1.0 and not final):
+            return
+        self.last = now
+        rate = rows / max(now - self.start, 1e-9)
+        end = "\n" if final or not sys.stderr.isatty() else "\r"
+        print(f"predict: {rows:,} rows, {rate:,.0f} rows/s", end=end, file=sys.stderr, flush=True)
+
+
+def _job_dir(output: Path, job: dict, resume: bool) -> tuple[Path, int]:
+    """The partial-job folder and how many parts are already complete in it."""
+    folder = output.parent / f".{output.name}.partial"
+    meta = folder / "job.json"
+    if folder.exists() and resume and meta.is_file():
+        if json.loads(meta.read_text()) != job:
+            raise InputError(f"{output}: cannot --resume: the interrupted job used another "
+                             "model, input or options; run it again without --resume")
+        done = 0
+        while (folder / f"part-{done:06d}.json").is_file():
+            done += 1
+        return folder, done
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    meta.write_text(json.dumps(job))
+    return folder, 0
+
+
+class _Totals:
+    """What the job has counted so far, summed over part records (resumed or new)."""
+
+    def __init__(self, card: dict):
+        self.drift, self.sums, self.skipped = DriftAccumulator(card), {}, []
+        self.rows, self.header = 0, None
+
+    def add(self, record: dict) -> None:
+        self.drift.merge(record["drift"])
+        self.sums = {k: self.sums.get(k, 0) + v for k, v in record["sums"].items()}
+        self.skipped += record["skipped"]
+        self.rows, self.header = self.rows + record["rows"], record["header"]
+
+
+def _predict_parts(predictor: Predictor, input_path, folder: Path, done: int, fmt: str,
+                   opts: JobOptions) -> tuple[_Totals, int]:
+    """Write a part file and its record per chunk after the `done` complete ones; return
+    the totals and the rows that were already done."""
+    card, totals = predictor.card, _Totals(predictor.card)
+    for i in range(done):
+        totals.add(json.loads((folder / f"part-{i:06d}.json").read_text()))
+    resumed_after, progress = totals.rows, _Progress(opts.progress)
+    chunks = iter_chunks(input_path, predictor.spec, predictor.class_names, opts.chunk_rows,
+                         opts.on_error, card["dataset"].get("target"), start_chunk=done)
+    for i, chunk in enumerate(chunks, start=done):
+        pred = predictor.predict(chunk.x, opts.batch_size, source=str(input_path))
+        columns = {"id": chunk.ids, **chunk.extra,
+                   **output_columns(pred, chunk.y, predictor.class_names, opts.top_k)}
+        write_part(folder / f"part-{i:06d}{fmt}", columns)
+        drift = DriftAccumulator(card)
+        if len(chunk.x):
+            drift.update(chunk.x, pred)
+        record = {"rows": len(chunk.ids), "skipped": chunk.skipped, "header": list(columns),
+                  "sums": label_sums(pred, chunk.y), "drift": drift.state()}
+        with atomic_path(folder / f"part-{i:06d}.json") as tmp:  # marks the part complete
+            tmp.write_text(json.dumps(record))
+        totals.add(record)
+        progress.update(totals.rows)
+    progress.update(totals.rows, final=True)
+    if totals.rows == 0:
+        raise InputError(f"{input_path}: no readable inputs" + (
+            f" ({len(totals.skipped)} skipped: {totals.skipped[0]})" if totals.skipped else ""))
+    return totals, resumed_after
 
 
 def run_batch(model: str | Path, input_path: str | Path, output: str | Path,
-              batch_size: int = 1024, provider: str = "auto") -> dict:
-    """Predict every input and write one CSV row each; return a summary."""
+              options: JobOptions | None = None) -> dict:
+    """Predict every input, write `output` + `<stem>.summary.json` + `<stem>.drift.json`."""
+    opts = options or JobOptions()
     output = Path(output)
-    if output.suffix != ".csv":
-        raise InputError(f"{output}: output must be a .csv file")
+    fmt = check_format(output)
     start = time.perf_counter()
-    predictor = Predictor(model, provider=provider)
-    inputs = read_inputs(input_path, predictor.spec, predictor.class_names)
-    pred = predictor.predict(inputs.x, batch_size=batch_size, source=str(input_path))
-    write_csv(output, inputs.ids, _columns(pred, inputs.y, predictor.class_names))
+    predictor = Predictor(model, provider=opts.provider)
+    card = predictor.card
+    source = Path(input_path)
+    stat = source.stat() if source.is_file() else None
+    job = {"model": _sha256(predictor.path), "input": str(source.resolve()),
+           "input_size": stat and stat.st_size, "input_mtime_ns": stat and stat.st_mtime_ns,
+           "format": fmt, "chunk_rows": opts.chunk_rows, "top_k": opts.top_k,
+           "on_error": opts.on_error}
+    folder, done = _job_dir(output, job, opts.resume)
+    try:
+        totals, resumed_after = _predict_parts(predictor, input_path, folder, done, fmt, opts)
+    except InputError:
+        shutil.rmtree(folder, ignore_errors=True)  # bad input: leave nothing behind
+        raise
+    parts = sorted(folder.glob(f"part-*{fmt}"))
+    join_parts(parts, output, totals.header)
     elapsed = time.perf_counter() - start
-    summary = {"rows": len(inputs.ids), "output": str(output), "provider": predictor.provider,
-               "seconds": round(elapsed, 3), "rows_per_second": round(len(inputs.ids) / elapsed, 1)}
-    if inputs.y is not None:
-        summary.update(label_metrics(pred, inputs.y))
+    report = totals.drift.report()
+    rows = totals.rows
+    summary = {"rows": rows, "output": str(output), "format": fmt[1:],
+               "provider": predictor.provider, "model": str(predictor.path),
+               "model_sha256": job["model"], "dataset_fingerprint": card["dataset"]["fingerprint"],
+               "seconds": round(elapsed, 3), "rows_per_second": round(rows / elapsed, 1),
+               "resumed_after_rows": resumed_after,
+               "skipped": totals.skipped, "drift_status": report["status"],
+               "peak_memory_mb": round(_peak_rss_mb(), 1),
+               "options": asdict(opts), **label_metrics(totals.sums)}
+    for suffix, doc in ((".summary.json", summary), (".drift.json", report)):
+        with atomic_path(output.with_name(output.stem + suffix)) as tmp:
+            tmp.write_text(json.dumps(doc, indent=2))
+    shutil.rmtree(folder, ignore_errors=True)
+    summary["drift_table"] = format_report(report)
     return summary

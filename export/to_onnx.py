@@ -258,6 +258,8 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path, data: HeldOut | No
         model = int8
     card["parity"] = parity_check(frozen, model, data.parity_x,
                                   DEFAULT_ATOL[variant] if atol is None else atol)
+    if not module.regression and len(data.val_x):
+        card["validation_confidence"] = variants.confidence_histogram(model, data.val_x)
     attach_card(model, card)
     onnx.checker.check_model(model, full_check=True)
     with atomic_path(out) as tmp:

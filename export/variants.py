@@ -46,14 +46,25 @@ def to_int8(model: onnx.ModelProto, calibration: np.ndarray) -> onnx.ModelProto:
         return onnx.load(str(dst))
 
 
-def accuracy(model: onnx.ModelProto | bytes, x: np.ndarray, y: np.ndarray,
-             batch_size: int = 512) -> float:
-    """Top-1 accuracy of a classification graph under onnxruntime (CPU)."""
-    data = model if isinstance(model, bytes) else model.SerializeToString()
-    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+def probabilities(model: onnx.ModelProto, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """Class probabilities of a classification graph under onnxruntime (CPU)."""
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
-    hits = 0
-    for i in range(0, len(x), batch_size):
-        logits = session.run(["logits"], {name: x[i:i + batch_size]})[0]
-        hits += int((logits.argmax(1) == y[i:i + batch_size]).sum())
-    return hits / max(1, len(x))
+    return np.concatenate([session.run(["probabilities"], {name: x[i:i + batch_size]})[0]
+                           for i in range(0, max(len(x), 1), batch_size)])
+
+
+def accuracy(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray) -> float:
+    """Top-1 accuracy of a classification graph under onnxruntime (CPU)."""
+    return float((probabilities(model, x).argmax(1) == y).mean()) if len(x) else 0.0
+
+
+def confidence_histogram(model: onnx.ModelProto, x: np.ndarray) -> dict:
+    """The validation set's top-1 confidence distribution: the reference against which a
+    batch job's confidences are checked for drift."""
+    from export.drift import CONFIDENCE_BINS, bin_counts
+
+    conf = probabilities(model, x).max(axis=1)
+    counts = bin_counts(conf, 0.0, 1.0, CONFIDENCE_BINS)
+    return {"bins": CONFIDENCE_BINS, "range": [0.0, 1.0], "samples": int(len(conf)),
+            "frequencies": (counts / max(1, counts.sum())).tolist(), "mean": float(conf.mean())}

@@ -135,16 +135,16 @@ def cmd_export(argv: list[str]) -> int:
     args = p.parse_args(argv)
     import numpy as np
 
-    from export.batch import read_arrays
+    from export.readers import read_arrays
     from export.to_onnx import HeldOut, export_checkpoint
 
     data = None
     if args.samples:
-        arrays = read_arrays(Path(args.samples), [])
-        if arrays.y is None and args.quantize:
+        x, y = read_arrays(Path(args.samples))
+        if y is None and args.quantize:
             raise InputError(f"{args.samples}: --quantize needs labels 'y' to measure accuracy")
-        y = arrays.y if arrays.y is not None else np.zeros(len(arrays.x), np.int64)
-        data = HeldOut(arrays.x, arrays.x, y, arrays.x)
+        x = np.asarray(x)
+        data = HeldOut(x, x, np.zeros(len(x), np.int64) if y is None else y, x)
     card = export_checkpoint(args.ckpt, args.out, data=data, opset=args.opset, atol=args.atol,
                              precision=args.precision, quantize=args.quantize,
                              max_accuracy_drop=args.max_accuracy_drop)
@@ -160,24 +160,42 @@ def cmd_export(argv: list[str]) -> int:
 
 def cmd_predict(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="trainer predict", description=(
-        "Batch inference with onnxruntime (no torch): one CSV row per input with id, "
-        "predicted label and confidence; prints accuracy when the input carries labels."))
+        "Batch inference with onnxruntime (no torch): one row per input with its id, label "
+        "and confidence (or value), a summary JSON and a drift report beside the output."))
     p.add_argument("--model", required=True, help="ONNX file written by trainer export/fit")
-    p.add_argument("--input", required=True,
-                   help=".npz with 'x' (and optional 'y'), .npy, or a folder of PNG/JPEG images")
-    p.add_argument("--output", required=True, help="predictions .csv (written atomically)")
-    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--input", required=True, help="a folder (recursive) or .txt list of "
+                   "PNG/JPEG images, .csv/.parquet with the model's feature columns, .npz "
+                   "with 'x' (and 'y'), .npy, or an IDX images file")
+    p.add_argument("--output", required=True, help="predictions .csv, .jsonl or .parquet "
+                   "(written atomically); also writes <stem>.summary.json and <stem>.drift.json")
+    p.add_argument("--top-k", type=int, default=1, help="also list the k most likely classes")
+    p.add_argument("--batch-size", type=int, default=1024, help="rows per onnxruntime call")
+    p.add_argument("--chunk-rows", type=int, default=8192,
+                   help="rows read, predicted and written at a time (bounds memory)")
     p.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--on-error", default="fail", choices=["fail", "skip"],
+                   help="an unreadable image fails the job, or is skipped and listed")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted job with the same model, input and options")
+    p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
     args = p.parse_args(argv)
-    from export.batch import run_batch
+    if args.top_k < 1 or args.batch_size < 1 or args.chunk_rows < 1:
+        raise InputError("--top-k, --batch-size and --chunk-rows must be >= 1")
+    from export.batch import JobOptions, run_batch
 
-    summary = run_batch(args.model, args.input, args.output, args.batch_size, args.provider)
-    line = (f"predicted {summary['rows']} rows -> {summary['output']} "
-            f"({summary['rows_per_second']:.0f} rows/s on {summary['provider']})")
+    summary = run_batch(args.model, args.input, args.output, JobOptions(
+        batch_size=args.batch_size, chunk_rows=args.chunk_rows, top_k=args.top_k,
+        provider=args.provider, on_error=args.on_error, resume=args.resume,
+        progress=not args.no_progress))
+    print(f"predicted {summary['rows']} rows -> {summary['output']} "
+          f"({summary['rows_per_second']:.0f} rows/s on {summary['provider']})")
+    if summary["skipped"]:
+        print(f"skipped {len(summary['skipped'])} unreadable inputs (listed in the summary):")
+        print("\n".join(f"  {s}" for s in summary["skipped"][:10]))
     for metric in ("accuracy", "mae", "rmse"):
         if metric in summary:
-            line += f"\n{metric}: {summary[metric]:.4f}"
-    print(line)
+            print(f"{metric}: {summary[metric]:.4f}")
+    print(summary["drift_table"])
     return 0
 
 

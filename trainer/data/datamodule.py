@@ -123,6 +123,7 @@ class FixedDataModule(L.LightningDataModule):
                 "fingerprint": ds.fingerprint,
                 "split_seed": self.hparams.seed,
                 "split_sizes": {k: len(v) for k, v in self.splits.items()},
+                **({"target": self.hparams.target} if self.hparams.source == "tabular" else {}),
             },
             "stats": stats,
         }

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import gzip
 from pathlib import Path
 
 import numpy as np
 
 from export.errors import InputError
+from export.readers import read_idx
 from trainer.data.dataset import (FixedDataset, SourceOptions, Split, image_spec, make_dataset,
                                   require_root)
 
@@ -25,30 +25,6 @@ def find_idx(root: Path, stem: str) -> Path:
         if (root / name).is_file():
             return root / name
     raise InputError(f"{root}: missing IDX file {stem}[.gz] (or {dotted}[.gz])")
-
-
-def read_idx(path: Path, expected_magic: int | None = None) -> np.ndarray:
-    """Read one IDX file with a uint8 payload, checking its magic number and length."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError) as exc:
-        raise InputError(f"{path}: cannot read IDX file ({exc})") from None
-    if len(raw) < 8:
-        raise InputError(f"{path}: IDX file is truncated ({len(raw)} bytes)")
-    magic = int.from_bytes(raw[:4], "big")
-    if (expected_magic is not None and magic != expected_magic) or magic >> 8 != 0x08:
-        want = expected_magic if expected_magic is not None else "0x08NN (uint8 payload)"
-        raise InputError(f"{path}: IDX magic number is {magic}, expected {want}")
-    ndim = magic & 0xFF
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    offset = 4 + 4 * ndim
-    expected = offset + int(np.prod(dims))
-    if len(raw) != expected:
-        raise InputError(f"{path}: IDX file has {len(raw)} bytes, expected {expected} "
-                         f"for dimensions {dims}")
-    return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(dims)
 
 
 def load_mnist(root: str | None, opts: SourceOptions) -> FixedDataset:

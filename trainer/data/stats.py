@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from export.drift import bin_counts
 from trainer.data.dataset import Split
 
 HIST_BINS = 32
@@ -12,7 +13,8 @@ MAX_ROWS = 100_000  # above this, statistics come from a seeded sample of rows
 
 
 def _hist(values: np.ndarray, lo: float, hi: float) -> list[float]:
-    counts = np.histogram(values, bins=HIST_BINS, range=(lo, hi))[0]
+    """Bin frequencies, binned exactly as deployment bins its batches (export/drift.py)."""
+    counts = bin_counts(values, lo, hi, HIST_BINS)
     return (counts / max(1, counts.sum())).tolist()
 
 
@@ -40,6 +42,10 @@ def training_stats(split: Split, num_classes: int, value_range: tuple[float, flo
     if num_classes:
         stats["class_counts"] = np.bincount(y, minlength=num_classes).tolist()
     else:
+        t_lo, t_hi = float(y.min()), float(y.max())
+        t_hi = t_hi if t_hi > t_lo else t_lo + 1.0
         stats["target"] = {"mean": float(y.mean()), "std": float(y.std()),
-                           "quantiles": np.quantile(y, [0, 0.05, 0.25, 0.5, 0.75, 0.95, 1]).tolist()}
+                           "quantiles": np.quantile(y, [0, 0.05, 0.25, 0.5, 0.75, 0.95, 1]).tolist(),
+                           "histogram": {"range": [t_lo, t_hi], "bins": HIST_BINS,
+                                         "frequencies": _hist(y, t_lo, t_hi)}}
     return stats

@@ -1,0 +1,250 @@
+"""Input readers of the batch job, all streaming fixed-size chunks with bounded memory.
+
+Each reader yields `Chunk`s of at most `rows` inputs: ids, the model input array, labels
+when the input carries them, and extra columns to pass through. numpy + pillow; CSV and
+Parquet need pyarrow. The IDX reader is shared with the training side.
+"""
+
+from __future__ import annotations
+
+import gzip
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from export.errors import InputError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+TABLE_SUFFIXES = {".csv", ".parquet", ".pq"}
+
+
+@dataclass
+class Chunk:
+    ids: list[str]
+    x: np.ndarray
+    y: np.ndarray | None = None  # class indices, or regression targets
+    extra: dict[str, list] = field(default_factory=dict)  # passed-through columns
+    skipped: list[str] = field(default_factory=list)  # unreadable files (--on-error skip)
+
+
+def read_idx(path: Path, expected_magic: int | None = None) -> np.ndarray:
+    """Read one IDX file with a uint8 payload, checking its magic number and length."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as exc:
+        raise InputError(f"{path}: cannot read IDX file ({exc})") from None
+    if len(raw) < 8:
+        raise InputError(f"{path}: IDX file is truncated ({len(raw)} bytes)")
+    magic = int.from_bytes(raw[:4], "big")
+    if (expected_magic is not None and magic != expected_magic) or magic >> 8 != 0x08:
+        want = expected_magic if expected_magic is not None else "0x08NN (uint8 payload)"
+        raise InputError(f"{path}: IDX magic number is {magic}, expected {want}")
+    ndim = magic & 0xFF
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    offset = 4 + 4 * ndim
+    expected = offset + int(np.prod(dims))
+    if len(raw) != expected:
+        raise InputError(f"{path}: IDX file has {len(raw)} bytes, expected {expected} "
+                         f"for dimensions {dims}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(dims)
+
+
+def labels_to_index(y: np.ndarray, class_names: list[str], source: str,
+                    by_name: bool = False) -> np.ndarray:
+    """Labels may be class indices or class names (`by_name`: always names, as in a table
+    whose integer labels are names); return indices. Without classes (regression) they are
+    target values."""
+    if not class_names:
+        return y.astype(np.float32)
+    if y.dtype.kind in "iu" and not by_name:
+        bad = (y < 0) | (y >= len(class_names))
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise InputError(f"{source}: label {int(y[row])} at row {row} is outside the "
+                             f"{len(class_names)} classes")
+        return y.astype(np.int64)
+    index = {name: i for i, name in enumerate(class_names)}
+    unknown = [str(v) for v in y if str(v) not in index]
+    if unknown:
+        raise InputError(f"{source}: label {unknown[0]!r} is not one of the classes {class_names}")
+    return np.array([index[str(v)] for v in y], dtype=np.int64)
+
+
+def _array_chunks(path: Path, x, y, class_names, rows: int, first: int) -> Iterator[Chunk]:
+    if y is not None and len(y) != len(x):
+        raise InputError(f"{path}: 'x' has {len(x)} rows but 'y' has {len(y)}")
+    y = None if y is None else labels_to_index(np.asarray(y), class_names, f"{path}:y")
+    for start in range(first * rows, len(x), rows):
+        stop = min(start + rows, len(x))
+        yield Chunk([str(i) for i in range(start, stop)], np.asarray(x[start:stop]),
+                    None if y is None else y[start:stop])
+
+
+def read_arrays(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """`x` (and `y`) of an .npz, or an .npy (memory-mapped, so it may exceed RAM)."""
+    try:
+        if path.suffix == ".npy":
+            return np.load(path, mmap_mode="r", allow_pickle=False), None
+        with np.load(path, allow_pickle=False) as npz:
+            if "x" not in npz:
+                raise InputError(f"{path}: missing array 'x' (found {sorted(npz.files)})")
+            return npz["x"], (npz["y"] if "y" in npz else None)
+    except InputError:
+        raise
+    except Exception as exc:  # zipfile/format errors
+        raise InputError(f"{path}: cannot read arrays ({type(exc).__name__}: {exc})") from None
+
+
+def _idx_chunks(path: Path, class_names, rows: int, first: int) -> Iterator[Chunk]:
+    x = read_idx(path, 2051)[:, None]  # (N, 1, H, W)
+    labels = Path(str(path).replace("images", "labels").replace("idx3", "idx1"))
+    y = read_idx(labels, 2049) if labels != path and labels.is_file() else None
+    return _array_chunks(path, x, y, class_names, rows, first)
+
+
+def image_files(path: Path) -> list[Path]:
+    """A folder (searched recursively) or a .txt list of image paths, one per line."""
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    else:
+        base = path.parent
+        files = [base / line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not files:
+        raise InputError(f"{path}: no PNG or JPEG images found")
+    return files
+
+
+def decode_image(path: Path, spec: dict) -> np.ndarray:
+    """One image as the card says: colour mode, resize to (H, W), uint8 (C, H, W)."""
+    from PIL import Image, UnidentifiedImageError
+
+    channels, height, width = spec["shape"]
+    mode = spec.get("color_mode", "L" if channels == 1 else "RGB")
+    try:
+        with Image.open(path) as img:
+            img = img.convert(mode)
+            if img.size != (width, height):
+                img = img.resize((width, height), Image.Resampling.BILINEAR)
+            arr = np.asarray(img, dtype=np.uint8)
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise InputError(f"{path}: cannot decode image ({exc})") from None
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def _image_chunks(path: Path, spec: dict, class_names, rows: int, first: int, on_error: str,
+                  pool: ThreadPoolExecutor) -> Iterator[Chunk]:
+    files = image_files(path)
+    root = path if path.is_dir() else path.parent
+    labelled = all(f.parent.name in class_names for f in files)
+
+    def load(f: Path):
+        try:
+            return decode_image(f, spec)
+        except InputError as exc:
+            if on_error == "fail":
+                raise
+            return exc
+
+    for start in range(first * rows, len(files), rows):
+        batch = files[start:start + rows]
+        images = list(pool.map(load, batch))  # PIL decodes with the GIL released
+        ok = [i for i, im in enumerate(images) if not isinstance(im, InputError)]
+        x = np.stack([images[i] for i in ok]) if ok else np.zeros((0, *spec["shape"]), np.uint8)
+        y = np.array([class_names.index(batch[i].parent.name) for i in ok]) if labelled else None
+        yield Chunk([str(batch[i].relative_to(root)) for i in ok], x, y,
+                    skipped=[str(im) for im in images if isinstance(im, InputError)])
+
+
+def _table_chunks(path: Path, spec: dict, class_names, rows: int, first: int,
+                  target: str | None) -> Iterator[Chunk]:
+    try:
+        import pyarrow.csv as pacsv
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise InputError(f"{path}: reading CSV/Parquet needs pyarrow (pip install pyarrow)") from None
+    columns = spec.get("columns") or []
+    if path.suffix.lower() == ".csv":
+        reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=1 << 22))
+        batches = (b for b in reader)
+    else:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=rows)
+    done, pending = 0, None
+    try:
+        for batch in batches:  # re-cut the reader's batches into chunks of exactly `rows`
+            pending = batch if pending is None else _concat(pending, batch)
+            while pending.num_rows >= rows:
+                part, pending = pending.slice(0, rows), pending.slice(rows)
+                if done >= first * rows:
+                    yield _table_chunk(path, part, columns, class_names, target, done)
+                done += rows
+        if pending is not None and pending.num_rows and done >= first * rows:
+            yield _table_chunk(path, pending, columns, class_names, target, done)
+    except InputError:
+        raise
+    except Exception as exc:  # pyarrow parse errors (bad rows, mixed types)
+        raise InputError(f"{path}: cannot read table near row {done} "
+                         f"({str(exc).splitlines()[0]})") from None
+
+
+def _table_chunk(path: Path, batch, columns, class_names, target, offset: int) -> Chunk:
+    import pyarrow.types as pat
+
+    names = batch.schema.names
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise InputError(f"{path}: missing feature column {missing[0]!r}; the model expects "
+                         f"{columns}, found {names}")
+    cols = []
+    for name in columns:
+        col = batch.column(names.index(name))
+        if not (pat.is_integer(col.type) or pat.is_floating(col.type) or pat.is_boolean(col.type)):
+            raise InputError(f"{path}: feature column {name!r} is {col.type}, expected numbers")
+        cols.append(col.to_numpy(zero_copy_only=False).astype(np.float32))
+    x = np.stack(cols, axis=1) if cols else np.zeros((batch.num_rows, 0), np.float32)
+    bad = ~np.isfinite(x)
+    if bad.any():
+        row, col = (int(v[0]) for v in np.nonzero(bad))
+        raise InputError(f"{path}: row {offset + row}, column {columns[col]!r} is empty, NaN "
+                         "or infinite")
+    extra = {n: batch.column(i).to_pylist() for i, n in enumerate(names)
+             if n not in columns and n != target}
+    y = None
+    if target and target in names:
+        raw = batch.column(names.index(target)).to_numpy(zero_copy_only=False)
+        y = labels_to_index(raw, class_names, f"{path}:{target}", by_name=True)
+    ids = [str(offset + i) for i in range(batch.num_rows)]
+    return Chunk(ids, x, y, extra)
+
+
+def _concat(a, b):
+    import pyarrow as pa
+
+    return pa.Table.from_batches([a, b]).combine_chunks().to_batches()[0] if a.num_rows else b
+
+
+def iter_chunks(path: str | Path, spec: dict, class_names: list[str], rows: int = 1024,
+                on_error: str = "fail", target: str | None = None,
+                start_chunk: int = 0) -> Iterator[Chunk]:
+    """Chunks of exactly `rows` inputs (the last may be shorter) from any supported input,
+    starting at chunk `start_chunk` (a resumed job skips what it has done)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: input not found")
+    suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix.lower()
+    if path.is_dir() or suffix == ".txt":
+        with ThreadPoolExecutor() as pool:
+            yield from _image_chunks(path, spec, class_names, rows, start_chunk, on_error, pool)
+    elif suffix in (".npz", ".npy"):
+        yield from _array_chunks(path, *read_arrays(path), class_names, rows, start_chunk)
+    elif suffix in TABLE_SUFFIXES:
+        yield from _table_chunks(path, spec, class_names, rows, start_chunk, target)
+    elif "idx3-ubyte" in path.name:
+        yield from _idx_chunks(path, class_names, rows, start_chunk)
+    else:
+        raise InputError(f"{path}: unsupported input; expected a folder or .txt list of "
+                         "images, .csv, .parquet, .npz, .npy or an IDX images file")

@@ -1,0 +1,187 @@
+"""The torch-free batch job: formats, top-k, summary, errors, resume after a kill,
+bounded memory on a million rows, and drift on real MNIST."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from export.batch import JobOptions, run_batch
+from export.errors import InputError
+from export.runtime import Predictor
+from tests.conftest import MNIST, ROOT, assert_one_line_error, requires_mnist, run_cli
+
+
+def _rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_formats_agree_and_summary_is_written(digits_run, digits_test_npz, tmp_path):
+    model = digits_run / "model.onnx"
+    outs = {}
+    for fmt in ("csv", "jsonl", "parquet"):
+        out = tmp_path / f"p.{fmt}"
+        summary = run_batch(model, digits_test_npz, out, JobOptions(top_k=3, chunk_rows=100,
+                                                                      progress=False))
+        assert summary["rows"] == 269 and summary["accuracy"] >= 0.95
+        outs[fmt] = out
+    csv_rows = _rows(outs["csv"])
+    jsonl_rows = [json.loads(line) for line in outs["jsonl"].read_text().splitlines()]
+    import pyarrow.parquet as pq
+
+    pq_rows = pq.read_table(outs["parquet"]).to_pylist()
+    assert len(csv_rows) == len(jsonl_rows) == len(pq_rows) == 269
+    assert [r["label"] for r in csv_rows] == [r["label"] for r in jsonl_rows] == \
+        [r["label"] for r in pq_rows]
+    first = jsonl_rows[0]
+    assert first["top1_label"] == first["label"] and first["top1_confidence"] == first["confidence"]
+    assert first["top1_confidence"] >= first["top2_confidence"] >= first["top3_confidence"]
+    summary = json.loads((tmp_path / "p.summary.json").read_text())
+    assert summary["provider"] == "CPUExecutionProvider" and len(summary["model_sha256"]) == 64
+    assert summary["rows_per_second"] > 0 and summary["seconds"] > 0
+    drift = json.loads((tmp_path / "p.drift.json").read_text())
+    assert drift["status"] in ("ok", "warn") and drift["inputs"][0]["name"] == "channel 0"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_predictor_providers_and_card_checks(digits_run, tmp_path):
+    p = Predictor(digits_run / "model.onnx", provider="auto")
+    assert p.provider == "CPUExecutionProvider"  # no CUDA here
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(InputError, match=r"--provider cuda: onnxruntime offers only"):
+            Predictor(digits_run / "model.onnx", provider="cuda")
+    import onnx
+
+    model = onnx.load(str(digits_run / "model.onnx"))
+    card = next(m for m in model.metadata_props if m.key == "frozenfit.card")
+    card.value = card.value.replace('"card_version": 1', '"card_version": 99')
+    onnx.save(model, str(tmp_path / "future.onnx"))
+    with pytest.raises(InputError, match=r"model card version 99 is not supported"):
+        Predictor(tmp_path / "future.onnx")
+    x = np.zeros((3, 1, 8, 8), np.uint8)
+    pred = p.predict(x, batch_size=2)
+    assert pred.labels.shape == (3,) and pred.probabilities.shape == pred.logits.shape == (3, 10)
+
+
+def _image_folder(root, n=6):
+    for i in range(n):
+        cls = str(i % 2)
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        Image.new("L", (8, 8), 40 * i).save(root / cls / f"{i}.png")
+    return root
+
+
+def test_image_folder_on_error_fail_and_skip(digits_run, tmp_path):
+    root = _image_folder(tmp_path / "imgs")
+    (root / "1" / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "p.csv"
+    proc = run_cli("predict", "--model", str(digits_run / "model.onnx"), "--input", str(root),
+                   "--output", str(out))
+    assert_one_line_error(proc, "broken.png", "cannot decode image")
+    assert not out.exists() and not list(tmp_path.glob(".p.csv*"))
+    proc = run_cli("predict", "--model", str(digits_run / "model.onnx"), "--input", str(root),
+                   "--output", str(out), "--on-error", "skip")
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped 1 unreadable inputs" in proc.stdout and "broken.png" in proc.stdout
+    rows = _rows(out)
+    assert len(rows) == 6 and {r["id"] for r in rows} == {f"{i % 2}/{i}.png" for i in range(6)}
+    assert "true_label" in rows[0]  # folders named after classes carry labels
+    summary = json.loads((tmp_path / "p.summary.json").read_text())
+    assert len(summary["skipped"]) == 1 and "broken.png" in summary["skipped"][0]
+
+
+@pytest.mark.parametrize("make,needle", [
+    (lambda d: np.savez(d / "in.npz", x=np.zeros((4, 3, 8, 8), np.uint8)), "got shape (4, 3, 8, 8)"),
+    (lambda d: np.savez(d / "in.npz", x=np.zeros((4, 1, 8, 8), np.int32)), "got dtype int32"),
+    (lambda d: (d / "in").mkdir(), "no PNG or JPEG images found"),
+    (lambda d: (d / "in.npz").write_bytes(b"garbage"), "cannot read arrays"),
+])
+def test_bad_inputs_leave_no_output(digits_run, tmp_path, make, needle):
+    make(tmp_path)
+    source = next(p for p in tmp_path.iterdir() if p.name.startswith("in"))
+    out = tmp_path / "p.csv"
+    proc = run_cli("predict", "--model", str(digits_run / "model.onnx"), "--input", str(source),
+                   "--output", str(out))
+    assert_one_line_error(proc, needle)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [source.name]
+
+
+def test_killed_job_resumes_without_losing_or_duplicating_rows(digits_run, tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 255, (300_000, 1, 8, 8), dtype=np.uint8)
+    np.save(tmp_path / "big.npy", x)
+    model = str(digits_run / "model.onnx")
+    args = ["--model", model, "--input", str(tmp_path / "big.npy"), "--chunk-rows", "3000",
+            "--no-progress"]
+    reference = tmp_path / "ref.csv"
+    assert run_cli("predict", *args, "--output", str(reference)).returncode == 0
+
+    out = tmp_path / "p.csv"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    job = subprocess.Popen([sys.executable, "-m", "trainer", "predict", *args, "--output",
+                            str(out)], env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    partial = tmp_path / ".p.csv.partial"
+    deadline = time.time() + 60
+    while len(list(partial.glob("part-*.json"))) < 5 and time.time() < deadline:
+        time.sleep(0.02)
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    done = len(list(partial.glob("part-*.json")))
+    assert 5 <= done < 100 and not out.exists()
+
+    proc = run_cli("predict", *args, "--output", str(out), "--resume")
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes() == reference.read_bytes()
+    summary = json.loads((tmp_path / "p.summary.json").read_text())
+    assert summary["resumed_after_rows"] >= done * 3000 and summary["rows"] == 300_000
+    assert not partial.exists()
+
+
+def test_resume_refuses_a_different_job(digits_run, digits_test_npz, tmp_path):
+    out = tmp_path / "p.csv"
+    partial = tmp_path / ".p.csv.partial"
+    partial.mkdir()
+    (partial / "job.json").write_text(json.dumps({"model": "someone else's"}))
+    with pytest.raises(InputError, match="cannot --resume"):
+        run_batch(digits_run / "model.onnx", digits_test_npz, out,
+                  JobOptions(resume=True, progress=False))
+
+
+@requires_mnist
+def test_drift_on_real_mnist(tmp_path_factory):
+    work = tmp_path_factory.mktemp("mnist")
+    proc = run_cli("fit", "--config", str(ROOT / "configs" / "mnist.yaml"), "--data.root",
+                   str(MNIST), "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "60",
+                   "--model.width", "16", "--trainer.enable_progress_bar", "false",
+                   "--trainer.logger.init_args.save_dir", str(work / "runs"), cwd=work)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    model = next((work / "runs" / "mnist").glob("version_*")) / "model.onnx"
+    opts = JobOptions(progress=False)
+    clean = run_batch(model, MNIST / "t10k-images-idx3-ubyte.gz", work / "clean.csv", opts)
+    assert clean["rows"] == 10000 and clean["accuracy"] > 0.85
+    assert clean["drift_status"] == "ok", clean["drift_table"]
+
+    from export.readers import read_idx
+
+    x = read_idx(MNIST / "t10k-images-idx3-ubyte.gz")[:, None]
+    noise = np.random.default_rng(0).normal(0, 80, x.shape)
+    for name, shifted in (("inverted", 255 - x),
+                          ("noised", np.clip(x + noise, 0, 255).astype(np.uint8))):
+        np.save(work / f"{name}.npy", shifted)
+        report = run_batch(model, work / f"{name}.npy", work / f"{name}.csv", opts)
+        drift = json.loads((work / f"{name}.drift.json").read_text())
+        assert report["drift_status"] == "drift", report["drift_table"]
+        assert drift["inputs"][0]["status"] == "drift" and drift["inputs"][0]["psi"] > 0.25
