@@ -246,8 +246,8 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path, data: HeldOut | No
     model = program.model_proto
     got = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     if got != opset:  # the exporter keeps its own opset when it cannot convert the graph
-        raise InputError(f"--opset {opset}: this graph could only be exported at opset {got} "
-                         f"(opsets {DEFAULT_OPSET} and newer are supported)")
+        raise InputError(f"--opset {opset}: the exporter could not convert this graph from "
+                         f"opset {got}; use --opset {got} or newer")
     card = build_card(ckpt, ckpt_path)
     card["opset"], card["precision"] = opset, variant
     if variant == "fp16":
