@@ -28,7 +28,7 @@ from export.writers import check_format, join_parts, write_part
 
 @dataclass
 class JobOptions:
-    batch_size: int = 1024  # rows per onnxruntime call
+    batch_size: int = 256  # rows per onnxruntime call (activation memory grows with it)
     chunk_rows: int = 8192  # rows per part (memory bound, resume granularity)
     top_k: int = 1
     provider: str = "auto"

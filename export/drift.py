@@ -60,9 +60,19 @@ class DriftAccumulator:
     def update(self, x: np.ndarray, pred) -> None:
         per = np.moveaxis(x, 1, 0).reshape(x.shape[1], -1)  # (C, N*H*W) or (F, N)
         for c, row in enumerate(per):
-            self.counts["inputs"][c] += bin_counts(row, self.lo, self.hi, self.bins)
-            row = row.astype(np.float64)
-            self.counts["sums"][c] += (row.sum(), (row * row).sum())
+            if row.dtype == np.uint8:
+                # Count the 256 possible values once; bins, sum and sum of squares follow
+                # from those counts without float copies of the batch.
+                values = np.arange(256, dtype=np.float64)
+                counts = np.bincount(row, minlength=256)
+                lut = bin_index(values, self.lo, self.hi, self.bins)
+                self.counts["inputs"][c] += np.bincount(lut, weights=counts,
+                                                        minlength=self.bins).astype(np.int64)
+                self.counts["sums"][c] += (counts @ values, counts @ (values * values))
+            else:
+                self.counts["inputs"][c] += bin_counts(row, self.lo, self.hi, self.bins)
+                row = row.astype(np.float64)
+                self.counts["sums"][c] += (row.sum(), row @ row)
         self.values_per_channel += per.shape[1]
         if pred.values is not None:
             target = self.card["training_stats"]["target"]["histogram"]

@@ -110,7 +110,7 @@ class Predictor:
     def regression(self) -> bool:
         return self.card["task"] == "regression"
 
-    def predict(self, x: np.ndarray, batch_size: int = 1024, source: str = "input") -> Prediction:
+    def predict(self, x: np.ndarray, batch_size: int = 256, source: str = "input") -> Prediction:
         """Run `x` through the graph in chunks of `batch_size` rows."""
         x = self.check(x, source)
         chunks = [self._run(x[s:s + batch_size]) for s in range(0, max(len(x), 1), batch_size)]

@@ -169,7 +169,7 @@ def cmd_predict(argv: list[str]) -> int:
     p.add_argument("--output", required=True, help="predictions .csv, .jsonl or .parquet "
                    "(written atomically); also writes <stem>.summary.json and <stem>.drift.json")
     p.add_argument("--top-k", type=int, default=1, help="also list the k most likely classes")
-    p.add_argument("--batch-size", type=int, default=1024, help="rows per onnxruntime call")
+    p.add_argument("--batch-size", type=int, default=256, help="rows per onnxruntime call")
     p.add_argument("--chunk-rows", type=int, default=8192,
                    help="rows read, predicted and written at a time (bounds memory)")
     p.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda"])
