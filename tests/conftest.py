@@ -21,15 +21,20 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None,
                           env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
-def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
-    """Non-zero exit, a single line on stderr naming the problem, no traceback."""
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str,
+                          after_run_log: bool = False) -> str:
+    """Non-zero exit, a single line on stderr naming the problem, no traceback.
+    `after_run_log`: the error ends a run that had started logging (Lightning's banner),
+    so it must be the last line rather than the only one."""
     assert proc.returncode != 0, proc.stdout + proc.stderr
     err = proc.stderr.strip()
     assert "Traceback" not in err, err
-    assert len(err.splitlines()) == 1, err
+    lines = err.splitlines()
+    assert len(lines) == 1 or after_run_log, err
+    assert ": error: " in lines[-1], err
     for needle in needles:
-        assert needle in err, err
-    return err
+        assert needle in lines[-1], err
+    return lines[-1]
 
 
 @pytest.fixture(scope="session")

@@ -43,3 +43,48 @@ class ExportOnnx(L.Callback):
         rank_zero_info(f"Exported {self.path} from {Path(ckpt).name} "
                        f"(parity: max |diff| {parity['max_abs_diff']:.1e}, "
                        f"top-1 agreement {parity['top1_agreement']:.4f})")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or infinite loss; the run stops without saving."""
+
+
+class NonFiniteGuard(L.Callback):
+    """Stop at the first non-finite training loss, naming the epoch and step. The exception
+    ends fit before any checkpoint is written, so the last good checkpoint is kept.
+
+    Reading the loss costs one host-device sync per checked step; `every_n_steps` spaces
+    the checks on a GPU."""
+
+    def __init__(self, every_n_steps: int = 1):
+        self.every_n_steps = every_n_steps
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is None or trainer.global_step % self.every_n_steps:
+            return
+        if not bool(loss.detach().isfinite()):
+            saved = [cb.last_model_path for cb in trainer.checkpoint_callbacks
+                     if getattr(cb, "last_model_path", "")]
+            raise NonFiniteLossError(
+                f"loss is {float(loss)} at epoch {trainer.current_epoch}, step "
+                f"{trainer.global_step - 1} (batch {batch_idx}); stopped without saving, the "
+                f"last good checkpoint is kept: {saved[-1] if saved else 'none written yet'}")
+
+
+class CheckpointOnSigterm(L.Callback):
+    """On SIGTERM Lightning finishes the current batch and raises SIGTERMException; this
+    writes `last.ckpt` (mid-epoch, with the loop's position) so `--ckpt_path last` resumes
+    exactly. Other exceptions (a NaN loss, a crash) save nothing."""
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if not isinstance(exception, SIGTERMException):
+            return
+        for cb in trainer.checkpoint_callbacks:
+            if getattr(cb, "monitor", None) is None and cb.dirpath:
+                path = Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}"
+                trainer.save_checkpoint(path)
+                rank_zero_info(f"SIGTERM: saved {path}; resume with --ckpt_path last")
+                return

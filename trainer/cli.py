@@ -60,13 +60,25 @@ def _check_paths(argv: list[str]) -> None:
         raise InputError(f"{ckpt}: checkpoint not found (--ckpt_path)")
 
 
+def _previous_last(trainer) -> str:
+    """`--ckpt_path last` means the newest last.ckpt of this run name: each fit writes a new
+    version_<n> folder, where Lightning alone would only look in the new, empty one."""
+    logger = trainer.logger
+    root = Path(logger.root_dir) if logger is not None else Path(trainer.default_root_dir)
+    found = sorted(root.glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise InputError(f"--ckpt_path last: no last.ckpt under {root}/version_*/checkpoints")
+    print(f"resuming from {found[-1]}", file=sys.stderr)
+    return str(found[-1])
+
+
 def build_cli(args: list[str], run: bool = True, instantiate: bool = True):
     """The LightningCLI over ClassifierModule + FixedDataModule with the product's defaults.
     `instantiate=False` only parses and validates (`cli.config`), loading no data."""
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.cli import LightningCLI
 
-    from trainer.callbacks import ExportOnnx
+    from trainer.callbacks import CheckpointOnSigterm, ExportOnnx, NonFiniteGuard
     from trainer.data.datamodule import FixedDataModule
     from trainer.module import ClassifierModule
 
@@ -87,6 +99,19 @@ def build_cli(args: list[str], run: bool = True, instantiate: bool = True):
                 "last_checkpoint.enable_version_counter": False,
             })
             parser.add_lightning_class_args(ExportOnnx, "export")
+            parser.add_lightning_class_args(NonFiniteGuard, "nan_guard")
+            parser.add_lightning_class_args(CheckpointOnSigterm, "sigterm_checkpoint")
+
+        def _parse_ckpt_path(self) -> None:
+            # LightningCLI would overwrite the model config with the checkpoint's
+            # hyperparameters, silently ignoring flags like --model.width. The config stays
+            # authoritative; ClassifierModule.on_load_checkpoint refuses a mismatch instead.
+            return
+
+        def before_fit(self) -> None:
+            config = self.config_init[self.subcommand]
+            if config.get("ckpt_path") == "last":
+                config["ckpt_path"] = _previous_last(self.trainer)
 
         def instantiate_classes(self) -> None:
             if instantiate:
@@ -257,6 +282,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"trainer {command}: error: {exc}".replace("trainer : ", "trainer: "),
               file=sys.stderr)
         return 2
+    except Exception as exc:
+        if type(exc).__name__ != "NonFiniteLossError":  # lazily imported with lightning
+            raise
+        print(f"trainer {command}: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"trainer {command}: interrupted", file=sys.stderr)
         return 130

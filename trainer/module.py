@@ -30,6 +30,7 @@ class ClassifierModule(L.LightningModule):
         weight_decay: float = 5e-4,
         schedule: Literal["onecycle", "cosine", "constant"] = "onecycle",
         label_smoothing: float = 0.0,
+        init_from: str | None = None,
         data_info: dict | None = None,
     ):
         """
@@ -42,6 +43,9 @@ class ClassifierModule(L.LightningModule):
             weight_decay: Decoupled weight decay (not applied to norms and biases).
             schedule: onecycle, cosine (decay to 0 over the run), or constant.
             label_smoothing: Label smoothing of the cross-entropy loss.
+            init_from: Warm start: copy the weights of this checkpoint (those whose names and
+                shapes match) before training, e.g. to retrain on an updated dataset. Unlike
+                --ckpt_path it restores no optimizer or loop state and checks no fingerprint.
             data_info: Set by the CLI from the DataModule (input spec, classes, statistics).
         """
         super().__init__()
@@ -70,6 +74,9 @@ class ClassifierModule(L.LightningModule):
             self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
             make = lambda: MetricCollection({"acc": MulticlassAccuracy(outputs, average="micro")})  # noqa: E731
         self.metrics = nn.ModuleDict({f"{s}_metrics": make() for s in ("train", "val", "test")})
+        # Metric states travel in checkpoints, so an epoch resumed mid-way reports the same
+        # epoch metrics as an uninterrupted one.
+        self.metrics.apply(lambda m: m.persistent(True) if hasattr(m, "persistent") else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Raw inputs (N, *input shape) -> logits (N, classes), or values (N,) in the
@@ -109,6 +116,49 @@ class ClassifierModule(L.LightningModule):
         # The epoch's logged metrics travel with the weights, into the model card on export.
         checkpoint["metrics"] = {k: float(v) for k, v in self.trainer.callback_metrics.items()
                                  if "/" in k and v.numel() == 1}
+        # Dropout draws from the global generators: resuming restores them for exact replay.
+        checkpoint["rng"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse to resume a checkpoint of another dataset or architecture."""
+        from export.errors import InputError
+
+        saved = checkpoint.get("hyper_parameters", {})
+        ours = self.hparams
+        old_fp = saved.get("data_info", {}).get("dataset", {}).get("fingerprint")
+        new_fp = ours.data_info["dataset"]["fingerprint"]
+        if old_fp != new_fp:
+            raise InputError(
+                f"--ckpt_path: the checkpoint was trained on dataset fingerprint {str(old_fp)[:12]}, "
+                f"the configured data has {new_fp[:12]}; resume needs the same data (use "
+                f"--model.init_from CKPT to warm-start from its weights instead)")
+        for key in ("arch", "width"):
+            if saved.get(key) != ours[key]:
+                raise InputError(f"--ckpt_path: the checkpoint has model.{key}={saved.get(key)!r}, "
+                                 f"the config has {ours[key]!r}; resume needs the same architecture")
+        rng = checkpoint.get("rng", {})
+        if "torch" in rng:
+            torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+
+    def on_fit_start(self) -> None:
+        if self.hparams.init_from and self.trainer.ckpt_path is None:
+            self._warm_start(self.hparams.init_from)
+
+    def _warm_start(self, path: str) -> None:
+        from lightning.pytorch.utilities import rank_zero_info
+
+        from export.to_onnx import load_checkpoint
+
+        source = load_checkpoint(path)["state_dict"]
+        own = self.state_dict()
+        matched = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
+        self.load_state_dict(matched, strict=False)
+        rank_zero_info(f"init_from {path}: copied {len(matched)} of {len(own)} tensors "
+                       f"({len(own) - len(matched)} kept their fresh initialisation)")
 
     def predict_step(self, batch, batch_idx):
         out = self(batch[0])

@@ -152,6 +152,10 @@ class FixedDataModule(L.LightningDataModule):
         n = len(self.splits[split])
         sampler = EpochSampler(n, shuffle=train, seed=self.hparams.seed, rank=rank,
                                world_size=world)
+        if train and trainer is not None:
+            # Resuming mid-epoch: the same epoch's permutation, minus the batches the
+            # restored loop has already trained on (read when iteration starts).
+            sampler.resume_skip = lambda: trainer.fit_loop.epoch_loop.batch_progress.current.completed
         bs = self.hparams.batch_size if train else self.hparams.eval_batch_size
         drop_last = train and len(sampler) > bs
         if self.streaming:

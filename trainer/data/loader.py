@@ -29,9 +29,22 @@ class EpochSampler:
         self.n, self.shuffle, self.seed = n, shuffle, seed
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
+        # Batches of the current epoch already trained: 0 at an epoch's start, k when a run
+        # resumes mid-epoch. The DataModule points it at the trainer's loop progress.
+        self.resume_skip = lambda: 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    # Lightning's `_Stateful` protocol, so it treats the loaders as resumable. The position
+    # itself is restored with the trainer's loop progress (`resume_skip`) and `set_epoch`:
+    # Lightning skips loader states when the loader was built before the restore, as
+    # `estimated_stepping_batches` does.
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = state.get("epoch", self.epoch)
 
     def __len__(self) -> int:
         return self.n // self.world_size if self.world_size > 1 else self.n
@@ -50,7 +63,8 @@ class EpochSampler:
 
     def batches(self, batch_size: int, drop_last: bool):
         idx = self.indices()
-        for b in range(self.num_batches(batch_size, drop_last)):
+        skip = self.resume_skip()
+        for b in range(skip, self.num_batches(batch_size, drop_last)):
             yield idx[b * batch_size: (b + 1) * batch_size]
 
 
@@ -65,6 +79,12 @@ class InMemoryLoader:
 
     def __len__(self) -> int:
         return self.sampler.num_batches(self.batch_size, self.drop_last)
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
 
     def __iter__(self):
         for rows in self.sampler.batches(self.batch_size, self.drop_last):
@@ -107,9 +127,19 @@ def _keep(batch):
     return batch
 
 
+class _StreamingLoader(torch.utils.data.DataLoader):
+    """A DataLoader that is resumable like InMemoryLoader (the sampler keeps the state)."""
+
+    def state_dict(self) -> dict:
+        return self.batch_sampler.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batch_sampler.sampler.load_state_dict(state)
+
+
 def streaming_loader(split: Split, batch_size: int, sampler: EpochSampler, drop_last: bool,
                      num_workers: int) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(
+    return _StreamingLoader(
         _Rows(split), batch_sampler=_BatchSampler(sampler, batch_size, drop_last),
         collate_fn=_keep, num_workers=num_workers, persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available())

@@ -1,0 +1,106 @@
+"""Exact, safe retraining: determinism, resume after SIGTERM and SIGKILL, refusal of a
+checkpoint from other data or another architecture, warm start, and the NaN guard."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import ROOT, assert_one_line_error, run_cli
+
+EPOCHS = "3"  # digits: 19 steps per epoch at batch 64
+
+
+def _fit(work, *extra):
+    proc = run_cli("fit", "--config", str(ROOT / "configs" / "digits.yaml"),
+                   "--trainer.max_epochs", EPOCHS, "--trainer.enable_progress_bar", "false",
+                   "--export.enabled", "false", *extra, cwd=work)
+    return proc
+
+
+def _last(work, version: int) -> dict:
+    return torch.load(work / "runs" / "digits" / f"version_{version}" / "checkpoints" /
+                      "last.ckpt", weights_only=True)
+
+
+def _signal_at(step: int, name: str) -> str:
+    return "--trainer.callbacks+=" + json.dumps(
+        {"class_path": "tests.helpers.SignalAtStep",
+         "init_args": {"step": step, "signal_name": name}})
+
+
+def _same_training(a: dict, b: dict) -> None:
+    assert a["global_step"] == b["global_step"]
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    assert a["metrics"] == b["metrics"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted run, twice: the same seed and config give identical results."""
+    work = tmp_path_factory.mktemp("reference")
+    for _ in range(2):
+        assert _fit(work).returncode == 0
+    first, second = _last(work, 0), _last(work, 1)
+    _same_training(first, second)
+    return first
+
+
+@pytest.mark.parametrize("signal_name,stopped_at", [("SIGTERM", 30), ("SIGKILL", 19)])
+def test_interrupted_run_resumes_exactly(reference, tmp_path, signal_name, stopped_at):
+    proc = _fit(tmp_path, _signal_at(30, signal_name))
+    if signal_name == "SIGTERM":  # saves a mid-epoch checkpoint and exits cleanly
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "SIGTERM: saved" in proc.stderr
+    else:
+        assert proc.returncode == -9
+    assert _last(tmp_path, 0)["global_step"] == stopped_at
+
+    proc = _fit(tmp_path, "--ckpt_path", "last")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resuming from" in proc.stderr and "version_0" in proc.stderr
+    _same_training(_last(tmp_path, 1), reference)
+
+
+def _other_digits(tmp_path):
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = np.rint(255 - d.images * (255 / 16)).astype(np.uint8)[:, None]  # inverted digits
+    np.savez(tmp_path / "other.npz", x=x, y=d.target)
+    return str(tmp_path / "other.npz")
+
+
+def test_resume_refuses_other_data_and_other_architecture(reference, tmp_path):
+    assert _fit(tmp_path).returncode == 0
+    ckpt = str(tmp_path / "runs" / "digits" / "version_0" / "checkpoints" / "last.ckpt")
+    proc = _fit(tmp_path, "--ckpt_path", ckpt, "--data.source", "arrays",
+                "--data.root", _other_digits(tmp_path))
+    assert_one_line_error(proc, "--ckpt_path", "dataset fingerprint", "--model.init_from",
+                          after_run_log=True)
+    proc = _fit(tmp_path, "--ckpt_path", ckpt, "--model.width", "16")
+    assert_one_line_error(proc, "model.width=32", "same architecture", after_run_log=True)
+
+
+def test_warm_start_from_another_datasets_weights(reference, tmp_path):
+    assert _fit(tmp_path).returncode == 0
+    ckpt = str(tmp_path / "runs" / "digits" / "version_0" / "checkpoints" / "last.ckpt")
+    proc = _fit(tmp_path, "--model.init_from", ckpt, "--data.source", "arrays",
+                "--data.root", _other_digits(tmp_path), "--trainer.max_epochs", "1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "copied" in proc.stderr and "tensors" in proc.stderr
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    poison = "--trainer.callbacks+=" + json.dumps(
+        {"class_path": "tests.helpers.PoisonLoss", "init_args": {"step": 25}})
+    proc = _fit(tmp_path, poison)
+    assert_one_line_error(proc, "loss is nan at epoch 1, step 25", "last good checkpoint is kept",
+                          after_run_log=True)
+    last = _last(tmp_path, 0)
+    assert last["global_step"] == 19  # the end of epoch 0, before the poison
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
