@@ -25,7 +25,10 @@ class ExportOnnx(L.Callback):
         self.path: Path | None = None
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self.enabled or not trainer.is_global_zero or trainer.interrupted:
+        if not self.enabled or trainer.interrupted:
+            return
+        log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
+        if not trainer.is_global_zero:
             return
         from export.to_onnx import export_checkpoint, held_out
 
@@ -36,7 +39,7 @@ class ExportOnnx(L.Callback):
         if not ckpt:
             rank_zero_info("ExportOnnx: no checkpoint was saved; skipping the export")
             return
-        self.path = Path(trainer.log_dir or ".") / self.filename
+        self.path = Path(log_dir or ".") / self.filename
         card = export_checkpoint(ckpt, self.path, data=held_out(trainer.datamodule),
                                  opset=self.opset, atol=self.atol)
         parity = card["parity"]
