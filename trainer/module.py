@@ -7,6 +7,7 @@ and is saved in the checkpoint's hyperparameters, so a checkpoint alone can be e
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import lightning as L
@@ -19,6 +20,14 @@ from trainer.models import build_backbone
 from trainer.models.nets import Normalize
 
 
+def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
+    """LR multiplier: linear from 0 to 1 over `warmup` steps, then cosine down to 0."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 class ClassifierModule(L.LightningModule):
     def __init__(
         self,
@@ -29,23 +38,35 @@ class ClassifierModule(L.LightningModule):
         lr: float = 3e-3,
         weight_decay: float = 5e-4,
         schedule: Literal["onecycle", "cosine", "constant"] = "onecycle",
+        warmup_fraction: float = 0.05,
         label_smoothing: float = 0.0,
+        channels_last: bool = False,
+        compile: bool = False,
         init_from: str | None = None,
+        backbone_weights: str | None = None,
         data_info: dict | None = None,
     ):
         """
         Args:
-            arch: Backbone architecture: convnet (images) or mlp (images or features).
+            arch: Backbone: mlp (features or images), convnet (small images), resnet9
+                (CIFAR-scale images), or torchvision.<name> for any torchvision classifier
+                (e.g. torchvision.resnet18), randomly initialised.
             width: Base channel/hidden width of the backbone.
             dropout: Dropout before the classifier layer.
             optimizer: adamw, or sgd (momentum 0.9, Nesterov).
             lr: Peak learning rate.
             weight_decay: Decoupled weight decay (not applied to norms and biases).
-            schedule: onecycle, cosine (decay to 0 over the run), or constant.
+            schedule: onecycle, cosine (linear warmup, then cosine decay to 0), or constant.
+            warmup_fraction: Share of all steps spent warming up (cosine schedule).
             label_smoothing: Label smoothing of the cross-entropy loss.
+            channels_last: Images in NHWC memory layout (faster convolutions on recent GPUs).
+            compile: Train through torch.compile (the export uses the plain module).
             init_from: Warm start: copy the weights of this checkpoint (those whose names and
                 shapes match) before training, e.g. to retrain on an updated dataset. Unlike
                 --ckpt_path it restores no optimizer or loop state and checks no fingerprint.
+            backbone_weights: A local state_dict file (e.g. torchvision weights) copied into
+                the backbone before training, where names and shapes match; nothing is
+                downloaded.
             data_info: Set by the CLI from the DataModule (input spec, classes, statistics).
         """
         super().__init__()
@@ -78,10 +99,20 @@ class ClassifierModule(L.LightningModule):
         # epoch metrics as an uninterrupted one.
         self.metrics.apply(lambda m: m.persistent(True) if hasattr(m, "persistent") else None)
 
+    def configure_model(self) -> None:
+        if self.hparams.channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        if self.hparams.compile and "_compiled" not in self.__dict__:
+            # Kept out of the module tree, so checkpoints hold the plain weights only.
+            self.__dict__["_compiled"] = torch.compile(self.net)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Raw inputs (N, *input shape) -> logits (N, classes), or values (N,) in the
         target's units for regression."""
-        out = self.net(x)
+        if self.hparams.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        net = self.__dict__.get("_compiled", self.net) if self.training else self.net
+        out = net(x)
         if self.regression:
             return out.squeeze(-1) * self.target_std + self.target_mean
         return out
@@ -145,19 +176,33 @@ class ClassifierModule(L.LightningModule):
             torch.cuda.set_rng_state_all(rng["cuda"])
 
     def on_fit_start(self) -> None:
-        if self.hparams.init_from and self.trainer.ckpt_path is None:
-            self._warm_start(self.hparams.init_from)
+        if self.trainer.ckpt_path is not None:  # resuming: the checkpoint has the weights
+            return
+        if self.hparams.backbone_weights:
+            self._copy_matching(self.hparams.backbone_weights, prefix="net.1.")
+        if self.hparams.init_from:
+            self._copy_matching(self.hparams.init_from)
 
-    def _warm_start(self, path: str) -> None:
+    def _copy_matching(self, path: str, prefix: str = "") -> None:
+        """Copy the tensors of a checkpoint (or, with `prefix`, a plain backbone state_dict)
+        whose names and shapes match; report how many."""
         from lightning.pytorch.utilities import rank_zero_info
 
+        from export.errors import InputError
         from export.to_onnx import load_checkpoint
 
-        source = load_checkpoint(path)["state_dict"]
+        if prefix:
+            try:
+                source = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as exc:  # missing file, pickled code, not a state_dict
+                raise InputError(f"{path}: cannot load weights ({type(exc).__name__})") from None
+            source = {prefix + k: v for k, v in source.get("state_dict", source).items()}
+        else:
+            source = load_checkpoint(path)["state_dict"]
         own = self.state_dict()
         matched = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
         self.load_state_dict(matched, strict=False)
-        rank_zero_info(f"init_from {path}: copied {len(matched)} of {len(own)} tensors "
+        rank_zero_info(f"{path}: copied {len(matched)} of {len(own)} tensors "
                        f"({len(own) - len(matched)} kept their fresh initialisation)")
 
     def predict_step(self, batch, batch_idx):
@@ -180,5 +225,7 @@ class ClassifierModule(L.LightningModule):
         if hp.schedule == "onecycle":
             sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=hp.lr, total_steps=total)
         else:
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+            warmup = int(hp.warmup_fraction * total)
+            sched = torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda step: cosine_with_warmup(step, warmup, total))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -54,3 +54,49 @@ def convnet(in_shape: list[int], num_classes: int, width: int, dropout: float) -
         nn.Dropout(dropout),
         nn.Linear(16 * w, num_classes),
     )
+
+
+class _Residual(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.body = nn.Sequential(*_conv_bn(channels, channels), *_conv_bn(channels, channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+def resnet9(in_shape: list[int], num_classes: int, width: int, dropout: float) -> nn.Module:
+    """The ResNet-9 of the DAWNBench CIFAR-10 entries: prep, three pooled stages, two
+    residual blocks, global max pool. `width` 64 is the original size."""
+    w = width
+    return nn.Sequential(
+        *_conv_bn(in_shape[0], w),
+        *_conv_bn(w, 2 * w), nn.MaxPool2d(2), _Residual(2 * w),  # (2w, H/2, W/2)
+        *_conv_bn(2 * w, 4 * w), nn.MaxPool2d(2),  # (4w, H/4, W/4)
+        *_conv_bn(4 * w, 8 * w), nn.MaxPool2d(2), _Residual(8 * w),  # (8w, H/8, W/8)
+        nn.AdaptiveMaxPool2d(1), nn.Flatten(),  # (8w,)
+        nn.Dropout(dropout),
+        nn.Linear(8 * w, num_classes),
+    )
+
+
+def torchvision_classifier(name: str, in_shape: list[int], num_classes: int) -> nn.Module:
+    """Any torchvision classification model by name, randomly initialised (nothing is
+    downloaded), with `num_classes` outputs and its first convolution adapted to the
+    input's channels."""
+    import torchvision
+
+    try:
+        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    except ValueError as exc:
+        raise ValueError(f"model.arch: torchvision has no model {name!r} ({exc})") from None
+    channels = in_shape[0]
+    for parent in model.modules():
+        for child_name, child in parent.named_children():
+            if isinstance(child, nn.Conv2d):
+                if child.in_channels != channels:
+                    setattr(parent, child_name, nn.Conv2d(
+                        channels, child.out_channels, child.kernel_size, child.stride,
+                        child.padding, child.dilation, child.groups, child.bias is not None))
+                return model
+    return model

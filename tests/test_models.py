@@ -1,0 +1,107 @@
+"""Architectures, schedules and training options, each trained briefly and exported."""
+
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.callbacks import EMAWeightAveraging
+
+from export.errors import InputError
+from export.to_onnx import export_checkpoint, held_out
+from trainer.data.datamodule import FixedDataModule
+from trainer.models import build_backbone
+from trainer.module import ClassifierModule, cosine_with_warmup
+
+
+def _fit_and_export(tmp_path, steps=3, callbacks=(), precision="32-true", **model_args):
+    """`steps=None`: one whole epoch, with validation."""
+    dm = FixedDataModule(batch_size=32)
+    model = ClassifierModule(data_info=dm.info, **model_args)
+    trainer = L.Trainer(max_steps=steps or -1, max_epochs=1, limit_val_batches=1, logger=False,
+                        enable_checkpointing=any(hasattr(c, "dirpath") for c in callbacks),
+                        enable_progress_bar=False,
+                        enable_model_summary=False, use_distributed_sampler=False,
+                        precision=precision, callbacks=list(callbacks))
+    trainer.fit(model, dm)
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    return export_checkpoint(tmp_path / "m.ckpt", tmp_path / "m.onnx", data=held_out(dm))
+
+
+@pytest.mark.parametrize("arch", ["mlp", "convnet", "resnet9", "torchvision.resnet18"])
+def test_every_architecture_trains_and_exports(tmp_path, arch):
+    card = _fit_and_export(tmp_path, arch=arch, width=16)
+    assert card["parity"]["max_abs_diff"] <= 1e-3
+
+
+def test_torchvision_model_adapts_channels_and_classes():
+    net = build_backbone("torchvision.mobilenet_v3_small", [1, 28, 28], 7)
+    assert net(torch.zeros(2, 1, 28, 28)).shape == (2, 7)
+    with pytest.raises(InputError, match="torchvision has no model 'nosuchnet'"):
+        build_backbone("torchvision.nosuchnet", [3, 32, 32], 10)
+    with pytest.raises(InputError, match="convnet needs image input"):
+        build_backbone("convnet", [13], 3)
+
+
+def test_backbone_weights_from_a_local_file(tmp_path):
+    source = build_backbone("torchvision.resnet18", [1, 8, 8], 10)
+    torch.save(source.state_dict(), tmp_path / "resnet18.pth")
+    dm = FixedDataModule(batch_size=32)
+    model = ClassifierModule(arch="torchvision.resnet18", data_info=dm.info,
+                             backbone_weights=str(tmp_path / "resnet18.pth"), lr=1e-9)
+    trainer = L.Trainer(max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        use_distributed_sampler=False)
+    trainer.fit(model, dm)
+    w = model.net[1].conv1.weight.detach()
+    assert torch.allclose(w, source.conv1.weight, atol=1e-6)  # copied, then a tiny step
+
+
+def test_cosine_with_warmup_shape():
+    lrs = [cosine_with_warmup(s, 10, 100) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # decays monotonically
+    assert lrs[-1] < 0.01
+
+
+@pytest.mark.parametrize("options", [
+    {"optimizer": "sgd", "schedule": "cosine", "label_smoothing": 0.1},
+    {"channels_last": True},
+])
+def test_training_options(tmp_path, options):
+    card = _fit_and_export(tmp_path, **options)
+    assert card["training"]["model"]["schedule"] == options.get("schedule", "onecycle")
+
+
+def test_ema_weights_are_what_gets_exported(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    saver = ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=5, monitor=None)
+    _fit_and_export(tmp_path, steps=5, callbacks=[EMAWeightAveraging(decay=0.9), saver])
+    path = next((tmp_path / "ck").glob("*.ckpt"))
+    ckpt = torch.load(path, weights_only=True)
+    raw, ema = ckpt["current_model_state"], ckpt["state_dict"]  # Lightning keeps both
+    assert not torch.equal(raw["net.1.0.weight"], ema["net.1.0.weight"])
+    dm = FixedDataModule(batch_size=32)
+    export_checkpoint(path, tmp_path / "ema.onnx", data=held_out(dm))
+    module = ClassifierModule(data_info=dm.info)
+    module.load_state_dict(ema)
+    x = dm.splits["test"].arrays(8)[0]
+    import onnxruntime as ort
+
+    got = ort.InferenceSession(str(tmp_path / "ema.onnx")).run(["logits"], {"image": x})[0]
+    with torch.no_grad():
+        want = module.eval()(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-4)  # the graph holds the EMA weights
+
+
+def test_bf16_mixed_precision_on_cpu(tmp_path):
+    card = _fit_and_export(tmp_path, steps=None, precision="bf16-mixed")
+    assert np.isfinite(card["metrics"]["val/loss"])
+
+
+@pytest.mark.slow
+def test_torch_compile(tmp_path):
+    card = _fit_and_export(tmp_path, steps=4, compile=True)
+    assert card["parity"]["max_abs_diff"] <= 1e-3
