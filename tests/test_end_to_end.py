@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import re
 
 import numpy as np
@@ -15,6 +16,12 @@ from tests.conftest import run_cli
 def test_fit_writes_a_complete_run_folder(digits_run):
     assert (digits_run / "config.yaml").is_file()
     assert (digits_run / "metrics.csv").is_file()
+    summary = json.loads((digits_run / "metrics.json").read_text())
+    assert summary["epochs"] == 6 and len(summary["seconds_per_epoch"]) == 6
+    assert summary["best"]["monitor"] == "val/loss" and summary["best"]["val/acc"] > 0.9
+    assert summary["test"]["test/acc"] > 0.9 and summary["samples_per_second"] > 0
+    for png in ("curves.png", "confusion_matrix.png"):
+        assert (digits_run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (digits_run / "checkpoints" / "last.ckpt").is_file()
     assert len(list((digits_run / "checkpoints").glob("best-*.ckpt"))) == 1
     model = digits_run / "model.onnx"

@@ -91,3 +91,64 @@ class CheckpointOnSigterm(L.Callback):
                 trainer.save_checkpoint(path)
                 rank_zero_info(f"SIGTERM: saved {path}; resume with --ckpt_path last")
                 return
+
+
+class RunReport(L.Callback):
+    """What a run leaves behind besides checkpoints: throughput on the progress bar, and at
+    the end `metrics.json` (best and final validation metrics, test metrics when the test
+    split was evaluated, seconds per epoch, samples per second), `curves.png` and, after a
+    test, `confusion_matrix.png`."""
+
+    def __init__(self, enabled: bool = True, test_after_fit: bool = True, plots: bool = True):
+        """
+        Args:
+            enabled: Write metrics.json (and plots) into the run folder.
+            test_after_fit: Evaluate the best checkpoint on the test split after fit.
+            plots: Also write curves.png and confusion_matrix.png.
+        """
+        self.enabled, self.test_after_fit, self.plots = enabled, test_after_fit, plots
+        self.epochs: list[dict] = []
+        self.test: dict[str, float] = {}
+        self._start, self._samples = 0.0, 0
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        import time
+
+        self._start, self._samples = time.perf_counter(), 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._samples += len(batch[1])
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        import time
+
+        seconds = time.perf_counter() - self._start
+        rate = self._samples * trainer.world_size / max(seconds, 1e-9)
+        pl_module.log("train/samples_per_sec", rate, prog_bar=True, rank_zero_only=True)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        self.epochs.append({"epoch": trainer.current_epoch, "seconds": seconds,
+                            "samples_per_second": rate, **metrics})
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        self.test = {k: float(v) for k, v in trainer.callback_metrics.items()
+                     if k.startswith("test/") and v.numel() == 1}
+        confusion = getattr(pl_module, "test_confusion", None)
+        if self.enabled and self.plots and trainer.is_global_zero and confusion is not None:
+            from trainer.report import save_confusion_matrix
+
+            save_confusion_matrix(confusion, pl_module.hparams.data_info["class_names"],
+                                  Path(trainer.log_dir or ".") / "confusion_matrix.png")
+
+    def write(self, trainer) -> Path | None:
+        """metrics.json and curves.png; the CLI calls this after fit (and the test)."""
+        if not self.enabled or not trainer.is_global_zero or not self.epochs:
+            return None
+        from trainer.report import save_curves, write_metrics
+
+        folder = Path(trainer.log_dir or ".")
+        ranked = [cb for cb in trainer.checkpoint_callbacks if getattr(cb, "monitor", None)]
+        best = ranked[0] if ranked else None
+        path = write_metrics(folder / "metrics.json", self.epochs, self.test, best)
+        if self.plots:
+            save_curves(self.epochs, folder / "curves.png")
+        return path

@@ -78,7 +78,7 @@ def build_cli(args: list[str], run: bool = True, instantiate: bool = True):
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.cli import LightningCLI
 
-    from trainer.callbacks import CheckpointOnSigterm, ExportOnnx, NonFiniteGuard
+    from trainer.callbacks import CheckpointOnSigterm, ExportOnnx, NonFiniteGuard, RunReport
     from trainer.data.datamodule import FixedDataModule
     from trainer.module import ClassifierModule
 
@@ -100,6 +100,7 @@ def build_cli(args: list[str], run: bool = True, instantiate: bool = True):
             })
             parser.add_lightning_class_args(ExportOnnx, "export")
             parser.add_lightning_class_args(NonFiniteGuard, "nan_guard")
+            parser.add_lightning_class_args(RunReport, "report")
             parser.add_lightning_class_args(CheckpointOnSigterm, "sigterm_checkpoint")
 
         def _parse_ckpt_path(self) -> None:
@@ -107,6 +108,15 @@ def build_cli(args: list[str], run: bool = True, instantiate: bool = True):
             # hyperparameters, silently ignoring flags like --model.width. The config stays
             # authoritative; ClassifierModule.on_load_checkpoint refuses a mismatch instead.
             return
+
+        def after_fit(self) -> None:
+            report = next(cb for cb in self.trainer.callbacks if isinstance(cb, RunReport))
+            if report.test_after_fit and not self.trainer.interrupted:
+                best = [cb.best_model_path for cb in self.trainer.checkpoint_callbacks
+                        if getattr(cb, "monitor", None) and cb.best_model_path]
+                self.trainer.test(self.model, datamodule=self.datamodule,
+                                  ckpt_path=best[0] if best else None, weights_only=True)
+            report.write(self.trainer)
 
         def before_fit(self) -> None:
             config = self.config_init[self.subcommand]

@@ -14,7 +14,7 @@ import lightning as L
 import torch
 from torch import nn
 from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from trainer.models import build_backbone
 from trainer.models.nets import Normalize
@@ -95,6 +95,7 @@ class ClassifierModule(L.LightningModule):
             self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
             make = lambda: MetricCollection({"acc": MulticlassAccuracy(outputs, average="micro")})  # noqa: E731
         self.metrics = nn.ModuleDict({f"{s}_metrics": make() for s in ("train", "val", "test")})
+        self.test_confusion = None if self.regression else MulticlassConfusionMatrix(outputs)
         # Metric states travel in checkpoints, so an epoch resumed mid-way reports the same
         # epoch metrics as an uninterrupted one.
         self.metrics.apply(lambda m: m.persistent(True) if hasattr(m, "persistent") else None)
@@ -142,6 +143,12 @@ class ClassifierModule(L.LightningModule):
 
     def test_step(self, batch, batch_idx):
         self._step(batch, "test")
+        if self.test_confusion is not None:
+            self.test_confusion.update(self(batch[0]), batch[1])
+
+    def on_test_epoch_start(self) -> None:
+        if self.test_confusion is not None:
+            self.test_confusion.reset()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # The epoch's logged metrics travel with the weights, into the model card on export.

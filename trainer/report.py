@@ -1,0 +1,73 @@
+"""Files a run leaves behind: metrics.json, curves.png, confusion_matrix.png."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from export.atomic import atomic_path
+
+
+def write_metrics(path: Path, epochs: list[dict], test: dict, best_callback) -> Path:
+    val_keys = [k for k in epochs[-1] if k.startswith("val/")]
+    summary = {
+        "epochs": len(epochs),
+        "final": {k: epochs[-1][k] for k in val_keys},
+        "best": None,
+        "test": test or None,
+        "seconds_per_epoch": [round(e["seconds"], 4) for e in epochs],
+        "samples_per_second": round(sum(e["samples_per_second"] for e in epochs) / len(epochs), 1),
+        "history": epochs,
+    }
+    if best_callback is not None and best_callback.best_model_score is not None:
+        monitor = best_callback.monitor
+        best = min(epochs, key=lambda e: e.get(monitor, float("inf"))) if best_callback.mode == "min" \
+            else max(epochs, key=lambda e: e.get(monitor, float("-inf")))
+        summary["best"] = {"monitor": monitor, "score": float(best_callback.best_model_score),
+                           "checkpoint": best_callback.best_model_path,
+                           "epoch": best["epoch"], **{k: best[k] for k in val_keys if k in best}}
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(summary, indent=2))
+    return path
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_curves(epochs: list[dict], path: Path) -> None:
+    """Loss and the task metric per epoch, train and validation."""
+    plt = _figure()
+    metric = "acc" if any("val/acc" in e for e in epochs) else "mae"
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    x = [e["epoch"] for e in epochs]
+    for ax, name in zip(axes, ("loss", metric)):
+        for stage, key in (("train", f"train/{name}_epoch" if name == "loss" else f"train/{name}"),
+                           ("val", f"val/{name}")):
+            ys = [e.get(key) for e in epochs]
+            if any(y is not None for y in ys):
+                ax.plot(x, ys, marker="o", label=stage)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def save_confusion_matrix(metric, class_names: list[str], path: Path) -> None:
+    """Plot a torchmetrics confusion matrix (test split) with class names on the axes."""
+    plt = _figure()
+    fig, ax = metric.plot(labels=class_names)
+    ax.set_title("test confusion matrix")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
