@@ -41,6 +41,8 @@ def test_two_process_ddp_on_cpu(tmp_path):
     assert last["global_step"] == 14  # 7 steps per epoch on each rank, in lockstep
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
     assert 0.0 <= last["metrics"]["val/acc"] <= 1.0
+    summary = json.loads((run / "metrics.json").read_text())  # written once, by rank 0
+    assert summary["epochs"] == 2 and 0.0 <= summary["test"]["test/acc"] <= 1.0
     card = read_card(run / "model.onnx")  # exported once, by rank 0, from the best checkpoint
     assert card["training"]["checkpoint"].startswith("best-")
     assert card["dataset"]["fingerprint"] == dm.dataset.fingerprint

@@ -36,7 +36,9 @@ def _same_training(a: dict, b: dict) -> None:
     assert a["global_step"] == b["global_step"]
     for key, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][key]), key
-    assert a["metrics"] == b["metrics"]
+    timing = "train/samples_per_sec"  # wall-clock throughput differs run to run
+    assert {k: v for k, v in a["metrics"].items() if k != timing} == \
+        {k: v for k, v in b["metrics"].items() if k != timing}
 
 
 @pytest.fixture(scope="module")

@@ -133,19 +133,24 @@ class RunReport(L.Callback):
         self.test = {k: float(v) for k, v in trainer.callback_metrics.items()
                      if k.startswith("test/") and v.numel() == 1}
         confusion = getattr(pl_module, "test_confusion", None)
-        if self.enabled and self.plots and trainer.is_global_zero and confusion is not None:
+        if not (self.enabled and self.plots and confusion is not None):
+            return
+        # compute() and log_dir are collectives under DDP: every rank joins, rank 0 draws.
+        matrix, log_dir = confusion.compute(), trainer.log_dir
+        if trainer.is_global_zero:
             from trainer.report import save_confusion_matrix
 
-            save_confusion_matrix(confusion, pl_module.hparams.data_info["class_names"],
-                                  Path(trainer.log_dir or ".") / "confusion_matrix.png")
+            save_confusion_matrix(confusion, matrix, pl_module.hparams.data_info["class_names"],
+                                  Path(log_dir or ".") / "confusion_matrix.png")
 
     def write(self, trainer) -> Path | None:
         """metrics.json and curves.png; the CLI calls this after fit (and the test)."""
+        log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
         if not self.enabled or not trainer.is_global_zero or not self.epochs:
             return None
         from trainer.report import save_curves, write_metrics
 
-        folder = Path(trainer.log_dir or ".")
+        folder = Path(log_dir or ".")
         ranked = [cb for cb in trainer.checkpoint_callbacks if getattr(cb, "monitor", None)]
         best = ranked[0] if ranked else None
         path = write_metrics(folder / "metrics.json", self.epochs, self.test, best)

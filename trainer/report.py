@@ -63,10 +63,10 @@ def save_curves(epochs: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def save_confusion_matrix(metric, class_names: list[str], path: Path) -> None:
-    """Plot a torchmetrics confusion matrix (test split) with class names on the axes."""
+def save_confusion_matrix(metric, matrix, class_names: list[str], path: Path) -> None:
+    """Plot a computed torchmetrics confusion matrix (test split) with class names."""
     plt = _figure()
-    fig, ax = metric.plot(labels=class_names)
+    fig, ax = metric.plot(val=matrix, labels=class_names)
     ax.set_title("test confusion matrix")
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
