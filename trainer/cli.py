@@ -72,6 +72,27 @@ def _previous_last(trainer) -> str:
     return str(found[-1])
 
 
+def tune_cpu_allocator() -> None:
+    """Keep freed activation buffers in glibc's heap instead of returning them to the OS.
+
+    By default glibc serves blocks above 128 KiB-32 MiB with fresh mmaps and trims the heap
+    eagerly, so every training step page-faults its activations in again. Raising both
+    thresholds made MNIST convnet steps on 2 cores ~20% faster and removed the gap between
+    Lightning and a hand-written loop (scripts/bench_train.py). No-op without glibc."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name or sys.platform != "linux":
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: its maximum, 32 MiB
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of free heap
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to tune
+        pass
+
+
 def build_cli(args: list[str], run: bool = True, instantiate: bool = True):
     """The LightningCLI over ClassifierModule + FixedDataModule with the product's defaults.
     `instantiate=False` only parses and validates (`cli.config`), loading no data."""
@@ -282,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if command in LIGHTNING_COMMANDS:
             _check_paths(argv[1:])
+            tune_cpu_allocator()
             build_cli(argv)
             return 0
         if command in TOOLS:

@@ -155,7 +155,9 @@ class FixedDataModule(L.LightningDataModule):
         if train and trainer is not None:
             # Resuming mid-epoch: the same epoch's permutation, minus the batches the
             # restored loop has already trained on (read when iteration starts).
-            sampler.resume_skip = lambda: trainer.fit_loop.epoch_loop.batch_progress.current.completed
+            sampler.resume_skip = lambda: (
+                trainer.fit_loop.epoch_loop.batch_progress.current.completed
+                if trainer.training else 0)
         bs = self.hparams.batch_size if train else self.hparams.eval_batch_size
         drop_last = train and len(sampler) > bs
         if self.streaming:

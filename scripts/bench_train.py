@@ -1,0 +1,146 @@
+"""Training speed, measured in one invocation.
+
+    .venv/bin/python scripts/bench_train.py overhead [--epochs 4]
+    .venv/bin/python scripts/bench_train.py speedrun
+
+overhead: the product's Lightning fit (checkpointing, CSV logging, metrics, guards) against
+a minimal hand-written PyTorch loop over the same in-memory batches of the real MNIST, same
+model (the MNIST convnet), optimizer, schedule and epochs, both validating once per epoch.
+Prints the median wall time per epoch (first epoch excluded) and the ratio.
+
+speedrun: runs `trainer fit --config configs/mnist_speedrun.yaml` and prints the fit time
+(from metrics.json), the whole-process time and the test accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+
+from trainer.callbacks import NonFiniteGuard, RunReport
+from trainer.cli import tune_cpu_allocator
+from trainer.data.datamodule import FixedDataModule
+from trainer.module import ClassifierModule
+
+ROOT = Path(__file__).resolve().parents[1]
+MNIST = ROOT.parent / "shared" / "data" / "mnist"
+MODEL = {"arch": "convnet", "width": 16, "lr": 3e-3, "schedule": "onecycle"}
+BATCHES = 100  # training batches per epoch (of 256 images), to keep the run short on a CPU
+
+
+def hand_written(dm: FixedDataModule, epochs: int) -> list[float]:
+    """The loop a careful engineer writes by hand: no framework at all."""
+    torch.manual_seed(0)
+    module = ClassifierModule(data_info=dm.info, **MODEL)
+    net, loss_fn = module.net, torch.nn.CrossEntropyLoss()
+    train, val = dm.train_dataloader(), dm.val_dataloader()
+    opt = torch.optim.AdamW(net.parameters(), lr=MODEL["lr"], weight_decay=5e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=MODEL["lr"],
+                                                total_steps=epochs * BATCHES)
+    starts = []
+    for epoch in range(epochs):
+        starts.append(time.perf_counter())
+        net.train()
+        train.sampler.set_epoch(epoch)
+        for step, (x, y) in enumerate(train):
+            if step == BATCHES:
+                break
+            loss = loss_fn(net(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        net.eval()
+        correct = 0
+        with torch.no_grad():
+            for x, y in val:
+                correct += int((net(x).argmax(1) == y).sum())
+    starts.append(time.perf_counter())
+    return [b - a for a, b in zip(starts, starts[1:])]
+
+
+class _EpochClock(L.Callback):
+    def __init__(self):
+        self.starts: list[float] = []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.starts.append(time.perf_counter())
+
+    def on_fit_end(self, trainer, pl_module):
+        self.starts.append(time.perf_counter())
+
+
+def with_lightning(dm: FixedDataModule, epochs: int, folder: Path) -> list[float]:
+    """The product's fit: what `trainer fit` sets up, minus the ONNX export at the end."""
+    torch.manual_seed(0)
+    clock = _EpochClock()
+    trainer = L.Trainer(
+        max_epochs=epochs, limit_train_batches=BATCHES, logger=CSVLogger(folder),
+        enable_progress_bar=False,
+        enable_model_summary=False, use_distributed_sampler=False,
+        callbacks=[ModelCheckpoint(dirpath=folder, monitor="val/loss"),
+                   ModelCheckpoint(dirpath=folder, filename="last", monitor=None),
+                   NonFiniteGuard(), RunReport(plots=False), clock])
+    trainer.fit(ClassifierModule(data_info=dm.info, **MODEL), dm)
+    return [b - a for a, b in zip(clock.starts, clock.starts[1:])]
+
+
+def overhead(epochs: int) -> None:
+    def data():
+        dm = FixedDataModule(source="mnist", root=str(MNIST), batch_size=256)
+        dm.setup("fit")
+        return dm
+
+    hand_times = hand_written(data(), epochs)
+    with tempfile.TemporaryDirectory() as tmp:
+        lightning_times = with_lightning(data(), epochs, Path(tmp))
+    dm = data()
+    hand, ours = statistics.median(hand_times[1:]), statistics.median(lightning_times[1:])
+    print(f"MNIST, {BATCHES} batches of 256 training images + {len(dm.splits['val'])} validation "
+          f"images per epoch, convnet width 16, {epochs} epochs, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"hand-written loop: {hand:.3f} s/epoch   (epochs {[round(t, 3) for t in hand_times]})")
+    print(f"trainer fit:       {ours:.3f} s/epoch   (epochs {[round(t, 3) for t in lightning_times]})")
+    print(f"ratio: {ours / hand:.3f}x")
+
+
+def speedrun() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "trainer", "fit", "--config",
+                        str(ROOT / "configs" / "mnist_speedrun.yaml"), "--data.root", str(MNIST),
+                        "--trainer.logger.init_args.save_dir", tmp,
+                        "--trainer.enable_progress_bar", "false"],
+                       check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        process = time.perf_counter() - start
+        summary = json.loads(next(Path(tmp).glob("*/version_*/metrics.json")).read_text())
+    fit = sum(summary["seconds_per_epoch"])
+    print(f"mnist_speedrun: {summary['epochs']} epochs, fit (training + validation) "
+          f"{fit:.2f} s, whole process {process:.2f} s, test accuracy "
+          f"{summary['test']['test/acc']:.4f}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("what", choices=["overhead", "speedrun"])
+    p.add_argument("--epochs", type=int, default=4)
+    args = p.parse_args()
+    if not MNIST.is_dir():
+        raise SystemExit(f"{MNIST}: real MNIST not found")
+    tune_cpu_allocator()  # as `trainer fit` does; both arms of the comparison share it
+    overhead(args.epochs) if args.what == "overhead" else speedrun()
+
+
+if __name__ == "__main__":
+    main()
