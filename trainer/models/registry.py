@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from trainer.models.nets import convnet, mlp, resnet9, torchvision_classifier
+from trainer.models.nets import convnet, mlp, resnet9, stridenet, torchvision_classifier
 
-ARCHS = {"mlp": mlp, "convnet": convnet, "resnet9": resnet9}
+ARCHS = {"mlp": mlp, "convnet": convnet, "stridenet": stridenet, "resnet9": resnet9}
 TORCHVISION = "torchvision."  # prefix: torchvision.resnet18, torchvision.mobilenet_v3_small, ...
 
 
