@@ -47,15 +47,30 @@ class HeldOut:
     val_x: np.ndarray  # validation inputs and labels (accuracy of a quantized variant)
     val_y: np.ndarray
     calibration_x: np.ndarray  # training inputs (INT8 calibration)
+    test_x: np.ndarray | None = None  # the test split, scored by the exported graph
+    test_y: np.ndarray | None = None
 
 
-def held_out(dm, parity: int = 512, val: int = 5000, calibration: int = 512) -> HeldOut:
+def held_out(dm, parity: int = 512, val: int = 5000, calibration: int = 512,
+             test: int = 20000) -> HeldOut:
     """Samples from a FixedDataModule: test rows, validation rows, a seeded training sample."""
     train = dm.splits["train"]
     pick = np.random.default_rng(0).choice(len(train), min(calibration, len(train)), False)
     val_x, val_y = dm.splits["val"].arrays(val)
-    return HeldOut(dm.splits["test"].arrays(parity)[0], val_x, val_y,
-                   train.subset(np.sort(pick)).arrays()[0])
+    test_x, test_y = dm.splits["test"].arrays(test)
+    return HeldOut(test_x[:parity], val_x, val_y, train.subset(np.sort(pick)).arrays()[0],
+                   test_x, test_y)
+
+
+def graph_metrics(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, task: str) -> dict:
+    """The exported graph's own score on labelled rows, under onnxruntime."""
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    name, first = session.get_inputs()[0].name, session.get_outputs()[0].name
+    out = np.concatenate([session.run([first], {name: x[i:i + 512]})[0]
+                          for i in range(0, len(x), 512)])
+    if task == "regression":
+        return {"test/mae_onnx": float(np.abs(out - y).mean())}
+    return {"test/acc_onnx": float((out.argmax(1) == y).mean())}
 
 
 class Frozen(nn.Module):
@@ -235,7 +250,8 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path, data: HeldOut | No
     info = ckpt["hyper_parameters"]["data_info"]
     spec, outputs = info["input"], OUTPUTS[info.get("task", "classification")]
     cast = lambda a: np.ascontiguousarray(a.astype(spec["dtype"], copy=False))  # noqa: E731
-    data = HeldOut(cast(data.parity_x), cast(data.val_x), data.val_y, cast(data.calibration_x))
+    data = HeldOut(cast(data.parity_x), cast(data.val_x), data.val_y, cast(data.calibration_x),
+                   None if data.test_x is None else cast(data.test_x), data.test_y)
 
     program = torch.onnx.export(
         frozen, (torch.from_numpy(data.parity_x[:2]),), input_names=[spec["name"]],
@@ -260,6 +276,8 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path, data: HeldOut | No
                                   DEFAULT_ATOL[variant] if atol is None else atol)
     if not module.regression and len(data.val_x):
         card["validation_confidence"] = variants.confidence_histogram(model, data.val_x)
+    if data.test_y is not None and len(data.test_y):
+        card["metrics"].update(graph_metrics(model, data.test_x, data.test_y, card["task"]))
     attach_card(model, card)
     onnx.checker.check_model(model, full_check=True)
     with atomic_path(out) as tmp:

@@ -32,6 +32,7 @@ def test_fit_writes_a_complete_run_folder(digits_run):
     assert card["dataset"]["split_sizes"] == {"train": 1259, "val": 269, "test": 269}
     assert card["parity"]["max_abs_diff"] <= 1e-3
     assert card["metrics"]["val/acc"] > 0.9
+    assert card["metrics"]["test/acc_onnx"] >= 0.95  # the frozen graph on all 269 test rows
 
 
 def test_export_then_predict_through_the_cli(digits_run, digits_test_npz, tmp_path):

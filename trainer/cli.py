@@ -140,9 +140,23 @@ def build_cli(args: list[str], run: bool = True, instantiate: bool = True):
             report.write(self.trainer)
 
         def before_fit(self) -> None:
-            config = self.config_init[self.subcommand]
+            config = self._secure_checkpoint_loading()
             if config.get("ckpt_path") == "last":
                 config["ckpt_path"] = _previous_last(self.trainer)
+
+        def before_validate(self) -> None:
+            self._secure_checkpoint_loading()
+
+        def before_test(self) -> None:
+            self._secure_checkpoint_loading()
+
+        def _secure_checkpoint_loading(self) -> dict:
+            # Lightning unpickles checkpoints fully unless told otherwise; ours hold only
+            # tensors and plain values, so nothing is lost by refusing pickled code.
+            config = self.config_init[self.subcommand]
+            if config.get("weights_only") is None:
+                config["weights_only"] = True
+            return config
 
         def instantiate_classes(self) -> None:
             if instantiate:
