@@ -101,7 +101,8 @@ def _peak_rss_mb() -> float:
 
 class _Progress:
     def __init__(self, enabled: bool):
-        self.enabled, self.start, self.last = enabled, time.perf_counter(), 0.0
+        self.enabled, self.start = enabled, time.perf_counter()
+        self.last = self.start  # first line after a second, the last one always
 
     def update(self, rows: int, final: bool = False) -> None:
         now = time.perf_counter()
