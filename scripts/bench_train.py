@@ -29,7 +29,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from trainer.callbacks import NonFiniteGuard, RunReport
-from trainer.cli import tune_cpu_allocator
+from trainer.lightning_cli import tune_cpu_allocator
 from trainer.data.datamodule import FixedDataModule
 from trainer.module import ClassifierModule
 

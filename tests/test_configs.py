@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.cli import build_cli
+from trainer.lightning_cli import build_cli
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
