@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import lightning as L
@@ -112,16 +113,12 @@ class RunReport(L.Callback):
         self._start, self._samples = 0.0, 0
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        import time
-
         self._start, self._samples = time.perf_counter(), 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._samples += len(batch[1])
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        import time
-
         seconds = time.perf_counter() - self._start
         rate = self._samples * trainer.world_size / max(seconds, 1e-9)
         pl_module.log("train/samples_per_sec", rate, prog_bar=True, rank_zero_only=True)

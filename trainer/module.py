@@ -212,10 +212,6 @@ class ClassifierModule(L.LightningModule):
         rank_zero_info(f"{path}: copied {len(matched)} of {len(own)} tensors "
                        f"({len(own) - len(matched)} kept their fresh initialisation)")
 
-    def predict_step(self, batch, batch_idx):
-        out = self(batch[0])
-        return out if self.regression else out.softmax(-1)
-
     def configure_optimizers(self):
         hp = self.hparams
         decay = [p for p in self.parameters() if p.ndim > 1]
