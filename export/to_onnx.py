@@ -10,6 +10,7 @@ quantized variant keeps its accuracy.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import importlib.metadata as md
@@ -49,28 +50,80 @@ class HeldOut:
     calibration_x: np.ndarray  # training inputs (INT8 calibration)
     test_x: np.ndarray | None = None  # the test split, scored by the exported graph
     test_y: np.ndarray | None = None
+    val_is_split: bool = False  # val_x/val_y are the whole validation split the run scored
 
 
-def held_out(dm, parity: int = 512, val: int = 5000, calibration: int = 512,
-             test: int = 20000) -> HeldOut:
-    """Samples from a FixedDataModule: test rows, validation rows, a seeded training sample."""
+def held_out(dm, parity: int = 512, calibration: int = 512, test: int = 20000) -> HeldOut:
+    """Samples from a FixedDataModule: test rows, the whole validation split, a seeded
+    training sample."""
     train = dm.splits["train"]
     pick = np.random.default_rng(0).choice(len(train), min(calibration, len(train)), False)
-    val_x, val_y = dm.splits["val"].arrays(val)
+    val_x, val_y = dm.splits["val"].arrays()
     test_x, test_y = dm.splits["test"].arrays(test)
     return HeldOut(test_x[:parity], val_x, val_y, train.subset(np.sort(pick)).arrays()[0],
-                   test_x, test_y)
+                   test_x, test_y, val_is_split=True)
+
+
+def graph_outputs(model: onnx.ModelProto, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
+    """The graph's first output (logits, or regression values) under onnxruntime (CPU)."""
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    name, first = session.get_inputs()[0].name, session.get_outputs()[0].name
+    return np.concatenate([session.run([first], {name: x[i:i + batch_size]})[0]
+                           for i in range(0, len(x), batch_size)])
 
 
 def graph_metrics(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, task: str) -> dict:
     """The exported graph's own score on labelled rows, under onnxruntime."""
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    name, first = session.get_inputs()[0].name, session.get_outputs()[0].name
-    out = np.concatenate([session.run([first], {name: x[i:i + 512]})[0]
-                          for i in range(0, len(x), 512)])
+    out = graph_outputs(model, x)
     if task == "regression":
         return {"test/mae_onnx": float(np.abs(out - y).mean())}
     return {"test/acc_onnx": float((out.argmax(1) == y).mean())}
+
+
+def consistency_check(model: onnx.ModelProto, ckpt: dict, data: HeldOut, margin: float,
+                      source: str) -> dict:
+    """The float32 graph must score on the validation split what the checkpoint recorded
+    for the same weights: accuracy up to the rows whose top-1 could flip by float
+    reordering (logit margin below 2 x `margin`, the parity tolerance) or that the run did
+    not score (DDP trims a split to a multiple of the world size); MAE up to `margin`."""
+    metrics, regression = ckpt.get("metrics", {}), module_task(ckpt) == "regression"
+    key = "val/mae" if regression else "val/acc"
+    if key not in metrics or not data.val_is_split or not len(data.val_y):
+        return {"checked": False, "reason": f"no recorded {key} for the whole validation split"
+                if data.val_is_split else "validation split not available (--samples)"}
+    validated, step = ckpt.get("validated_at_step"), int(ckpt.get("global_step", 0))
+    if validated is not None and validated != step:
+        raise ParityError(f"{source}: its {key} was measured at step {validated} but its weights "
+                          f"are from step {step} (saved mid-epoch); export a checkpoint saved at "
+                          f"an epoch end, or resume the run to finish the epoch; nothing written")
+    y, out = data.val_y, graph_outputs(model, data.val_x)
+    rows, recorded = len(y), float(metrics[key])
+    rows_recorded = int(round(metrics.get("val/samples", rows)))
+    if regression:
+        graph = float(np.abs(out - y).mean())
+        allowed = margin + 1e-5 * abs(recorded)
+        ok = rows_recorded == rows and abs(graph - recorded) <= allowed
+        detail = f"allowed difference {allowed:.2g}"
+    else:
+        correct = int((out.argmax(1) == y).sum())
+        graph = correct / rows
+        top2 = np.sort(out, axis=1)[:, -2:] if out.shape[1] > 1 else np.zeros((rows, 2))
+        near_ties = int((top2[:, 1] - top2[:, 0] < 2 * margin).sum())
+        allowed = near_ties + abs(rows - rows_recorded)
+        ok = abs(correct - round(recorded * rows_recorded)) <= allowed
+        detail = f"allowed difference {allowed} rows"
+    result = {"checked": True, "metric": key, "recorded": recorded, "graph": graph,
+              "rows": rows, "rows_recorded": rows_recorded, "allowed": allowed}
+    if not ok:
+        raise ParityError(f"{source}: the exported graph scores {key}={graph:.4f} on the {rows} "
+                          f"validation rows, but the checkpoint recorded {recorded:.4f} on "
+                          f"{rows_recorded} rows for the same weights ({detail}); its weights and "
+                          f"metrics disagree; nothing written")
+    return result
+
+
+def module_task(ckpt: dict) -> str:
+    return ckpt["hyper_parameters"]["data_info"].get("task", "classification")
 
 
 class Frozen(nn.Module):
@@ -108,7 +161,7 @@ def module_from_checkpoint(ckpt: dict) -> nn.Module:
     from trainer.module import ClassifierModule
 
     module = ClassifierModule(**init_args(ckpt, "hyper_parameters"))
-    module.load_state_dict(ckpt["state_dict"])
+    module.load_state_dict(module.with_metric_states(ckpt["state_dict"]))
     return module.eval()
 
 
@@ -149,11 +202,23 @@ def _epochs_trained(ckpt: dict) -> int:
         return int(ckpt.get("epoch", -1)) + 1
 
 
+def _run_epochs(ckpt: dict, ckpt_path: Path) -> int:
+    """Epochs the whole run had trained: its last.ckpt's count when it lies beside."""
+    last = ckpt_path.parent / "last.ckpt"
+    if last.is_file() and last.resolve() != ckpt_path.resolve():
+        try:  # memory-mapped: only the loop counters are read
+            return max(_epochs_trained(torch.load(last, map_location="cpu", weights_only=True,
+                                                  mmap=True)), _epochs_trained(ckpt))
+        except Exception:  # an unreadable neighbour says nothing about this checkpoint
+            pass
+    return _epochs_trained(ckpt)
+
+
 def build_card(ckpt: dict, ckpt_path: Path) -> dict:
     hp = init_args(ckpt, "hyper_parameters")
     data = init_args(ckpt, "datamodule_hyper_parameters")
     info = hp.pop("data_info")
-    task = info.get("task", "classification")
+    task = module_task(ckpt)
     return {
         "task": task,
         "class_names": info["class_names"],
@@ -167,7 +232,8 @@ def build_card(ckpt: dict, ckpt_path: Path) -> dict:
             "data": data,
             "config_yaml": _run_config(ckpt_path),
             "seed": data.get("seed"),
-            "epochs": _epochs_trained(ckpt),
+            "run_epochs": _run_epochs(ckpt, ckpt_path),
+            "weights_epoch": _epochs_trained(ckpt),
             "global_step": int(ckpt.get("global_step", 0)),
             "checkpoint": ckpt_path.name,
             "checkpoint_sha256": hashlib.sha256(ckpt_path.read_bytes()).hexdigest(),
@@ -205,7 +271,8 @@ def parity_check(frozen: nn.Module, model: onnx.ModelProto, samples: np.ndarray,
             worst = max(worst, float(np.abs(got.astype(np.float32) - ref).max()))
             agree.append(_top1(got) == _top1(ref))
     result = {"samples": int(n), "batch_sizes": sizes, "max_abs_diff": worst,
-              "top1_agreement": float(np.concatenate(agree).mean()), "atol": atol}
+              "top1_agreement": float(np.concatenate(agree).mean()),
+              "atol": atol if np.isfinite(atol) else None}  # None: gated by accuracy (INT8)
     if not worst <= atol:
         raise ParityError(f"parity check failed: max |onnx - torch| output difference {worst:.3g} "
                           f"exceeds --atol {atol:g} on {n} held-out samples; nothing written")
@@ -247,11 +314,11 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path, data: HeldOut | No
         raise InputError("--quantize int8 is for classifiers; its gate is accuracy")
     frozen = Frozen(module).eval()
     data = data or held_out_from_checkpoint(ckpt)
-    info = ckpt["hyper_parameters"]["data_info"]
-    spec, outputs = info["input"], OUTPUTS[info.get("task", "classification")]
+    spec, outputs = ckpt["hyper_parameters"]["data_info"]["input"], OUTPUTS[module_task(ckpt)]
     cast = lambda a: np.ascontiguousarray(a.astype(spec["dtype"], copy=False))  # noqa: E731
-    data = HeldOut(cast(data.parity_x), cast(data.val_x), data.val_y, cast(data.calibration_x),
-                   None if data.test_x is None else cast(data.test_x), data.test_y)
+    data = dataclasses.replace(data, parity_x=cast(data.parity_x), val_x=cast(data.val_x),
+                               calibration_x=cast(data.calibration_x),
+                               test_x=None if data.test_x is None else cast(data.test_x))
 
     program = torch.onnx.export(
         frozen, (torch.from_numpy(data.parity_x[:2]),), input_names=[spec["name"]],
@@ -266,6 +333,9 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path, data: HeldOut | No
                          f"opset {got}; use --opset {got} or newer")
     card = build_card(ckpt, ckpt_path)
     card["opset"], card["precision"] = opset, variant
+    card["consistency"] = consistency_check(
+        model, ckpt, data, DEFAULT_ATOL["fp32"] if atol is None or variant != "fp32" else atol,
+        str(ckpt_path))
     if variant == "fp16":
         model = variants.to_fp16(model)
     elif variant == "int8":

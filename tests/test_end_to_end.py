@@ -8,6 +8,7 @@ import re
 
 import numpy as np
 import onnx
+import pytest
 
 from export.card import read_card
 from tests.conftest import run_cli
@@ -33,6 +34,9 @@ def test_fit_writes_a_complete_run_folder(digits_run):
     assert card["parity"]["max_abs_diff"] <= 1e-3
     assert card["metrics"]["val/acc"] > 0.9
     assert card["metrics"]["test/acc_onnx"] >= 0.95  # the frozen graph on all 269 test rows
+    # The graph scores exactly what the run recorded for the same (best) weights.
+    assert card["metrics"]["test/acc_onnx"] == pytest.approx(summary["test"]["test/acc"], abs=1e-6)
+    assert card["consistency"]["checked"]
 
 
 def test_export_then_predict_through_the_cli(digits_run, digits_test_npz, tmp_path):
@@ -79,4 +83,4 @@ def test_inspect_prints_the_card(digits_run):
     assert proc.returncode == 0, proc.stderr
     assert "classes:     10" in proc.stdout and "fingerprint" in proc.stdout
     proc = run_cli("inspect", str(digits_run / "model.onnx"), "--json")
-    assert '"card_version": 1' in proc.stdout
+    assert '"card_version": 2' in proc.stdout

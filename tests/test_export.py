@@ -79,7 +79,9 @@ def test_card_holds_everything_deployment_needs(tmp_path, convnet):
     assert card["input"]["resize"] == [8, 8] and card["input"]["color_mode"] == "L"
     assert card["dataset"]["fingerprint"] == dm.dataset.fingerprint
     assert sum(card["dataset"]["class_counts"]) == card["dataset"]["split_sizes"]["train"]
-    assert card["training"]["epochs"] == 3 and card["training"]["seed"] == 0
+    assert card["training"]["run_epochs"] == card["training"]["weights_epoch"] == 3
+    assert card["training"]["seed"] == 0
+    assert card["consistency"]["checked"] and card["consistency"]["rows"] == len(dm.splits["val"])
     assert set(card["versions"]) == {"torch", "lightning", "onnx", "onnxruntime"}
     assert len(card["training"]["checkpoint_sha256"]) == 64
     proc = run_cli("inspect", str(out), "--json")
@@ -134,6 +136,13 @@ def test_int8_variant_records_and_gates_accuracy(tmp_path, convnet):
         abs(q["drop_points"]))
     export_checkpoint(ckpt, tmp_path / "fp32.onnx", data=held_out(dm))
     assert out.stat().st_size < 0.6 * (tmp_path / "fp32.onnx").stat().st_size
+    # inspect shows the accuracy gate an INT8 model passed, not a float parity tolerance,
+    # and its JSON is strict (no Infinity).
+    shown = run_cli("inspect", str(out)).stdout
+    assert "int8 gate:   validation accuracy" in shown and "parity:" not in shown
+    strict = json.loads(run_cli("inspect", str(out), "--json").stdout,
+                        parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    assert strict["parity"]["atol"] is None and strict["precision"] == "int8"
 
     refused = tmp_path / "refused.onnx"
     with pytest.raises(ParityError, match=r"int8 quantization lost .* more than "

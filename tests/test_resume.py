@@ -41,6 +41,19 @@ def _same_training(a: dict, b: dict) -> None:
         {k: v for k, v in b["metrics"].items() if k != timing}
 
 
+def _report(work, version: int) -> dict:
+    """metrics.json without what differs between two identical runs: timings and paths."""
+    report = json.loads((work / "runs" / "digits" / f"version_{version}" / "metrics.json")
+                        .read_text())
+    timing = {"seconds", "samples_per_second", "train/samples_per_sec"}
+    for key in ("seconds_per_epoch", "samples_per_second"):
+        report.pop(key)
+    report["history"] = [{k: v for k, v in e.items() if k not in timing}
+                         for e in report["history"]]
+    report["best"]["checkpoint"] = report["best"]["checkpoint"].split("/")[-1]
+    return report
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """An uninterrupted run, twice: the same seed and config give identical results."""
@@ -49,7 +62,8 @@ def reference(tmp_path_factory):
         assert _fit(work).returncode == 0
     first, second = _last(work, 0), _last(work, 1)
     _same_training(first, second)
-    return first
+    assert _report(work, 0) == _report(work, 1)
+    return first, _report(work, 0)
 
 
 @pytest.mark.parametrize("signal_name,stopped_at", [("SIGTERM", 30), ("SIGKILL", 19)])
@@ -64,8 +78,15 @@ def test_interrupted_run_resumes_exactly(reference, tmp_path, signal_name, stopp
 
     proc = _fit(tmp_path, "--ckpt_path", "last")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "resuming from" in proc.stderr and "version_0" in proc.stderr
-    _same_training(_last(tmp_path, 1), reference)
+    assert "fit: checkpoint" in proc.stderr and "version_0" in proc.stderr
+    # The resume continues in its own run folder, and its report describes the whole run as
+    # the uninterrupted run's does (timings aside).
+    assert sorted(p.name for p in (tmp_path / "runs" / "digits").iterdir()) == ["version_0"]
+    _same_training(_last(tmp_path, 0), reference[0])
+    assert _report(tmp_path, 0) == reference[1]
+    seconds = json.loads((tmp_path / "runs" / "digits" / "version_0" / "metrics.json")
+                         .read_text())["seconds_per_epoch"]
+    assert len(seconds) == 3 and all(0 < s < 60 for s in seconds)
 
 
 def _other_digits(tmp_path):
@@ -79,13 +100,24 @@ def _other_digits(tmp_path):
 
 def test_resume_refuses_other_data_and_other_architecture(reference, tmp_path):
     assert _fit(tmp_path).returncode == 0
-    ckpt = str(tmp_path / "runs" / "digits" / "version_0" / "checkpoints" / "last.ckpt")
-    proc = _fit(tmp_path, "--ckpt_path", ckpt, "--data.source", "arrays",
-                "--data.root", _other_digits(tmp_path))
+    ckpt = tmp_path / "runs" / "digits" / "version_0" / "checkpoints" / "last.ckpt"
+    other = ("--data.source", "arrays", "--data.root", _other_digits(tmp_path))
+    # A checkpoint in its run folder is checked against the run's config.yaml up front ...
+    proc = _fit(tmp_path, "--ckpt_path", str(ckpt), *other)
+    assert_one_line_error(proc, "data.source='digits' in the run, 'arrays' here",
+                          "--model.init_from", after_run_log=True)
+    proc = _fit(tmp_path, "--ckpt_path", str(ckpt), "--model.width", "16")
+    assert_one_line_error(proc, "model.width=32 in the run, 16 here", after_run_log=True)
+    # ... a loose copy by the hyperparameters and data fingerprint it carries.
+    loose = tmp_path / "loose.ckpt"
+    loose.write_bytes(ckpt.read_bytes())
+    proc = _fit(tmp_path, "--ckpt_path", str(loose), *other)
     assert_one_line_error(proc, "--ckpt_path", "dataset fingerprint", "--model.init_from",
                           after_run_log=True)
-    proc = _fit(tmp_path, "--ckpt_path", ckpt, "--model.width", "16")
+    proc = _fit(tmp_path, "--ckpt_path", str(loose), "--model.width", "16")
     assert_one_line_error(proc, "model.width=32", "same architecture", after_run_log=True)
+    # The refused runs left no folders behind.
+    assert sorted(p.name for p in (tmp_path / "runs" / "digits").iterdir()) == ["version_0"]
 
 
 def test_warm_start_from_another_datasets_weights(reference, tmp_path):

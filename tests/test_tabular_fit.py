@@ -57,6 +57,9 @@ def test_diabetes_regression_from_csv(tmp_path):
     run, data, out = _fit_table(tmp_path, text, "progression", epochs="60")
     card = read_card(run / "model.onnx")
     assert card["task"] == "regression" and card["outputs"] == ["values"]
+    assert card["consistency"]["checked"] and card["consistency"]["metric"] == "val/mae"
+    shown = run_cli("inspect", str(run / "model.onnx")).stdout
+    assert "task:        regression" in shown and "classes:" not in shown
     y = np.load(data)["y"]
     baseline = np.abs(y - y.mean()).mean()  # predicting the mean: about 64
     mae = float(re.search(r"mae: ([0-9.]+)", out).group(1))

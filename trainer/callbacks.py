@@ -98,7 +98,9 @@ class RunReport(L.Callback):
     """What a run leaves behind besides checkpoints: throughput on the progress bar, and at
     the end `metrics.json` (best and final validation metrics, test metrics when the test
     split was evaluated, seconds per epoch, samples per second), `curves.png` and, after a
-    test, `confusion_matrix.png`."""
+    test, `confusion_matrix.png`. The epoch history travels in checkpoints, so a resumed
+    run's report describes the whole run, as an uninterrupted run's would. A fit that fails
+    before its first epoch leaves no run folder behind."""
 
     def __init__(self, enabled: bool = True, test_after_fit: bool = True, plots: bool = True):
         """
@@ -110,21 +112,55 @@ class RunReport(L.Callback):
         self.enabled, self.test_after_fit, self.plots = enabled, test_after_fit, plots
         self.epochs: list[dict] = []
         self.test: dict[str, float] = {}
-        self._start, self._samples = 0.0, 0
+        # The epoch in progress: seconds and samples before this process (a resume), and
+        # since this process started it.
+        self._epoch, self._carried, self._start, self._samples = -1, 0.0, 0.0, 0
+        self._restored: dict | None = None
 
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._start, self._samples = time.perf_counter(), 0
+    def state_dict(self) -> dict:
+        seconds = self._carried + (time.perf_counter() - self._start if self._start else 0.0)
+        return {"epochs": self.epochs, "partial": {"epoch": self._epoch, "seconds": seconds,
+                                                   "samples": self._samples}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epochs = list(state.get("epochs", []))
+        self._restored = state.get("partial")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        # Not on_train_epoch_start: Lightning skips it when a run resumes mid-epoch.
+        if batch_idx == 0 or not self._start:
+            self._begin_epoch(trainer)
+
+    def _begin_epoch(self, trainer) -> None:
+        part, self._restored = self._restored, None
+        resumed = part is not None and part["epoch"] == trainer.current_epoch
+        self._epoch = trainer.current_epoch
+        self._carried = part["seconds"] if resumed else 0.0
+        self._samples = part["samples"] if resumed else 0
+        self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._samples += len(batch[1])
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        seconds = time.perf_counter() - self._start
+        seconds = self._carried + time.perf_counter() - self._start
         rate = self._samples * trainer.world_size / max(seconds, 1e-9)
         pl_module.log("train/samples_per_sec", rate, prog_bar=True, rank_zero_only=True)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         self.epochs.append({"epoch": trainer.current_epoch, "seconds": seconds,
                             "samples_per_second": rate, **metrics})
+        self._start = 0.0
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        log_dir = trainer.logger.log_dir if trainer.logger is not None else None
+        if self.epochs or isinstance(exception, SIGTERMException) or not log_dir \
+                or not trainer.is_global_zero or trainer.state.fn != "fit":
+            return
+        from trainer.runs import discard_unfinished
+
+        discard_unfinished(Path(log_dir))
 
     def on_test_end(self, trainer, pl_module) -> None:
         self.test = {k: float(v) for k, v in trainer.callback_metrics.items()
@@ -154,3 +190,16 @@ class RunReport(L.Callback):
         if self.plots:
             save_curves(self.epochs, folder / "curves.png")
         return path
+
+    def write_evaluation(self, trainer, stage: str) -> Path | None:
+        """`trainer validate/test`: metrics.json of the evaluated checkpoint."""
+        log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
+        if not self.enabled or not trainer.is_global_zero:
+            return None
+        from trainer.report import write_evaluation
+
+        prefix = "val/" if stage == "validate" else "test/"
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
+                   if k.startswith(prefix) and v.numel() == 1}
+        return write_evaluation(Path(log_dir or ".") / "metrics.json", stage, trainer.ckpt_path,
+                                metrics)

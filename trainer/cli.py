@@ -54,9 +54,9 @@ def _check_paths(argv: list[str]) -> None:
     if config is not None and not Path(config).is_file():
         raise InputError(f"{config}: config file not found")
     ckpt = _flag_value(argv, "--ckpt_path")
-    if ckpt is not None and ckpt not in ("last", "best", "hpc", "registry") \
-            and not Path(ckpt).is_file():
-        raise InputError(f"{ckpt}: checkpoint not found (--ckpt_path)")
+    if ckpt is not None and ckpt not in ("last", "best") and not Path(ckpt).is_file():
+        raise InputError(f"{ckpt}: checkpoint not found (--ckpt_path expects a file, `last` "
+                         f"or `best`)")
 
 
 def cmd_export(argv: list[str]) -> int:
@@ -95,13 +95,10 @@ def cmd_export(argv: list[str]) -> int:
     card = export_checkpoint(args.ckpt, args.out, data=data, opset=args.opset, atol=args.atol,
                              precision=args.precision, quantize=args.quantize,
                              max_accuracy_drop=args.max_accuracy_drop)
-    par = card["parity"]
-    print(f"wrote {args.out} ({card['precision']}): parity max |diff| {par['max_abs_diff']:.2e} "
-          f"on {par['samples']} samples, top-1 agreement {par['top1_agreement']:.4f}")
-    if "quantization" in card:
-        q = card["quantization"]
-        print(f"int8 validation accuracy {q['val_accuracy_int8']:.4f} vs fp32 "
-              f"{q['val_accuracy_fp32']:.4f} ({q['drop_points']:+.2f} points drop)")
+    from export.card import gate_lines
+
+    print(f"wrote {args.out} ({card['precision']})")
+    print("\n".join(gate_lines(card)))
     return 0
 
 
@@ -152,10 +149,10 @@ def cmd_inspect(argv: list[str]) -> int:
     p.add_argument("model", help="ONNX file")
     p.add_argument("--json", action="store_true", help="print the whole card as JSON")
     args = p.parse_args(argv)
-    from export.card import format_card, read_card
+    from export.card import format_card, jsonable, read_card
 
     card = read_card(args.model)
-    print(json.dumps(card, indent=2) if args.json else format_card(card))
+    print(json.dumps(jsonable(card), indent=2) if args.json else format_card(card))
     return 0
 
 

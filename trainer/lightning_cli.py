@@ -12,18 +12,6 @@ from pathlib import Path
 from export.errors import InputError
 
 
-def _previous_last(trainer) -> str:
-    """`--ckpt_path last` means the newest last.ckpt of this run name: each fit writes a new
-    version_<n> folder, where Lightning alone would only look in the new, empty one."""
-    logger = trainer.logger
-    root = Path(logger.root_dir) if logger is not None else Path(trainer.default_root_dir)
-    found = sorted(root.glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-    if not found:
-        raise InputError(f"--ckpt_path last: no last.ckpt under {root}/version_*/checkpoints")
-    print(f"resuming from {found[-1]}", file=sys.stderr)
-    return str(found[-1])
-
-
 def tune_cpu_allocator() -> None:
     """Keep freed activation buffers in glibc's heap instead of returning them to the OS.
 
@@ -45,12 +33,29 @@ def tune_cpu_allocator() -> None:
         pass
 
 
+def _file_logger(config):
+    """The init_args of a logger that writes into `<save_dir>/<name>/<version>` (CSV,
+    TensorBoard), so its folder can be pointed at a run; None for any other logger."""
+    logger = config.trainer.logger
+    args = getattr(logger, "init_args", None)
+    if args is None or not {"save_dir", "name", "version"} <= set(vars(args)):
+        return None
+    return args
+
+
+def _report(trainer):
+    from trainer.callbacks import RunReport
+
+    return next(cb for cb in trainer.callbacks if isinstance(cb, RunReport))
+
+
 def build_cli(args: list[str], run: bool = True, instantiate: bool = True):
     """The LightningCLI over ClassifierModule + FixedDataModule with the product's defaults.
     `instantiate=False` only parses and validates (`cli.config`), loading no data."""
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.cli import LightningCLI
 
+    from trainer import runs
     from trainer.callbacks import CheckpointOnSigterm, ExportOnnx, NonFiniteGuard, RunReport
     from trainer.data.datamodule import FixedDataModule
     from trainer.module import ClassifierModule
@@ -82,33 +87,61 @@ def build_cli(args: list[str], run: bool = True, instantiate: bool = True):
             # authoritative; ClassifierModule.on_load_checkpoint refuses a mismatch instead.
             return
 
+        def before_instantiate_classes(self) -> None:
+            """Resolve --ckpt_path before anything is built: `last` / `best` name the newest
+            run of this run name; a resume continues in its own run folder; validate and
+            test write into the checkpoint's run (`eval/`)."""
+            if self.subcommand is None:  # `trainer data`: parse only, nothing runs
+                return
+            config = self.config[self.subcommand]
+            # Lightning unpickles checkpoints fully unless told otherwise; ours hold only
+            # tensors and plain values. A config file cannot turn this off.
+            config.weights_only = True
+            logger = _file_logger(config)
+            root = Path(logger.save_dir or ".") / (logger.name or "") if logger else \
+                Path(config.trainer.default_root_dir or ".")
+            if config.ckpt_path is None:
+                if self.subcommand != "fit":
+                    raise InputError(f"--ckpt_path is required: a checkpoint file, `last` or "
+                                     f"`best` (of the newest run under {root}/)")
+                return
+            ckpt = runs.resolve_checkpoint(config.ckpt_path, root)
+            print(f"{self.subcommand}: checkpoint {ckpt}", file=sys.stderr)
+            config.ckpt_path = str(ckpt)
+            run = runs.run_folder(ckpt)
+            if self.subcommand == "fit":
+                import yaml
+
+                runs.check_same_config(ckpt, yaml.safe_load(
+                    self.parser.dump(self.config, skip_none=False))[self.subcommand])
+                if logger and runs.in_run_folder(ckpt):  # continue in the run's own folder
+                    logger.save_dir, logger.name, logger.version = \
+                        str(run.parent.parent), run.parent.name, run.name
+                    runs.keep_previous_log(run)
+            elif logger:
+                logger.save_dir, logger.name = str(run.parent), run.name
+                logger.version = f"eval/{self.subcommand}-{ckpt.stem}"
+
         def after_fit(self) -> None:
-            report = next(cb for cb in self.trainer.callbacks if isinstance(cb, RunReport))
+            report = _report(self.trainer)
             if report.test_after_fit and not self.trainer.interrupted:
+                # Test exactly the weights that are exported: the best checkpoint's
+                # state_dict (the averaged weights under EMA). `ckpt_path=best` would let a
+                # WeightAveraging callback load its un-averaged copy instead.
+                from export.to_onnx import load_checkpoint
+
                 best = [cb.best_model_path for cb in self.trainer.checkpoint_callbacks
                         if getattr(cb, "monitor", None) and cb.best_model_path]
-                self.trainer.test(self.model, datamodule=self.datamodule,
-                                  ckpt_path=best[0] if best else None, weights_only=True)
+                if best:
+                    self.model.load_state_dict(load_checkpoint(best[0])["state_dict"])
+                self.trainer.test(self.model, datamodule=self.datamodule)
             report.write(self.trainer)
 
-        def before_fit(self) -> None:
-            config = self._secure_checkpoint_loading()
-            if config.get("ckpt_path") == "last":
-                config["ckpt_path"] = _previous_last(self.trainer)
+        def after_validate(self) -> None:
+            _report(self.trainer).write_evaluation(self.trainer, "validate")
 
-        def before_validate(self) -> None:
-            self._secure_checkpoint_loading()
-
-        def before_test(self) -> None:
-            self._secure_checkpoint_loading()
-
-        def _secure_checkpoint_loading(self) -> dict:
-            # Lightning unpickles checkpoints fully unless told otherwise; ours hold only
-            # tensors and plain values, so nothing is lost by refusing pickled code.
-            config = self.config_init[self.subcommand]
-            if config.get("weights_only") is None:
-                config["weights_only"] = True
-            return config
+        def after_test(self) -> None:
+            _report(self.trainer).write_evaluation(self.trainer, "test")
 
         def instantiate_classes(self) -> None:
             if instantiate:
@@ -119,6 +152,9 @@ def build_cli(args: list[str], run: bool = True, instantiate: bool = True):
     with warnings.catch_warnings():
         # `args` is how `trainer` hands its own argv to LightningCLI; that is intended.
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        # A resume keeps the earlier log as metrics-part<k>.csv (trainer/runs.py) before
+        # CSVLogger would delete it; its warning that it will be deleted is then untrue.
+        warnings.filterwarnings("ignore", message="Experiment logs directory")
         return TrainerCLI(
             ClassifierModule, FixedDataModule, args=args, run=run,
             seed_everything_default=0,

@@ -13,7 +13,7 @@ from typing import Literal
 import lightning as L
 import torch
 from torch import nn
-from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection
+from torchmetrics import MeanAbsoluteError, MeanMetric, MeanSquaredError, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from trainer.models import build_backbone
@@ -95,10 +95,16 @@ class ClassifierModule(L.LightningModule):
             self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
             make = lambda: MetricCollection({"acc": MulticlassAccuracy(outputs, average="micro")})  # noqa: E731
         self.metrics = nn.ModuleDict({f"{s}_metrics": make() for s in ("train", "val", "test")})
+        self.train_loss = MeanMetric()
         self.test_confusion = None if self.regression else MulticlassConfusionMatrix(outputs)
         # Metric states travel in checkpoints, so an epoch resumed mid-way reports the same
         # epoch metrics as an uninterrupted one.
-        self.metrics.apply(lambda m: m.persistent(True) if hasattr(m, "persistent") else None)
+        for metric in (self.metrics, self.train_loss):
+            metric.apply(lambda m: m.persistent(True) if hasattr(m, "persistent") else None)
+        self._validated_step: int | None = None
+        self._lr_plan: dict | None = None  # {"start", "total"} steps of the LR schedule
+        self._restored_plan: dict | None = None
+        self._restored_step = 0
 
     def configure_model(self) -> None:
         if self.hparams.channels_last:
@@ -128,12 +134,28 @@ class ClassifierModule(L.LightningModule):
             loss = self.loss(out, y)
         metrics = self.metrics[f"{stage}_metrics"]
         metrics.update(out, y)  # accumulated on the device, read once per epoch
-        on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=on_step,
-                 batch_size=len(y), sync_dist=not on_step)
+        if stage == "train":
+            # The epoch mean is a metric whose state travels in checkpoints (below), so an
+            # epoch resumed mid-way reports the mean of all its steps, not of the resumed ones.
+            self.train_loss.update(loss.detach(), len(y))
+            self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True)
+            self.log("train/loss", self.train_loss, on_step=False, on_epoch=True)
+        else:
+            self.log(f"{stage}/loss", loss, on_epoch=True, batch_size=len(y), sync_dist=True)
+            # The rows behind the epoch's metrics: the export gate compares on them.
+            self.log(f"{stage}/samples", float(len(y)), on_epoch=True, reduce_fx="sum",
+                     sync_dist=True)
         self.log_dict({f"{stage}/{k}": m for k, m in metrics.items()}, on_step=False,
                       on_epoch=True, prog_bar=True)
         return loss
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        # A checkpoint written at an epoch's end holds that epoch's accumulated training
+        # metrics; a run resumed from it must not add them to the next epoch's. Lightning
+        # numbers the batches of a resumed epoch on, so 0 is only ever a fresh epoch.
+        if batch_idx == 0:
+            self.metrics["train_metrics"].reset()
+            self.train_loss.reset()
 
     def training_step(self, batch, batch_idx):
         return self._step(batch, "train")
@@ -146,6 +168,10 @@ class ClassifierModule(L.LightningModule):
         if self.test_confusion is not None:
             self.test_confusion.update(self(batch[0]), batch[1])
 
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self._validated_step = self.trainer.global_step
+
     def on_test_epoch_start(self) -> None:
         if self.test_confusion is not None:
             self.test_confusion.reset()
@@ -154,15 +180,27 @@ class ClassifierModule(L.LightningModule):
         # The epoch's logged metrics travel with the weights, into the model card on export.
         checkpoint["metrics"] = {k: float(v) for k, v in self.trainer.callback_metrics.items()
                                  if "/" in k and v.numel() == 1}
+        # The step whose weights the val/* metrics describe; a mid-epoch checkpoint holds
+        # newer weights than its metrics, and the export gate refuses to mix the two.
+        checkpoint["validated_at_step"] = self._validated_step
+        checkpoint["lr_plan"] = self._lr_plan
         # Dropout draws from the global generators: resuming restores them for exact replay.
         checkpoint["rng"] = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()
 
+    def with_metric_states(self, state_dict: dict) -> dict:
+        """`state_dict` completed by this module's own (empty) metric states where it lacks
+        them: checkpoints written before a metric existed still load strictly."""
+        own = {k: v for k, v in self.state_dict().items()
+               if k.startswith(("train_loss.", "metrics.", "test_confusion."))}
+        return {**own, **state_dict}
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse to resume a checkpoint of another dataset or architecture."""
         from export.errors import InputError
 
+        checkpoint["state_dict"] = self.with_metric_states(checkpoint["state_dict"])
         saved = checkpoint.get("hyper_parameters", {})
         ours = self.hparams
         old_fp = saved.get("data_info", {}).get("dataset", {}).get("fingerprint")
@@ -176,6 +214,9 @@ class ClassifierModule(L.LightningModule):
             if saved.get(key) != ours[key]:
                 raise InputError(f"--ckpt_path: the checkpoint has model.{key}={saved.get(key)!r}, "
                                  f"the config has {ours[key]!r}; resume needs the same architecture")
+        self._validated_step = checkpoint.get("validated_at_step")
+        self._restored_plan = checkpoint.get("lr_plan")
+        self._restored_step = int(checkpoint.get("global_step", 0))
         rng = checkpoint.get("rng", {})
         if "torch" in rng:
             torch.set_rng_state(rng["torch"])
@@ -224,11 +265,38 @@ class ClassifierModule(L.LightningModule):
             opt = torch.optim.AdamW(groups, lr=hp.lr)
         if hp.schedule == "constant":
             return opt
-        total = max(1, int(self.trainer.estimated_stepping_batches))
+        start, total = self._plan_schedule()
         if hp.schedule == "onecycle":
             sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=hp.lr, total_steps=total)
         else:
-            warmup = int(hp.warmup_fraction * total)
-            sched = torch.optim.lr_scheduler.LambdaLR(
-                opt, lambda step: cosine_with_warmup(step, warmup, total))
+            warmup = int(hp.warmup_fraction * (total - start))
+            # A plain function: LambdaLR checkpoints no state of it, so the plan made here
+            # (not a stale one from the checkpoint) drives a resumed or extended run.
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: cosine_with_warmup(
+                max(0, step - start), warmup, total - start))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _plan_schedule(self) -> tuple[int, int]:
+        """(first, last) step of the LR schedule. A resumed run keeps its checkpoint's plan.
+        A run extended past its planned end (more epochs) gets a cosine warm restart from
+        the restored step to the new end; OneCycle cannot be stretched and is refused."""
+        from lightning.pytorch.utilities import rank_zero_info
+
+        from export.errors import InputError
+
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        plan, step = self._restored_plan, self._restored_step
+        if plan is None or plan["total"] == total:
+            start = plan["start"] if plan else 0
+        elif self.hparams.schedule == "onecycle":
+            raise InputError(
+                f"--trainer.max_epochs: this run's onecycle schedule was planned for "
+                f"{plan['total']} steps and cannot be changed to {total}; to train on from its "
+                f"weights start a new run with --model.init_from {self.trainer.ckpt_path} (or "
+                f"train with --model.schedule cosine, which can be extended)")
+        else:
+            start = step
+            rank_zero_info(f"LR schedule: extended from {plan['total']} to {total} steps; "
+                           f"cosine warm restart from step {start}")
+        self._lr_plan = {"start": start, "total": total}
+        return start, total

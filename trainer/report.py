@@ -31,6 +31,13 @@ def write_metrics(path: Path, epochs: list[dict], test: dict, best_callback) -> 
     return path
 
 
+def write_evaluation(path: Path, stage: str, checkpoint: str | None, metrics: dict) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps({"stage": stage, "checkpoint": checkpoint, "metrics": metrics},
+                                  indent=2))
+    return path
+
+
 def _figure():
     import matplotlib
 
@@ -47,8 +54,7 @@ def save_curves(epochs: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     x = [e["epoch"] for e in epochs]
     for ax, name in zip(axes, ("loss", metric)):
-        for stage, key in (("train", f"train/{name}_epoch" if name == "loss" else f"train/{name}"),
-                           ("val", f"val/{name}")):
+        for stage, key in (("train", f"train/{name}"), ("val", f"val/{name}")):
             ys = [e.get(key) for e in epochs]
             if any(y is not None for y in ys):
                 ax.plot(x, ys, marker="o", label=stage)

@@ -1,0 +1,134 @@
+"""The retraining life cycle through the real `trainer` command: the weights that are
+validated, tested, checkpointed and exported are the same ones (EMA included); an export
+never contradicts its own numbers; `last` / `best` resolve to a run or are refused; a run
+is extended where its schedule allows; one folder per run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from export.card import read_card
+from tests.conftest import ROOT, assert_one_line_error, run_cli
+
+QUIET = ("--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false")
+EMA = "--trainer.callbacks+=" + json.dumps(
+    {"class_path": "EMAWeightAveraging", "init_args": {"decay": 0.9}})
+
+
+def _fit(work, epochs: int, *extra):
+    return run_cli("fit", "--config", str(ROOT / "configs" / "digits.yaml"),
+                   "--trainer.max_epochs", str(epochs), *QUIET, *extra, cwd=work)
+
+
+def _versions(work, name="digits") -> list[str]:
+    return sorted(p.name for p in (work / "runs" / name).glob("version_*"))
+
+
+@pytest.fixture(scope="module")
+def ema_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("ema")
+    proc = _fit(work, 3, EMA)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return work, work / "runs" / "digits" / "version_0"
+
+
+def test_ema_validates_tests_and_exports_the_same_averaged_weights(ema_run):
+    _, run = ema_run
+    summary = json.loads((run / "metrics.json").read_text())
+    card = read_card(run / "model.onnx")
+    best = torch.load(next((run / "checkpoints").glob("best-*.ckpt")), weights_only=True)
+    assert "current_model_state" in best  # EMA kept the raw weights apart from the averaged
+    # The test metric Lightning recorded and the exported graph's own score on the same 269
+    # test rows are one number, and so are the recorded and the graph's validation accuracy.
+    assert summary["test"]["test/acc"] == pytest.approx(card["metrics"]["test/acc_onnx"], abs=1e-6)
+    assert card["consistency"]["checked"] and card["consistency"]["rows"] == 269
+    assert card["consistency"]["graph"] == pytest.approx(card["metrics"]["val/acc"], abs=1e-6)
+    assert summary["test"]["test/acc"] > 0.9  # decay 0.9 suits a 57-step run
+
+
+def test_export_refuses_a_checkpoint_whose_metrics_disagree_with_its_weights(ema_run, tmp_path):
+    _, run = ema_run
+    ckpt = torch.load(next((run / "checkpoints").glob("best-*.ckpt")), weights_only=True)
+    ckpt["metrics"]["val/acc"] = 0.5
+    lying = tmp_path / "lying.ckpt"
+    torch.save(ckpt, lying)
+    out = tmp_path / "m.onnx"
+    proc = run_cli("export", "--ckpt", str(lying), "--out", str(out))
+    line = assert_one_line_error(proc, "lying.ckpt", "val/acc=", "recorded 0.5000", "disagree")
+    assert "nothing written" in line and not out.exists()
+
+    ckpt["metrics"]["val/acc"] = read_card(run / "model.onnx")["metrics"]["val/acc"]
+    ckpt["validated_at_step"] = ckpt["global_step"] - 5  # weights newer than their metrics
+    torch.save(ckpt, lying)
+    proc = run_cli("export", "--ckpt", str(lying), "--out", str(out))
+    assert_one_line_error(proc, "measured at step", "saved mid-epoch")
+    assert not out.exists()
+
+
+def test_validate_and_test_resolve_last_and_best_into_the_run_folder(ema_run):
+    work, run = ema_run
+    fit_test = json.loads((run / "metrics.json").read_text())["test"]["test/acc"]
+    for command, flag in (("test", "best"), ("validate", "last")):
+        proc = run_cli(command, "--config", str(ROOT / "configs" / "digits.yaml"),
+                       "--ckpt_path", flag, *QUIET, EMA, cwd=work)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _versions(work) == ["version_0"]  # evaluations add no run folders
+    best = next((run / "checkpoints").glob("best-*.ckpt"))
+    result = json.loads((run / "eval" / f"test-{best.stem}" / "metrics.json").read_text())
+    assert result["checkpoint"] == str(best) and result["metrics"]["test/acc"] == fit_test
+    result = json.loads((run / "eval" / "validate-last" / "metrics.json").read_text())
+    assert result["metrics"]["val/samples"] == 269 and result["metrics"]["val/acc"] > 0.9
+
+
+@pytest.mark.parametrize("command", ["test", "validate"])
+def test_evaluation_without_a_checkpoint_is_refused(tmp_path, command):
+    config = str(ROOT / "configs" / "digits.yaml")
+    proc = run_cli(command, "--config", config, "--ckpt_path", "last", cwd=tmp_path)
+    assert_one_line_error(proc, "--ckpt_path last", "no run with a checkpoint under runs/digits")
+    proc = run_cli(command, "--config", config, cwd=tmp_path)
+    assert_one_line_error(proc, "--ckpt_path is required")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_cosine_run_is_extended_in_its_own_folder(tmp_path):
+    cosine = ("--model.schedule", "cosine")
+    assert _fit(tmp_path, 2, *cosine).returncode == 0
+    proc = _fit(tmp_path, 3, *cosine, "--ckpt_path", "last")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "cosine warm restart from step 38" in proc.stderr
+    assert _versions(tmp_path) == ["version_0"]
+    run = tmp_path / "runs" / "digits" / "version_0"
+    steps = [{r.split(",")[0] for r in (run / name).read_text().splitlines()[1:]}
+             for name in ("metrics-part1.csv", "metrics.csv")]  # nothing of the log is lost
+    assert steps[0] and steps[1]
+    summary = json.loads((run / "metrics.json").read_text())
+    assert summary["epochs"] == 3 and [e["epoch"] for e in summary["history"]] == [0, 1, 2]
+    assert all(0 < s < 60 for s in summary["seconds_per_epoch"])
+    assert summary["test"]["test/acc"] > 0.9
+    training = read_card(run / "model.onnx")["training"]
+    assert training["run_epochs"] == 3 and 1 <= training["weights_epoch"] <= 3
+
+
+def test_onecycle_extension_and_a_changed_config_are_refused(tmp_path):
+    assert _fit(tmp_path, 2).returncode == 0
+    run = tmp_path / "runs" / "digits" / "version_0"
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    proc = _fit(tmp_path, 3, "--ckpt_path", "last")
+    assert_one_line_error(proc, "onecycle schedule planned for max_epochs=2", "--model.init_from",
+                          "last.ckpt", after_run_log=True)
+    proc = _fit(tmp_path, 2, "--ckpt_path", "last", "--model.dropout", "0.3")
+    assert_one_line_error(proc, "model.dropout=0.1 in the run, 0.3 here", "--model.init_from",
+                          after_run_log=True)
+    assert _versions(tmp_path) == ["version_0"]
+    assert {p: p.stat().st_mtime_ns for p in before} == before  # the run is untouched
+
+
+def test_a_fit_that_fails_before_its_first_epoch_leaves_nothing(tmp_path):
+    poison = "--trainer.callbacks+=" + json.dumps(
+        {"class_path": "tests.helpers.PoisonLoss", "init_args": {"step": 1}})
+    proc = _fit(tmp_path, 2, poison)
+    assert_one_line_error(proc, "loss is nan at epoch 0", after_run_log=True)
+    assert _versions(tmp_path) == []

@@ -1,0 +1,144 @@
+"""Run folders: which checkpoint `last` / `best` mean, whether a checkpoint may be resumed
+under a config, where a run's files go, and what a failed run leaves behind.
+
+A run is `<save_dir>/<name>/version_<n>/` holding `config.yaml`, `checkpoints/` and the
+report. One run keeps one folder for its whole life: a resume continues in it, and
+`validate` / `test` write their results into its `eval/` sub-folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from export.errors import InputError
+
+# Config keys that do not change the weights a run produces (run length, logging, the
+# export and report at the end, where the data lives: the data itself is checked by its
+# fingerprint), so a resume may change them. Every other key must match the run's own.
+RESUMABLE_CHANGES = (
+    "ckpt_path", "weights_only", "trainer.max_epochs", "trainer.max_steps", "trainer.max_time",
+    "trainer.min_epochs", "trainer.min_steps", "trainer.logger", "trainer.callbacks",
+    "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps",
+    "trainer.default_root_dir", "trainer.num_sanity_val_steps", "trainer.profiler",
+    "data.root", "data.cache_dir", "data.num_workers", "model.init_from", "model.backbone_weights",
+    "export", "report", "checkpoint", "last_checkpoint", "nan_guard", "sigterm_checkpoint",
+)
+
+
+def run_folder(ckpt: Path) -> Path:
+    """The run a checkpoint belongs to (`<run>/checkpoints/x.ckpt`), else its own folder."""
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+
+
+def in_run_folder(ckpt: Path) -> bool:
+    return ckpt.parent.name == "checkpoints" and (run_folder(ckpt) / "config.yaml").is_file()
+
+
+def newest_run(root: Path, flag: str) -> Path:
+    """The run under `root` (`<save_dir>/<name>`) whose last.ckpt was written last."""
+    found = sorted(root.glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise InputError(f"--ckpt_path {flag}: no run with a checkpoint under {root}/ "
+                         f"(train one with `trainer fit`, or pass a checkpoint file)")
+    return run_folder(found[-1])
+
+
+def best_checkpoint(run: Path) -> Path:
+    """The best checkpoint of a run, as its ModelCheckpoint recorded it in last.ckpt."""
+    last = run / "checkpoints" / "last.ckpt"
+    state = torch.load(last, map_location="cpu", weights_only=True, mmap=True).get("callbacks", {})
+    for value in state.values():
+        if value.get("monitor") and value.get("best_model_path"):
+            # Stored relative to the trainer's working directory: look beside last.ckpt.
+            best = last.parent / Path(value["best_model_path"]).name
+            if best.is_file():
+                return best
+    raise InputError(f"--ckpt_path best: {run} has no best checkpoint (no monitored "
+                     f"ModelCheckpoint saved one); use --ckpt_path last or a file")
+
+
+def resolve_checkpoint(value: str, root: Path) -> Path:
+    """`last` / `best` -> that checkpoint of the newest run under `root`; else a file."""
+    if value == "last":
+        path = newest_run(root, value) / "checkpoints" / "last.ckpt"
+    elif value == "best":
+        path = best_checkpoint(newest_run(root, value))
+    else:
+        path = Path(value)
+        if not path.is_file():
+            raise InputError(f"--ckpt_path {value}: checkpoint not found (expected a file, "
+                             f"`last` or `best`)")
+    return path.resolve()
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and "class_path" not in value:
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _averaging(callbacks) -> list:
+    """The weight-averaging callbacks of a config: they decide which weights are kept."""
+    return [c for c in callbacks or [] if isinstance(c, dict)
+            and str(c.get("class_path", "")).endswith("WeightAveraging")]
+
+
+def check_same_config(ckpt: Path, current: dict) -> None:
+    """Refuse to resume `ckpt` when its run's config.yaml differs from `current` in anything
+    that changes the weights (everything but RESUMABLE_CHANGES)."""
+    import yaml
+
+    saved_file = run_folder(ckpt) / "config.yaml"
+    if not saved_file.is_file():
+        return  # a loose checkpoint: its hyperparameters are checked on load
+    saved = yaml.safe_load(saved_file.read_text()) or {}
+    diffs = []
+    if _averaging(saved.get("trainer", {}).get("callbacks")) != \
+            _averaging(current.get("trainer", {}).get("callbacks")):
+        diffs.append("trainer.callbacks (weight averaging)")
+    old, new = _flatten(saved), _flatten(current)
+    length = ("trainer.max_epochs", "trainer.max_steps")
+    if new.get("model.schedule") == "onecycle" and any(old.get(k) != new.get(k) for k in length):
+        raise InputError(
+            f"--trainer.max_epochs: the run of {ckpt} used a onecycle schedule planned for "
+            f"max_epochs={old.get('trainer.max_epochs')}, which cannot be stretched; to train on "
+            f"from its weights start a new run with --model.init_from {ckpt} (or train with "
+            f"--model.schedule cosine, which can be extended)")
+    for key in sorted(old.keys() | new.keys()):
+        if any(key == k or key.startswith(k + ".") for k in RESUMABLE_CHANGES):
+            continue
+        if old.get(key) != new.get(key):
+            diffs.append(f"{key}={old.get(key)!r} in the run, {new.get(key)!r} here")
+    if diffs:
+        raise InputError(
+            f"--ckpt_path: {ckpt} belongs to a run configured differently: {'; '.join(diffs[:3])}"
+            f"{' ...' if len(diffs) > 3 else ''}; a resume may change only the epochs (to start a "
+            f"new run from its weights use --model.init_from {ckpt})")
+
+
+def discard_unfinished(log_dir: Path) -> None:
+    """Remove what a fit that failed before its first epoch wrote (config, logs), and the
+    folder when that leaves it empty. Checkpoints and any other file are kept."""
+    if any(log_dir.rglob("*.ckpt")):
+        return
+    for name in ("config.yaml", "hparams.yaml", "metrics.csv"):
+        (log_dir / name).unlink(missing_ok=True)
+    for folder in (log_dir / "checkpoints", log_dir):
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+
+
+def keep_previous_log(log_dir: Path) -> None:
+    """Lightning's CSVLogger deletes an existing metrics.csv: a resumed run keeps the log of
+    its earlier part(s) as metrics-part<k>.csv beside the new one."""
+    log = log_dir / "metrics.csv"
+    if log.is_file():
+        k = 1 + sum(1 for _ in log_dir.glob("metrics-part*.csv"))
+        log.rename(log_dir / f"metrics-part{k}.csv")
