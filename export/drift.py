@@ -1,20 +1,34 @@
-"""Drift: how far a batch's inputs and predictions are from the training data the model
-card describes. numpy only.
+"""Drift: is a batch of deployment rows drawn from the distribution the model was validated
+on? numpy + scipy.stats, no torch.
 
-Per input channel (images) or feature (tables), the batch's histogram is compared with the
-training histogram by the population stability index, PSI = sum((a - e) * ln(a / e)) over
-bins. So are the predicted-class distribution (against the training label frequencies) and
-the confidence distribution (against the validation set's). Thresholds follow the usual
-reading of PSI: below 0.1 stable, 0.1-0.25 a shift worth a look (warn), above 0.25 drift,
-applied to the PSI in excess of the noise floor that finite samples alone produce.
+Every check compares one per-row quantity of the batch with the same quantity measured on
+the validation split when the model was exported (the card's `drift_reference`):
+- continuous per-row summaries: per image channel, the mean and the standard deviation of
+  its pixels; per table feature, its value; the top-1 confidence of a classifier or the
+  predicted value of a regressor. Two-sample Kolmogorov-Smirnov test, counted on the
+  reference's quantile bins (mergeable counts; binning can only lower the statistic, so
+  the test stays conservative).
+- the predicted classes: chi-square test of homogeneity against the classes predicted on
+  the validation split, classes expected fewer than 5 times in the batch merged.
+Rows are the samples, never pixels: neighbouring pixels are not independent draws, rows
+are. The p-values of all checks are corrected together (Holm), so a batch from the
+validated distribution gets a status other than `ok` with probability at most ALPHA.
+Each check's effect size is its PSI over the reference deciles (classes for the class
+check), read as usual: below 0.1 stable, 0.1-0.25 a shift worth a look, 0.25 and above a
+large one. A check is `warn` when it is significant and its PSI is at least PSI_WARN,
+`drift` when significant with PSI at least PSI_DRIFT, else `ok`: with enough rows a test
+finds differences too small to matter (MNIST's test writers against its training writers
+read PSI 0.005 at 10,000 rows, p < 0.01), and those must not page anyone.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-PSI_WARN, PSI_DRIFT = 0.1, 0.25
-CONFIDENCE_BINS = 20
+ALPHA = 0.01  # family-wise false-alarm rate of one report
+PSI_WARN, PSI_DRIFT = 0.1, 0.25  # effect sizes of a significant shift: warn, drift
+QUANTILE_BINS = 128  # reference bins a continuous check counts into
+EFFECT_BINS = 10  # PSI is read on reference deciles
 EPS = 1e-4  # floor for empty bins, so PSI stays finite
 
 
@@ -29,136 +43,174 @@ def bin_counts(values: np.ndarray, lo: float, hi: float, bins: int) -> np.ndarra
     return np.bincount(bin_index(values, lo, hi, bins).ravel(), minlength=bins)
 
 
-def psi(expected: np.ndarray, actual_counts: np.ndarray) -> float:
-    e = np.maximum(np.asarray(expected, np.float64), EPS)
-    a = np.maximum(actual_counts / max(1, actual_counts.sum()), EPS)
+def psi(expected: np.ndarray, actual: np.ndarray) -> float:
+    """Population stability index of two histograms (counts or frequencies)."""
+    e = np.maximum(np.asarray(expected, np.float64) / max(1e-12, np.sum(expected)), EPS)
+    a = np.maximum(np.asarray(actual, np.float64) / max(1e-12, np.sum(actual)), EPS)
     e, a = e / e.sum(), a / a.sum()
     return float(((a - e) * np.log(a / e)).sum())
 
 
-def status(value: float) -> str:
-    return "drift" if value >= PSI_DRIFT else "warn" if value >= PSI_WARN else "ok"
+def summary_names(card: dict) -> list[str]:
+    """Names of the continuous per-row checks of a model, in the order `_summaries` makes them."""
+    spec = card["input"]
+    if spec["kind"] == "image":
+        channels = spec["shape"][0]
+        label = (lambda c: "") if channels == 1 else (lambda c: f" {'RGB'[c] if channels == 3 else c}")
+        names = [f"pixel mean{label(c)}" for c in range(channels)]
+        names += [f"pixel std{label(c)}" for c in range(channels)]
+    else:
+        names = [f"feature {c}" for c in spec.get("columns") or range(spec["shape"][0])]
+    return names + (["predicted value"] if card["task"] == "regression" else ["confidence"])
 
 
-def check(expected, actual_counts: np.ndarray, reference_n: float) -> dict:
-    """PSI of a batch histogram against a reference, judged net of sampling noise.
+def _summaries(x: np.ndarray, pred, image: bool) -> list[np.ndarray]:
+    """The per-row values of every continuous check, (N,) each."""
+    if image:
+        flat = x.reshape(len(x), x.shape[1], -1).astype(np.float32)  # (N, C, H*W)
+        cols = [*flat.mean(axis=2).T, *flat.std(axis=2).T]
+    else:
+        cols = list(np.asarray(x, np.float64).T)
+    return cols + [pred.values if pred.values is not None else pred.confidence]
 
-    Two samples of one distribution still differ: without any drift PSI averages about
-    (bins - 1) * (1/n + 1/m) for n batch and m reference samples, and stays below twice that
-    19 times in 20 (simulated). The noise floor is that twice-the-mean; the status compares
-    PSI minus the floor with the thresholds, so a small batch is not flagged for being
-    small. For large batches the floor vanishes (0.008 for 10,000 rows in 20 bins)."""
-    value = psi(expected, actual_counts)
-    bins = int(((np.asarray(expected) > 0) | (actual_counts > 0)).sum())
-    noise = 2 * max(bins - 1, 0) * (1 / max(1, actual_counts.sum()) + 1 / max(1.0, reference_n))
-    return {"psi": value, "noise_floor": noise, "status": status(value - noise)}
+
+def reference(card: dict, x: np.ndarray, pred) -> dict:
+    """The card's `drift_reference`: quantile bins and counts of every per-row summary on the
+    validation rows `x` with the exported graph's predictions `pred`, and their classes."""
+    columns = _summaries(x, pred, card["input"]["kind"] == "image")
+    checks = []
+    for name, values in zip(summary_names(card), columns):
+        inner = np.quantile(values, np.linspace(0, 1, QUANTILE_BINS + 1)[1:-1])
+        edges = np.unique(inner)  # ties (a constant feature, confidence 1.0) merge bins
+        counts = np.bincount(np.searchsorted(edges, values, side="right"),
+                             minlength=len(edges) + 1)
+        checks.append({"name": name, "edges": edges.tolist(), "counts": counts.tolist()})
+    ref = {"rows": int(len(x)), "split": "validation", "continuous": checks}
+    if pred.labels is not None:
+        ref["classes"] = np.bincount(pred.labels, minlength=len(card["class_names"])).tolist()
+    return ref
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values (family-wise error control, any dependence)."""
+    order = np.argsort(p_values)
+    adjusted, running = np.empty(len(p_values)), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted.tolist()
+
+
+def ks_check(ref_counts: np.ndarray, counts: np.ndarray) -> dict:
+    """Two-sample KS on shared bins: statistic, p-value (asymptotic with Stephens'
+    small-sample correction) and PSI over the reference deciles."""
+    from scipy.stats import kstwobign
+
+    n, m = counts.sum(), ref_counts.sum()
+    d = float(np.abs(np.cumsum(counts) / n - np.cumsum(ref_counts) / m).max())
+    en = np.sqrt(n * m / (n + m))
+    p = float(kstwobign.sf((en + 0.12 + 0.11 / en) * d))
+    # Deciles of the reference: group the bins by where their middle falls in its CDF.
+    mid = (np.cumsum(ref_counts) - ref_counts / 2) / m
+    group = np.minimum((mid * EFFECT_BINS).astype(np.int64), EFFECT_BINS - 1)
+    effect = psi(np.bincount(group, ref_counts, EFFECT_BINS), np.bincount(group, counts, EFFECT_BINS))
+    return {"test": "ks", "statistic": d, "p": p, "psi": effect}
+
+
+def chi2_check(ref_counts: np.ndarray, counts: np.ndarray) -> dict:
+    """Chi-square test of homogeneity of two count vectors; categories the batch is expected
+    to hold fewer than 5 times are merged into one."""
+    from scipy.stats import chi2_contingency
+
+    n, m = counts.sum(), ref_counts.sum()
+    sparse = ref_counts * (n / m) < 5
+    ref = np.append(ref_counts[~sparse], ref_counts[sparse].sum())
+    got = np.append(counts[~sparse], counts[sparse].sum())
+    keep = (ref + got) > 0
+    ref, got = ref[keep], got[keep]
+    if len(ref) < 2:  # one category left: nothing to compare
+        return {"test": "chi2", "statistic": 0.0, "p": 1.0, "psi": psi(ref, got)}
+    stat, p, _, _ = chi2_contingency(np.stack([got, ref]), correction=False)
+    return {"test": "chi2", "statistic": float(stat), "p": float(p), "psi": psi(ref, got)}
+
+
+def _status(p_adjusted: float, effect: float) -> str:
+    if p_adjusted >= ALPHA or effect < PSI_WARN:
+        return "ok"
+    return "drift" if effect >= PSI_DRIFT else "warn"
 
 
 class DriftAccumulator:
-    """Adds up a batch job's histograms chunk by chunk; `state()` is JSON-ready, so an
-    interrupted job can resume its statistics too."""
+    """Counts a job's rows into the reference's bins chunk by chunk. The counts are the
+    whole state: `state()` is JSON-ready and `merge()` adds another accumulator's (a
+    resumed job's parts, Ray workers, server windows)."""
 
     def __init__(self, card: dict):
-        self.card = card
-        stats = card["training_stats"]
-        hist = stats["histogram"]
-        self.lo, self.hi = hist["range"]
-        self.bins = hist["bins"]
-        channels = len(stats["mean"])
-        n_cls = len(card["class_names"])
-        self.counts = {"inputs": np.zeros((channels, self.bins), np.int64),
-                       "sums": np.zeros((channels, 2), np.float64),  # sum, sum of squares
-                       "outputs": np.zeros(n_cls or self.bins, np.int64),
-                       "confidence": np.zeros(CONFIDENCE_BINS, np.int64)}
-        self.values_per_channel = 0
+        self.card, self.ref = card, card.get("drift_reference")
+        self.image = card["input"]["kind"] == "image"
+        self.counts = {"rows": 0}
+        if self.ref:
+            self.counts["continuous"] = [np.zeros(len(c["counts"]), np.int64)
+                                         for c in self.ref["continuous"]]
+            if "classes" in self.ref:
+                self.counts["classes"] = np.zeros(len(self.ref["classes"]), np.int64)
 
     def update(self, x: np.ndarray, pred) -> None:
-        per = np.moveaxis(x, 1, 0).reshape(x.shape[1], -1)  # (C, N*H*W) or (F, N)
-        for c, row in enumerate(per):
-            if row.dtype == np.uint8:
-                # Count the 256 possible values once; bins, sum and sum of squares follow
-                # from those counts without float copies of the batch.
-                values = np.arange(256, dtype=np.float64)
-                counts = np.bincount(row, minlength=256)
-                lut = bin_index(values, self.lo, self.hi, self.bins)
-                self.counts["inputs"][c] += np.bincount(lut, weights=counts,
-                                                        minlength=self.bins).astype(np.int64)
-                self.counts["sums"][c] += (counts @ values, counts @ (values * values))
-            else:
-                self.counts["inputs"][c] += bin_counts(row, self.lo, self.hi, self.bins)
-                row = row.astype(np.float64)
-                self.counts["sums"][c] += (row.sum(), row @ row)
-        self.values_per_channel += per.shape[1]
-        if pred.values is not None:
-            target = self.card["training_stats"]["target"]["histogram"]
-            self.counts["outputs"] += bin_counts(pred.values, *target["range"], target["bins"])
-        else:
-            self.counts["outputs"] += np.bincount(pred.labels, minlength=len(self.counts["outputs"]))
-            self.counts["confidence"] += bin_counts(pred.confidence, 0.0, 1.0, CONFIDENCE_BINS)
+        self.counts["rows"] += len(x)
+        if not self.ref or not len(x):
+            return
+        for i, values in enumerate(_summaries(x, pred, self.image)):
+            edges = self.ref["continuous"][i]["edges"]
+            self.counts["continuous"][i] += np.bincount(
+                np.searchsorted(edges, values, side="right"), minlength=len(edges) + 1)
+        if "classes" in self.counts:
+            self.counts["classes"] += np.bincount(pred.labels, minlength=len(self.ref["classes"]))
 
     def state(self) -> dict:
-        return {"counts": {k: v.tolist() for k, v in self.counts.items()},
-                "values_per_channel": self.values_per_channel}
+        return {"rows": self.counts["rows"],
+                "continuous": [c.tolist() for c in self.counts.get("continuous", [])],
+                "classes": self.counts["classes"].tolist() if "classes" in self.counts else None}
 
     def merge(self, state: dict) -> None:
-        for k, v in state["counts"].items():
-            self.counts[k] += np.asarray(v, dtype=self.counts[k].dtype)
-        self.values_per_channel += state["values_per_channel"]
+        self.counts["rows"] += state["rows"]
+        for mine, theirs in zip(self.counts.get("continuous", []), state["continuous"]):
+            mine += np.asarray(theirs, np.int64)
+        if "classes" in self.counts:
+            self.counts["classes"] += np.asarray(state["classes"], np.int64)
 
     def report(self) -> dict:
-        card, stats = self.card, self.card["training_stats"]
-        names = card["input"].get("columns") or [f"channel {c}" for c in range(len(stats["mean"]))]
-        n = max(1, self.values_per_channel)
-        per_row = int(np.prod(card["input"]["shape"][1:])) if card["input"]["kind"] == "image" else 1
-        train_values = stats["samples"] * per_row  # reference values per channel
-        inputs = []
-        for c, name in enumerate(names):
-            result = check(stats["histogram"]["frequencies"][c], self.counts["inputs"][c],
-                           train_values)
-            inputs.append({"name": name, **result, "mean": self.counts["sums"][c, 0] / n,
-                           "train_mean": stats["mean"][c]})
-        if card["task"] == "regression":
-            expected = stats["target"]["histogram"]["frequencies"]
-            reference = "training target distribution"
-        else:
-            counts = np.asarray(stats["class_counts"], np.float64)
-            expected, reference = counts / counts.sum(), "training label frequencies"
-        report = {
-            "thresholds": {"warn": PSI_WARN, "drift": PSI_DRIFT},
-            "inputs": inputs,
-            "predictions": {**check(expected, self.counts["outputs"], stats["samples"]),
-                            "reference": reference, "counts": self.counts["outputs"].tolist()},
-        }
-        conf = card.get("validation_confidence")
-        if conf and card["task"] != "regression":
-            centers = (np.arange(CONFIDENCE_BINS) + 0.5) / CONFIDENCE_BINS
-            mean = float((self.counts["confidence"] * centers).sum() /
-                         max(1, self.counts["confidence"].sum()))
-            report["confidence"] = {**check(conf["frequencies"], self.counts["confidence"],
-                                            conf["samples"]),
-                                    "mean": mean, "validation_mean": conf["mean"]}
-        checks = [i["status"] for i in inputs] + [report["predictions"]["status"]]
-        checks += [report["confidence"]["status"]] if "confidence" in report else []
-        report["status"] = "drift" if "drift" in checks else "warn" if "warn" in checks else "ok"
-        return report
+        if not self.ref:
+            return {"status": "unavailable", "rows": self.counts["rows"], "checks": [],
+                    "reason": "the model card has no drift reference; re-export the model "
+                              "with this version to get drift tests"}
+        checks = [{"name": ref["name"], **ks_check(np.asarray(ref["counts"]), counts)}
+                  for ref, counts in zip(self.ref["continuous"], self.counts["continuous"])]
+        if "classes" in self.counts:
+            checks.append({"name": "predicted classes",
+                           **chi2_check(np.asarray(self.ref["classes"]), self.counts["classes"])})
+        for check, adjusted in zip(checks, holm([c["p"] for c in checks])):
+            check["p_adjusted"] = adjusted
+            check["status"] = _status(adjusted, check["psi"])
+        statuses = {c["status"] for c in checks}
+        return {"status": "drift" if "drift" in statuses else "warn" if "warn" in statuses
+                else "ok", "rows": self.counts["rows"], "reference_rows": self.ref["rows"],
+                "alpha": ALPHA, "psi_warn": PSI_WARN, "psi_drift": PSI_DRIFT,
+                "correction": "holm", "checks": checks}
 
 
 def format_report(report: dict, limit: int = 12) -> str:
-    """A short table: the worst inputs, the predictions, the confidence."""
-    lines = [f"drift: {report['status'].upper()} (PSI warn >= {PSI_WARN}, drift >= {PSI_DRIFT})",
-             f"  {'check':28} {'PSI':>8} {'noise':>7}  status"]
-    worst = sorted(report["inputs"], key=lambda i: -i["psi"])
-    for item in worst[:limit]:
-        lines.append(f"  input {item['name'][:22]:22} {item['psi']:8.4f} {item['noise_floor']:7.4f}"
-                     f"  {item['status']}")
-    if len(worst) > limit:
-        lines.append(f"  ... {len(worst) - limit} more inputs, all with lower PSI")
-    p = report["predictions"]
-    lines.append(f"  {'predicted distribution':28} {p['psi']:8.4f} {p['noise_floor']:7.4f}"
-                 f"  {p['status']}")
-    if "confidence" in report:
-        c = report["confidence"]
-        lines.append(f"  {'confidence distribution':28} {c['psi']:8.4f} {c['noise_floor']:7.4f}"
-                     f"  {c['status']} (mean {c['mean']:.3f} vs validation "
-                     f"{c['validation_mean']:.3f})")
+    """A short table: the checks with the smallest corrected p-values first."""
+    if report["status"] == "unavailable":
+        return f"drift: UNAVAILABLE ({report['reason']})"
+    lines = [f"drift: {report['status'].upper()} ({report['rows']} rows vs "
+             f"{report['reference_rows']} validation rows; family-wise false-alarm rate "
+             f"{ALPHA:g}, Holm; a significant check warns at PSI >= {PSI_WARN:g}, "
+             f"drifts at >= {PSI_DRIFT:g})",
+             f"  {'check':24} {'test':>4} {'stat':>8} {'p (Holm)':>9} {'PSI':>7}  status"]
+    ranked = sorted(report["checks"], key=lambda c: (c["p_adjusted"], -c["psi"]))
+    for c in ranked[:limit]:
+        lines.append(f"  {c['name'][:24]:24} {c['test']:>4} {c['statistic']:8.4f} "
+                     f"{c['p_adjusted']:9.2g} {c['psi']:7.4f}  {c['status']}")
+    if len(ranked) > limit:
+        lines.append(f"  ... {len(ranked) - limit} more checks, all with larger p-values")
     return "\n".join(lines)

@@ -107,38 +107,41 @@ def _idx_chunks(path: Path, class_names, rows: int, first: int) -> Iterator[Chun
     return _array_chunks(path, x, y, class_names, rows, first)
 
 
+def is_image_input(path: Path) -> bool:
+    """A folder of images or a .txt list of them (the other inputs are single files)."""
+    return path.is_dir() or path.suffix.lower() == ".txt"
+
+
 def image_files(path: Path) -> list[Path]:
     """A folder (searched recursively) or a .txt list of image paths, one per line."""
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     else:
         base = path.parent
-        files = [base / line.strip() for line in path.read_text().splitlines() if line.strip()]
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{path}: image list is not UTF-8 text (byte {exc.start})") from None
+        files = [base / line.strip() for line in text.splitlines() if line.strip()]
     if not files:
         raise InputError(f"{path}: no PNG or JPEG images found")
     return files
 
 
 def decode_image(path: Path, spec: dict) -> np.ndarray:
-    """One image as the card says: colour mode, resize to (H, W), uint8 (C, H, W)."""
-    from PIL import Image, UnidentifiedImageError
+    """One image file as the card says (export/imaging.py, shared with training)."""
+    from export.imaging import decode
 
-    channels, height, width = spec["shape"]
-    mode = spec.get("color_mode", "L" if channels == 1 else "RGB")
     try:
-        with Image.open(path) as img:
-            img = img.convert(mode)
-            if img.size != (width, height):
-                img = img.resize((width, height), Image.Resampling.BILINEAR)
-            arr = np.asarray(img, dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
-        raise InputError(f"{path}: cannot decode image ({exc})") from None
-    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read image ({exc.strerror or exc})") from None
+    return decode(data, spec, str(path))
 
 
 def _image_chunks(path: Path, spec: dict, class_names, rows: int, first: int, on_error: str,
-                  pool: ThreadPoolExecutor) -> Iterator[Chunk]:
-    files = image_files(path)
+                  pool: ThreadPoolExecutor, files: list[Path] | None) -> Iterator[Chunk]:
+    files = image_files(path) if files is None else files
     root = path if path.is_dir() else path.parent
     labelled = all(f.parent.name in class_names for f in files)
 
@@ -229,16 +232,18 @@ def _concat(a, b):
 
 def iter_chunks(path: str | Path, spec: dict, class_names: list[str], rows: int = 1024,
                 on_error: str = "fail", target: str | None = None,
-                start_chunk: int = 0) -> Iterator[Chunk]:
+                start_chunk: int = 0, files: list[Path] | None = None) -> Iterator[Chunk]:
     """Chunks of exactly `rows` inputs (the last may be shorter) from any supported input,
-    starting at chunk `start_chunk` (a resumed job skips what it has done)."""
+    starting at chunk `start_chunk` (a resumed job skips what it has done). `files`: the
+    images of an image input, when the caller has listed them already."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: input not found")
     suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix.lower()
-    if path.is_dir() or suffix == ".txt":
+    if is_image_input(path):
         with ThreadPoolExecutor() as pool:
-            yield from _image_chunks(path, spec, class_names, rows, start_chunk, on_error, pool)
+            yield from _image_chunks(path, spec, class_names, rows, start_chunk, on_error, pool,
+                                     files)
     elif suffix in (".npz", ".npy"):
         yield from _array_chunks(path, *read_arrays(path), class_names, rows, start_chunk)
     elif suffix in TABLE_SUFFIXES:

@@ -23,10 +23,11 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from export import variants
+from export import drift, variants
 from export.atomic import atomic_path
 from export.card import attach_card
 from export.errors import InputError
+from export.runtime import Prediction
 
 DEFAULT_OPSET = 18
 # Max |output_onnx - output_torch| per precision: float32 reorderings stay around 1e-5;
@@ -70,6 +71,14 @@ def graph_outputs(model: onnx.ModelProto, x: np.ndarray, batch_size: int = 512) 
     name, first = session.get_inputs()[0].name, session.get_outputs()[0].name
     return np.concatenate([session.run([first], {name: x[i:i + batch_size]})[0]
                            for i in range(0, len(x), batch_size)])
+
+
+def graph_prediction(model: onnx.ModelProto, x: np.ndarray, task: str) -> Prediction:
+    """What `Predictor.predict` returns, from an in-memory graph (before it has a card)."""
+    if task == "regression":
+        return Prediction(values=graph_outputs(model, x))
+    probabilities = variants.probabilities(model, x)
+    return Prediction(probabilities.argmax(axis=1), probabilities)
 
 
 def graph_metrics(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray, task: str) -> dict:
@@ -344,8 +353,9 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path, data: HeldOut | No
         model = int8
     card["parity"] = parity_check(frozen, model, data.parity_x,
                                   DEFAULT_ATOL[variant] if atol is None else atol)
-    if not module.regression and len(data.val_x):
-        card["validation_confidence"] = variants.confidence_histogram(model, data.val_x)
+    if len(data.val_x):  # what the batch jobs' drift tests compare with
+        card["drift_reference"] = drift.reference(card, data.val_x,
+                                                  graph_prediction(model, data.val_x, card["task"]))
     if data.test_y is not None and len(data.test_y):
         card["metrics"].update(graph_metrics(model, data.test_x, data.test_y, card["task"]))
     attach_card(model, card)

@@ -57,14 +57,3 @@ def probabilities(model: onnx.ModelProto, x: np.ndarray, batch_size: int = 512) 
 def accuracy(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray) -> float:
     """Top-1 accuracy of a classification graph under onnxruntime (CPU)."""
     return float((probabilities(model, x).argmax(1) == y).mean()) if len(x) else 0.0
-
-
-def confidence_histogram(model: onnx.ModelProto, x: np.ndarray) -> dict:
-    """The validation set's top-1 confidence distribution: the reference against which a
-    batch job's confidences are checked for drift."""
-    from export.drift import CONFIDENCE_BINS, bin_counts
-
-    conf = probabilities(model, x).max(axis=1)
-    counts = bin_counts(conf, 0.0, 1.0, CONFIDENCE_BINS)
-    return {"bins": CONFIDENCE_BINS, "range": [0.0, 1.0], "samples": int(len(conf)),
-            "frequencies": (counts / max(1, counts.sum())).tolist(), "mean": float(conf.mean())}

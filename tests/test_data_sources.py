@@ -181,7 +181,7 @@ def test_image_folder_decodes_converts_and_caches(tmp_path, capsys, monkeypatch)
     ds = load_source("image_folder", str(root), opts)
     assert ds.class_names == ["cat", "dog"]
     assert ds.train.x.shape == (10, 3, 8, 8) and ds.train.x.dtype == np.uint8
-    assert "converted 1 images to RGB, resized 1 to 8x8" in capsys.readouterr().err
+    assert "decoded 10 images to RGB 8x8" in capsys.readouterr().err
     assert len(list((tmp_path / "cache").glob("*.x.npy"))) == 1
 
     import trainer.data.image_folder as image_folder
@@ -189,7 +189,7 @@ def test_image_folder_decodes_converts_and_caches(tmp_path, capsys, monkeypatch)
     def no_decode(*a, **k):
         raise AssertionError("decoded again despite the cache")
 
-    monkeypatch.setattr(image_folder, "_decode", no_decode)
+    monkeypatch.setattr(image_folder, "_decode_all", no_decode)
     again = load_source("image_folder", str(root), opts)
     assert again.fingerprint == ds.fingerprint
     np.testing.assert_array_equal(again.train.arrays()[0], ds.train.arrays()[0])

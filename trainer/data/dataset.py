@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from export.errors import InputError
+from export.imaging import PREPROCESSING
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,8 @@ def image_spec(channels: int, height: int, width: int) -> dict:
         "value_range": [0, 255],
         "color_mode": "L" if channels == 1 else "RGB",
         "resize": [height, width],
+        # How files become these pixels (export/imaging.py), for any runtime to reproduce.
+        "preprocessing": PREPROCESSING,
     }
 
 

@@ -1,7 +1,8 @@
 """A folder of images, one sub-folder per class (optionally under train/, val/, test/).
 
-Decoded once with torchvision's readers, converted to one colour mode and resized to one
-size, then cached on disk keyed by the files' content: the second run reads one .npy
+Decoded once by the deployment decoder (export/imaging.py: EXIF orientation, bit depth,
+colour mode, antialiased bilinear resize), so training sees exactly the pixels `trainer
+predict` will feed the model; then cached on disk keyed by the files' content: the second run reads one .npy
 (memory-mapped) instead of decoding again.
 """
 
@@ -22,7 +23,7 @@ from trainer.data.dataset import (FixedDataset, SourceOptions, Split, image_spec
 
 SUFFIXES = {".png", ".jpg", ".jpeg"}
 SPLITS = ("train", "val", "test")
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"  # 2: decoded by export/imaging.py
 
 
 def _class_files(folder: Path) -> dict[str, list[Path]]:
@@ -51,36 +52,24 @@ def _layout(root: Path) -> dict[str, dict[str, list[Path]]]:
     return layout
 
 
-def _decode(path: Path, data: bytes, mode: str, size: tuple[int, int], counts: dict):
-    import torch
-    from torchvision.io import ImageReadMode, decode_image
-    from torchvision.transforms.v2 import functional as F
-
-    try:
-        img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                           mode=ImageReadMode.UNCHANGED)
-    except (RuntimeError, ValueError) as exc:
-        raise InputError(f"{path}: cannot decode image ({str(exc).splitlines()[0]})") from None
-    if img.shape[0] in (2, 4):  # drop alpha
-        img = img[:-1]
-    want = 1 if mode == "L" else 3
-    if img.shape[0] != want:
-        counts["converted"] += 1
-        img = F.rgb_to_grayscale(img) if want == 1 else img.expand(3, -1, -1)
-    if tuple(img.shape[1:]) != size:
-        counts["resized"] += 1
-        img = F.resize(img, list(size), antialias=True)
-    return img.numpy()
-
-
 def _first_image_format(path: Path) -> tuple[str, tuple[int, int]]:
-    from torchvision.io import ImageReadMode, decode_image, read_file
+    from export.imaging import probe
 
-    try:
-        img = decode_image(read_file(str(path)), mode=ImageReadMode.UNCHANGED)
-    except RuntimeError as exc:
-        raise InputError(f"{path}: cannot decode image ({str(exc).splitlines()[0]})") from None
-    return ("L" if img.shape[0] in (1, 2) else "RGB"), (int(img.shape[1]), int(img.shape[2]))
+    return probe(path.read_bytes(), str(path))
+
+
+def _decode_all(files: list[Path], spec: dict, x: np.ndarray) -> None:
+    """Decode every file into `x` with the deployment decoder, in threads (pillow releases
+    the GIL while decoding)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from export.imaging import decode
+
+    def one(i: int) -> None:
+        x[i] = decode(files[i].read_bytes(), spec, str(files[i]))
+
+    with ThreadPoolExecutor() as pool:
+        list(pool.map(one, range(len(files))))
 
 
 def load_image_folder(root: str | None, opts: SourceOptions) -> FixedDataset:
@@ -101,20 +90,16 @@ def load_image_folder(root: str | None, opts: SourceOptions) -> FixedDataset:
     cache = Path(opts.cache_dir or os.environ.get("FROZENFIT_CACHE",
                                                   Path.home() / ".cache" / "frozenfit"))
     x_path, meta_path = (cache / f"{key.hexdigest()}.{ext}" for ext in ("x.npy", "meta.json"))
+    spec = image_spec(1 if mode == "L" else 3, *size)
     if not (x_path.is_file() and meta_path.is_file()):
-        channels = 1 if mode == "L" else 3
-        x = np.empty((len(files), channels, *size), dtype=np.uint8)
-        counts = {"converted": 0, "resized": 0}
-        for i, (_, _, path) in enumerate(files):
-            x[i] = _decode(path, path.read_bytes(), mode, size, counts)
-        if counts["converted"] or counts["resized"]:
-            print(f"image_folder: {folder}: converted {counts['converted']} images to {mode}, "
-                  f"resized {counts['resized']} to {size[0]}x{size[1]}", file=sys.stderr)
+        x = np.empty((len(files), *spec["shape"]), dtype=np.uint8)
+        _decode_all([path for _, _, path in files], spec, x)
+        print(f"image_folder: {folder}: decoded {len(files)} images to {mode} "
+              f"{size[0]}x{size[1]} (cached in {cache})", file=sys.stderr)
         with atomic_path(x_path) as tmp:
             with open(tmp, "wb") as f:
                 np.save(f, x)
-        meta = {"labels": [lbl for _, lbl, _ in files], "splits": [s for s, _, _ in files],
-                **counts}
+        meta = {"labels": [lbl for _, lbl, _ in files], "splits": [s for s, _, _ in files]}
         with atomic_path(meta_path) as tmp:
             tmp.write_text(json.dumps(meta))
     x = np.load(x_path, mmap_mode="r")
@@ -122,5 +107,5 @@ def load_image_folder(root: str | None, opts: SourceOptions) -> FixedDataset:
     y, split_of = np.array(meta["labels"], dtype=np.int64), np.array(meta["splits"])
     parts = {s: Split(x, y).subset(np.flatnonzero(split_of == s)) for s in layout}
     return make_dataset(folder.name, parts["train"], parts.get("test"), names,
-                        image_spec(x.shape[1], *size), val=parts.get("val"),
+                        spec, val=parts.get("val"),
                         origin=folder)

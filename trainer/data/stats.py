@@ -1,5 +1,7 @@
-"""Statistics of the training split: the normalisation the model bakes in, and the
-reference that deployment compares its batches against to detect drift."""
+"""Statistics of the training split: the normalisation the model bakes in, and a
+description of the training data (per-channel histograms, class counts or target
+quantiles) kept in the model card. The drift tests compare batches with the validation
+split's per-row summaries instead (export/drift.py, computed at export)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ MAX_ROWS = 100_000  # above this, statistics come from a seeded sample of rows
 
 
 def _hist(values: np.ndarray, lo: float, hi: float) -> list[float]:
-    """Bin frequencies, binned exactly as deployment bins its batches (export/drift.py)."""
+    """Bin frequencies over `HIST_BINS` equal bins of [lo, hi]."""
     counts = bin_counts(values, lo, hi, HIST_BINS)
     return (counts / max(1, counts.sum())).tolist()
 

@@ -1,0 +1,43 @@
+"""One line that says which machine a benchmark ran on: CPU model, the ISA extensions that
+matter for its kernels, cores, and the versions of the libraries doing the work."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import os
+import platform
+
+FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "neon", "asimd")
+
+
+def _cpu() -> tuple[str, list[str]]:
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "Model") and model in ("", platform.machine(), platform.processor()):
+                    model = value.strip()
+                elif key in ("flags", "Features"):
+                    flags.update(value.split())
+    except OSError:
+        pass
+    return model, [f for f in FLAGS if f in flags]
+
+
+def describe() -> str:
+    model, flags = _cpu()
+    versions = []
+    for name in ("numpy", "onnxruntime", "torch", "lightning", "scipy"):
+        try:
+            versions.append(f"{name} {md.version(name)}")
+        except md.PackageNotFoundError:
+            pass
+    return (f"machine: {model}; ISA {'+'.join(flags) or 'baseline'}; "
+            f"{os.cpu_count()} cores; {platform.system()} {platform.machine()}; "
+            f"Python {platform.python_version()}; {', '.join(versions)}")
+
+
+if __name__ == "__main__":
+    print(describe())
