@@ -2,15 +2,16 @@
 
 numpy + onnxruntime + pillow (+ pyarrow for tables). Inputs stream in chunks of
 `chunk_rows`, so memory stays bounded whatever the input size. Each chunk becomes a part
-file plus a small JSON of its counts in `.<output>.partial/`; the final file is joined from
-the parts and renamed into place. `resume=True` continues after the last complete part.
+file plus a record of its rows, SHA-256 and counts in `.<output>.partial/`, held under an
+exclusive lock (export/jobstate.py); the final file is joined from the verified parts,
+its rows counted, and renamed into place. `resume=True` continues after the last part
+that matches its record, and refuses an input that changed.
 """
 
 from __future__ import annotations
 
-import hashlib
+import itertools
 import json
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -21,7 +22,8 @@ import numpy as np
 from export.atomic import atomic_path
 from export.drift import DriftAccumulator, format_report
 from export.errors import InputError
-from export.readers import iter_chunks
+from export.jobstate import JobState, input_identity, sha256_file
+from export.readers import image_files, is_image_input, iter_chunks
 from export.runtime import Prediction, Predictor
 from export.writers import check_format, join_parts, write_part
 
@@ -35,6 +37,7 @@ class JobOptions:
     on_error: str = "fail"  # unreadable image: fail the job, or skip and list it
     resume: bool = False
     progress: bool = True
+    timeout_per_batch: float | None = 600.0  # seconds one onnxruntime call may take
 
 
 def output_columns(pred: Prediction, y: np.ndarray | None, class_names: list[str],
@@ -77,14 +80,6 @@ def label_metrics(sums: dict[str, float]) -> dict[str, float]:
     return {"mae": sums["abs_err"] / sums["n"], "rmse": float(np.sqrt(sums["sq_err"] / sums["n"]))}
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _peak_rss_mb() -> float:
     """Peak resident memory of this process. Linux's VmHWM belongs to this program alone;
     ru_maxrss would also carry the high-water mark of whatever exec'd it."""
@@ -114,24 +109,6 @@ class _Progress:
         print(f"predict: {rows:,} rows, {rate:,.0f} rows/s", end=end, file=sys.stderr, flush=True)
 
 
-def _job_dir(output: Path, job: dict, resume: bool) -> tuple[Path, int]:
-    """The partial-job folder and how many parts are already complete in it."""
-    folder = output.parent / f".{output.name}.partial"
-    meta = folder / "job.json"
-    if folder.exists() and resume and meta.is_file():
-        if json.loads(meta.read_text()) != job:
-            raise InputError(f"{output}: cannot --resume: the interrupted job used another "
-                             "model, input or options; run it again without --resume")
-        done = 0
-        while (folder / f"part-{done:06d}.json").is_file():
-            done += 1
-        return folder, done
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    meta.write_text(json.dumps(job))
-    return folder, 0
-
-
 class _Totals:
     """What the job has counted so far, summed over part records (resumed or new)."""
 
@@ -146,28 +123,29 @@ class _Totals:
         self.rows, self.header = self.rows + record["rows"], record["header"]
 
 
-def _predict_parts(predictor: Predictor, input_path, folder: Path, done: int, fmt: str,
-                   opts: JobOptions) -> tuple[_Totals, int]:
+def _predict_parts(predictor: Predictor, input_path, images: list[Path] | None,
+                   state: JobState, done: int, fmt: str, opts: JobOptions) -> tuple[_Totals, int]:
     """Write a part file and its record per chunk after the `done` complete ones; return
     the totals and the rows that were already done."""
     card, totals = predictor.card, _Totals(predictor.card)
     for i in range(done):
-        totals.add(json.loads((folder / f"part-{i:06d}.json").read_text()))
+        totals.add(state.read_record(i, fmt))
     resumed_after, progress = totals.rows, _Progress(opts.progress)
     chunks = iter_chunks(input_path, predictor.spec, predictor.class_names, opts.chunk_rows,
-                         opts.on_error, card["dataset"].get("target"), start_chunk=done)
+                         opts.on_error, card["dataset"].get("target"), start_chunk=done,
+                         files=images)
     for i, chunk in enumerate(chunks, start=done):
-        pred = predictor.predict(chunk.x, opts.batch_size, source=str(input_path))
+        pred = predictor.predict(chunk.x, opts.batch_size, source=f"{input_path} (chunk {i})",
+                                 timeout=opts.timeout_per_batch)
         columns = {"id": chunk.ids, **chunk.extra,
                    **output_columns(pred, chunk.y, predictor.class_names, opts.top_k)}
-        write_part(folder / f"part-{i:06d}{fmt}", columns)
+        write_part(state.part(i, fmt), columns)
         drift = DriftAccumulator(card)
         if len(chunk.x):
             drift.update(chunk.x, pred)
-        record = {"rows": len(chunk.ids), "skipped": chunk.skipped, "header": list(columns),
-                  "sums": label_sums(pred, chunk.y), "drift": drift.state()}
-        with atomic_path(folder / f"part-{i:06d}.json") as tmp:  # marks the part complete
-            tmp.write_text(json.dumps(record))
+        record = state.write_record(i, fmt, {
+            "rows": len(chunk.ids), "skipped": chunk.skipped, "header": list(columns),
+            "sums": label_sums(pred, chunk.y), "drift": drift.state()})
         totals.add(record)
         progress.update(totals.rows)
     progress.update(totals.rows, final=True)
@@ -175,6 +153,20 @@ def _predict_parts(predictor: Predictor, input_path, folder: Path, done: int, fm
         raise InputError(f"{input_path}: no readable inputs" + (
             f" ({len(totals.skipped)} skipped: {totals.skipped[0]})" if totals.skipped else ""))
     return totals, resumed_after
+
+
+def _join(state: JobState, output: Path, fmt: str, totals: _Totals) -> int:
+    """Join the verified parts into `output`; return the rows counted in the joined file."""
+    parts = []
+    for i in itertools.count():
+        if not state.record_path(i).is_file():
+            break
+        if state.read_record(i, fmt) is None:  # changed since it was recorded
+            raise InputError(f"{state.part(i, fmt)}: part does not match its record; nothing "
+                             f"written, run the job again with --resume to redo it")
+        parts.append(state.part(i, fmt))
+    rows = join_parts(parts, output, totals.header, expected_rows=totals.rows)
+    return rows
 
 
 def run_batch(model: str | Path, input_path: str | Path, output: str | Path,
@@ -187,33 +179,45 @@ def run_batch(model: str | Path, input_path: str | Path, output: str | Path,
     predictor = Predictor(model, provider=opts.provider)
     card = predictor.card
     source = Path(input_path)
-    stat = source.stat() if source.is_file() else None
-    job = {"model": _sha256(predictor.path), "input": str(source.resolve()),
-           "input_size": stat and stat.st_size, "input_mtime_ns": stat and stat.st_mtime_ns,
+    if not source.exists():
+        raise InputError(f"{source}: input not found")
+    images = image_files(source) if is_image_input(source) else None
+    job = {"model": sha256_file(predictor.path), "input": input_identity(source, images),
            "format": fmt, "chunk_rows": opts.chunk_rows, "top_k": opts.top_k,
            "on_error": opts.on_error}
-    folder, done = _job_dir(output, job, opts.resume)
+    state = JobState(output)
+    state.lock()
+    finished = False
     try:
-        totals, resumed_after = _predict_parts(predictor, input_path, folder, done, fmt, opts)
-    except InputError:
-        shutil.rmtree(folder, ignore_errors=True)  # bad input: leave nothing behind
-        raise
-    parts = sorted(folder.glob(f"part-*{fmt}"))
-    join_parts(parts, output, totals.header)
-    elapsed = time.perf_counter() - start
-    report = totals.drift.report()
-    rows = totals.rows
-    summary = {"rows": rows, "output": str(output), "format": fmt[1:],
-               "provider": predictor.provider, "model": str(predictor.path),
-               "model_sha256": job["model"], "dataset_fingerprint": card["dataset"]["fingerprint"],
-               "seconds": round(elapsed, 3), "rows_per_second": round(rows / elapsed, 1),
-               "resumed_after_rows": resumed_after,
-               "skipped": totals.skipped, "drift_status": report["status"],
-               "peak_memory_mb": round(_peak_rss_mb(), 1),
-               "options": asdict(opts), **label_metrics(totals.sums)}
-    for suffix, doc in ((".summary.json", summary), (".drift.json", report)):
-        with atomic_path(output.with_name(output.stem + suffix)) as tmp:
-            tmp.write_text(json.dumps(doc, indent=2))
-    shutil.rmtree(folder, ignore_errors=True)
+        done = state.start(job, opts.resume, fmt)
+        try:
+            totals, resumed_after = _predict_parts(predictor, input_path, images, state, done,
+                                                   fmt, opts)
+        except InputError:
+            finished = True  # bad input: leave nothing behind
+            raise
+        except OSError as exc:  # full disk, lost permissions: what is complete stays
+            if exc.errno is None:
+                raise
+            raise InputError(f"{exc.filename or state.folder}: {exc.strerror}; the complete "
+                             f"parts are kept in {state.folder}: free space and rerun with "
+                             f"--resume") from None
+        rows = _join(state, output, fmt, totals)
+        elapsed = time.perf_counter() - start
+        report = totals.drift.report()
+        summary = {"rows": rows, "output": str(output), "format": fmt[1:],
+                   "provider": predictor.provider, "model": str(predictor.path),
+                   "model_sha256": job["model"], "dataset_fingerprint": card["dataset"]["fingerprint"],
+                   "seconds": round(elapsed, 3), "rows_per_second": round(rows / elapsed, 1),
+                   "resumed_after_rows": resumed_after,
+                   "skipped": totals.skipped, "drift_status": report["status"],
+                   "peak_memory_mb": round(_peak_rss_mb(), 1),
+                   "options": asdict(opts), **label_metrics(totals.sums)}
+        for suffix, doc in ((".summary.json", summary), (".drift.json", report)):
+            with atomic_path(output.with_name(output.stem + suffix)) as tmp:
+                tmp.write_text(json.dumps(doc, indent=2))
+        finished = True
+    finally:
+        state.close(remove=finished)
     summary["drift_table"] = format_report(report)
     return summary

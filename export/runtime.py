@@ -6,6 +6,7 @@ against it before it reaches the session, and the error names the expected spec.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,27 +94,51 @@ class Predictor:
                                  "infinite values")
         return np.ascontiguousarray(x)
 
-    def _run(self, x: np.ndarray) -> list[np.ndarray]:
+    def _run(self, x: np.ndarray, timeout: float | None = None) -> list[np.ndarray]:
+        """One onnxruntime call; with `timeout`, a timer terminates it after that many
+        seconds (onnxruntime checks RunOptions.terminate between kernels)."""
         name, outputs = self.session.get_inputs()[0].name, self.card["outputs"]
-        if self.provider != PROVIDERS["cuda"]:
-            return self.session.run(outputs, {name: x})
-        # On CUDA, IOBinding copies the input to the device once and the outputs back once,
-        # instead of onnxruntime staging them per run.
-        binding = self.session.io_binding()
-        binding.bind_cpu_input(name, x)
-        for out in outputs:
-            binding.bind_output(out)
-        self.session.run_with_iobinding(binding)
-        return binding.copy_outputs_to_cpu()
+        options = ort.RunOptions()
+        options.log_severity_level = 4  # failures become one InputError line, not a log
+        timer = None
+        if timeout:
+            timer = threading.Timer(timeout, setattr, (options, "terminate", True))
+            timer.start()
+        try:
+            if self.provider != PROVIDERS["cuda"]:
+                return self.session.run(outputs, {name: x}, options)
+            # On CUDA, IOBinding copies the input to the device once and the outputs back
+            # once, instead of onnxruntime staging them per run.
+            binding = self.session.io_binding()
+            binding.bind_cpu_input(name, x)
+            for out in outputs:
+                binding.bind_output(out)
+            self.session.run_with_iobinding(binding, options)
+            return binding.copy_outputs_to_cpu()
+        except Exception:
+            if options.terminate:
+                raise TimeoutError from None
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     @property
     def regression(self) -> bool:
         return self.card["task"] == "regression"
 
-    def predict(self, x: np.ndarray, batch_size: int = 256, source: str = "input") -> Prediction:
-        """Run `x` through the graph in chunks of `batch_size` rows."""
+    def predict(self, x: np.ndarray, batch_size: int = 256, source: str = "input",
+                timeout: float | None = None) -> Prediction:
+        """Run `x` through the graph in chunks of `batch_size` rows; a chunk taking longer
+        than `timeout` seconds fails with one line naming its rows."""
         x = self.check(x, source)
-        chunks = [self._run(x[s:s + batch_size]) for s in range(0, max(len(x), 1), batch_size)]
+        chunks = []
+        for start in range(0, max(len(x), 1), batch_size):
+            try:
+                chunks.append(self._run(x[start:start + batch_size], timeout))
+            except TimeoutError:
+                raise InputError(f"{source}: rows {start}-{min(len(x), start + batch_size) - 1} "
+                                 f"took longer than --timeout-per-batch {timeout:g} s; stopped") from None
         outputs = self.card["outputs"]
         out = {k: np.concatenate([c[i] for c in chunks]) for i, k in enumerate(outputs)}
         if self.regression:

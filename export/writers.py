@@ -45,27 +45,49 @@ def write_part(path: Path, columns: dict[str, list]) -> None:
             pq.write_table(pa.table(columns), tmp)
 
 
-def join_parts(parts: list[Path], output: Path, header: list[str]) -> None:
-    """Concatenate the parts into `output` atomically, streaming part by part."""
+def join_parts(parts: list[Path], output: Path, header: list[str], expected_rows: int) -> int:
+    """Concatenate the parts into `output` atomically, streaming part by part; count the
+    rows of the joined file and refuse to put it in place unless they are `expected_rows`."""
     with atomic_path(output) as tmp:
         if output.suffix == ".parquet":
-            import pyarrow.parquet as pq
+            _join_parquet(parts, tmp, header)
+        else:
+            with open(tmp, "wb") as out:
+                if output.suffix == ".csv":
+                    out.write((",".join(header) + "\r\n").encode())
+                for part in parts:
+                    with open(part, "rb") as f:
+                        shutil.copyfileobj(f, out)
+        rows = count_rows(tmp, output.suffix)
+        if rows != expected_rows:
+            raise InputError(f"{output}: the joined file has {rows} rows but its parts recorded "
+                             f"{expected_rows}; nothing written")
+    return rows
 
-            writer = None
-            for part in parts:
-                table = pq.read_table(part)
-                writer = writer or pq.ParquetWriter(tmp, table.schema)
-                writer.write_table(table)
-            if writer is None:  # no rows: an empty file with the header's columns
-                import pyarrow as pa
 
-                pq.write_table(pa.table({name: [] for name in header}), tmp)
-            else:
-                writer.close()
-            return
-        with open(tmp, "wb") as out:
-            if output.suffix == ".csv":
-                out.write((",".join(header) + "\r\n").encode())
-            for part in parts:
-                with open(part, "rb") as f:
-                    shutil.copyfileobj(f, out)
+def _join_parquet(parts: list[Path], tmp: Path, header: list[str]) -> None:
+    import pyarrow.parquet as pq
+
+    writer = None
+    for part in parts:
+        table = pq.read_table(part)
+        writer = writer or pq.ParquetWriter(tmp, table.schema)
+        writer.write_table(table)
+    if writer is None:  # no rows: an empty file with the header's columns
+        import pyarrow as pa
+
+        pq.write_table(pa.table({name: [] for name in header}), tmp)
+    else:
+        writer.close()
+
+
+def count_rows(path: Path, fmt: str) -> int:
+    """Data rows in an output file, read back from the file itself."""
+    if fmt == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows
+    with open(path, newline="") as f:
+        if fmt == ".jsonl":  # json.dumps escapes newlines: one line per row
+            return sum(1 for _ in f)
+        return sum(1 for _ in csv.reader(f)) - 1  # quoted newlines stay inside their row

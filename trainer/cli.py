@@ -121,16 +121,20 @@ def cmd_predict(argv: list[str]) -> int:
                    help="an unreadable image fails the job, or is skipped and listed")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted job with the same model, input and options")
+    p.add_argument("--timeout-per-batch", type=float, default=600.0, metavar="S",
+                   help="fail if one onnxruntime call takes longer than S seconds (default 600)")
     p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
     args = p.parse_args(argv)
     if args.top_k < 1 or args.batch_size < 1 or args.chunk_rows < 1:
         raise InputError("--top-k, --batch-size and --chunk-rows must be >= 1")
+    if not args.timeout_per_batch > 0:
+        raise InputError("--timeout-per-batch must be > 0 seconds")
     from export.batch import JobOptions, run_batch
 
     summary = run_batch(args.model, args.input, args.output, JobOptions(
         batch_size=args.batch_size, chunk_rows=args.chunk_rows, top_k=args.top_k,
         provider=args.provider, on_error=args.on_error, resume=args.resume,
-        progress=not args.no_progress))
+        progress=not args.no_progress, timeout_per_batch=args.timeout_per_batch))
     print(f"predicted {summary['rows']} rows -> {summary['output']} "
           f"({summary['rows_per_second']:.0f} rows/s on {summary['provider']})")
     if summary["skipped"]:
@@ -203,6 +207,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"trainer {command}: error: {exc}".replace("trainer : ", "trainer: "),
               file=sys.stderr)
         return 2
+    except OSError as exc:  # a full disk, a read-only folder, a parent that is a file, ...
+        if exc.errno is None:
+            raise
+        where = exc.filename or "output"
+        print(f"trainer {command}: error: {where}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     except Exception as exc:
         if type(exc).__name__ != "NonFiniteLossError":  # lazily imported with lightning
             raise
@@ -211,3 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"trainer {command}: interrupted", file=sys.stderr)
         return 130
+    except BaseException as exc:
+        if type(exc).__name__ != "Preempted":  # lazily imported with lightning
+            raise
+        print(f"trainer {command}: stopped by SIGTERM before the run finished; `trainer fit "
+              f"... --ckpt_path last` completes it", file=sys.stderr)
+        return 0

@@ -5,6 +5,7 @@ Lightning, so `trainer/cli.py` loads it only for those commands."""
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -41,6 +42,23 @@ def _file_logger(config):
     if args is None or not {"save_dir", "name", "version"} <= set(vars(args)):
         return None
     return args
+
+
+class Preempted(BaseException):
+    """SIGTERM arrived outside a Lightning loop (setup, after fit, the final test or the
+    report): stop now; `--ckpt_path last` completes the run from its last checkpoint."""
+
+
+def _stop_on_sigterm() -> None:
+    """From here on SIGTERM never kills the process mid-write. While a Lightning loop runs,
+    Lightning's own handler is installed and calls this one too: Lightning stops at the next
+    batch (CheckpointOnSigterm saves). Anywhere else (setup, the export at fit's end, the
+    report) this is the handler, and it raises Preempted, which the CLI reports in one line."""
+    def handler(signum, frame):
+        if signal.getsignal(signal.SIGTERM) is handler:
+            raise Preempted()
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def _report(trainer):
@@ -93,6 +111,8 @@ def build_cli(args: list[str], run: bool = True, instantiate: bool = True):
             test write into the checkpoint's run (`eval/`)."""
             if self.subcommand is None:  # `trainer data`: parse only, nothing runs
                 return
+            if self.subcommand == "fit":
+                _stop_on_sigterm()
             config = self.config[self.subcommand]
             # Lightning unpickles checkpoints fully unless told otherwise; ours hold only
             # tensors and plain values. A config file cannot turn this off.
@@ -115,14 +135,19 @@ def build_cli(args: list[str], run: bool = True, instantiate: bool = True):
                 runs.check_same_config(ckpt, yaml.safe_load(
                     self.parser.dump(self.config, skip_none=False))[self.subcommand])
                 if logger and runs.in_run_folder(ckpt):  # continue in the run's own folder
-                    logger.save_dir, logger.name, logger.version = \
-                        str(run.parent.parent), run.parent.name, run.name
+                    if run.parent != root.resolve():  # a run under another save_dir/name
+                        logger.save_dir, logger.name = str(run.parent.parent), run.parent.name
+                    # Else keep save_dir as configured: ModelCheckpoint restores its best-k
+                    # state only when the checkpoint folder is spelled as it was.
+                    logger.version = run.name
                     runs.keep_previous_log(run)
             elif logger:
                 logger.save_dir, logger.name = str(run.parent), run.name
                 logger.version = f"eval/{self.subcommand}-{ckpt.stem}"
 
         def after_fit(self) -> None:
+            if self.trainer.received_sigterm:  # it came during the export at fit's end
+                raise Preempted()
             report = _report(self.trainer)
             if report.test_after_fit and not self.trainer.interrupted:
                 # Test exactly the weights that are exported: the best checkpoint's

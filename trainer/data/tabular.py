@@ -66,9 +66,14 @@ def load_tabular(root: str | None, opts: SourceOptions) -> FixedDataset:
     if table.num_rows == 0:
         raise InputError(f"{path}: the table has no rows")
     target = table.column(opts.target)
-    if target.null_count:
-        row = int(np.flatnonzero(target.is_null().to_numpy(zero_copy_only=False))[0])
-        raise InputError(f"{path}: row {row}, target column {opts.target!r} is empty")
+    empty = target.is_null().to_numpy(zero_copy_only=False)
+    if pat.is_string(target.type) or pat.is_large_string(target.type):
+        # CSV reads an empty string cell as "", not null: a class named "" is never meant.
+        empty |= np.char.strip(target.to_numpy(zero_copy_only=False).astype(str)) == ""
+    if empty.any():
+        row = int(np.flatnonzero(empty)[0])
+        raise InputError(f"{path}: row {row}, target column {opts.target!r} is empty "
+                         f"({int(empty.sum())} rows); fill or remove them")
     task = opts.task
     if task == "auto":
         task = "regression" if pat.is_floating(target.type) else "classification"

@@ -1,0 +1,207 @@
+"""The state of one batch job: `.<output>.partial/` beside the output, held under an
+exclusive lock for the whole run.
+
+It holds `job.json` (the model, the options and what the input is) and, per finished
+chunk, a part file and its record (`part-NNNNNN.json`: rows, SHA-256 of the part, counts).
+A record is written after its part, atomically, so a record names a part that was
+complete; on `--resume` every part is checked against its record and the job continues
+at the first part that is missing, damaged or unrecorded. Two jobs never share a state:
+the second one is refused, naming the first one's PID.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from export.atomic import atomic_path
+from export.errors import InputError
+
+HEAD_TAIL = 1 << 20  # bytes of a file's head and tail hashed into its identity
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_identity(path: Path) -> dict:
+    """Size, modification time and a hash of the first and last MiB: a changed file is
+    caught without reading all of it."""
+    st = path.stat()
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(HEAD_TAIL))
+        if st.st_size > HEAD_TAIL:
+            f.seek(max(HEAD_TAIL, st.st_size - HEAD_TAIL))
+            h.update(f.read(HEAD_TAIL))
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "head_tail_sha256": h.hexdigest()}
+
+
+def input_identity(path: Path, image_files: list[Path] | None) -> dict:
+    """What the input is: for a file its identity; for images (a folder or a .txt list),
+    every image's path, size and modification time."""
+    ident = {"path": str(path.resolve())}
+    if path.is_file():
+        ident["file"] = file_identity(path)
+    if image_files is not None:
+        root = path if path.is_dir() else path.parent
+        ident["images"] = [[str(f.relative_to(root)) if f.is_relative_to(root) else str(f),
+                            *_size_mtime(f)] for f in image_files]
+    return ident
+
+
+def _size_mtime(f: Path) -> list[int]:
+    try:
+        st = f.stat()
+        return [st.st_size, st.st_mtime_ns]
+    except OSError:
+        return [-1, -1]  # unreadable now: `--on-error` decides when it is read
+
+
+def describe_change(old: dict, new: dict) -> str:
+    """One phrase saying how the input changed between two identities."""
+    if old.get("path") != new.get("path"):
+        return f"the input is now {new.get('path')}, it was {old.get('path')}"
+    if "images" in old and "images" in new:
+        before = {p: (s, m) for p, s, m in old["images"]}
+        after = {p: (s, m) for p, s, m in new["images"]}
+        added, removed = after.keys() - before.keys(), before.keys() - after.keys()
+        changed = [p for p in after.keys() & before.keys() if after[p] != before[p]]
+        parts = [f"{len(added)} images added", f"{len(removed)} removed",
+                 f"{len(changed)} modified"]
+        example = sorted(added or removed or changed)
+        return ", ".join(parts) + (f" (e.g. {example[0]})" if example else "")
+    a, b = old.get("file", {}), new.get("file", {})
+    if a.get("size") != b.get("size"):
+        return f"its size changed from {a.get('size')} to {b.get('size')} bytes"
+    return "its content or modification time changed"
+
+
+class JobState:
+    def __init__(self, output: Path):
+        self.output = output
+        self.folder = output.parent / f".{output.name}.partial"
+        self._lock_fd: int | None = None
+
+    # -- the lock ----------------------------------------------------------------------
+    def lock(self) -> None:
+        """Hold `lock` inside the state folder exclusively until `close()`; refuse if another
+        live process holds it. flock dies with its process, so a killed job leaves no lock."""
+        path = self.folder / "lock"
+        while True:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    os.close(fd)
+                    raise
+                pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise InputError(f"{self.output}: another trainer predict job (PID {pid}) is "
+                                 f"writing this output; wait for it or choose another --output")
+            try:  # the folder may have been removed by the job we waited for: lock anew
+                same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def close(self, remove: bool) -> None:
+        """Release the lock; with `remove`, delete the state first (the job is finished or
+        failed for good)."""
+        if remove:
+            for item in self.folder.iterdir():
+                if item.name != "lock":
+                    shutil.rmtree(item) if item.is_dir() else item.unlink()
+            (self.folder / "lock").unlink(missing_ok=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        if remove:
+            try:
+                self.folder.rmdir()
+            except OSError:  # a new job already took the folder
+                pass
+
+    # -- the job ---------------------------------------------------------------------
+    def start(self, job: dict, resume: bool, fmt: str) -> int:
+        """Begin (or, with `resume`, continue) `job`; return how many parts are complete."""
+        meta = self.folder / "job.json"
+        if resume and meta.is_file():
+            try:
+                saved = json.loads(meta.read_text())
+            except (OSError, ValueError):
+                saved = None
+            if isinstance(saved, dict):
+                self._check_same(saved, job)
+                done = self._complete_parts(fmt)
+                self._remove_parts_from(done)
+                return done
+        self._remove_parts_from(0)
+        with atomic_path(meta) as tmp:
+            tmp.write_text(json.dumps(job))
+        return 0
+
+    def _check_same(self, saved: dict, job: dict) -> None:
+        if saved.get("input") != job["input"]:
+            raise InputError(f"{self.output}: cannot --resume: the input changed since the "
+                             f"interrupted job: {describe_change(saved.get('input', {}), job['input'])}"
+                             f"; run it again without --resume")
+        for key in sorted(job):
+            if saved.get(key) != job[key]:
+                what = "model" if key == "model" else f"option {key}"
+                raise InputError(f"{self.output}: cannot --resume: the interrupted job used "
+                                 f"another {what} ({saved.get(key)!r}, now {job[key]!r}); run "
+                                 f"it again without --resume")
+
+    def part(self, i: int, fmt: str) -> Path:
+        return self.folder / f"part-{i:06d}{fmt}"
+
+    def record_path(self, i: int) -> Path:
+        return self.folder / f"part-{i:06d}.json"
+
+    def write_record(self, i: int, fmt: str, record: dict) -> dict:
+        """Mark part `i` complete: its rows and SHA-256 with the job's counts."""
+        record = {**record, "sha256": sha256_file(self.part(i, fmt))}
+        with atomic_path(self.record_path(i)) as tmp:
+            tmp.write_text(json.dumps(record))
+        return record
+
+    def read_record(self, i: int, fmt: str) -> dict | None:
+        """Part `i`'s record if the part exists and matches it, else None."""
+        try:
+            record = json.loads(self.record_path(i).read_text())
+            if isinstance(record, dict) and record.get("sha256") == sha256_file(self.part(i, fmt)):
+                return record
+        except (OSError, ValueError):
+            pass
+        return None
+
+    def _complete_parts(self, fmt: str) -> int:
+        done = 0
+        while self.read_record(done, fmt) is not None:
+            done += 1
+        return done
+
+    def _remove_parts_from(self, first: int) -> None:
+        """Delete parts and records numbered `first` and up (and stray temporary files)."""
+        for item in self.folder.iterdir():
+            name = item.name
+            if name.startswith(".") or (name.startswith("part-") and name[5:11].isdigit()
+                                        and int(name[5:11]) >= first):
+                item.unlink(missing_ok=True)

@@ -1,0 +1,261 @@
+"""Exactly once, or refused: batch jobs under double launches, changed inputs, damaged
+state, a full disk and a hung graph; a fit pre-empted at its very end; empty targets."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+from PIL import Image
+
+from tests.conftest import ROOT, assert_one_line_error, run_cli
+
+ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def _start(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "trainer", *args], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(condition, timeout=60.0) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def _ids(path: Path) -> list[str]:
+    with open(path, newline="") as f:
+        return [row["id"] for row in csv.DictReader(f)]
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def big_input(tmp_path_factory):
+    work = tmp_path_factory.mktemp("big")
+    x = np.random.default_rng(0).integers(0, 255, (200_000, 1, 8, 8), dtype=np.uint8)
+    np.save(work / "big.npy", x)
+    return work / "big.npy"
+
+
+def _predict_args(model, source, out, *extra):
+    return ["predict", "--model", str(model), "--input", str(source), "--output", str(out),
+            "--no-progress", *extra]
+
+
+def test_a_second_job_on_the_same_output_is_refused_naming_the_first(digits_run, big_input,
+                                                                      tmp_path):
+    out = tmp_path / "p.csv"
+    first = _start(*_predict_args(digits_run / "model.onnx", big_input, out, "--chunk-rows",
+                                  "2000"))
+    lock = tmp_path / ".p.csv.partial" / "lock"
+    _wait_for(lambda: lock.is_file() and lock.read_text().strip() == str(first.pid))
+    second = run_cli(*_predict_args(digits_run / "model.onnx", big_input, out))
+    assert_one_line_error(second, "p.csv", f"PID {first.pid}", "another trainer predict job")
+    assert first.wait(120) == 0, first.stderr.read()
+    ids = _ids(out)
+    assert len(ids) == len(set(ids)) == 200_000  # one complete output, no interleaving
+    summary = json.loads((tmp_path / "p.summary.json").read_text())
+    assert summary["rows"] == 200_000 and not (tmp_path / ".p.csv.partial").exists()
+
+
+def _kill_after_parts(args, partial: Path, parts: int) -> None:
+    job = _start(*args)
+    _wait_for(lambda: len(list(partial.glob("part-*.json"))) >= parts)
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+
+
+def test_resume_refuses_an_image_folder_that_changed(digits_run, tmp_path):
+    images = tmp_path / "imgs"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(600):
+        Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(images / f"{i:04d}.png")
+    out = tmp_path / "p.csv"
+    args = _predict_args(digits_run / "model.onnx", images, out, "--chunk-rows", "10",
+                         "--batch-size", "10")
+    _kill_after_parts(args, tmp_path / ".p.csv.partial", 3)
+    for i in range(600, 650):
+        Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(images / f"{i:04d}.png")
+    lock = ".p.csv.partial/lock"  # holds the PID of whichever job last took the state
+    before = {k: v for k, v in _hashes(tmp_path).items() if k != lock}
+    proc = run_cli(*args, "--resume")
+    assert_one_line_error(proc, "cannot --resume", "input changed", "50 images added")
+    assert {k: v for k, v in _hashes(tmp_path).items() if k != lock} == before  # untouched
+    proc = run_cli(*args)  # a fresh run predicts every image exactly once
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(_ids(out)) == [f"{i:04d}.png" for i in range(650)]
+
+
+@pytest.mark.parametrize("damage", ["part deleted", "record deleted", "part changed"])
+def test_a_damaged_partial_state_is_redone(digits_run, big_input, tmp_path, damage):
+    reference = tmp_path / "ref.csv"
+    assert run_cli(*_predict_args(digits_run / "model.onnx", big_input, reference,
+                                  "--chunk-rows", "2000")).returncode == 0
+    out = tmp_path / "p.csv"
+    args = _predict_args(digits_run / "model.onnx", big_input, out, "--chunk-rows", "2000")
+    partial = tmp_path / ".p.csv.partial"
+    _kill_after_parts(args, partial, 6)
+    victim = partial / "part-000002"
+    if damage == "part deleted":
+        (victim.with_suffix(".csv")).unlink()
+    elif damage == "record deleted":
+        (victim.with_suffix(".json")).unlink()
+    else:
+        with open(victim.with_suffix(".csv"), "a") as f:
+            f.write("999999,1,0.5\n")
+    proc = run_cli(*args, "--resume")
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes() == reference.read_bytes()
+    summary = json.loads((tmp_path / "p.summary.json").read_text())
+    assert summary["resumed_after_rows"] == 2 * 2000 and summary["rows"] == 200_000
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MiB tmpfs (needs root: CI and the dev machines run as root)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()}); needs root")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_is_one_line_and_leaves_earlier_files_intact(digits_run, big_input,
+                                                                 small_disk):
+    (small_disk / "keep.txt").write_text("a user's file")
+    (small_disk / "p.csv").write_text("id,label\nprevious,output\n")
+    before = _hashes(small_disk)
+    proc = run_cli(*_predict_args(digits_run / "model.onnx", big_input, small_disk / "p.csv"))
+    line = assert_one_line_error(proc, "No space left on device", "--resume")
+    assert "Traceback" not in proc.stderr, line
+    after = _hashes(small_disk)
+    assert {k: after[k] for k in before} == before  # pre-existing files untouched
+    # What remains is the resumable state of the job, nothing else.
+    assert all(k.startswith(".p.csv.partial/") for k in after.keys() - before.keys())
+
+    best = next((digits_run / "checkpoints").glob("best-*.ckpt"))
+    filler = small_disk / "filler"
+    with open(filler, "wb") as f:  # leave less room than a model needs
+        try:
+            f.write(b"\0" * (4 << 20))
+        except OSError:
+            pass
+    proc = run_cli("export", "--ckpt", str(best), "--out", str(small_disk / "model.onnx"))
+    assert_one_line_error(proc, "No space left on device")
+    assert not (small_disk / "model.onnx").exists()
+    assert not [p for p in small_disk.iterdir() if p.name.startswith(".model.onnx")]
+
+
+def _hung_model(digits_run, path: Path) -> None:
+    """The digits model's card on a graph that loops for a very long time."""
+    card = next(p for p in onnx.load(str(digits_run / "model.onnx")).metadata_props
+                if p.key == "frozenfit.card")
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+         helper.make_node("Add", ["v_in", "one"], ["v_out"])], "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_in", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_out", TensorProto.FLOAT, None)],
+        [helper.make_tensor("one", TensorProto.FLOAT, [], [0.0])])
+    graph = helper.make_graph([
+        helper.make_node("Cast", ["image"], ["f"], to=TensorProto.FLOAT),
+        helper.make_node("Reshape", ["f", "shape"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "w"], ["start"]),
+        helper.make_node("Loop", ["trips", "yes", "start"], ["logits"], body=body),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1)], "hung",
+        [helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", 1, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10]),
+         helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 10])],
+        [helper.make_tensor("shape", TensorProto.INT64, [2], [-1, 64]),
+         helper.make_tensor("w", TensorProto.FLOAT, [64, 10], [0.01] * 640),
+         helper.make_tensor("trips", TensorProto.INT64, [], [10 ** 12]),
+         helper.make_tensor("yes", TensorProto.BOOL, [], [True])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    model.metadata_props.add(key=card.key, value=card.value)
+    onnx.save(model, str(path))
+
+
+def test_a_hung_graph_fails_after_the_batch_timeout(digits_run, digits_test_npz, tmp_path):
+    model = tmp_path / "hung.onnx"
+    _hung_model(digits_run, model)
+    start = time.perf_counter()
+    proc = run_cli(*_predict_args(model, digits_test_npz, tmp_path / "p.csv",
+                                  "--timeout-per-batch", "1"), timeout=120)
+    assert_one_line_error(proc, "rows 0-255", "took longer than --timeout-per-batch 1 s")
+    assert time.perf_counter() - start < 60
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hung.onnx"]
+
+
+def test_sigterm_during_the_export_resumes_to_the_same_run(tmp_path):
+    config = ["--config", str(ROOT / "configs" / "digits.yaml"), "--trainer.max_epochs", "2",
+              "--trainer.enable_progress_bar", "false"]
+    reference, work = tmp_path / "reference", tmp_path / "work"
+    for folder in (reference, work):
+        folder.mkdir()
+    assert run_cli("fit", *config, cwd=reference).returncode == 0
+    signal_at_export = "--trainer.callbacks+=" + json.dumps(
+        {"class_path": "tests.helpers.SignalAtHook", "init_args": {"hook": "on_fit_end"}})
+    proc = run_cli("fit", *config, signal_at_export, cwd=work)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].endswith(
+        "stopped by SIGTERM before the run finished; `trainer fit ... --ckpt_path last` completes it")
+    run = work / "runs" / "digits" / "version_0"
+    assert not (run / "model.onnx").exists() and not (run / "metrics.json").exists()
+
+    proc = run_cli("fit", *config, "--ckpt_path", "last", cwd=work)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    done, ref = run, reference / "runs" / "digits" / "version_0"
+    names = {p.name for p in ref.iterdir()}
+    assert names <= {p.name for p in done.iterdir()}
+    timing = {"seconds", "samples_per_second", "train/samples_per_sec"}
+
+    def report(folder):
+        r = json.loads((folder / "metrics.json").read_text())
+        r.pop("seconds_per_epoch"), r.pop("samples_per_second")
+        r["history"] = [{k: v for k, v in e.items() if k not in timing} for e in r["history"]]
+        r["best"]["checkpoint"] = Path(r["best"]["checkpoint"]).name
+        return r
+
+    assert report(done) == report(ref)
+    from export.card import read_card
+
+    a, b = read_card(done / "model.onnx"), read_card(ref / "model.onnx")
+    for card in (a, b):  # what differs between any two runs: times, and files holding them
+        card.pop("created"), card["metrics"].pop("train/samples_per_sec")
+        card["training"].pop("checkpoint_sha256"), card["training"].pop("config_yaml")
+    assert a == b
+    graphs = [onnx.load(str(f / "model.onnx")).graph.SerializeToString() for f in (done, ref)]
+    assert graphs[0] == graphs[1]  # the same frozen weights, bit for bit
+
+
+def test_an_empty_target_cell_is_refused_naming_the_row(tmp_path):
+    table = tmp_path / "t.csv"
+    table.write_text("a,b,label\n1,2,x\n2,3,y\n3,4,\n4,5,x\n")
+    proc = run_cli("fit", "--config", str(ROOT / "configs" / "tabular.yaml"), "--data.root",
+                   str(table), "--data.target", "label", cwd=tmp_path)
+    assert_one_line_error(proc, "t.csv: row 2, target column 'label' is empty")
+    assert not (tmp_path / "runs").exists()
