@@ -1,4 +1,5 @@
-"""Write-then-rename, so a crash leaves the old file or the new one, never half of one."""
+"""Write-then-rename, so a crash leaves the old file or the new one, never half of one; and
+the check that an output path may be written at all."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from export.errors import InputError
 
 
 @contextlib.contextmanager
@@ -25,3 +28,23 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp_path, dest)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def check_output(out: str | os.PathLike, flag: str, inputs: dict[str, str | os.PathLike | None]) -> None:
+    """Refuse, before any work, an output path that resolves to one of the command's inputs
+    (however spelled: relative, absolute, through a symlink) or that cannot be a file."""
+    target = Path(os.path.realpath(out))
+    for name, path in inputs.items():
+        if path is not None and Path(os.path.realpath(path)) == target:
+            raise InputError(f"{flag} {out}: is the same file as {name} {path}; refusing to "
+                             f"overwrite an input")
+    if target.is_dir():
+        raise InputError(f"{flag} {out}: is a folder; expected a file path")
+    existing = target.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"{flag} {out}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"{flag} {out}: cannot write into {existing} (read-only or no "
+                         f"permission)")

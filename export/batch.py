@@ -62,6 +62,20 @@ def output_columns(pred: Prediction, y: np.ndarray | None, class_names: list[str
     return cols
 
 
+def with_passthrough(ids: list[str], extra: dict[str, list], outputs: dict[str, list]) -> dict:
+    """id, the input's pass-through columns, then the outputs. A pass-through column whose
+    name is taken by an output column (id, label, confidence, ...) is written as
+    input_<name>, so neither overwrites the other."""
+    taken, cols = {"id", *outputs}, {"id": ids}
+    for name, values in extra.items():
+        new = name
+        while new in taken:
+            new = f"input_{new}"
+        taken.add(new)
+        cols[new] = values
+    return {**cols, **outputs}
+
+
 def label_sums(pred: Prediction, y: np.ndarray | None) -> dict[str, float]:
     """Additive sums for accuracy (classification) or MAE/RMSE (regression)."""
     if y is None:
@@ -137,8 +151,8 @@ def _predict_parts(predictor: Predictor, input_path, images: list[Path] | None,
     for i, chunk in enumerate(chunks, start=done):
         pred = predictor.predict(chunk.x, opts.batch_size, source=f"{input_path} (chunk {i})",
                                  timeout=opts.timeout_per_batch)
-        columns = {"id": chunk.ids, **chunk.extra,
-                   **output_columns(pred, chunk.y, predictor.class_names, opts.top_k)}
+        columns = with_passthrough(chunk.ids, chunk.extra, output_columns(
+            pred, chunk.y, predictor.class_names, opts.top_k))
         write_part(state.part(i, fmt), columns)
         drift = DriftAccumulator(card)
         if len(chunk.x):
@@ -148,8 +162,9 @@ def _predict_parts(predictor: Predictor, input_path, images: list[Path] | None,
             "sums": label_sums(pred, chunk.y), "drift": drift.state()})
         totals.add(record)
         progress.update(totals.rows)
-    progress.update(totals.rows, final=True)
-    if totals.rows == 0:
+    if totals.rows:
+        progress.update(totals.rows, final=True)
+    else:
         raise InputError(f"{input_path}: no readable inputs" + (
             f" ({len(totals.skipped)} skipped: {totals.skipped[0]})" if totals.skipped else ""))
     return totals, resumed_after

@@ -8,6 +8,7 @@ Parquet need pyarrow. The IDX reader is shared with the training side.
 from __future__ import annotations
 
 import gzip
+import math
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -47,7 +48,7 @@ def read_idx(path: Path, expected_magic: int | None = None) -> np.ndarray:
     ndim = magic & 0xFF
     dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
     offset = 4 + 4 * ndim
-    expected = offset + int(np.prod(dims))
+    expected = offset + math.prod(dims)  # exact: huge declared sizes cannot wrap around
     if len(raw) != expected:
         raise InputError(f"{path}: IDX file has {len(raw)} bytes, expected {expected} "
                          f"for dimensions {dims}")
@@ -86,18 +87,26 @@ def _array_chunks(path: Path, x, y, class_names, rows: int, first: int) -> Itera
 
 
 def read_arrays(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """`x` (and `y`) of an .npz, or an .npy (memory-mapped, so it may exceed RAM)."""
+    """`x` (and `y`) of an .npz, or an .npy (memory-mapped, so it may exceed RAM). Nothing
+    is ever unpickled."""
     try:
         if path.suffix == ".npy":
-            return np.load(path, mmap_mode="r", allow_pickle=False), None
-        with np.load(path, allow_pickle=False) as npz:
-            if "x" not in npz:
-                raise InputError(f"{path}: missing array 'x' (found {sorted(npz.files)})")
-            return npz["x"], (npz["y"] if "y" in npz else None)
+            x, y = np.load(path, mmap_mode="r", allow_pickle=False), None
+        else:
+            with np.load(path, allow_pickle=False) as npz:
+                if "x" not in npz:
+                    raise InputError(f"{path}: missing array 'x' (found {sorted(npz.files)})")
+                x, y = npz["x"], (npz["y"] if "y" in npz else None)
     except InputError:
         raise
-    except Exception as exc:  # zipfile/format errors
-        raise InputError(f"{path}: cannot read arrays ({type(exc).__name__}: {exc})") from None
+    except Exception as exc:  # zipfile/format errors, pickled objects refused
+        raise InputError(f"{path}: cannot read arrays ({type(exc).__name__}: "
+                         f"{short_reason(exc)})") from None
+    for name, arr in (("x", x), ("y", y)):
+        if arr is not None and arr.ndim == 0:
+            raise InputError(f"{path}: array {name!r} is a single value; expected one row "
+                             f"per input")
+    return x, y
 
 
 def _idx_chunks(path: Path, class_names, rows: int, first: int) -> Iterator[Chunk]:
@@ -171,14 +180,15 @@ def _table_chunks(path: Path, spec: dict, class_names, rows: int, first: int,
     except ImportError:
         raise InputError(f"{path}: reading CSV/Parquet needs pyarrow (pip install pyarrow)") from None
     columns = spec.get("columns") or []
-    if path.suffix.lower() == ".csv":
-        reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=1 << 22))
-        batches = (b for b in reader)
-    else:
-        batches = pq.ParquetFile(path).iter_batches(batch_size=rows)
     done, pending = 0, None
     try:
+        if path.suffix.lower() == ".csv":
+            batches = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=1 << 22))
+        else:
+            batches = pq.ParquetFile(path).iter_batches(batch_size=rows)
         for batch in batches:  # re-cut the reader's batches into chunks of exactly `rows`
+            if done == 0 and pending is None:
+                check_column_names(batch.schema.names, path)
             pending = batch if pending is None else _concat(pending, batch)
             while pending.num_rows >= rows:
                 part, pending = pending.slice(0, rows), pending.slice(rows)
@@ -189,9 +199,24 @@ def _table_chunks(path: Path, spec: dict, class_names, rows: int, first: int,
             yield _table_chunk(path, pending, columns, class_names, target, done)
     except InputError:
         raise
-    except Exception as exc:  # pyarrow parse errors (bad rows, mixed types)
-        raise InputError(f"{path}: cannot read table near row {done} "
-                         f"({str(exc).splitlines()[0]})") from None
+    except Exception as exc:  # pyarrow parse errors (bad rows, mixed types, not a table)
+        raise InputError(f"{path}: cannot read table near row {done} ({short_reason(exc)})") from None
+
+
+def short_reason(exc: BaseException, limit: int = 160) -> str:
+    """The first line of a library's error, cut short: pyarrow quotes whole input lines."""
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def check_column_names(names: list[str], source) -> None:
+    """A table's header must name each column once."""
+    seen = set()
+    for name in names:
+        if name in seen:
+            raise InputError(f"{source}: column name {name!r} appears more than once in the "
+                             f"header")
+        seen.add(name)
 
 
 def _table_chunk(path: Path, batch, columns, class_names, target, offset: int) -> Chunk:

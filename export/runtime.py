@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from export.card import parse_card
+from export.card import check_graph, parse_card
 from export.errors import InputError
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -31,6 +31,10 @@ class Prediction:
     @property
     def confidence(self) -> np.ndarray:
         return self.probabilities.max(axis=1)
+
+
+_ORT_TYPES = {"tensor(uint8)": "uint8", "tensor(float)": "float32",
+              "tensor(float16)": "float16", "tensor(double)": "float64"}
 
 
 def _providers(provider: str) -> list[str]:
@@ -63,6 +67,9 @@ class Predictor:
                              f"{': ' + first[:200] if first else ''})") from None
         meta = self.session.get_modelmeta().custom_metadata_map
         self.card = parse_card(meta, str(self.path))
+        check_graph(self.card, [(i.name, _ORT_TYPES.get(i.type, i.type), i.shape)
+                                for i in self.session.get_inputs()],
+                    {o.name: o.shape for o in self.session.get_outputs()}, str(self.path))
         self.spec = self.card["input"]
         self.class_names: list[str] = self.card["class_names"]
         self.provider = self.session.get_providers()[0]

@@ -28,6 +28,7 @@ from export.atomic import atomic_path
 from export.card import attach_card
 from export.errors import InputError
 from export.runtime import Prediction
+from trainer.runs import load_checkpoint
 
 DEFAULT_OPSET = 18
 # Max |output_onnx - output_torch| per precision: float32 reorderings stay around 1e-5;
@@ -145,20 +146,6 @@ class Frozen(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = self.module(x)
         return (out,) if self.module.regression else (out, out.softmax(-1))
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    """Read a checkpoint without executing pickled code (`weights_only`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: checkpoint not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling errors come in many types
-        raise InputError(f"{path}: not a loadable checkpoint ({type(exc).__name__})") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
-        raise InputError(f"{path}: not a trainer checkpoint (no state_dict/hyper_parameters)")
-    return ckpt
 
 
 def init_args(ckpt: dict, key: str) -> dict:

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from export.to_onnx import export_checkpoint, held_out_from_checkpoint, load_checkpoint
+from export.to_onnx import export_checkpoint, held_out_from_checkpoint
+from trainer.runs import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -26,8 +26,8 @@ import torch
 from bench_export import ROOT, quick_mnist_checkpoint
 from export.readers import read_idx
 from export.runtime import Predictor
-from export.to_onnx import (Frozen, export_checkpoint, held_out_from_checkpoint, load_checkpoint,
-                            module_from_checkpoint)
+from export.to_onnx import Frozen, export_checkpoint, held_out_from_checkpoint, module_from_checkpoint
+from trainer.runs import load_checkpoint
 
 MNIST = ROOT.parent / "shared" / "data" / "mnist"
 

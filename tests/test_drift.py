@@ -10,7 +10,7 @@ from export.drift import ALPHA, PSI_DRIFT, PSI_WARN, DriftAccumulator, holm, psi
 from export.runtime import Prediction
 
 CARD = {"task": "classification", "class_names": ["a", "b", "c"],
-        "input": {"kind": "table", "shape": [2], "columns": ["u", "v"]}}
+        "input": {"kind": "tabular", "shape": [2], "columns": ["u", "v"]}}
 
 
 def _rows(rng, n, shift=0.0, classes=(0.5, 0.3, 0.2)):

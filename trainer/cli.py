@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -80,6 +81,9 @@ def cmd_export(argv: list[str]) -> int:
                    help="INT8: refuse if validation accuracy drops by more percentage points "
                    "than this (default 0.5)")
     args = p.parse_args(argv)
+    from export.atomic import check_output
+
+    check_output(args.out, "--out", {"--ckpt": args.ckpt, "--samples": args.samples})
     import numpy as np
 
     from export.readers import read_arrays
@@ -129,6 +133,12 @@ def cmd_predict(argv: list[str]) -> int:
         raise InputError("--top-k, --batch-size and --chunk-rows must be >= 1")
     if not args.timeout_per_batch > 0:
         raise InputError("--timeout-per-batch must be > 0 seconds")
+    from export.atomic import check_output
+
+    out = Path(args.output)
+    for path in (out, out.with_name(out.stem + ".summary.json"),
+                 out.with_name(out.stem + ".drift.json")):
+        check_output(path, "--output", {"--model": args.model, "--input": args.input})
     from export.batch import JobOptions, run_batch
 
     summary = run_batch(args.model, args.input, args.output, JobOptions(
@@ -168,6 +178,10 @@ def cmd_data(argv: list[str]) -> int:
     p.add_argument("--out", required=True, help=".npz file to write")
     args, rest = p.parse_known_args(argv)
     _check_paths(rest)
+    from export.atomic import check_output
+
+    check_output(args.out, "--out", {"--config": _flag_value(rest, "--config", "-c"),
+                                     "--data.root": _flag_value(rest, "--data.root")})
     import numpy as np
 
     from export.atomic import atomic_path
@@ -207,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"trainer {command}: error: {exc}".replace("trainer : ", "trainer: "),
               file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `trainer inspect --json | head -1`: the reader has gone
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush error at exit
+        return 141
     except OSError as exc:  # a full disk, a read-only folder, a parent that is a file, ...
         if exc.errno is None:
             raise

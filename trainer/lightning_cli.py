@@ -120,12 +120,15 @@ def build_cli(args: list[str], run: bool = True, instantiate: bool = True):
             logger = _file_logger(config)
             root = Path(logger.save_dir or ".") / (logger.name or "") if logger else \
                 Path(config.trainer.default_root_dir or ".")
+            if config.model.init_from:  # refused now, not after the run has started
+                runs.load_checkpoint(config.model.init_from, "--model.init_from", mmap=True)
             if config.ckpt_path is None:
                 if self.subcommand != "fit":
                     raise InputError(f"--ckpt_path is required: a checkpoint file, `last` or "
                                      f"`best` (of the newest run under {root}/)")
                 return
             ckpt = runs.resolve_checkpoint(config.ckpt_path, root)
+            runs.load_checkpoint(ckpt, "--ckpt_path", mmap=True)
             print(f"{self.subcommand}: checkpoint {ckpt}", file=sys.stderr)
             config.ckpt_path = str(ckpt)
             run = runs.run_folder(ckpt)
@@ -153,12 +156,10 @@ def build_cli(args: list[str], run: bool = True, instantiate: bool = True):
                 # Test exactly the weights that are exported: the best checkpoint's
                 # state_dict (the averaged weights under EMA). `ckpt_path=best` would let a
                 # WeightAveraging callback load its un-averaged copy instead.
-                from export.to_onnx import load_checkpoint
-
                 best = [cb.best_model_path for cb in self.trainer.checkpoint_callbacks
                         if getattr(cb, "monitor", None) and cb.best_model_path]
                 if best:
-                    self.model.load_state_dict(load_checkpoint(best[0])["state_dict"])
+                    self.model.load_state_dict(runs.load_checkpoint(best[0])["state_dict"])
                 self.trainer.test(self.model, datamodule=self.datamodule)
             report.write(self.trainer)
 

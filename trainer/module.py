@@ -237,7 +237,7 @@ class ClassifierModule(L.LightningModule):
         from lightning.pytorch.utilities import rank_zero_info
 
         from export.errors import InputError
-        from export.to_onnx import load_checkpoint
+        from trainer.runs import load_checkpoint
 
         if prefix:
             try:
@@ -246,7 +246,7 @@ class ClassifierModule(L.LightningModule):
                 raise InputError(f"{path}: cannot load weights ({type(exc).__name__})") from None
             source = {prefix + k: v for k, v in source.get("state_dict", source).items()}
         else:
-            source = load_checkpoint(path)["state_dict"]
+            source = load_checkpoint(path, "--model.init_from")["state_dict"]
         own = self.state_dict()
         matched = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
         self.load_state_dict(matched, strict=False)

@@ -27,6 +27,23 @@ RESUMABLE_CHANGES = (
 )
 
 
+def load_checkpoint(path: str | Path, flag: str = "--ckpt", mmap: bool = False) -> dict:
+    """Read a trainer checkpoint without executing pickled code (`weights_only`); anything
+    else (a missing, truncated or malicious file) is one InputError line naming `flag`.
+    `mmap`: map the tensors instead of reading them (a cheap validity check)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{flag} {path}: checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as exc:  # unpickling and zip errors come in many types
+        raise InputError(f"{flag} {path}: not a loadable checkpoint ({type(exc).__name__}); "
+                         f"only tensors and plain values are read") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
+        raise InputError(f"{flag} {path}: not a trainer checkpoint (no state_dict/hyper_parameters)")
+    return ckpt
+
+
 def run_folder(ckpt: Path) -> Path:
     """The run a checkpoint belongs to (`<run>/checkpoints/x.ckpt`), else its own folder."""
     return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
@@ -48,7 +65,7 @@ def newest_run(root: Path, flag: str) -> Path:
 def best_checkpoint(run: Path) -> Path:
     """The best checkpoint of a run, as its ModelCheckpoint recorded it in last.ckpt."""
     last = run / "checkpoints" / "last.ckpt"
-    state = torch.load(last, map_location="cpu", weights_only=True, mmap=True).get("callbacks", {})
+    state = load_checkpoint(last, "--ckpt_path best", mmap=True).get("callbacks", {})
     for value in state.values():
         if value.get("monitor") and value.get("best_model_path"):
             # Stored relative to the trainer's working directory: look beside last.ckpt.

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from export.errors import InputError
+from export.readers import check_column_names, short_reason
 from trainer.data.dataset import (FixedDataset, SourceOptions, Split, feature_spec, make_dataset,
                                   require_root)
 
@@ -22,11 +23,16 @@ def read_table(path: Path):
 
     try:
         if path.suffix.lower() in (".parquet", ".pq"):
-            return pq.read_table(path)
-        if path.suffix.lower() == ".csv":
-            return pacsv.read_csv(path)
+            table = pq.read_table(path)
+        elif path.suffix.lower() == ".csv":
+            table = pacsv.read_csv(path)
+        else:
+            table = None
     except (pa.ArrowInvalid, OSError) as exc:
-        raise InputError(f"{path}: cannot read table ({str(exc).splitlines()[0]})") from None
+        raise InputError(f"{path}: cannot read table ({short_reason(exc)})") from None
+    if table is not None:
+        check_column_names(table.column_names, path)
+        return table
     raise InputError(f"{path}: expected a .csv or .parquet file")
 
 
