@@ -186,7 +186,8 @@ class RunReport(L.Callback):
         folder = Path(log_dir or ".")
         ranked = [cb for cb in trainer.checkpoint_callbacks if getattr(cb, "monitor", None)]
         best = ranked[0] if ranked else None
-        path = write_metrics(folder / "metrics.json", self.epochs, self.test, best)
+        path = write_metrics(folder / "metrics.json", self.epochs, self.test, best,
+                             getattr(trainer, "hardware", None))
         if self.plots:
             save_curves(self.epochs, folder / "curves.png")
         return path

@@ -76,6 +76,7 @@ def build_cli(args: list[str], run: bool = True, instantiate: bool = True):
     from trainer import runs
     from trainer.callbacks import CheckpointOnSigterm, ExportOnnx, NonFiniteGuard, RunReport
     from trainer.data.datamodule import FixedDataModule
+    from trainer.hardware import AutoTrainer
     from trainer.module import ClassifierModule
 
     class TrainerCLI(LightningCLI):
@@ -182,7 +183,7 @@ def build_cli(args: list[str], run: bool = True, instantiate: bool = True):
         # CSVLogger would delete it; its warning that it will be deleted is then untrue.
         warnings.filterwarnings("ignore", message="Experiment logs directory")
         return TrainerCLI(
-            ClassifierModule, FixedDataModule, args=args, run=run,
+            ClassifierModule, FixedDataModule, trainer_class=AutoTrainer, args=args, run=run,
             seed_everything_default=0,
             trainer_defaults={
                 "max_epochs": 10,

@@ -183,6 +183,7 @@ class ClassifierModule(L.LightningModule):
         # The step whose weights the val/* metrics describe; a mid-epoch checkpoint holds
         # newer weights than its metrics, and the export gate refuses to mix the two.
         checkpoint["validated_at_step"] = self._validated_step
+        checkpoint["hardware"] = getattr(self.trainer, "hardware", None)  # into the card
         checkpoint["lr_plan"] = self._lr_plan
         # Dropout draws from the global generators: resuming restores them for exact replay.
         checkpoint["rng"] = {"torch": torch.get_rng_state()}

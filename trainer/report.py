@@ -8,9 +8,11 @@ from pathlib import Path
 from export.atomic import atomic_path
 
 
-def write_metrics(path: Path, epochs: list[dict], test: dict, best_callback) -> Path:
+def write_metrics(path: Path, epochs: list[dict], test: dict, best_callback,
+                  hardware: dict | None = None) -> Path:
     val_keys = [k for k in epochs[-1] if k.startswith("val/")]
     summary = {
+        "hardware": hardware,
         "epochs": len(epochs),
         "final": {k: epochs[-1][k] for k in val_keys},
         "best": None,
