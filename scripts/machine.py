@@ -41,3 +41,17 @@ def describe() -> str:
 
 if __name__ == "__main__":
     print(describe())
+
+
+def spread(values: list[float], fmt: str = "{:,.1f}") -> str:
+    """'median M (min A - max B, n runs)': the median, never the best run."""
+    import statistics
+
+    return (f"{fmt.format(statistics.median(values))} (range {fmt.format(min(values))}-"
+            f"{fmt.format(max(values))}, {len(values)} runs)")
+
+
+def ratio_of_medians(ours: list[float], base: list[float]) -> float:
+    import statistics
+
+    return statistics.median(ours) / statistics.median(base)

@@ -112,6 +112,7 @@ def test_a_cosine_run_is_extended_in_its_own_folder(tmp_path):
     assert training["run_epochs"] == 3 and 1 <= training["weights_epoch"] <= 3
 
 
+@pytest.mark.slow
 def test_onecycle_extension_and_a_changed_config_are_refused(tmp_path):
     assert _fit(tmp_path, 2).returncode == 0
     run = tmp_path / "runs" / "digits" / "version_0"

@@ -17,6 +17,9 @@ from pathlib import Path
 from export.errors import InputError
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
+# What the `train` extra brings; the deploy side (predict, inspect) needs none of it.
+TRAINING_MODULES = {"torch", "torchvision", "lightning", "torchmetrics", "jsonargparse",
+                    "onnxscript", "sklearn", "matplotlib"}
 
 HELP = """usage: trainer COMMAND [options]
 
@@ -187,7 +190,8 @@ def cmd_data(argv: list[str]) -> int:
     from export.atomic import atomic_path
     from trainer.lightning_cli import build_cli  # imports Lightning, which sets its log level
 
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no Trainer banner
+    for name in ("lightning.pytorch", "lightning.pytorch.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)  # no Trainer banner: no training
     cli = build_cli(rest, run=False)
     x, y = cli.datamodule.splits[args.split].arrays()
     with atomic_path(args.out) as tmp, open(tmp, "wb") as f:
@@ -219,6 +223,14 @@ def main(argv: list[str] | None = None) -> int:
                          f"{', '.join(LIGHTNING_COMMANDS + tuple(TOOLS))}")
     except InputError as exc:
         print(f"trainer {command}: error: {exc}".replace("trainer : ", "trainer: "),
+              file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:  # a deploy-only install running a training command
+        root = (exc.name or "").split(".")[0]
+        if root not in TRAINING_MODULES:
+            raise
+        print(f"trainer {command}: error: needs the training extra (missing module {root}): "
+              f"pip install '.[train]' from a checkout, or 'frozenfit[train]' from a wheel",
               file=sys.stderr)
         return 2
     except BrokenPipeError:  # `trainer inspect --json | head -1`: the reader has gone

@@ -61,6 +61,11 @@ def _stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def _no_advertising(record: logging.LogRecord) -> bool:
+    """Lightning tips for a cloud service on every run: not the user's business."""
+    return "litlogger" not in record.getMessage()
+
+
 def _report(trainer):
     from trainer.callbacks import RunReport
 
@@ -176,12 +181,16 @@ def build_cli(args: list[str], run: bool = True, instantiate: bool = True):
 
     # The seed is recorded in config.yaml; its log line would only clutter error output.
     logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
+    for handler in logging.getLogger("lightning.pytorch").handlers:
+        handler.addFilter(_no_advertising)
     with warnings.catch_warnings():
         # `args` is how `trainer` hands its own argv to LightningCLI; that is intended.
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
         # A resume keeps the earlier log as metrics-part<k>.csv (trainer/runs.py) before
         # CSVLogger would delete it; its warning that it will be deleted is then untrue.
         warnings.filterwarnings("ignore", message="Experiment logs directory")
+        # Lightning calling a torch API that torch deprecated: not the user's to fix.
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
         return TrainerCLI(
             ClassifierModule, FixedDataModule, trainer_class=AutoTrainer, args=args, run=run,
             seed_everything_default=0,
