@@ -4,6 +4,7 @@ the check that an output path may be written at all."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from collections.abc import Iterator
@@ -26,6 +27,13 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp_path
         os.replace(tmp_path, dest)
+    except OSError as exc:
+        if exc.errno is not None:
+            raise
+        # numpy's tofile reports a short write with no errno: name the file and the cause.
+        st = os.statvfs(dest.parent)
+        code = errno.ENOSPC if st.f_bavail * st.f_frsize < (1 << 20) else errno.EIO
+        raise OSError(code, os.strerror(code), str(dest)) from None
     finally:
         tmp_path.unlink(missing_ok=True)
 

@@ -89,9 +89,9 @@ def main() -> None:
         print(f"  {v}: {r['size_kb']:.1f} KiB; latency ms (batch 1) {spread(r['latency_ms'], '{:.3f}')}; "
               f"images/s (batch 256) {spread(r['throughput'], '{:,.0f}')}")
     f, i = results["fp32"], results["int8"]
-    print(f"int8 vs fp32: size {i['size_kb'] / f['size_kb']:.2f}x; latency "
-          f"{ratio_of_medians(f['latency_ms'], i['latency_ms']):.2f}x faster; throughput "
-          f"{ratio_of_medians(i['throughput'], f['throughput']):.2f}x (ratios of medians)")
+    print(f"int8 / fp32 (ratios of medians): size {i['size_kb'] / f['size_kb']:.2f}x, latency "
+          f"{ratio_of_medians(i['latency_ms'], f['latency_ms']):.2f}x, throughput "
+          f"{ratio_of_medians(i['throughput'], f['throughput']):.2f}x")
 
 
 if __name__ == "__main__":

@@ -168,6 +168,41 @@ def test_a_full_disk_is_one_line_and_leaves_earlier_files_intact(digits_run, big
     assert not [p for p in small_disk.iterdir() if p.name.startswith(".model.onnx")]
 
 
+def _fill(disk: Path, leave: int) -> None:
+    """Fill the tmpfs until about `leave` bytes are free."""
+    free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+    with open(disk / "filler", "wb") as f:
+        f.write(b"\0" * max(0, free - leave))
+
+
+def test_a_full_disk_under_data_fit_and_the_image_cache(small_disk, tmp_path):
+    (small_disk / "keep.txt").write_text("a user's file")
+    _fill(small_disk, 8 << 10)
+    before = _hashes(small_disk)
+    digits = str(ROOT / "configs" / "digits.yaml")
+    proc = run_cli("data", "--config", digits, "--out", str(small_disk / "d.npz"))
+    assert_one_line_error(proc, "No space left on device")
+    proc = run_cli("fit", "--config", digits, "--trainer.max_epochs", "1",
+                   "--trainer.logger.init_args.save_dir", str(small_disk / "runs"), cwd=tmp_path)
+    assert_one_line_error(proc, "No space left on device", after_run_log=True)
+    images = tmp_path / "imgs"
+    for cls in ("a", "b"):
+        for i in range(40):
+            _png_noise(images / cls / f"{i}.png", i)
+    proc = run_cli("fit", "--config", str(ROOT / "configs" / "image_folder.yaml"), "--data.root",
+                   str(images), "--data.cache_dir", str(small_disk / "cache"), cwd=tmp_path)
+    assert_one_line_error(proc, "No space left on device")
+    after = _hashes(small_disk)
+    assert {k: after[k] for k in before} == before  # nothing that was there changed
+    assert not [k for k in after if k.endswith(".tmp")]  # no half-written file is left
+
+
+def _png_noise(path: Path, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
 def _hung_model(digits_run, path: Path) -> None:
     """The digits model's card on a graph that loops for a very long time."""
     card = next(p for p in onnx.load(str(digits_run / "model.onnx")).metadata_props

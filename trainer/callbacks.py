@@ -158,9 +158,12 @@ class RunReport(L.Callback):
         if self.epochs or isinstance(exception, SIGTERMException) or not log_dir \
                 or not trainer.is_global_zero or trainer.state.fn != "fit":
             return
+        import atexit
+
         from trainer.runs import discard_unfinished
 
-        discard_unfinished(Path(log_dir))
+        # After Lightning's teardown, which still writes the loggers' files into the folder.
+        atexit.register(discard_unfinished, Path(log_dir))
 
     def on_test_end(self, trainer, pl_module) -> None:
         self.test = {k: float(v) for k, v in trainer.callback_metrics.items()

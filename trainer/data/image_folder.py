@@ -94,14 +94,14 @@ def load_image_folder(root: str | None, opts: SourceOptions) -> FixedDataset:
     if not (x_path.is_file() and meta_path.is_file()):
         x = np.empty((len(files), *spec["shape"]), dtype=np.uint8)
         _decode_all([path for _, _, path in files], spec, x)
-        print(f"image_folder: {folder}: decoded {len(files)} images to {mode} "
-              f"{size[0]}x{size[1]} (cached in {cache})", file=sys.stderr)
         with atomic_path(x_path) as tmp:
             with open(tmp, "wb") as f:
                 np.save(f, x)
         meta = {"labels": [lbl for _, lbl, _ in files], "splits": [s for s, _, _ in files]}
         with atomic_path(meta_path) as tmp:
             tmp.write_text(json.dumps(meta))
+        print(f"image_folder: {folder}: decoded {len(files)} images to {mode} "
+              f"{size[0]}x{size[1]} (cached in {cache})", file=sys.stderr)
     x = np.load(x_path, mmap_mode="r")
     meta = json.loads(meta_path.read_text())
     y, split_of = np.array(meta["labels"], dtype=np.int64), np.array(meta["splits"])
