@@ -63,7 +63,10 @@ def _opened(data: bytes, source: str):
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InputError(f"{source}: refused as a decompression bomb ({exc})") from None
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+    except UnidentifiedImageError:  # its message quotes a BytesIO address, not the file
+        raise InputError(f"{source}: cannot decode image (not a PNG, JPEG or other format "
+                         "pillow reads)") from None
+    except (OSError, ValueError, SyntaxError) as exc:
         raise InputError(f"{source}: cannot decode image ({exc})") from None
 
 

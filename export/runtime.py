@@ -48,14 +48,49 @@ def _providers(provider: str) -> list[str]:
     return [PROVIDERS[provider]]
 
 
+def describe_input(spec: dict) -> str:
+    dims = ", ".join(map(str, spec["shape"]))
+    lo, hi = spec["value_range"]
+    return f"{spec['dtype']} array of shape (N, {dims}) with values in [{lo}, {hi}]"
+
+
+def check_input(spec: dict, x: np.ndarray, source: str = "input") -> np.ndarray:
+    """Return `x` as the graph of the card's input `spec` wants it, or raise InputError
+    naming the expected spec. The one input check of batch jobs, the server and Ray."""
+    shape = tuple(spec["shape"])
+    if x.ndim == len(shape) and shape[0] == 1 and spec["kind"] == "image":
+        x = x[:, None]  # (N, H, W) grayscale -> (N, 1, H, W)
+    if x.ndim != len(shape) + 1 or tuple(x.shape[1:]) != shape:
+        raise InputError(f"{source}: expected {describe_input(spec)}, got shape {tuple(x.shape)}")
+    want = np.dtype(spec["dtype"])
+    if want == np.uint8:
+        if x.dtype != np.uint8:
+            raise InputError(f"{source}: expected {describe_input(spec)}, got dtype {x.dtype}")
+    else:
+        if x.dtype.kind not in "fiu":
+            raise InputError(f"{source}: expected {describe_input(spec)}, got dtype {x.dtype}")
+        x = x.astype(want, copy=False)
+        bad = ~np.isfinite(x).reshape(len(x), -1).all(axis=1)
+        if bad.any():
+            raise InputError(f"{source}: row {int(np.flatnonzero(bad)[0])} has NaN or "
+                             "infinite values")
+    return np.ascontiguousarray(x)
+
+
 class Predictor:
-    def __init__(self, path: str | Path, provider: str = "auto", threads: int = 0):
-        """Load `path`; `threads=0` lets onnxruntime use one thread per physical core."""
+    def __init__(self, path: str | Path, provider: str = "auto", threads: int = 0,
+                 spin: bool = True):
+        """Load `path`; `threads=0` lets onnxruntime use one thread per physical core.
+        `spin=False` stops idle pool threads spinning between calls: for a server, whose
+        worker waits on its request queue between small calls and must leave the cores to
+        the processes that feed it."""
         self.path = Path(path)
         if not self.path.is_file():
             raise InputError(f"{self.path}: model file not found")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
+        if not spin:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(self.path), options,
                                                 providers=_providers(provider))
@@ -75,31 +110,10 @@ class Predictor:
         self.provider = self.session.get_providers()[0]
 
     def describe_input(self) -> str:
-        dims = ", ".join(map(str, self.spec["shape"]))
-        lo, hi = self.spec["value_range"]
-        return f"{self.spec['dtype']} array of shape (N, {dims}) with values in [{lo}, {hi}]"
+        return describe_input(self.spec)
 
     def check(self, x: np.ndarray, source: str = "input") -> np.ndarray:
-        """Return `x` as the graph wants it, or raise InputError naming the expected spec."""
-        shape = tuple(self.spec["shape"])
-        if x.ndim == len(shape) and shape[0] == 1 and self.spec["kind"] == "image":
-            x = x[:, None]  # (N, H, W) grayscale -> (N, 1, H, W)
-        if x.ndim != len(shape) + 1 or tuple(x.shape[1:]) != shape:
-            raise InputError(f"{source}: expected {self.describe_input()}, "
-                             f"got shape {tuple(x.shape)}")
-        want = np.dtype(self.spec["dtype"])
-        if want == np.uint8:
-            if x.dtype != np.uint8:
-                raise InputError(f"{source}: expected {self.describe_input()}, got dtype {x.dtype}")
-        else:
-            if x.dtype.kind not in "fiu":
-                raise InputError(f"{source}: expected {self.describe_input()}, got dtype {x.dtype}")
-            x = x.astype(want, copy=False)
-            bad = ~np.isfinite(x).reshape(len(x), -1).all(axis=1)
-            if bad.any():
-                raise InputError(f"{source}: row {int(np.flatnonzero(bad)[0])} has NaN or "
-                                 "infinite values")
-        return np.ascontiguousarray(x)
+        return check_input(self.spec, x, source)
 
     def _run(self, x: np.ndarray, timeout: float | None = None) -> list[np.ndarray]:
         """One onnxruntime call; with `timeout`, a timer terminates it after that many

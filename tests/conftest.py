@@ -21,6 +21,17 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None,
                           env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
+def poisoned_env(tmp_path: Path, names=("torch", "lightning")) -> dict:
+    """An environment in which importing any of `names` fails loudly (proves the deploy
+    side never imports them), as a missing package would."""
+    for name in names:
+        pkg = tmp_path / "poison" / name
+        pkg.mkdir(parents=True, exist_ok=True)
+        (pkg / "__init__.py").write_text(
+            f"raise ModuleNotFoundError('{name} imported on the deploy path', name='{name}')\n")
+    return {"PYTHONPATH": f"{tmp_path / 'poison'}:{ROOT}"}
+
+
 def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str,
                           after_run_log: bool = False) -> str:
     """Non-zero exit, a single line on stderr naming the problem, no traceback.

@@ -25,9 +25,8 @@ def _table(n: int, seed: int) -> pa.Table:
                      "c": x[:, 2], "label": label})
 
 
-@pytest.fixture(scope="module")
-def table_model(tmp_path_factory):
-    work = tmp_path_factory.mktemp("table")
+def _table_model(work):
+    """A small MLP classifier fit on a 3-feature table, exported to work/m.onnx."""
     train = _table(2000, 0).drop(["key"])
     pacsv.write_csv(train, work / "train.csv")
     dm = FixedDataModule(source="tabular", root=str(work / "train.csv"), target="label")
@@ -39,6 +38,11 @@ def table_model(tmp_path_factory):
     trainer.save_checkpoint(work / "m.ckpt")
     export_checkpoint(work / "m.ckpt", work / "m.onnx", data=held_out(dm))
     return work / "m.onnx"
+
+
+@pytest.fixture(scope="module")
+def table_model(tmp_path_factory):
+    return _table_model(tmp_path_factory.mktemp("table"))
 
 
 def test_million_row_csv_streams_with_bounded_memory(table_model, tmp_path):

@@ -5,28 +5,19 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, poisoned_env, run_cli
 
 
 def test_importing_the_runtime_leaves_torch_out():
-    code = ("import sys, export.runtime, export.batch, export.card, trainer.cli; "
+    code = ("import sys, export.runtime, export.batch, export.card, export.serve, trainer.cli; "
             "bad = sorted(m for m in ('torch', 'lightning', 'torchvision', 'torchmetrics') "
             "if m in sys.modules); print(bad); sys.exit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def _torch_poisoned(tmp_path) -> dict:
-    """An environment in which `import torch` (or lightning) fails loudly."""
-    for name in ("torch", "lightning"):
-        pkg = tmp_path / "poison" / name
-        pkg.mkdir(parents=True)
-        (pkg / "__init__.py").write_text(f"raise ImportError('{name} imported on the deploy path')\n")
-    return {"PYTHONPATH": f"{tmp_path / 'poison'}:{ROOT}"}
-
-
 def test_help_predict_and_inspect_never_import_torch(digits_run, digits_test_npz, tmp_path):
-    env = _torch_poisoned(tmp_path)
+    env = poisoned_env(tmp_path)
     assert run_cli("--help", env=env).returncode == 0
     for cmd in ("predict", "inspect", "export"):
         proc = run_cli(cmd, "--help", env=env)

@@ -34,6 +34,7 @@ training (LightningCLI: --config FILE.yaml, dotted overrides, --print_config):
 deployment:
   export     checkpoint -> frozen ONNX with model card, behind a parity gate
   predict    batch inference with onnxruntime: inputs -> predictions CSV
+  serve      HTTP server on LitServe: POST /predict with dynamic batching (extra: serve)
   inspect    show the model card of an ONNX file
   data       write one split of a configured dataset to .npz (input for predict)
 
@@ -160,6 +161,47 @@ def cmd_predict(argv: list[str]) -> int:
     return 0
 
 
+def cmd_serve(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="trainer serve", description=(
+        "Serve an ONNX model over HTTP with onnxruntime (no torch), on LitServe: POST "
+        "/predict {\"instances\": [...]} or one raw image body, GET /card /health /metrics. "
+        "Concurrent requests are stacked into one onnxruntime call. SIGTERM/SIGINT drain "
+        "the requests in flight, then exit 0. Needs: pip install '.[serve]'."))
+    p.add_argument("--model", required=True, help="ONNX file written by trainer export/fit")
+    p.add_argument("--host", default="127.0.0.1", choices=["127.0.0.1", "0.0.0.0", "::"],
+                   help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=int, default=1,
+                   help="inference processes, each with its own onnxruntime session; the "
+                   "cores are shared out between them")
+    p.add_argument("--max-batch-size", type=int, default=64,
+                   help="requests stacked into one onnxruntime call (1: no batching)")
+    p.add_argument("--batch-timeout-ms", type=float, default=5.0,
+                   help="how long the first request of a batch waits for others")
+    p.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--max-instances", type=int, default=1024, help="instances per request")
+    p.add_argument("--max-body-mb", type=float, default=16.0, help="request body limit")
+    p.add_argument("--max-queue", type=int, default=512,
+                   help="requests in flight at once; more are answered 503")
+    p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    args = p.parse_args(argv)
+    for flag in ("workers", "max_batch_size", "max_instances", "max_queue"):
+        if getattr(args, flag) < 1:
+            raise InputError(f"--{flag.replace('_', '-')} must be >= 1")
+    if not 1024 <= args.port <= 65535:
+        raise InputError(f"--port {args.port}: expected 1024 to 65535")
+    if args.batch_timeout_ms < 0 or not args.max_body_mb > 0:
+        raise InputError("--batch-timeout-ms must be >= 0 and --max-body-mb > 0")
+    from export.serve import Limits, ServeOptions, serve
+
+    limits = Limits(max_body_bytes=int(args.max_body_mb * (1 << 20)),
+                    max_instances=args.max_instances, max_queue=args.max_queue)
+    return serve(args.model, ServeOptions(
+        host=args.host, port=args.port, workers=args.workers, max_batch_size=args.max_batch_size,
+        batch_timeout_ms=args.batch_timeout_ms, provider=args.provider, limits=limits,
+        log_level=args.log_level))
+
+
 def cmd_inspect(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="trainer inspect",
                                 description="Show the model card stored in an ONNX file.")
@@ -200,7 +242,8 @@ def cmd_data(argv: list[str]) -> int:
     return 0
 
 
-TOOLS = {"export": cmd_export, "predict": cmd_predict, "inspect": cmd_inspect, "data": cmd_data}
+TOOLS = {"export": cmd_export, "predict": cmd_predict, "serve": cmd_serve,
+         "inspect": cmd_inspect, "data": cmd_data}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,334 @@
+"""`trainer serve`: the real server (LitServe, uvicorn, spawned onnxruntime workers) started
+as a subprocess on 127.0.0.1, talked to over HTTP with http.client. Every server here runs
+with torch and lightning poisoned, so serving is proven torch-free."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import http.client
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from export.card import jsonable, read_card
+from export.runtime import Predictor
+from tests.conftest import assert_one_line_error, poisoned_env, run_cli
+
+pytest.importorskip("litserve", reason="the serve extra is not installed (pip install '.[serve]')")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`trainer serve` in a subprocess; `request` is one HTTP exchange on a new connection."""
+
+    def __init__(self, model: Path, tmp: Path, *flags: str):
+        self.port = free_port()
+        env = {**os.environ, **poisoned_env(tmp)}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "trainer", "serve", "--model", str(model), "--port",
+             str(self.port), *flags], cwd=tmp, env=env, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.proc.communicate()
+            try:
+                if self.request("GET", "/health")[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise AssertionError("server did not become healthy in 90 s")
+
+    def request(self, method: str, path: str, body: bytes | None = None,
+                content_type: str = "application/json", timeout: float = 30):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            conn.request(method, path, body, {"Content-Type": content_type} if body else {})
+            resp = conn.getresponse()
+            return resp.status, resp.read(), dict(resp.getheaders())
+        finally:
+            conn.close()
+
+    def predict(self, instances: list, query: str = "") -> tuple[int, dict]:
+        status, body, _ = self.request("POST", "/predict" + query,
+                                       json.dumps({"instances": instances}).encode())
+        return status, json.loads(body)
+
+    def metrics(self) -> dict[str, float]:
+        time.sleep(0.6)  # the workers flush their drift counts every 0.25 s
+        text = self.request("GET", "/metrics")[1].decode()
+        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines() if line and not line.startswith("#")}
+
+    def pids(self) -> list[int]:
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.proc.pid)],
+                             capture_output=True, text=True).stdout.split()
+        return [self.proc.pid, *map(int, out)]
+
+    def stop(self) -> tuple[int, str, str]:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        out, err = self.proc.communicate(timeout=60)
+        return self.proc.returncode, out, err
+
+
+def _png(arr: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(arr[0]).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _expected(predictor: Predictor, x: np.ndarray, top_k: int = 1) -> list[dict]:
+    from export.serve import encode_rows
+
+    return encode_rows(predictor.predict(x), predictor.class_names, top_k)
+
+
+def _close(got: list[dict], want: list[dict]) -> None:
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.keys() == w.keys()
+        for k in g:
+            if "confidence" in k or k == "value":
+                assert abs(g[k] - w[k]) <= 1e-6, (k, g, w)
+            else:
+                assert g[k] == w[k], (k, g, w)
+
+
+@pytest.fixture(scope="module")
+def image_server(digits_run, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve")
+    server = Server(digits_run / "model.onnx", tmp, "--max-instances", "64",
+                    "--max-body-mb", "0.25")
+    yield server
+    code, _, err = server.stop()
+    assert code == 0, err
+
+
+@pytest.fixture(scope="module")
+def digits_x(digits_test_npz):
+    with np.load(digits_test_npz) as npz:
+        return npz["x"]
+
+
+def test_predictions_equal_the_predictor_for_arrays_pngs_and_raw_bodies(
+        image_server, digits_run, digits_x):
+    model = digits_run / "model.onnx"
+    predictor, x = Predictor(model), digits_x[:40]
+    status, doc = image_server.predict(x.tolist())
+    assert status == 200, doc
+    assert doc["model_sha256"] == hashlib.sha256(model.read_bytes()).hexdigest()
+    _close(doc["predictions"], _expected(predictor, x))
+    status, doc = image_server.predict([base64.b64encode(_png(a)).decode() for a in x],
+                                       "?top_k=3")
+    assert status == 200, doc
+    _close(doc["predictions"], _expected(predictor, x, top_k=3))
+    assert doc["predictions"][0]["top3_label"] in predictor.class_names
+    status, body, _ = image_server.request("POST", "/predict", _png(x[7]), "image/png")
+    assert status == 200, body
+    _close(json.loads(body)["predictions"], _expected(predictor, x[7:8]))
+
+
+def test_card_health_and_metrics(image_server, digits_run, digits_x):
+    status, body, _ = image_server.request("GET", "/card")
+    assert status == 200
+    assert json.loads(body) == json.loads(json.dumps(jsonable(read_card(digits_run / "model.onnx"))))
+    assert image_server.request("GET", "/health")[0] == 200
+    before = image_server.metrics()
+    assert image_server.predict(digits_x[:5].tolist())[0] == 200
+    assert image_server.predict([[1, 2]])[0] == 422
+    after = image_server.metrics()
+    grew = lambda key: after.get(key, 0) - before.get(key, 0)
+    assert grew('frozenfit_requests_total{status="200"}') == 1
+    assert grew('frozenfit_requests_total{status="422"}') == 1
+    assert grew('frozenfit_request_errors_total{status="422"}') == 1
+    assert grew("frozenfit_instances_total") == 5
+    assert grew("frozenfit_batch_rows_sum") == 5
+    assert grew("frozenfit_request_seconds_count") == 2
+    assert grew("frozenfit_drift_rows") == 5
+    assert after["frozenfit_drift_status"] in (0, 1, 2)
+    assert any(k.startswith('frozenfit_drift_psi{check="pixel mean"}') for k in after)
+
+
+BAD = {
+    # name: (body, content type, query, status, words the error must contain)
+    "not JSON": (b"{instances: ", "application/json", "", 400, ["body", "not valid JSON"]),
+    "no instances": (b'{"rows": []}', "application/json", "", 422, ["instances"]),
+    "empty instances": (b'{"instances": []}', "application/json", "", 422, ["non-empty"]),
+    "not base64": (b'{"instances": ["%%%"]}', "application/json", "", 400,
+                   ["instances[0]", "base64"]),
+    "not an image": (json.dumps({"instances": [base64.b64encode(b"hello").decode()]}).encode(),
+                     "application/json", "", 400, ["instances[0]", "cannot decode image"]),
+    "wrong shape": (b'{"instances": [[1, 2, 3]]}', "application/json", "", 422,
+                    ["instances[0]", "shape (N, 1, 8, 8)"]),
+    "ragged": (b'{"instances": [[[1, 2], [3]]]}', "application/json", "", 422, ["ragged"]),
+    "fractions for uint8": (json.dumps({"instances": [np.full((1, 8, 8), 0.5).tolist()]}).encode(),
+                            "application/json", "", 422, ["instances[0]", "[0, 255]"]),
+    "strings as pixels": (json.dumps({"instances": [[["a"] * 8] * 8]}).encode(),
+                          "application/json", "", 422, ["instances[0]", "numbers"]),
+    "an object": (b'{"instances": [{"a": 1}]}', "application/json", "", 422, ["instances[0]"]),
+    "too many instances": (json.dumps({"instances": [[[0] * 8] * 8] * 65}).encode(),
+                           "application/json", "", 413, ["instances", "at most 64"]),
+    "body too large": (b"x" * 300_000, "application/json", "", 413, ["body", "bytes"]),
+    "raw image that is not one": (b"GIF89a-not-really", "image/png", "", 400,
+                                  ["body", "cannot decode image"]),
+    "content type": (b"a,b\n1,2\n", "text/csv", "", 415, ["Content-Type text/csv"]),
+    "top_k too large": (b'{"instances": [[[0]]]}', "application/json", "?top_k=11", 422, ["top_k"]),
+    "top_k not a number": (b'{"instances": [[[0]]]}', "application/json", "?top_k=x", 422, ["top_k"]),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_bad_requests_get_a_4xx_naming_the_field(image_server, name):
+    body, content_type, query, want, words = BAD[name]
+    status, raw, _ = image_server.request("POST", "/predict" + query, body, content_type)
+    assert status == want, raw
+    message = json.loads(raw)["error"]
+    assert "\n" not in message and "Traceback" not in message
+    for word in words:
+        assert word in message, message
+
+
+def test_hostile_requests_neither_crash_nor_grow_the_server(image_server, digits_x):
+    def rss_mb() -> float:
+        total = 0
+        for pid in image_server.pids():
+            try:
+                total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * 4096
+            except OSError:
+                pass
+        return total / 2**20
+
+    bodies = [b for b, ct, q, *_ in BAD.values() if ct == "application/json"]
+    for b in bodies * 5:  # warm-up: allocator pools, imported modules
+        image_server.request("POST", "/predict", b)
+    start = rss_mb()
+    for b in bodies * 30:
+        image_server.request("POST", "/predict", b)
+    assert rss_mb() - start < 30, (start, rss_mb())
+    status, doc = image_server.predict(digits_x[:2].tolist())
+    assert status == 200 and len(doc["predictions"]) == 2
+
+
+def test_concurrent_requests_are_batched_without_mixing_rows(image_server, digits_run, digits_x):
+    predictor = Predictor(digits_run / "model.onnx")
+    before = image_server.metrics()
+    rng = np.random.default_rng(0)
+    jobs = [rng.choice(len(digits_x), size=int(rng.integers(1, 6)), replace=False)
+            for _ in range(96)]
+
+    def call(rows):
+        conn = http.client.HTTPConnection("127.0.0.1", image_server.port, timeout=60)
+        conn.request("POST", "/predict?top_k=2", json.dumps(
+            {"instances": digits_x[rows].tolist()}).encode(), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+
+    with ThreadPoolExecutor(24) as pool:
+        answers = list(pool.map(call, jobs))
+    for rows, (status, doc) in zip(jobs, answers):
+        assert status == 200, doc
+        _close(doc["predictions"], _expected(predictor, digits_x[rows], top_k=2))
+    after = image_server.metrics()
+    calls = after["frozenfit_batch_requests_count"] - before["frozenfit_batch_requests_count"]
+    stacked = after["frozenfit_batch_requests_sum"] - before["frozenfit_batch_requests_sum"]
+    assert stacked == len(jobs)
+    assert calls < len(jobs), "no two requests ever shared an onnxruntime call"
+
+
+def test_table_model(tmp_path):
+    from tests.test_batch_tables import _table_model
+
+    model = _table_model(tmp_path)
+    predictor = Predictor(model)
+    rows = [{"a": 0.5, "b": -1.0, "c": 2.0, "key": "passed"}, {"a": -2.0, "b": 0.25, "c": 0.0}]
+    x = np.array([[r["a"], r["b"], r["c"]] for r in rows], np.float32)
+    server = Server(model, tmp_path)
+    try:
+        status, doc = server.predict(rows)
+        assert status == 200, doc
+        _close(doc["predictions"], _expected(predictor, x))
+        status, doc = server.predict(x.tolist())
+        _close(doc["predictions"], _expected(predictor, x))
+        status, doc = server.predict([{"a": 1, "b": 2}])
+        assert status == 422 and "missing feature 'c'" in doc["error"], doc
+        status, doc = server.predict([{"a": 1, "b": "2", "c": 3}])
+        assert status == 422 and "instances[0].b" in doc["error"], doc
+        status, doc = server.predict([{"a": 1, "b": None, "c": 3}])
+        assert status == 422 and "instances[0].b" in doc["error"], doc
+        status, doc = server.predict([[1, 2]])
+        assert status == 422 and "2 values, expected 3" in doc["error"], doc
+        status, body, _ = server.request("POST", "/predict", b"\x89PNG", "image/png")
+        assert status == 415 and b"table rows" in body
+    finally:
+        code, _, err = server.stop()
+    assert code == 0, err
+
+
+def test_sigterm_drains_in_flight_requests_and_a_full_queue_answers_503(
+        digits_run, digits_x, tmp_path):
+    # Each batch waits 1.5 s for company, so requests are still in flight when SIGTERM lands.
+    server = Server(digits_run / "model.onnx", tmp_path, "--batch-timeout-ms", "1500",
+                    "--max-queue", "4")
+    answers = []
+
+    def call(i):
+        answers.append(server.predict(digits_x[i:i + 1].tolist()))
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    status, doc = server.predict(digits_x[:1].tolist())  # the fifth: over --max-queue 4
+    assert status == 503 and "--max-queue" in doc["error"], doc
+    server.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    try:
+        assert server.request("GET", "/health")[0] == 503
+        assert server.predict(digits_x[:1].tolist())[0] == 503
+    except OSError:
+        pass  # or the listener is already closed: either way nothing new is accepted
+    for t in threads:
+        t.join(timeout=30)
+    assert [s for s, _ in answers] == [200] * 4, answers
+    code, _, err = server.stop()
+    assert code == 0, err
+    assert "Traceback" not in err, err
+    assert "finishing 4 requests in flight" in err
+
+
+def test_serve_needs_its_extra_and_refuses_bad_settings_in_one_line(digits_run, tmp_path):
+    model = str(digits_run / "model.onnx")
+    env = poisoned_env(tmp_path, ("litserve",))
+    assert_one_line_error(run_cli("serve", "--model", model, env=env), "serve extra",
+                          "pip install '.[serve]'")
+    assert_one_line_error(run_cli("serve", "--model", str(tmp_path / "none.onnx")),
+                          "model file not found")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        assert_one_line_error(run_cli("serve", "--model", model, "--port", port),
+                              f"--port {port}", "cannot listen")
+    assert_one_line_error(run_cli("serve", "--model", model, "--port", "80"), "--port 80")
+    assert_one_line_error(run_cli("serve", "--model", model, "--workers", "0"), "--workers")
