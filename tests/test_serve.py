@@ -80,7 +80,7 @@ class Server:
 
     def pids(self) -> list[int]:
         out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.proc.pid)],
-                             capture_output=True, text=True).stdout.split()
+                             capture_output=True, text=True, check=False).stdout.split()
         return [self.proc.pid, *map(int, out)]
 
     def stop(self) -> tuple[int, str, str]:

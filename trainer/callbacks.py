@@ -14,15 +14,18 @@ class ExportOnnx(L.Callback):
     same parity-gated path as `trainer export`, using the run's held-out test samples."""
 
     def __init__(self, enabled: bool = True, filename: str = "model.onnx",
-                 atol: float = 1e-3, opset: int = 18):
+                 atol: float = 1e-3, opset: int = 18, register_as: str | None = None):
         """
         Args:
             enabled: Export at the end of fit.
             filename: File name inside the run folder.
             atol: Parity tolerance: max |logit difference| between onnxruntime and torch.
             opset: ONNX opset version.
+            register_as: Register the exported model under this name in the MLflow Model
+                Registry (needs --trainer.logger MLFlowLogger).
         """
         self.enabled, self.filename, self.atol, self.opset = enabled, filename, atol, opset
+        self.register_as = register_as
         self.path: Path | None = None
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -114,7 +114,9 @@ def cmd_predict(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="trainer predict", description=(
         "Batch inference with onnxruntime (no torch): one row per input with its id, label "
         "and confidence (or value), a summary JSON and a drift report beside the output."))
-    p.add_argument("--model", required=True, help="ONNX file written by trainer export/fit")
+    p.add_argument("--model", required=True, help="ONNX file written by trainer export/fit, "
+                   "or an MLflow URI: models:/NAME/VERSION, runs:/RUN_ID/model (store from "
+                   "MLFLOW_TRACKING_URI; extra: tracking)")
     p.add_argument("--input", required=True, help="a folder (recursive) or .txt list of "
                    "PNG/JPEG images, .csv/.parquet with the model's feature columns, .npz "
                    "with 'x' (and 'y'), .npy, or an IDX images file")
@@ -137,6 +139,9 @@ def cmd_predict(argv: list[str]) -> int:
         raise InputError("--top-k, --batch-size and --chunk-rows must be >= 1")
     if not args.timeout_per_batch > 0:
         raise InputError("--timeout-per-batch must be > 0 seconds")
+    from export.model_uri import resolve_model_uri
+
+    args.model = resolve_model_uri(args.model)
     from export.atomic import check_output
 
     out = Path(args.output)
@@ -167,7 +172,8 @@ def cmd_serve(argv: list[str]) -> int:
         "/predict {\"instances\": [...]} or one raw image body, GET /card /health /metrics. "
         "Concurrent requests are stacked into one onnxruntime call. SIGTERM/SIGINT drain "
         "the requests in flight, then exit 0. Needs: pip install '.[serve]'."))
-    p.add_argument("--model", required=True, help="ONNX file written by trainer export/fit")
+    p.add_argument("--model", required=True, help="ONNX file written by trainer export/fit, "
+                   "or an MLflow URI (models:/NAME/VERSION, runs:/RUN_ID/model)")
     p.add_argument("--host", default="127.0.0.1", choices=["127.0.0.1", "0.0.0.0", "::"],
                    help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
@@ -192,7 +198,10 @@ def cmd_serve(argv: list[str]) -> int:
         raise InputError(f"--port {args.port}: expected 1024 to 65535")
     if args.batch_timeout_ms < 0 or not args.max_body_mb > 0:
         raise InputError("--batch-timeout-ms must be >= 0 and --max-body-mb > 0")
+    from export.model_uri import resolve_model_uri
     from export.serve import Limits, ServeOptions, serve
+
+    args.model = resolve_model_uri(args.model)
 
     limits = Limits(max_body_bytes=int(args.max_body_mb * (1 << 20)),
                     max_instances=args.max_instances, max_queue=args.max_queue)

@@ -35,13 +35,36 @@ def tune_cpu_allocator() -> None:
 
 
 def _file_logger(config):
-    """The init_args of a logger that writes into `<save_dir>/<name>/<version>` (CSV,
-    TensorBoard), so its folder can be pointed at a run; None for any other logger."""
-    logger = config.trainer.logger
-    args = getattr(logger, "init_args", None)
-    if args is None or not {"save_dir", "name", "version"} <= set(vars(args)):
-        return None
-    return args
+    """The init_args of the logger that writes into `<save_dir>/<name>/<version>` (CSV,
+    TensorBoard), so its folder can be pointed at a run; None when there is none."""
+    from trainer.tracking import split_loggers
+
+    logger = split_loggers(config.trainer.logger)[0]
+    return None if logger is None else logger.init_args
+
+
+def _keep_run_folder(config) -> None:
+    """A logger that writes no run folder (MLFlowLogger) is added after a CSVLogger that
+    does: checkpoints, config.yaml, metrics.json and model.onnx stay in
+    runs/<experiment name>/version_<n>/ and are copied to MLflow at the end of fit."""
+    from jsonargparse import Namespace
+
+    from trainer import tracking
+
+    file_logger, others = tracking.split_loggers(config.trainer.logger)
+    tracking.check_available(others)
+    register = getattr(config.get("export"), "register_as", None)
+    if register and not any(tracking.is_mlflow(x) for x in others):
+        raise InputError(f"--export.register_as {register}: needs --trainer.logger "
+                         "MLFlowLogger (the registry is MLflow's)")
+    if others and file_logger is None:
+        file_logger = Namespace(class_path="lightning.pytorch.loggers.CSVLogger",
+                                init_args=Namespace(save_dir="runs",
+                                                    name=tracking.run_name(others[0]),
+                                                    version=None, prefix="",
+                                                    flush_logs_every_n_steps=100))
+    if others:
+        config.trainer.logger = [file_logger, *others]
 
 
 class Preempted(BaseException):
@@ -123,6 +146,7 @@ def build_cli(args: list[str], run: bool = True, instantiate: bool = True):
             # Lightning unpickles checkpoints fully unless told otherwise; ours hold only
             # tensors and plain values. A config file cannot turn this off.
             config.weights_only = True
+            _keep_run_folder(config)
             logger = _file_logger(config)
             root = Path(logger.save_dir or ".") / (logger.name or "") if logger else \
                 Path(config.trainer.default_root_dir or ".")
@@ -168,6 +192,31 @@ def build_cli(args: list[str], run: bool = True, instantiate: bool = True):
                     self.model.load_state_dict(runs.load_checkpoint(best[0])["state_dict"])
                 self.trainer.test(self.model, datamodule=self.datamodule)
             report.write(self.trainer)
+            self._track()
+
+        def before_fit(self) -> None:
+            """Every logger gets the resolved config as its hyperparameters (the module's
+            own hparams carry the dataset statistics, which are the card's business)."""
+            import yaml
+
+            from trainer.tracking import flat_config
+
+            params = flat_config(yaml.safe_load(self.parser.dump(
+                self.config, skip_none=False))[self.subcommand])
+            for logger in self.trainer.loggers:
+                logger.log_hyperparams(params)
+
+        def _track(self) -> None:
+            """The finished run into MLflow, when an MLFlowLogger is configured."""
+            from trainer import tracking
+            from trainer.callbacks import ExportOnnx
+
+            export = next(cb for cb in self.trainer.callbacks if isinstance(cb, ExportOnnx))
+            run_dir = Path(self.trainer.log_dir or ".")  # a collective under DDP
+            if self.trainer.interrupted:
+                return
+            example = self.datamodule.splits["test"].arrays(5)[0]
+            tracking.log_fit(self.trainer, run_dir, export.path, example, export.register_as)
 
         def after_validate(self) -> None:
             _report(self.trainer).write_evaluation(self.trainer, "validate")

@@ -75,7 +75,7 @@ class ClassifierModule(L.LightningModule):
                              "`trainer` CLI or pass the DataModule's `info`")
         if lr <= 0:
             raise ValueError(f"model.lr must be > 0, got {lr}")
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # loggers get the resolved config instead
         self.regression = data_info.get("task", "classification") == "regression"
         outputs = 1 if self.regression else len(data_info["class_names"])
         spec, norm = data_info["input"], data_info["normalization"]

@@ -71,7 +71,7 @@ class FixedDataModule(L.LightningDataModule):
                 raise InputError(f"{flag} must be in [0, 1), got {value}")
         if batch_size < 1 or eval_batch_size < 1:
             raise InputError("data.batch_size and data.eval_batch_size must be >= 1")
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # loggers get the resolved config instead
         self.tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @cached_property

@@ -1,0 +1,155 @@
+"""Runs and models in a real local MLflow store (SQLite in a temporary folder): a digits fit
+with Lightning's MLFlowLogger, the logged onnx-flavor model, the registry, and
+`trainer predict --model models:/...`; TensorBoard's logger the same way."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from export.runtime import Predictor
+from tests.conftest import ROOT, assert_one_line_error, poisoned_env, run_cli
+
+mlflow = pytest.importorskip("mlflow", reason="the tracking extra is not installed "
+                                              "(pip install '.[tracking]')")
+
+
+def _fit(work, *extra: str):
+    proc = run_cli("fit", "--config", str(ROOT / "configs" / "digits.yaml"),
+                   "--trainer.max_epochs", "3", "--trainer.enable_progress_bar", "false",
+                   "--trainer.logger", "MLFlowLogger",
+                   "--trainer.logger.tracking_uri", "sqlite:///mlruns.db",
+                   "--trainer.logger.experiment_name", "digits",
+                   "--export.register_as", "digits-model", *extra, cwd=work)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    work = tmp_path_factory.mktemp("mlflow")
+    _fit(work)
+    mlflow.set_tracking_uri(f"sqlite:///{work / 'mlruns.db'}")
+    return work
+
+
+def _run(store):
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name("digits")
+    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time"])
+    return client, runs[0]
+
+
+def test_the_run_holds_config_params_epoch_metrics_and_artifacts(store):
+    client, run = _run(store)
+    params = run.data.params
+    assert params["model.arch"] == "convnet"  # the resolved config
+    assert params["trainer.max_epochs"] == "3"
+    assert params["export.register_as"] == "digits-model"
+    assert not any(k.startswith("data_info") for k in params)  # statistics stay in the card
+    history = client.get_metric_history(run.info.run_id, "val/acc")
+    assert len(history) == 3 and len({m.step for m in history}) == 3
+    assert "test/acc" in run.data.metrics
+    top = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "metrics.json", "curves.png", "confusion_matrix.png"} <= top
+    model = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+    assert {"model/MLmodel", "model/model.onnx", "model/input_example.json"} <= model
+    folder = next((store / "runs" / "digits").glob("version_*"))
+    logged = mlflow.artifacts.download_artifacts(run_id=run.info.run_id,
+                                                 artifact_path="metrics.json")
+    assert json.loads(Path(logged).read_text()) == json.loads((folder / "metrics.json").read_text())
+    assert run.data.tags["frozenfit.task"] == "classification"
+    assert run.data.tags["frozenfit.dataset_fingerprint"] == \
+        Predictor(folder / "model.onnx").card["dataset"]["fingerprint"]
+
+
+def test_the_logged_model_predicts_like_the_predictor(store, digits_test_npz):
+    _, run = _run(store)
+    folder = next((store / "runs" / "digits").glob("version_*"))
+    predictor = Predictor(folder / "model.onnx")
+    with np.load(digits_test_npz) as npz:
+        x = npz["x"][:32]
+    uri = f"runs:/{run.info.run_id}/model"
+    want = predictor.predict(x)
+    graph = mlflow.onnx.load_model(uri)
+    assert hashlib.sha256(graph.SerializeToString()).hexdigest() == \
+        hashlib.sha256(folder.joinpath("model.onnx").read_bytes()).hexdigest()
+    out = mlflow.pyfunc.load_model(uri).predict(x)
+    np.testing.assert_allclose(out["probabilities"], want.probabilities, atol=1e-6)
+    info = mlflow.models.get_model_info(uri)
+    assert info.signature.inputs.input_names() == [predictor.spec["name"]]
+    version = mlflow.MlflowClient().get_model_version("digits-model", "1")
+    assert version.run_id == run.info.run_id
+    assert "classification" in version.description and "fingerprint" in version.description
+
+
+def test_predict_resolves_mlflow_uris(store, digits_test_npz, tmp_path):
+    _, run = _run(store)
+    folder = next((store / "runs" / "digits").glob("version_*"))
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlruns.db'}"}
+    outputs = {}
+    for name, model in (("path", str(folder / "model.onnx")), ("registry", "models:/digits-model/1"),
+                        ("run", f"runs:/{run.info.run_id}/model")):
+        out = tmp_path / f"{name}.csv"
+        proc = run_cli("predict", "--model", model, "--input", str(digits_test_npz),
+                       "--output", str(out), "--no-progress", env=env, cwd=store)
+        assert proc.returncode == 0, proc.stderr
+        outputs[name] = out.read_text()
+    assert outputs["path"] == outputs["registry"] == outputs["run"]
+    proc = run_cli("predict", "--model", "models:/digits-model/9", "--input",
+                   str(digits_test_npz), "--output", str(tmp_path / "x.csv"), env=env, cwd=store)
+    assert_one_line_error(proc, "models:/digits-model/9", "cannot resolve through MLflow")
+    assert not (tmp_path / "x.csv").exists()
+
+
+def test_without_mlflow_each_command_names_the_extra(digits_test_npz, tmp_path):
+    env = poisoned_env(tmp_path, ("mlflow",))
+    proc = run_cli("predict", "--model", "models:/digits-model/1", "--input",
+                   str(digits_test_npz), "--output", str(tmp_path / "p.csv"), env=env)
+    assert_one_line_error(proc, "tracking extra", "pip install '.[tracking]'")
+    proc = run_cli("fit", "--config", str(ROOT / "configs" / "digits.yaml"),
+                   "--trainer.logger", "MLFlowLogger", env=env, cwd=tmp_path)
+    assert_one_line_error(proc, "MLFlowLogger", "tracking extra")
+    proc = run_cli("fit", "--config", str(ROOT / "configs" / "digits.yaml"),
+                   "--export.register_as", "m", cwd=tmp_path)
+    assert_one_line_error(proc, "--export.register_as", "MLFlowLogger")
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_a_second_fit_registers_version_2_and_predicts_the_same(store, digits_test_npz, tmp_path):
+    _fit(store, "--seed_everything", "1")
+    client = mlflow.MlflowClient()
+    versions = sorted(int(v.version) for v in client.search_model_versions("name='digits-model'"))
+    assert versions == [1, 2]
+    folder = max((store / "runs" / "digits").glob("version_*"))
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{store / 'mlruns.db'}"}
+    texts = []
+    for model in (str(folder / "model.onnx"), "models:/digits-model/2"):
+        out = tmp_path / f"{len(texts)}.csv"
+        proc = run_cli("predict", "--model", model, "--input", str(digits_test_npz),
+                       "--output", str(out), "--no-progress", env=env, cwd=store)
+        assert proc.returncode == 0, proc.stderr
+        texts.append(out.read_text())
+    assert texts[0] == texts[1]
+
+
+@pytest.mark.slow
+def test_tensorboard_logs_the_same_run(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    proc = run_cli("fit", "--config", str(ROOT / "configs" / "digits.yaml"),
+                   "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false",
+                   "--trainer.logger", "TensorBoardLogger", "--trainer.logger.save_dir", "runs",
+                   "--trainer.logger.name", "tb", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "runs" / "tb" / "version_0"
+    assert {"model.onnx", "metrics.json", "config.yaml"} <= {p.name for p in run.iterdir()}
+    events = EventAccumulator(str(run))
+    events.Reload()
+    assert len(events.Scalars("val/acc")) == 2
+    assert "model.width" in (run / "hparams.yaml").read_text()
