@@ -286,6 +286,9 @@ class Gate:
             from starlette.concurrency import run_in_threadpool
 
             text = await run_in_threadpool(metrics_text, self.card, self.metrics_dir)
+            text += ("# HELP frozenfit_requests_in_flight admitted and not yet answered\n"
+                     "# TYPE frozenfit_requests_in_flight gauge\n"
+                     f"frozenfit_requests_in_flight {self.inflight.value}\n")
             return await _respond(send, 200, text.encode(),
                                   "text/plain; version=0.0.4; charset=utf-8")
         if path == "/health" and self.draining.value:

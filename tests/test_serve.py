@@ -38,9 +38,9 @@ def free_port() -> int:
 class Server:
     """`trainer serve` in a subprocess; `request` is one HTTP exchange on a new connection."""
 
-    def __init__(self, model: Path, tmp: Path, *flags: str):
+    def __init__(self, model: Path | str, tmp: Path, *flags: str, env: dict | None = None):
         self.port = free_port()
-        env = {**os.environ, **poisoned_env(tmp)}
+        env = {**os.environ, **poisoned_env(tmp), **(env or {})}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "trainer", "serve", "--model", str(model), "--port",
              str(self.port), *flags], cwd=tmp, env=env, stdout=subprocess.PIPE,
@@ -287,8 +287,8 @@ def test_table_model(tmp_path):
 
 def test_sigterm_drains_in_flight_requests_and_a_full_queue_answers_503(
         digits_run, digits_x, tmp_path):
-    # Each batch waits 1.5 s for company, so requests are still in flight when SIGTERM lands.
-    server = Server(digits_run / "model.onnx", tmp_path, "--batch-timeout-ms", "1500",
+    # Each batch waits 3 s for company, so requests are still in flight when SIGTERM lands.
+    server = Server(digits_run / "model.onnx", tmp_path, "--batch-timeout-ms", "3000",
                     "--max-queue", "4")
     answers = []
 
@@ -298,7 +298,9 @@ def test_sigterm_drains_in_flight_requests_and_a_full_queue_answers_503(
     threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
-    time.sleep(0.5)
+    deadline = time.monotonic() + 30
+    while server.metrics().get("frozenfit_requests_in_flight") != 4:
+        assert time.monotonic() < deadline, "the four requests never got in flight"
     status, doc = server.predict(digits_x[:1].tolist())  # the fifth: over --max-queue 4
     assert status == 503 and "--max-queue" in doc["error"], doc
     server.proc.send_signal(signal.SIGTERM)

@@ -100,6 +100,17 @@ def test_predict_resolves_mlflow_uris(store, digits_test_npz, tmp_path):
         assert proc.returncode == 0, proc.stderr
         outputs[name] = out.read_text()
     assert outputs["path"] == outputs["registry"] == outputs["run"]
+    pytest.importorskip("litserve", reason="the serve extra is not installed")
+    from tests.test_serve import Server
+
+    server = Server("models:/digits-model/1", tmp_path, env=env)
+    try:
+        with np.load(digits_test_npz) as npz:
+            status, doc = server.predict(npz["x"][:3].tolist())
+        assert status == 200, doc
+        assert doc["model_sha256"] == hashlib.sha256((folder / "model.onnx").read_bytes()).hexdigest()
+    finally:
+        assert server.stop()[0] == 0
     proc = run_cli("predict", "--model", "models:/digits-model/9", "--input",
                    str(digits_test_npz), "--output", str(tmp_path / "x.csv"), env=env, cwd=store)
     assert_one_line_error(proc, "models:/digits-model/9", "cannot resolve through MLflow")
