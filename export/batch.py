@@ -38,6 +38,7 @@ class JobOptions:
     resume: bool = False
     progress: bool = True
     timeout_per_batch: float | None = 600.0  # seconds one onnxruntime call may take
+    threads: int = 0  # onnxruntime intra-op threads (0: one per physical core)
 
 
 def output_columns(pred: Prediction, y: np.ndarray | None, class_names: list[str],
@@ -123,7 +124,7 @@ class _Progress:
         print(f"predict: {rows:,} rows, {rate:,.0f} rows/s", end=end, file=sys.stderr, flush=True)
 
 
-class _Totals:
+class Totals:
     """What the job has counted so far, summed over part records (resumed or new)."""
 
     def __init__(self, card: dict):
@@ -138,10 +139,10 @@ class _Totals:
 
 
 def _predict_parts(predictor: Predictor, input_path, images: list[Path] | None,
-                   state: JobState, done: int, fmt: str, opts: JobOptions) -> tuple[_Totals, int]:
+                   state: JobState, done: int, fmt: str, opts: JobOptions) -> tuple[Totals, int]:
     """Write a part file and its record per chunk after the `done` complete ones; return
     the totals and the rows that were already done."""
-    card, totals = predictor.card, _Totals(predictor.card)
+    card, totals = predictor.card, Totals(predictor.card)
     for i in range(done):
         totals.add(state.read_record(i, fmt))
     resumed_after, progress = totals.rows, _Progress(opts.progress)
@@ -170,7 +171,7 @@ def _predict_parts(predictor: Predictor, input_path, images: list[Path] | None,
     return totals, resumed_after
 
 
-def _join(state: JobState, output: Path, fmt: str, totals: _Totals) -> int:
+def _join(state: JobState, output: Path, fmt: str, totals: Totals) -> int:
     """Join the verified parts into `output`; return the rows counted in the joined file."""
     parts = []
     for i in itertools.count():
@@ -185,18 +186,22 @@ def _join(state: JobState, output: Path, fmt: str, totals: _Totals) -> int:
 
 
 def run_batch(model: str | Path, input_path: str | Path, output: str | Path,
-              options: JobOptions | None = None) -> dict:
-    """Predict every input, write `output` + `<stem>.summary.json` + `<stem>.drift.json`."""
+              options: JobOptions | None = None, *, predictor: Predictor | None = None,
+              images: list[Path] | None = None, reports: bool = True) -> dict:
+    """Predict every input, write `output` + `<stem>.summary.json` + `<stem>.drift.json`.
+    The Ray engine runs one of these per work unit, with its actor's `predictor`, a block
+    of `images` of an image folder, and `reports=False` (it writes one report per job)."""
     opts = options or JobOptions()
     output = Path(output)
     fmt = check_format(output)
     start = time.perf_counter()
-    predictor = Predictor(model, provider=opts.provider)
+    predictor = predictor or Predictor(model, provider=opts.provider, threads=opts.threads)
     card = predictor.card
     source = Path(input_path)
     if not source.exists():
         raise InputError(f"{source}: input not found")
-    images = image_files(source) if is_image_input(source) else None
+    if images is None and is_image_input(source):
+        images = image_files(source)
     job = {"model": sha256_file(predictor.path), "input": input_identity(source, images),
            "format": fmt, "chunk_rows": opts.chunk_rows, "top_k": opts.top_k,
            "on_error": opts.on_error}
@@ -228,11 +233,20 @@ def run_batch(model: str | Path, input_path: str | Path, output: str | Path,
                    "skipped": totals.skipped, "drift_status": report["status"],
                    "peak_memory_mb": round(_peak_rss_mb(), 1),
                    "options": asdict(opts), **label_metrics(totals.sums)}
-        for suffix, doc in ((".summary.json", summary), (".drift.json", report)):
-            with atomic_path(output.with_name(output.stem + suffix)) as tmp:
-                tmp.write_text(json.dumps(doc, indent=2))
+        if reports:
+            write_reports(output.with_name(output.stem + ".summary.json"),
+                          output.with_name(output.stem + ".drift.json"), summary, report)
         finished = True
     finally:
         state.close(remove=finished)
     summary["drift_table"] = format_report(report)
+    summary["totals"] = {"rows": rows, "header": totals.header, "sums": totals.sums,
+                         "skipped": totals.skipped, "drift": totals.drift.state()}
     return summary
+
+
+def write_reports(summary_path: Path, drift_path: Path, summary: dict, report: dict) -> None:
+    """A job's summary and drift report, each written atomically."""
+    for path, doc in ((summary_path, summary), (drift_path, report)):
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(doc, indent=2))

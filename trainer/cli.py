@@ -134,26 +134,51 @@ def cmd_predict(argv: list[str]) -> int:
     p.add_argument("--timeout-per-batch", type=float, default=600.0, metavar="S",
                    help="fail if one onnxruntime call takes longer than S seconds (default 600)")
     p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+    ray = p.add_argument_group("more than one machine (--engine ray; extra: ray)")
+    ray.add_argument("--engine", default="local", choices=["local", "ray"],
+                     help="ray: Ray Data over a folder or glob of Parquet/CSV/.npy/.npz files "
+                     "or an image folder; --output is then a folder of Parquet files with "
+                     "summary.json and drift.json")
+    ray.add_argument("--address", help="join this Ray cluster (auto, ray://host:port); "
+                     "default: start a local Ray instance with this machine's cores")
+    ray.add_argument("--workers", type=int, help="Ray actors, one onnxruntime session each "
+                     "(default: the cluster's CPUs, or its GPUs / --gpus-per-worker)")
+    ray.add_argument("--gpus-per-worker", type=float, default=0.0,
+                     help="GPU share per actor (e.g. 0.25): the actors use CUDA")
+    ray.add_argument("--block-images", type=int, default=4096,
+                     help="images per work unit of an image folder")
     args = p.parse_args(argv)
     if args.top_k < 1 or args.batch_size < 1 or args.chunk_rows < 1:
         raise InputError("--top-k, --batch-size and --chunk-rows must be >= 1")
+    if args.engine == "local" and (args.address or args.workers or args.gpus_per_worker):
+        raise InputError("--address, --workers and --gpus-per-worker need --engine ray")
+    if (args.workers is not None and args.workers < 1) or args.gpus_per_worker < 0 \
+            or args.block_images < 1:
+        raise InputError("--workers and --block-images must be >= 1, --gpus-per-worker >= 0")
     if not args.timeout_per_batch > 0:
         raise InputError("--timeout-per-batch must be > 0 seconds")
     from export.model_uri import resolve_model_uri
 
     args.model = resolve_model_uri(args.model)
     from export.atomic import check_output
-
-    out = Path(args.output)
-    for path in (out, out.with_name(out.stem + ".summary.json"),
-                 out.with_name(out.stem + ".drift.json")):
-        check_output(path, "--output", {"--model": args.model, "--input": args.input})
     from export.batch import JobOptions, run_batch
 
-    summary = run_batch(args.model, args.input, args.output, JobOptions(
+    out = Path(args.output)
+    job = JobOptions(
         batch_size=args.batch_size, chunk_rows=args.chunk_rows, top_k=args.top_k,
         provider=args.provider, on_error=args.on_error, resume=args.resume,
-        progress=not args.no_progress, timeout_per_batch=args.timeout_per_batch))
+        progress=not args.no_progress, timeout_per_batch=args.timeout_per_batch)
+    if args.engine == "ray":
+        from export.ray_engine import RayOptions, run_ray
+
+        summary = run_ray(args.model, args.input, args.output, job, RayOptions(
+            address=args.address, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+            block_images=args.block_images))
+    else:
+        for path in (out, out.with_name(out.stem + ".summary.json"),
+                     out.with_name(out.stem + ".drift.json")):
+            check_output(path, "--output", {"--model": args.model, "--input": args.input})
+        summary = run_batch(args.model, args.input, args.output, job)
     print(f"predicted {summary['rows']} rows -> {summary['output']} "
           f"({summary['rows_per_second']:.0f} rows/s on {summary['provider']})")
     if summary["skipped"]:

@@ -1,0 +1,294 @@
+"""`trainer predict --engine ray`: the batch job spread over a Ray cluster with Ray Data.
+
+The driver lists the job's work units: one per input file (Parquet, CSV, .npy, .npz) or one
+per block of an image folder. Ray Data maps them through `PredictUnits`, a stateful
+callable class, so each actor keeps one onnxruntime session. Each unit is exactly the local
+engine's job (`export/batch.run_batch`: same readers, card checks, decoder, Predictor and
+output columns) writing `<out>/<unit>.parquet` atomically, then a manifest naming the
+input (and its identity), rows, model SHA-256, the output's SHA-256 and the unit's drift
+counts and label sums. The driver merges the manifests into `summary.json` and
+`drift.json`, the same report as the local engine's on the same rows.
+
+Exactly once: a unit's output appears whole or not at all; an actor killed mid-unit is
+restarted by Ray and its task retried, continuing after the parts it had verified;
+`--resume` skips the units whose manifest matches its output, model and input.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from export.atomic import atomic_path
+from export.errors import InputError
+
+EXTRA = "pip install '.[ray]' from a checkout, or 'frozenfit[ray]' from a wheel"
+FILE_SUFFIXES = (".parquet", ".pq", ".csv", ".npy", ".npz")
+
+
+@dataclass
+class RayOptions:
+    address: str | None = None  # None: start a local Ray instance with this machine's cores
+    workers: int | None = None  # actors; default: the cluster's CPUs (or GPUs / gpus_per_worker)
+    gpus_per_worker: float = 0.0
+    block_images: int = 4096  # images per work unit of an image folder
+
+
+def list_units(source: str, block: int = 4096) -> list[dict]:
+    """The work units of `source`: a folder, a glob or one file; `block` images per unit
+    of an image folder."""
+    from export.jobstate import input_identity
+    from export.readers import IMAGE_SUFFIXES, image_files
+
+    if any(c in source for c in "*?["):
+        files = sorted(Path(p) for p in glob.glob(source, recursive=True) if Path(p).is_file())
+        if not files:
+            raise InputError(f"{source}: the pattern matches no files")
+        root = Path(os.path.commonpath([f.parent for f in files]))
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise InputError(f"{source}: input not found")
+        root = path if path.is_dir() else path.parent
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in FILE_SUFFIXES) \
+            if path.is_dir() else [path]
+        if path.is_dir() and not files:  # a folder of images, labelled by class folder
+            images = image_files(path)
+            return [{"input": str(path), "images": [str(f) for f in images[i:i + block]],
+                     "output": f"images-{i // block:05d}.parquet",
+                     "identity": input_identity(path, images[i:i + block])}
+                    for i in range(0, len(images), block)]
+    bad = [f for f in files if f.suffix.lower() not in FILE_SUFFIXES]
+    if bad:
+        kind = "an image" if bad[0].suffix.lower() in IMAGE_SUFFIXES else "not an input"
+        raise InputError(f"{bad[0]}: {kind} file; --engine ray takes a folder or glob of "
+                         f"{', '.join(FILE_SUFFIXES)} files, or a folder of images")
+    units, taken = [], set()
+    for f in files:
+        name = str(f.relative_to(root).with_suffix("")).replace(os.sep, "__")
+        while name in taken:  # a.csv and a.parquet side by side
+            name += "_"
+        taken.add(name)
+        units.append({"input": str(f), "images": None, "output": f"{name}.parquet",
+                      "identity": input_identity(f, None)})
+    return units
+
+
+def manifest_path(out: Path, unit: dict) -> Path:
+    return out / (unit["output"][: -len(".parquet")] + ".manifest.json")
+
+
+def run_unit(predictor, unit: dict, out: Path, job_options: dict) -> dict:
+    """One unit, as the local engine's job; then its manifest, written atomically."""
+    from export.batch import JobOptions, run_batch
+    from export.jobstate import sha256_file
+
+    opts = JobOptions(**{**job_options, "resume": True, "progress": False})
+    output = out / unit["output"]
+    images = [Path(p) for p in unit["images"]] if unit["images"] is not None else None
+    summary = run_batch(predictor.path, unit["input"], output, opts, predictor=predictor,
+                        images=images, reports=False)
+    manifest = {"input": unit["input"], "identity": unit["identity"],
+                "output": unit["output"], "output_sha256": sha256_file(output),
+                "model_sha256": summary["model_sha256"], "top_k": opts.top_k,
+                "on_error": opts.on_error, "worker_pid": os.getpid(), **summary["totals"]}
+    with atomic_path(manifest_path(out, unit)) as tmp:
+        tmp.write_text(json.dumps(manifest))
+    return manifest
+
+
+class PredictUnits:
+    """Ray Data's callable class: one Predictor per actor, one unit per call."""
+
+    def __init__(self, model: str, out: str, job_options: dict, provider: str, threads: int):
+        from export.runtime import Predictor
+
+        self.predictor = Predictor(model, provider, threads)
+        self.out, self.job_options = Path(out), job_options
+
+    def __call__(self, batch: dict) -> dict:
+        import numpy as np
+
+        outputs, rows = [], []
+        for text in batch["unit"]:
+            unit = json.loads(str(text))
+            try:
+                rows.append(run_unit(self.predictor, unit, self.out, self.job_options)["rows"])
+            except InputError as exc:  # reaches the driver as the cause of Ray's error
+                raise InputError(str(exc)) from None
+            outputs.append(unit["output"])
+        return {"output": np.asarray(outputs), "rows": np.asarray(rows, np.int64)}
+
+
+def _complete(out: Path, unit: dict, model_sha: str, job_options: dict) -> bool:
+    """A unit whose manifest matches its output, the model and the options is done; one
+    whose input changed since is refused, as the local engine refuses it."""
+    from export.jobstate import describe_change, sha256_file
+
+    path = manifest_path(out, unit)
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    output = out / unit["output"]
+    if manifest.get("identity") != unit["identity"]:
+        raise InputError(f"{unit['input']}: cannot --resume: the input changed since its "
+                         f"output was written: {describe_change(manifest.get('identity', {}), unit['identity'])}"
+                         f"; run the job again without --resume into an empty --output")
+    for key, want in (("model_sha256", model_sha), ("top_k", job_options["top_k"]),
+                      ("on_error", job_options["on_error"])):
+        if manifest.get(key) != want:
+            raise InputError(f"{out}: cannot --resume: the interrupted job used another "
+                             f"{'model' if key == 'model_sha256' else 'option ' + key}; run it "
+                             f"again without --resume into an empty --output")
+    return output.is_file() and sha256_file(output) == manifest.get("output_sha256")
+
+
+def _import_ray():
+    try:
+        import ray
+        import ray.data  # the data extra of ray
+    except ModuleNotFoundError as exc:
+        raise InputError(f"--engine ray needs the ray extra (missing module {exc.name}): "
+                         f"{EXTRA}") from None
+    return ray
+
+
+def _start_ray(ray, options: RayOptions) -> float | None:
+    """Join the cluster or start a local instance; return the seconds it took (None: this
+    process was connected already)."""
+    import logging
+
+    started = time.perf_counter()
+    kwargs = {"include_dashboard": False, "logging_level": logging.WARNING,
+              "configure_logging": True, "log_to_driver": False}
+    if ray.is_initialized():  # a caller (a benchmark, a notebook) already connected
+        return None
+    try:
+        if options.address:
+            ray.init(address=options.address, **kwargs)
+        else:
+            ray.init(num_cpus=os.cpu_count(), **kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise InputError(f"--address {options.address}: cannot join the Ray cluster ({first})") \
+            from None
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # per-dataset INFO lines
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    return time.perf_counter() - started
+
+
+def run_ray(model: str, source: str, output: str, job_options, options: RayOptions) -> dict:
+    """The whole job; returns its summary (also written to `<output>/summary.json`)."""
+    from export.batch import Totals, label_metrics, write_reports
+    from export.drift import format_report
+    from export.jobstate import JobState, sha256_file
+    from export.runtime import Predictor
+
+    start = time.perf_counter()
+    ray = _import_ray()
+    predictor = Predictor(model, provider=job_options.provider)  # one-line errors up front
+    card = predictor.card
+    # Absolute paths: the workers of a cluster do not share this process's directory.
+    units = list_units(os.path.abspath(source), options.block_images)
+    out = Path(output).resolve()
+    base = Path(os.path.abspath(re.split(r"[*?\[]", source)[0]))  # a glob's fixed part
+    if out == base or out.is_relative_to(base) or base.is_relative_to(out) \
+            or out == Path(os.path.realpath(model)):
+        raise InputError(f"--output {output}: overlaps --input {source} or --model; the "
+                         "output folder must be apart from the inputs")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: --output for --engine ray is a folder; this is a file")
+    existing = [p for p in out.iterdir() if p.name != ".ray-job.partial"] if out.is_dir() else []
+    if existing and not job_options.resume:
+        raise InputError(f"{out}: output folder is not empty; use --resume to continue the job "
+                         "written there, or choose an empty folder")
+    out.mkdir(parents=True, exist_ok=True)
+    lock = JobState(out / ".ray-job")
+    lock.lock()
+    try:
+        job = {k: v for k, v in asdict(job_options).items()
+               if k not in ("resume", "progress", "provider")}
+        model_sha = sha256_file(predictor.path)
+        todo = [u for u in units if not (job_options.resume and
+                                         _complete(out, u, model_sha, job))]
+        startup = _start_ray(ray, options)
+        resources = ray.cluster_resources()
+        gpus = options.gpus_per_worker
+        workers = options.workers or max(1, int(resources.get("GPU", 0) // gpus) if gpus
+                                         else int(resources.get("CPU", 1)))
+        provider = "cuda" if gpus else "cpu"
+        how = ("already connected" if startup is None else
+               f"{'joined' if options.address else 'started'} in {startup:.1f} s")
+        print(f"predict: {len(units)} units, {len(units) - len(todo)} done before; Ray {how} with "
+              f"{int(resources.get('CPU', 0))} CPUs, {workers} workers", file=sys.stderr)
+        if todo:
+            # Units travel as JSON text: Ray Data's columns would turn None into NaN.
+            ds = ray.data.from_items([{"unit": json.dumps(u)} for u in todo],
+                                     override_num_blocks=len(todo))
+            ds = ds.map_batches(
+                PredictUnits, batch_size=1, num_cpus=1,
+                compute=ray.data.ActorPoolStrategy(size=workers),
+                num_gpus=gpus or None,
+                fn_constructor_kwargs={"model": str(predictor.path.resolve()), "out": str(out),
+                                       "job_options": job, "provider": provider,
+                                       "threads": 1})
+            done = 0
+            try:
+                for batch in ds.iter_batches(batch_size=None):
+                    done += len(batch["output"])
+                    if job_options.progress:
+                        print(f"predict: {done}/{len(todo)} units", file=sys.stderr, flush=True)
+            except Exception as exc:  # Ray wraps the unit's InputError in its own errors
+                cause = _input_error(exc)
+                if cause is None:
+                    raise
+                raise InputError(cause) from None
+        totals = Totals(card)
+        for unit in units:
+            totals.add(json.loads(manifest_path(out, unit).read_text()))
+        elapsed = time.perf_counter() - start
+        report = totals.drift.report()
+        summary = {"rows": totals.rows, "output": str(out), "format": "parquet",
+                   "engine": "ray", "workers": workers, "units": len(units),
+                   "units_resumed": len(units) - len(todo), "provider": provider,
+                   "model": str(predictor.path), "model_sha256": model_sha,
+                   "dataset_fingerprint": card["dataset"]["fingerprint"],
+                   "seconds": round(elapsed, 3),
+                   "ray_startup_seconds": None if startup is None else round(startup, 3),
+                   "rows_per_second": round(totals.rows / elapsed, 1),
+                   "skipped": totals.skipped, "drift_status": report["status"],
+                   "options": {**asdict(job_options), **asdict(options)},
+                   **label_metrics(totals.sums)}
+        write_reports(out / "summary.json", out / "drift.json", summary, report)
+    finally:
+        lock.close(remove=True)
+    summary["drift_table"] = format_report(report)
+    return summary
+
+
+def _input_error(exc: BaseException) -> str | None:
+    """The one-line message of an InputError raised in a unit, however Ray wrapped it."""
+    seen = set()
+    stack = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, InputError):
+            return str(e)
+        text = str(e)
+        marker = "InputError: "
+        if marker in text:
+            return text.split(marker, 1)[1].strip().splitlines()[0]
+        stack += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+    return None

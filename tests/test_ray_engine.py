@@ -1,0 +1,234 @@
+"""`trainer predict --engine ray` on a real local Ray instance (2 CPUs, started once for the
+module with `ray start --head`; one test starts its own): the same rows as the local engine
+for an image folder, a multi-file Parquet table and .npy shards; the same drift report; a
+killed worker; a killed driver and --resume; the extra missing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import assert_one_line_error, poisoned_env, run_cli
+
+pytest.importorskip("ray", reason="the ray extra is not installed (pip install '.[ray]')")
+RAY = Path(sys.executable).parent / "ray"
+# The test cluster runs on loopback without Ray's token authentication, which Ray 2.60 turns
+# on by default for new clusters (a joining driver must then hold the same token).
+CLUSTER_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    port = 20000 + os.getpid() % 20000
+    temp = tmp_path_factory.mktemp("ray")
+    env = {**os.environ, **CLUSTER_ENV}
+    subprocess.run([str(RAY), "start", "--head", "--num-cpus", "2", "--port", str(port),
+                    "--include-dashboard", "false", "--temp-dir", str(temp),
+                    "--disable-usage-stats"], check=True, capture_output=True, env=env,
+                   timeout=180)
+    yield f"127.0.0.1:{port}"
+    subprocess.run([str(RAY), "stop", "--force"], capture_output=True, check=False, timeout=120,
+                   env=env)
+
+
+def predict(*args: str, address: str | None = None, cwd=None):
+    extra = ("--engine", "ray", "--address", address) if address else ()
+    return run_cli("predict", *args, *extra, "--no-progress", cwd=cwd, env=CLUSTER_ENV,
+                   timeout=600)
+
+
+def _rows(path: Path) -> list[dict]:
+    return pq.read_table(path).to_pylist()
+
+
+def _same_rows(got: list[dict], want: list[dict]) -> None:
+    assert len(got) == len(want)
+    for g, w in zip(sorted(got, key=lambda r: r["id"]), sorted(want, key=lambda r: r["id"])):
+        assert g.keys() == w.keys()
+        for k in g:
+            if isinstance(g[k], float):
+                assert abs(g[k] - w[k]) <= 1e-6, (k, g, w)
+            else:
+                assert g[k] == w[k], (k, g, w)
+
+
+@pytest.fixture(scope="module")
+def digits_images(digits_test_npz, tmp_path_factory):
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("images") / "test"
+    with np.load(digits_test_npz) as npz:
+        x, y, names = npz["x"], npz["y"], npz["class_names"]
+    for i, (img, label) in enumerate(zip(x, y)):
+        folder = root / str(names[label])
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img[0]).save(folder / f"{i:04d}.png")
+    return root
+
+
+@pytest.mark.slow  # Ray's start-up: CI runs these (./scripts/test.sh --slow)
+def test_image_folder_rows_and_drift_equal_the_local_engine(cluster, digits_run, digits_images,
+                                                             tmp_path):
+    model = str(digits_run / "model.onnx")
+    local = tmp_path / "local.parquet"
+    assert predict("--model", model, "--input", str(digits_images), "--output", str(local),
+                   "--top-k", "2").returncode == 0
+    proc = predict("--model", model, "--input", str(digits_images), "--output",
+                   str(tmp_path / "ray"), "--top-k", "2", "--block-images", "100",
+                   address=cluster)
+    assert proc.returncode == 0, proc.stderr
+    parts = sorted((tmp_path / "ray").glob("images-*.parquet"))
+    assert len(parts) == 3  # 269 images in blocks of 100
+    _same_rows([r for p in parts for r in _rows(p)], _rows(local))
+    assert json.loads((tmp_path / "ray" / "drift.json").read_text()) == \
+        json.loads((tmp_path / "local.drift.json").read_text())
+    summary = json.loads((tmp_path / "ray" / "summary.json").read_text())
+    local_summary = json.loads((tmp_path / "local.summary.json").read_text())
+    assert summary["rows"] == 269 and summary["accuracy"] == local_summary["accuracy"]
+    assert summary["engine"] == "ray" and summary["units"] == 3
+
+
+@pytest.fixture(scope="module")
+def table_model(tmp_path_factory):
+    from tests.test_batch_tables import _table_model
+
+    return _table_model(tmp_path_factory.mktemp("table_model"))
+
+
+def _tables(folder: Path, files: int, rows: int, seed: int = 0) -> list[Path]:
+    from tests.test_batch_tables import _table
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(files):
+        path = folder / ("sub" if i % 2 else "") / f"part-{i}.parquet"
+        path.parent.mkdir(exist_ok=True)
+        pq.write_table(_table(rows, seed + i), path)
+        paths.append(path)
+    return paths
+
+
+@pytest.mark.slow  # Ray's start-up: CI runs these (./scripts/test.sh --slow)
+def test_multi_file_parquet_and_npy_shards_equal_the_local_engine(cluster, table_model,
+                                                                  digits_run, digits_test_npz,
+                                                                  tmp_path):
+    files = _tables(tmp_path / "tables", 3, 500)
+    proc = predict("--model", str(table_model), "--input", str(tmp_path / "tables"),
+                   "--output", str(tmp_path / "ray_tables"), address=cluster)
+    assert proc.returncode == 0, proc.stderr
+    for f in files:
+        local = tmp_path / f"local-{f.stem}.parquet"
+        assert predict("--model", str(table_model), "--input", str(f), "--output",
+                       str(local)).returncode == 0
+        name = str(f.relative_to(tmp_path / "tables").with_suffix("")).replace(os.sep, "__")
+        _same_rows(_rows(tmp_path / "ray_tables" / f"{name}.parquet"), _rows(local))
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    with np.load(digits_test_npz) as npz:
+        x = npz["x"]
+    for i in range(2):
+        np.save(shards / f"x{i}.npy", x[i * 130:(i + 1) * 130])
+    proc = predict("--model", str(digits_run / "model.onnx"), "--input", str(shards / "*.npy"),
+                   "--output", str(tmp_path / "ray_npy"), address=cluster)
+    assert proc.returncode == 0, proc.stderr
+    for i in range(2):
+        local = tmp_path / f"local-x{i}.parquet"
+        assert predict("--model", str(digits_run / "model.onnx"), "--input",
+                       str(shards / f"x{i}.npy"), "--output", str(local)).returncode == 0
+        _same_rows(_rows(tmp_path / "ray_npy" / f"x{i}.parquet"), _rows(local))
+
+
+def _exactly_once(out: Path, files: list[Path], root: Path) -> None:
+    for f in files:
+        name = str(f.relative_to(root).with_suffix("")).replace(os.sep, "__")
+        ids = [int(r) for r in pq.read_table(out / f"{name}.parquet", columns=["id"])["id"]
+               .to_pylist()]
+        assert sorted(ids) == list(range(pq.ParquetFile(f).metadata.num_rows)), f
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rows"] == sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+
+
+def _wait_for(predicate, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_retried_and_every_row_is_written_once(cluster, table_model,
+                                                                   tmp_path):
+    files = _tables(tmp_path / "big", 8, 150_000)
+    out = tmp_path / "out"
+    job = subprocess.Popen(
+        [sys.executable, "-m", "trainer", "predict", "--engine", "ray", "--address", cluster,
+         "--model", str(table_model), "--input", str(tmp_path / "big"), "--output", str(out),
+         "--no-progress", "--chunk-rows", "20000"],
+        env={**os.environ, **CLUSTER_ENV, **poisoned_env(tmp_path)}, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: any(out.glob(".*.partial/part-*")))  # a worker is mid-unit
+    workers = subprocess.run(["pgrep", "-f", "MapWorker"], capture_output=True, text=True,
+                             check=False).stdout.split()
+    assert workers, "no Ray worker process found"
+    os.kill(int(workers[0]), signal.SIGKILL)
+    _, err = job.communicate(timeout=600)
+    assert job.returncode == 0, err
+    _exactly_once(out, files, tmp_path / "big")
+
+
+@pytest.mark.slow
+def test_a_killed_driver_resumes_without_losing_or_duplicating_rows(table_model, tmp_path):
+    # No --address: the job starts its own local Ray instance, and dies with it.
+    files = _tables(tmp_path / "big", 8, 100_000, seed=5)
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "trainer", "predict", "--engine", "ray", "--model",
+            str(table_model), "--input", str(tmp_path / "big"), "--output", str(out),
+            "--no-progress"]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    job = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, start_new_session=True)
+    _wait_for(lambda: len(list(out.glob("*.manifest.json"))) >= 2, seconds=300)
+    os.killpg(job.pid, signal.SIGKILL)  # the driver and the Ray instance it started
+    job.wait()
+    done = {p.name: p.stat().st_mtime_ns for p in out.glob("*.manifest.json")}
+    assert len(done) < len(files), "the job finished before it could be killed"
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600,
+                          check=False)
+    assert_one_line_error(proc, str(out), "--resume")
+    proc = subprocess.run([*args, "--resume"], env=env, capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr
+    _exactly_once(out, files, tmp_path / "big")
+    for name, mtime in done.items():  # finished units were not redone
+        assert (out / name).stat().st_mtime_ns == mtime
+    summary = json.loads((out / "summary.json").read_text())
+    # Actors of the killed driver may finish a unit or two before Ray notices it died.
+    assert len(done) <= summary["units_resumed"] < len(files)
+
+
+def test_ray_is_an_extra_and_its_flags_need_it(digits_run, digits_test_npz, tmp_path):
+    model = str(digits_run / "model.onnx")
+    proc = run_cli("predict", "--engine", "ray", "--model", model, "--input",
+                   str(digits_test_npz), "--output", str(tmp_path / "o"),
+                   env=poisoned_env(tmp_path, ("ray",)))
+    assert_one_line_error(proc, "ray extra", "pip install '.[ray]'")
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+    proc = run_cli("predict", "--workers", "2", "--model", model, "--input",
+                   str(digits_test_npz), "--output", str(tmp_path / "p.csv"))
+    assert_one_line_error(proc, "--engine ray")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "mine.txt").write_text("keep")
+    proc = run_cli("predict", "--engine", "ray", "--model", model, "--input",
+                   str(digits_test_npz), "--output", str(tmp_path / "full"))
+    assert_one_line_error(proc, "not empty", "--resume")
+    assert (tmp_path / "full" / "mine.txt").read_text() == "keep"
