@@ -5,6 +5,7 @@ part. Formats by extension: .csv, .jsonl, .parquet (pyarrow)."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import shutil
 from pathlib import Path
@@ -32,12 +33,12 @@ def write_part(path: Path, columns: dict[str, list]) -> None:
     names = list(columns)
     with atomic_path(path) as tmp:
         if fmt == ".csv":
-            with open(tmp, "w", newline="") as f:
+            with open(tmp, "w", newline="", encoding="utf-8") as f:
                 csv.writer(f).writerows(zip(*columns.values()))
         elif fmt == ".jsonl":
-            with open(tmp, "w") as f:
+            with open(tmp, "w", encoding="utf-8") as f:
                 for row in zip(*columns.values()):
-                    f.write(json.dumps(dict(zip(names, row))) + "\n")
+                    f.write(json.dumps(dict(zip(names, row)), default=_json_value) + "\n")
         else:
             import pyarrow as pa
             import pyarrow.parquet as pq
@@ -53,8 +54,10 @@ def join_parts(parts: list[Path], output: Path, header: list[str], expected_rows
             _join_parquet(parts, tmp, header)
         else:
             with open(tmp, "wb") as out:
-                if output.suffix == ".csv":
-                    out.write((",".join(header) + "\r\n").encode())
+                if output.suffix == ".csv":  # quoted exactly as the rows are
+                    text = io.StringIO()
+                    csv.writer(text).writerow(header)
+                    out.write(text.getvalue().encode("utf-8"))
                 for part in parts:
                     with open(part, "rb") as f:
                         shutil.copyfileobj(f, out)
@@ -65,13 +68,37 @@ def join_parts(parts: list[Path], output: Path, header: list[str], expected_rows
     return rows
 
 
+def _json_value(value):
+    """Pass-through values JSON has no type for: dates and times as ISO 8601, decimals as
+    their exact text, bytes as base64."""
+    import base64
+    import datetime
+    import decimal
+
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
+    if isinstance(value, datetime.timedelta):
+        return value.total_seconds()
+    if isinstance(value, decimal.Decimal):
+        return str(value)
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode()
+    raise TypeError(f"cannot write a {type(value).__name__} value to JSON")
+
+
 def _join_parquet(parts: list[Path], tmp: Path, header: list[str]) -> None:
+    """Each part's schema is inferred from its own rows, so a pass-through column that is
+    all null in one chunk is typed `null` there: the joined file takes the schema that
+    unifies every part's (null promoted to the column's type) and casts each part to it."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
+    schema = pa.unify_schemas([pq.read_schema(p) for p in parts],
+                              promote_options="permissive") if parts else None
     writer = None
     for part in parts:
-        table = pq.read_table(part)
-        writer = writer or pq.ParquetWriter(tmp, table.schema)
+        table = pq.read_table(part).select(schema.names).cast(schema)
+        writer = writer or pq.ParquetWriter(tmp, schema)
         writer.write_table(table)
     if writer is None:  # no rows: an empty file with the header's columns
         import pyarrow as pa
@@ -87,7 +114,7 @@ def count_rows(path: Path, fmt: str) -> int:
         import pyarrow.parquet as pq
 
         return pq.ParquetFile(path).metadata.num_rows
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         if fmt == ".jsonl":  # json.dumps escapes newlines: one line per row
             return sum(1 for _ in f)
         return sum(1 for _ in csv.reader(f)) - 1  # quoted newlines stay inside their row
