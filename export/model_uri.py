@@ -5,6 +5,8 @@ downloaded through MLflow's own client (tracking store from MLFLOW_TRACKING_URI)
 from __future__ import annotations
 
 import atexit
+import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -28,6 +30,10 @@ def _download(uri: str) -> str:
     except ModuleNotFoundError:
         raise InputError(f"--model {uri}: resolving MLflow URIs needs the tracking extra: "
                          f"{EXTRA}") from None
+    if not os.environ.get("MLFLOW_TRACKING_URI"):  # MLflow's default creates ./mlflow.db
+        raise InputError(f"--model {uri}: set MLFLOW_TRACKING_URI to the tracking store that "
+                         "holds it (e.g. sqlite:///mlruns.db or http://host:5000)")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # its INFO lines on the store
     folder = tempfile.mkdtemp(prefix="frozenfit-model-")
     atexit.register(shutil.rmtree, folder, ignore_errors=True)  # a copy, not the user's file
     try:

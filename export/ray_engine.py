@@ -20,6 +20,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -166,7 +167,7 @@ def _start_ray(ray, options: RayOptions) -> float | None:
     import logging
 
     started = time.perf_counter()
-    kwargs = {"include_dashboard": False, "logging_level": logging.WARNING,
+    kwargs = {"include_dashboard": False, "logging_level": logging.ERROR,
               "configure_logging": True, "log_to_driver": False}
     if ray.is_initialized():  # a caller (a benchmark, a notebook) already connected
         return None
@@ -179,7 +180,9 @@ def _start_ray(ray, options: RayOptions) -> float | None:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise InputError(f"--address {options.address}: cannot join the Ray cluster ({first})") \
             from None
-    logging.getLogger("ray.data").setLevel(logging.WARNING)  # per-dataset INFO lines
+    # A unit's InputError is reported by run_ray in one line; Ray Data would log it first,
+    # with its per-dataset INFO lines. Any other error still ends the job with its traceback.
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
@@ -211,9 +214,11 @@ def run_ray(model: str, source: str, output: str, job_options, options: RayOptio
     if existing and not job_options.resume:
         raise InputError(f"{out}: output folder is not empty; use --resume to continue the job "
                          "written there, or choose an empty folder")
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     lock = JobState(out / ".ray-job")
     lock.lock()
+    failed = False
     try:
         job = {k: v for k, v in asdict(job_options).items()
                if k not in ("resume", "progress", "provider")}
@@ -228,16 +233,17 @@ def run_ray(model: str, source: str, output: str, job_options, options: RayOptio
         provider = "cuda" if gpus else "cpu"
         how = ("already connected" if startup is None else
                f"{'joined' if options.address else 'started'} in {startup:.1f} s")
-        print(f"predict: {len(units)} units, {len(units) - len(todo)} done before; Ray {how} with "
-              f"{int(resources.get('CPU', 0))} CPUs, {workers} workers", file=sys.stderr)
+        if job_options.progress:
+            print(f"predict: {len(units)} units, {len(units) - len(todo)} done before; "
+                  f"Ray {how} with {int(resources.get('CPU', 0))} CPUs, {workers} workers",
+                  file=sys.stderr)
         if todo:
             # Units travel as JSON text: Ray Data's columns would turn None into NaN.
             ds = ray.data.from_items([{"unit": json.dumps(u)} for u in todo],
                                      override_num_blocks=len(todo))
             ds = ds.map_batches(
-                PredictUnits, batch_size=1, num_cpus=1,
-                compute=ray.data.ActorPoolStrategy(size=workers),
-                num_gpus=gpus or None,
+                PredictUnits, batch_size=1, num_cpus=1, num_gpus=gpus or None,
+                compute=ray.data.ActorPoolStrategy(size=min(workers, len(todo))),
                 fn_constructor_kwargs={"model": str(predictor.path.resolve()), "out": str(out),
                                        "job_options": job, "provider": provider,
                                        "threads": 1})
@@ -251,6 +257,7 @@ def run_ray(model: str, source: str, output: str, job_options, options: RayOptio
                 cause = _input_error(exc)
                 if cause is None:
                     raise
+                failed = True  # bad input: a folder this run created is removed whole
                 raise InputError(cause) from None
         totals = Totals(card)
         for unit in units:
@@ -271,6 +278,8 @@ def run_ray(model: str, source: str, output: str, job_options, options: RayOptio
         write_reports(out / "summary.json", out / "drift.json", summary, report)
     finally:
         lock.close(remove=True)
+        if failed and created:
+            shutil.rmtree(out, ignore_errors=True)
     summary["drift_table"] = format_report(report)
     return summary
 

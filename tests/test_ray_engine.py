@@ -148,6 +148,24 @@ def test_multi_file_parquet_and_npy_shards_equal_the_local_engine(cluster, table
         _same_rows(_rows(tmp_path / "ray_npy" / f"x{i}.parquet"), _rows(local))
 
 
+@pytest.mark.slow
+def test_a_bad_file_fails_the_job_in_one_line_and_leaves_no_folder(cluster, digits_run,
+                                                                   digits_images, tmp_path):
+    import shutil
+
+    images = tmp_path / "images"
+    shutil.copytree(digits_images, images)
+    (images / "0" / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "out"
+    proc = predict("--model", str(digits_run / "model.onnx"), "--input", str(images),
+                   "--output", str(out), address=cluster)
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "broken.png" in last and "cannot decode image" in last, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert not out.exists()
+
+
 def _exactly_once(out: Path, files: list[Path], root: Path) -> None:
     for f in files:
         name = str(f.relative_to(root).with_suffix("")).replace(os.sep, "__")

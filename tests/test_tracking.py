@@ -117,6 +117,15 @@ def test_predict_resolves_mlflow_uris(store, digits_test_npz, tmp_path):
     assert not (tmp_path / "x.csv").exists()
 
 
+def test_a_uri_without_a_tracking_store_is_refused_and_creates_nothing(digits_test_npz,
+                                                                       tmp_path):
+    proc = run_cli("predict", "--model", "models:/digits-model/1", "--input",
+                   str(digits_test_npz), "--output", str(tmp_path / "p.csv"),
+                   env={"MLFLOW_TRACKING_URI": ""}, cwd=tmp_path)
+    assert_one_line_error(proc, "models:/digits-model/1", "MLFLOW_TRACKING_URI")
+    assert list(tmp_path.iterdir()) == []  # MLflow's default store would be ./mlflow.db
+
+
 def test_without_mlflow_each_command_names_the_extra(digits_test_npz, tmp_path):
     env = poisoned_env(tmp_path, ("mlflow",))
     proc = run_cli("predict", "--model", "models:/digits-model/1", "--input",
