@@ -67,13 +67,6 @@ def _mlflow_loggers(trainer) -> list:
     return [lg for lg in trainer.loggers if type(lg).__name__ == "MLFlowLogger"]
 
 
-def card_summary(card: dict) -> str:
-    """A few lines for a registered version's description."""
-    from export.card import format_card
-
-    return format_card(card)
-
-
 def card_tags(card: dict) -> dict[str, str]:
     import json
 
@@ -102,7 +95,7 @@ def log_fit(trainer, run_dir: Path, onnx_path: Path | None, example, register_as
     import onnxruntime as ort
     from mlflow.models import infer_signature
 
-    from export.card import read_card
+    from export.card import format_card, read_card
     from export.runtime import Predictor
 
     for logger in loggers:
@@ -113,6 +106,7 @@ def log_fit(trainer, run_dir: Path, onnx_path: Path | None, example, register_as
         if onnx_path is None or not onnx_path.is_file():
             continue
         card = read_card(onnx_path)
+        summary, tags = format_card(card), card_tags(card)
         predictor = Predictor(onnx_path, provider="cpu")
         example = np.ascontiguousarray(example[:5])
         outputs = predictor.session.run(card["outputs"],
@@ -124,7 +118,7 @@ def log_fit(trainer, run_dir: Path, onnx_path: Path | None, example, register_as
             info = mlflow.onnx.log_model(
                 onnx.load(str(onnx_path)), name="model", signature=signature,
                 input_example={card["input"]["name"]: example},
-                metadata={"frozenfit_card": card_summary(card)},
+                metadata={"frozenfit_card": summary},
                 registered_model_name=register_as,
                 # One self-contained file, byte for byte the run's model.onnx (card included).
                 save_as_external_data=False,
@@ -132,10 +126,10 @@ def log_fit(trainer, run_dir: Path, onnx_path: Path | None, example, register_as
                 onnx_execution_providers=[p for p in ("CUDAExecutionProvider",
                                                       "CPUExecutionProvider")
                                           if p in ort.get_available_providers()])
-            mlflow.set_tags(card_tags(card))
+            mlflow.set_tags(tags)
         if register_as:
             version = info.registered_model_version
-            client.update_model_version(register_as, version, description=card_summary(card))
-            for key, value in card_tags(card).items():
+            client.update_model_version(register_as, version, description=summary)
+            for key, value in tags.items():
                 client.set_model_version_tag(register_as, version, key, value)
             print(f"registered {onnx_path} as MLflow model {register_as!r} version {version}")
