@@ -1,7 +1,7 @@
 """Training speed, measured in one invocation.
 
     .venv/bin/python scripts/bench_train.py overhead [--epochs 6]
-    .venv/bin/python scripts/bench_train.py speedrun [--seeds 5]
+    .venv/bin/python scripts/bench_train.py speedrun [--seeds 5] [--accelerator auto|cpu|gpu]
 
 overhead: the product's Lightning fit (checkpointing, CSV logging, metrics, guards) against
 a minimal hand-written PyTorch loop over the same in-memory batches of the real MNIST, same
@@ -119,7 +119,7 @@ def overhead(epochs: int) -> None:
           f"{ratio_of_medians(lightning_times[1:], hand_times[1:]):.3f}x")
 
 
-def speedrun(seeds: int) -> None:
+def speedrun(seeds: int, accelerator: str) -> None:
     fits, accs, processes, hardware = [], [], [], None
     for seed in range(seeds):
         with tempfile.TemporaryDirectory() as tmp:
@@ -128,6 +128,7 @@ def speedrun(seeds: int) -> None:
                             str(ROOT / "configs" / "mnist_speedrun.yaml"), "--data.root",
                             str(MNIST), "--seed_everything", str(seed),
                             "--trainer.logger.init_args.save_dir", tmp,
+                            "--trainer.accelerator", accelerator,
                             "--trainer.enable_progress_bar", "false"], check=True, cwd=ROOT,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             processes.append(time.perf_counter() - start)
@@ -148,12 +149,14 @@ def main() -> None:
     p.add_argument("what", choices=["overhead", "speedrun"])
     p.add_argument("--epochs", type=int, default=6, help="overhead: epochs per arm")
     p.add_argument("--seeds", type=int, default=5, help="speedrun: seeds to run")
+    p.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "gpu"],
+                   help="speedrun: the recipe's accelerator (auto: a GPU where there is one)")
     args = p.parse_args()
     if not MNIST.is_dir():
         raise SystemExit(f"{MNIST}: real MNIST not found")
     print(describe())
     tune_cpu_allocator()  # as `trainer fit` does; both arms of the comparison share it
-    overhead(args.epochs) if args.what == "overhead" else speedrun(args.seeds)
+    overhead(args.epochs) if args.what == "overhead" else speedrun(args.seeds, args.accelerator)
 
 
 if __name__ == "__main__":

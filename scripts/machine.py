@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.metadata as md
 import os
 import platform
+import sys
 
 FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "neon", "asimd")
 
@@ -34,8 +35,13 @@ def describe() -> str:
             versions.append(f"{name} {md.version(name)}")
         except md.PackageNotFoundError:
             pass
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = f"{usable} cores" + (f" (of {os.cpu_count()})" if usable != os.cpu_count() else "")
+    torch = sys.modules.get("torch")  # named only where the benchmark already uses torch
+    if torch is not None and torch.cuda.is_available():
+        cores += f"; GPU {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
     return (f"machine: {model}; ISA {'+'.join(flags) or 'baseline'}; "
-            f"{os.cpu_count()} cores; {platform.system()} {platform.machine()}; "
+            f"{cores}; {platform.system()} {platform.machine()}; "
             f"Python {platform.python_version()}; {', '.join(versions)}")
 
 

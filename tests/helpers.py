@@ -60,3 +60,39 @@ class SignalAtHook(L.Callback):
 
     def _fire(self, *args, **kwargs) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+class TrainingProbe(L.Callback):
+    """Record what training really ran with, for tests that assert an option took effect:
+    the dtypes the convolutions and linear layers computed in, the memory layout of the
+    images that reached the first layer, the optimizer and scheduler classes, the loss's
+    label smoothing and the learning rate at every step."""
+
+    def __init__(self):
+        self.dtypes, self.channels_last, self.lrs, self.handles = set(), set(), [], []
+        self.optimizer = self.scheduler = self.label_smoothing = self.device = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        import torch
+
+        def record(module, args, output):
+            if module.training and torch.is_tensor(output):
+                self.dtypes.add(output.dtype)
+                x = args[0] if args else None
+                if torch.is_tensor(x) and x.ndim == 4 and x.shape[1] > 1:  # 1 channel: both
+                    self.channels_last.add(x.is_contiguous(memory_format=torch.channels_last)
+                                           and not x.is_contiguous())
+        layers = [m for m in pl_module.net.modules()
+                  if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+        self.handles = [m.register_forward_hook(record) for m in layers]
+        self.optimizer = type(trainer.optimizers[0]).__name__
+        self.scheduler = type(trainer.lr_scheduler_configs[0].scheduler).__name__
+        self.label_smoothing = pl_module.loss.label_smoothing
+        self.device = next(pl_module.parameters()).device.type
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        for h in self.handles:
+            h.remove()

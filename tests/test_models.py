@@ -13,6 +13,7 @@ from export.to_onnx import export_checkpoint, held_out
 from trainer.data.datamodule import FixedDataModule
 from trainer.models import build_backbone
 from trainer.module import ClassifierModule, cosine_with_warmup
+from tests.helpers import TrainingProbe
 
 
 def _fit_and_export(tmp_path, steps=3, callbacks=(), precision="32-true", **model_args):
@@ -65,12 +66,24 @@ def test_cosine_with_warmup_shape():
     assert lrs[-1] < 0.01
 
 
-@pytest.mark.parametrize("options", [
-    {"optimizer": "sgd", "schedule": "cosine", "label_smoothing": 0.1},
-    {"channels_last": True},
+@pytest.mark.parametrize("options, ran", [
+    ({"optimizer": "sgd", "schedule": "cosine", "label_smoothing": 0.1},
+     {"optimizer": "SGD", "scheduler": "LambdaLR", "label_smoothing": 0.1, "layout": {False}}),
+    ({"channels_last": True},
+     {"optimizer": "AdamW", "scheduler": "OneCycleLR", "label_smoothing": 0.0, "layout": {True}}),
 ])
-def test_training_options(tmp_path, options):
-    card = _fit_and_export(tmp_path, **options)
+def test_training_options(tmp_path, options, ran):
+    probe = TrainingProbe()
+    card = _fit_and_export(tmp_path, steps=6, callbacks=[probe], lr=0.01, **options)
+    assert probe.optimizer == ran["optimizer"] and probe.scheduler == ran["scheduler"]
+    assert probe.label_smoothing == ran["label_smoothing"]
+    assert probe.channels_last == ran["layout"]  # the layout the convolutions were given
+    peak = probe.lrs.index(max(probe.lrs))
+    if options.get("schedule") == "cosine":  # (no warm-up step in 6) cosine decay from the top
+        assert peak == 0 and all(a > b for a, b in zip(probe.lrs, probe.lrs[1:]))
+        assert probe.lrs[-1] < 0.2 * probe.lrs[0]
+    else:  # OneCycle starts at lr / 25 and rises
+        assert probe.lrs[0] == pytest.approx(0.01 / 25) and peak > 0
     assert card["training"]["model"]["schedule"] == options.get("schedule", "onecycle")
     assert card["parity"]["max_abs_diff"] <= 1e-3  # the option changes training, not the graph
 
@@ -97,9 +110,14 @@ def test_ema_weights_are_what_gets_exported(tmp_path):
     np.testing.assert_allclose(got, want, atol=1e-4)  # the graph holds the EMA weights
 
 
-def test_bf16_mixed_precision_on_cpu(tmp_path):
-    card = _fit_and_export(tmp_path, steps=None, precision="bf16-mixed")
+@pytest.mark.parametrize("precision, dtype", [("bf16-mixed", torch.bfloat16),
+                                              ("32-true", torch.float32)])
+def test_precision_is_what_the_layers_compute_in(tmp_path, precision, dtype):
+    probe = TrainingProbe()
+    card = _fit_and_export(tmp_path, steps=None, callbacks=[probe], precision=precision)
+    assert probe.dtypes == {dtype}  # every convolution and linear layer ran in it
     assert np.isfinite(card["metrics"]["val/loss"])
+    assert card["parity"]["max_abs_diff"] <= 1e-3  # the graph is fp32 whatever trained it
 
 
 @pytest.mark.slow
