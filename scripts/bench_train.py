@@ -137,8 +137,10 @@ def speedrun(seeds: int, accelerator: str) -> None:
         accs.append(summary["test"]["test/acc"])
         hardware = summary.get("hardware")
         print(f"  seed {seed}: fit {fits[-1]:.2f} s, test accuracy {accs[-1]:.4f}")
+    hw = hardware or {}
     print(f"mnist_speedrun, {summary['epochs']} epochs, {seeds} seeds; precision "
-          f"{(hardware or {}).get('precision')} ({(hardware or {}).get('reason')})")
+          f"{hw.get('precision')} ({hw.get('reason')}); channels_last {hw.get('channels_last')} "
+          f"({hw.get('layout_reason')})")
     print(f"  test accuracy: mean {statistics.mean(accs):.4f}, minimum {min(accs):.4f}")
     print(f"  fit (training + validation) seconds: {spread(fits, '{:.2f}')}")
     print(f"  whole process seconds: {spread(processes, '{:.2f}')}")

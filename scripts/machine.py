@@ -38,6 +38,8 @@ def describe() -> str:
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     cores = f"{usable} cores" + (f" (of {os.cpu_count()})" if usable != os.cpu_count() else "")
     torch = sys.modules.get("torch")  # named only where the benchmark already uses torch
+    if torch is not None:  # the kernels torch dispatches to (ATEN_CPU_CAPABILITY can lower it)
+        cores += f"; torch ISA {torch.backends.cpu.get_cpu_capability()}"
     if torch is not None and torch.cuda.is_available():
         cores += f"; GPU {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
     return (f"machine: {model}; ISA {'+'.join(flags) or 'baseline'}; "

@@ -13,6 +13,12 @@ ROOT = Path(__file__).resolve().parents[1]
 MNIST = ROOT.parent / "shared" / "data" / "mnist"
 
 
+# precision and channels_last `auto` are chosen by timing, which two processes can read
+# differently; tests that compare independent runs bit for bit fix both (a resumed run keeps
+# its checkpoint's choice by itself).
+REPRODUCIBLE = ("--trainer.precision", "32-true", "--model.channels_last", "false")
+
+
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None,
             timeout: float = 300) -> subprocess.CompletedProcess:
     """Run `python -m trainer ARGS` in a fresh interpreter, as a user would."""

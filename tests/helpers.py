@@ -24,7 +24,7 @@ class SignalAtStep(L.Callback):
 
 class RecordRows(L.Callback):
     """Write, per rank and epoch, the first feature of every training row it saw (the
-    `arrays` fixture stores each row's index there)."""
+    `arrays` fixture stores each row's index there), and a hash of the final weights."""
 
     def __init__(self, out_dir: str):
         self.out_dir, self.seen = Path(out_dir), {}
@@ -34,8 +34,13 @@ class RecordRows(L.Callback):
         self.seen.setdefault(trainer.current_epoch, []).extend(rows)
 
     def on_train_end(self, trainer, pl_module) -> None:
+        import hashlib
+
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.seen))
+        weights = hashlib.sha256(b"".join(p.detach().cpu().numpy().tobytes()
+                                          for p in pl_module.parameters())).hexdigest()
+        (self.out_dir / f"rank{trainer.global_rank}.json").write_text(
+            json.dumps({"rows": self.seen, "weights": weights}))
 
 
 class PoisonLoss(L.Callback):

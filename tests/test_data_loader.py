@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from tests.conftest import MNIST, requires_mnist
-from trainer.data.augment import augment_batch, random_hflip, random_translate
+from trainer.data.augment import augment_batch, augmentation_seed, random_hflip, random_translate
 from trainer.data.datamodule import FixedDataModule
 from trainer.data.loader import EpochSampler, InMemoryLoader
 from trainer.data.split import stratified_split
@@ -88,11 +88,33 @@ def _fit(dm, **trainer_kwargs):
     return trainer
 
 
+class _SeenBatches(L.Callback):
+    """The batches the model was given, after Lightning's transfer hooks."""
+
+    def __init__(self):
+        self.train, self.val = [], []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.train.append((batch[0].clone(), batch[1].clone(), trainer.global_step))
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self.val.append(batch[0].clone())
+
+
 def test_limit_train_batches_and_augmentation_inside_lightning():
     dm = FixedDataModule(batch_size=32, crop_padding=1, hflip=True)
-    trainer = _fit(dm, limit_train_batches=3, limit_val_batches=1)
-    assert trainer.global_step == 3
+    seen = _SeenBatches()
+    trainer = _fit(dm, limit_train_batches=3, limit_val_batches=1, callbacks=[seen])
+    assert trainer.global_step == 3 and len(seen.train) == 3
     assert isinstance(dm.train_dataloader(), InMemoryLoader)
+    loader = dm.train_dataloader()
+    loader.sampler.set_epoch(0)
+    for (x, y, step), (raw_x, raw_y) in zip(seen.train, loader):
+        assert torch.equal(y, raw_y)  # the same rows, in the loader's order
+        assert not torch.equal(x, raw_x)  # augmented on the way to the model ...
+        gen = torch.Generator().manual_seed(augmentation_seed(dm.hparams.seed, 0, step, 0))
+        assert torch.equal(x, augment_batch(raw_x, gen, 1, True))  # ... exactly as configured
+    assert torch.equal(seen.val[0], next(iter(dm.val_dataloader()))[0])  # validation is not
 
 
 def test_streaming_fallback_yields_the_same_batches(tmp_path):

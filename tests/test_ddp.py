@@ -15,7 +15,7 @@ from trainer.data.datamodule import FixedDataModule
 def test_two_process_ddp_on_cpu(tmp_path):
     n = 200  # train split 140 rows -> 70 per rank -> 7 batches of 10, nothing dropped
     x = np.stack([np.arange(n), np.random.default_rng(0).normal(size=n)], 1).astype(np.float32)
-    np.savez(tmp_path / "rows.npz", x=x, y=(np.arange(n) % 2).astype(np.int64))
+    np.savez(tmp_path / "rows.npz", x=x, y=(x[:, 1] > 0).astype(np.int64))  # learnable
     record = json.dumps({"class_path": "tests.helpers.RecordRows",
                          "init_args": {"out_dir": str(tmp_path / "rows")}})
     proc = run_cli("fit", "--config", str(ROOT / "configs" / "ddp.yaml"),
@@ -23,12 +23,15 @@ def test_two_process_ddp_on_cpu(tmp_path):
                    "--trainer.max_epochs", "2", "--trainer.enable_progress_bar", "false",
                    "--data.source", "arrays", "--data.root", str(tmp_path / "rows.npz"),
                    "--data.batch_size", "10", "--model.arch", "mlp", "--model.width", "8",
+                   "--model.lr", "0.05",
                    f"--trainer.callbacks+={record}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     dm = FixedDataModule(source="arrays", root=str(tmp_path / "rows.npz"))
     train_rows = set(dm.splits["train"].arrays()[0][:, 0].astype(int).tolist())
-    seen = [json.loads((tmp_path / "rows" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = [json.loads((tmp_path / "rows" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["weights"] == ranks[1]["weights"]  # gradients all-reduced: one model
+    seen = [r["rows"] for r in ranks]
     assert set(seen[0]) == set(seen[1]) == {"0", "1"}
     for epoch in ("0", "1"):
         a, b = set(seen[0][epoch]), set(seen[1][epoch])
@@ -40,9 +43,9 @@ def test_two_process_ddp_on_cpu(tmp_path):
     last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 14  # 7 steps per epoch on each rank, in lockstep
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
-    assert 0.0 <= last["metrics"]["val/acc"] <= 1.0
+    assert last["metrics"]["val/acc"] >= 0.8  # it learned the sign of the second feature
     summary = json.loads((run / "metrics.json").read_text())  # written once, by rank 0
-    assert summary["epochs"] == 2 and 0.0 <= summary["test"]["test/acc"] <= 1.0
+    assert summary["epochs"] == 2 and summary["test"]["test/acc"] >= 0.8
     card = read_card(run / "model.onnx")  # exported once, by rank 0, from the best checkpoint
     assert card["training"]["checkpoint"].startswith("best-")
     assert card["dataset"]["fingerprint"] == dm.dataset.fingerprint

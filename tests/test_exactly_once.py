@@ -19,7 +19,7 @@ import pytest
 from onnx import TensorProto, helper
 from PIL import Image
 
-from tests.conftest import ROOT, assert_one_line_error, run_cli
+from tests.conftest import REPRODUCIBLE, ROOT, assert_one_line_error, run_cli
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
@@ -249,7 +249,7 @@ def test_a_hung_graph_fails_after_the_batch_timeout(digits_run, digits_test_npz,
 @pytest.mark.slow
 def test_sigterm_during_the_export_resumes_to_the_same_run(tmp_path):
     config = ["--config", str(ROOT / "configs" / "digits.yaml"), "--trainer.max_epochs", "2",
-              "--trainer.enable_progress_bar", "false"]
+              "--trainer.enable_progress_bar", "false", *REPRODUCIBLE]
     reference, work = tmp_path / "reference", tmp_path / "work"
     for folder in (reference, work):
         folder.mkdir()

@@ -67,7 +67,7 @@ def test_cosine_with_warmup_shape():
 
 
 @pytest.mark.parametrize("options, ran", [
-    ({"optimizer": "sgd", "schedule": "cosine", "label_smoothing": 0.1},
+    ({"optimizer": "sgd", "schedule": "cosine", "label_smoothing": 0.1, "channels_last": False},
      {"optimizer": "SGD", "scheduler": "LambdaLR", "label_smoothing": 0.1, "layout": {False}}),
     ({"channels_last": True},
      {"optimizer": "AdamW", "scheduler": "OneCycleLR", "label_smoothing": 0.0, "layout": {True}}),
@@ -86,6 +86,23 @@ def test_training_options(tmp_path, options, ran):
         assert probe.lrs[0] == pytest.approx(0.01 / 25) and peak > 0
     assert card["training"]["model"]["schedule"] == options.get("schedule", "onecycle")
     assert card["parity"]["max_abs_diff"] <= 1e-3  # the option changes training, not the graph
+
+
+def test_channels_last_auto_is_timed_recorded_and_used():
+    from trainer.hardware import AutoTrainer, choose
+
+    dm = FixedDataModule(batch_size=32)
+    probe = TrainingProbe()
+    trainer = AutoTrainer(accelerator="cpu", precision="32-true", max_steps=2, max_epochs=1,
+                          limit_val_batches=0, logger=False, enable_checkpointing=False,
+                          enable_progress_bar=False, callbacks=[probe])
+    trainer.fit(ClassifierModule(data_info=dm.info, arch="convnet", width=8), dm)
+    assert "NHWC at" in trainer.hardware["layout_reason"]  # a measured choice, with its ratio
+    assert probe.channels_last == {trainer.hardware["channels_last"]}  # and the one trained in
+    mlp = ClassifierModule(data_info=dm.info, arch="mlp")
+    record = choose("cpu", mlp.net, mlp.example_input(dm), "32-true")
+    assert record["channels_last"] is False and record["layout_reason"] == "no 2-D convolutions"
+    assert "step_ms" not in record  # nothing to time
 
 
 def test_ema_weights_are_what_gets_exported(tmp_path):

@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import ROOT, assert_one_line_error, run_cli
+from tests.conftest import REPRODUCIBLE, ROOT, assert_one_line_error, run_cli
 
 EPOCHS = "3"  # digits: 19 steps per epoch at batch 64
 
 
-def _fit(work, *extra):
+def _fit(work, *extra, pinned=REPRODUCIBLE):
     proc = run_cli("fit", "--config", str(ROOT / "configs" / "digits.yaml"),
                    "--trainer.max_epochs", EPOCHS, "--trainer.enable_progress_bar", "false",
-                   "--export.enabled", "false", *extra, cwd=work)
+                   "--export.enabled", "false", *pinned, *extra, cwd=work)
     return proc
 
 
@@ -88,6 +88,21 @@ def test_interrupted_run_resumes_exactly(reference, tmp_path, signal_name, stopp
     seconds = json.loads((tmp_path / "runs" / "digits" / "version_0" / "metrics.json")
                          .read_text())["seconds_per_epoch"]
     assert len(seconds) == 3 and all(0 < s < 60 for s in seconds)
+
+
+def test_a_resumed_run_keeps_the_hardware_choices_of_its_checkpoint(tmp_path):
+    proc = _fit(tmp_path, _signal_at(10, "SIGTERM"), pinned=())  # precision, layout: auto
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    chosen = _last(tmp_path, 0)["hardware"]
+    assert "a quick check ran NHWC at" in chosen["layout_reason"]
+    proc = _fit(tmp_path, "--ckpt_path", "last", pinned=())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "kept from the checkpoint on resume" in proc.stderr
+    record = json.loads((tmp_path / "runs" / "digits" / "version_0" / "metrics.json")
+                        .read_text())["hardware"]
+    assert record["reason"].endswith("kept from the checkpoint on resume")
+    assert (record["precision"], record["channels_last"]) == \
+        (chosen["precision"], chosen["channels_last"])
 
 
 def _other_digits(tmp_path):

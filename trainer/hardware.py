@@ -16,10 +16,12 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 
-# bf16 is refused when a quick check finds it this much slower than fp32. Native bf16
-# measures about 0.5x and emulated bf16 about 10x, so the choice does not flip between
-# runs on one machine.
-MUCH_SLOWER = 1.5
+# A setting that changes the numbers (bf16) or the layout (channels_last) is taken on a CPU
+# only when a quick check finds it at least this much faster: emulated bf16 measures about
+# 10x slower and native bf16 0.4-0.8x on wide convolutions, but a tiny net can run bf16 no
+# faster than fp32 even on AVX512-BF16 (its casts cost what its FLOPs save); near 1.0 the
+# choice would only follow noise.
+CLEARLY_FASTER = 0.9
 
 
 def cpu_model() -> str:
@@ -39,44 +41,117 @@ def native_bf16_cpu() -> list[str]:
     return [name for name, fn in checks.items() if getattr(torch.cpu, fn, lambda: False)()]
 
 
-def _step_seconds(bf16: bool) -> float:
-    """Median time of a small convolution's forward and backward pass."""
-    conv = torch.nn.Conv2d(16, 32, 3, padding=1)
-    x = torch.randn(32, 16, 28, 28)
-    times = []
-    for _ in range(6):
-        start = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out = conv(x).float().sum()
-        out.backward()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
+def _medians(steps: dict) -> dict:
+    """Median seconds of each step. The steps run interleaved after two warm-ups each (the
+    first calls build oneDNN kernels), so a change in clock speed or a neighbour's load
+    falls on all of them alike: a single timed call once read 1.75x for a 0.7x ratio."""
+    for step in steps.values():
+        step(), step()
+    times: dict = {name: [] for name in steps}
+    for _ in range(7):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
-def choose_precision(accelerator: str) -> tuple[str, dict]:
-    """The precision for this machine and a record of why (for the log, metrics.json and the
-    model card)."""
-    cuda = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
-    if cuda:
+def _probe() -> tuple[torch.nn.Module, torch.Tensor]:
+    """A stand-in when the model is not known yet: a small convolution stack."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.BatchNorm2d(32),
+                              torch.nn.ReLU(), torch.nn.Conv2d(32, 64, 3, 2, padding=1))
+    return net, torch.randn(32, 16, 28, 28)
+
+
+def _time_cpu(net: torch.nn.Module, example: torch.Tensor, precisions: list[str],
+              layouts: list[bool]) -> dict:
+    """Seconds of one forward and backward pass for each (precision, channels_last), on
+    copies of `net`; `net` and the global RNG are left untouched."""
+    import copy
+
+    steps = {}
+    for layout in layouts:
+        fmt = torch.channels_last if layout else torch.contiguous_format
+        model = copy.deepcopy(net).train().to(memory_format=fmt)
+        x = example.contiguous(memory_format=fmt) if example.ndim == 4 else example
+        for precision in precisions:
+            def run(model=model, x=x, bf16=precision.startswith("bf16")):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    out = model(x).float().sum()
+                out.backward()
+            steps[precision, layout] = run
+    with torch.random.fork_rng(devices=[]):
+        return _medians(steps)
+
+
+def choose(accelerator: str = "auto", net: torch.nn.Module | None = None,
+           example: torch.Tensor | None = None, precision: str = "auto",
+           channels_last: bool | str = "auto") -> dict:
+    """The precision and memory layout for this machine (each "auto" or fixed), and a record
+    of why, for the log, metrics.json and the model card. With the model (`net` and an
+    example batch) a CPU times a training step of each candidate; without it a small
+    convolution stack stands in, and the layout is left to be chosen later (None).
+
+    CUDA: bf16-mixed from compute capability 8.0, else 16-mixed; channels_last from 7.0
+    (tensor cores). CPU: bf16-mixed only where torch reports native bf16 (AMX or
+    AVX512-BF16) and the check finds it clearly faster than fp32, else 32-true;
+    channels_last where the check finds it clearly faster (oneDNN's NHWC kernels)."""
+    known = net is not None
+    conv = known and any(isinstance(m, torch.nn.Conv2d) for m in net.modules())
+    if torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda"):
         major, minor = torch.cuda.get_device_capability()
-        name = torch.cuda.get_device_name()
-        precision = "bf16-mixed" if (major, minor) >= (8, 0) else "16-mixed"
-        return precision, {"device": f"CUDA {name}", "capability": f"{major}.{minor}",
-                           "reason": f"compute capability {major}.{minor} "
-                                     f"{'>=' if major >= 8 else '<'} 8.0"}
+        record = {"device": f"CUDA {torch.cuda.get_device_name()}",
+                  "capability": f"{major}.{minor}", "reason": "set by the configuration"}
+        if precision == "auto":
+            precision = "bf16-mixed" if major >= 8 else "16-mixed"
+            record["reason"] = f"compute capability {major}.{minor} {'>=' if major >= 8 else '<'} 8.0"
+        if channels_last == "auto" and known:
+            channels_last = conv and major >= 7
+            record["layout_reason"] = (f"compute capability {major}.{minor}: tensor cores"
+                                       if conv else "no 2-D convolutions")
+        return {**record, "precision": precision,
+                "channels_last": None if channels_last == "auto" else bool(channels_last)}
+
     isa = torch.backends.cpu.get_cpu_capability()
     native = native_bf16_cpu()
-    record = {"device": f"CPU {cpu_model()}", "isa": isa, "bf16_native": native}
-    if not native:
-        return "32-true", {**record, "reason": f"torch reports {isa} without AMX or "
-                                               f"AVX512-BF16: bf16 would be emulated"}
-    ratio = _step_seconds(True) / _step_seconds(False)
-    record["bf16_vs_fp32_time"] = round(ratio, 2)
-    if ratio > MUCH_SLOWER:  # native on paper, much slower here: the measurement wins
-        return "32-true", {**record, "reason": f"{'+'.join(native)} reported, but a quick check "
-                                               f"ran bf16 at {ratio:.2f}x the fp32 time"}
-    return "bf16-mixed", {**record, "reason": f"{'+'.join(native)}; a quick check ran bf16 at "
-                                              f"{ratio:.2f}x the fp32 time"}
+    record = {"device": f"CPU {cpu_model()}", "isa": isa, "bf16_native": native,
+              "reason": "set by the configuration"}
+    precisions = ["32-true", "bf16-mixed"] if precision == "auto" and native else \
+        ["32-true" if precision == "auto" else str(precision)]
+    if precision == "auto" and not native:
+        record["reason"] = f"torch reports {isa} without AMX or AVX512-BF16: bf16 would be emulated"
+    if not known:
+        layouts, (net, example) = [False], _probe()
+    elif channels_last == "auto" and conv:
+        layouts = [False, True]
+    else:
+        layouts = [channels_last is True]
+        if channels_last == "auto":
+            record["layout_reason"] = "no 2-D convolutions"
+    if len(precisions) * len(layouts) > 1:
+        t = _time_cpu(net, example, precisions, layouts)
+        record["step_ms"] = {f"{p}{' channels_last' if cl else ''}": round(v * 1e3, 2)
+                             for (p, cl), v in t.items()}
+
+        def layout(p: str) -> bool:
+            return len(layouts) > 1 and t[p, True] < CLEARLY_FASTER * t[p, False]
+
+        if len(precisions) > 1:
+            ratio = t["bf16-mixed", layout("bf16-mixed")] / t["32-true", layout("32-true")]
+            faster = ratio < CLEARLY_FASTER
+            record["reason"] = (f"{'+'.join(native)}; a quick check ran bf16 at {ratio:.2f}x "
+                                f"the fp32 time")
+            precisions = ["bf16-mixed" if faster else "32-true"]
+        if len(layouts) > 1:
+            chosen = layout(precisions[0])
+            ratio = t[precisions[0], True] / t[precisions[0], False]
+            record["layout_reason"] = f"a quick check ran NHWC at {ratio:.2f}x the NCHW time"
+            layouts = [chosen]
+    if channels_last != "auto":
+        chosen = bool(channels_last)
+    else:  # by the check; without convolutions NCHW; without the model not yet known
+        chosen = layouts[0] if known else None
+    return {**record, "precision": precisions[0], "channels_last": chosen}
 
 
 class AutoTrainer(L.Trainer):
@@ -91,10 +166,10 @@ class AutoTrainer(L.Trainer):
         """
         accelerator = str(kwargs.get("accelerator", "auto"))
         if precision == "auto":
-            precision, self.hardware = choose_precision(accelerator)
+            self.hardware = choose(accelerator)
+            precision = self.hardware["precision"]
             rank_zero_info(f"precision: {precision} ({self.hardware['device']}: "
                            f"{self.hardware['reason']})")
         else:
-            self.hardware = {"device": "set by the configuration"}
-        self.hardware["precision"] = str(precision)
+            self.hardware = {"device": "set by the configuration", "precision": str(precision)}
         super().__init__(*args, precision=precision, **kwargs)

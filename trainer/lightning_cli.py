@@ -158,7 +158,7 @@ def build_cli(args: list[str], run: bool = True, instantiate: bool = True):
                                      f"`best` (of the newest run under {root}/)")
                 return
             ckpt = runs.resolve_checkpoint(config.ckpt_path, root)
-            runs.load_checkpoint(ckpt, "--ckpt_path", mmap=True)
+            hardware = runs.load_checkpoint(ckpt, "--ckpt_path", mmap=True).get("hardware")
             print(f"{self.subcommand}: checkpoint {ckpt}", file=sys.stderr)
             config.ckpt_path = str(ckpt)
             run = runs.run_folder(ckpt)
@@ -167,6 +167,7 @@ def build_cli(args: list[str], run: bool = True, instantiate: bool = True):
 
                 runs.check_same_config(ckpt, yaml.safe_load(
                     self.parser.dump(self.config, skip_none=False))[self.subcommand])
+                self._pin_hardware(config, hardware)
                 if logger and runs.in_run_folder(ckpt):  # continue in the run's own folder
                     if run.parent != root.resolve():  # a run under another save_dir/name
                         logger.save_dir, logger.name = str(run.parent.parent), run.parent.name
@@ -177,6 +178,44 @@ def build_cli(args: list[str], run: bool = True, instantiate: bool = True):
             elif logger:
                 logger.save_dir, logger.name = str(run.parent), run.name
                 logger.version = f"eval/{self.subcommand}-{ckpt.stem}"
+
+        def _pin_hardware(self, config, hardware: dict | None) -> None:
+            """A resumed fit keeps the precision and layout its checkpoint chose by quick
+            checks (re-timing could choose otherwise, and the run would not continue as it
+            began); values set in the configuration still win."""
+            self._pinned = None
+            if not hardware or str(config.trainer.precision) != "auto" \
+                    or "reason" not in hardware:
+                return
+            kept = "; kept from the checkpoint on resume"
+            self._pinned = {**hardware, "reason": hardware["reason"].removesuffix(kept) + kept}
+
+        def instantiate_trainer(self, **kwargs):
+            from lightning.pytorch.utilities import rank_zero_info
+
+            settings = getattr(self, "_pinned", None) or self._hardware_for_model()
+            if settings:  # config.yaml keeps `auto`; only this trainer gets the value
+                kwargs["precision"] = settings["precision"]
+                rank_zero_info(f"precision: {settings['precision']} ({settings['device']}: "
+                               f"{settings['reason']}); channels_last: "
+                               f"{settings.get('channels_last')} "
+                               f"({settings.get('layout_reason', 'set by the configuration')})")
+            trainer = super().instantiate_trainer(**kwargs)
+            if settings:
+                trainer.hardware = dict(settings)
+            return trainer
+
+        def _hardware_for_model(self) -> dict | None:
+            """precision and channels_last `auto` chosen together for this model (a tiny
+            net can run bf16 no faster than fp32 where a wide one runs it 2x faster)."""
+            from trainer.hardware import choose
+
+            config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+            if self.subcommand != "fit" or str(config.trainer.precision) != "auto":
+                return None
+            return choose(str(config.trainer.accelerator), self.model.net,
+                          self.model.example_input(self.datamodule), "auto",
+                          self.model.hparams.channels_last)
 
         def after_fit(self) -> None:
             if self.trainer.received_sigterm:  # it came during the export at fit's end

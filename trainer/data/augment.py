@@ -27,6 +27,11 @@ def random_hflip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
+def augmentation_seed(seed: int, epoch: int, step: int, rank: int) -> int:
+    """The seed of one training batch's augmentation: a resumed run redraws the same."""
+    return hash((seed, epoch, step, rank)) & 0x7FFF_FFFF_FFFF
+
+
 def augment_batch(x: torch.Tensor, gen: torch.Generator, crop_padding: int = 0,
                   hflip: bool = False) -> torch.Tensor:
     if crop_padding > 0:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from export.errors import InputError
-from trainer.data.augment import augment_batch
+from trainer.data.augment import augment_batch, augmentation_seed
 from trainer.data.dataset import FixedDataset, SourceOptions, Split
 from trainer.data.loader import EpochSampler, InMemoryLoader, streaming_loader
 from trainer.data.sources import load_source
@@ -184,6 +184,6 @@ class FixedDataModule(L.LightningDataModule):
             return batch
         x, y = batch
         gen = torch.Generator(device=x.device)
-        gen.manual_seed(hash((hp.seed, trainer.current_epoch, trainer.global_step,
-                             trainer.global_rank)) & 0x7FFF_FFFF_FFFF)
+        gen.manual_seed(augmentation_seed(hp.seed, trainer.current_epoch, trainer.global_step,
+                                          trainer.global_rank))
         return augment_batch(x, gen, hp.crop_padding, hp.hflip), y
