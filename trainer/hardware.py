@@ -63,24 +63,32 @@ def _probe() -> tuple[torch.nn.Module, torch.Tensor]:
     return net, torch.randn(32, 16, 28, 28)
 
 
-def _time_cpu(net: torch.nn.Module, example: torch.Tensor, precisions: list[str],
-              layouts: list[bool]) -> dict:
+def _time_steps(net: torch.nn.Module, example: torch.Tensor, precisions: list[str],
+                layouts: list[bool], device: str = "cpu") -> dict:
     """Seconds of one forward and backward pass for each (precision, channels_last), on
-    copies of `net`; `net` and the global RNG are left untouched."""
+    copies of `net` on `device`; `net` and the global RNG are left untouched."""
     import copy
 
+    cuda = device == "cuda"
+    dtypes = {"bf16": torch.bfloat16, "16": torch.float16}
     steps = {}
     for layout in layouts:
         fmt = torch.channels_last if layout else torch.contiguous_format
-        model = copy.deepcopy(net).train().to(memory_format=fmt)
-        x = example.contiguous(memory_format=fmt) if example.ndim == 4 else example
+        model = copy.deepcopy(net).to(device).train().to(memory_format=fmt)
+        x = example.to(device)
+        x = x.contiguous(memory_format=fmt) if x.ndim == 4 else x
         for precision in precisions:
-            def run(model=model, x=x, bf16=precision.startswith("bf16")):
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            dtype = dtypes.get(precision.split("-")[0])
+
+            def run(model=model, x=x, dtype=dtype):
+                with torch.autocast(device, dtype=dtype or torch.bfloat16,
+                                    enabled=dtype is not None):
                     out = model(x).float().sum()
                 out.backward()
+                if cuda:  # kernels run asynchronously: time them, not their launch
+                    torch.cuda.synchronize()
             steps[precision, layout] = run
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if cuda else []):
         return _medians(steps)
 
 
@@ -92,8 +100,8 @@ def choose(accelerator: str = "auto", net: torch.nn.Module | None = None,
     example batch) a CPU times a training step of each candidate; without it a small
     convolution stack stands in, and the layout is left to be chosen later (None).
 
-    CUDA: bf16-mixed from compute capability 8.0, else 16-mixed; channels_last from 7.0
-    (tensor cores). CPU: bf16-mixed only where torch reports native bf16 (AMX or
+    CUDA: bf16-mixed from compute capability 8.0, else 16-mixed; channels_last where the
+    check finds it clearly faster. CPU: bf16-mixed only where torch reports native bf16 (AMX or
     AVX512-BF16) and the check finds it clearly faster than fp32, else 32-true;
     channels_last where the check finds it clearly faster (oneDNN's NHWC kernels)."""
     known = net is not None
@@ -105,10 +113,15 @@ def choose(accelerator: str = "auto", net: torch.nn.Module | None = None,
         if precision == "auto":
             precision = "bf16-mixed" if major >= 8 else "16-mixed"
             record["reason"] = f"compute capability {major}.{minor} {'>=' if major >= 8 else '<'} 8.0"
-        if channels_last == "auto" and known:
-            channels_last = conv and major >= 7
-            record["layout_reason"] = (f"compute capability {major}.{minor}: tensor cores"
-                                       if conv else "no 2-D convolutions")
+        if channels_last == "auto" and known and not conv:
+            channels_last, record["layout_reason"] = False, "no 2-D convolutions"
+        elif channels_last == "auto" and known:
+            # Timed here too: NHWC feeds tensor cores, yet on an H100 it made the tiny MNIST
+            # speedrun net slower (4.9 s against 3.9 s of fit).
+            t = _time_steps(net, example, [precision], [False, True], "cuda")
+            ratio = t[precision, True] / t[precision, False]
+            channels_last = ratio < CLEARLY_FASTER
+            record["layout_reason"] = f"a quick check ran NHWC at {ratio:.2f}x the NCHW time"
         return {**record, "precision": precision,
                 "channels_last": None if channels_last == "auto" else bool(channels_last)}
 
@@ -129,7 +142,7 @@ def choose(accelerator: str = "auto", net: torch.nn.Module | None = None,
         if channels_last == "auto":
             record["layout_reason"] = "no 2-D convolutions"
     if len(precisions) * len(layouts) > 1:
-        t = _time_cpu(net, example, precisions, layouts)
+        t = _time_steps(net, example, precisions, layouts)
         record["step_ms"] = {f"{p}{' channels_last' if cl else ''}": round(v * 1e3, 2)
                              for (p, cl), v in t.items()}
 

@@ -124,8 +124,9 @@ class ClassifierModule(L.LightningModule):
         untouched."""
         batch = min(int(getattr(datamodule, "batch_size", None) or 64), 256)
         spec = self.hparams.data_info["input"]
-        x = torch.randint(0, 256, (batch, *spec["shape"]),
-                          generator=torch.Generator().manual_seed(0))
+        # On the CPU whatever default device Lightning's configure_model context has set.
+        x = torch.randint(0, 256, (batch, *spec["shape"]), device="cpu",
+                          generator=torch.Generator(device="cpu").manual_seed(0))
         return x.to(getattr(torch, spec["dtype"]))
 
     def _choose_layout(self) -> bool:
