@@ -331,8 +331,9 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path, data: HeldOut | No
                                calibration_x=cast(data.calibration_x),
                                test_x=None if data.test_x is None else cast(data.test_x))
 
+    example = torch.from_numpy(data.parity_x[:2].copy())  # writable: the rows may be mapped
     program = torch.onnx.export(
-        frozen, (torch.from_numpy(data.parity_x[:2]),), input_names=[spec["name"]],
+        frozen, (example,), input_names=[spec["name"]],
         output_names=outputs, opset_version=opset, dynamo=True, external_data=False,
         dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False,
     )
