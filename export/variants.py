@@ -3,6 +3,7 @@ quantization calibrated on training samples. numpy + onnx + onnxruntime only."""
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -39,7 +40,12 @@ def to_int8(model: onnx.ModelProto, calibration: np.ndarray) -> onnx.ModelProto:
     with tempfile.TemporaryDirectory() as tmp:
         src, pre, dst = (Path(tmp) / n for n in ("fp32.onnx", "pre.onnx", "int8.onnx"))
         onnx.save(model, str(src))
-        quant_pre_process(str(src), str(pre))
+        cwd = os.getcwd()
+        os.chdir(tmp)  # onnxruntime's shape inference drops a debug model in the working
+        try:           # folder when it gives up: the user's folder is not the place for it
+            quant_pre_process(str(src), str(pre))
+        finally:
+            os.chdir(cwd)
         quantize_static(str(pre), str(dst), _Calibration(name, calibration),
                         quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)

@@ -33,6 +33,10 @@ def write_part(path: Path, columns: dict[str, list]) -> None:
     names = list(columns)
     with atomic_path(path) as tmp:
         if fmt == ".csv":
+            # Python's csv module, not pyarrow.csv: pyarrow wrote 100k rows in 47 ms against
+            # 140 ms, but quotes every string ("0","0",0.64,"0" for 0,0,0.64,0) whatever
+            # quoting_style says, changing the file users parse, and writing is under 5% of
+            # a job (40k images/s of inference). Quoting follows RFC 4180 here: only where needed.
             with open(tmp, "w", newline="", encoding="utf-8") as f:
                 csv.writer(f).writerows(zip(*columns.values()))
         elif fmt == ".jsonl":

@@ -113,8 +113,8 @@ def overhead(epochs: int) -> None:
     print(f"MNIST, {BATCHES} batches of 256 training images + {len(dm.splits['val'])} validation "
           f"images per epoch, convnet width 16, {epochs} epochs (the first is warm-up and not "
           f"counted), {torch.get_num_threads()} threads; seconds per epoch:")
-    print(f"  hand-written loop: {spread(hand_times[1:], '{:.3f}')}")
     print(f"  trainer fit:       {spread(lightning_times[1:], '{:.3f}')}")
+    print(f"  hand-written loop: {spread(hand_times[1:], '{:.3f}')}")
     print(f"ratio of medians, trainer fit / hand-written: "
           f"{ratio_of_medians(lightning_times[1:], hand_times[1:]):.3f}x")
 

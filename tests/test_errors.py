@@ -52,7 +52,9 @@ def test_onnx_file_without_a_card(tmp_path, digits_test_npz):
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
     path = tmp_path / "plain.onnx"
-    onnx.save(helper.make_model(graph), str(path))
+    # IR 8, opset 18: loadable by every onnxruntime the project admits (1.18 and later)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=8),
+              str(path))
     proc = run_cli("predict", "--model", str(path), "--input", str(digits_test_npz),
                    "--output", str(tmp_path / "p.csv"))
     assert_one_line_error(proc, "plain.onnx", "no 'frozenfit.card' model card")

@@ -129,9 +129,11 @@ def build_cli(args: list[str], run: bool = True, instantiate: bool = True):
             parser.add_lightning_class_args(CheckpointOnSigterm, "sigterm_checkpoint")
 
         def _parse_ckpt_path(self) -> None:
-            # LightningCLI would overwrite the model config with the checkpoint's
-            # hyperparameters, silently ignoring flags like --model.width. The config stays
-            # authoritative; ClassifierModule.on_load_checkpoint refuses a mismatch instead.
+            # Private hook, overridden because Lightning offers no public switch: it would
+            # overwrite the model config with the checkpoint's hyperparameters, silently
+            # ignoring flags like --model.width. The config stays authoritative;
+            # ClassifierModule.on_load_checkpoint refuses a mismatch instead. Pinned by
+            # tests/test_resume.py::test_resume_refuses_other_data_and_other_architecture.
             return
 
         def before_instantiate_classes(self) -> None:
@@ -210,7 +212,7 @@ def build_cli(args: list[str], run: bool = True, instantiate: bool = True):
             net can run bf16 no faster than fp32 where a wide one runs it 2x faster)."""
             from trainer.hardware import choose
 
-            config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+            config = self.config[self.subcommand] if self.subcommand else self.config
             if self.subcommand != "fit" or str(config.trainer.precision) != "auto":
                 return None
             return choose(str(config.trainer.accelerator), self.model.net,
