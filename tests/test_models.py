@@ -10,10 +10,10 @@ from lightning.pytorch.callbacks import EMAWeightAveraging
 
 from export.errors import InputError
 from export.to_onnx import export_checkpoint, held_out
+from tests.helpers import TrainingProbe
 from trainer.data.datamodule import FixedDataModule
 from trainer.models import build_backbone
 from trainer.module import ClassifierModule, cosine_with_warmup
-from tests.helpers import TrainingProbe
 
 
 def _fit_and_export(tmp_path, steps=3, callbacks=(), precision="32-true", **model_args):

@@ -15,7 +15,6 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-
 # A setting that changes the numbers (bf16) or the layout (channels_last) is taken on a CPU
 # only when a quick check finds it at least this much faster: emulated bf16 measures about
 # 10x slower and native bf16 0.4-0.8x on wide convolutions, but a tiny net can run bf16 no
@@ -118,10 +117,15 @@ def choose(accelerator: str = "auto", net: torch.nn.Module | None = None,
         elif channels_last == "auto" and known:
             # Timed here too: NHWC feeds tensor cores, yet on an H100 it made the tiny MNIST
             # speedrun net slower (4.9 s against 3.9 s of fit).
-            t = _time_steps(net, example, [precision], [False, True], "cuda")
-            ratio = t[precision, True] / t[precision, False]
-            channels_last = ratio < CLEARLY_FASTER
-            record["layout_reason"] = f"a quick check ran NHWC at {ratio:.2f}x the NCHW time"
+            try:
+                t = _time_steps(net, example, [precision], [False, True], "cuda")
+            except RuntimeError as exc:  # out of memory on a shared GPU, say: keep NCHW
+                channels_last = False
+                record["layout_reason"] = f"the quick check failed ({str(exc)[:80]}): NCHW"
+            else:
+                ratio = t[precision, True] / t[precision, False]
+                channels_last = ratio < CLEARLY_FASTER
+                record["layout_reason"] = f"a quick check ran NHWC at {ratio:.2f}x the NCHW time"
         return {**record, "precision": precision,
                 "channels_last": None if channels_last == "auto" else bool(channels_last)}
 

@@ -281,6 +281,9 @@ def build_cli(args: list[str], run: bool = True, instantiate: bool = True):
         warnings.filterwarnings("ignore", message="Experiment logs directory")
         # Lightning calling a torch API that torch deprecated: not the user's to fix.
         warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+        # Under bf16 the summary's size column is an estimate; the run is not affected.
+        warnings.filterwarnings("ignore",
+                                message="Precision .* is not supported by the model summary")
         return TrainerCLI(
             ClassifierModule, FixedDataModule, trainer_class=AutoTrainer, args=args, run=run,
             seed_everything_default=0,
