@@ -101,3 +101,39 @@ class TrainingProbe(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         for h in self.handles:
             h.remove()
+
+
+def looping_model(digits_run, path: Path, trips: int = 10 ** 12) -> None:
+    """The digits model's card on a graph that loops `trips` times per call (by default
+    for a very long time)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    card = next(p for p in onnx.load(str(digits_run / "model.onnx")).metadata_props
+                if p.key == "frozenfit.card")
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+         helper.make_node("Add", ["v_in", "one"], ["v_out"])], "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_in", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_out", TensorProto.FLOAT, None)],
+        [helper.make_tensor("one", TensorProto.FLOAT, [], [0.0])])
+    graph = helper.make_graph([
+        helper.make_node("Cast", ["image"], ["f"], to=TensorProto.FLOAT),
+        helper.make_node("Reshape", ["f", "shape"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "w"], ["start"]),
+        helper.make_node("Loop", ["trips", "yes", "start"], ["logits"], body=body),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1)], "hung",
+        [helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", 1, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10]),
+         helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 10])],
+        [helper.make_tensor("shape", TensorProto.INT64, [2], [-1, 64]),
+         helper.make_tensor("w", TensorProto.FLOAT, [64, 10], [0.01] * 640),
+         helper.make_tensor("trips", TensorProto.INT64, [], [trips]),
+         helper.make_tensor("yes", TensorProto.BOOL, [], [True])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    model.metadata_props.add(key=card.key, value=card.value)
+    onnx.save(model, str(path))

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
 from PIL import Image
 
 from tests.conftest import REPRODUCIBLE, ROOT, assert_one_line_error, run_cli
+from tests.helpers import looping_model
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 
@@ -203,41 +203,9 @@ def _png_noise(path: Path, seed: int) -> None:
     Image.fromarray(pixels).save(path)
 
 
-def _hung_model(digits_run, path: Path) -> None:
-    """The digits model's card on a graph that loops for a very long time."""
-    card = next(p for p in onnx.load(str(digits_run / "model.onnx")).metadata_props
-                if p.key == "frozenfit.card")
-    body = helper.make_graph(
-        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
-         helper.make_node("Add", ["v_in", "one"], ["v_out"])], "body",
-        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
-         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("v_in", TensorProto.FLOAT, None)],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("v_out", TensorProto.FLOAT, None)],
-        [helper.make_tensor("one", TensorProto.FLOAT, [], [0.0])])
-    graph = helper.make_graph([
-        helper.make_node("Cast", ["image"], ["f"], to=TensorProto.FLOAT),
-        helper.make_node("Reshape", ["f", "shape"], ["flat"]),
-        helper.make_node("MatMul", ["flat", "w"], ["start"]),
-        helper.make_node("Loop", ["trips", "yes", "start"], ["logits"], body=body),
-        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1)], "hung",
-        [helper.make_tensor_value_info("image", TensorProto.UINT8, ["N", 1, 8, 8])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10]),
-         helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", 10])],
-        [helper.make_tensor("shape", TensorProto.INT64, [2], [-1, 64]),
-         helper.make_tensor("w", TensorProto.FLOAT, [64, 10], [0.01] * 640),
-         helper.make_tensor("trips", TensorProto.INT64, [], [10 ** 12]),
-         helper.make_tensor("yes", TensorProto.BOOL, [], [True])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 9
-    model.metadata_props.add(key=card.key, value=card.value)
-    onnx.save(model, str(path))
-
-
 def test_a_hung_graph_fails_after_the_batch_timeout(digits_run, digits_test_npz, tmp_path):
     model = tmp_path / "hung.onnx"
-    _hung_model(digits_run, model)
+    looping_model(digits_run, model)
     start = time.perf_counter()
     proc = run_cli(*_predict_args(model, digits_test_npz, tmp_path / "p.csv",
                                   "--timeout-per-batch", "1"), timeout=120)

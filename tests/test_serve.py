@@ -25,6 +25,7 @@ import pytest
 from export.card import jsonable, read_card
 from export.runtime import Predictor
 from tests.conftest import assert_one_line_error, poisoned_env, run_cli
+from tests.helpers import looping_model
 
 pytest.importorskip("litserve", reason="the serve extra is not installed (pip install '.[serve]')")
 
@@ -287,9 +288,11 @@ def test_table_model(tmp_path):
 
 def test_sigterm_drains_in_flight_requests_and_a_full_queue_answers_503(
         digits_run, digits_x, tmp_path):
-    # Each batch waits 3 s for company, so requests are still in flight when SIGTERM lands.
-    server = Server(digits_run / "model.onnx", tmp_path, "--batch-timeout-ms", "3000",
-                    "--max-queue", "4")
+    # A graph that loops for about a second per call: the first request occupies the
+    # worker, the next three wait for it, so all four are in flight when SIGTERM lands.
+    slow = tmp_path / "slow.onnx"
+    looping_model(digits_run, slow, trips=6 * 10 ** 5)
+    server = Server(slow, tmp_path, "--max-queue", "4")
     answers = []
 
     def call(i):
@@ -334,3 +337,52 @@ def test_serve_needs_its_extra_and_refuses_bad_settings_in_one_line(digits_run, 
                               f"--port {port}", "cannot listen")
     assert_one_line_error(run_cli("serve", "--model", model, "--port", "80"), "--port 80")
     assert_one_line_error(run_cli("serve", "--model", model, "--workers", "0"), "--workers")
+
+
+def _batcher_run(max_requests, timeout, service_s, arrivals, fail=False):
+    """Submit `arrivals` (seconds after start, one single-row request each) to a Batcher
+    whose batches take `service_s`; returns the batches sent and each request's answer."""
+    import asyncio
+
+    from export.serve import Batcher
+
+    sent, sent_at = [], []
+
+    async def send_batch(x, parts):
+        sent.append([int(v) for v in x[:, 0]])
+        sent_at.append(asyncio.get_running_loop().time())
+        await asyncio.sleep(service_s)
+        if fail:
+            raise RuntimeError("worker gone")
+        return [(200, str(int(v)).encode()) for v in x[:, 0]]
+
+    async def main():
+        batcher = Batcher(send_batch, max_requests, timeout, slots=1)
+        start = asyncio.get_running_loop().time()
+
+        async def one(i, at):
+            await asyncio.sleep(at)
+            try:
+                status, body = await batcher.submit(np.array([[i]]), 1)
+                return status, body.decode(), asyncio.get_running_loop().time() - start
+            except RuntimeError as exc:
+                return 500, str(exc), None
+        return await asyncio.gather(*(one(i, at) for i, at in enumerate(arrivals)))
+
+    answers = asyncio.run(main())
+    return sent, [t - sent_at[0] for t in sent_at], answers
+
+
+def test_batcher_gathers_while_a_batch_is_in_flight_and_answers_each_request_its_own():
+    sent, _, answers = _batcher_run(4, 1.0, 0.2, [0] + [0.05] * 9)
+    assert [len(b) for b in sent] == [1, 4, 4, 1]  # alone while idle, then full batches
+    assert sorted(sum(sent, [])) == list(range(10))  # every request exactly once
+    assert [(s, b) for s, b, _ in answers] == [(200, str(i)) for i in range(10)]
+
+
+def test_batcher_waits_at_most_the_batch_timeout_and_fails_a_batch_together():
+    # The worker is busy for 1 s; the second request leaves after the 50 ms timeout.
+    sent, sent_at, _ = _batcher_run(64, 0.05, 1.0, [0, 0.01])
+    assert sent == [[0], [1]] and sent_at[1] < 0.5  # not after the first came back (1 s)
+    _, _, answers = _batcher_run(64, 0.05, 0.01, [0, 0.001, 0.002], fail=True)
+    assert [a[:2] for a in answers] == [(500, "worker gone")] * 3

@@ -208,7 +208,8 @@ def cmd_serve(argv: list[str]) -> int:
     p.add_argument("--max-batch-size", type=int, default=64,
                    help="requests stacked into one onnxruntime call (1: no batching)")
     p.add_argument("--batch-timeout-ms", type=float, default=5.0,
-                   help="how long the first request of a batch waits for others")
+                   help="longest a request waits for others while a batch is in flight "
+                   "(an idle worker takes a request at once)")
     p.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--max-instances", type=int, default=1024, help="instances per request")
     p.add_argument("--max-body-mb", type=float, default=16.0, help="request body limit")
