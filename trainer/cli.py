@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from export.errors import InputError
@@ -262,6 +263,8 @@ def cmd_data(argv: list[str]) -> int:
 
     check_output(args.out, "--out", {"--config": _flag_value(rest, "--config", "-c"),
                                      "--data.root": _flag_value(rest, "--data.root")})
+    import zipfile
+
     import numpy as np
 
     from export.atomic import atomic_path
@@ -271,8 +274,17 @@ def cmd_data(argv: list[str]) -> int:
         logging.getLogger(name).setLevel(logging.WARNING)  # no Trainer banner: no training
     cli = build_cli(rest, run=False)
     x, y = cli.datamodule.splits[args.split].arrays()
-    with atomic_path(args.out) as tmp, open(tmp, "wb") as f:
-        np.savez(f, x=x, y=y, class_names=np.array(cli.datamodule.dataset.class_names))
+    arrays = {"x": x, "y": y, "class_names": np.array(cli.datamodule.dataset.class_names)}
+    try:
+        # np.savez's own archive, written with the zip closed on every path: numpy < 2
+        # leaves it open when a write fails (a full disk), and its finaliser then prints a
+        # traceback at exit.
+        with atomic_path(args.out) as tmp, zipfile.ZipFile(tmp, "w", allowZip64=True) as zf:
+            for name, array in arrays.items():
+                with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
+                    np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(args.out)) from None
     print(f"wrote {args.out}: {len(y)} rows of the {args.split} split")
     return 0
 
@@ -284,6 +296,9 @@ TOOLS = {"export": cmd_export, "predict": cmd_predict, "serve": cmd_serve,
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv else ""
+    # Lightning calling a torch API that torch deprecated (a FutureWarning on some
+    # versions, while unpickling a checkpoint too): not the user's to fix.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     try:
         if command in ("", "-h", "--help"):
             print(HELP)

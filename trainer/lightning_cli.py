@@ -279,8 +279,6 @@ def build_cli(args: list[str], run: bool = True, instantiate: bool = True):
         # A resume keeps the earlier log as metrics-part<k>.csv (trainer/runs.py) before
         # CSVLogger would delete it; its warning that it will be deleted is then untrue.
         warnings.filterwarnings("ignore", message="Experiment logs directory")
-        # Lightning calling a torch API that torch deprecated: not the user's to fix.
-        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
         # Under bf16 the summary's size column is an estimate; the run is not affected.
         warnings.filterwarnings("ignore",
                                 message="Precision .* is not supported by the model summary")
