@@ -24,7 +24,7 @@ from export.drift import DriftAccumulator, format_report
 from export.errors import InputError
 from export.jobstate import JobState, input_identity, sha256_file
 from export.readers import image_files, is_image_input, iter_chunks
-from export.runtime import Prediction, Predictor
+from export.runtime import Prediction, Predictor, predictor_for_job
 from export.writers import check_format, join_parts, write_part
 
 
@@ -195,7 +195,10 @@ def run_batch(model: str | Path, input_path: str | Path, output: str | Path,
     output = Path(output)
     fmt = check_format(output)
     start = time.perf_counter()
-    predictor = predictor or Predictor(model, provider=opts.provider, threads=opts.threads)
+    threads = {"threads": opts.threads, "reason": "the engine's"}
+    if predictor is None:
+        predictor, threads = predictor_for_job(model, opts.provider, opts.threads,
+                                               opts.batch_size)
     card = predictor.card
     source = Path(input_path)
     if not source.exists():
@@ -226,7 +229,8 @@ def run_batch(model: str | Path, input_path: str | Path, output: str | Path,
         elapsed = time.perf_counter() - start
         report = totals.drift.report()
         summary = {"rows": rows, "output": str(output), "format": fmt[1:],
-                   "provider": predictor.provider, "model": str(predictor.path),
+                   "provider": predictor.provider, "threads": threads,
+                   "model": str(predictor.path),
                    "model_sha256": job["model"], "dataset_fingerprint": card["dataset"]["fingerprint"],
                    "seconds": round(elapsed, 3), "rows_per_second": round(rows / elapsed, 1),
                    "resumed_after_rows": resumed_after,

@@ -7,6 +7,7 @@ against it before it reaches the session, and the error names the expected spec.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,3 +167,44 @@ class Predictor:
             return Prediction(values=out["values"])
         return Prediction(out["probabilities"].argmax(axis=1), out["probabilities"],
                           out["logits"])
+
+
+# A model whose batch takes longer than this on all threads is big enough to gain from them:
+# the thread check is skipped (it would cost many such calls).
+THREAD_CHECK_MAX_S = 0.05
+
+
+def predictor_for_job(path: str | Path, provider: str = "auto", threads: int = 0,
+                      batch_size: int = 256) -> tuple[Predictor, dict]:
+    """The Predictor a batch job runs with, and how its thread count was chosen. `threads`
+    0 (auto): onnxruntime's default, one thread per physical core, unless a quick check on a
+    batch of this model's input shape finds one thread clearly faster, as it can for a tiny
+    model, whose calls are too short to repay waking the pool (a 3-feature MLP: 259k rows/s
+    on one thread, 206k on two; scripts/bench_ray.py)."""
+    import os
+
+    from export.timing import CLEARLY_FASTER, medians
+
+    pool = Predictor(path, provider, threads)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if threads:
+        return pool, {"threads": threads, "reason": "set by --threads"}
+    if pool.provider != PROVIDERS["cpu"] or (cores or 1) < 2:
+        return pool, {"threads": "auto", "reason": f"{pool.provider} on {cores} core(s)"}
+    spec = pool.card["input"]
+    rng = np.random.default_rng(0)
+    x = (rng.integers(0, 256, (batch_size, *spec["shape"])) if spec["dtype"] == "uint8"
+         else rng.normal(size=(batch_size, *spec["shape"]))).astype(spec["dtype"])
+    name = pool.session.get_inputs()[0].name
+    first = time.perf_counter()
+    pool.session.run(None, {name: x})
+    if time.perf_counter() - first > THREAD_CHECK_MAX_S:
+        return pool, {"threads": "auto", "reason": "a batch takes long enough to use every core"}
+    single = Predictor(path, provider, 1)
+    t = medians({"pool": lambda: pool.session.run(None, {name: x}),
+                 "single": lambda: single.session.run(None, {name: x})})
+    ratio = t["single"] / t["pool"]
+    reason = f"a quick check ran 1 thread at {ratio:.2f}x the time of one per core"
+    if ratio < CLEARLY_FASTER:
+        return single, {"threads": 1, "reason": reason}
+    return pool, {"threads": "auto", "reason": reason}

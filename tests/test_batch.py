@@ -199,3 +199,21 @@ def test_drift_on_real_mnist(tmp_path_factory):
         assert report["drift_status"] == "drift", report["drift_table"]
         mean = next(c for c in drift["checks"] if c["name"] == "pixel mean")
         assert mean["status"] == "drift" and mean["p_adjusted"] < 1e-6 and mean["psi"] > 0.25
+
+
+def test_thread_count_is_chosen_by_a_quick_check_and_recorded(digits_run, digits_test_npz,
+                                                               tmp_path):
+    from export.runtime import predictor_for_job
+
+    predictor, record = predictor_for_job(digits_run / "model.onnx", "cpu")
+    assert "a quick check ran 1 thread at" in record["reason"]
+    want = 1 if record["threads"] == 1 else 0  # 0: onnxruntime's one per physical core
+    assert predictor.session.get_session_options().intra_op_num_threads == want
+    _, record = predictor_for_job(digits_run / "model.onnx", "cpu", threads=3)
+    assert record == {"threads": 3, "reason": "set by --threads"}
+    out = tmp_path / "p.csv"
+    proc = run_cli("predict", "--model", str(digits_run / "model.onnx"), "--input",
+                   str(digits_test_npz), "--output", str(out), "--threads", "2")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "p.summary.json").read_text())
+    assert summary["threads"] == {"threads": 2, "reason": "set by --threads"}

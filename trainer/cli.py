@@ -134,6 +134,9 @@ def cmd_predict(argv: list[str]) -> int:
                    help="continue an interrupted job with the same model, input and options")
     p.add_argument("--timeout-per-batch", type=float, default=600.0, metavar="S",
                    help="fail if one onnxruntime call takes longer than S seconds (default 600)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="onnxruntime threads (default 0: one per physical core, or one where "
+                   "a quick check finds that clearly faster, as for tiny models)")
     p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
     ray = p.add_argument_group("more than one machine (--engine ray; extra: ray)")
     ray.add_argument("--engine", default="local", choices=["local", "ray"],
@@ -149,8 +152,8 @@ def cmd_predict(argv: list[str]) -> int:
     ray.add_argument("--block-images", type=int, default=4096,
                      help="images per work unit of an image folder")
     args = p.parse_args(argv)
-    if args.top_k < 1 or args.batch_size < 1 or args.chunk_rows < 1:
-        raise InputError("--top-k, --batch-size and --chunk-rows must be >= 1")
+    if args.top_k < 1 or args.batch_size < 1 or args.chunk_rows < 1 or args.threads < 0:
+        raise InputError("--top-k, --batch-size and --chunk-rows must be >= 1, --threads >= 0")
     if args.engine == "local" and (args.address or args.workers or args.gpus_per_worker):
         raise InputError("--address, --workers and --gpus-per-worker need --engine ray")
     if (args.workers is not None and args.workers < 1) or args.gpus_per_worker < 0 \
@@ -168,7 +171,8 @@ def cmd_predict(argv: list[str]) -> int:
     job = JobOptions(
         batch_size=args.batch_size, chunk_rows=args.chunk_rows, top_k=args.top_k,
         provider=args.provider, on_error=args.on_error, resume=args.resume,
-        progress=not args.no_progress, timeout_per_batch=args.timeout_per_batch)
+        progress=not args.no_progress, timeout_per_batch=args.timeout_per_batch,
+        threads=args.threads)
     if args.engine == "ray":
         from export.ray_engine import RayOptions, run_ray
 

@@ -8,19 +8,17 @@ native on AMX and AVX-512-BF16 CPUs and emulated, about 10x slower than fp32, on
 from __future__ import annotations
 
 import platform
-import statistics
-import time
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-# A setting that changes the numbers (bf16) or the layout (channels_last) is taken on a CPU
-# only when a quick check finds it at least this much faster: emulated bf16 measures about
-# 10x slower and native bf16 0.4-0.8x on wide convolutions, but a tiny net can run bf16 no
-# faster than fp32 even on AVX512-BF16 (its casts cost what its FLOPs save); near 1.0 the
-# choice would only follow noise.
-CLEARLY_FASTER = 0.9
+from export.timing import CLEARLY_FASTER, medians
+
+# A setting that changes the numbers (bf16) or the layout (channels_last) is taken only when
+# a quick check finds it clearly faster (export.timing.CLEARLY_FASTER, 10%): emulated bf16
+# measures about 10x slower and native bf16 0.4-0.8x on wide convolutions, but a tiny net can
+# run bf16 no faster than fp32 even on AVX512-BF16 (its casts cost what its FLOPs save).
 
 
 def cpu_model() -> str:
@@ -38,21 +36,6 @@ def native_bf16_cpu() -> list[str]:
     """The CPU features torch reports that run bf16 natively (empty: it would be emulated)."""
     checks = {"AMX": "_is_amx_tile_supported", "AVX512-BF16": "_is_avx512_bf16_supported"}
     return [name for name, fn in checks.items() if getattr(torch.cpu, fn, lambda: False)()]
-
-
-def _medians(steps: dict) -> dict:
-    """Median seconds of each step. The steps run interleaved after two warm-ups each (the
-    first calls build oneDNN kernels), so a change in clock speed or a neighbour's load
-    falls on all of them alike: a single timed call once read 1.75x for a 0.7x ratio."""
-    for step in steps.values():
-        step(), step()
-    times: dict = {name: [] for name in steps}
-    for _ in range(7):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _probe() -> tuple[torch.nn.Module, torch.Tensor]:
@@ -88,7 +71,7 @@ def _time_steps(net: torch.nn.Module, example: torch.Tensor, precisions: list[st
                     torch.cuda.synchronize()
             steps[precision, layout] = run
     with torch.random.fork_rng(devices=[torch.cuda.current_device()] if cuda else []):
-        return _medians(steps)
+        return medians(steps)
 
 
 def choose(accelerator: str = "auto", net: torch.nn.Module | None = None,

@@ -1,0 +1,27 @@
+"""Quick checks that pick a setting by timing it on this machine (torch-free: the training
+side's precision and layout checks and the batch job's thread count share it)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+# A setting is taken only when a quick check finds it at least this much faster than the
+# default: near 1.0 the choice would only follow noise.
+CLEARLY_FASTER = 0.9
+
+
+def medians(steps: dict, warmups: int = 2, repeats: int = 7) -> dict:
+    """Median seconds of each step. The steps run interleaved after warm-ups (the first
+    calls build kernels), so a change in clock speed or a neighbour's load falls on all of
+    them alike: a single timed call once read 1.75x for a 0.7x ratio."""
+    for step in steps.values():
+        for _ in range(warmups):
+            step()
+    times: dict = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
