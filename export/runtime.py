@@ -7,7 +7,6 @@ against it before it reaches the session, and the error names the expected spec.
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -195,14 +194,14 @@ def predictor_for_job(path: str | Path, provider: str = "auto", threads: int = 0
     rng = np.random.default_rng(0)
     x = (rng.integers(0, 256, (batch_size, *spec["shape"])) if spec["dtype"] == "uint8"
          else rng.normal(size=(batch_size, *spec["shape"]))).astype(spec["dtype"])
-    name = pool.session.get_inputs()[0].name
-    first = time.perf_counter()
-    pool.session.run(None, {name: x})
-    if time.perf_counter() - first > THREAD_CHECK_MAX_S:
+    try:  # stopped by onnxruntime if it runs over: a hung graph must not hang the check
+        pool._run(x, timeout=THREAD_CHECK_MAX_S)
+    except TimeoutError:
         return pool, {"threads": "auto", "reason": "a batch takes long enough to use every core"}
+    except Exception:  # the job's own first batch reports what is wrong with the model
+        return pool, {"threads": "auto", "reason": "the quick check could not run the model"}
     single = Predictor(path, provider, 1)
-    t = medians({"pool": lambda: pool.session.run(None, {name: x}),
-                 "single": lambda: single.session.run(None, {name: x})})
+    t = medians({"pool": lambda: pool._run(x), "single": lambda: single._run(x)})
     ratio = t["single"] / t["pool"]
     reason = f"a quick check ran 1 thread at {ratio:.2f}x the time of one per core"
     if ratio < CLEARLY_FASTER:

@@ -288,10 +288,10 @@ def test_table_model(tmp_path):
 
 def test_sigterm_drains_in_flight_requests_and_a_full_queue_answers_503(
         digits_run, digits_x, tmp_path):
-    # A graph that loops for about a second per call: the first request occupies the
+    # A graph that loops for seconds per call: the first request occupies the
     # worker, the next three wait for it, so all four are in flight when SIGTERM lands.
     slow = tmp_path / "slow.onnx"
-    looping_model(digits_run, slow, trips=6 * 10 ** 5)
+    looping_model(digits_run, slow, trips=3 * 10 ** 6)
     server = Server(slow, tmp_path, "--max-queue", "4")
     answers = []
 
