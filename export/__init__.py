@@ -1,2 +1,4 @@
-"""Deployment side: freeze a checkpoint to ONNX (to_onnx, the only torch user) and serve it
-with numpy + onnxruntime (runtime, batch, drift, card)."""
+"""Deployment side, torch-free: serve a frozen ONNX graph with numpy + onnxruntime (runtime,
+batch, serve, ray_engine, drift, card), and the small helpers the training side shares
+(errors, atomic, timing, imaging, readers). Imports go one way: trainer -> export; the
+exporter that freezes a checkpoint is trainer/freeze.py."""

@@ -91,7 +91,7 @@ def line(name: str, size: int, k: int, n: int) -> str:
 def mnist_cases(work: Path, ckpt: str | None) -> tuple[Predictor, dict[str, np.ndarray], np.ndarray]:
     from PIL import Image
 
-    from export.to_onnx import export_checkpoint
+    from trainer.freeze import export_checkpoint
 
     ckpt = Path(ckpt) if ckpt else quick_mnist_checkpoint(work / "mnist.ckpt")
     export_checkpoint(ckpt, work / "mnist.onnx")

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from export.to_onnx import export_checkpoint, held_out_from_checkpoint
+from trainer.freeze import export_checkpoint, held_out_from_checkpoint
 from trainer.runs import load_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

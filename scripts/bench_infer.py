@@ -28,7 +28,7 @@ from bench_export import ROOT, recipe_checkpoint
 from machine import describe, ratio_of_medians, spread
 from export.readers import read_idx
 from export.runtime import Predictor
-from export.to_onnx import Frozen, export_checkpoint, held_out_from_checkpoint, module_from_checkpoint
+from trainer.freeze import Frozen, export_checkpoint, held_out_from_checkpoint, module_from_checkpoint
 from trainer.runs import load_checkpoint
 
 MNIST = ROOT.parent / "shared" / "data" / "mnist"

@@ -38,7 +38,7 @@ MNIST = ROOT.parent / "shared" / "data" / "mnist"
 
 def _model(work: Path) -> Path:
     from bench_export import recipe_checkpoint
-    from export.to_onnx import export_checkpoint
+    from trainer.freeze import export_checkpoint
 
     out = work / "model.onnx"
     export_checkpoint(recipe_checkpoint(work), out)

@@ -11,9 +11,9 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pytest
 
-from export.to_onnx import export_checkpoint, held_out
 from tests.conftest import assert_one_line_error, run_cli
 from trainer.data.datamodule import FixedDataModule
+from trainer.freeze import export_checkpoint, held_out
 from trainer.module import ClassifierModule
 
 

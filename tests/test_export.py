@@ -12,12 +12,12 @@ import pytest
 import torch
 from onnx.reference import ReferenceEvaluator
 
-from export import to_onnx
 from export.card import read_card
 from export.errors import InputError
-from export.to_onnx import ParityError, export_checkpoint, held_out
 from tests.conftest import run_cli
+from trainer import freeze
 from trainer.data.datamodule import FixedDataModule
+from trainer.freeze import ParityError, export_checkpoint, held_out
 from trainer.module import ClassifierModule
 
 
@@ -100,13 +100,13 @@ def test_broken_export_is_refused_and_nothing_is_overwritten(tmp_path, convnet, 
     ckpt, dm = convnet
     out = tmp_path / "m.onnx"
     out.write_bytes(b"the previous model")
-    honest = to_onnx.Frozen.forward
+    honest = freeze.Frozen.forward
 
     def diverging(self, x):  # the traced graph computes something eager torch does not
         outs = honest(self, x)
         return (outs[0] + 0.5, outs[1]) if torch.compiler.is_exporting() else outs
 
-    monkeypatch.setattr(to_onnx.Frozen, "forward", diverging)
+    monkeypatch.setattr(freeze.Frozen, "forward", diverging)
     with pytest.raises(ParityError, match=r"max \|onnx - torch\| output difference 0.5 exceeds"):
         export_checkpoint(ckpt, out, data=held_out(dm))
     assert out.read_bytes() == b"the previous model"

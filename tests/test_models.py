@@ -9,9 +9,9 @@ import torch
 from lightning.pytorch.callbacks import EMAWeightAveraging
 
 from export.errors import InputError
-from export.to_onnx import export_checkpoint, held_out
 from tests.helpers import TrainingProbe
 from trainer.data.datamodule import FixedDataModule
+from trainer.freeze import export_checkpoint, held_out
 from trainer.models import build_backbone
 from trainer.module import ClassifierModule, cosine_with_warmup
 

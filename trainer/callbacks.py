@@ -34,7 +34,7 @@ class ExportOnnx(L.Callback):
         log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
         if not trainer.is_global_zero:
             return
-        from export.to_onnx import export_checkpoint, held_out
+        from trainer.freeze import export_checkpoint, held_out
 
         ranked = [cb for cb in trainer.checkpoint_callbacks if getattr(cb, "monitor", None)]
         paths = [cb.best_model_path for cb in ranked] + \

@@ -92,7 +92,7 @@ def cmd_export(argv: list[str]) -> int:
     import numpy as np
 
     from export.readers import read_arrays
-    from export.to_onnx import HeldOut, export_checkpoint
+    from trainer.freeze import HeldOut, export_checkpoint
 
     data = None
     if args.samples:

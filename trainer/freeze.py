@@ -1,6 +1,7 @@
 """Checkpoint -> frozen ONNX graph with its model card, behind a parity gate.
 
-The only module of `export/` that imports torch. The graph takes raw inputs (uint8 pixels or
+The training side's exporter (it needs torch); what it writes is read by `export/`, which
+never imports torch or this package. The graph takes raw inputs (uint8 pixels or
 float features), normalises them itself, and returns logits and probabilities (or values)
 with a dynamic batch axis. The torch.export-based exporter folds constants and BatchNorm
 (Conv+BN and Linear+BN1d) into the preceding layer. Nothing is written unless
