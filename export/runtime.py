@@ -180,15 +180,13 @@ def predictor_for_job(path: str | Path, provider: str = "auto", threads: int = 0
     batch of this model's input shape finds one thread clearly faster, as it can for a tiny
     model, whose calls are too short to repay waking the pool (a 3-feature MLP: 259k rows/s
     on one thread, 206k on two; scripts/bench_ray.py)."""
-    import os
-
-    from export.timing import CLEARLY_FASTER, medians
+    from export.timing import CLEARLY_FASTER, medians, usable_cores
 
     pool = Predictor(path, provider, threads)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = usable_cores()
     if threads:
         return pool, {"threads": threads, "reason": "set by --threads"}
-    if pool.provider != PROVIDERS["cpu"] or (cores or 1) < 2:
+    if pool.provider != PROVIDERS["cpu"] or cores < 2:
         return pool, {"threads": "auto", "reason": f"{pool.provider} on {cores} core(s)"}
     spec = pool.card["input"]
     rng = np.random.default_rng(0)

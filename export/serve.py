@@ -595,8 +595,9 @@ def _check_port(host: str, port: int) -> None:
 
 
 def _threads_per_worker(workers: int) -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) // workers)
+    from export.timing import usable_cores
+
+    return max(1, usable_cores() // workers)
 
 
 def serve(model: str, options: ServeOptions) -> int:

@@ -3,6 +3,7 @@ side's precision and layout checks and the batch job's thread count share it).""
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -25,3 +26,11 @@ def medians(steps: dict, warmups: int = 2, repeats: int = 7) -> dict:
             step()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask, e.g. under taskset or a
+    container's cpuset), not the machine's count."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1

@@ -79,78 +79,67 @@ def choose(accelerator: str = "auto", net: torch.nn.Module | None = None,
            channels_last: bool | str = "auto") -> dict:
     """The precision and memory layout for this machine (each "auto" or fixed), and a record
     of why, for the log, metrics.json and the model card. With the model (`net` and an
-    example batch) a CPU times a training step of each candidate; without it a small
-    convolution stack stands in, and the layout is left to be chosen later (None).
+    example batch) a training step of each candidate is timed; without it a small
+    convolution stack stands in for the precision check, and the layout is left to be
+    chosen later (None).
 
-    CUDA: bf16-mixed from compute capability 8.0, else 16-mixed; channels_last where the
-    check finds it clearly faster. CPU: bf16-mixed only where torch reports native bf16 (AMX or
-    AVX512-BF16) and the check finds it clearly faster than fp32, else 32-true;
-    channels_last where the check finds it clearly faster (oneDNN's NHWC kernels)."""
+    Precision: on CUDA bf16-mixed from compute capability 8.0, else 16-mixed; on a CPU
+    bf16-mixed only where torch reports native bf16 (AMX or AVX512-BF16) and the check finds
+    it clearly faster than fp32, else 32-true. channels_last, on either: where the check
+    finds it clearly faster (NHWC feeds tensor cores and oneDNN's NHWC kernels, yet on an
+    H100 it made the tiny MNIST speedrun net slower, 4.9 s against 3.9 s of fit)."""
     known = net is not None
     conv = known and any(isinstance(m, torch.nn.Conv2d) for m in net.modules())
-    if torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda"):
+    cuda = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
+    record = {"reason": "set by the configuration"}
+    if cuda:
         major, minor = torch.cuda.get_device_capability()
-        record = {"device": f"CUDA {torch.cuda.get_device_name()}",
-                  "capability": f"{major}.{minor}", "reason": "set by the configuration"}
+        record.update(device=f"CUDA {torch.cuda.get_device_name()}", capability=f"{major}.{minor}")
         if precision == "auto":
             precision = "bf16-mixed" if major >= 8 else "16-mixed"
-            record["reason"] = f"compute capability {major}.{minor} {'>=' if major >= 8 else '<'} 8.0"
-        if channels_last == "auto" and known and not conv:
-            channels_last, record["layout_reason"] = False, "no 2-D convolutions"
-        elif channels_last == "auto" and known:
-            # Timed here too: NHWC feeds tensor cores, yet on an H100 it made the tiny MNIST
-            # speedrun net slower (4.9 s against 3.9 s of fit).
-            try:
-                t = _time_steps(net, example, [precision], [False, True], "cuda")
-            except RuntimeError as exc:  # out of memory on a shared GPU, say: keep NCHW
-                channels_last = False
-                record["layout_reason"] = f"the quick check failed ({str(exc)[:80]}): NCHW"
-            else:
-                ratio = t[precision, True] / t[precision, False]
-                channels_last = ratio < CLEARLY_FASTER
-                record["layout_reason"] = f"a quick check ran NHWC at {ratio:.2f}x the NCHW time"
-        return {**record, "precision": precision,
-                "channels_last": None if channels_last == "auto" else bool(channels_last)}
-
-    isa = torch.backends.cpu.get_cpu_capability()
-    native = native_bf16_cpu()
-    record = {"device": f"CPU {cpu_model()}", "isa": isa, "bf16_native": native,
-              "reason": "set by the configuration"}
-    precisions = ["32-true", "bf16-mixed"] if precision == "auto" and native else \
-        ["32-true" if precision == "auto" else str(precision)]
-    if precision == "auto" and not native:
-        record["reason"] = f"torch reports {isa} without AMX or AVX512-BF16: bf16 would be emulated"
-    if not known:
-        layouts, (net, example) = [False], _probe()
-    elif channels_last == "auto" and conv:
+            relation = ">=" if major >= 8 else "<"
+            record["reason"] = f"compute capability {major}.{minor} {relation} 8.0"
+        precisions = [str(precision)]
+    else:
+        isa, native = torch.backends.cpu.get_cpu_capability(), native_bf16_cpu()
+        record.update(device=f"CPU {cpu_model()}", isa=isa, bf16_native=native)
+        precisions = ["32-true", "bf16-mixed"] if precision == "auto" and native else \
+            ["32-true" if precision == "auto" else str(precision)]
+        if precision == "auto" and not native:
+            record["reason"] = (f"torch reports {isa} without AMX or AVX512-BF16: bf16 would "
+                                f"be emulated")
+        if not known and len(precisions) > 1:  # the precision check needs some convolution
+            net, example = _probe()
+    if channels_last == "auto" and known and conv:
         layouts = [False, True]
     else:
         layouts = [channels_last is True]
-        if channels_last == "auto":
+        if channels_last == "auto" and known:
             record["layout_reason"] = "no 2-D convolutions"
-    if len(precisions) * len(layouts) > 1:
-        t = _time_steps(net, example, precisions, layouts)
-        record["step_ms"] = {f"{p}{' channels_last' if cl else ''}": round(v * 1e3, 2)
-                             for (p, cl), v in t.items()}
+    if net is not None and len(precisions) * len(layouts) > 1:
+        try:
+            t = _time_steps(net, example, precisions, layouts, "cuda" if cuda else "cpu")
+        except RuntimeError as exc:  # out of memory on a shared GPU, say: the defaults
+            t = None
+            record["layout_reason"] = f"the quick check failed ({str(exc)[:80]})"
+            precisions, layouts = precisions[:1], [False]
+        if t is not None:
+            record["step_ms"] = {f"{p}{' channels_last' if cl else ''}": round(v * 1e3, 2)
+                                 for (p, cl), v in t.items()}
 
-        def layout(p: str) -> bool:
-            return len(layouts) > 1 and t[p, True] < CLEARLY_FASTER * t[p, False]
+            def layout(p: str) -> bool:
+                return len(layouts) > 1 and t[p, True] < CLEARLY_FASTER * t[p, False]
 
-        if len(precisions) > 1:
-            ratio = t["bf16-mixed", layout("bf16-mixed")] / t["32-true", layout("32-true")]
-            faster = ratio < CLEARLY_FASTER
-            record["reason"] = (f"{'+'.join(native)}; a quick check ran bf16 at {ratio:.2f}x "
-                                f"the fp32 time")
-            precisions = ["bf16-mixed" if faster else "32-true"]
-        if len(layouts) > 1:
-            chosen = layout(precisions[0])
-            ratio = t[precisions[0], True] / t[precisions[0], False]
-            record["layout_reason"] = f"a quick check ran NHWC at {ratio:.2f}x the NCHW time"
-            layouts = [chosen]
-    if channels_last != "auto":
-        chosen = bool(channels_last)
-    else:  # by the check; without convolutions NCHW; without the model not yet known
-        chosen = layouts[0] if known else None
+            if len(precisions) > 1:
+                ratio = t["bf16-mixed", layout("bf16-mixed")] / t["32-true", layout("32-true")]
+                record["reason"] = (f"{'+'.join(record['bf16_native'])}; a quick check ran "
+                                    f"bf16 at {ratio:.2f}x the fp32 time")
+                precisions = ["bf16-mixed" if ratio < CLEARLY_FASTER else "32-true"]
+            if len(layouts) > 1:
+                ratio = t[precisions[0], True] / t[precisions[0], False]
+                record["layout_reason"] = f"a quick check ran NHWC at {ratio:.2f}x the NCHW time"
+                layouts = [layout(precisions[0])]
+    chosen = None if channels_last == "auto" and not known else layouts[0]
     return {**record, "precision": precisions[0], "channels_last": chosen}
 
 
@@ -161,8 +150,9 @@ class AutoTrainer(L.Trainer):
         Args:
             precision: "auto" (the default) picks by capability: on CUDA bf16-mixed from
                 compute capability 8.0, else 16-mixed; on a CPU bf16-mixed only where torch
-                reports native bf16 (AMX or AVX512-BF16) and a quick check does not find it
-                much slower, else 32-true. Or any value Lightning accepts (32, bf16-mixed, 16-mixed, ...).
+                reports native bf16 (AMX or AVX512-BF16) and a quick check finds it clearly
+                faster, else 32-true (see `choose`). Or any value Lightning accepts (32,
+                bf16-mixed, 16-mixed, ...).
         """
         accelerator = str(kwargs.get("accelerator", "auto"))
         if precision == "auto":
