@@ -22,7 +22,7 @@ import numpy as np
 from export.atomic import atomic_path
 from export.drift import DriftAccumulator, format_report
 from export.errors import InputError
-from export.jobstate import JobState, input_identity, sha256_file
+from export.jobstate import JobState, input_identity
 from export.readers import image_files, is_image_input, iter_chunks
 from export.runtime import Prediction, Predictor, predictor_for_job
 from export.writers import check_format, join_parts, write_part
@@ -205,7 +205,7 @@ def run_batch(model: str | Path, input_path: str | Path, output: str | Path,
         raise InputError(f"{source}: input not found")
     if images is None and is_image_input(source):
         images = image_files(source)
-    job = {"model": sha256_file(predictor.path), "input": input_identity(source, images),
+    job = {"model": predictor.sha256, "input": input_identity(source, images),
            "format": fmt, "chunk_rows": opts.chunk_rows, "top_k": opts.top_k,
            "on_error": opts.on_error}
     state = JobState(output)

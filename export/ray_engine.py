@@ -1,8 +1,10 @@
 """`trainer predict --engine ray`: the batch job spread over a Ray cluster with Ray Data.
 
 The driver lists the job's work units: one per input file (Parquet, CSV, .npy, .npz) or one
-per block of an image folder. Ray Data maps them through `PredictUnits`, a stateful
-callable class, so each actor keeps one onnxruntime session. Each unit is exactly the local
+per block of an image folder. Ray Data maps them through `PredictUnits`, which holds one
+onnxruntime session: on CPU workers Ray Data runs it in tasks and each worker process keeps
+its PredictUnits for the job (`predict_units`); GPU workers are an actor pool of it. Each
+unit is exactly the local
 engine's job (`export/batch.run_batch`: same readers, card checks, decoder, Predictor and
 output columns) writing `<out>/<unit>.parquet` atomically, then a manifest naming the
 input (and its identity), rows, model SHA-256, the output's SHA-256 and the unit's drift
@@ -90,6 +92,7 @@ def run_unit(predictor, unit: dict, out: Path, job_options: dict) -> dict:
     from export.batch import JobOptions, run_batch
     from export.jobstate import sha256_file
 
+    started = time.perf_counter()
     opts = JobOptions(**{**job_options, "resume": True, "progress": False})
     output = out / unit["output"]
     images = [Path(p) for p in unit["images"]] if unit["images"] is not None else None
@@ -98,19 +101,22 @@ def run_unit(predictor, unit: dict, out: Path, job_options: dict) -> dict:
     manifest = {"input": unit["input"], "identity": unit["identity"],
                 "output": unit["output"], "output_sha256": sha256_file(output),
                 "model_sha256": summary["model_sha256"], "top_k": opts.top_k,
-                "on_error": opts.on_error, "worker_pid": os.getpid(), **summary["totals"]}
+                "on_error": opts.on_error, "worker_pid": os.getpid(),
+                "seconds": round(time.perf_counter() - started, 3), **summary["totals"]}
     with atomic_path(manifest_path(out, unit)) as tmp:
         tmp.write_text(json.dumps(manifest))
     return manifest
 
 
 class PredictUnits:
-    """Ray Data's callable class: one Predictor per actor, one unit per call."""
+    """One Predictor (one onnxruntime session) and the job's options; one unit per call."""
 
-    def __init__(self, model: str, out: str, job_options: dict, provider: str, threads: int):
+    def __init__(self, model: str, model_sha256: str, out: str, job_options: dict,
+                 provider: str, threads: int):
         from export.runtime import Predictor
 
         self.predictor = Predictor(model, provider, threads)
+        self.predictor.require(model_sha256)
         self.out, self.job_options = Path(out), job_options
 
     def __call__(self, batch: dict) -> dict:
@@ -125,6 +131,29 @@ class PredictUnits:
                 raise InputError(str(exc)) from None
             outputs.append(unit["output"])
         return {"output": np.asarray(outputs), "rows": np.asarray(rows, np.int64)}
+
+
+_KEPT: dict[str, PredictUnits] = {}
+
+
+def predict_units(batch: dict, **job) -> dict:
+    """Ray Data's function for CPU workers: the worker process's PredictUnits for this job,
+    made on its first unit and kept for the next ones (one session per process, as an
+    actor would keep it).
+
+    Why tasks and not an actor pool on CPUs: Ray gives each actor a new worker process
+    (python, ray, onnxruntime imported again), ~0.35 s per actor even with Ray up, paid by
+    every job; tasks reuse the job's worker processes. On the 200,000-row benchmark
+    (scripts/bench_ray.py, 2-core EPYC) that took Ray from 69k to 178k rows/s. GPU tasks
+    get a new process per task in Ray (max_calls=1), so GPU workers stay actors."""
+    key = json.dumps(job, sort_keys=True)  # the model's SHA-256 included
+    if key not in _KEPT:
+        _KEPT.clear()  # one job's session at a time per process
+        try:
+            _KEPT[key] = PredictUnits(**job)
+        except InputError as exc:  # reaches the driver as the cause of Ray's error
+            raise InputError(str(exc)) from None
+    return _KEPT[key](batch)
 
 
 def _complete(out: Path, unit: dict, model_sha: str, job_options: dict) -> bool:
@@ -171,6 +200,8 @@ def _start_ray(ray, options: RayOptions) -> float | None:
               "configure_logging": True, "log_to_driver": False}
     if ray.is_initialized():  # a caller (a benchmark, a notebook) already connected
         return None
+    if options.address:
+        _probe(options.address)
     try:
         if options.address:
             ray.init(address=options.address, **kwargs)
@@ -183,17 +214,38 @@ def _start_ray(ray, options: RayOptions) -> float | None:
     # A unit's InputError is reported by run_ray in one line; Ray Data would log it first,
     # with its per-dataset INFO lines. Any other error still ends the job with its traceback.
     logging.getLogger("ray.data").setLevel(logging.CRITICAL)
-    ctx = ray.data.DataContext.get_current()
+    return time.perf_counter() - started
+
+
+def _probe(address: str, seconds: float = 5.0) -> None:
+    """Refuse a host:port (or ray://host:port) that nothing answers at, in one line: Ray
+    itself retries such an address for minutes before it gives up."""
+    import socket
+
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if address == "auto" or not sep or not port.isdigit():
+        return  # "auto" and the like: Ray's own lookup answers quickly
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=seconds).close()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise InputError(f"--address {address}: nothing answers at {host}:{port} ({reason}); "
+                         "start the cluster's head with `ray start --head` or check the "
+                         "address") from None
+
+
+def _quiet(ctx) -> None:
+    """No progress bars or start-up lines from the job's dataset (its own context: a caller's
+    other datasets keep theirs)."""
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
-    return time.perf_counter() - started
 
 
 def run_ray(model: str, source: str, output: str, job_options, options: RayOptions) -> dict:
     """The whole job; returns its summary (also written to `<output>/summary.json`)."""
     from export.batch import Totals, label_metrics, write_reports
     from export.drift import format_report
-    from export.jobstate import JobState, sha256_file
+    from export.jobstate import JobState
     from export.runtime import Predictor
 
     start = time.perf_counter()
@@ -210,24 +262,28 @@ def run_ray(model: str, source: str, output: str, job_options, options: RayOptio
                          "output folder must be apart from the inputs")
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: --output for --engine ray is a folder; this is a file")
-    existing = [p for p in out.iterdir() if p.name != ".ray-job.partial"] if out.is_dir() else []
+    lock = JobState(out / ".ray-job")  # its folder in `out` holds the job's lock
+    existing = [p for p in out.iterdir() if p != lock.folder] if out.is_dir() else []
     if existing and not job_options.resume:
         raise InputError(f"{out}: output folder is not empty; use --resume to continue the job "
                          "written there, or choose an empty folder")
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    lock = JobState(out / ".ray-job")
     lock.lock()
     failed = False
     try:
         job = {k: v for k, v in asdict(job_options).items()
                if k not in ("resume", "progress", "provider")}
-        model_sha = sha256_file(predictor.path)
+        model_sha = predictor.sha256
         todo = [u for u in units if not (job_options.resume and
                                          _complete(out, u, model_sha, job))]
         startup = _start_ray(ray, options)
         resources = ray.cluster_resources()
         gpus = options.gpus_per_worker
+        if gpus and resources.get("GPU", 0) < gpus:
+            raise InputError(f"--gpus-per-worker {gpus:g}: the Ray cluster has "
+                             f"{resources.get('GPU', 0):g} GPUs; join one with GPUs "
+                             "(--address) or leave the flag out to run on CPUs")
         workers = options.workers or max(1, int(resources.get("GPU", 0) // gpus) if gpus
                                          else int(resources.get("CPU", 1)))
         provider = "cuda" if gpus else "cpu"
@@ -241,12 +297,22 @@ def run_ray(model: str, source: str, output: str, job_options, options: RayOptio
             # Units travel as JSON text: Ray Data's columns would turn None into NaN.
             ds = ray.data.from_items([{"unit": json.dumps(u)} for u in todo],
                                      override_num_blocks=len(todo))
-            ds = ds.map_batches(
-                PredictUnits, batch_size=1, num_cpus=1, num_gpus=gpus or None,
-                compute=ray.data.ActorPoolStrategy(size=min(workers, len(todo))),
-                fn_constructor_kwargs={"model": str(predictor.path.resolve()), "out": str(out),
-                                       "job_options": job, "provider": provider,
-                                       "threads": 1})
+            _quiet(ds.context)
+            # One operator: Ray Data's default reservation (half the cluster held back for
+            # other operators) ran one unit at a time on 2 CPUs; there are no others.
+            ds.context.op_resource_reservation_enabled = False
+            size = min(workers, len(todo))
+            unit_args = {"model": str(predictor.path.resolve()), "model_sha256": model_sha,
+                         "out": str(out), "job_options": job, "provider": provider,
+                         "threads": 1}
+            if gpus:
+                ds = ds.map_batches(PredictUnits, batch_size=1, num_cpus=1, num_gpus=gpus,
+                                    compute=ray.data.ActorPoolStrategy(size=size),
+                                    fn_constructor_kwargs=unit_args)
+            else:
+                ds = ds.map_batches(predict_units, batch_size=1, num_cpus=1,
+                                    compute=ray.data.TaskPoolStrategy(size=size),
+                                    fn_kwargs=unit_args)
             done = 0
             try:
                 for batch in ds.iter_batches(batch_size=None):
@@ -257,7 +323,6 @@ def run_ray(model: str, source: str, output: str, job_options, options: RayOptio
                 cause = _input_error(exc)
                 if cause is None:
                     raise
-                failed = True  # bad input: a folder this run created is removed whole
                 raise InputError(cause) from None
         totals = Totals(card)
         for unit in units:
@@ -276,6 +341,9 @@ def run_ray(model: str, source: str, output: str, job_options, options: RayOptio
                    "options": {**asdict(job_options), **asdict(options)},
                    **label_metrics(totals.sums)}
         write_reports(out / "summary.json", out / "drift.json", summary, report)
+    except InputError:
+        failed = True  # bad input, no cluster: a folder this run created is removed whole
+        raise
     finally:
         lock.close(remove=True)
         if failed and created:

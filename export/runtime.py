@@ -77,6 +77,11 @@ def check_input(spec: dict, x: np.ndarray, source: str = "input") -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
+def _stamp(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
 class Predictor:
     def __init__(self, path: str | Path, provider: str = "auto", threads: int = 0,
                  spin: bool = True):
@@ -84,9 +89,13 @@ class Predictor:
         `spin=False` stops idle pool threads spinning between calls: for a server, whose
         worker waits on its request queue between small calls and must leave the cores to
         the processes that feed it."""
+        from export.jobstate import sha256_file
+
         self.path = Path(path)
         if not self.path.is_file():
             raise InputError(f"{self.path}: model file not found")
+        before = _stamp(self.path)
+        self.sha256 = sha256_file(self.path)  # of the bytes loaded: checked unchanged below
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         if not spin:
@@ -100,6 +109,9 @@ class Predictor:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise InputError(f"{self.path}: not a loadable ONNX model ({type(exc).__name__}"
                              f"{': ' + first[:200] if first else ''})") from None
+        if _stamp(self.path) != before:
+            raise InputError(f"{self.path}: the model file changed while it was loaded; "
+                             "load it again once it is written")
         meta = self.session.get_modelmeta().custom_metadata_map
         self.card = parse_card(meta, str(self.path))
         check_graph(self.card, [(i.name, _ORT_TYPES.get(i.type, i.type), i.shape)
@@ -108,6 +120,15 @@ class Predictor:
         self.spec = self.card["input"]
         self.class_names: list[str] = self.card["class_names"]
         self.provider = self.session.get_providers()[0]
+
+    def require(self, sha256: str) -> None:
+        """Refuse to serve a job that started with another model at this path: a worker
+        process loads the model after the driver hashed it, and the file may have been
+        replaced in between."""
+        if self.sha256 != sha256:
+            raise InputError(f"{self.path}: the model file changed since the job started "
+                             f"(SHA-256 {self.sha256[:12]}, the job's {sha256[:12]}); run "
+                             f"the job again")
 
     def describe_input(self) -> str:
         return describe_input(self.spec)

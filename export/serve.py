@@ -523,6 +523,7 @@ if ls is not None:
             from export.runtime import Predictor
 
             self.predictor = Predictor(self.model, self.provider, self.threads, spin=False)
+            self.predictor.require(self.sha256)  # the model the server announced
             self.drift = DriftAccumulator(self.predictor.card)
             self.lock, self.dirty = threading.Lock(), False
             threading.Thread(target=self._flush_drift, daemon=True).start()
@@ -603,16 +604,14 @@ def _threads_per_worker(workers: int) -> int:
 def serve(model: str, options: ServeOptions) -> int:
     """Serve until SIGTERM/SIGINT; then refuse new requests, finish those in flight, exit 0."""
     from export.card import jsonable
-    from export.jobstate import sha256_file
     from export.runtime import Predictor
 
     limits = options.limits or Limits()
     threads = _threads_per_worker(options.workers)
     probe = Predictor(model, options.provider, threads)  # one-line errors before any process
-    card, provider = probe.card, probe.provider
+    card, provider, sha256 = probe.card, probe.provider, probe.sha256
     del probe
     _check_port(options.host, options.port)
-    sha256 = sha256_file(Path(model))
 
     metrics_dir = tempfile.mkdtemp(prefix="frozenfit-serve-")
     # prometheus_client picks its multiprocess mode when first imported: set the folder

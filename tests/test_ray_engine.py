@@ -1,7 +1,8 @@
-"""`trainer predict --engine ray` on a real local Ray instance (2 CPUs, started once for the
-module with `ray start --head`; one test starts its own): the same rows as the local engine
-for an image folder, a multi-file Parquet table and .npy shards; the same drift report; a
-killed worker; a killed driver and --resume; the extra missing."""
+"""`trainer predict --engine ray` on a real local Ray instance (2 CPUs and one declared GPU,
+started once for the module with `ray start --head`; one test starts its own): the same rows
+as the local engine for an image folder, a multi-file Parquet table and .npy shards; the
+same drift report; a killed worker; a killed driver and --resume; a model replaced between
+two jobs of one driver; GPU workers refused in one line; the extra missing."""
 
 from __future__ import annotations
 
@@ -31,7 +32,10 @@ def cluster(tmp_path_factory):
     port = 20000 + os.getpid() % 20000
     temp = tmp_path_factory.mktemp("ray")
     env = {**os.environ, **CLUSTER_ENV}
-    subprocess.run([str(RAY), "start", "--head", "--num-cpus", "2", "--port", str(port),
+    # One GPU declared (this machine has none): enough to schedule the GPU-worker actors,
+    # whose CUDA session then fails in one line.
+    subprocess.run([str(RAY), "start", "--head", "--num-cpus", "2", "--num-gpus", "1",
+                    "--port", str(port),
                     "--include-dashboard", "false", "--temp-dir", str(temp),
                     "--disable-usage-stats"], check=True, capture_output=True, env=env,
                    timeout=180)
@@ -195,8 +199,9 @@ def test_a_killed_worker_is_retried_and_every_row_is_written_once(cluster, table
         env={**os.environ, **CLUSTER_ENV, **poisoned_env(tmp_path)}, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True)
     _wait_for(lambda: any(out.glob(".*.partial/part-*")))  # a worker is mid-unit
-    workers = subprocess.run(["pgrep", "-f", "MapWorker"], capture_output=True, text=True,
-                             check=False).stdout.split()
+    # A worker process running a unit is titled after Ray Data's task.
+    workers = subprocess.run(["pgrep", "-f", r"ray::MapBatches\(predict_units\)"],
+                             capture_output=True, text=True, check=False).stdout.split()
     assert workers, "no Ray worker process found"
     os.kill(int(workers[0]), signal.SIGKILL)
     _, err = job.communicate(timeout=600)
@@ -250,3 +255,105 @@ def test_ray_is_an_extra_and_its_flags_need_it(digits_run, digits_test_npz, tmp_
                    str(digits_test_npz), "--output", str(tmp_path / "full"))
     assert_one_line_error(proc, "not empty", "--resume")
     assert (tmp_path / "full" / "mine.txt").read_text() == "keep"
+
+
+@pytest.mark.slow
+def test_gpu_workers_are_refused_in_one_line_without_the_gpus(cluster, table_model, tmp_path):
+    _tables(tmp_path / "tables", 2, 50)
+    # More GPU per worker than the cluster has: refused before anything runs.
+    out = tmp_path / "too_many"
+    proc = predict("--model", str(table_model), "--input", str(tmp_path / "tables"),
+                   "--output", str(out), "--gpus-per-worker", "2", address=cluster)
+    assert_one_line_error(proc, "--gpus-per-worker 2", "has 1 GPUs")
+    assert not out.exists()
+    # The declared GPU schedules the actor pool of GPU workers; their CUDA session cannot
+    # start on this machine, and the job says so in one line, leaving no folder behind.
+    # Ray's core worker logs one line of its own when Ray Data creates an actor pool (the
+    # constructor arguments are an object ref: ray-project/ray#53727); nothing else.
+    out = tmp_path / "no_cuda"
+    proc = predict("--model", str(table_model), "--input", str(tmp_path / "tables"),
+                   "--output", str(out), "--gpus-per-worker", "0.5", address=cluster)
+    assert proc.returncode == 2, proc.stderr
+    *before, last = proc.stderr.strip().splitlines()
+    assert "--provider cuda" in last and "onnxruntime offers only" in last, proc.stderr
+    assert all("ray-project/ray/issues/53727" in line for line in before), proc.stderr
+    assert not out.exists()
+
+
+def _reweighted(model: Path, path: Path) -> Path:
+    """`model` with its weights scaled: the same card and inputs, other answers."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(model))
+    for init in proto.graph.initializer:
+        if init.data_type == onnx.TensorProto.FLOAT:
+            init.CopyFrom(numpy_helper.from_array(-3 * numpy_helper.to_array(init), init.name))
+    onnx.save(proto, str(path))
+    return path
+
+
+@pytest.mark.slow
+def test_a_worker_kept_from_the_last_job_loads_the_replaced_model(cluster, table_model,
+                                                                  tmp_path, monkeypatch):
+    """A driver's worker processes are reused from job to job with their model loaded; a
+    model replaced at the same path between two jobs must be loaded again."""
+    import shutil
+
+    import ray
+
+    from export.batch import JobOptions, run_batch
+    from export.jobstate import sha256_file
+    from export.ray_engine import RayOptions, run_ray
+
+    files = _tables(tmp_path / "tables", 2, 300)
+    model = tmp_path / "model.onnx"
+    other = _reweighted(table_model, tmp_path / "other.onnx")
+    for key, value in CLUSTER_ENV.items():
+        monkeypatch.setenv(key, value)
+    ray.init(address=cluster, log_to_driver=False)
+    try:
+        answers = {}
+        out = tmp_path / "out"
+        for name, source in (("first", table_model), ("second", other)):
+            shutil.copyfile(source, model)  # the same path, another model
+            run_ray(str(model), str(tmp_path / "tables"), str(out),
+                    JobOptions(progress=False), RayOptions(workers=2))
+            answers[name] = []
+            for f in files:
+                unit = str(f.relative_to(tmp_path / "tables").with_suffix(""))
+                rows = _rows(out / (unit.replace(os.sep, "__") + ".parquet"))
+                local = tmp_path / f"local-{name}-{f.stem}.parquet"
+                run_batch(source, f, local, JobOptions(progress=False))
+                _same_rows(rows, _rows(local))
+                answers[name].append(rows)
+            summary = json.loads((out / "summary.json").read_text())
+            assert summary["model_sha256"] == sha256_file(source)
+            shutil.rmtree(out)  # the second job: same model path, same options, same folder
+        assert answers["first"] != answers["second"]  # the two models answer differently
+    finally:
+        ray.shutdown()
+
+
+def test_a_unit_refuses_a_model_changed_since_the_job_started(table_model, tmp_path):
+    from export.errors import InputError
+    from export.ray_engine import PredictUnits
+
+    with pytest.raises(InputError, match="the model file changed since the job started"):
+        PredictUnits(str(table_model), "0" * 64, str(tmp_path), {}, "cpu", 1)
+
+
+def test_an_address_nothing_answers_at_fails_at_once_and_leaves_nothing(table_model, tmp_path):
+    import socket
+
+    _tables(tmp_path / "tables", 1, 10)
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        started = time.monotonic()
+        proc = predict("--model", str(table_model), "--input", str(tmp_path / "tables"),
+                       "--output", str(tmp_path / "out"), address=address)
+        assert_one_line_error(proc, f"--address {address}", "nothing answers")
+        assert time.monotonic() - started < 60  # Ray alone retries for minutes
+        assert not (tmp_path / "out").exists()
