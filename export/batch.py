@@ -189,7 +189,7 @@ def run_batch(model: str | Path, input_path: str | Path, output: str | Path,
               options: JobOptions | None = None, *, predictor: Predictor | None = None,
               images: list[Path] | None = None, reports: bool = True) -> dict:
     """Predict every input, write `output` + `<stem>.summary.json` + `<stem>.drift.json`.
-    The Ray engine runs one of these per work unit, with its actor's `predictor`, a block
+    The Ray engine runs one of these per work unit, with its worker's `predictor`, a block
     of `images` of an image folder, and `reports=False` (it writes one report per job)."""
     opts = options or JobOptions()
     output = Path(output)

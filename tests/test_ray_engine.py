@@ -249,6 +249,12 @@ def test_ray_is_an_extra_and_its_flags_need_it(digits_run, digits_test_npz, tmp_
     proc = run_cli("predict", "--workers", "2", "--model", model, "--input",
                    str(digits_test_npz), "--output", str(tmp_path / "p.csv"))
     assert_one_line_error(proc, "--engine ray")
+    for flag, value in (("--gpus-per-worker", "nan"), ("--gpus-per-worker", "1.5"),
+                        ("--workers", "0")):
+        proc = run_cli("predict", "--engine", "ray", flag, value, "--model", model, "--input",
+                       str(digits_test_npz), "--output", str(tmp_path / "q"))
+        assert_one_line_error(proc, flag)
+        assert not (tmp_path / "q").exists()
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "mine.txt").write_text("keep")
     proc = run_cli("predict", "--engine", "ray", "--model", model, "--input",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import warnings
@@ -145,10 +146,10 @@ def cmd_predict(argv: list[str]) -> int:
                      "summary.json and drift.json")
     ray.add_argument("--address", help="join this Ray cluster (auto, ray://host:port); "
                      "default: start a local Ray instance with this machine's cores")
-    ray.add_argument("--workers", type=int, help="Ray actors, one onnxruntime session each "
-                     "(default: the cluster's CPUs, or its GPUs / --gpus-per-worker)")
+    ray.add_argument("--workers", type=int, help="units run at once, one onnxruntime thread "
+                     "each (default: the cluster's CPUs, or its GPUs / --gpus-per-worker)")
     ray.add_argument("--gpus-per-worker", type=float, default=0.0,
-                     help="GPU share per actor (e.g. 0.25): the actors use CUDA")
+                     help="GPU share per worker (e.g. 0.25): the workers are actors on CUDA")
     ray.add_argument("--block-images", type=int, default=4096,
                      help="images per work unit of an image folder")
     args = p.parse_args(argv)
@@ -156,9 +157,11 @@ def cmd_predict(argv: list[str]) -> int:
         raise InputError("--top-k, --batch-size and --chunk-rows must be >= 1, --threads >= 0")
     if args.engine == "local" and (args.address or args.workers or args.gpus_per_worker):
         raise InputError("--address, --workers and --gpus-per-worker need --engine ray")
-    if (args.workers is not None and args.workers < 1) or args.gpus_per_worker < 0 \
-            or args.block_images < 1:
-        raise InputError("--workers and --block-images must be >= 1, --gpus-per-worker >= 0")
+    gpus = args.gpus_per_worker
+    if (args.workers is not None and args.workers < 1) or not 0 <= gpus < math.inf \
+            or (gpus > 1 and gpus != int(gpus)) or args.block_images < 1:
+        raise InputError("--workers and --block-images must be >= 1, --gpus-per-worker a "
+                         "share of one GPU (0 to 1) or a whole number of GPUs")
     if not args.timeout_per_batch > 0:
         raise InputError("--timeout-per-batch must be > 0 seconds")
     from export.model_uri import resolve_model_uri
