@@ -4,15 +4,14 @@ The driver lists the job's work units: one per input file (Parquet, CSV, .npy, .
 per block of an image folder. Ray Data maps them through `PredictUnits`, which holds one
 onnxruntime session: on CPU workers Ray Data runs it in tasks and each worker process keeps
 its PredictUnits for the job (`predict_units`); GPU workers are an actor pool of it. Each
-unit is exactly the local
-engine's job (`export/batch.run_batch`: same readers, card checks, decoder, Predictor and
-output columns) writing `<out>/<unit>.parquet` atomically, then a manifest naming the
-input (and its identity), rows, model SHA-256, the output's SHA-256 and the unit's drift
-counts and label sums. The driver merges the manifests into `summary.json` and
-`drift.json`, the same report as the local engine's on the same rows.
+unit is exactly the local engine's job (`export/batch.run_batch`: same readers, card
+checks, decoder, Predictor and output columns) writing `<out>/<unit>.parquet` atomically,
+then a manifest naming the input (and its identity), rows, model SHA-256, the output's
+SHA-256 and the unit's drift counts and label sums. The driver merges the manifests into
+`summary.json` and `drift.json`, the same report as the local engine's on the same rows.
 
-Exactly once: a unit's output appears whole or not at all; an actor killed mid-unit is
-restarted by Ray and its task retried, continuing after the parts it had verified;
+Exactly once: a unit's output appears whole or not at all; a worker killed mid-unit is
+replaced by Ray and its task retried, continuing after the parts it had verified;
 `--resume` skips the units whose manifest matches its output, model and input.
 """
 
@@ -144,8 +143,9 @@ def predict_units(batch: dict, **job) -> dict:
     Why tasks and not an actor pool on CPUs: Ray gives each actor a new worker process
     (python, ray, onnxruntime imported again), ~0.35 s per actor even with Ray up, paid by
     every job; tasks reuse the job's worker processes. On the 200,000-row benchmark
-    (scripts/bench_ray.py, 2-core EPYC) that took Ray from 69k to 178k rows/s. GPU tasks
-    get a new process per task in Ray (max_calls=1), so GPU workers stay actors."""
+    (scripts/bench_ray.py, 2-core EPYC; README, Benchmarks) that more than doubled Ray's
+    rows/s. Ray ends a GPU task's process after each call (max_calls=1 by default), so GPU
+    workers stay actors."""
     key = json.dumps(job, sort_keys=True)  # the model's SHA-256 included
     if key not in _KEPT:
         _KEPT.clear()  # one job's session at a time per process
