@@ -60,7 +60,9 @@ def _recipe_data(name: str, tmp_path: Path) -> list[str]:
 CPU_RECIPES = [c for c in CONFIGS if c.name not in ("cifar10.yaml", "ddp.yaml")]  # GPU / test_ddp
 
 
-@pytest.mark.parametrize("config", CPU_RECIPES, ids=lambda p: p.name)
+@pytest.mark.parametrize("config", [  # the full MNIST recipe takes ~30 s: CI runs it (--slow)
+    pytest.param(c, marks=pytest.mark.slow) if c.name == "mnist.yaml" else c for c in CPU_RECIPES
+], ids=lambda p: p.name)
 def test_one_tiny_epoch_of_each_cpu_recipe(config, tmp_path):
     from tests.conftest import run_cli
 

@@ -175,6 +175,7 @@ def _fill(disk: Path, leave: int) -> None:
         f.write(b"\0" * max(0, free - leave))
 
 
+@pytest.mark.slow  # the full-disk batch test stays in the default run
 def test_a_full_disk_under_data_fit_and_the_image_cache(small_disk, tmp_path):
     (small_disk / "keep.txt").write_text("a user's file")
     _fill(small_disk, 8 << 10)

@@ -114,6 +114,7 @@ def _other_digits(tmp_path):
     return str(tmp_path / "other.npz")
 
 
+@pytest.mark.slow  # two refusal fits; the resume tests above stay in the default run
 def test_resume_refuses_other_data_and_other_architecture(reference, tmp_path):
     assert _fit(tmp_path).returncode == 0
     ckpt = tmp_path / "runs" / "digits" / "version_0" / "checkpoints" / "last.ckpt"

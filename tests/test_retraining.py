@@ -93,6 +93,7 @@ def test_evaluation_without_a_checkpoint_is_refused(tmp_path, command):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow  # two fits; CI runs it (./scripts/test.sh --slow)
 def test_a_cosine_run_is_extended_in_its_own_folder(tmp_path):
     cosine = ("--model.schedule", "cosine")
     assert _fit(tmp_path, 2, *cosine).returncode == 0
