@@ -38,6 +38,7 @@ def _csv_text(x, columns, target_name, target_values):
     return "\n".join(lines) + "\n"
 
 
+@pytest.mark.slow  # test_hostile fits the same CSV in the default run; CI runs this
 def test_wine_classification_from_csv(tmp_path):
     wine = load_wine()
     names = np.array(["barolo", "grignolino", "barbera"])[wine.target]
