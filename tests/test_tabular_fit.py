@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 import numpy as np
+import pytest
 from sklearn.datasets import load_diabetes, load_wine
 
 from export.card import read_card
