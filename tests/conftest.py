@@ -19,6 +19,19 @@ MNIST = ROOT.parent / "shared" / "data" / "mnist"
 REPRODUCIBLE = ("--trainer.precision", "32-true", "--model.channels_last", "false")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_data_cache(tmp_path_factory):
+    """Decoded-row caches of the whole session (in-process and CLI runs) go to a temporary
+    folder, never the user's ~/.cache."""
+    old = os.environ.get("FROZENFIT_CACHE")
+    os.environ["FROZENFIT_CACHE"] = str(tmp_path_factory.mktemp("frozenfit-cache"))
+    yield
+    if old is None:
+        os.environ.pop("FROZENFIT_CACHE", None)
+    else:
+        os.environ["FROZENFIT_CACHE"] = old
+
+
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None,
             timeout: float = 300) -> subprocess.CompletedProcess:
     """Run `python -m trainer ARGS` in a fresh interpreter, as a user would."""

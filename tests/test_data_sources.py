@@ -180,17 +180,18 @@ def test_image_folder_decodes_converts_and_caches(tmp_path, capsys, monkeypatch)
     opts = SourceOptions(cache_dir=str(tmp_path / "cache"))
     ds = load_source("image_folder", str(root), opts)
     assert ds.class_names == ["cat", "dog"]
-    assert ds.train.x.shape == (10, 3, 8, 8) and ds.train.x.dtype == np.uint8
-    assert "decoded 10 images to RGB 8x8" in capsys.readouterr().err
-    assert len(list((tmp_path / "cache").glob("*.x.npy"))) == 1
+    assert ds.train.arrays()[0].shape == (10, 3, 8, 8) and ds.train.x.dtype == np.uint8
+    assert "10 images: 10 new, 0 changed, 0 removed; decoded 10" in capsys.readouterr().err
+    assert len(list((tmp_path / "cache").glob("image_folder-*/x.0.bin"))) == 1
 
-    import trainer.data.image_folder as image_folder
+    import export.imaging
 
     def no_decode(*a, **k):
         raise AssertionError("decoded again despite the cache")
 
-    monkeypatch.setattr(image_folder, "_decode_all", no_decode)
+    monkeypatch.setattr(export.imaging, "decode", no_decode)
     again = load_source("image_folder", str(root), opts)
+    assert "decoded 0" in capsys.readouterr().err
     assert again.fingerprint == ds.fingerprint
     np.testing.assert_array_equal(again.train.arrays()[0], ds.train.arrays()[0])
 
@@ -204,13 +205,16 @@ def test_image_folder_split_dirs_and_size_option(tmp_path):
     assert ds.input_spec["shape"] == [1, 4, 6] and ds.input_spec["color_mode"] == "L"
 
 
-def test_image_folder_corrupt_image_names_file_and_writes_nothing(tmp_path):
+def test_image_folder_corrupt_image_names_file_and_keeps_the_complete_rows(tmp_path):
     root = _image_tree(tmp_path / "imgs")
     (root / "dog" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    opts = SourceOptions(cache_dir=str(tmp_path / "cache"))
     with pytest.raises(InputError, match=r"broken.png: cannot decode image"):
-        load_source("image_folder", str(root), SourceOptions(cache_dir=str(tmp_path / "cache")))
-    cache = tmp_path / "cache"
-    assert not cache.exists() or not any(cache.iterdir())  # no array, no temp file
+        load_source("image_folder", str(root), opts)
+    assert not list((tmp_path / "cache").rglob("*.tmp"))  # no temporary file left
+    (root / "dog" / "broken.png").unlink()
+    ds = load_source("image_folder", str(root), opts)
+    assert len(ds.train) == 8
 
 
 def test_image_folder_empty_class(tmp_path):

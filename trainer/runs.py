@@ -22,7 +22,7 @@ RESUMABLE_CHANGES = (
     "trainer.min_epochs", "trainer.min_steps", "trainer.logger", "trainer.callbacks",
     "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps",
     "trainer.default_root_dir", "trainer.num_sanity_val_steps", "trainer.profiler",
-    "data.root", "data.cache_dir", "data.num_workers", "model.init_from", "model.backbone_weights",
+    "data.root", "data.cache_dir", "data.verify_cache", "data.num_workers", "model.init_from", "model.backbone_weights",
     "export", "report", "checkpoint", "last_checkpoint", "nan_guard", "sigterm_checkpoint",
 )
 

@@ -36,6 +36,7 @@ class FixedDataModule(L.LightningDataModule):
         target: str = "target",
         task: Literal["auto", "classification", "regression"] = "auto",
         cache_dir: str | None = None,
+        verify_cache: bool = False,
         memory_budget_gb: float = 8.0,
         gpu_memory_budget_gb: float = 4.0,
         num_workers: int = 2,
@@ -57,8 +58,10 @@ class FixedDataModule(L.LightningDataModule):
             color_mode: image_folder: L or RGB; default: the first image's mode.
             target: tabular: name of the target column.
             task: tabular: classification or regression; auto = floats are regression.
-            cache_dir: image_folder: where decoded arrays are cached (default
-                $FROZENFIT_CACHE or ~/.cache/frozenfit).
+            cache_dir: image_folder, tabular: where decoded rows are cached (default
+                $FROZENFIT_CACHE or ~/.cache/frozenfit), per file and keyed by content.
+            verify_cache: Re-hash every file (and re-check every cached row) instead of
+                trusting an unchanged size, mtime and inode.
             memory_budget_gb: Above this the training data is streamed by a DataLoader with
                 persistent workers instead of being held in RAM.
             gpu_memory_budget_gb: On CUDA, keep the in-memory dataset on the GPU if it fits.
@@ -78,7 +81,8 @@ class FixedDataModule(L.LightningDataModule):
     def dataset(self) -> FixedDataset:
         hp = self.hparams
         opts = SourceOptions(image_size=hp.image_size, color_mode=hp.color_mode,
-                             target=hp.target, task=hp.task, cache_dir=hp.cache_dir)
+                             target=hp.target, task=hp.task, cache_dir=hp.cache_dir,
+                             verify_cache=hp.verify_cache)
         return load_source(hp.source, hp.root, opts)
 
     @cached_property
@@ -86,7 +90,7 @@ class FixedDataModule(L.LightningDataModule):
         """train/val/test, decided once by `seed` (subsets of the source's arrays)."""
         ds, hp = self.dataset, self.hparams
         # Regression has no classes to stratify by: one stratum is a seeded random split.
-        strata = ds.train.y if ds.train.rows is None else ds.train.y[ds.train.rows]
+        strata = ds.train.y
         if not ds.num_classes:
             strata = np.zeros(len(ds.train), np.int64)
         fracs = []

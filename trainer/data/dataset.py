@@ -12,33 +12,52 @@ from export.errors import InputError
 from export.imaging import PREPROCESSING
 
 
+CHUNK_BYTES = 32 << 20  # rows per step of every pass over a whole split: ~32 MiB of x
+
+
 @dataclass(frozen=True)
 class Split:
-    """Rows of a dataset. `x` may be a read-only np.memmap (a dataset larger than RAM);
-    `rows` selects a subset without copying it."""
+    """Samples of a dataset. `x` is the storage, possibly a read-only np.memmap larger than
+    RAM; `y` holds one label per sample; `rows` (when given) maps each sample to its row of
+    `x`, so a subset or a cache shared by duplicate files costs no copy of `x`."""
 
-    x: np.ndarray  # (N, C, H, W) uint8 images, or (N, F) float32 features
+    x: np.ndarray  # (R, C, H, W) uint8 images, or (R, F) float32 features
     y: np.ndarray  # (N,) int64 class indices, or float32 regression targets
-    rows: np.ndarray | None = None
+    rows: np.ndarray | None = None  # (N,) int64 rows of x; None = the first N rows
 
     def __len__(self) -> int:
-        return len(self.y) if self.rows is None else len(self.rows)
+        return len(self.y)
 
     @property
     def nbytes(self) -> int:
         row = self.x[0].nbytes if len(self.x) else 0
         return len(self) * (row + self.y.itemsize)
 
-    def subset(self, rows: np.ndarray) -> Split:
-        base = rows if self.rows is None else self.rows[rows]
-        return replace(self, rows=base)
+    @property
+    def chunk_rows(self) -> int:
+        """Samples per step of a chunked pass (~CHUNK_BYTES of x)."""
+        return max(1, CHUNK_BYTES // max(1, self.x[:1].nbytes))
+
+    def subset(self, samples: np.ndarray) -> Split:
+        rows = samples if self.rows is None else self.rows[samples]
+        return replace(self, y=self.y[samples], rows=rows)
 
     def arrays(self, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """The rows as in-memory arrays (the first `limit` of them)."""
+        """The samples as in-memory arrays (the first `limit` of them): copies, never views
+        of a memory map whose file may change."""
         if self.rows is None:
-            return np.asarray(self.x[:limit]), np.asarray(self.y[:limit])
+            return np.array(self.x[:len(self.y)][:limit]), np.array(self.y[:limit])
         rows = self.rows[:limit]
-        return np.asarray(self.x[rows]), np.asarray(self.y[rows])
+        if len(rows) and np.all(rows[1:] == rows[:-1] + 1):  # contiguous: one sequential read
+            return np.array(self.x[rows[0]:rows[-1] + 1]), np.asarray(self.y[:limit])
+        return np.asarray(self.x[rows]), np.asarray(self.y[:limit])
+
+    def chunks(self, limit: int | None = None):
+        """(x, y) in consecutive pieces of ~CHUNK_BYTES: a pass over the split in bounded
+        memory."""
+        n, step = len(self) if limit is None else min(limit, len(self)), self.chunk_rows
+        for start in range(0, n, step):
+            yield self.subset(np.arange(start, min(n, start + step))).arrays()
 
 
 @dataclass(frozen=True)
@@ -49,7 +68,8 @@ class SourceOptions:
     color_mode: str | None = None  # image_folder: "L" or "RGB"; None = first image's
     target: str = "target"  # tabular: the target column
     task: str = "auto"  # tabular: classification, regression or auto
-    cache_dir: str | None = None  # image_folder: decoded-array cache
+    cache_dir: str | None = None  # image_folder, tabular: the decoded-row cache
+    verify_cache: bool = False  # re-hash every file instead of trusting size, mtime, inode
 
 
 @dataclass(frozen=True)
@@ -91,7 +111,16 @@ def image_spec(channels: int, height: int, width: int) -> dict:
     }
 
 
-def feature_spec(columns: list[str], x: np.ndarray) -> dict:
+def value_range(split: Split) -> tuple[float, float]:
+    """(min, max) of a split's values, read in chunks."""
+    lo, hi = np.inf, -np.inf
+    for x, _ in split.chunks():
+        if x.size:
+            lo, hi = min(lo, float(x.min())), max(hi, float(x.max()))
+    return lo, hi
+
+
+def feature_spec(columns: list[str], value_range: tuple[float, float]) -> dict:
     """Input spec of a tabular model: float32 features in the training column order."""
     return {
         "name": "features",
@@ -100,7 +129,7 @@ def feature_spec(columns: list[str], x: np.ndarray) -> dict:
         "layout": "NF",
         "shape": [len(columns)],
         "columns": columns,
-        "value_range": [float(x.min()), float(x.max())],
+        "value_range": [float(value_range[0]), float(value_range[1])],
     }
 
 
@@ -117,26 +146,39 @@ def require_root(root: str | None, source: str, what: str, file: bool = False) -
 
 def fingerprint(class_names: list[str], splits: list[Split | None]) -> str:
     """SHA-256 over content only (arrays, dtypes, shapes, class names): stable across
-    machines, folder and file names, and timestamps. Large arrays are hashed in chunks."""
+    machines, folder and file names, and timestamps. Read in chunks."""
     h = hashlib.sha256()
     h.update("\x00".join(class_names).encode())
     for split in splits:
         if split is None:
             h.update(b"<none>")
             continue
-        parts = (split.x, split.y) if split.rows is None else (split.x, split.y, split.rows)
-        for arr in parts:
-            h.update(f"{arr.dtype.str}{arr.shape}".encode())
-            step = max(1, (64 << 20) // max(1, arr[:1].nbytes))  # ~64 MiB per chunk
-            for start in range(0, len(arr), step):
-                h.update(memoryview(np.ascontiguousarray(arr[start:start + step])).cast("B"))
+        h.update(f"{split.x.dtype.str}{split.x.shape[1:]}{len(split)}{split.y.dtype.str}".encode())
+        for x, y in split.chunks():
+            h.update(memoryview(np.ascontiguousarray(x)).cast("B"))
+            h.update(memoryview(np.ascontiguousarray(y)).cast("B"))
+    return h.hexdigest()
+
+
+def files_fingerprint(settings: str, class_names: list[str],
+                      samples: list[tuple[str, int, bytes]]) -> str:
+    """SHA-256 of a dataset read from files, composed from the files' own SHA-256 digests:
+    (split, label or -1, digest) per file, sorted, so it depends on content only (not on
+    names, order or timestamps), costs nothing to update when a few files change, and
+    equals what a fresh ingest of the same files computes. `settings` are the decode
+    settings (size, colour mode, decoder version)."""
+    h = hashlib.sha256(settings.encode())
+    h.update("\x00".join(class_names).encode())
+    for split, label, digest in sorted(samples):
+        h.update(f"{split}|{label}|".encode())
+        h.update(digest)
     return h.hexdigest()
 
 
 def _check_split(name: str, split_name: str, split: Split, num_classes: int) -> None:
     if len(split) == 0:
         raise InputError(f"{name}: the {split_name} split is empty")
-    if len(split.x) != len(split.y):
+    if split.rows is None and len(split.x) != len(split.y):
         raise InputError(f"{name}: {split_name} split has {len(split.x)} samples "
                          f"but {len(split.y)} labels")
     if num_classes:
@@ -149,20 +191,23 @@ def _check_split(name: str, split_name: str, split: Split, num_classes: int) -> 
         row = int(np.flatnonzero(~np.isfinite(split.y))[0])
         raise InputError(f"{name}: {split_name} target at row {row} is NaN or infinite")
     if split.x.dtype.kind == "f":
-        finite = np.isfinite(split.x).reshape(len(split.x), -1)
-        if not finite.all():
-            row = int(np.flatnonzero(~finite.all(1))[0])
-            col = int(np.flatnonzero(~finite[row])[0])
-            raise InputError(f"{name}: {split_name} row {row}, feature {col} is NaN or infinite")
+        for start, (x, _) in zip(range(0, len(split), split.chunk_rows), split.chunks()):
+            finite = np.isfinite(x).reshape(len(x), -1)
+            if not finite.all():
+                row = int(np.flatnonzero(~finite.all(1))[0])
+                col = int(np.flatnonzero(~finite[row])[0])
+                raise InputError(f"{name}: {split_name} row {start + row}, feature {col} is "
+                                 "NaN or infinite")
 
 
 def make_dataset(name: str, train: Split, test: Split | None, class_names: list[str],
                  input_spec: dict, val: Split | None = None, task: str = "classification",
-                 origin: str | Path | None = None) -> FixedDataset:
-    """Build a FixedDataset, checking labels and values, and stamp its fingerprint.
-    `origin` (the file or folder read) is what error messages name."""
+                 origin: str | Path | None = None, fp: str | None = None) -> FixedDataset:
+    """Build a FixedDataset, checking labels and values, and stamp its fingerprint (`fp`
+    when the source composed it from its files' digests). `origin` (the file or folder
+    read) is what error messages name."""
     for split_name, split in (("train", train), ("val", val), ("test", test)):
         if split is not None:
             _check_split(str(origin or name), split_name, split, len(class_names))
-    fp = fingerprint(class_names, [train, val, test])
+    fp = fp or fingerprint(class_names, [train, val, test])
     return FixedDataset(name, train, val, test, class_names, input_spec, task, fp)

@@ -2,8 +2,9 @@
 
 Decoded once by the deployment decoder (export/imaging.py: EXIF orientation, bit depth,
 colour mode, antialiased bilinear resize), so training sees exactly the pixels `trainer
-predict` will feed the model; then cached on disk keyed by the files' content: the second run reads one .npy
-(memory-mapped) instead of decoding again.
+predict` will feed the model, into the row cache (trainer/data/cache.py): one uint8 row per
+file, memory-mapped, kept per file and keyed by content, so a later run decodes only files
+that are new or changed and memory never holds the whole folder.
 """
 
 from __future__ import annotations
@@ -16,14 +17,15 @@ from pathlib import Path
 
 import numpy as np
 
-from export.atomic import atomic_path
 from export.errors import InputError
-from trainer.data.dataset import (FixedDataset, SourceOptions, Split, image_spec, make_dataset,
-                                  require_root)
+from trainer.data.cache import RowCache, cache_root
+from trainer.data.dataset import (FixedDataset, SourceOptions, Split, files_fingerprint,
+                                  image_spec, make_dataset, require_root)
+from trainer.data.ingest import update
 
 SUFFIXES = {".png", ".jpg", ".jpeg"}
 SPLITS = ("train", "val", "test")
-CACHE_VERSION = "2"  # 2: decoded by export/imaging.py
+CACHE_VERSION = "3"  # 2: decoded by export/imaging.py; 3: the per-file row cache
 
 
 def _class_files(folder: Path) -> dict[str, list[Path]]:
@@ -58,21 +60,9 @@ def _first_image_format(path: Path) -> tuple[str, tuple[int, int]]:
     return probe(path.read_bytes(), str(path))
 
 
-def _decode_all(files: list[Path], spec: dict, x: np.ndarray) -> None:
-    """Decode every file into `x` with the deployment decoder, in threads (pillow releases
-    the GIL while decoding)."""
-    from concurrent.futures import ThreadPoolExecutor
-
+def load_image_folder(root: str | None, opts: SourceOptions) -> FixedDataset:
     from export.imaging import decode
 
-    def one(i: int) -> None:
-        x[i] = decode(files[i].read_bytes(), spec, str(files[i]))
-
-    with ThreadPoolExecutor() as pool:
-        list(pool.map(one, range(len(files))))
-
-
-def load_image_folder(root: str | None, opts: SourceOptions) -> FixedDataset:
     folder = require_root(root, "image_folder", "a folder with one sub-folder per class")
     layout = _layout(folder)
     names = list(layout["train"])
@@ -82,30 +72,25 @@ def load_image_folder(root: str | None, opts: SourceOptions) -> FixedDataset:
     size = tuple(opts.image_size) if opts.image_size else size
     if mode not in ("L", "RGB"):
         raise InputError(f"data.color_mode: expected L or RGB, got {mode!r}")
-
-    key = hashlib.sha256(f"{CACHE_VERSION}|{mode}|{size}|{names}".encode())
-    for split, label, path in files:
-        key.update(f"{split}|{label}|{path.relative_to(folder)}|".encode())
-        key.update(hashlib.sha256(path.read_bytes()).digest())
-    cache = Path(opts.cache_dir or os.environ.get("FROZENFIT_CACHE",
-                                                  Path.home() / ".cache" / "frozenfit"))
-    x_path, meta_path = (cache / f"{key.hexdigest()}.{ext}" for ext in ("x.npy", "meta.json"))
     spec = image_spec(1 if mode == "L" else 3, *size)
-    if not (x_path.is_file() and meta_path.is_file()):
-        x = np.empty((len(files), *spec["shape"]), dtype=np.uint8)
-        _decode_all([path for _, _, path in files], spec, x)
-        with atomic_path(x_path) as tmp:
-            with open(tmp, "wb") as f:
-                np.save(f, x)
-        meta = {"labels": [lbl for _, lbl, _ in files], "splits": [s for s, _, _ in files]}
-        with atomic_path(meta_path) as tmp:
-            tmp.write_text(json.dumps(meta))
-        print(f"image_folder: {folder}: decoded {len(files)} images to {mode} "
-              f"{size[0]}x{size[1]} (cached in {cache})", file=sys.stderr)
-    x = np.load(x_path, mmap_mode="r")
-    meta = json.loads(meta_path.read_text())
-    y, split_of = np.array(meta["labels"], dtype=np.int64), np.array(meta["splits"])
-    parts = {s: Split(x, y).subset(np.flatnonzero(split_of == s)) for s in layout}
+    settings = {"decoder": CACHE_VERSION, "mode": mode, "size": list(size)}
+    key = hashlib.sha256(f"{os.path.realpath(folder)}|{json.dumps(settings)}".encode())
+    where = cache_root(opts.cache_dir) / f"image_folder-{key.hexdigest()[:20]}"
+
+    def decode_file(data: bytes, path: Path) -> dict[str, np.ndarray]:
+        return {"x": decode(data, spec, str(path))[None]}
+
+    with RowCache.open(where, {"x": (spec["shape"], "u1")}, settings) as cache:
+        entries, report = update(cache, folder, [p for _, _, p in files], decode_file,
+                                 opts.verify_cache)
+        x = cache.arrays()["x"]
+    print(f"image_folder: {folder}: {report.line('images')} ({mode} {size[0]}x{size[1]}, "
+          f"cache {where})", file=sys.stderr)
+    y = np.array([label for _, label, _ in files], dtype=np.int64)
+    rows = np.array([e.start for e in entries], dtype=np.int64)
+    split_of = np.array([s for s, _, _ in files])
+    parts = {s: Split(x, y, rows).subset(np.flatnonzero(split_of == s)) for s in layout}
+    fp = files_fingerprint(json.dumps(settings), names,
+                           [(s, label, e.digest) for (s, label, _), e in zip(files, entries)])
     return make_dataset(folder.name, parts["train"], parts.get("test"), names,
-                        spec, val=parts.get("val"),
-                        origin=folder)
+                        spec, val=parts.get("val"), origin=folder, fp=fp)

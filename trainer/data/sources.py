@@ -10,7 +10,7 @@ import numpy as np
 from export.errors import InputError
 from trainer.data.cifar import load_cifar10
 from trainer.data.dataset import (FixedDataset, SourceOptions, Split, feature_spec, image_spec,
-                                  make_dataset, require_root)
+                                  make_dataset, require_root, value_range)
 from trainer.data.idx import load_mnist
 from trainer.data.image_folder import load_image_folder
 from trainer.data.tabular import load_tabular
@@ -52,7 +52,7 @@ def load_arrays(root: str | None, opts: SourceOptions) -> FixedDataset:
         spec = image_spec(*x.shape[1:])
     elif x.ndim == 2 and x.dtype.kind in "fiu":
         x = x.astype(np.float32)
-        spec = feature_spec([f"f{i}" for i in range(x.shape[1])], x)
+        spec = feature_spec([f"f{i}" for i in range(x.shape[1])], value_range(Split(x, y)))
     else:
         raise InputError(f"{path}: 'x' must be uint8 images (N, C, H, W) or (N, H, W), or "
                          f"numeric features (N, F); got {x.dtype} {x.shape}")

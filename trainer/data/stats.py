@@ -20,25 +20,46 @@ def _hist(values: np.ndarray, lo: float, hi: float) -> list[float]:
     return (counts / max(1, counts.sum())).tolist()
 
 
+def _channel_moments(split: Split, lo: float, hi: float):
+    """Per channel or feature: mean, std (float64, merged chunk by chunk as Chan et al.'s
+    parallel variance, so no float64 copy of the data and no cancellation) and histogram
+    counts, over the split in ~CHUNK_BYTES pieces."""
+    n, mean, m2, hist = 0, None, None, None
+    for x, _ in split.chunks():
+        per = np.moveaxis(x, 1, 0).reshape(x.shape[1], -1)  # (C, n*H*W) or (F, n)
+        k = per.shape[1]
+        c_mean = per.mean(axis=1, dtype=np.float64)
+        c_m2 = np.zeros_like(c_mean)
+        for c in range(len(per)):  # one channel at a time: a float64 copy of one channel
+            c_m2[c] = np.square(per[c] - c_mean[c], dtype=np.float64).sum()
+        counts = np.stack([bin_counts(row, lo, hi, HIST_BINS) for row in per])
+        if mean is None:
+            n, mean, m2, hist = k, c_mean, c_m2, counts
+            continue
+        delta, total = c_mean - mean, n + k
+        mean = mean + delta * (k / total)
+        m2 = m2 + c_m2 + delta ** 2 * (n * k / total)
+        n, hist = total, hist + counts
+    return mean, np.sqrt(m2 / max(1, n)), hist
+
+
 def training_stats(split: Split, num_classes: int, value_range: tuple[float, float],
                    seed: int = 0) -> dict:
     """Per channel (images: N,C,H,W) or per feature (tabular: N,F): mean, std and a histogram
     over `value_range`; class frequencies (classification) or target statistics
-    (regression). JSON-ready lists."""
+    (regression). JSON-ready lists. Memory: one chunk of the split at a time."""
     if len(split) > MAX_ROWS:
         rows = np.sort(np.random.default_rng(seed).choice(len(split), MAX_ROWS, replace=False))
         split = split.subset(rows)
-    x, y = split.arrays()
-    per = np.moveaxis(x, 1, 0).reshape(x.shape[1], -1)  # (C, N*H*W) or (F, N)
+    y = split.y
     lo, hi = float(value_range[0]), float(value_range[1])
     hi = hi if hi > lo else lo + 1.0
-    mean = per.mean(axis=1, dtype=np.float64)
-    std = per.std(axis=1, dtype=np.float64)
+    mean, std, hist = _channel_moments(split, lo, hi)
     stats = {
         "mean": mean.tolist(),
         "std": np.where(std > 1e-6, std, 1.0).tolist(),  # a constant channel must not divide by 0
         "histogram": {"range": [lo, hi], "bins": HIST_BINS,
-                      "frequencies": [_hist(row, lo, hi) for row in per]},
+                      "frequencies": (hist / np.maximum(1, hist.sum(1, keepdims=True))).tolist()},
         "samples": int(len(y)),
     }
     if num_classes:

@@ -1,39 +1,32 @@
-"""A CSV or Parquet table: numeric feature columns and one target column.
+"""A table: numeric feature columns and one target column, from one CSV or Parquet file,
+a folder of them (hive-partitioned or not) or a glob, read as one table with
+`pyarrow.dataset` record batch by record batch into the row cache (trainer/data/cache.py),
+per file and keyed by content, so memory never holds the table and a later run reads only
+files that are new or changed.
 
 Classification when the target holds strings, booleans or integers, regression when it
-holds floats (or as `data.task` says). Read with pyarrow, which types columns in C.
+holds floats (or as `data.task` says).
 """
 
 from __future__ import annotations
 
+import glob
+import hashlib
+import json
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from export.errors import InputError
 from export.readers import check_column_names, short_reason
-from trainer.data.dataset import (FixedDataset, SourceOptions, Split, feature_spec, make_dataset,
-                                  require_root)
+from trainer.data.cache import RowCache, cache_root
+from trainer.data.dataset import (FixedDataset, SourceOptions, Split, feature_spec,
+                                  files_fingerprint, make_dataset, value_range)
+from trainer.data.ingest import update
 
-
-def read_table(path: Path):
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
-
-    try:
-        if path.suffix.lower() in (".parquet", ".pq"):
-            table = pq.read_table(path)
-        elif path.suffix.lower() == ".csv":
-            table = pacsv.read_csv(path)
-        else:
-            table = None
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise InputError(f"{path}: cannot read table ({short_reason(exc)})") from None
-    if table is not None:
-        check_column_names(table.column_names, path)
-        return table
-    raise InputError(f"{path}: expected a .csv or .parquet file")
+FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 
 
 def feature_matrix(table, columns: list[str], source: str) -> np.ndarray:
@@ -61,42 +54,164 @@ def feature_matrix(table, columns: list[str], source: str) -> np.ndarray:
     return x
 
 
+def table_files(root: str) -> tuple[Path, list[Path], str]:
+    """(base folder, files, format) of `root`: one file, a folder (searched recursively,
+    hive-partitioned or not; names starting with . or _ are skipped, as Spark and Hive
+    write them) or a glob pattern."""
+    path = Path(root)
+    if path.is_file():
+        base, files = path.parent, [path]
+    elif path.is_dir():
+        base, files = path, sorted(p for p in path.rglob("*") if p.is_file() and not any(
+            part.startswith((".", "_")) for part in p.relative_to(path).parts))
+    elif any(c in root for c in "*?["):
+        files = sorted(Path(p) for p in glob.glob(root, recursive=True) if Path(p).is_file())
+        base = Path(os.path.commonpath([str(p.parent) for p in files])) if files else path.parent
+    else:
+        raise InputError(f"{path}: not found (data.root)")
+    formats = {FORMATS.get(p.suffix.lower()) for p in files}
+    if not files or None in formats:
+        odd = next((p for p in files if p.suffix.lower() not in FORMATS), None)
+        raise InputError(f"{odd or root}: expected .csv or .parquet files (data.root)")
+    if len(formats) > 1:
+        raise InputError(f"{root}: mixes CSV and Parquet files; expected one format (data.root)")
+    return base, files, formats.pop()
+
+
+def _dataset(base: Path, files: list[Path], fmt: str):
+    import pyarrow as pa
+    import pyarrow.dataset as pads
+
+    try:
+        return pads.dataset([str(f) for f in files], format=fmt, partitioning="hive",
+                            partition_base_dir=str(base))
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(f"{files[0]}: cannot read table ({short_reason(exc)})") from None
+
+
+def _check_schema(fragment, schema, path: Path) -> None:
+    """A Parquet file must have the first file's columns and types."""
+    physical = fragment.physical_schema
+    for field in physical:
+        if field.name not in schema.names:
+            raise InputError(f"{path}: has column {field.name!r}, which the first file lacks; "
+                             f"expected the columns {schema.names}")
+        if schema.field(field.name).type != field.type:
+            raise InputError(f"{path}: column {field.name!r} is {field.type}, expected "
+                             f"{schema.field(field.name).type} as in the first file")
+    partition_keys = len(schema) - len(physical)
+    missing = [n for n in schema.names[:len(schema) - partition_keys] if n not in physical.names]
+    if missing:
+        raise InputError(f"{path}: missing column {missing[0]!r}")
+
+
+def _target_kind(target_type, task: str) -> tuple[str, str]:
+    """(task, dtype of the cached target) from the target column's type."""
+    import pyarrow.types as pat
+
+    if task == "auto":
+        task = "regression" if pat.is_floating(target_type) else "classification"
+    if task not in ("classification", "regression"):
+        raise InputError(f"data.task: expected auto, classification or regression, got {task!r}")
+    numeric = (pat.is_floating(target_type) or pat.is_integer(target_type)
+               or pat.is_null(target_type))  # null: a header without rows
+    if task == "regression" and not numeric:
+        raise InputError(f"data.target: regression target is {target_type}, expected numbers")
+    if numeric or pat.is_boolean(target_type):
+        return task, "f8"  # integer labels are exact in float64 up to 2**53
+    return task, "i8"  # codes into the cache's vocabulary of string labels
+
+
+def _batches(fragment, schema, columns, target, path, vocab: list[str]):
+    """Decode one file batch by batch: float32 features, the target (numbers, or codes into
+    `vocab`, which grows); names the file and row of the first bad value."""
+    import pyarrow as pa
+    import pyarrow.types as pat
+
+    row = 0
+    try:
+        for batch in fragment.to_batches(schema=schema, batch_size=1 << 16):
+            if batch.num_rows == 0:
+                continue
+            table = pa.Table.from_batches([batch])
+            source = f"{path}: rows from {row}" if row else str(path)
+            x = feature_matrix(table, columns, source)
+            t = table.column(target)
+            empty = t.is_null().to_numpy(zero_copy_only=False)
+            if pat.is_string(t.type) or pat.is_large_string(t.type):
+                values = t.to_numpy(zero_copy_only=False).astype(str)
+                empty |= np.char.strip(values) == ""  # CSV reads an empty cell as ""
+            if empty.any():
+                bad = row + int(np.flatnonzero(empty)[0])
+                raise InputError(f"{path}: row {bad}, target column {target!r} is empty "
+                                 "; fill or remove such rows")
+            if pat.is_string(t.type) or pat.is_large_string(t.type):
+                known = {v: i for i, v in enumerate(vocab)}
+                for v in np.unique(values):
+                    if v not in known:
+                        known[v] = len(vocab)
+                        vocab.append(str(v))
+                y = np.array([known[v] for v in values], np.int64)
+            else:
+                y = t.to_numpy(zero_copy_only=False).astype(np.float64)
+            row += len(y)
+            yield {"x": x, "y": y}
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(f"{path}: cannot read table ({short_reason(exc)})") from None
+
+
 def load_tabular(root: str | None, opts: SourceOptions) -> FixedDataset:
     import pyarrow.types as pat
 
-    path = require_root(root, "tabular", "the path of a .csv or .parquet file", file=True)
-    table = read_table(path)
-    if opts.target not in table.column_names:
-        raise InputError(f"{path}: missing target column {opts.target!r} (data.target); "
-                         f"found {table.column_names}")
-    if table.num_rows == 0:
-        raise InputError(f"{path}: the table has no rows")
-    target = table.column(opts.target)
-    empty = target.is_null().to_numpy(zero_copy_only=False)
-    if pat.is_string(target.type) or pat.is_large_string(target.type):
-        # CSV reads an empty string cell as "", not null: a class named "" is never meant.
-        empty |= np.char.strip(target.to_numpy(zero_copy_only=False).astype(str)) == ""
-    if empty.any():
-        row = int(np.flatnonzero(empty)[0])
-        raise InputError(f"{path}: row {row}, target column {opts.target!r} is empty "
-                         f"({int(empty.sum())} rows); fill or remove them")
-    task = opts.task
-    if task == "auto":
-        task = "regression" if pat.is_floating(target.type) else "classification"
-    if task not in ("classification", "regression"):
-        raise InputError(f"data.task: expected auto, classification or regression, got {task!r}")
-    columns = [c for c in table.column_names if c != opts.target]
-    x = feature_matrix(table, columns, str(path))
-    values = target.to_numpy(zero_copy_only=False)
+    if not root:
+        raise InputError("data.root: the tabular source needs a .csv or .parquet file, a "
+                         "folder of them or a glob")
+    base, files, fmt = table_files(root)
+    dataset = _dataset(base, files, fmt)
+    schema, origin = dataset.schema, Path(root)
+    check_column_names(schema.names, files[0])
+    if opts.target not in schema.names:
+        raise InputError(f"{files[0]}: missing target column {opts.target!r} (data.target); "
+                         f"found {schema.names}")
+    columns = [c for c in schema.names if c != opts.target]
+    for name in columns:
+        t = schema.field(name).type
+        if not (pat.is_integer(t) or pat.is_floating(t) or pat.is_boolean(t) or pat.is_null(t)):
+            raise InputError(f"{files[0]}: feature column {name!r} is {t}, expected numbers")
+    task, y_dtype = _target_kind(schema.field(opts.target).type, opts.task)
+    settings = {"reader": "1", "format": fmt, "schema": str(schema), "target": opts.target,
+                "task": task}
+    key = hashlib.sha256(f"{os.path.realpath(base)}|{json.dumps(settings)}".encode())
+    where = cache_root(opts.cache_dir) / f"tabular-{key.hexdigest()[:20]}"
+    fragments = {Path(f.path): f for f in dataset.get_fragments()}
+    with RowCache.open(where, {"x": ((len(columns),), "f4"), "y": ((), y_dtype)},
+                       settings) as cache:
+        vocab = cache.extra.setdefault("vocab", [])
+
+        def decode(_, path: Path):
+            if fmt == "parquet":
+                _check_schema(fragments[path], schema, path)
+            return _batches(fragments[path], schema, columns, opts.target, path, vocab)
+
+        entries, report = update(cache, base, files, decode, opts.verify_cache,
+                                 whole_files=False)
+        arrays = cache.arrays()
+    print(f"tabular: {root}: {report.line('files')} ({cache.rows:,} rows cached in {where})",
+          file=sys.stderr)
+    rows = np.concatenate([np.arange(e.start, e.start + e.count) for e in entries])
+    if not len(rows):
+        raise InputError(f"{root}: the table has no rows")
+    values = np.asarray(arrays["y"][rows])
     if task == "regression":
-        if not (pat.is_floating(target.type) or pat.is_integer(target.type)):
-            raise InputError(f"{path}: regression target {opts.target!r} is {target.type}, "
-                             "expected numbers")
         names, y = [], values.astype(np.float32)
     else:
         # Integers sort numerically, strings alphabetically; y indexes the sorted classes.
-        uniq, y = np.unique(values if values.dtype.kind in "iub" else values.astype(str),
-                            return_inverse=True)
-        names, y = [str(u) for u in uniq], y.astype(np.int64)
-    return make_dataset(path.stem, Split(x, y), None, names, feature_spec(columns, x), task=task,
-                        origin=path)
+        labels = np.array(vocab, dtype=str)[values] if y_dtype == "i8" else values
+        uniq, y = np.unique(labels, return_inverse=True)
+        names = [str(int(u)) if y_dtype == "f8" else str(u) for u in uniq]
+        y = y.astype(np.int64)
+    train = Split(arrays["x"], y, rows)
+    fp = files_fingerprint(json.dumps(settings), names, [("train", -1, e.digest) for e in entries])
+    return make_dataset(origin.stem or origin.name, train, None, names,
+                        feature_spec(columns, value_range(train)), task=task, origin=origin,
+                        fp=fp)

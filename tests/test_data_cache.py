@@ -1,0 +1,234 @@
+"""The per-file decoded-row cache: retraining data pays only for what changed, survives a
+killed ingest and a damaged cache, and tables are read as they are kept (folders, globs,
+hive partitions). Counts come from the cache itself, not from the log."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from export.errors import InputError
+from tests.conftest import ROOT
+from trainer.data.cache import RowCache
+from trainer.data.dataset import SourceOptions
+from trainer.data.sources import load_source
+
+
+def _png(path: Path, value: int, size=(8, 8)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(value)
+    Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(path)
+
+
+def _folder(root: Path, per_class: int = 20) -> Path:
+    for c, cls in enumerate(("ant", "bee", "cow")):
+        for i in range(per_class):
+            _png(root / cls / f"{i:03d}.png", 1000 * c + i)
+    return root
+
+
+def _cache_rows(cache_dir: Path) -> int:
+    """Rows the image cache holds (decoded so far), read from its files."""
+    (folder,) = cache_dir.glob("image_folder-*")
+    (x,) = folder.glob("x.*.bin")
+    return x.stat().st_size // (3 * 8 * 8)
+
+
+def _load(root: Path, cache: Path, **kw):
+    return load_source("image_folder", str(root), SourceOptions(cache_dir=str(cache), **kw))
+
+
+def test_adding_removing_and_changing_files_decodes_only_those(tmp_path, capsys):
+    root, cache = _folder(tmp_path / "imgs"), tmp_path / "cache"
+    first = _load(root, cache)
+    assert _cache_rows(cache) == 60
+    assert "60 images: 60 new, 0 changed, 0 removed; decoded 60" in capsys.readouterr().err
+
+    for i in range(3):
+        _png(root / "bee" / f"new{i}.png", 5000 + i)  # 3 new
+    (root / "ant" / "000.png").unlink()  # 1 removed
+    _png(root / "cow" / "001.png", 7777)  # 1 changed
+    (root / "ant" / "001.png").rename(root / "cow" / "moved.png")  # known content, new name
+    second = _load(root, cache)
+    assert _cache_rows(cache) == 64  # only the 3 new and the 1 changed file were decoded
+    assert "62 images: 4 new, 1 changed, 2 removed; decoded 4" in capsys.readouterr().err
+    assert second.fingerprint != first.fingerprint
+    fresh = _load(root, tmp_path / "fresh")  # a fresh ingest of the same files agrees
+    assert fresh.fingerprint == second.fingerprint
+    np.testing.assert_array_equal(fresh.train.arrays()[0], second.train.arrays()[0])
+    np.testing.assert_array_equal(fresh.train.y, second.train.y)
+    assert second.train.y[list(second.train.rows).index(second.train.rows[-1])] == 2
+
+
+def test_a_same_size_same_mtime_change_is_caught_by_verify_cache(tmp_path):
+    root, cache = _folder(tmp_path / "imgs", per_class=4), tmp_path / "cache"
+    before = _load(root, cache)
+    path = root / "bee" / "002.png"
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    img = np.asarray(Image.open(path)).copy()
+    img[0, 0] = 255 - img[0, 0]
+    import io
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG", compress_level=9)
+    new = buf.getvalue()
+    assert len(new) <= len(data)
+    path.write_bytes(new + b"\0" * (len(data) - len(new)))  # same size (PNG ignores the tail)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert _load(root, cache).fingerprint == before.fingerprint  # trusted by stat
+    verified = _load(root, cache, verify_cache=True)
+    assert verified.fingerprint != before.fingerprint and _cache_rows(cache) == 13
+    assert verified.fingerprint == _load(root, tmp_path / "fresh").fingerprint
+
+
+def test_a_damaged_cache_is_repaired_not_trusted(tmp_path, capsys):
+    root, cache = _folder(tmp_path / "imgs", per_class=4), tmp_path / "cache"
+    good = _load(root, cache).train.arrays()[0]
+    (x_bin,) = cache.glob("image_folder-*/x.*.bin")
+    raw = bytearray(x_bin.read_bytes())
+    raw[5] ^= 0xFF  # a byte edited by hand
+    x_bin.write_bytes(raw)
+    np.testing.assert_array_equal(_load(root, cache, verify_cache=True).train.arrays()[0], good)
+
+    with open(x_bin, "r+b") as f:  # truncated: the last rows are gone
+        f.truncate(x_bin.stat().st_size - 2 * 192 - 7)
+    capsys.readouterr()
+    again = _load(root, cache)
+    assert "decoding 3 files again" in capsys.readouterr().err
+    np.testing.assert_array_equal(again.train.arrays()[0], good)
+
+    (index,) = cache.glob("image_folder-*/index.arrow")
+    index.write_bytes(b"not arrow")
+    np.testing.assert_array_equal(_load(root, cache).train.arrays()[0], good)
+    assert "index.arrow: unreadable" in capsys.readouterr().err
+
+
+KILLED_INGEST = """
+import os, sys
+import trainer.data.cache as cache
+cache.COMMIT_BYTES = 192 * 50  # commit every 50 images
+append, count = cache.RowCache.append, [0]
+def dying_append(*args):
+    count[0] += 1
+    if count[0] == 130:
+        os._exit(9)  # as SIGKILL: no cleanup, no commit
+    return append(*args)
+cache.RowCache.append = dying_append
+from trainer.data.dataset import SourceOptions
+from trainer.data.sources import load_source
+load_source("image_folder", sys.argv[1], SourceOptions(cache_dir=sys.argv[2]))
+"""
+
+
+def test_a_killed_ingest_resumes_from_its_last_commit(tmp_path, capsys):
+    root, cache = _folder(tmp_path / "imgs", per_class=60), tmp_path / "cache"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", KILLED_INGEST, str(root), str(cache)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 9, proc.stderr
+    (folder,) = cache.glob("image_folder-*")
+    with RowCache.open(folder, {"x": ((3, 8, 8), "u1")},
+                       {"decoder": "3", "mode": "RGB", "size": [8, 8]}) as c:
+        committed = len(c.entries)
+    assert committed == 100  # the two whole commits, nothing of the third
+    resumed = _load(root, cache)
+    err = capsys.readouterr().err
+    assert f"decoded {180 - committed}" in err
+    assert resumed.fingerprint == _load(root, tmp_path / "fresh").fingerprint
+
+
+def test_a_file_that_disappears_is_named(tmp_path, monkeypatch):
+    root, cache = _folder(tmp_path / "imgs", per_class=3), tmp_path / "cache"
+    import trainer.data.ingest as ingest
+
+    real = ingest._read
+
+    def vanishing(path, stat):
+        if path.name == "001.png" and path.parent.name == "bee":
+            path.unlink()
+        return real(path, stat)
+
+    monkeypatch.setattr(ingest, "_read", vanishing)
+    with pytest.raises(InputError, match=r"bee/001.png: disappeared during ingest"):
+        _load(root, cache)
+
+
+# ---------------------------------------------------------------- tables as they are kept
+
+def _table(seed: int, n: int = 40, extra: dict | None = None) -> pa.Table:
+    rng = np.random.default_rng(seed)
+    a, b = rng.normal(size=n), rng.normal(size=n)
+    return pa.table({"a": a, "b": b, "target": np.where(a + b > 0, "up", "down"),
+                     **(extra or {})})
+
+
+def test_a_folder_of_parquet_files_is_one_table_and_updates_per_file(tmp_path, capsys):
+    folder = tmp_path / "t"
+    folder.mkdir()
+    for i in range(4):
+        pq.write_table(_table(i), folder / f"part-{i}.parquet")
+    (folder / "_SUCCESS").write_text("")  # written by Spark; not data
+    ds = load_source("tabular", str(folder), SourceOptions(cache_dir=str(tmp_path / "c")))
+    assert len(ds.train) == 160 and ds.class_names == ["down", "up"]
+    assert ds.input_spec["columns"] == ["a", "b"]
+    whole = pa.concat_tables([_table(i) for i in range(4)])
+    np.testing.assert_array_equal(ds.train.arrays()[0][:, 0], whole["a"].to_numpy().astype("f4"))
+    assert "4 files: 4 new" in capsys.readouterr().err
+
+    pq.write_table(_table(9), folder / "part-9.parquet")
+    grown = load_source("tabular", str(folder), SourceOptions(cache_dir=str(tmp_path / "c")))
+    assert "5 files: 1 new, 0 changed, 0 removed; decoded 1" in capsys.readouterr().err
+    assert len(grown.train) == 200
+    fresh = load_source("tabular", str(folder), SourceOptions(cache_dir=str(tmp_path / "c2")))
+    assert fresh.fingerprint == grown.fingerprint != ds.fingerprint
+
+
+def test_a_hive_partitioned_folder_and_a_csv_glob(tmp_path):
+    for region, code in (("eu", 1), ("us", 2)):
+        part = tmp_path / "hive" / f"zone={code}"
+        part.mkdir(parents=True)
+        pq.write_table(_table(code), part / "data.parquet")
+    ds = load_source("tabular", str(tmp_path / "hive"), SourceOptions())
+    assert ds.input_spec["columns"] == ["a", "b", "zone"]  # the partition key is a column
+    assert sorted(np.unique(ds.train.arrays()[0][:, 2]).tolist()) == [1.0, 2.0]
+
+    for i in range(3):
+        _table(i).to_pandas().to_csv(tmp_path / f"day{i}.csv", index=False)
+    ds = load_source("tabular", str(tmp_path / "day*.csv"), SourceOptions())
+    assert len(ds.train) == 120 and ds.class_names == ["down", "up"]
+
+
+@pytest.mark.parametrize("extra,message", [
+    ({"c": np.zeros(40)}, r"part-2.parquet: has column 'c', which the first file lacks"),
+    ({"b": np.array(["x"] * 40)}, r"part-2.parquet: column 'b' is string, expected double"),
+])
+def test_a_table_file_that_differs_is_named(tmp_path, extra, message):
+    folder = tmp_path / "t"
+    folder.mkdir()
+    for i in range(3):
+        t = _table(i)
+        if i == 2:
+            for name, values in extra.items():
+                t = (t.set_column(t.schema.get_field_index(name), name, pa.array(values))
+                     if name in t.column_names else t.append_column(name, pa.array(values)))
+        pq.write_table(t, folder / f"part-{i}.parquet")
+    with pytest.raises(InputError, match=message):
+        load_source("tabular", str(folder), SourceOptions())
+
+
+def test_table_roots_that_hold_no_table(tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(InputError, match=r"notes.txt: expected .csv or .parquet files"):
+        load_source("tabular", str(tmp_path), SourceOptions())
+    with pytest.raises(InputError, match=r"nothing\*.csv: expected .csv or .parquet files"):
+        load_source("tabular", str(tmp_path / "nothing*.csv"), SourceOptions())
+    with pytest.raises(InputError, match=r"absent: not found \(data.root\)"):
+        load_source("tabular", str(tmp_path / "absent"), SourceOptions())

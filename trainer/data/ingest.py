@@ -1,0 +1,143 @@
+"""Bringing a dataset's row cache up to date with its files: only what is new or changed is
+read, only content the cache lacks is decoded, in a thread pool (pillow, zlib and pyarrow
+release the GIL), block by block so memory holds one block of decoded rows."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from export.errors import InputError
+from trainer.data.cache import Entry, FileStat, RowCache
+
+BLOCK = 512  # files read, hashed and decoded together by the thread pool
+
+
+@dataclass
+class UpdateReport:
+    files: int = 0
+    new: int = 0
+    changed: int = 0
+    removed: int = 0
+    decoded: int = 0  # files decoded (the others were unchanged or had known content)
+    seconds: float = 0.0
+
+    def line(self, what: str) -> str:
+        return (f"{self.files:,} {what}: {self.new:,} new, {self.changed:,} changed, "
+                f"{self.removed:,} removed; decoded {self.decoded:,} in {self.seconds:.1f} s")
+
+
+def _read(path: Path, stat: FileStat) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(stat.size + 1)
+        after = FileStat.of(path)
+    except FileNotFoundError:
+        raise InputError(f"{path}: disappeared during ingest") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror})") from None
+    if len(data) != stat.size or after != stat:
+        raise InputError(f"{path}: changed while it was being read; run again when the "
+                         f"dataset is no longer being written")
+    return data
+
+
+def _hash_file(path: Path, stat: FileStat) -> bytes:
+    """SHA-256 of a file read in 4 MiB pieces (a table file may be larger than RAM)."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(4 << 20):
+                h.update(block)
+        after = FileStat.of(path)
+    except FileNotFoundError:
+        raise InputError(f"{path}: disappeared during ingest") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror})") from None
+    if after != stat:
+        raise InputError(f"{path}: changed while it was being read; run again when the "
+                         f"dataset is no longer being written")
+    return h.digest()
+
+
+Decoded = dict[str, np.ndarray] | Iterable[dict[str, np.ndarray]]
+
+
+def update(cache: RowCache, root: Path, paths: list[Path],
+           decode: Callable[[bytes | None, Path], Decoded],
+           verify: bool = False, whole_files: bool = True) -> tuple[list[Entry], UpdateReport]:
+    """Bring `cache` up to date with `paths` (files under `root`) and return each file's
+    record, in the order given. Only files that are new or changed, by (size, mtime_ns,
+    inode) or with `verify` by content, are read; only content the cache lacks is decoded.
+    `decode(data, path)` gets the file's bytes (`whole_files`), or None and reads the path
+    itself, and returns the rows as a dict of arrays (decoded in a worker thread) or as an
+    iterable of such dicts (consumed batch by batch while appending).
+    On an error the rows complete so far are committed before it is raised."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    t0, report = time.perf_counter(), UpdateReport(files=len(paths))
+    rels = [p.relative_to(root).as_posix() for p in paths]
+    out: list[Entry | None] = [None] * len(paths)
+    todo = []
+    for i, (path, rel) in enumerate(zip(paths, rels)):
+        try:
+            stat = FileStat.of(path)
+        except OSError:
+            raise InputError(f"{path}: disappeared during ingest") from None
+        known = cache.known(rel, stat)
+        if known is not None and not verify:
+            out[i] = known
+        else:
+            todo.append((i, stat))
+
+    def work(item: tuple[int, FileStat]):
+        i, stat = item
+        data = _read(paths[i], stat) if whole_files else None
+        digest = _hash_file(paths[i], stat) if data is None else hashlib.sha256(data).digest()
+        if digest in cache.by_digest:
+            return i, stat, digest, None
+        return i, stat, digest, decode(data, paths[i])
+
+    try:
+        with ThreadPoolExecutor() as pool:
+            for b in range(0, len(todo), BLOCK):
+                for i, stat, digest, arrays in pool.map(work, todo[b:b + BLOCK]):
+                    if arrays is None and verify and not cache.check_rows(cache.by_digest[digest]):
+                        arrays = decode(_read(paths[i], stat) if whole_files else None,
+                                        paths[i])  # the cached rows were altered
+                        cache.forget(digest)
+                    out[i] = _place(cache, rels[i], stat, digest, arrays, report)
+                    cache.maybe_commit()
+        keep = set(rels)
+        report.removed = sum(1 for p in cache.entries if p not in keep)
+        cache.commit(keep)
+    except BaseException:
+        try:
+            cache.commit()  # what was decoded completely stays usable
+        except OSError:
+            pass
+        raise
+    report.seconds = time.perf_counter() - t0
+    return out, report
+
+
+def _place(cache: RowCache, rel: str, stat: FileStat, digest: bytes,
+           arrays: Decoded | None, report: UpdateReport) -> Entry:
+    """Record one read file: reuse rows of known content, else append its decoded rows."""
+    old = cache.entries.get(rel)
+    if old is None:
+        report.new += 1
+    elif old.digest != digest:
+        report.changed += 1
+    have = cache.by_digest.get(digest)
+    if have is not None:
+        entry = Entry(rel, stat, digest, have.start, have.count, have.check)
+        cache.record(entry)
+        return entry
+    report.decoded += 1
+    return cache.append(rel, stat, digest, arrays)
