@@ -117,20 +117,43 @@ def test_limit_train_batches_and_augmentation_inside_lightning():
     assert torch.equal(seen.val[0], next(iter(dm.val_dataloader()))[0])  # validation is not
 
 
-def test_streaming_fallback_yields_the_same_batches(tmp_path):
+def test_streaming_fallback_reads_block_shuffled_rows_exactly(tmp_path):
     fast = FixedDataModule(batch_size=100)
     slow = FixedDataModule(batch_size=100, memory_budget_gb=1e-9, num_workers=1)
     fast.setup("fit")
     slow.setup("fit")
     assert slow.streaming and not fast.streaming
     fast_loader, slow_loader = fast.train_dataloader(), slow.train_dataloader()
-    fast_loader.sampler.set_epoch(2)
-    slow_loader.batch_sampler.sampler.set_epoch(2)  # where Lightning finds it on a DataLoader
-    got, want = list(slow_loader), list(fast_loader)
-    assert len(got) == len(want) == len(fast.splits["train"]) // 100
-    for (gx, gy), (wx, wy) in zip(got, want):
-        assert torch.equal(gx, wx) and torch.equal(gy, wy)
+    sampler = slow_loader.batch_sampler.sampler  # where Lightning finds it on a DataLoader
+    sampler.set_epoch(2)
+    got = list(slow_loader)
+    assert len(got) == len(fast.splits["train"]) // 100 == len(fast_loader)
+    # Every batch holds exactly the rows the block-shuffled order names, in that order ...
+    order = sampler.indices()
+    x_all, y_all = fast.tensors["train"]
+    for b, (gx, gy) in enumerate(got):
+        rows = order[b * 100:(b + 1) * 100]
+        assert torch.equal(gx, x_all[rows]) and torch.equal(gy, y_all[rows])
+    # ... a permutation whose rows stay within windows of consecutive blocks (long reads),
+    # and another permutation next epoch.
+    assert sorted(order.tolist()) == list(range(len(order)))
+    window = sampler.block_rows * sampler.window_blocks
+    for w in range(0, len(order), window):
+        piece = order[w:w + window]
+        spread = (piece // sampler.block_rows).unique()
+        assert len(spread) <= sampler.window_blocks
+    sampler.set_epoch(3)
+    assert not torch.equal(sampler.indices(), order)
     assert _fit(slow, limit_val_batches=1).global_step == 12
+
+
+def test_block_shuffled_shards_are_disjoint_and_contiguous_per_rank():
+    shards = [EpochSampler(1000, True, 5, rank=r, world_size=2, block_rows=64).indices()
+              for r in (0, 1)]
+    assert len(shards[0]) == len(shards[1]) == 500
+    assert not set(shards[0].tolist()) & set(shards[1].tolist())
+    blocks = [set((s // 64).tolist()) for s in shards]
+    assert len(blocks[0] & blocks[1]) <= 1  # each rank reads its own blocks (one may split)
 
 
 @requires_mnist

@@ -155,3 +155,19 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     last = _last(tmp_path, 0)
     assert last["global_step"] == 19  # the end of epoch 0, before the poison
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
+
+
+@pytest.mark.slow
+def test_a_streamed_run_resumes_exactly_after_sigkill(tmp_path):
+    """The streaming path (block-shuffled reads from the memory-mapped rows, a DataLoader
+    worker) resumes bit for bit like the in-memory one."""
+    streamed = ("--data.memory_budget_gb", "1e-9", "--data.num_workers", "1")
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    whole.mkdir(), killed.mkdir()
+    proc = _fit(whole, *streamed)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert _fit(killed, *streamed, _signal_at(30, "SIGKILL")).returncode == -9
+    assert _last(killed, 0)["global_step"] == 19
+    proc = _fit(killed, *streamed, "--ckpt_path", "last")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    _same_training(_last(killed, 0), _last(whole, 0))

@@ -13,7 +13,7 @@ import torch
 from export.errors import InputError
 from trainer.data.augment import augment_batch, augmentation_seed
 from trainer.data.dataset import FixedDataset, SourceOptions, Split
-from trainer.data.loader import EpochSampler, InMemoryLoader, streaming_loader
+from trainer.data.loader import EpochSampler, InMemoryLoader, block_rows, streaming_loader
 from trainer.data.sources import load_source
 from trainer.data.split import stratified_split
 from trainer.data.stats import training_stats
@@ -155,7 +155,8 @@ class FixedDataModule(L.LightningDataModule):
         rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
         n = len(self.splits[split])
         sampler = EpochSampler(n, shuffle=train, seed=self.hparams.seed, rank=rank,
-                               world_size=world)
+                               world_size=world,
+                               block_rows=block_rows(self.splits[split]) if self.streaming else 0)
         if train and trainer is not None:
             # Resuming mid-epoch: the same epoch's permutation, minus the batches the
             # restored loop has already trained on (read when iteration starts).

@@ -3,7 +3,8 @@
 `InMemoryLoader` (the fast path): one `index_select` per batch on tensors decoded once (on
 the GPU when training on CUDA); no per-item Python, no worker processes.
 `streaming_loader` (datasets beyond the memory budget): a torch DataLoader with persistent
-workers that reads whole batches of rows from a memory-mapped array.
+workers that reads whole batches of rows, in block-shuffled order, from the memory-mapped
+row cache.
 Both draw the same batches from the same `EpochSampler`, and Lightning calls
 `sampler.set_epoch` on either at each epoch start.
 """
@@ -22,12 +23,18 @@ class EpochSampler:
     """This rank's share of epoch `e`'s permutation, seeded by (seed, e).
 
     Under DDP every rank draws the same permutation and takes a disjoint, equally long
-    strided slice of it, so all ranks run the same number of steps.
+    slice of it, so all ranks run the same number of steps. With `block_rows` (the
+    streaming path) the permutation is a block shuffle, as LitData and WebDataset read:
+    blocks of consecutive rows in random order, then rows shuffled within a window of
+    `window_blocks` blocks, so reads from disk are long and sequential; each rank then takes
+    a contiguous slice, i.e. its own blocks.
     """
 
-    def __init__(self, n: int, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, n: int, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1,
+                 block_rows: int = 0, window_blocks: int = 16):
         self.n, self.shuffle, self.seed = n, shuffle, seed
         self.rank, self.world_size = rank, world_size
+        self.block_rows, self.window_blocks = block_rows, window_blocks
         self.epoch = 0
         # Batches of the current epoch already trained: 0 at an epoch's start, k when a run
         # resumes mid-epoch. The DataModule points it at the trainer's loop progress.
@@ -50,13 +57,23 @@ class EpochSampler:
         return self.n // self.world_size if self.world_size > 1 else self.n
 
     def indices(self) -> torch.Tensor:
-        if self.shuffle:
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        if self.shuffle and self.block_rows:
+            blocks = torch.arange(self.n).split(self.block_rows)
+            order = torch.cat([blocks[b] for b in torch.randperm(len(blocks), generator=gen)])
+        elif self.shuffle:
             order = torch.randperm(self.n, generator=gen)
         else:
             order = torch.arange(self.n)
         # Trim the tail so every rank gets exactly len(self) rows.
-        return order[: len(self) * self.world_size][self.rank:: self.world_size]
+        order = order[: len(self) * self.world_size]
+        if not self.block_rows:
+            return order[self.rank:: self.world_size]
+        mine = order[self.rank * len(self): (self.rank + 1) * len(self)]  # its own blocks
+        if not self.shuffle:
+            return mine
+        window = self.block_rows * self.window_blocks
+        return torch.cat([w[torch.randperm(len(w), generator=gen)] for w in mine.split(window)])
 
     def num_batches(self, batch_size: int, drop_last: bool) -> int:
         return len(self) // batch_size if drop_last else math.ceil(len(self) / batch_size)
@@ -106,6 +123,11 @@ class _BatchSampler:
             yield rows.tolist()
 
 
+def block_rows(split: Split) -> int:
+    """Rows per shuffle block of the streaming path: ~1 MiB of consecutive rows."""
+    return max(64, (1 << 20) // max(1, split.x[:1].nbytes))
+
+
 class _Rows(torch.utils.data.Dataset):
     """Whole-batch reads from a (memory-mapped) split: one fancy index per batch."""
 
@@ -128,7 +150,16 @@ def _keep(batch):
 
 
 class _StreamingLoader(torch.utils.data.DataLoader):
-    """A DataLoader that is resumable like InMemoryLoader (the sampler keeps the state)."""
+    """A DataLoader that is resumable like InMemoryLoader (the sampler keeps the state).
+
+    Its iterator starts its workers at the first `next`, not at `iter`: Lightning creates
+    the training iterator while setting up the loop, before a resumed run's `set_epoch`, and
+    a DataLoader's iterator draws its first batches of indices as soon as it exists."""
+
+    def __iter__(self):
+        def lazy():
+            yield from super(_StreamingLoader, self).__iter__()
+        return lazy()
 
     def state_dict(self) -> dict:
         return self.batch_sampler.sampler.state_dict()
@@ -142,4 +173,7 @@ def streaming_loader(split: Split, batch_size: int, sampler: EpochSampler, drop_
     return _StreamingLoader(
         _Rows(split), batch_sampler=_BatchSampler(sampler, batch_size, drop_last),
         collate_fn=_keep, num_workers=num_workers, persistent_workers=num_workers > 0,
-        pin_memory=torch.cuda.is_available())
+        pin_memory=torch.cuda.is_available(),
+        # Its own generator: each iterator draws a worker seed, which from the global RNG
+        # would shift the model's random stream by a different amount in a resumed run.
+        generator=torch.Generator().manual_seed(sampler.seed))
