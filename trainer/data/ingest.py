@@ -115,7 +115,8 @@ def update(cache: RowCache, root: Path, paths: list[Path],
                     cache.maybe_commit()
         keep = set(rels)
         report.removed = sum(1 for p in cache.entries if p not in keep)
-        cache.commit(keep)
+        if todo or report.removed:
+            cache.commit(keep)
     except BaseException:
         try:
             cache.commit()  # what was decoded completely stays usable

@@ -1,0 +1,211 @@
+"""Datasets of any size: ingest, update and streaming, each against a same-run baseline.
+
+    .venv/bin/python scripts/bench_scale.py [--images 20000] [--size 32] [--repeats 3]
+                                            [--table-rows 2000000] [--work /tmp/bench_scale]
+
+In one invocation, on generated data (random RGB PNGs in 10 class folders; a 20-file
+Parquet table of 16 float features and a class column), median (range) of --repeats:
+- ingest of the image folder into a fresh cache (whole process: `load_source` in a
+  subprocess) in images/s, against a plain thread-pool pillow decode of the same files
+  (open, convert, resize, np.asarray; one thread per core) in the same run;
+- re-ingest after adding 1% new images, as a share of the first ingest (in-process, the
+  imports excluded);
+- peak RSS above the process's own base (VmHWM minus RSS after imports) of ingest at 1x
+  and 4x the images: flat means bounded;
+- an epoch of the streaming path (memory map, block shuffle, one DataLoader worker)
+  against the in-memory path over the same rows, in batches/s;
+- tabular ingest of the Parquet folder against `pyarrow.dataset(...).to_table()` alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+from machine import describe, ratio_of_medians, spread  # noqa: E402
+
+
+def _rss(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def make_images(root: Path, n: int, size: int, first: int = 0) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    def one(i: int) -> None:
+        rng = np.random.default_rng(i)
+        path = root / f"c{i % 10}" / f"{i:07d}.png"
+        base = rng.integers(0, 256, (1, 1, 3))
+        noise = rng.integers(0, 48, (size, size, 3))
+        Image.fromarray((base + noise).clip(0, 255).astype(np.uint8)).save(path, compress_level=1)
+
+    for c in range(10):
+        (root / f"c{c}").mkdir(parents=True, exist_ok=True)
+    with ThreadPoolExecutor() as pool:
+        list(pool.map(one, range(first, first + n)))
+
+
+def child(args) -> None:
+    """One measurement in a fresh process; prints JSON."""
+    from trainer.data.dataset import SourceOptions
+    from trainer.data.sources import load_source
+
+    import export.imaging  # noqa: F401  (imports are process start, not ingest)
+    import pyarrow.dataset  # noqa: F401
+    import pyarrow.ipc  # noqa: F401
+
+    base = _rss("VmRSS")
+    t0 = time.perf_counter()
+    if args.child == "ingest":
+        ds = load_source("image_folder", args.root, SourceOptions(cache_dir=args.cache))
+    else:
+        ds = load_source("tabular", args.root, SourceOptions(cache_dir=args.cache, target="label"))
+    seconds = time.perf_counter() - t0
+    print(json.dumps({"seconds": seconds, "rows": len(ds.train), "peak": _rss("VmHWM") - base}))
+
+
+def run_child(kind: str, root: Path, cache: Path) -> dict:
+    shutil.rmtree(cache, ignore_errors=True)
+    proc = subprocess.run([sys.executable, __file__, "--child", kind, "--root", str(root),
+                           "--cache", str(cache)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if proc.returncode:
+        sys.exit(proc.stderr[-2000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def plain_decode(root: Path, size: int) -> float:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    files = sorted(root.rglob("*.png"))
+
+    def one(p: Path) -> np.ndarray:
+        with Image.open(p) as img:
+            return np.asarray(img.convert("RGB").resize((size, size), Image.BILINEAR))
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        for _ in pool.map(one, files, chunksize=64):
+            pass
+    return len(files) / (time.perf_counter() - t0)
+
+
+def epoch_rate(root: Path, cache: Path, streaming: bool) -> float:
+    from trainer.data.datamodule import FixedDataModule
+
+    dm = FixedDataModule(source="image_folder", root=str(root), cache_dir=str(cache),
+                         batch_size=256, memory_budget_gb=1e-9 if streaming else 64,
+                         num_workers=1)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    t0, n = time.perf_counter(), 0
+    for _ in loader:
+        n += 1
+    return n / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--images", type=int, default=20000)
+    ap.add_argument("--size", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--table-rows", type=int, default=2_000_000)
+    ap.add_argument("--work", default="/tmp/bench_scale")
+    ap.add_argument("--child", choices=["ingest", "tabular"])
+    ap.add_argument("--root")
+    ap.add_argument("--cache")
+    args = ap.parse_args()
+    if args.child:
+        return child(args)
+    import contextlib
+    import io
+
+    print(describe())
+    work = Path(args.work)
+    shutil.rmtree(work, ignore_errors=True)
+    small, big = work / "x1", work / "x4"
+    make_images(small, args.images, args.size)
+    make_images(big, 4 * args.images, args.size)
+
+    ours, plain, first = [], [], []
+    for _ in range(args.repeats):
+        r = run_child("ingest", small, work / "cache")
+        ours.append(r["rows"] / r["seconds"])
+        first.append(r["seconds"])
+        plain.append(plain_decode(small, args.size))
+    print(f"ingest {args.images:,} RGB {args.size}x{args.size} PNGs: {spread(ours)} images/s; "
+          f"plain thread-pool pillow decode {spread(plain)} images/s; "
+          f"ratio {ratio_of_medians(ours, plain):.2f}x (goal >= 0.8x)")
+
+    from trainer.data.dataset import SourceOptions
+    from trainer.data.sources import load_source
+
+    with contextlib.redirect_stderr(io.StringIO()):  # imports and first touch: not timed
+        load_source("image_folder", str(small), SourceOptions(cache_dir=str(work / "cache")))
+    again = []
+    for r in range(args.repeats):
+        make_images(small, args.images // 100, args.size, first=10_000_000 + r * args.images)
+        t0 = time.perf_counter()
+        with contextlib.redirect_stderr(io.StringIO()):
+            load_source("image_folder", str(small), SourceOptions(cache_dir=str(work / "cache")))
+        again.append(time.perf_counter() - t0)
+    share = [100 * a / float(np.median(first)) for a in again]
+    print(f"re-ingest after adding 1%: {spread(again, '{:.2f}')} s = {spread(share)}% of the "
+          f"first ingest (goal <= 3%)")
+
+    peaks = {name: [run_child("ingest", root, work / "cache-rss")["peak"] / 2**20
+                    for _ in range(args.repeats)] for name, root in (("1x", small), ("4x", big))}
+    print(f"ingest peak RSS above base: 1x {spread(peaks['1x'])} MiB, 4x {spread(peaks['4x'])} "
+          f"MiB (goal: flat)")
+
+    with contextlib.redirect_stderr(io.StringIO()):
+        mem = [epoch_rate(big, work / "cache-rss", False) for _ in range(args.repeats)]
+        stream = [epoch_rate(big, work / "cache-rss", True) for _ in range(args.repeats)]
+    print(f"epoch over {4 * args.images:,} images, batch 256: streaming {spread(stream)} "
+          f"batches/s, in memory {spread(mem)} batches/s, ratio "
+          f"{ratio_of_medians(stream, mem):.2f}x (goal >= 0.9x)")
+
+    table = work / "table"
+    table.mkdir()
+    import pyarrow as pa
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(0)
+    per = args.table_rows // 20
+    for i in range(20):
+        cols = {f"f{j}": rng.normal(size=per) for j in range(16)}
+        pq.write_table(pa.table({**cols, "label": rng.integers(0, 10, per)}),
+                       table / f"part-{i:02d}.parquet")
+    ours, arrow = [], []
+    for _ in range(args.repeats):
+        r = run_child("tabular", table, work / "cache-table")
+        ours.append(r["rows"] / r["seconds"])
+        t0 = time.perf_counter()
+        pads.dataset(str(table), format="parquet").to_table()
+        arrow.append(args.table_rows / (time.perf_counter() - t0))
+    print(f"tabular ingest, 20 Parquet files x {per:,} rows x 16 features: {spread(ours)} rows/s; "
+          f"pyarrow.dataset().to_table() {spread(arrow)} rows/s; ratio "
+          f"{ratio_of_medians(ours, arrow):.2f}x (goal >= 0.8x)")
+
+
+if __name__ == "__main__":
+    main()
