@@ -64,13 +64,19 @@ def summary_names(card: dict) -> list[str]:
     return names + (["predicted value"] if card["task"] == "regression" else ["confidence"])
 
 
-def _summaries(x: np.ndarray, pred, image: bool) -> list[np.ndarray]:
-    """The per-row values of every continuous check, (N,) each."""
-    if image:
-        flat = x.reshape(len(x), x.shape[1], -1).astype(np.float32)  # (N, C, H*W)
-        cols = [*flat.mean(axis=2).T, *flat.std(axis=2).T]
-    else:
-        cols = list(np.asarray(x, np.float64).T)
+def _summaries(x, pred, image: bool, chunk: int = 4096) -> list[np.ndarray]:
+    """The per-row values of every continuous check, (N,) each. `x` is an array or any
+    sequence whose slices are arrays (rows read from a memory map), taken `chunk` rows at
+    a time."""
+    parts = []
+    for start in range(0, max(1, len(x)), chunk):  # an empty x still gives its columns
+        piece = np.asarray(x[start:start + chunk])
+        if image:
+            flat = piece.reshape(len(piece), piece.shape[1], -1).astype(np.float32)  # (n, C, HW)
+            parts.append(np.concatenate([flat.mean(axis=2), flat.std(axis=2)], axis=1))
+        else:
+            parts.append(piece.astype(np.float64))
+    cols = list(np.concatenate(parts).T)
     return cols + [pred.values if pred.values is not None else pred.confidence]
 
 

@@ -280,14 +280,21 @@ def cmd_data(argv: list[str]) -> int:
     for name in ("lightning.pytorch", "lightning.pytorch.utilities.rank_zero"):
         logging.getLogger(name).setLevel(logging.WARNING)  # no Trainer banner: no training
     cli = build_cli(rest, run=False)
-    x, y = cli.datamodule.splits[args.split].arrays()
-    arrays = {"x": x, "y": y, "class_names": np.array(cli.datamodule.dataset.class_names)}
+    split = cli.datamodule.splits[args.split]
+    y = split.y
     try:
         # np.savez's own archive, written with the zip closed on every path: numpy < 2
         # leaves it open when a write fails (a full disk), and its finaliser then prints a
-        # traceback at exit.
+        # traceback at exit. x is written chunk by chunk: the split may exceed RAM.
         with atomic_path(args.out) as tmp, zipfile.ZipFile(tmp, "w", allowZip64=True) as zf:
-            for name, array in arrays.items():
+            with zf.open("x.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array_header_2_0(f, {
+                    "descr": np.lib.format.dtype_to_descr(split.x.dtype),
+                    "fortran_order": False, "shape": (len(split), *split.x.shape[1:])})
+                for x, _ in split.chunks():
+                    f.write(np.ascontiguousarray(x).tobytes())
+            for name, array in (("y", y), ("class_names",
+                                           np.array(cli.datamodule.dataset.class_names))):
                 with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
                     np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)
     except OSError as exc:

@@ -29,6 +29,7 @@ from export.atomic import atomic_path
 from export.card import attach_card
 from export.errors import InputError
 from export.runtime import Prediction
+from trainer.data.dataset import SplitRows
 from trainer.runs import load_checkpoint
 
 DEFAULT_OPSET = 18
@@ -48,23 +49,24 @@ class HeldOut:
     """Real samples the export is checked with."""
 
     parity_x: np.ndarray  # held-out test inputs (parity: onnxruntime vs torch)
-    val_x: np.ndarray  # validation inputs and labels (accuracy of a quantized variant)
+    val_x: np.ndarray | SplitRows  # validation inputs and labels (gates, drift reference)
     val_y: np.ndarray
     calibration_x: np.ndarray  # training inputs (INT8 calibration)
-    test_x: np.ndarray | None = None  # the test split, scored by the exported graph
+    test_x: np.ndarray | SplitRows | None = None  # the test split, scored by the graph
     test_y: np.ndarray | None = None
     val_is_split: bool = False  # val_x/val_y are the whole validation split the run scored
 
 
 def held_out(dm, parity: int = 512, calibration: int = 512, test: int = 20000) -> HeldOut:
     """Samples from a FixedDataModule: test rows, the whole validation split, a seeded
-    training sample."""
-    train = dm.splits["train"]
+    training sample. The validation and test rows are read batch by batch when scored
+    (SplitRows), so neither is held in memory at once."""
+    train, val, tests = dm.splits["train"], dm.splits["val"], dm.splits["test"]
     pick = np.random.default_rng(0).choice(len(train), min(calibration, len(train)), False)
-    val_x, val_y = dm.splits["val"].arrays()
-    test_x, test_y = dm.splits["test"].arrays(test)
-    return HeldOut(test_x[:parity], val_x, val_y, train.subset(np.sort(pick)).arrays()[0],
-                   test_x, test_y, val_is_split=True)
+    tests = tests.subset(np.arange(min(test, len(tests))))
+    return HeldOut(tests.arrays(parity)[0], SplitRows(val), val.y,
+                   train.subset(np.sort(pick)).arrays()[0], SplitRows(tests), tests.y,
+                   val_is_split=True)
 
 
 def graph_outputs(model: onnx.ModelProto, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
@@ -327,7 +329,10 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path, data: HeldOut | No
     frozen = Frozen(module).eval()
     data = data or held_out_from_checkpoint(ckpt)
     spec, outputs = ckpt["hyper_parameters"]["data_info"]["input"], OUTPUTS[module_task(ckpt)]
-    cast = lambda a: np.ascontiguousarray(a.astype(spec["dtype"], copy=False))  # noqa: E731
+    def cast(a):  # SplitRows already read as the spec's dtype (uint8 or float32)
+        return a if isinstance(a, SplitRows) else np.ascontiguousarray(
+            a.astype(spec["dtype"], copy=False))
+
     data = dataclasses.replace(data, parity_x=cast(data.parity_x), val_x=cast(data.val_x),
                                calibration_x=cast(data.calibration_x),
                                test_x=None if data.test_x is None else cast(data.test_x))

@@ -21,7 +21,7 @@ class Split:
     RAM; `y` holds one label per sample; `rows` (when given) maps each sample to its row of
     `x`, so a subset or a cache shared by duplicate files costs no copy of `x`."""
 
-    x: np.ndarray  # (R, C, H, W) uint8 images, or (R, F) float32 features
+    x: np.ndarray  # (R, C, H, W) uint8 images, or (R, F) float32 features (or a RowFile)
     y: np.ndarray  # (N,) int64 class indices, or float32 regression targets
     rows: np.ndarray | None = None  # (N,) int64 rows of x; None = the first N rows
 
@@ -52,12 +52,31 @@ class Split:
             return np.array(self.x[rows[0]:rows[-1] + 1]), np.asarray(self.y[:limit])
         return np.asarray(self.x[rows]), np.asarray(self.y[:limit])
 
-    def chunks(self, limit: int | None = None):
-        """(x, y) in consecutive pieces of ~CHUNK_BYTES: a pass over the split in bounded
-        memory."""
-        n, step = len(self) if limit is None else min(limit, len(self)), self.chunk_rows
+    def chunks(self, limit: int | None = None, rows: int | None = None):
+        """(x, y) in consecutive pieces of `rows` samples (default ~CHUNK_BYTES): a pass
+        over the split in bounded memory."""
+        n, step = len(self) if limit is None else min(limit, len(self)), rows or self.chunk_rows
         for start in range(0, n, step):
             yield self.subset(np.arange(start, min(n, start + step))).arrays()
+
+
+class SplitRows:
+    """A split's inputs as a sliceable sequence: `rows[a:b]` reads those samples (from a
+    memory map when the split is one). What the export's gates iterate batch by batch, so
+    a validation split larger than RAM is never held at once."""
+
+    def __init__(self, split: Split):
+        self.split = split
+        self.shape = (len(split), *split.x.shape[1:])
+        self.dtype, self.ndim = split.x.dtype, split.x.ndim
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, key: slice) -> np.ndarray:
+        if not isinstance(key, slice):
+            raise TypeError("SplitRows takes slices")
+        return self.split.subset(np.arange(*key.indices(len(self)))).arrays()[0]
 
 
 @dataclass(frozen=True)

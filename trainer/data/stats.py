@@ -25,7 +25,7 @@ def _channel_moments(split: Split, lo: float, hi: float):
     parallel variance, so no float64 copy of the data and no cancellation) and histogram
     counts, over the split in ~CHUNK_BYTES pieces."""
     n, mean, m2, hist = 0, None, None, None
-    for x, _ in split.chunks():
+    for x, _ in split.chunks(rows=max(1, split.chunk_rows // 16)):  # float64 temporaries
         per = np.moveaxis(x, 1, 0).reshape(x.shape[1], -1)  # (C, n*H*W) or (F, n)
         k = per.shape[1]
         c_mean = per.mean(axis=1, dtype=np.float64)
