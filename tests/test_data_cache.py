@@ -232,3 +232,15 @@ def test_table_roots_that_hold_no_table(tmp_path):
         load_source("tabular", str(tmp_path / "nothing*.csv"), SourceOptions())
     with pytest.raises(InputError, match=r"absent: not found \(data.root\)"):
         load_source("tabular", str(tmp_path / "absent"), SourceOptions())
+
+
+def test_a_corrupt_image_among_many_is_named_and_the_rest_is_kept(tmp_path):
+    root, cache = _folder(tmp_path / "imgs", per_class=100), tmp_path / "cache"  # worker processes
+    (root / "bee" / "050.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    with pytest.raises(InputError, match=r"bee/050.png: cannot decode image"):
+        _load(root, cache)
+    (root / "bee" / "050.png").unlink()
+    kept = _cache_rows(cache)
+    assert 0 < kept  # the files decoded before the bad one were committed
+    _load(root, cache)
+    assert _cache_rows(cache) == 299  # and not decoded again

@@ -63,6 +63,15 @@ class Entry:
     check: bytes  # BLAKE2b-8 of the decoded rows (per column, combined)
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """One file's decoded rows, contiguous, with their check (RowCache.prepare)."""
+
+    arrays: dict[str, np.ndarray]
+    count: int
+    check: bytes
+
+
 class RowFile:
     """The rows of one column file, indexed like a read-only array (an int, a slice or an
     array of rows gives a numpy copy) and read with `pread`. Chosen over np.memmap: pages a
@@ -171,9 +180,11 @@ class RowCache:
         self._files = {}
 
     def _file(self, name: str):
-        """The column file, open for appending (kept open for the whole ingest)."""
+        """The column file, open at its last row for appending (for the whole ingest)."""
         if name not in self._files:
-            self._files[name] = open(self._bin(name), "r+b")
+            f = open(self._bin(name), "r+b", buffering=1 << 20)
+            f.seek(self.rows * self._row_bytes(name))
+            self._files[name] = f
         return self._files[name]
 
     # ---------------------------------------------------------------- reading
@@ -256,25 +267,42 @@ class RowCache:
         return _combine(checks) == e.check
 
     # ---------------------------------------------------------------- writing
+    def prepare(self, arrays: dict[str, np.ndarray]) -> Prepared:
+        """One file's decoded rows made contiguous and checked: the part of appending that
+        can run in a decoding thread (BLAKE2b releases the GIL)."""
+        count = len(next(iter(arrays.values())))
+        checks = {n: hashlib.blake2b(digest_size=8) for n in self.columns}
+        out = {}
+        for name, (shape, dtype) in self.columns.items():
+            out[name] = np.ascontiguousarray(arrays[name], dtype=dtype).reshape(count, *shape)
+            checks[name].update(memoryview(out[name]).cast("B"))
+        return Prepared(out, count, _combine(checks))
+
     def append(self, path: str, stat: FileStat, digest: bytes,
-               batches: dict[str, np.ndarray] | Iterable[dict[str, np.ndarray]]) -> Entry:
-        """Append the decoded rows of one file, given as one dict of column arrays or as
-        batches of them (uncommitted until `commit`)."""
-        start, checks = self.rows, {n: hashlib.blake2b(digest_size=8) for n in self.columns}
-        for arrays in [batches] if isinstance(batches, dict) else batches:
-            count = len(next(iter(arrays.values())))
-            for name in sorted(self.columns):
-                shape, dtype = self.columns[name]
-                arr = np.ascontiguousarray(arrays[name], dtype=dtype).reshape(count, *shape)
-                f = self._file(name)
-                f.seek(self.rows * self._row_bytes(name))
-                f.write(memoryview(arr).cast("B"))
-                checks[name].update(memoryview(arr).cast("B"))
-                self._since_commit += arr.nbytes
-            self.rows += count
-        e = Entry(path, stat, digest, start, self.rows - start, _combine(checks))
+               rows: Prepared | Iterable[dict[str, np.ndarray]]) -> Entry:
+        """Append the decoded rows of one file, prepared or as batches of column arrays
+        (uncommitted until `commit`)."""
+        start = self.rows
+        if isinstance(rows, Prepared):
+            self._write(rows)
+            check = rows.check
+        else:
+            checks = {n: hashlib.blake2b(digest_size=8) for n in self.columns}
+            for arrays in rows:
+                batch = self.prepare(arrays)
+                self._write(batch)
+                for name, arr in batch.arrays.items():
+                    checks[name].update(memoryview(arr).cast("B"))
+            check = _combine(checks)
+        e = Entry(path, stat, digest, start, self.rows - start, check)
         self.record(e)
         return e
+
+    def _write(self, rows: Prepared) -> None:
+        for name, arr in rows.arrays.items():
+            self._file(name).write(memoryview(arr).cast("B"))
+            self._since_commit += arr.nbytes
+        self.rows += rows.count
 
     def forget(self, digest: bytes) -> None:
         """Stop reusing the rows of `digest` (they were found altered)."""
