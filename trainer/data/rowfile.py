@@ -1,0 +1,74 @@
+"""Rows of a raw column file of the row cache, read with pread."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+class RowFile:
+    """The rows of one column file, indexed like a read-only array (an int, a slice or an
+    array of rows gives a numpy copy) and read with `pread`. Chosen over np.memmap: pages a
+    memory map has read count in the process's RSS until the kernel needs them back, so a
+    fit over a large dataset would show an RSS as large as the data; with pread they sit in
+    the page cache only. Consecutive rows are read in one call; each process (DataLoader
+    workers included) opens its own descriptor."""
+
+    def __init__(self, path: Path, dtype: np.dtype, row_shape: tuple[int, ...], rows: int):
+        self.path, self.dtype, self.row_shape = path, np.dtype(dtype), tuple(row_shape)
+        self.shape, self.ndim = (rows, *self.row_shape), 1 + len(self.row_shape)
+        self.row_bytes = int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
+        self._fd, self._pid = None, None
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fd": None, "_pid": None}
+
+    def __del__(self) -> None:
+        if self._fd is not None and self._pid == os.getpid():
+            os.close(self._fd)
+
+    def _fileno(self) -> int:
+        if self._pid != os.getpid():
+            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        return self._fd
+
+    def _read(self, out: np.ndarray, first: int) -> None:
+        view, offset = memoryview(out).cast("B"), first * self.row_bytes
+        while len(view):
+            got = os.preadv(self._fileno(), [view], offset)
+            if got <= 0:
+                raise OSError(f"{self.path}: ends before row {offset // self.row_bytes}")
+            view, offset = view[got:], offset + got
+
+    def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, (int, np.integer)):
+            return self[np.array([key])][0]
+        if isinstance(key, slice):
+            start, stop, step = key.indices(len(self))
+            if step == 1:
+                out = np.empty((max(0, stop - start), *self.row_shape), self.dtype)
+                self._read(out, start)
+                return out
+            key = np.arange(start, stop, step)
+        rows = np.asarray(key, dtype=np.int64).reshape(-1)
+        rows = np.where(rows < 0, rows + len(self), rows)
+        if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
+            raise IndexError(f"{self.path}: row out of range ({len(self)} rows)")
+        if len(rows):
+            lo, hi = int(rows.min()), int(rows.max()) + 1
+            if hi - lo <= 4 * len(rows) and (hi - lo) * self.row_bytes <= 64 << 20:
+                return self[lo:hi][rows - lo]  # dense rows: one read of their whole span
+        order = np.argsort(rows, kind="stable")
+        ordered = np.empty((len(rows), *self.row_shape), self.dtype)
+        sorted_rows = rows[order]
+        starts = np.flatnonzero(np.diff(sorted_rows, prepend=-2) != 1)  # runs of rows
+        for a, b in zip(starts, [*starts[1:], len(rows)]):
+            self._read(ordered[a:b], int(sorted_rows[a]))
+        out = np.empty_like(ordered)
+        out[order] = ordered
+        return out
