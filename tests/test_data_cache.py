@@ -244,3 +244,28 @@ def test_a_corrupt_image_among_many_is_named_and_the_rest_is_kept(tmp_path):
     assert 0 < kept  # the files decoded before the bad one were committed
     _load(root, cache)
     assert _cache_rows(cache) == 299  # and not decoded again
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_file_that_is_not_a_regular_file_is_refused_not_read(tmp_path, kind):
+    root = _folder(tmp_path / "imgs", per_class=2)
+    odd = root / "bee" / "odd.png"
+    if kind == "fifo":
+        os.mkfifo(odd)  # reading it would block forever
+    else:
+        odd.symlink_to("/dev/zero")  # reading it would never end
+    with pytest.raises(InputError, match=r"odd.png: not a regular file"):
+        _load(root, tmp_path / "cache")
+
+
+def test_a_cache_folder_that_cannot_be_written_is_one_line(tmp_path):
+    from tests.conftest import assert_one_line_error, run_cli
+
+    root = _folder(tmp_path / "imgs", per_class=2)
+    (tmp_path / "file").write_text("a user's file")
+    proc = run_cli("data", "--config", str(ROOT / "configs" / "image_folder.yaml"),
+                   "--data.root", str(root), "--data.cache_dir", str(tmp_path / "file" / "c"),
+                   "--out", str(tmp_path / "out.npz"))
+    assert_one_line_error(proc, "file")
+    assert (tmp_path / "file").read_text() == "a user's file"
+    assert not (tmp_path / "out.npz").exists()

@@ -24,6 +24,7 @@ import fcntl
 import hashlib
 import json
 import os
+import stat as stat_module
 import sys
 import zlib
 from collections.abc import Iterable, Iterator
@@ -34,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from export.atomic import atomic_path
+from export.errors import InputError
 from trainer.data.rowfile import RowFile
 
 FORMAT = 2  # 2: CRC-32 row checks
@@ -49,7 +51,11 @@ class FileStat:
 
     @classmethod
     def of(cls, path: str | Path) -> FileStat:
+        """The stat of a regular file (a FIFO or device would be read forever)."""
         st = os.stat(path)
+        if not stat_module.S_ISREG(st.st_mode):
+            raise InputError(f"{path}: not a regular file (a pipe, device or socket); "
+                             "expected an image or table file")
         return cls(st.st_size, st.st_mtime_ns, st.st_ino)
 
 
