@@ -144,6 +144,102 @@ def fit_rate(root: Path, cache: Path, streaming: bool, workers: int) -> float:
     return len(dm.splits["train"]) / (time.perf_counter() - t0)
 
 
+def quiet():
+    import contextlib
+    import io
+
+    return contextlib.redirect_stderr(io.StringIO())
+
+
+def bench_ingest(args, work: Path, small: Path, big: Path) -> None:
+    from trainer.data.dataset import SourceOptions
+    from trainer.data.sources import load_source
+
+    ours, plain, first = [], [], []
+    for _ in range(args.repeats):
+        r = run_child("ingest", small, work / "cache")
+        ours.append(r["rows"] / r["seconds"])
+        first.append(r["seconds"])
+        plain.append(plain_decode(small, args.size))
+    print(f"ingest {args.images:,} RGB {args.size}x{args.size} PNGs: {spread(ours)} images/s; "
+          f"plain thread-pool pillow decode {spread(plain)} images/s; "
+          f"ratio {ratio_of_medians(ours, plain):.2f}x (goal >= 0.8x)")
+
+    opts = SourceOptions(cache_dir=str(work / "cache"))
+    with quiet():  # imports and first touch: not timed
+        load_source("image_folder", str(small), opts)
+    again = []
+    for r in range(args.repeats):
+        make_images(small, args.images // 100, args.size, first=10_000_000 + r * args.images)
+        t0 = time.perf_counter()
+        with quiet():
+            load_source("image_folder", str(small), opts)
+        again.append(time.perf_counter() - t0)
+    share = [100 * a / float(np.median(first)) for a in again]
+    print(f"re-ingest after adding 1%: {spread(again, '{:.2f}')} s = {spread(share)}% of the "
+          f"first ingest (goal <= 3%)")
+
+    peaks = {name: [run_child("ingest", root, work / "cache-rss")["peak"] / 2**20
+                    for _ in range(args.repeats)] for name, root in (("1x", small), ("4x", big))}
+    print(f"ingest peak RSS above base: 1x {spread(peaks['1x'])} MiB, 4x {spread(peaks['4x'])} "
+          f"MiB (goal: flat)")
+
+
+def bench_epochs(args, cache: Path, big: Path) -> None:
+    import logging
+    import warnings
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    rows = f"{4 * args.images:,} images"
+    with quiet():
+        mem = [loader_rate(big, cache, False, 0) for _ in range(args.repeats)]
+        streams = {w: [loader_rate(big, cache, True, w) for _ in range(args.repeats)]
+                   for w in (0, 2)}
+    print(f"training loader alone over {rows}, batch 256 (batches/s): in memory {spread(mem)}; "
+          f"streaming, no workers {spread(streams[0])} ({ratio_of_medians(streams[0], mem):.2f}x); "
+          f"streaming, 2 workers {spread(streams[2])} ({ratio_of_medians(streams[2], mem):.2f}x)")
+    with quiet():
+        mem = [fit_rate(big, cache, False, 0) for _ in range(args.repeats)]
+        stream = [fit_rate(big, cache, True, 0) for _ in range(args.repeats)]
+    print(f"fit epoch over {rows} (stridenet width 16, batch 256), samples/s: streaming "
+          f"{spread(stream)}, in memory {spread(mem)}, ratio {ratio_of_medians(stream, mem):.2f}x "
+          f"(goal >= 0.9x)")
+
+
+def bench_tabular(args, work: Path) -> None:
+    import hashlib
+
+    import pyarrow as pa
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    table = work / "table"
+    table.mkdir()
+    rng = np.random.default_rng(0)
+    per = args.table_rows // 20
+    for i in range(20):
+        cols = {f"f{j}": rng.normal(size=per) for j in range(16)}
+        pq.write_table(pa.table({**cols, "label": rng.integers(0, 10, per)}),
+                       table / f"part-{i:02d}.parquet")
+    ours, arrow, floor = [], [], []
+    for _ in range(args.repeats):
+        r = run_child("tabular", table, work / "cache-table")
+        ours.append(r["rows"] / r["seconds"])
+        t0 = time.perf_counter()
+        pads.dataset(str(table), format="parquet").to_table()
+        arrow.append(args.table_rows / (time.perf_counter() - t0))
+        t0 = time.perf_counter()  # what a content-keyed cache cannot skip: hashing the files
+        for f in sorted(table.glob("*.parquet")):
+            hashlib.sha256(f.read_bytes()).digest()
+        floor.append(args.table_rows / (time.perf_counter() - t0 + args.table_rows / arrow[-1]))
+    print(f"tabular ingest, 20 Parquet files x {per:,} rows x 16 features: {spread(ours)} rows/s; "
+          f"pyarrow.dataset().to_table() {spread(arrow)} rows/s; ratio "
+          f"{ratio_of_medians(ours, arrow):.2f}x (goal >= 0.8x); ceiling of a content-keyed "
+          f"ingest (SHA-256 of the files + to_table) {spread(floor)} rows/s = "
+          f"{ratio_of_medians(floor, arrow):.2f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--images", type=int, default=20000)
@@ -157,98 +253,15 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         return child(args)
-    import contextlib
-    import io
-
     print(describe())
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     small, big = work / "x1", work / "x4"
     make_images(small, args.images, args.size)
     make_images(big, 4 * args.images, args.size)
-
-    ours, plain, first = [], [], []
-    for _ in range(args.repeats):
-        r = run_child("ingest", small, work / "cache")
-        ours.append(r["rows"] / r["seconds"])
-        first.append(r["seconds"])
-        plain.append(plain_decode(small, args.size))
-    print(f"ingest {args.images:,} RGB {args.size}x{args.size} PNGs: {spread(ours)} images/s; "
-          f"plain thread-pool pillow decode {spread(plain)} images/s; "
-          f"ratio {ratio_of_medians(ours, plain):.2f}x (goal >= 0.8x)")
-
-    from trainer.data.dataset import SourceOptions
-    from trainer.data.sources import load_source
-
-    with contextlib.redirect_stderr(io.StringIO()):  # imports and first touch: not timed
-        load_source("image_folder", str(small), SourceOptions(cache_dir=str(work / "cache")))
-    again = []
-    for r in range(args.repeats):
-        make_images(small, args.images // 100, args.size, first=10_000_000 + r * args.images)
-        t0 = time.perf_counter()
-        with contextlib.redirect_stderr(io.StringIO()):
-            load_source("image_folder", str(small), SourceOptions(cache_dir=str(work / "cache")))
-        again.append(time.perf_counter() - t0)
-    share = [100 * a / float(np.median(first)) for a in again]
-    print(f"re-ingest after adding 1%: {spread(again, '{:.2f}')} s = {spread(share)}% of the "
-          f"first ingest (goal <= 3%)")
-
-    peaks = {name: [run_child("ingest", root, work / "cache-rss")["peak"] / 2**20
-                    for _ in range(args.repeats)] for name, root in (("1x", small), ("4x", big))}
-    print(f"ingest peak RSS above base: 1x {spread(peaks['1x'])} MiB, 4x {spread(peaks['4x'])} "
-          f"MiB (goal: flat)")
-
-    import logging
-    import warnings
-
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
-    rows = f"{4 * args.images:,} images"
-    with contextlib.redirect_stderr(io.StringIO()):
-        mem = [loader_rate(big, work / "cache-rss", False, 0) for _ in range(args.repeats)]
-        streams = {w: [loader_rate(big, work / "cache-rss", True, w) for _ in range(args.repeats)]
-                   for w in (0, 2)}
-    print(f"training loader alone over {rows}, batch 256 (batches/s): in memory {spread(mem)}; "
-          f"streaming, no workers {spread(streams[0])} ({ratio_of_medians(streams[0], mem):.2f}x); "
-          f"streaming, 2 workers {spread(streams[2])} ({ratio_of_medians(streams[2], mem):.2f}x)")
-    with contextlib.redirect_stderr(io.StringIO()):
-        mem = [fit_rate(big, work / "cache-rss", False, 0) for _ in range(args.repeats)]
-        stream = [fit_rate(big, work / "cache-rss", True, 0) for _ in range(args.repeats)]
-    print(f"fit epoch over {rows} (stridenet width 16, batch 256), samples/s: streaming "
-          f"{spread(stream)}, in memory {spread(mem)}, ratio {ratio_of_medians(stream, mem):.2f}x "
-          f"(goal >= 0.9x)")
-
-    table = work / "table"
-    table.mkdir()
-    import pyarrow as pa
-    import pyarrow.dataset as pads
-    import pyarrow.parquet as pq
-
-    rng = np.random.default_rng(0)
-    per = args.table_rows // 20
-    for i in range(20):
-        cols = {f"f{j}": rng.normal(size=per) for j in range(16)}
-        pq.write_table(pa.table({**cols, "label": rng.integers(0, 10, per)}),
-                       table / f"part-{i:02d}.parquet")
-    import hashlib
-
-    ours, arrow, floor = [], [], []
-    for _ in range(args.repeats):
-        r = run_child("tabular", table, work / "cache-table")
-        ours.append(r["rows"] / r["seconds"])
-        t0 = time.perf_counter()
-        pads.dataset(str(table), format="parquet").to_table()
-        arrow.append(args.table_rows / (time.perf_counter() - t0))
-        t0 = time.perf_counter()  # what a content-keyed cache cannot skip: hashing the files
-        for f in sorted(table.glob("*.parquet")):
-            hashlib.sha256(f.read_bytes()).digest()
-        seconds = time.perf_counter() - t0 + args.table_rows / arrow[-1]
-        floor.append(args.table_rows / seconds)
-    print(f"tabular ingest, 20 Parquet files x {per:,} rows x 16 features: {spread(ours)} rows/s; "
-          f"pyarrow.dataset().to_table() {spread(arrow)} rows/s; ratio "
-          f"{ratio_of_medians(ours, arrow):.2f}x (goal >= 0.8x); ceiling of a content-keyed "
-          f"ingest (SHA-256 of the files + to_table) {spread(floor)} rows/s = "
-          f"{ratio_of_medians(floor, arrow):.2f}x")
+    bench_ingest(args, work, small, big)
+    bench_epochs(args, work / "cache-rss", big)
+    bench_tabular(args, work)
 
 
 if __name__ == "__main__":
