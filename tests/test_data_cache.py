@@ -105,10 +105,10 @@ def test_a_damaged_cache_is_repaired_not_trusted(tmp_path, capsys):
     assert "decoding 3 files again" in capsys.readouterr().err
     np.testing.assert_array_equal(again.train.arrays()[0], good)
 
-    (index,) = cache.glob("image_folder-*/index.arrow")
+    (index,) = cache.glob("image_folder-*/index.npz")
     index.write_bytes(b"not arrow")
     np.testing.assert_array_equal(_load(root, cache).train.arrays()[0], good)
-    assert "index.arrow: unreadable" in capsys.readouterr().err
+    assert "index.npz: unreadable" in capsys.readouterr().err
 
 
 KILLED_INGEST = """
@@ -269,3 +269,19 @@ def test_a_cache_folder_that_cannot_be_written_is_one_line(tmp_path):
     assert_one_line_error(proc, "file")
     assert (tmp_path / "file").read_text() == "a user's file"
     assert not (tmp_path / "out.npz").exists()
+
+
+def test_the_index_keeps_every_byte_of_a_digest(tmp_path):
+    from trainer.data.cache import FileStat
+
+    columns, settings = {"x": ((2,), "u1")}, {"s": 1}
+    digest = b"\x07" * 30 + b"\x00\x00"  # trailing NULs: numpy "S" strings would drop them
+    with RowCache.open(tmp_path, columns, settings) as c:
+        c.append("a/\u00e9t\u00e9.png", FileStat(3, 4, 5), digest,
+                 c.prepare({"x": np.array([[1, 2]], np.uint8)}))
+        c.commit()
+    with RowCache.open(tmp_path, columns, settings) as c:
+        (entry,) = c.entries.values()
+        assert entry.digest == digest and entry.path == "a/\u00e9t\u00e9.png"
+        assert entry.stat == FileStat(3, 4, 5) and c.check_rows(entry)
+        assert c.arrays()["x"][0].tolist() == [1, 2]

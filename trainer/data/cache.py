@@ -2,9 +2,9 @@
 
 One folder per (source root, decode settings):
 
-    index.arrow        one record per source file: path, size, mtime_ns, inode, SHA-256 of
+    index.npz          one record per source file: path, size, mtime_ns, inode, SHA-256 of
                        its bytes, the rows it decoded to (start, count) and a CRC-32
-                       check of those rows; the schema metadata holds the settings
+                       check of those rows; with the settings
     <column>.<gen>.bin the decoded rows of every file, appended (raw, fixed row size)
     lock               held while an ingest runs (DDP ranks and parallel runs queue on it)
 
@@ -26,6 +26,7 @@ import json
 import os
 import stat as stat_module
 import sys
+import zipfile
 import zlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -38,7 +39,8 @@ from export.atomic import atomic_path
 from export.errors import InputError
 from trainer.data.rowfile import RowFile
 
-FORMAT = 2  # 2: CRC-32 row checks
+FORMAT = 3  # 2: CRC-32 row checks; 3: index.npz
+INDEX = "index.npz"
 COMMIT_BYTES = 64 << 20  # rows decoded between two index commits
 FIELDS = ("path", "size", "mtime_ns", "ino", "digest", "start", "count", "check")
 
@@ -157,30 +159,29 @@ class RowCache:
         return self.folder / f"{name}.{self.gen if gen is None else gen}.bin"
 
     def _load(self) -> None:
-        import pyarrow as pa
-        import pyarrow.ipc as ipc
-
-        index = self.folder / "index.arrow"
+        index = self.folder / INDEX
         want = {"format": FORMAT, "columns": {k: [list(s), d.str] for k, (s, d) in
                                               self.columns.items()}, "settings": self.settings}
-        table = None
+        cols = None
         if index.is_file():
             try:
-                with pa.memory_map(str(index)) as src:
-                    table = ipc.open_file(src).read_all()
-                meta = json.loads(table.schema.metadata[b"frozenfit"])
-            except (pa.ArrowException, OSError, KeyError, TypeError, ValueError) as exc:
+                with np.load(index, allow_pickle=False) as npz:
+                    cols = {k: npz[k] for k in (*FIELDS, "meta")}
+                meta = json.loads(cols["meta"].tobytes())
+                paths = cols["path"].tobytes().decode("utf-8", "surrogateescape").split("\0")
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
                 print(f"cache: {index}: unreadable ({type(exc).__name__}); rebuilding it",
                       file=sys.stderr)
-                table = None
-        if table is not None and {k: meta.get(k) for k in want} == want:
+                cols = None
+        if cols is not None and {k: meta.get(k) for k in want} == want:
             self.gen, self.extra = int(meta["gen"]), meta.get("extra", {})
-            cols = table.to_pydict()
-            for i in range(table.num_rows):
-                e = Entry(cols["path"][i], FileStat(cols["size"][i], cols["mtime_ns"][i],
-                                                    cols["ino"][i]),
-                          cols["digest"][i], cols["start"][i], cols["count"][i], cols["check"][i])
-                self.entries[e.path] = e
+            numbers = zip(*(cols[k].tolist() for k in ("size", "mtime_ns", "ino", "start",
+                                                         "count")))
+            digests, checks = cols["digest"].tobytes(), cols["check"].tobytes()
+            for i, (path, (size, mtime, ino, start, count)) in enumerate(zip(paths, numbers)):
+                self.entries[path] = Entry(path, FileStat(size, mtime, ino),
+                                           digests[32 * i:32 * i + 32], start, count,
+                                           checks[8 * i:8 * i + 8])
         self._truncate_to_entries()
         for stale in self.folder.glob("*.bin"):  # other generations, interrupted compactions
             if stale not in {self._bin(n) for n in self.columns}:
@@ -294,29 +295,29 @@ class RowCache:
         self._since_commit = 0
 
     def _write_index(self) -> None:
-        import pyarrow as pa
-        import pyarrow.ipc as ipc
-
+        """The index as an uncompressed .npz of columns (paths NUL-separated: a file name
+        cannot hold NUL). Not Arrow: pyarrow imports pandas (0.7 s) on its first array."""
         es = list(self.entries.values())
-        # Table.from_arrays: pa.table() imports pandas (0.7 s) to check for a DataFrame.
-        table = pa.Table.from_arrays([
-            pa.array([e.path for e in es], pa.string()),
-            pa.array([e.stat.size for e in es], pa.int64()),
-            pa.array([e.stat.mtime_ns for e in es], pa.int64()),
-            pa.array([e.stat.ino for e in es], pa.uint64()),
-            pa.array([e.digest for e in es], pa.binary(32)),
-            pa.array([e.start for e in es], pa.int64()),
-            pa.array([e.count for e in es], pa.int64()),
-            pa.array([e.check for e in es], pa.binary(8)),
-        ], names=list(FIELDS))
         meta = {"format": FORMAT, "gen": self.gen, "settings": self.settings,
                 "columns": {k: [list(s), d.str] for k, (s, d) in self.columns.items()},
                 "extra": self.extra}
-        table = table.replace_schema_metadata({"frozenfit": json.dumps(meta)})
-        with atomic_path(self.folder / "index.arrow") as tmp:
-            with pa.OSFile(str(tmp), "wb") as sink, ipc.new_file(sink, table.schema) as w:
-                w.write_table(table)
-            with open(tmp, "rb") as f:
+        paths = "\0".join(e.path for e in es).encode("utf-8", "surrogateescape")
+        cols = {
+            "path": np.frombuffer(paths, np.uint8),
+            "size": np.array([e.stat.size for e in es], np.int64),
+            "mtime_ns": np.array([e.stat.mtime_ns for e in es], np.int64),
+            "ino": np.array([e.stat.ino for e in es], np.uint64),
+            # raw bytes, not numpy "S" strings: those drop trailing NUL bytes of a digest
+            "digest": np.frombuffer(b"".join(e.digest for e in es), np.uint8),
+            "start": np.array([e.start for e in es], np.int64),
+            "count": np.array([e.count for e in es], np.int64),
+            "check": np.frombuffer(b"".join(e.check for e in es), np.uint8),
+            "meta": np.frombuffer(json.dumps(meta).encode(), np.uint8),
+        }
+        with atomic_path(self.folder / INDEX) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, **cols)
+                f.flush()
                 os.fsync(f.fileno())
 
     def _compact(self) -> None:
