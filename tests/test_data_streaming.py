@@ -76,8 +76,11 @@ def _source(kind: str, tmp_path):
     return {"source": "arrays", "root": str(tmp_path / "a.npz")}
 
 
-@pytest.mark.parametrize("kind", ["image_folder", "parquet_folder", "hive", "csv_glob", "idx",
-                                  "npz"])
+# The two new readers in the default run; the other sources with --slow (the default run
+# is kept under ~10 minutes on 2 cores).
+@pytest.mark.parametrize("kind", ["image_folder", "parquet_folder",
+                                  *(pytest.param(k, marks=pytest.mark.slow)
+                                    for k in ("hive", "csv_glob", "idx", "npz"))])
 def test_each_source_streams_and_learns(tmp_path, kind):
     dm = FixedDataModule(**_source(kind, tmp_path), batch_size=32, memory_budget_gb=1e-9,
                          num_workers=1, seed=1)
