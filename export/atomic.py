@@ -43,8 +43,14 @@ def check_output(out: str | os.PathLike, flag: str, inputs: dict[str, str | os.P
     (however spelled: relative, absolute, through a symlink) or that cannot be a file."""
     target = Path(os.path.realpath(out))
     for name, path in inputs.items():
-        if path is not None and Path(os.path.realpath(path)) == target:
+        if path is None:
+            continue
+        source = Path(os.path.realpath(path))
+        if source == target:
             raise InputError(f"{flag} {out}: is the same file as {name} {path}; refusing to "
+                             f"overwrite an input")
+        if source.is_dir() and target.is_file() and source in target.parents:
+            raise InputError(f"{flag} {out}: is a file inside {name} {path}; refusing to "
                              f"overwrite an input")
     if target.is_dir():
         raise InputError(f"{flag} {out}: is a folder; expected a file path")

@@ -285,3 +285,16 @@ def test_the_index_keeps_every_byte_of_a_digest(tmp_path):
         assert entry.digest == digest and entry.path == "a/\u00e9t\u00e9.png"
         assert entry.stat == FileStat(3, 4, 5) and c.check_rows(entry)
         assert c.arrays()["x"][0].tolist() == [1, 2]
+
+
+def test_an_output_over_a_file_of_the_data_folder_is_refused(tmp_path):
+    from tests.conftest import assert_one_line_error, run_cli
+
+    root = _folder(tmp_path / "imgs", per_class=2)
+    victim = root / "ant" / "000.png"
+    before = victim.read_bytes()
+    proc = run_cli("data", "--config", str(ROOT / "configs" / "image_folder.yaml"),
+                   "--data.root", str(root), "--data.cache_dir", str(tmp_path / "c"),
+                   "--out", str(victim))
+    assert_one_line_error(proc, "is a file inside --data.root")
+    assert victim.read_bytes() == before
