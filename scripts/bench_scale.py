@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/bench_scale.py [--images 20000] [--size 32] [--repeats 3]
                                             [--table-rows 2000000] [--work /tmp/bench_scale]
+                                            [--only ingest|epochs|tabular]
 
 In one invocation, on generated data (random RGB PNGs in 10 class folders; a 20-file
 Parquet table of 16 float features and a class column), median (range) of --repeats:
@@ -254,6 +255,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--table-rows", type=int, default=2_000_000)
     ap.add_argument("--work", default="/tmp/bench_scale")
+    ap.add_argument("--only", choices=["ingest", "epochs", "tabular"],
+                    help="run one group of measurements")
     ap.add_argument("--child", choices=["ingest", "tabular"])
     ap.add_argument("--root")
     ap.add_argument("--cache")
@@ -264,11 +267,15 @@ def main() -> None:
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     small, big = work / "x1", work / "x4"
-    make_images(small, args.images, args.size)
-    make_images(big, 4 * args.images, args.size)
-    bench_ingest(args, work, small, big)
-    bench_epochs(args, work / "cache-rss", big)
-    bench_tabular(args, work)
+    if args.only != "tabular":
+        make_images(small, args.images, args.size)
+        make_images(big, 4 * args.images, args.size)
+    if args.only in (None, "ingest"):
+        bench_ingest(args, work, small, big)
+    if args.only in (None, "epochs"):
+        bench_epochs(args, work / "cache-rss", big)
+    if args.only in (None, "tabular"):
+        bench_tabular(args, work)
 
 
 if __name__ == "__main__":

@@ -137,7 +137,7 @@ def test_a_killed_ingest_resumes_from_its_last_commit(tmp_path, capsys):
     (folder,) = cache.glob("image_folder-*")
     with RowCache.open(folder, {"x": ((3, 8, 8), "u1")},
                        {"decoder": "3", "mode": "RGB", "size": [8, 8]}) as c:
-        committed = len(c.entries)
+        committed = len(c.index)
     assert committed == 100  # the two whole commits, nothing of the third
     resumed = _load(root, cache)
     err = capsys.readouterr().err
@@ -272,18 +272,21 @@ def test_a_cache_folder_that_cannot_be_written_is_one_line(tmp_path):
 
 
 def test_the_index_keeps_every_byte_of_a_digest(tmp_path):
-    from trainer.data.cache import FileStat
+    from trainer.data.cache import Records, path_key
 
     columns, settings = {"x": ((2,), "u1")}, {"s": 1}
     digest = b"\x07" * 30 + b"\x00\x00"  # trailing NULs: numpy "S" strings would drop them
+    key = path_key("a/\u00e9t\u00e9.png")
     with RowCache.open(tmp_path, columns, settings) as c:
-        c.append("a/\u00e9t\u00e9.png", FileStat(3, 4, 5), digest,
-                 c.prepare({"x": np.array([[1, 2]], np.uint8)}))
-        c.commit()
+        r = Records.empty(1)
+        r.key[0], r.size[0], r.mtime_ns[0], r.ino[0], r.digest[0] = key, 3, 4, 5, digest
+        r.start[0], r.count[0], r.check[0] = c.append(c.prepare({"x": np.array([[1, 2]], np.uint8)}))
+        c.commit(r, final=True)
     with RowCache.open(tmp_path, columns, settings) as c:
-        (entry,) = c.entries.values()
-        assert entry.digest == digest and entry.path == "a/\u00e9t\u00e9.png"
-        assert entry.stat == FileStat(3, 4, 5) and c.check_rows(entry)
+        (row,) = c.lookup(np.array([key], "S16"))
+        assert c.index.digest[row:row + 1].tobytes() == digest
+        assert (c.index.size[row], c.index.mtime_ns[row], c.index.ino[row]) == (3, 4, 5)
+        assert c.find(digest)[:2] == (0, 1) and c.check_rows(*c.find(digest))
         assert c.arrays()["x"][0].tolist() == [1, 2]
 
 
@@ -298,3 +301,65 @@ def test_an_output_over_a_file_of_the_data_folder_is_refused(tmp_path):
                    "--out", str(victim))
     assert_one_line_error(proc, "is a file inside --data.root")
     assert victim.read_bytes() == before
+
+
+def _ingest_texts(cache_dir: Path, root: Path, **kw):
+    """update() over small text files, each decoded to one row of its first 4 bytes."""
+    from trainer.data.ingest import update
+
+    def decode(data, path):
+        return {"x": np.frombuffer(data[:4], np.uint8)[None]}
+
+    paths = sorted(str(p) for p in root.iterdir())
+    with RowCache.open(cache_dir, {"x": ((4,), "u1")}, {"t": 1}) as c:
+        records, report = update(c, root, paths, decode, **kw)
+        rows = c.arrays()["x"][records.start]
+        gens = sorted(p.name for p in cache_dir.glob("x.*.bin"))
+    return paths, rows, report, gens
+
+
+def test_compaction_moves_the_rows_the_returned_records_point_at(tmp_path):
+    """When removed files leave over half of the cache dead, the live rows are copied into
+    a new generation; the records an update returns must point at the moved rows."""
+    root = tmp_path / "texts"
+    root.mkdir()
+    for i in range(1500):
+        (root / f"{i:05d}.txt").write_bytes(f"{i:04d}".encode())
+    _ingest_texts(tmp_path / "c", root)
+    for i in range(1500):
+        if i % 5:
+            (root / f"{i:05d}.txt").unlink()
+    paths, rows, report, gens = _ingest_texts(tmp_path / "c", root)
+    assert report.removed == 1200 and report.decoded == 0
+    assert gens == ["x.1.bin"]  # compacted
+    assert [bytes(r).decode() for r in rows] == [Path(p).read_text() for p in paths]
+    paths, rows, report, _ = _ingest_texts(tmp_path / "c", root, verify=True)
+    assert report.decoded == 0 and len(rows) == 300
+    assert [bytes(r).decode() for r in rows] == [Path(p).read_text() for p in paths]
+
+
+def test_duplicate_files_in_one_ingest_share_their_rows(tmp_path):
+    root = tmp_path / "texts"
+    root.mkdir()
+    for i in range(100):
+        (root / f"{i:03d}.txt").write_bytes(f"{i % 40:04d}".encode())  # 40 contents
+    paths, rows, report, _ = _ingest_texts(tmp_path / "c", root)
+    assert report.new == 100 and report.decoded == 40
+    assert (tmp_path / "c" / "x.0.bin").stat().st_size == 40 * 4
+    assert [bytes(r).decode() for r in rows] == [Path(p).read_text() for p in paths]
+
+
+def test_the_appended_digests_stay_findable_across_merges(monkeypatch):
+    import hashlib
+
+    from trainer.data import ingest
+
+    monkeypatch.setattr(ingest._Appended, "MERGE", 7)
+    appended = ingest._Appended()
+    digests = [hashlib.sha256(str(i).encode()).digest() for i in range(100)]
+    column = np.frombuffer(b"".join(digests), "S32")
+    for i, d in enumerate(digests[:60]):
+        appended.add(d, i)
+    assert len(appended.prefix) == 56 and np.all(np.diff(appended.prefix) > 0)
+    assert [appended.get(d, column) for d in digests[:60]] == list(range(60))
+    assert all(appended.get(d, column) is None for d in digests[60:])

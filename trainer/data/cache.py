@@ -2,9 +2,9 @@
 
 One folder per (source root, decode settings):
 
-    index.npz          one record per source file: path, size, mtime_ns, inode, SHA-256 of
-                       its bytes, the rows it decoded to (start, count) and a CRC-32
-                       check of those rows; with the settings
+    index.npz          one record per source file, as columns: a key of its path, size,
+                       mtime_ns, inode, SHA-256 of its bytes, the rows it decoded to (start,
+                       count) and a CRC-32 check of those rows; with the settings
     <column>.<gen>.bin the decoded rows of every file, appended (raw, fixed row size)
     lock               held while an ingest runs (DDP ranks and parallel runs queue on it)
 
@@ -16,6 +16,10 @@ ingest keeps what it committed and the next run resumes from there; bytes past t
 commit are cut off when the cache is opened. Rows of files that were removed or changed
 stay until they are more than half of the cache, then the live rows are copied into the
 next generation of files.
+
+The records are held as numpy columns, never as one Python object per file: a folder of
+millions of files costs ~100 bytes of memory per file here, and matching a listing against
+the index is a sort and a search in C.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import zipfile
 import zlib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -39,10 +43,9 @@ from export.atomic import atomic_path
 from export.errors import InputError
 from trainer.data.rowfile import RowFile
 
-FORMAT = 3  # 2: CRC-32 row checks; 3: index.npz
+FORMAT = 4  # 2: CRC-32 row checks; 3: index.npz; 4: path keys, records as columns
 INDEX = "index.npz"
 COMMIT_BYTES = 64 << 20  # rows decoded between two index commits
-FIELDS = ("path", "size", "mtime_ns", "ino", "digest", "start", "count", "check")
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,16 +64,46 @@ class FileStat:
         return cls(st.st_size, st.st_mtime_ns, st.st_ino)
 
 
-@dataclass(frozen=True, slots=True)
-class Entry:
-    """What the cache knows of one source file."""
+def path_key(rel: str) -> bytes:
+    """The 16-byte key of a path relative to the source root (BLAKE2b: fixed width, so a
+    whole index is matched against a listing with one sort, whatever the paths' lengths)."""
+    return hashlib.blake2b(rel.encode("utf-8", "surrogateescape"), digest_size=16).digest()
 
-    path: str  # relative to the source root
-    stat: FileStat
-    digest: bytes  # SHA-256 of the file's bytes
-    start: int  # first row in the column files
-    count: int  # rows decoded from the file
-    check: bytes  # of the decoded rows (CRC-32 per column, combined)
+
+@dataclass
+class Records:
+    """One record per source file, as columns (numpy "S" columns hold raw bytes; read an
+    element back with `.tobytes()` of a one-row slice: indexing drops trailing NULs)."""
+
+    key: np.ndarray  # S16, path_key of the relative path
+    size: np.ndarray  # int64
+    mtime_ns: np.ndarray  # int64
+    ino: np.ndarray  # uint64
+    digest: np.ndarray  # S32, SHA-256 of the file's bytes
+    start: np.ndarray  # int64, first row in the column files
+    count: np.ndarray  # int64, rows decoded from the file
+    check: np.ndarray  # S8, of the decoded rows (CRC-32 per column, combined)
+
+    DTYPES = {"key": "S16", "size": np.int64, "mtime_ns": np.int64, "ino": np.uint64,
+              "digest": "S32", "start": np.int64, "count": np.int64, "check": "S8"}
+
+    @classmethod
+    def empty(cls, n: int = 0) -> Records:
+        return cls(**{k: np.zeros(n, d) for k, d in cls.DTYPES.items()})
+
+    def __len__(self) -> int:
+        return len(self.key)
+
+    def columns(self) -> dict[str, np.ndarray]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def take(self, rows) -> Records:
+        return Records(**{k: v[rows] for k, v in self.columns().items()})
+
+    @staticmethod
+    def concat(parts: list[Records]) -> Records:
+        return Records(**{k: np.concatenate([getattr(p, k) for p in parts])
+                          for k in Records.DTYPES})
 
 
 @dataclass(frozen=True)
@@ -108,6 +141,10 @@ def cache_root(cache_dir: str | None) -> Path:
                                             Path.home() / ".cache" / "frozenfit"))
 
 
+def _raw(column: np.ndarray, i: int) -> bytes:
+    return column[i:i + 1].tobytes()
+
+
 class RowCache:
     """Open with `RowCache.open(folder, columns, settings)` (a context manager that holds
     the lock). `columns` maps a column name to (row shape, dtype)."""
@@ -116,12 +153,13 @@ class RowCache:
                  settings: dict):
         self.folder, self.settings = folder, settings
         self.columns = {k: (tuple(s), np.dtype(d)) for k, (s, d) in columns.items()}
-        self.entries: dict[str, Entry] = {}
-        self.by_digest: dict[bytes, Entry] = {}
+        self.index = Records.empty()  # as committed (one record per key)
         self.gen, self.rows, self.extra = 0, 0, {}
         self._since_commit = 0
         self._files: dict = {}
-        self._maps: dict[str, np.ndarray] | None = None  # check_rows' memory maps
+        self._maps: dict[str, RowFile] | None = None  # check_rows' readers
+        self._sorted: dict[str, tuple] = {}  # index.key / index.digest, sorted
+        self._forgotten: set[bytes] = set()
 
     @classmethod
     @contextmanager
@@ -158,56 +196,77 @@ class RowCache:
     def _bin(self, name: str, gen: int | None = None) -> Path:
         return self.folder / f"{name}.{self.gen if gen is None else gen}.bin"
 
+    def _meta(self) -> dict:
+        return {"format": FORMAT, "settings": self.settings,
+                "columns": {k: [list(s), d.str] for k, (s, d) in self.columns.items()}}
+
     def _load(self) -> None:
-        index = self.folder / INDEX
-        want = {"format": FORMAT, "columns": {k: [list(s), d.str] for k, (s, d) in
-                                              self.columns.items()}, "settings": self.settings}
-        cols = None
+        index, meta, records = self.folder / INDEX, None, None
         if index.is_file():
             try:
                 with np.load(index, allow_pickle=False) as npz:
-                    cols = {k: npz[k] for k in (*FIELDS, "meta")}
-                meta = json.loads(cols["meta"].tobytes())
-                paths = cols["path"].tobytes().decode("utf-8", "surrogateescape").split("\0")
+                    meta = json.loads(npz["meta"].tobytes())
+                    if {k: meta.get(k) for k in self._meta()} == self._meta():
+                        records = Records(**{k: npz[k].astype(d, copy=False)
+                                             for k, d in Records.DTYPES.items()})
             except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
                 print(f"cache: {index}: unreadable ({type(exc).__name__}); rebuilding it",
                       file=sys.stderr)
-                cols = None
-        if cols is not None and {k: meta.get(k) for k in want} == want:
+        if records is not None:
             self.gen, self.extra = int(meta["gen"]), meta.get("extra", {})
-            numbers = zip(*(cols[k].tolist() for k in ("size", "mtime_ns", "ino", "start",
-                                                         "count")))
-            digests, checks = cols["digest"].tobytes(), cols["check"].tobytes()
-            for i, (path, (size, mtime, ino, start, count)) in enumerate(zip(paths, numbers)):
-                self.entries[path] = Entry(path, FileStat(size, mtime, ino),
-                                           digests[32 * i:32 * i + 32], start, count,
-                                           checks[8 * i:8 * i + 8])
-        self._truncate_to_entries()
+            # a commit during an ingest appends records: the last one of a key holds
+            _, last = np.unique(records.key[::-1], return_index=True)
+            self.index = records.take(np.sort(len(records) - 1 - last))
+        self._truncate_to_index()
         for stale in self.folder.glob("*.bin"):  # other generations, interrupted compactions
             if stale not in {self._bin(n) for n in self.columns}:
                 stale.unlink()
 
-    def _truncate_to_entries(self) -> None:
+    def _truncate_to_index(self) -> None:
         """Drop records whose rows a column file no longer holds (a truncated file), and
         cut bytes past the last committed row (a killed ingest)."""
         have = min((self._bin(n).stat().st_size // self._row_bytes(n)
                     if self._bin(n).is_file() else 0) for n in self.columns)
-        lost = [e for e in self.entries.values() if e.start + e.count > have]
-        if lost:
+        lost = self.index.start + self.index.count > have
+        if lost.any():
             print(f"cache: {self._bin(next(iter(self.columns)))}: holds {have} rows, the index "
-                  f"needs more; decoding {len(lost)} files again", file=sys.stderr)
-            for e in lost:
-                del self.entries[e.path]
-        self.rows = max((e.start + e.count for e in self.entries.values()), default=0)
+                  f"needs more; decoding {int(lost.sum())} files again", file=sys.stderr)
+            self._set_index(self.index.take(~lost))
+        self.rows = int((self.index.start + self.index.count).max(initial=0))
         for name in self.columns:
             with open(self._bin(name), "ab") as f:
                 f.truncate(self.rows * self._row_bytes(name))
-        self.by_digest = {e.digest: e for e in self.entries.values()}
 
-    def known(self, path: str, stat: FileStat) -> Entry | None:
-        """The record of `path` if the file is unchanged by (size, mtime_ns, inode)."""
-        e = self.entries.get(path)
-        return e if e is not None and e.stat == stat else None
+    def _set_index(self, records: Records) -> None:
+        self.index, self._sorted = records, {}
+
+    def _sorted_column(self, column: str) -> tuple[np.ndarray, np.ndarray]:
+        """(order, the column in that order), kept until the index changes."""
+        if column not in self._sorted:
+            order = np.argsort(getattr(self.index, column), kind="stable")
+            self._sorted[column] = (order, getattr(self.index, column)[order])
+        return self._sorted[column]
+
+    def _search(self, column: str, values: np.ndarray) -> np.ndarray:
+        """The index row holding each of `values` in `column`, or -1."""
+        if not len(self.index):
+            return np.full(len(values), -1, np.int64)
+        order, have = self._sorted_column(column)
+        at = np.minimum(np.searchsorted(have, values), len(have) - 1)
+        return np.where(have[at] == values, order[at], -1)
+
+    def lookup(self, keys: np.ndarray) -> np.ndarray:
+        """The index row of each path key (S16 array), or -1 for a path not in the index."""
+        return self._search("key", keys)
+
+    def find(self, digest: bytes) -> tuple[int, int, bytes] | None:
+        """(start, count, check) of indexed rows decoded from content `digest`, if any."""
+        if digest in self._forgotten:
+            return None
+        (i,) = self._search("digest", np.array([digest], "S32"))
+        if i < 0:
+            return None
+        return int(self.index.start[i]), int(self.index.count[i]), _raw(self.index.check, i)
 
     def arrays(self) -> dict[str, RowFile]:
         """Every column's committed rows, read on demand."""
@@ -216,17 +275,17 @@ class RowCache:
         return {name: RowFile(self._bin(name), dtype, shape, self.rows)
                 for name, (shape, dtype) in self.columns.items()}
 
-    def check_rows(self, e: Entry) -> bool:
-        """Whether the cached rows of `e` are still what was decoded."""
-        if self._maps is None or len(next(iter(self._maps.values()))) < e.start + e.count:
+    def check_rows(self, start: int, count: int, check: bytes) -> bool:
+        """Whether the cached rows [start, start + count) are still what was decoded."""
+        if self._maps is None or len(next(iter(self._maps.values()))) < start + count:
             self._maps = self.arrays()
         checks = {n: _Check() for n in self.columns}
-        for name, check in checks.items():
+        for name, c in checks.items():
             step = max(1, (32 << 20) // self._row_bytes(name))
-            for a in range(e.start, e.start + e.count, step):
-                rows = self._maps[name][a:min(a + step, e.start + e.count)]
-                check.update(memoryview(np.ascontiguousarray(rows)).cast("B"))
-        return _combine(checks) == e.check
+            for a in range(start, start + count, step):
+                rows = self._maps[name][a:min(a + step, start + count)]
+                c.update(memoryview(np.ascontiguousarray(rows)).cast("B"))
+        return _combine(checks) == check
 
     # ---------------------------------------------------------------- writing
     def prepare(self, arrays: dict[str, np.ndarray]) -> Prepared:
@@ -240,25 +299,20 @@ class RowCache:
             checks[name].update(memoryview(out[name]).cast("B"))
         return Prepared(out, count, _combine(checks))
 
-    def append(self, path: str, stat: FileStat, digest: bytes,
-               rows: Prepared | Iterable[dict[str, np.ndarray]]) -> Entry:
-        """Append the decoded rows of one file, prepared or as batches of column arrays
-        (uncommitted until `commit`)."""
+    def append(self, rows: Prepared | Iterable[dict[str, np.ndarray]]) -> tuple[int, int, bytes]:
+        """Append the decoded rows of one file, prepared or as batches of column arrays;
+        returns (start, count, check) for its record. Uncommitted until `commit`."""
         start = self.rows
         if isinstance(rows, Prepared):
             self._write(rows)
-            check = rows.check
-        else:
-            checks = {n: _Check() for n in self.columns}
-            for arrays in rows:
-                batch = self.prepare(arrays)
-                self._write(batch)
-                for name, arr in batch.arrays.items():
-                    checks[name].update(memoryview(arr).cast("B"))
-            check = _combine(checks)
-        e = Entry(path, stat, digest, start, self.rows - start, check)
-        self.record(e)
-        return e
+            return start, rows.count, rows.check
+        checks = {n: _Check() for n in self.columns}
+        for arrays in rows:
+            batch = self.prepare(arrays)
+            self._write(batch)
+            for name, arr in batch.arrays.items():
+                checks[name].update(memoryview(arr).cast("B"))
+        return start, self.rows - start, _combine(checks)
 
     def _write(self, rows: Prepared) -> None:
         for name, arr in rows.arrays.items():
@@ -268,73 +322,66 @@ class RowCache:
 
     def forget(self, digest: bytes) -> None:
         """Stop reusing the rows of `digest` (they were found altered)."""
-        self.by_digest.pop(digest, None)
+        self._forgotten.add(digest)
 
-    def record(self, e: Entry) -> None:
-        self.entries[e.path] = e
-        self.by_digest[e.digest] = e
+    def due(self) -> bool:
+        """Whether enough rows were appended since the last commit to commit again."""
+        return self._since_commit >= COMMIT_BYTES
 
-    def maybe_commit(self) -> None:
-        if self._since_commit >= COMMIT_BYTES:
-            self.commit()
+    def commit(self, records: Records, final: bool) -> None:
+        """Make the rows appended so far durable and the index point at them. With
+        `final`, `records` is the whole new index (every file of the source, nothing else;
+        its starts are updated in place when the live rows are compacted); otherwise they
+        are the records completed so far, which win over older records of the same path."""
+        self._sync()
+        if not final:
+            self._write_index(Records.concat([self.index, records]))
+        else:
+            if self.rows > 1024 and self._live_rows(records) < self.rows // 2:
+                self._compact(records)
+            self._write_index(records)
+            self._set_index(records)
+            self._forgotten = set()
+        self._since_commit = 0
 
-    def commit(self, keep: set[str] | None = None) -> None:
-        """Make the rows appended so far durable and the index point at them; `keep`, when
-        given, is the set of paths still in the source (the others are forgotten)."""
-        if keep is not None:
-            self.entries = {p: e for p, e in self.entries.items() if p in keep}
-            self.by_digest = {e.digest: e for e in self.entries.values()}
-            live = sum(e.count for e in {e.digest: e for e in self.entries.values()}.values())
-            if self.rows > 1024 and live < self.rows // 2:
-                self._compact()
+    def _sync(self) -> None:
         for name in self.columns:
             f = self._file(name)
             f.flush()
             os.fsync(f.fileno())
-        self._write_index()
-        self._since_commit = 0
 
-    def _write_index(self) -> None:
-        """The index as an uncompressed .npz of columns (paths NUL-separated: a file name
-        cannot hold NUL). Not Arrow: pyarrow imports pandas (0.7 s) on its first array."""
-        es = list(self.entries.values())
-        meta = {"format": FORMAT, "gen": self.gen, "settings": self.settings,
-                "columns": {k: [list(s), d.str] for k, (s, d) in self.columns.items()},
-                "extra": self.extra}
-        paths = "\0".join(e.path for e in es).encode("utf-8", "surrogateescape")
-        cols = {
-            "path": np.frombuffer(paths, np.uint8),
-            "size": np.array([e.stat.size for e in es], np.int64),
-            "mtime_ns": np.array([e.stat.mtime_ns for e in es], np.int64),
-            "ino": np.array([e.stat.ino for e in es], np.uint64),
-            # raw bytes, not numpy "S" strings: those drop trailing NUL bytes of a digest
-            "digest": np.frombuffer(b"".join(e.digest for e in es), np.uint8),
-            "start": np.array([e.start for e in es], np.int64),
-            "count": np.array([e.count for e in es], np.int64),
-            "check": np.frombuffer(b"".join(e.check for e in es), np.uint8),
-            "meta": np.frombuffer(json.dumps(meta).encode(), np.uint8),
-        }
+    def _write_index(self, records: Records) -> None:
+        """The index as an uncompressed .npz of columns. Not Arrow: pyarrow imports pandas
+        (0.7 s) on its first array."""
+        meta = {**self._meta(), "gen": self.gen, "extra": self.extra}
         with atomic_path(self.folder / INDEX) as tmp:
             with open(tmp, "wb") as f:
-                np.savez(f, **cols)
+                np.savez(f, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8),
+                         **records.columns())
                 f.flush()
                 os.fsync(f.fileno())
 
-    def _compact(self) -> None:
-        """Copy the live rows into the next generation of column files (in file order)."""
+    @staticmethod
+    def _live_rows(records: Records) -> int:
+        _, first = np.unique(records.digest, return_index=True)
+        return int(records.count[first].sum())
+
+    def _compact(self, records: Records) -> None:
+        """Copy the live rows into the next generation of column files (in row order) and
+        point `records` at them."""
         old = self.arrays()
         self._close()
         self._maps = None
-        gen, start, moved = self.gen + 1, 0, {}
+        _, first, which = np.unique(records.digest, return_index=True, return_inverse=True)
+        order = np.argsort(records.start[first], kind="stable")
+        first = first[order]
+        gen, moved = self.gen + 1, np.cumsum(records.count[first]) - records.count[first]
         outs = {name: open(self._bin(name, gen), "wb") for name in self.columns}
         try:
-            for e in sorted({e.digest: e for e in self.entries.values()}.values(),
-                            key=lambda e: e.start):
+            for i in first:
+                a, n = int(records.start[i]), int(records.count[i])
                 for name, f in outs.items():
-                    f.write(memoryview(np.ascontiguousarray(old[name][e.start:e.start + e.count]))
-                            .cast("B"))
-                moved[e.digest] = start
-                start += e.count
+                    f.write(memoryview(np.ascontiguousarray(old[name][a:a + n])).cast("B"))
             for f in outs.values():
                 f.flush()
                 os.fsync(f.fileno())
@@ -342,10 +389,10 @@ class RowCache:
             for f in outs.values():
                 f.close()
         del old
-        self.entries = {p: Entry(e.path, e.stat, e.digest, moved[e.digest], e.count, e.check)
-                        for p, e in self.entries.items()}
-        self.by_digest = {e.digest: e for e in self.entries.values()}
-        self.gen, self.rows = gen, start
-        self._write_index()  # the switch to the new generation
+        new_start = np.empty(len(first), np.int64)
+        new_start[order] = moved
+        records.start[:] = new_start[which.reshape(-1)]
+        self.gen, self.rows = gen, int(records.count[first].sum())
+        self._write_index(records)  # the switch to the new generation
         for name in self.columns:
             self._bin(name, gen - 1).unlink(missing_ok=True)

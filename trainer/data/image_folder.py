@@ -23,19 +23,24 @@ from trainer.data.dataset import (FixedDataset, SourceOptions, Split, files_fing
                                   image_spec, make_dataset, require_root)
 from trainer.data.ingest import update
 
-SUFFIXES = {".png", ".jpg", ".jpeg"}
+SUFFIXES = (".png", ".jpg", ".jpeg")
 SPLITS = ("train", "val", "test")
 CACHE_VERSION = "3"  # 2: decoded by export/imaging.py; 3: the per-file row cache
 
 
 def _images_under(folder: Path) -> list[str]:
-    """Image files under `folder` (recursively) as sorted path strings: os.walk and string
+    """Image files under `folder` (recursively) as sorted path strings: scandir and string
     sorting, ~5x faster than pathlib at 100,000 files."""
-    found = []
-    for parent, _, names in os.walk(folder):
-        found += [os.path.join(parent, n) for n in names
-                  if os.path.splitext(n)[1].lower() in SUFFIXES]
-    return sorted(found)
+    found, todo = [], [str(folder)]
+    while todo:
+        with os.scandir(todo.pop()) as it:
+            for entry in it:
+                if entry.is_dir():
+                    todo.append(entry.path)
+                elif entry.name.lower().endswith(SUFFIXES):
+                    found.append(entry.path)
+    found.sort()
+    return found
 
 
 def _class_files(folder: Path) -> dict[str, list[str]]:
@@ -76,8 +81,11 @@ def load_image_folder(root: str | None, opts: SourceOptions) -> FixedDataset:
     folder = require_root(root, "image_folder", "a folder with one sub-folder per class")
     layout = _layout(folder)
     names = list(layout["train"])
-    files = [(s, names.index(c), p) for s, cl in layout.items() for c, ps in cl.items() for p in ps]
-    mode, size = _first_image_format(files[0][2])
+    paths = [p for classes in layout.values() for ps in classes.values() for p in ps]
+    sizes = [len(ps) for classes in layout.values() for ps in classes.values()]
+    y = np.repeat(np.tile(np.arange(len(names)), len(layout)), sizes).astype(np.int64)
+    split_of = np.repeat(list(layout), [sum(map(len, c.values())) for c in layout.values()])
+    mode, size = _first_image_format(paths[0])
     mode = opts.color_mode or mode
     size = tuple(opts.image_size) if opts.image_size else size
     if mode not in ("L", "RGB"):
@@ -91,16 +99,13 @@ def load_image_folder(root: str | None, opts: SourceOptions) -> FixedDataset:
         return {"x": decode(data, spec, str(path))[None]}
 
     with RowCache.open(where, {"x": (spec["shape"], "u1")}, settings) as cache:
-        entries, report = update(cache, folder, [p for _, _, p in files], decode_file,
-                                 opts.verify_cache)
+        records, report = update(cache, folder, paths, decode_file, opts.verify_cache)
         x = cache.arrays()["x"]
+    del paths
     print(f"image_folder: {folder}: {report.line('images')} ({mode} {size[0]}x{size[1]}, "
           f"cache {where})", file=sys.stderr)
-    y = np.array([label for _, label, _ in files], dtype=np.int64)
-    rows = np.array([e.start for e in entries], dtype=np.int64)
-    split_of = np.array([s for s, _, _ in files])
-    parts = {s: Split(x, y, rows).subset(np.flatnonzero(split_of == s)) for s in layout}
-    fp = files_fingerprint(json.dumps(settings), names,
-                           [(s, label, e.digest) for (s, label, _), e in zip(files, entries)])
+    parts = {s: Split(x, y, records.start).subset(np.flatnonzero(split_of == s))
+             for s in layout}
+    fp = files_fingerprint(json.dumps(settings), names, split_of, y, records.digest)
     return make_dataset(folder.name, parts["train"], parts.get("test"), names,
                         spec, val=parts.get("val"), origin=folder, fp=fp)

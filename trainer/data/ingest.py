@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
+import stat as stat_module
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -18,7 +19,7 @@ import numpy as np
 
 from export.errors import InputError
 from export.timing import usable_cores
-from trainer.data.cache import Entry, FileStat, RowCache
+from trainer.data.cache import FileStat, Records, RowCache, path_key
 
 BLOCK = 512  # files read, hashed and decoded together by the thread pool
 
@@ -71,11 +72,40 @@ def _hash_file(path: str, stat: FileStat) -> bytes:
 
 
 Decoded = dict[str, np.ndarray] | Iterable[dict[str, np.ndarray]]
+STAT_BLOCK = 4096  # files stat'ed (and their path keys made) together
+
+
+def _stat(path: str) -> os.stat_result:
+    try:
+        st = os.stat(path)
+    except OSError:
+        raise InputError(f"{path}: disappeared during ingest") from None
+    if not stat_module.S_ISREG(st.st_mode):
+        FileStat.of(path)  # names the path and what it is
+    return st
+
+
+def _stat_all(paths: list[str], prefix: str) -> Records:
+    """Path keys and stats of `paths` as records (digest and rows left empty), block by
+    block so that no per-file Python object outlives its block."""
+    out = Records.empty(len(paths))
+    for b in range(0, len(paths), STAT_BLOCK):
+        block = paths[b:b + STAT_BLOCK]
+        if not all(p.startswith(prefix) for p in block):
+            raise ValueError(f"every path must lie under {prefix}")
+        stats = [_stat(path) for path in block]
+        end = b + len(block)
+        out.key[b:end] = np.frombuffer(b"".join(
+            path_key(p[len(prefix):].replace(os.sep, "/")) for p in block), "S16")
+        out.size[b:end] = [s.st_size for s in stats]
+        out.mtime_ns[b:end] = [s.st_mtime_ns for s in stats]
+        out.ino[b:end] = [s.st_ino for s in stats]
+    return out
 
 
 def update(cache: RowCache, root: Path, paths: list[str | Path],
            decode: Callable[[bytes | None, Path], Decoded],
-           verify: bool = False, whole_files: bool = True) -> tuple[list[Entry], UpdateReport]:
+           verify: bool = False, whole_files: bool = True) -> tuple[Records, UpdateReport]:
     """Bring `cache` up to date with `paths` (files under `root`) and return each file's
     record, in the order given. Only files that are new or changed, by (size, mtime_ns,
     inode) or with `verify` by content, are read; only content the cache lacks is decoded.
@@ -85,45 +115,36 @@ def update(cache: RowCache, root: Path, paths: list[str | Path],
     On an error the rows complete so far are committed before it is raised."""
     t0, report = time.perf_counter(), UpdateReport(files=len(paths))
     paths = [str(p) for p in paths]
-    prefix = os.path.join(str(root), "")
-    if not all(p.startswith(prefix) for p in paths):
-        raise ValueError(f"every path must lie under {root}")
-    rels = [p[len(prefix):].replace(os.sep, "/") for p in paths]
-    out: list[Entry | None] = [None] * len(paths)
-    todo = []
-    for i, (path, rel) in enumerate(zip(paths, rels)):
-        try:
-            stat = FileStat.of(path)
-        except OSError:
-            raise InputError(f"{path}: disappeared during ingest") from None
-        known = cache.known(rel, stat)
-        if known is not None and not verify:
-            out[i] = known
-        else:
-            todo.append((i, stat))
+    out = _stat_all(paths, os.path.join(str(root), ""))
+    at = cache.lookup(out.key)
+    known = at >= 0
+    same = known.copy()
+    for column in ("size", "mtime_ns", "ino"):
+        same[known] &= getattr(cache.index, column)[at[known]] == getattr(out, column)[known]
+    for column in ("digest", "start", "count", "check"):
+        getattr(out, column)[same] = getattr(cache.index, column)[at[same]]
+    todo = np.arange(len(paths)) if verify else np.flatnonzero(~same)
 
     global _JOB
-    _JOB = (cache, paths, decode, whole_files)
+    _JOB = (cache, paths, out, decode, whole_files)
+    placed = _Placed(cache, out, at, verify, report)
     try:
-        pool = _workers(len(todo), whole_files)
+        pool = _workers(len(todo), int(out.size[todo].sum()), whole_files)
         try:
             for b in range(0, len(todo), BLOCK):
-                for i, stat, digest, arrays in pool.map(_work, todo[b:b + BLOCK], chunksize=16):
-                    if arrays is None and verify and not cache.check_rows(cache.by_digest[digest]):
-                        arrays = _prepared(cache, decode(_read(paths[i], stat) if whole_files
-                                                         else None, Path(paths[i])))  # altered
-                        cache.forget(digest)
-                    out[i] = _place(cache, rels[i], stat, digest, arrays, report)
-                    cache.maybe_commit()
+                for i, digest, arrays in pool.map(_work, todo[b:b + BLOCK].tolist(),
+                                                  chunksize=16):
+                    placed.place(i, digest, arrays)
+                    if cache.due():
+                        cache.commit(out.take(placed.done), final=False)
         finally:  # on an error, the queued files are not decoded for nothing
             pool.shutdown(cancel_futures=True)
-        keep = set(rels)
-        report.removed = sum(1 for p in cache.entries if p not in keep)
-        if todo or report.removed:
-            cache.commit(keep)
+        report.removed = len(cache.index) - int(known.sum())
+        if len(todo) or report.removed:
+            cache.commit(out, final=True)
     except BaseException:
-        try:
-            cache.commit()  # what was decoded completely stays usable
+        try:  # what was decoded completely stays usable
+            cache.commit(out.take(placed.done), final=False)
         except OSError:
             pass
         raise
@@ -134,19 +155,24 @@ def update(cache: RowCache, root: Path, paths: list[str | Path],
 
 
 # What the workers of one update need, set before they start (forked processes inherit
-# it): the cache (its known digests and column layout), the paths, the decoder.
+# it): the cache (its known digests and column layout), the paths and their stats, the
+# decoder.
 _JOB = None
 
 
-def _work(item: tuple[int, FileStat]):
+def _stat_of(records: Records, i: int) -> FileStat:
+    return FileStat(int(records.size[i]), int(records.mtime_ns[i]), int(records.ino[i]))
+
+
+def _work(i: int):
     """Read, hash and (for content the cache lacks) decode one file, in a worker."""
-    cache, paths, decode, whole_files = _JOB
-    i, stat = item
+    cache, paths, records, decode, whole_files = _JOB
+    stat = _stat_of(records, i)
     data = _read(paths[i], stat) if whole_files else None
     digest = _hash_file(paths[i], stat) if data is None else hashlib.sha256(data).digest()
-    if digest in cache.by_digest:
-        return i, stat, digest, None
-    return i, stat, digest, _prepared(cache, decode(data, Path(paths[i])))
+    if cache.find(digest) is not None:
+        return i, digest, None
+    return i, digest, _prepared(cache, decode(data, Path(paths[i])))
 
 
 def _die_with_parent() -> None:
@@ -162,13 +188,18 @@ def _die_with_parent() -> None:
             os._exit(1)
 
 
-def _workers(files: int, whole_files: bool):
+FORK_BYTES = 1 << 20  # less to decode than this: one thread beats starting processes
+
+
+def _workers(files: int, size: int, whole_files: bool):
     """Decoding many small files is mostly Python holding the GIL (pillow's per-image
     overhead; measured: threads on 2 cores ran slower than one), so files decoded whole
-    go to forked processes, one per usable core. Tables are decoded batch by batch in
-    this process (pyarrow reads in its own threads); their workers only hash."""
+    go to forked processes, one per usable core, when there is enough to decode to pay
+    for starting them (~1 MiB of PNG is ~0.2 s of decoding on one core). Tables are
+    decoded batch by batch in this process (pyarrow reads in its own threads); their
+    workers only hash."""
     cores = usable_cores()
-    if whole_files and files >= 64 and cores > 1:
+    if whole_files and files >= 64 and size >= FORK_BYTES and cores > 1:
         return ProcessPoolExecutor(cores, mp_context=multiprocessing.get_context("fork"),
                                    initializer=_die_with_parent)
     return ThreadPoolExecutor(cores if not whole_files else 1)
@@ -179,18 +210,81 @@ def _prepared(cache: RowCache, rows: Decoded):
     return cache.prepare(rows) if isinstance(rows, dict) else rows
 
 
-def _place(cache: RowCache, rel: str, stat: FileStat, digest: bytes,
-           arrays: Decoded | None, report: UpdateReport) -> Entry:
-    """Record one read file: reuse rows of known content, else append its decoded rows."""
-    old = cache.entries.get(rel)
-    if old is None:
-        report.new += 1
-    elif old.digest != digest:
-        report.changed += 1
-    have = cache.by_digest.get(digest)
-    if have is not None:
-        entry = Entry(rel, stat, digest, have.start, have.count, have.check)
-        cache.record(entry)
-        return entry
-    report.decoded += 1
-    return cache.append(rel, stat, digest, arrays)
+class _Appended:
+    """The content appended during one update: digest -> the record of the file it came
+    from. Kept as sorted numpy columns of the digests' first 8 bytes (16 bytes per file,
+    where a dict costs ~140), merged every MERGE files; the latest ones sit in a dict."""
+
+    MERGE = 4096
+
+    def __init__(self):
+        self.prefix, self.row = np.zeros(0, np.uint64), np.zeros(0, np.int64)
+        self.latest: dict[bytes, int] = {}
+
+    def add(self, digest: bytes, row: int) -> None:
+        self.latest[digest] = row
+        if len(self.latest) >= self.MERGE:
+            new = np.frombuffer(b"".join(d[:8] for d in self.latest), np.uint64)
+            rows = np.fromiter(self.latest.values(), np.int64)
+            order = np.argsort(new, kind="stable")
+            at = np.searchsorted(self.prefix, new[order])
+            self.prefix = np.insert(self.prefix, at, new[order])
+            self.row = np.insert(self.row, at, rows[order])
+            self.latest = {}
+
+    def get(self, digest: bytes, digests: np.ndarray) -> int | None:
+        """The row of `digest`, whose whole digest `digests` (of every file) holds."""
+        if digest in self.latest:
+            return self.latest[digest]
+        key = np.frombuffer(digest[:8], np.uint64)[0]
+        for j in range(np.searchsorted(self.prefix, key), len(self.prefix)):
+            if self.prefix[j] != key:
+                break
+            if digests[self.row[j]:self.row[j] + 1].tobytes() == digest:
+                return int(self.row[j])
+        return None
+
+
+class _Placed:
+    """Records the files of one update as their results come in: rows of content already
+    cached are reused (the index's, or those appended earlier in this update), other
+    content is appended."""
+
+    def __init__(self, cache: RowCache, out: Records, at: np.ndarray, verify: bool,
+                 report: UpdateReport):
+        self.cache, self.out, self.at, self.verify, self.report = cache, out, at, verify, report
+        self.done = np.zeros(len(out), bool)  # records of files placed (so far) that changed
+        self.fresh = _Appended()
+
+    def _appended(self, digest: bytes) -> tuple[int, int, bytes] | None:
+        j = self.fresh.get(digest, self.out.digest)
+        if j is None:
+            return None
+        return int(self.out.start[j]), int(self.out.count[j]), self.out.check[j:j + 1].tobytes()
+
+    def place(self, i: int, digest: bytes, arrays: Decoded | None) -> None:
+        cache, out, old = self.cache, self.out, int(self.at[i])
+        if old < 0:
+            self.report.new += 1
+        elif cache.index.digest[old:old + 1].tobytes() != digest:
+            self.report.changed += 1
+        have = cache.find(digest)
+        if have is not None and arrays is None and self.verify and not cache.check_rows(*have):
+            cache.forget(digest)  # the cached rows were altered: decode the file again
+            have = None
+        have = have or self._appended(digest)
+        if have is None:
+            if arrays is None:  # the worker saw it cached; since found altered
+                arrays = _prepared(cache, _decode_again(i))
+            self.report.decoded += 1
+            have = cache.append(arrays)
+            self.fresh.add(digest, i)
+        out.digest[i] = digest
+        out.start[i], out.count[i], out.check[i] = have
+        self.done[i] = True
+
+
+def _decode_again(i: int) -> Decoded:
+    _, paths, records, decode, whole_files = _JOB
+    return decode(_read(paths[i], _stat_of(records, i)) if whole_files else None,
+                  Path(paths[i]))

@@ -193,12 +193,13 @@ def load_tabular(root: str | None, opts: SourceOptions) -> FixedDataset:
                 _check_schema(fragments[path], schema, path)
             return _batches(fragments[path], schema, columns, opts.target, path, vocab)
 
-        entries, report = update(cache, base, files, decode, opts.verify_cache,
+        records, report = update(cache, base, files, decode, opts.verify_cache,
                                  whole_files=False)
         arrays = cache.arrays()
     print(f"tabular: {root}: {report.line('files')} ({cache.rows:,} rows cached in {where})",
           file=sys.stderr)
-    rows = np.concatenate([np.arange(e.start, e.start + e.count) for e in entries])
+    offsets = records.start - (np.cumsum(records.count) - records.count)
+    rows = np.arange(int(records.count.sum())) + np.repeat(offsets, records.count)  # in file order
     if not len(rows):
         raise InputError(f"{root}: the table has no rows")
     values = np.asarray(arrays["y"][rows])
@@ -211,7 +212,8 @@ def load_tabular(root: str | None, opts: SourceOptions) -> FixedDataset:
         names = [str(int(u)) if y_dtype == "f8" else str(u) for u in uniq]
         y = y.astype(np.int64)
     train = Split(arrays["x"], y, rows)
-    fp = files_fingerprint(json.dumps(settings), names, [("train", -1, e.digest) for e in entries])
+    fp = files_fingerprint(json.dumps(settings), names, np.full(len(records), "train"),
+                           np.full(len(records), -1), records.digest)
     return make_dataset(origin.stem or origin.name, train, None, names,
                         feature_spec(columns, value_range(train)), task=task, origin=origin,
                         fp=fp)
