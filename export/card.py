@@ -230,6 +230,11 @@ def format_card(card: dict) -> str:
     if card.get("metrics"):
         lines.append("metrics:     " + ", ".join(f"{k}={v:.4f}" for k, v in card["metrics"].items()))
     lines += gate_lines(card)
+    if card.get("drift_reference"):
+        from export.drift import small_reference
+
+        lines.append(f"drift ref:   {card['drift_reference']['rows']} validation rows"
+                     + (f" ({note})" if (note := small_reference(card)) else ""))
     if card.get("training"):
         t = card["training"]
         epochs = (f"{t['run_epochs']} epochs, exported weights from epoch {t['weights_epoch']}"

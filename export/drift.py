@@ -16,9 +16,12 @@ validated distribution gets a status other than `ok` with probability at most AL
 Each check's effect size is its PSI over the reference deciles (classes for the class
 check), read as usual: below 0.1 stable, 0.1-0.25 a shift worth a look, 0.25 and above a
 large one. A check is `warn` when it is significant and its PSI is at least PSI_WARN,
-`drift` when significant with PSI at least PSI_DRIFT, else `ok`: with enough rows a test
-finds differences too small to matter (MNIST's test writers against its training writers
-read PSI 0.005 at 10,000 rows, p < 0.01), and those must not page anyone.
+`drift` when significant with PSI at least PSI_DRIFT: with enough rows a test finds
+differences too small to matter (MNIST's test writers against its training writers read
+PSI 0.005 at 10,000 rows, p < 0.01), and those must not page anyone. A check that is not
+significant is `ok` only when the batch was large enough for a shift of PSI_WARN to have
+been significant (at the strictest Holm level); on fewer rows it is `inconclusive`, with
+the rows it would need: a test without power must not read as a clean bill of health.
 """
 
 from __future__ import annotations
@@ -30,6 +33,10 @@ PSI_WARN, PSI_DRIFT = 0.1, 0.25  # effect sizes of a significant shift: warn, dr
 QUANTILE_BINS = 128  # reference bins a continuous check counts into
 EFFECT_BINS = 10  # PSI is read on reference deciles
 EPS = 1e-4  # floor for empty bins, so PSI stays finite
+# The KS distance of a shift of PSI_WARN: a normal shifted by sqrt(0.1) of its standard
+# deviation (PSI = delta^2 there) moves the CDF by at most 2 * Phi(sqrt(0.1) / 2) - 1.
+D_WARN = 0.126
+STATUSES = ("ok", "inconclusive", "warn", "drift")  # from least to most alarming
 
 
 def bin_index(values: np.ndarray, lo: float, hi: float, bins: int) -> np.ndarray:
@@ -140,10 +147,51 @@ def chi2_check(ref_counts: np.ndarray, counts: np.ndarray) -> dict:
     return {"test": "chi2", "statistic": float(stat), "p": float(p), "psi": psi(ref, got)}
 
 
-def _status(p_adjusted: float, effect: float) -> str:
-    if p_adjusted >= ALPHA or effect < PSI_WARN:
-        return "ok"
-    return "drift" if effect >= PSI_DRIFT else "warn"
+def needed_effective_rows(test: str, checks: int, df: int = 1) -> float:
+    """The effective size n*m/(n+m) of a batch of n rows against m reference rows at which
+    a shift of PSI_WARN is significant at the strictest Holm level, ALPHA / checks. KS: the
+    statistic sqrt(n*m/(n+m)) * D reaches its critical value at D = D_WARN; chi-square: for
+    small shifts PSI is the chi-square divergence, and the statistic is n*m/(n+m) times it."""
+    from scipy.stats import chi2, kstwobign
+
+    level = ALPHA / checks
+    if test == "ks":
+        return float(kstwobign.isf(level) / D_WARN) ** 2
+    return float(chi2.isf(level, max(df, 1))) / PSI_WARN
+
+
+def rows_needed(effective: float, reference_rows: int) -> int | None:
+    """Batch rows n with n*m/(n+m) >= `effective`; None when the reference (m) is too small
+    for any batch to get there."""
+    if reference_rows <= effective:
+        return None
+    return int(np.ceil(effective * reference_rows / (reference_rows - effective)))
+
+
+def _status(p_adjusted: float, effect: float, rows: int, needed: int | None) -> str:
+    if p_adjusted < ALPHA and effect >= PSI_WARN:
+        return "drift" if effect >= PSI_DRIFT else "warn"
+    return "ok" if needed is not None and rows >= needed else "inconclusive"
+
+
+def _needed(ref: dict, check: dict, checks: int) -> int | None:
+    df = int(np.count_nonzero(ref.get("classes", []))) - 1
+    return rows_needed(needed_effective_rows(check["test"], checks, df), ref["rows"])
+
+
+def small_reference(card: dict) -> str | None:
+    """A line saying the card's drift reference is too small to judge a batch of its own
+    size, or None."""
+    ref = card.get("drift_reference")
+    if not ref:
+        return None
+    checks = len(ref["continuous"]) + ("classes" in ref)
+    worst = [_needed(ref, {"test": t}, checks) for t in ("ks", "chi2")[:1 + ("classes" in ref)]]
+    if all(n is not None and n <= ref["rows"] for n in worst):
+        return None
+    return (f"drift reference: only {ref['rows']} validation rows; its tests cannot tell a "
+            f"shift of PSI {PSI_WARN:g} from chance on batches of that size (every report "
+            f"will read inconclusive until more rows are seen); validate on more rows")
 
 
 class DriftAccumulator:
@@ -194,14 +242,22 @@ class DriftAccumulator:
         if "classes" in self.counts:
             checks.append({"name": "predicted classes",
                            **chi2_check(np.asarray(self.ref["classes"]), self.counts["classes"])})
+        rows = self.counts["rows"]
         for check, adjusted in zip(checks, holm([c["p"] for c in checks])):
             check["p_adjusted"] = adjusted
-            check["status"] = _status(adjusted, check["psi"])
-        statuses = {c["status"] for c in checks}
-        return {"status": "drift" if "drift" in statuses else "warn" if "warn" in statuses
-                else "ok", "rows": self.counts["rows"], "reference_rows": self.ref["rows"],
+            check["rows_needed"] = _needed(self.ref, check, len(checks))
+            check["status"] = _status(adjusted, check["psi"], rows, check["rows_needed"])
+        status = max((c["status"] for c in checks), key=STATUSES.index, default="inconclusive")
+        needed = [c["rows_needed"] for c in checks if c["status"] == "inconclusive"]
+        return {"status": status, "rows": rows, "reference_rows": self.ref["rows"],
+                "rows_needed": None if None in needed else max(needed, default=None),
                 "alpha": ALPHA, "psi_warn": PSI_WARN, "psi_drift": PSI_DRIFT,
                 "correction": "holm", "checks": checks}
+
+
+def reaches(status: str, level: str) -> bool:
+    """Whether a report's status is at least `level` (warn or drift)."""
+    return STATUSES.index(status) >= STATUSES.index(level) and status != "inconclusive"
 
 
 def format_report(report: dict, limit: int = 12) -> str:
@@ -211,11 +267,17 @@ def format_report(report: dict, limit: int = 12) -> str:
     lines = [f"drift: {report['status'].upper()} ({report['rows']} rows vs "
              f"{report['reference_rows']} validation rows; family-wise false-alarm rate "
              f"{ALPHA:g}, Holm; a significant check warns at PSI >= {PSI_WARN:g}, "
-             f"drifts at >= {PSI_DRIFT:g})",
-             f"  {'check':24} {'test':>4} {'stat':>8} {'p (Holm)':>9} {'PSI':>7}  status"]
+             f"drifts at >= {PSI_DRIFT:g})"]
+    if report["status"] == "inconclusive":
+        needed = report.get("rows_needed")
+        lines.append(f"  too few rows to tell: a shift of PSI {PSI_WARN:g} needs "
+                     + (f"~{needed:,} rows to be seen" if needed else
+                        "a larger drift reference (re-export on more validation rows)"))
     ranked = sorted(report["checks"], key=lambda c: (c["p_adjusted"], -c["psi"]))
+    w = max([24] + [len(c["name"]) for c in ranked[:limit]])
+    lines.append(f"  {'check':{w}} {'test':>4} {'stat':>8} {'p (Holm)':>9} {'PSI':>7}  status")
     for c in ranked[:limit]:
-        lines.append(f"  {c['name'][:24]:24} {c['test']:>4} {c['statistic']:8.4f} "
+        lines.append(f"  {c['name']:{w}} {c['test']:>4} {c['statistic']:8.4f} "
                      f"{c['p_adjusted']:9.2g} {c['psi']:7.4f}  {c['status']}")
     if len(ranked) > limit:
         lines.append(f"  ... {len(ranked) - limit} more checks, all with larger p-values")

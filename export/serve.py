@@ -314,11 +314,13 @@ def metrics_text(card: dict, folder: Path) -> str:
             drift.merge(json.loads(state_file.read_text()))
         except (OSError, ValueError):  # a worker replacing its file right now: next scrape
             continue
-    report = drift.report() if drift.counts["rows"] else {"status": "ok", "rows": 0, "checks": []}
-    code = {"ok": 0, "warn": 1, "drift": 2}.get(report["status"], -1)
+    report = drift.report() if drift.counts["rows"] else {"status": "inconclusive", "rows": 0,
+                                                          "checks": []}
+    code = {"ok": 0, "warn": 1, "drift": 2, "inconclusive": 3}.get(report["status"], -1)
     lines += ["# HELP frozenfit_drift_rows rows seen by the drift tests since start",
               "# TYPE frozenfit_drift_rows gauge", f"frozenfit_drift_rows {report['rows']}",
-              "# HELP frozenfit_drift_status 0 ok, 1 warn, 2 drift, -1 no reference in the card",
+              ("# HELP frozenfit_drift_status 0 ok, 1 warn, 2 drift, 3 inconclusive (too few rows "
+               "so far), -1 no reference in the card"),
               "# TYPE frozenfit_drift_status gauge", f"frozenfit_drift_status {code}"]
     for name, key in (("psi", "psi"), ("p_adjusted", "p_adjusted")):
         lines += [(f"# HELP frozenfit_drift_{name} per check, inputs and predictions seen "

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from export.drift import ALPHA, PSI_DRIFT, PSI_WARN, DriftAccumulator, holm, psi, reference, summary_names
+from export.drift import (ALPHA, PSI_DRIFT, PSI_WARN, DriftAccumulator, format_report, holm, psi,
+                          reference, small_reference, summary_names)
 from export.runtime import Prediction
 
 CARD = {"task": "classification", "class_names": ["a", "b", "c"],
@@ -39,14 +40,41 @@ def test_reference_names_and_bins(card):
     for check in ref["continuous"]:
         assert sum(check["counts"]) == 3000 and len(check["counts"]) == len(check["edges"]) + 1
     assert sum(ref["classes"]) == 3000
+    assert small_reference(card) is None
 
 
 @pytest.mark.parametrize("size", [30, 300, 3000])
 def test_false_alarm_rate_is_at_most_alpha_under_the_null(card, size):
     rng = np.random.default_rng(size)
-    alarms = sum(_report(card, *_rows(rng, size))["status"] != "ok" for _ in range(300))
+    alarms = sum(_report(card, *_rows(rng, size))["status"] in ("warn", "drift")
+                 for _ in range(300))
     # 300 draws at a true rate of ALPHA (0.01) exceed 9 alarms with probability < 0.1%.
     assert alarms <= 9, alarms
+
+
+def test_too_few_rows_read_inconclusive_never_ok(card):
+    """30 rows cannot show a shift of PSI 0.1 at the Holm level: not ok, with the rows that
+    would be needed; the same rows far off the reference are still caught."""
+    rng = np.random.default_rng(3)
+    small = _report(card, *_rows(rng, 30))
+    assert small["status"] == "inconclusive"
+    assert {c["status"] for c in small["checks"]} == {"inconclusive"}
+    assert 150 < small["rows_needed"] < 400, small["rows_needed"]
+    assert "~" in format_report(small) and "rows to be seen" in format_report(small)
+    enough = _report(card, *_rows(rng, small["rows_needed"]))
+    assert enough["status"] == "ok"
+    for shift in (1.0, 3.0):  # shifted: never ok
+        assert _report(card, *_rows(rng, 12, shift=shift))["status"] != "ok"
+    assert _report(card, *_rows(rng, 12, shift=3.0))["status"] == "drift"
+
+
+def test_a_tiny_reference_says_so_and_never_reads_ok():
+    rng = np.random.default_rng(4)
+    tiny = {**CARD, "drift_reference": reference(CARD, *_rows(rng, 32))}
+    assert "only 32 validation rows" in small_reference(tiny)
+    report = _report(tiny, *_rows(rng, 5000))
+    assert report["status"] == "inconclusive" and report["rows_needed"] is None
+    assert "larger drift reference" in format_report(report)
 
 
 def test_a_shift_is_drift_with_its_check_named(card):

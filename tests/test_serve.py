@@ -167,7 +167,7 @@ def test_card_health_and_metrics(image_server, digits_run, digits_x):
     assert grew("frozenfit_batch_rows_sum") == 5
     assert grew("frozenfit_request_seconds_count") == 2
     assert grew("frozenfit_drift_rows") == 5
-    assert after["frozenfit_drift_status"] in (0, 1, 2)
+    assert after["frozenfit_drift_status"] in (1, 2, 3)  # 5 rows: never ok
     assert any(k.startswith('frozenfit_drift_psi{check="pixel mean"}') for k in after)
 
 

@@ -139,6 +139,9 @@ def cmd_predict(argv: list[str]) -> int:
                    help="onnxruntime threads (default 0: one per physical core, or one where "
                    "a quick check finds that clearly faster, as for tiny models)")
     p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+    p.add_argument("--fail-on-drift", choices=["warn", "drift"],
+                   help=f"exit {EXIT_DRIFT} (after writing every output) when the drift report "
+                        "reaches this level; an inconclusive report (too few rows) does not")
     ray = p.add_argument_group("more than one machine (--engine ray; extra: ray)")
     ray.add_argument("--engine", default="local", choices=["local", "ray"],
                      help="ray: Ray Data over a folder or glob of Parquet/CSV/.npy/.npz files "
@@ -196,6 +199,13 @@ def cmd_predict(argv: list[str]) -> int:
         if metric in summary:
             print(f"{metric}: {summary[metric]:.4f}")
     print(summary["drift_table"])
+    if args.fail_on_drift:
+        from export.drift import reaches
+
+        if reaches(summary["drift_status"], args.fail_on_drift):
+            print(f"trainer predict: drift report is {summary['drift_status']} "
+                  f"(--fail-on-drift {args.fail_on_drift}); exit {EXIT_DRIFT}", file=sys.stderr)
+            return EXIT_DRIFT
     return 0
 
 
@@ -302,6 +312,8 @@ def cmd_data(argv: list[str]) -> int:
     print(f"wrote {args.out}: {len(y)} rows of the {args.split} split")
     return 0
 
+
+EXIT_DRIFT = 3  # trainer predict --fail-on-drift: the outputs are written, the data drifted
 
 TOOLS = {"export": cmd_export, "predict": cmd_predict, "serve": cmd_serve,
          "inspect": cmd_inspect, "data": cmd_data}

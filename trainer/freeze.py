@@ -15,6 +15,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import importlib.metadata as md
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -364,6 +365,8 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path, data: HeldOut | No
     if len(data.val_x):  # what the batch jobs' drift tests compare with
         card["drift_reference"] = drift.reference(card, data.val_x,
                                                   graph_prediction(model, data.val_x, card["task"]))
+        if note := drift.small_reference(card):
+            print(f"export: {note}", file=sys.stderr)
     if data.test_y is not None and len(data.test_y):
         card["metrics"].update(graph_metrics(model, data.test_x, data.test_y, card["task"]))
     attach_card(model, card)
