@@ -97,3 +97,24 @@ def test_unknown_data_source():
 
 def test_unknown_command():
     assert_one_line_error(run_cli("train"), "unknown command 'train'")
+
+
+def test_option_typos_are_one_line_naming_where_and_the_closest_names(tmp_path):
+    """A misspelt option, on the command line or in a YAML file, and a value of the wrong
+    type: one line with exit 2, naming the source and suggesting the valid name; an
+    abbreviated option is refused, never silently taken for the long one."""
+    digits = str(ROOT / "configs" / "digits.yaml")
+    proc = run_cli("fit", "--config", digits, "--data.batchsize", "32")
+    assert proc.returncode == 2
+    assert_one_line_error(proc, "unknown option --data.batchsize (on the command line)",
+                          "did you mean --data.batch_size")
+    proc = run_cli("fit", "--config", digits, "--trainer.max_epoch", "3")  # an abbreviation
+    assert_one_line_error(proc, "--trainer.max_epoch", "did you mean --trainer.max_epochs")
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("trainer:\n  max_epoch: 3\n")
+    proc = run_cli("fit", "--config", digits, "--config", str(typo))
+    assert_one_line_error(proc, f"'trainer.max_epoch' (in {typo})",
+                          "did you mean --trainer.max_epochs")
+    proc = run_cli("fit", "--config", digits, "--trainer.max_epochs", "abc")
+    assert_one_line_error(proc, "--trainer.max_epochs (from the command line): expected int",
+                          "got 'abc'")

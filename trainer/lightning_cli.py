@@ -108,6 +108,18 @@ def build_cli(args: list[str], run: bool = True, instantiate: bool = True):
     from trainer.module import ClassifierModule
 
     class TrainerCLI(LightningCLI):
+        def parse_arguments(self, parser, args):
+            from argparse import ArgumentError
+
+            from export.errors import InputError
+            from trainer.option_errors import explain
+
+            try:
+                super().parse_arguments(parser, args)
+            except ArgumentError as exc:
+                sub = self._subcommand_parsers.get(args[0]) if args else None
+                raise InputError(explain(str(exc), list(args), sub or parser)) from None
+
         def add_arguments_to_parser(self, parser):
             # The model learns its input spec, classes and normalisation from the data.
             parser.link_arguments("data.info", "model.data_info", apply_on="instantiate")
@@ -293,5 +305,6 @@ def build_cli(args: list[str], run: bool = True, instantiate: bool = True):
                            "init_args": {"save_dir": "runs", "name": "default"}},
             },
             save_config_kwargs={"overwrite": True},
-            parser_kwargs={"description": "Train on a fixed dataset (see `trainer --help`)."},
+            parser_kwargs={"description": "Train on a fixed dataset (see `trainer --help`).",
+                           "exit_on_error": False, "allow_abbrev": False},
         )
