@@ -67,12 +67,18 @@ def reference(tmp_path_factory):
     return first, _report(work, 0)
 
 
-@pytest.mark.parametrize("signal_name,stopped_at", [("SIGTERM", 30), ("SIGKILL", 19)])
+@pytest.mark.parametrize("signal_name,stopped_at",
+                         [("SIGTERM", 30), ("SIGINT", 30), ("SIGKILL", 19)])
 def test_interrupted_run_resumes_exactly(reference, tmp_path, signal_name, stopped_at):
     proc = _fit(tmp_path, _signal_at(30, signal_name))
     if signal_name == "SIGTERM":  # saves a mid-epoch checkpoint and exits cleanly
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert "SIGTERM: saved" in proc.stderr
+    elif signal_name == "SIGINT":  # Ctrl-C: the same, and the command that resumes
+        assert proc.returncode == 130, proc.stderr[-2000:]
+        last = proc.stderr.strip().splitlines()[-1]
+        assert "trainer fit: interrupted; kept " in last and "last.ckpt" in last, last
+        assert last.endswith("--ckpt_path last") and "resume with: trainer fit --config" in last
     else:
         assert proc.returncode == -9
     assert _last(tmp_path, 0)["global_step"] == stopped_at

@@ -84,6 +84,8 @@ class CheckpointOnSigterm(L.Callback):
     writes `last.ckpt` (mid-epoch, with the loop's position) so `--ckpt_path last` resumes
     exactly. Other exceptions (a NaN loss, a crash) save nothing."""
 
+    saved: Path | None = None  # the checkpoint written on the last stop, for the CLI's message
+
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -93,6 +95,7 @@ class CheckpointOnSigterm(L.Callback):
             if getattr(cb, "monitor", None) is None and cb.dirpath:
                 path = Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}"
                 trainer.save_checkpoint(path)
+                CheckpointOnSigterm.saved = path
                 rank_zero_info(f"SIGTERM: saved {path}; resume with --ckpt_path last")
                 return
 

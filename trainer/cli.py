@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -315,6 +316,25 @@ def cmd_data(argv: list[str]) -> int:
 
 EXIT_DRIFT = 3  # trainer predict --fail-on-drift: the outputs are written, the data drifted
 
+def _ctrl_c_pressed() -> bool:
+    from trainer.lightning_cli import CTRL_C
+
+    return CTRL_C["pressed"]
+
+
+def _after_ctrl_c(argv: list[str]) -> int:
+    """After a Ctrl-C stopped a fit: the checkpoint kept and the command that resumes it."""
+    from trainer.callbacks import CheckpointOnSigterm
+
+    args = [a for i, a in enumerate(argv) if a != "--ckpt_path" and
+            (i == 0 or argv[i - 1] != "--ckpt_path") and not a.startswith("--ckpt_path=")]
+    kept = CheckpointOnSigterm.saved
+    print(f"trainer {argv[0]}: interrupted; "
+          + (f"kept {kept}; resume with: trainer {shlex.join(args)} --ckpt_path last"
+             if kept else "no checkpoint was saved"), file=sys.stderr)
+    return 130
+
+
 TOOLS = {"export": cmd_export, "predict": cmd_predict, "serve": cmd_serve,
          "inspect": cmd_inspect, "data": cmd_data}
 
@@ -334,8 +354,12 @@ def main(argv: list[str] | None = None) -> int:
             from trainer.lightning_cli import build_cli, tune_cpu_allocator
 
             tune_cpu_allocator()
-            build_cli(argv)
-            return 0
+            try:
+                build_cli(argv)
+            except BaseException as exc:  # SIGTERMException is a SystemExit
+                if not _ctrl_c_pressed() or isinstance(exc, KeyboardInterrupt):
+                    raise
+            return _after_ctrl_c(argv) if _ctrl_c_pressed() else 0
         if command in TOOLS:
             return TOOLS[command](argv[1:])
         raise InputError(f"unknown command {command!r}; expected one of "

@@ -5,6 +5,7 @@ Lightning, so `trainer/cli.py` loads it only for those commands."""
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import warnings
@@ -72,16 +73,29 @@ class Preempted(BaseException):
     report): stop now; `--ckpt_path last` completes the run from its last checkpoint."""
 
 
+CTRL_C = {"pressed": False}  # set by the first Ctrl-C of a fit
+
+
 def _stop_on_sigterm() -> None:
     """From here on SIGTERM never kills the process mid-write. While a Lightning loop runs,
     Lightning's own handler is installed and calls this one too: Lightning stops at the next
     batch (CheckpointOnSigterm saves). Anywhere else (setup, the export at fit's end, the
-    report) this is the handler, and it raises Preempted, which the CLI reports in one line."""
+    report) this is the handler, and it raises Preempted, which the CLI reports in one line.
+    The first Ctrl-C takes the same path (a KeyboardInterrupt mid-step would leave nothing
+    to resume from); a second one aborts at once."""
     def handler(signum, frame):
         if signal.getsignal(signal.SIGTERM) is handler:
             raise Preempted()
 
+    def ctrl_c(signum, frame):
+        CTRL_C["pressed"] = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print("\ntrainer fit: Ctrl-C: stopping after this batch and saving last.ckpt "
+              "(Ctrl-C again to abort without saving)", file=sys.stderr)
+        os.kill(os.getpid(), signal.SIGTERM)
+
     signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, ctrl_c)
 
 
 def _no_advertising(record: logging.LogRecord) -> bool:
