@@ -43,7 +43,8 @@ class JobOptions:
 
 def output_columns(pred: Prediction, y: np.ndarray | None, class_names: list[str],
                    top_k: int) -> dict[str, list]:
-    """Columns after id and pass-through columns: label, confidence (+ top-k) and
+    """Columns after id and pass-through columns: label, confidence (the most likely
+    class), with top_k > 1 the next ones as top2_label, top2_confidence, ..., and
     true_label; or value and true_value for regression."""
     if pred.values is not None:
         cols = {"value": [float(v) for v in pred.values]}
@@ -54,7 +55,7 @@ def output_columns(pred: Prediction, y: np.ndarray | None, class_names: list[str
             "confidence": [round(float(c), 6) for c in pred.confidence]}
     if top_k > 1:
         order = np.argsort(-pred.probabilities, axis=1)[:, :top_k]
-        for k in range(order.shape[1]):
+        for k in range(1, order.shape[1]):  # the first is label/confidence
             cols[f"top{k + 1}_label"] = [class_names[i] for i in order[:, k]]
             cols[f"top{k + 1}_confidence"] = [
                 round(float(p), 6) for p in pred.probabilities[np.arange(len(order)), order[:, k]]]
@@ -121,7 +122,8 @@ class _Progress:
         self.last = now
         rate = rows / max(now - self.start, 1e-9)
         end = "\n" if final or not sys.stderr.isatty() else "\r"
-        print(f"predict: {rows:,} rows, {rate:,.0f} rows/s", end=end, file=sys.stderr, flush=True)
+        print(f"predict: {rows:,} rows, {rate:,.0f} rows/s since the first batch", end=end,
+              file=sys.stderr, flush=True)
 
 
 class Totals:

@@ -219,22 +219,30 @@ def format_card(card: dict) -> str:
     lines = [f"task:        {card['task']}"]
     if card["task"] != "regression":
         lines.append(f"classes:     {len(card['class_names'])}: {', '.join(card['class_names'])}")
+    lo, hi = spec["value_range"]
+    splits = data.get("split_sizes")
     lines += [
         f"input:       {spec['name']} {spec['dtype']} {spec.get('layout', '')} "
-        f"shape [N, {', '.join(map(str, spec['shape']))}] values in {spec['value_range']}",
+        f"shape [N, {', '.join(map(str, spec['shape']))}] values in [{lo:g}, {hi:g}]",
+    ]
+    if spec.get("columns"):
+        lines.append(f"features:    {', '.join(spec['columns'])}")
+    lines += [
         f"outputs:     {', '.join(card['outputs'])}",
         f"precision:   {card.get('precision', 'fp32')}",
-        f"dataset:     {data['name']} fingerprint {data['fingerprint'][:16]}... "
-        f"splits {data.get('split_sizes', 'unknown')}",
+        f"dataset:     {data['name']} fingerprint {data['fingerprint'][:16]}... splits "
+        + (", ".join(f"{k} {v:,}" for k, v in splits.items()) if splits else "unknown"),
     ]
     if card.get("metrics"):
-        lines.append("metrics:     " + ", ".join(f"{k}={v:.4f}" for k, v in card["metrics"].items()))
+        lines.append("metrics:     " + ", ".join(
+            f"{k}={int(v)}" if float(v).is_integer() and "samples" in k else f"{k}={v:.4f}"
+            for k, v in card["metrics"].items()))
     lines += gate_lines(card)
     if card.get("drift_reference"):
         from export.drift import small_reference
 
         lines.append(f"drift ref:   {card['drift_reference']['rows']} validation rows"
-                     + (f" ({note})" if (note := small_reference(card)) else ""))
+                     + (f": {note}" if (note := small_reference(card)) else ""))
     if card.get("training"):
         t = card["training"]
         epochs = (f"{t['run_epochs']} epochs, exported weights from epoch {t['weights_epoch']}"

@@ -180,8 +180,8 @@ def _needed(ref: dict, check: dict, checks: int) -> int | None:
 
 
 def small_reference(card: dict) -> str | None:
-    """A line saying the card's drift reference is too small to judge a batch of its own
-    size, or None."""
+    """Why the card's drift reference is too small to judge a batch of its own size, or
+    None."""
     ref = card.get("drift_reference")
     if not ref:
         return None
@@ -189,9 +189,8 @@ def small_reference(card: dict) -> str | None:
     worst = [_needed(ref, {"test": t}, checks) for t in ("ks", "chi2")[:1 + ("classes" in ref)]]
     if all(n is not None and n <= ref["rows"] for n in worst):
         return None
-    return (f"drift reference: only {ref['rows']} validation rows; its tests cannot tell a "
-            f"shift of PSI {PSI_WARN:g} from chance on batches of that size (every report "
-            f"will read inconclusive until more rows are seen); validate on more rows")
+    return (f"too few for its tests to tell a shift of PSI {PSI_WARN:g} from chance on a "
+            f"batch of its size; reports will read inconclusive (validate on more rows)")
 
 
 class DriftAccumulator:

@@ -54,6 +54,19 @@ def describe_input(spec: dict) -> str:
     return f"{spec['dtype']} array of shape (N, {dims}) with values in [{lo}, {hi}]"
 
 
+def _shape_mismatch(spec: dict, got: tuple) -> str:
+    """What is wrong with an input of shape `got`, saying so when it is the wrong kind of
+    data altogether (a table for an image model, images for a table model)."""
+    expected = f"expected {describe_input(spec)}, got shape {got}"
+    if spec["kind"] == "image" and len(got) == 2:
+        return (f"the model takes images and this input is a table ({got[0]} rows x "
+                f"{got[1]} numeric columns); {expected}")
+    if spec["kind"] != "image" and len(got) >= 3:
+        return (f"the model takes a table of {spec['shape'][0]} feature columns and this "
+                f"input is images or a multi-dimensional array; {expected}")
+    return expected
+
+
 def check_input(spec: dict, x: np.ndarray, source: str = "input") -> np.ndarray:
     """Return `x` as the graph of the card's input `spec` wants it, or raise InputError
     naming the expected spec. The one input check of batch jobs, the server and Ray."""
@@ -61,7 +74,7 @@ def check_input(spec: dict, x: np.ndarray, source: str = "input") -> np.ndarray:
     if x.ndim == len(shape) and shape[0] == 1 and spec["kind"] == "image":
         x = x[:, None]  # (N, H, W) grayscale -> (N, 1, H, W)
     if x.ndim != len(shape) + 1 or tuple(x.shape[1:]) != shape:
-        raise InputError(f"{source}: expected {describe_input(spec)}, got shape {tuple(x.shape)}")
+        raise InputError(f"{source}: {_shape_mismatch(spec, tuple(x.shape))}")
     want = np.dtype(spec["dtype"])
     if want == np.uint8:
         if x.dtype != np.uint8:

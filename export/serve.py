@@ -120,6 +120,10 @@ def _raw_image_array(inst: list, spec: dict, where: str) -> np.ndarray:
             raise RequestError(422, f"{where}: expected integers in [0, 255] for the model's "
                                     "uint8 input")
         arr = arr.astype(np.uint8)
+    shape = tuple(spec["shape"])
+    if arr.shape != shape and not (shape[0] == 1 and arr.shape == shape[1:]):
+        raise RequestError(422, f"{where}: expected one instance of shape {shape} "
+                                f"({describe_input(spec)}), got shape {arr.shape}")
     try:
         return check_input(spec, arr[None], where)[0]
     except InputError as exc:

@@ -82,5 +82,10 @@ def test_inspect_prints_the_card(digits_run):
     proc = run_cli("inspect", str(digits_run / "model.onnx"))
     assert proc.returncode == 0, proc.stderr
     assert "classes:     10" in proc.stdout and "fingerprint" in proc.stdout
+    assert "values in [0, 255]" in proc.stdout and re.search(r"val/samples=269(,|$)", proc.stdout, re.M)
+    # 269 validation rows are too few to judge a batch of that size: said at export and here
+    assert "drift ref:   269 validation rows: too few" in proc.stdout
+    fit_log = (digits_run.parents[2] / "fit.stderr").read_text()
+    assert "export: drift reference of 269 validation rows: too few" in fit_log
     proc = run_cli("inspect", str(digits_run / "model.onnx"), "--json")
     assert '"card_version": 2' in proc.stdout

@@ -66,7 +66,8 @@ def test_input_of_the_wrong_shape(tmp_path, digits_run):
     out = tmp_path / "preds.csv"
     proc = run_cli("predict", "--model", str(digits_run / "model.onnx"), "--input", str(bad),
                    "--output", str(out))
-    assert_one_line_error(proc, "flat.npz", "shape (N, 1, 8, 8)", "got shape (5, 64)")
+    assert_one_line_error(proc, "flat.npz", "the model takes images and this input is a table "
+                          "(5 rows x 64 numeric columns)", "shape (N, 1, 8, 8)", "got shape (5, 64)")
     assert not out.exists()
 
 

@@ -131,3 +131,9 @@ def test_predict_on_the_test_folder_scores_exactly_the_cards_test_accuracy(tmp_p
     card = json.loads(run_cli("inspect", str(model), "--json").stdout)
     assert card["metrics"]["test/acc_onnx"] > 0.8
     assert served == pytest.approx(card["metrics"]["test/acc_onnx"], abs=5e-5)  # 4 decimals
+    # `trainer test` of the run's best checkpoint takes the run's data (root, size, colour)
+    # without --data.* given again
+    proc = run_cli("test", "--config", str(ROOT / "configs" / "image_folder.yaml"),
+                   "--ckpt_path", "best", "--trainer.enable_progress_bar", "false", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "test: the run's data (data.root" in proc.stderr and "data.image_size" in proc.stderr

@@ -181,7 +181,7 @@ BAD = {
     "not an image": (json.dumps({"instances": [base64.b64encode(b"hello").decode()]}).encode(),
                      "application/json", "", 400, ["instances[0]", "cannot decode image"]),
     "wrong shape": (b'{"instances": [[1, 2, 3]]}', "application/json", "", 422,
-                    ["instances[0]", "shape (N, 1, 8, 8)"]),
+                    ["instances[0]", "one instance of shape (1, 8, 8)", "got shape (3,)"]),
     "ragged": (b'{"instances": [[[1, 2], [3]]]}', "application/json", "", 422, ["ragged"]),
     "fractions for uint8": (json.dumps({"instances": [np.full((1, 8, 8), 0.5).tolist()]}).encode(),
                             "application/json", "", 422, ["instances[0]", "[0, 255]"]),

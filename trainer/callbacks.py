@@ -123,6 +123,16 @@ class RunReport(L.Callback):
         self._epoch, self._carried, self._start, self._samples = -1, 0.0, 0.0, 0
         self._restored: dict | None = None
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        """Log at least once per epoch: Lightning's default interval (50 steps) is longer
+        than a small dataset's epoch, and it warns about it on every such run."""
+        splits = getattr(trainer.datamodule, "splits", None)
+        if stage != "fit" or not splits or "train" not in splits:
+            return
+        per_rank = len(splits["train"]) // max(1, trainer.world_size)
+        batches = max(1, per_rank // trainer.datamodule.hparams.batch_size)
+        trainer.log_every_n_steps = min(trainer.log_every_n_steps, batches)
+
     def state_dict(self) -> dict:
         seconds = self._carried + (time.perf_counter() - self._start if self._start else 0.0)
         return {"epochs": self.epochs, "partial": {"epoch": self._epoch, "seconds": seconds,

@@ -192,7 +192,8 @@ def cmd_predict(argv: list[str]) -> int:
             check_output(path, "--output", {"--model": args.model, "--input": args.input})
         summary = run_batch(args.model, args.input, args.output, job)
     print(f"predicted {summary['rows']} rows -> {summary['output']} "
-          f"({summary['rows_per_second']:.0f} rows/s on {summary['provider']})")
+          f"({summary['rows_per_second']:,.0f} rows/s over the whole job, reading and writing "
+          f"included, on {summary['provider']})")
     if summary["skipped"]:
         print(f"skipped {len(summary['skipped'])} unreadable inputs (listed in the summary):")
         print("\n".join(f"  {s}" for s in summary["skipped"][:10]))

@@ -366,7 +366,8 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path, data: HeldOut | No
         card["drift_reference"] = drift.reference(card, data.val_x,
                                                   graph_prediction(model, data.val_x, card["task"]))
         if note := drift.small_reference(card):
-            print(f"export: {note}", file=sys.stderr)
+            print(f"export: drift reference of {len(data.val_x)} validation rows: {note}",
+                  file=sys.stderr)
     if data.test_y is not None and len(data.test_y):
         card["metrics"].update(graph_metrics(model, data.test_x, data.test_y, card["task"]))
     attach_card(model, card)

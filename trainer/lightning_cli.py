@@ -128,6 +128,7 @@ def build_cli(args: list[str], run: bool = True, instantiate: bool = True):
             from export.errors import InputError
             from trainer.option_errors import explain
 
+            self._argv = list(args or [])
             try:
                 super().parse_arguments(parser, args)
             except ArgumentError as exc:
@@ -203,9 +204,30 @@ def build_cli(args: list[str], run: bool = True, instantiate: bool = True):
                     # state only when the checkpoint folder is spelled as it was.
                     logger.version = run.name
                     runs.keep_previous_log(run)
-            elif logger:
-                logger.save_dir, logger.name = str(run.parent), run.name
-                logger.version = f"eval/{self.subcommand}-{ckpt.stem}"
+            else:
+                self._data_of_run(config, run)
+                if logger:
+                    logger.save_dir, logger.name = str(run.parent), run.name
+                    logger.version = f"eval/{self.subcommand}-{ckpt.stem}"
+
+        def _data_of_run(self, config, run: Path) -> None:
+            """validate/test evaluate the checkpoint on its run's data: the data options of
+            the run's config.yaml, except those given on the command line."""
+            import yaml
+
+            saved = run / "config.yaml"
+            try:
+                data = (yaml.safe_load(saved.read_text()) or {}).get("data") or {}
+            except (OSError, yaml.YAMLError, AttributeError):
+                return
+            given = {a[2:].split("=", 1)[0] for a in self._argv if a.startswith("--data.")}
+            taken = [k for k, v in data.items()
+                     if f"data.{k}" not in given and k in config.data and config.data[k] != v]
+            for key in taken:
+                config.data[key] = data[key]
+            if taken:
+                print(f"{self.subcommand}: the run's data ({', '.join(f'data.{k}' for k in taken)}"
+                      f" from {saved})", file=sys.stderr)
 
         def _pin_hardware(self, config, hardware: dict | None) -> None:
             """A resumed fit keeps the precision and layout its checkpoint chose by quick
