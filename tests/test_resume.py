@@ -86,6 +86,8 @@ def test_interrupted_run_resumes_exactly(reference, tmp_path, signal_name, stopp
     proc = _fit(tmp_path, "--ckpt_path", "last")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "fit: checkpoint" in proc.stderr and "version_0" in proc.stderr
+    assert f"complete epochs, step {stopped_at})" in proc.stderr  # where it resumes
+    assert "exists and is not empty" not in proc.stderr  # the run's own folder: expected
     # The resume continues in its own run folder, and its report describes the whole run as
     # the uninterrupted run's does (timings aside).
     assert sorted(p.name for p in (tmp_path / "runs" / "digits").iterdir()) == ["version_0"]

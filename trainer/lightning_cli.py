@@ -187,8 +187,13 @@ def build_cli(args: list[str], run: bool = True, instantiate: bool = True):
                                      f"`best` (of the newest run under {root}/)")
                 return
             ckpt = runs.resolve_checkpoint(config.ckpt_path, root)
-            hardware = runs.load_checkpoint(ckpt, "--ckpt_path", mmap=True).get("hardware")
-            print(f"{self.subcommand}: checkpoint {ckpt}", file=sys.stderr)
+            state = runs.load_checkpoint(ckpt, "--ckpt_path", mmap=True)
+            hardware = state.get("hardware")
+            progress = state.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {})
+            done = progress.get("current", {}).get("processed")
+            print(f"{self.subcommand}: checkpoint {ckpt}" + (
+                f" ({done} complete epochs, step {state.get('global_step')})"
+                if done is not None else ""), file=sys.stderr)
             config.ckpt_path = str(ckpt)
             run = runs.run_folder(ckpt)
             if self.subcommand == "fit":
@@ -204,6 +209,9 @@ def build_cli(args: list[str], run: bool = True, instantiate: bool = True):
                     # state only when the checkpoint folder is spelled as it was.
                     logger.version = run.name
                     runs.keep_previous_log(run)
+                    # the run's own checkpoints are there, as they should be on a resume
+                    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists "
+                                                              r"and is not empty")
             else:
                 self._data_of_run(config, run)
                 if logger:
