@@ -172,8 +172,33 @@ def _image_chunks(path: Path, spec: dict, class_names, rows: int, first: int, on
                     skipped=[str(im) for im in images if isinstance(im, InputError)])
 
 
+CSV_BLOCKS = (4 << 20, 64 << 20)  # read block sizes: a block must hold the longest row
+
+
+class _RowTooLong(Exception):
+    pass
+
+
 def _table_chunks(path: Path, spec: dict, class_names, rows: int, first: int,
                   target: str | None) -> Iterator[Chunk]:
+    """The table's chunks from chunk `first` on. A CSV row longer than the read block (a
+    document or a base64 blob in a pass-through column) is read again with the next block
+    size, from the first chunk not yet given out; past the last, one line."""
+    for block in CSV_BLOCKS:
+        try:
+            for chunk in _table_chunks_in(path, spec, class_names, rows, first, target, block):
+                yield chunk
+                first += 1
+            return
+        except _RowTooLong:
+            continue
+    raise InputError(f"{path}: a row near chunk {first} is longer than {CSV_BLOCKS[-1] >> 20} "
+                     f"MiB; expected CSV rows of at most that size (a larger cell belongs in a "
+                     f"Parquet file)")
+
+
+def _table_chunks_in(path: Path, spec: dict, class_names, rows: int, first: int,
+                     target: str | None, block: int) -> Iterator[Chunk]:
     try:
         import pyarrow.csv as pacsv
         import pyarrow.parquet as pq
@@ -183,7 +208,7 @@ def _table_chunks(path: Path, spec: dict, class_names, rows: int, first: int,
     done, pending = 0, None
     try:
         if path.suffix.lower() == ".csv":
-            batches = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=1 << 22))
+            batches = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=block))
         else:
             batches = pq.ParquetFile(path).iter_batches(batch_size=rows)
         for batch in batches:  # re-cut the reader's batches into chunks of exactly `rows`
@@ -200,6 +225,8 @@ def _table_chunks(path: Path, spec: dict, class_names, rows: int, first: int,
     except InputError:
         raise
     except Exception as exc:  # pyarrow parse errors (bad rows, mixed types, not a table)
+        if "straddl" in str(exc):  # a row longer than the block
+            raise _RowTooLong() from None
         raise InputError(f"{path}: cannot read table near row {done} ({short_reason(exc)})") from None
 
 

@@ -121,4 +121,9 @@ def count_rows(path: Path, fmt: str) -> int:
     with open(path, newline="", encoding="utf-8") as f:
         if fmt == ".jsonl":  # json.dumps escapes newlines: one line per row
             return sum(1 for _ in f)
-        return sum(1 for _ in csv.reader(f)) - 1  # quoted newlines stay inside their row
+        limit = csv.field_size_limit()
+        csv.field_size_limit(2**31 - 1)  # a pass-through cell may be any size (a document)
+        try:
+            return sum(1 for _ in csv.reader(f)) - 1  # quoted newlines stay inside a row
+        finally:
+            csv.field_size_limit(limit)

@@ -149,7 +149,8 @@ def test_bad_inputs_leave_no_output(digits_run, tmp_path, make, needle):
     assert sorted(p.name for p in tmp_path.iterdir()) == [source.name]
 
 
-def test_killed_job_resumes_without_losing_or_duplicating_rows(digits_run, tmp_path):
+@pytest.mark.parametrize("name", ["SIGKILL", "SIGINT", "SIGTERM"])
+def test_killed_job_resumes_without_losing_or_duplicating_rows(digits_run, tmp_path, name):
     rng = np.random.default_rng(0)
     x = rng.integers(0, 255, (300_000, 1, 8, 8), dtype=np.uint8)
     np.save(tmp_path / "big.npy", x)
@@ -163,13 +164,20 @@ def test_killed_job_resumes_without_losing_or_duplicating_rows(digits_run, tmp_p
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     job = subprocess.Popen([sys.executable, "-m", "trainer", "predict", *args, "--output",
                             str(out)], env=env, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
+                           stderr=subprocess.PIPE, text=True)
     partial = tmp_path / ".p.csv.partial"
     deadline = time.time() + 60
     while len(list(partial.glob("part-*.json"))) < 5 and time.time() < deadline:
         time.sleep(0.02)
-    job.send_signal(signal.SIGKILL)
-    job.wait()
+    job.send_signal(getattr(signal, name))
+    _, err = job.communicate(timeout=60)
+    if name == "SIGKILL":
+        assert job.returncode == -9
+    else:  # Ctrl-C or a scheduler's SIGTERM: one line, the parts kept, how to resume
+        assert job.returncode == {"SIGINT": 130, "SIGTERM": 143}[name], err
+        assert err.strip().splitlines() == [
+            f"trainer predict: stopped by {name}; the complete parts are kept: run the same "
+            f"command with --resume to finish"], err
     done = len(list(partial.glob("part-*.json")))
     assert 5 <= done < 100 and not out.exists()
 

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pytest
 
+from export.errors import InputError
 from tests.conftest import assert_one_line_error, run_cli
 from trainer.data.datamodule import FixedDataModule
 from trainer.freeze import export_checkpoint, held_out
@@ -124,3 +125,45 @@ def test_awkward_pass_through_columns_survive_every_format(table_model, tmp_path
     for r, w in zip(rows, want):
         for k in ("key", 'name, with "quotes"', "when", "amount", "later"):
             assert r[k] == render(w[k]), (k, r[k], w[k])
+
+
+@pytest.mark.parametrize("fmt", [".csv", ".jsonl", ".parquet"])
+def test_a_huge_pass_through_cell_is_predicted_and_kept(table_model, tmp_path, fmt):
+    """A 5 MB cell (past the csv module's 128 KB field limit) and a 10 MB one (past the
+    first 4 MiB read block): predicted and passed through whole in every format."""
+    import csv
+
+    table = _table(6, 5).drop(["label"])
+    docs = ["short", "x" * (5 << 20), "y" * (10 << 20), "", "z", "end"]
+    pacsv.write_csv(table.append_column("doc", pa.array(docs)), tmp_path / "in.csv")
+    out = tmp_path / f"p{fmt}"
+    proc = run_cli("predict", "--model", str(table_model), "--input", str(tmp_path / "in.csv"),
+                   "--output", str(out), "--chunk-rows", "2", "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    if fmt == ".csv":
+        csv.field_size_limit(2**31 - 1)
+        with open(out, newline="", encoding="utf-8") as f:
+            got = [r["doc"] for r in csv.DictReader(f)]
+    elif fmt == ".jsonl":
+        got = [json.loads(line)["doc"] for line in out.read_text().splitlines()]
+    else:
+        import pyarrow.parquet as pq
+
+        got = pq.read_table(out).column("doc").to_pylist()
+    assert [len(d or "") for d in got] == [len(d) for d in docs]
+    assert got[1] == docs[1] and got[2] == docs[2]
+
+
+def test_a_row_past_the_largest_read_block_is_one_line(table_model, tmp_path, monkeypatch):
+    """The blocks made small (in-process) so that a 100 KB row is past the largest."""
+    from export import readers
+    from export.batch import JobOptions, run_batch
+
+    monkeypatch.setattr(readers, "CSV_BLOCKS", (16 << 10, 32 << 10))
+    table = _table(3, 5).drop(["label"])
+    docs = ["a", "b" * (20 << 10), "c" * (100 << 10)]  # the second needs the 32 KiB block
+    pacsv.write_csv(table.append_column("doc", pa.array(docs)), tmp_path / "in.csv")
+    with pytest.raises(InputError, match=r"in.csv: a row near chunk \d+ is longer than 0 MiB"):
+        run_batch(table_model, tmp_path / "in.csv", tmp_path / "p.csv",
+                  JobOptions(progress=False, chunk_rows=1))
+    assert not (tmp_path / "p.csv").exists()

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import shlex
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -175,6 +176,7 @@ def cmd_predict(argv: list[str]) -> int:
     from export.batch import JobOptions, run_batch
 
     out = Path(args.output)
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)  # a scheduler's stop: as Ctrl-C
     job = JobOptions(
         batch_size=args.batch_size, chunk_rows=args.chunk_rows, top_k=args.top_k,
         provider=args.provider, on_error=args.on_error, resume=args.resume,
@@ -317,6 +319,14 @@ def cmd_data(argv: list[str]) -> int:
 
 EXIT_DRIFT = 3  # trainer predict --fail-on-drift: the outputs are written, the data drifted
 
+class Stopped(BaseException):
+    """SIGTERM during a batch job: stop like Ctrl-C (complete parts stay for --resume)."""
+
+
+def _stop_on_sigterm(*_) -> None:
+    raise Stopped()
+
+
 def _ctrl_c_pressed() -> bool:
     from trainer.lightning_cli import CTRL_C
 
@@ -391,9 +401,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"trainer {command}: error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"trainer {command}: interrupted", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Stopped) as exc:
+        name = "SIGTERM" if isinstance(exc, Stopped) else "SIGINT"
+        if command == "predict":
+            print(f"trainer predict: stopped by {name}; the complete parts are kept: run the "
+                  f"same command with --resume to finish", file=sys.stderr)
+        else:
+            print(f"trainer {command}: interrupted", file=sys.stderr)
+        return 143 if name == "SIGTERM" else 130
     except BaseException as exc:
         if type(exc).__name__ != "Preempted":  # lazily imported with lightning
             raise
