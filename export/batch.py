@@ -187,6 +187,20 @@ def _join(state: JobState, output: Path, fmt: str, totals: Totals) -> int:
     return rows
 
 
+def check_chunk_memory(spec: dict, chunk_rows: int) -> None:
+    """A chunk of `chunk_rows` inputs (held with its outputs while it is predicted) must fit
+    in a quarter of the memory this machine has available; otherwise one line naming the
+    flag, not numpy's allocation error."""
+    from export.timing import available_memory
+
+    row = int(np.prod(spec["shape"])) * np.dtype(spec["dtype"]).itemsize
+    avail = available_memory()
+    if avail is not None and chunk_rows * row > avail // 4:
+        raise InputError(f"--chunk-rows {chunk_rows:,}: a chunk of this model's input is "
+                         f"{chunk_rows * row / 2**30:.1f} GiB; at most {avail // 4 // row:,} rows "
+                         f"fit in a quarter of the {avail / 2**30:.1f} GiB available")
+
+
 def run_batch(model: str | Path, input_path: str | Path, output: str | Path,
               options: JobOptions | None = None, *, predictor: Predictor | None = None,
               images: list[Path] | None = None, reports: bool = True) -> dict:
@@ -200,8 +214,9 @@ def run_batch(model: str | Path, input_path: str | Path, output: str | Path,
     threads = {"threads": opts.threads, "reason": "the engine's"}
     if predictor is None:
         predictor, threads = predictor_for_job(model, opts.provider, opts.threads,
-                                               opts.batch_size)
+                                               min(opts.batch_size, opts.chunk_rows))
     card = predictor.card
+    check_chunk_memory(predictor.spec, opts.chunk_rows)
     source = Path(input_path)
     if not source.exists():
         raise InputError(f"{source}: input not found")

@@ -264,6 +264,11 @@ def gate_lines(card: dict) -> list[str]:
     if c.get("checked"):
         lines.append(f"consistent:  graph {c['metric']}={c['graph']:.4f}, recorded {c['recorded']:.4f} "
                      f"on {c['rows']} validation rows")
+    b = card.get("baseline") or {}
+    if b.get("checked"):
+        lines.append(f"baseline:    graph {b['metric']}={b['model']:.4f}, always answering "
+                     f"{b['constant_answer']} {b['constant']:.4f}"
+                     + ("" if b["better"] else " (NO BETTER: exported with --allow-trivial)"))
     q, p = card.get("quantization"), card.get("parity")
     if q:
         lines.append(f"int8 gate:   validation accuracy {q['val_accuracy_int8']:.4f} vs fp32 "

@@ -6,3 +6,11 @@ class InputError(ValueError):
 
     The message names the file, row or field and what was expected.
     """
+
+
+def check_options(*checks: tuple[str, object, bool, str]) -> None:
+    """Raise one line for the first (flag, value, is valid, what is expected) that fails:
+    `--model.width must be >= 1, got 0`."""
+    for flag, value, ok, expected in checks:
+        if not ok:
+            raise InputError(f"--{flag} must be {expected}, got {value}")

@@ -222,10 +222,10 @@ def predictor_for_job(path: str | Path, provider: str = "auto", threads: int = 0
         return pool, {"threads": threads, "reason": "set by --threads"}
     if pool.provider != PROVIDERS["cpu"] or cores < 2:
         return pool, {"threads": "auto", "reason": f"{pool.provider} on {cores} core(s)"}
-    spec = pool.card["input"]
+    spec, n = pool.card["input"], min(batch_size, 4096)  # enough rows to time a batch
     rng = np.random.default_rng(0)
-    x = (rng.integers(0, 256, (batch_size, *spec["shape"])) if spec["dtype"] == "uint8"
-         else rng.normal(size=(batch_size, *spec["shape"]))).astype(spec["dtype"])
+    x = (rng.integers(0, 256, (n, *spec["shape"])) if spec["dtype"] == "uint8"
+         else rng.normal(size=(n, *spec["shape"]))).astype(spec["dtype"])
     try:  # stopped by onnxruntime if it runs over: a hung graph must not hang the check
         pool._run(x, timeout=THREAD_CHECK_MAX_S)
     except TimeoutError:

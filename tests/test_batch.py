@@ -244,3 +244,18 @@ def test_thread_count_is_chosen_by_a_quick_check_and_recorded(digits_run, digits
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((tmp_path / "p.summary.json").read_text())
     assert summary["threads"] == {"threads": 2, "reason": "set by --threads"}
+
+
+def test_absurd_sizes_are_bounded_or_refused_in_one_line(digits_run, digits_test_npz, tmp_path):
+    model = str(digits_run / "model.onnx")
+    args = ["--model", model, "--input", str(digits_test_npz), "--no-progress"]
+    # a batch larger than anything the job holds: the batches are the chunk's rows
+    proc = run_cli("predict", *args, "--output", str(tmp_path / "a.csv"),
+                   "--batch-size", "100000000")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(_rows(tmp_path / "a.csv")) == 269
+    proc = run_cli("predict", *args, "--output", str(tmp_path / "b.csv"),
+                   "--chunk-rows", "100000000000")
+    assert_one_line_error(proc, "--chunk-rows 100,000,000,000: a chunk of this model's input",
+                          "GiB available")
+    assert not (tmp_path / "b.csv").exists()

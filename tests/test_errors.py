@@ -119,3 +119,32 @@ def test_option_typos_are_one_line_naming_where_and_the_closest_names(tmp_path):
     proc = run_cli("fit", "--config", digits, "--trainer.max_epochs", "abc")
     assert_one_line_error(proc, "--trainer.max_epochs (from the command line): expected int",
                           "got 'abc'")
+
+
+def test_training_options_out_of_range_are_one_line_before_any_data(tmp_path):
+    digits = str(ROOT / "configs" / "digits.yaml")
+    for flag, value, needle in (("--model.width", "0", "--model.width must be >= 1, got 0"),
+                                ("--model.lr", "-0.1", "--model.lr must be > 0, got -0.1"),
+                                ("--model.dropout", "1", "--model.dropout must be in [0, 1)"),
+                                ("--data.batch_size", "0", "--data.batch_size must be >= 1")):
+        proc = run_cli("fit", "--config", digits, flag, value, cwd=tmp_path)
+        assert proc.returncode == 2
+        assert_one_line_error(proc, needle)
+    assert not (tmp_path / "runs").exists()
+    for opset in ("7", "99"):
+        proc = run_cli("export", "--ckpt", str(tmp_path / "none.ckpt"), "--out",
+                       str(tmp_path / "m.onnx"), "--opset", opset)
+        assert_one_line_error(proc, f"--opset {opset}: expected 13 to")
+
+
+def test_a_single_class_folder_cannot_train_a_classifier(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "imgs" / "cat").mkdir(parents=True)
+    for i in range(6):
+        Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(tmp_path / "imgs" / "cat" / f"{i}.png")
+    proc = run_cli("fit", "--config", str(ROOT / "configs" / "image_folder.yaml"),
+                   "--data.root", str(tmp_path / "imgs"), "--data.cache_dir",
+                   str(tmp_path / "cache"), cwd=tmp_path)
+    assert_one_line_error(proc, "imgs: one class (cat); a classifier needs at least two",
+                          after_run_log=True)  # after the ingest line

@@ -134,3 +134,31 @@ def test_a_fit_that_fails_before_its_first_epoch_leaves_nothing(tmp_path):
     proc = _fit(tmp_path, 2, poison)
     assert_one_line_error(proc, "loss is nan at epoch 0", after_run_log=True)
     assert _versions(tmp_path) == []
+
+
+def test_a_model_no_better_than_a_constant_is_not_exported(tmp_path):
+    """A learning rate too small to learn anything in one epoch: refused at export in one
+    line with both scores; allowed, exported with a warning and the card says so."""
+    tiny = ("--model.lr", "1e-9", "--model.schedule", "constant")
+    proc = _fit(tmp_path, 1, *tiny)
+    line = assert_one_line_error(proc, "no better than a constant answer", "val/acc",
+                                 "for always answering class", after_run_log=True)
+    assert "--export.allow_trivial true" in line
+    assert not list((tmp_path / "runs").rglob("model.onnx"))
+    proc = _fit(tmp_path, 1, *tiny, "--export.allow_trivial", "true")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "WARNING: the model is no better than a constant answer" in proc.stderr
+    (model,) = (tmp_path / "runs").rglob("model.onnx")
+    from export.card import read_card
+
+    baseline = read_card(model)["baseline"]
+    assert baseline["checked"] and not baseline["better"]
+    assert baseline["model"] <= baseline["constant"] + 1 / 269
+
+
+def test_an_ema_horizon_longer_than_the_run_is_refused_before_training(tmp_path):
+    ema = "--trainer.callbacks+=" + json.dumps({"class_path": "EMAWeightAveraging"})
+    proc = _fit(tmp_path, 3, ema)
+    assert_one_line_error(proc, "EMAWeightAveraging: decay 0.999 averages over ~1,000 updates "
+                          "but this run makes 57", after_run_log=True)
+    assert not list((tmp_path / "runs").rglob("*.ckpt"))

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 
@@ -14,7 +15,8 @@ class ExportOnnx(L.Callback):
     same parity-gated path as `trainer export`, using the run's held-out test samples."""
 
     def __init__(self, enabled: bool = True, filename: str = "model.onnx",
-                 atol: float = 1e-3, opset: int = 18, register_as: str | None = None):
+                 atol: float = 1e-3, opset: int = 18, register_as: str | None = None,
+                 allow_trivial: bool = False):
         """
         Args:
             enabled: Export at the end of fit.
@@ -23,9 +25,11 @@ class ExportOnnx(L.Callback):
             opset: ONNX opset version.
             register_as: Register the exported model under this name in the MLflow Model
                 Registry (needs --trainer.logger MLFlowLogger).
+            allow_trivial: Export even a model no better than always giving the validation
+                split's most common answer (refused by default, in one line).
         """
         self.enabled, self.filename, self.atol, self.opset = enabled, filename, atol, opset
-        self.register_as = register_as
+        self.register_as, self.allow_trivial = register_as, allow_trivial
         self.path: Path | None = None
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -45,11 +49,40 @@ class ExportOnnx(L.Callback):
             return
         self.path = Path(log_dir or ".") / self.filename
         card = export_checkpoint(ckpt, self.path, data=held_out(trainer.datamodule),
-                                 opset=self.opset, atol=self.atol)
+                                 opset=self.opset, atol=self.atol,
+                                 allow_trivial=self.allow_trivial)
         parity = card["parity"]
         rank_zero_info(f"Exported {self.path} from {Path(ckpt).name} "
                        f"(parity: max |diff| {parity['max_abs_diff']:.1e}, "
                        f"top-1 agreement {parity['top1_agreement']:.4f})")
+
+
+def check_averaging_horizon(trainer) -> None:
+    """An exponential moving average of the weights remembers ~1 / (1 - decay) updates; a
+    run shorter than that exports weights close to their random start (decay 0.999 over a
+    300-step digits run: 10% accuracy). Refused before the first step, naming both."""
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    from export.errors import InputError
+
+    steps = int(trainer.estimated_stepping_batches)
+    for cb in trainer.callbacks:
+        if not isinstance(cb, EMAWeightAveraging):
+            continue
+        # Lightning keeps no public decay: read it off the averaging function it built,
+        # which maps (average 1, weights 0) to decay * 1 + (1 - decay) * 0
+        fn = getattr(cb, "_kwargs", {}).get("avg_fn")
+        decay = float(fn(torch.ones(()), torch.zeros(()), torch.tensor(1))) if fn else None
+        every = max(1, int(getattr(cb, "update_every_n_steps", 1) or 1))
+        first = cb.update_starting_at_step or 0
+        if cb.update_starting_at_epoch and trainer.max_epochs and trainer.max_epochs > 0:
+            first = max(first, steps * cb.update_starting_at_epoch // trainer.max_epochs)
+        updates = max(0, steps - first) // every
+        if decay is not None and 1 / (1 - decay) > updates / 2:
+            raise InputError(
+                f"EMAWeightAveraging: decay {decay:.4g} averages over ~{1 / (1 - decay):,.0f} "
+                f"updates but this run makes {updates:,}; the average would stay near the "
+                f"initial weights. Use decay <= {1 - 2 / max(updates, 2):.4f} or train longer")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -65,6 +98,9 @@ class NonFiniteGuard(L.Callback):
 
     def __init__(self, every_n_steps: int = 1):
         self.every_n_steps = every_n_steps
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        check_averaging_horizon(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs

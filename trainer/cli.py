@@ -85,10 +85,18 @@ def cmd_export(argv: list[str]) -> int:
     p.add_argument("--atol", type=float, default=None, help="max |output difference| "
                    "onnxruntime vs torch (default 1e-3 for fp32, 5e-2 for fp16; INT8 is "
                    "gated by accuracy instead)")
+    p.add_argument("--allow-trivial", action="store_true",
+                   help="export even a model no better than always giving the validation "
+                   "split's most common answer")
     p.add_argument("--max-accuracy-drop", type=float, default=0.5,
                    help="INT8: refuse if validation accuracy drops by more percentage points "
                    "than this (default 0.5)")
     args = p.parse_args(argv)
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= args.opset <= newest:  # below: ONNX's converter fails on our graphs
+        raise InputError(f"--opset {args.opset}: expected {MIN_OPSET} to {newest} (this onnx)")
     from export.atomic import check_output
 
     check_output(args.out, "--out", {"--ckpt": args.ckpt, "--samples": args.samples})
@@ -106,7 +114,8 @@ def cmd_export(argv: list[str]) -> int:
         data = HeldOut(x, x, np.zeros(len(x), np.int64) if y is None else y, x)
     card = export_checkpoint(args.ckpt, args.out, data=data, opset=args.opset, atol=args.atol,
                              precision=args.precision, quantize=args.quantize,
-                             max_accuracy_drop=args.max_accuracy_drop)
+                             max_accuracy_drop=args.max_accuracy_drop,
+                             allow_trivial=args.allow_trivial)
     from export.card import gate_lines
 
     print(f"wrote {args.out} ({card['precision']})")
@@ -317,6 +326,7 @@ def cmd_data(argv: list[str]) -> int:
     return 0
 
 
+MIN_OPSET = 13  # the oldest opset the exporter converts our graphs to (Resize, LayerNorm-free)
 EXIT_DRIFT = 3  # trainer predict --fail-on-drift: the outputs are written, the data drifted
 
 class Stopped(BaseException):

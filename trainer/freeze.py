@@ -150,6 +150,41 @@ def consistency_check(model: onnx.ModelProto, ckpt: dict, data: HeldOut, margin:
     return result
 
 
+class TrivialModelError(ParityError):
+    """The model scores no better than always giving the same answer."""
+
+
+def baseline_check(consistency: dict, val_y: np.ndarray, card: dict, allow: bool,
+                   source: str) -> dict:
+    """The best constant answer's score on the validation split (its most common class; its
+    median target, for MAE) beside the graph's own, which `consistency` measured. A model
+    that does not beat it is refused, unless `allow`: it would answer as if it had learned
+    nothing (an EMA whose horizon is longer than the run exports one at chance)."""
+    if not consistency.get("checked"):
+        return {"checked": False, "reason": consistency.get("reason", "")}
+    y, graph, key = np.asarray(val_y), float(consistency["graph"]), consistency["metric"]
+    if card["task"] == "regression":
+        answer = float(np.median(y))
+        constant = float(np.abs(y - answer).mean())
+        better, said = graph < constant, f"{answer:.4g}"
+    else:
+        counts = np.bincount(y.astype(np.int64))
+        top = int(counts.argmax())
+        constant = float(counts[top] / len(y))
+        better, said = round(graph * len(y)) > counts[top], f"class {card['class_names'][top]!r}"
+    line = (f"{key} {graph:.4f} on {len(y)} validation rows vs {constant:.4f} for always "
+            f"answering {said}")
+    if not better and not allow:
+        raise TrivialModelError(
+            f"{source}: the model is no better than a constant answer ({line}); not exported "
+            f"(--export.allow_trivial true, or trainer export --allow-trivial, exports it)")
+    if not better:
+        print(f"export: WARNING: the model is no better than a constant answer ({line}); "
+              f"exported because it was allowed", file=sys.stderr)
+    return {"checked": True, "metric": key, "model": graph, "constant": constant,
+            "constant_answer": said, "better": bool(better)}
+
+
 def module_task(ckpt: dict) -> str:
     return ckpt["hyper_parameters"]["data_info"].get("task", "classification")
 
@@ -311,11 +346,13 @@ def _quantize_gate(fp32: onnx.ModelProto, int8: onnx.ModelProto, data: HeldOut,
 def export_checkpoint(ckpt_path: str | Path, out: str | Path, data: HeldOut | None = None,
                       opset: int = DEFAULT_OPSET, atol: float | None = None,
                       precision: str = "fp32", quantize: str | None = None,
-                      max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP) -> dict:
+                      max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP,
+                      allow_trivial: bool = False) -> dict:
     """Export `ckpt_path` to `out` (atomically) and return the model card written into it.
 
     precision: fp32 or fp16; quantize: None or "int8" (static QDQ, calibrated on training
-    samples, refused if validation accuracy drops by more than `max_accuracy_drop` points).
+    samples, refused if validation accuracy drops by more than `max_accuracy_drop` points);
+    allow_trivial: export a model no better than a constant answer (see baseline_check).
     """
     ckpt_path, out = Path(ckpt_path), Path(out)
     variant = "int8" if quantize == "int8" else precision
@@ -354,6 +391,8 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path, data: HeldOut | No
     card["opset"], card["precision"] = opset, variant
     card["consistency"] = consistency_check(model, ckpt, data, _metric_margin(ckpt, atol, variant),
                                             str(ckpt_path))
+    card["baseline"] = baseline_check(card["consistency"], data.val_y, card, allow_trivial,
+                                      str(ckpt_path))
     if variant == "fp16":
         model = variants.to_fp16(model)
     elif variant == "int8":

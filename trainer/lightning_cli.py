@@ -172,6 +172,11 @@ def build_cli(args: list[str], run: bool = True, instantiate: bool = True):
             if self.subcommand == "fit":
                 _stop_on_sigterm()
             config = self.config[self.subcommand]
+            from trainer.data.datamodule import check_data_options
+            from trainer.module import check_model_options
+
+            check_data_options(**config.data)  # before any data is read
+            check_model_options(**config.model)
             # Lightning unpickles checkpoints fully unless told otherwise; ours hold only
             # tensors and plain values. A config file cannot turn this off.
             config.weights_only = True

@@ -17,8 +17,23 @@ from torch import nn
 from torchmetrics import MeanAbsoluteError, MeanMetric, MeanSquaredError, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
+from export.errors import check_options
 from trainer.models import build_backbone
 from trainer.models.nets import Normalize
+
+
+def check_model_options(*, width, dropout, lr, weight_decay, warmup_fraction,
+                        label_smoothing, **_) -> None:
+    """The ranges of the numeric options, checked by the CLI before any data is read and
+    by the module itself when a script builds it."""
+    check_options(("model.width", width, width >= 1, ">= 1"),
+                  ("model.dropout", dropout, 0 <= dropout < 1, "in [0, 1)"),
+                  ("model.lr", lr, lr > 0, "> 0"),
+                  ("model.weight_decay", weight_decay, weight_decay >= 0, ">= 0"),
+                  ("model.warmup_fraction", warmup_fraction, 0 <= warmup_fraction <= 1,
+                   "in [0, 1]"),
+                  ("model.label_smoothing", label_smoothing, 0 <= label_smoothing < 1,
+                   "in [0, 1)"))
 
 
 def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
@@ -76,8 +91,8 @@ class ClassifierModule(L.LightningModule):
         if data_info is None:
             raise ValueError("model.data_info is missing: build the module through the "
                              "`trainer` CLI or pass the DataModule's `info`")
-        if lr <= 0:
-            raise ValueError(f"model.lr must be > 0, got {lr}")
+        check_model_options(width=width, dropout=dropout, lr=lr, weight_decay=weight_decay,
+                            warmup_fraction=warmup_fraction, label_smoothing=label_smoothing)
         self.save_hyperparameters(logger=False)  # loggers get the resolved config instead
         self.regression = data_info.get("task", "classification") == "regression"
         outputs = 1 if self.regression else len(data_info["class_names"])

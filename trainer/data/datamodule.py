@@ -10,13 +10,31 @@ import lightning as L
 import numpy as np
 import torch
 
-from export.errors import InputError
+from export.errors import InputError, check_options
 from trainer.data.augment import augment_batch, augmentation_seed
 from trainer.data.dataset import FixedDataset, SourceOptions, Split
 from trainer.data.loader import EpochSampler, InMemoryLoader, block_rows, streaming_loader
 from trainer.data.sources import load_source
 from trainer.data.split import stratified_split
 from trainer.data.stats import training_stats
+
+
+def check_data_options(*, val_fraction, test_fraction, batch_size, eval_batch_size,
+                       crop_padding, image_size, memory_budget_gb, gpu_memory_budget_gb,
+                       num_workers, **_) -> None:
+    """The ranges of the numeric options, checked by the CLI before any data is read and
+    by the datamodule itself when a script builds it."""
+    check_options(("data.val_fraction", val_fraction, 0 <= val_fraction < 1, "in [0, 1)"),
+                  ("data.test_fraction", test_fraction, 0 <= test_fraction < 1, "in [0, 1)"),
+                  ("data.batch_size", batch_size, batch_size >= 1, ">= 1"),
+                  ("data.eval_batch_size", eval_batch_size, eval_batch_size >= 1, ">= 1"),
+                  ("data.crop_padding", crop_padding, crop_padding >= 0, ">= 0"),
+                  ("data.image_size", image_size, image_size is None or (
+                      len(image_size) == 2 and min(image_size) >= 1), "two sizes >= 1"),
+                  ("data.memory_budget_gb", memory_budget_gb, memory_budget_gb > 0, "> 0"),
+                  ("data.gpu_memory_budget_gb", gpu_memory_budget_gb,
+                   gpu_memory_budget_gb >= 0, ">= 0"),
+                  ("data.num_workers", num_workers, num_workers >= 0, ">= 0"))
 
 
 class FixedDataModule(L.LightningDataModule):
@@ -68,12 +86,7 @@ class FixedDataModule(L.LightningDataModule):
             num_workers: Worker processes of the streaming loader.
         """
         super().__init__()
-        for flag, value in (("data.val_fraction", val_fraction),
-                            ("data.test_fraction", test_fraction)):
-            if not 0.0 <= value < 1.0:
-                raise InputError(f"{flag} must be in [0, 1), got {value}")
-        if batch_size < 1 or eval_batch_size < 1:
-            raise InputError("data.batch_size and data.eval_batch_size must be >= 1")
+        check_data_options(**{k: v for k, v in locals().items() if k != "self"})
         self.save_hyperparameters(logger=False)  # loggers get the resolved config instead
         self.tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -89,6 +102,9 @@ class FixedDataModule(L.LightningDataModule):
     def splits(self) -> dict[str, Split]:
         """train/val/test, decided once by `seed` (subsets of the source's arrays)."""
         ds, hp = self.dataset, self.hparams
+        if ds.num_classes == 1:
+            raise InputError(f"{ds.name}: one class ({ds.class_names[0]}); a classifier needs "
+                             "at least two (for a numeric target, --data.task regression)")
         # Regression has no classes to stratify by: one stratum is a seeded random split.
         strata = ds.train.y
         if not ds.num_classes:
