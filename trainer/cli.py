@@ -326,7 +326,7 @@ def cmd_data(argv: list[str]) -> int:
     return 0
 
 
-MIN_OPSET = 13  # the oldest opset the exporter converts our graphs to (Resize, LayerNorm-free)
+MIN_OPSET = 13  # below, ONNX's version converter ends in an assertion on these graphs
 EXIT_DRIFT = 3  # trainer predict --fail-on-drift: the outputs are written, the data drifted
 
 class Stopped(BaseException):
