@@ -21,7 +21,7 @@ import numpy as np
 
 from export.atomic import atomic_path
 from export.drift import DriftAccumulator, format_report
-from export.errors import InputError
+from export.errors import InputError, require_file
 from export.jobstate import JobState, input_identity
 from export.readers import image_files, is_image_input, iter_chunks
 from export.runtime import Prediction, Predictor, predictor_for_job
@@ -218,8 +218,8 @@ def run_batch(model: str | Path, input_path: str | Path, output: str | Path,
     card = predictor.card
     check_chunk_memory(predictor.spec, opts.chunk_rows)
     source = Path(input_path)
-    if not source.exists():
-        raise InputError(f"{source}: input not found")
+    if not source.is_dir():
+        require_file(source, "an input file or folder")
     if images is None and is_image_input(source):
         images = image_files(source)
     job = {"model": predictor.sha256, "input": input_identity(source, images),

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from export.errors import InputError
+from export.errors import InputError, require_file
 
 CARD_KEY = "frozenfit.card"
 CARD_VERSION = 2  # 2: training.epochs split into run_epochs and weights_epoch
@@ -202,8 +202,7 @@ def read_card(path: str | Path) -> dict:
     import onnx  # deploy-side dependency; imported late to keep `trainer --help` fast
 
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: model file not found")
+    require_file(path, "an ONNX model file")
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises DecodeError and others for non-ONNX bytes

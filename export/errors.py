@@ -14,3 +14,21 @@ def check_options(*checks: tuple[str, object, bool, str]) -> None:
     for flag, value, ok, expected in checks:
         if not ok:
             raise InputError(f"--{flag} must be {expected}, got {value}")
+
+
+def require_file(path, what: str, flag: str = "") -> None:
+    """`path` must be a regular file: a FIFO or a device (`/dev/zero`) would be read
+    forever. One line naming it otherwise."""
+    import os
+    import stat
+
+    name = f"{flag} {path}".strip()
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise InputError(f"{name}: not found (expected {what})") from None
+    except OSError as exc:
+        raise InputError(f"{name}: cannot read {what} ({exc.strerror})") from None
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "a pipe, device or socket"
+        raise InputError(f"{name}: is {kind}, not a regular file; expected {what}")

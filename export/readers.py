@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.errors import InputError
+from export.errors import InputError, require_file
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 TABLE_SUFFIXES = {".csv", ".parquet", ".pq"}
@@ -141,6 +141,7 @@ def decode_image(path: Path, spec: dict) -> np.ndarray:
     """One image file as the card says (export/imaging.py, shared with training)."""
     from export.imaging import decode
 
+    require_file(path, "an image file")
     try:
         data = path.read_bytes()
     except OSError as exc:

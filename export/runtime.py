@@ -14,7 +14,7 @@ import numpy as np
 import onnxruntime as ort
 
 from export.card import check_graph, parse_card
-from export.errors import InputError
+from export.errors import InputError, require_file
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
@@ -46,6 +46,15 @@ def _providers(provider: str) -> list[str]:
     if PROVIDERS[provider] not in available:
         raise InputError(f"--provider {provider}: onnxruntime offers only {available}")
     return [PROVIDERS[provider]]
+
+
+def _graph_failure(exc: Exception) -> str:
+    """onnxruntime's reason, from the failing node on ('... running Reshape node.
+    Name:'/net/Reshape' Status Message: ...'), on one line and cut short."""
+    text = " ".join(str(exc).split())
+    at = text.find("running ")
+    text = text[at + len("running "):] if at >= 0 else text
+    return text if len(text) <= 300 else text[:300] + "..."
 
 
 def describe_input(spec: dict) -> str:
@@ -105,8 +114,7 @@ class Predictor:
         from export.jobstate import sha256_file
 
         self.path = Path(path)
-        if not self.path.is_file():
-            raise InputError(f"{self.path}: model file not found")
+        require_file(self.path, "an ONNX model file")
         before = _stamp(self.path)
         self.sha256 = sha256_file(self.path)  # of the bytes loaded: checked unchanged below
         options = ort.SessionOptions()
@@ -194,6 +202,10 @@ class Predictor:
             except TimeoutError:
                 raise InputError(f"{source}: rows {start}-{min(len(x), start + batch_size) - 1} "
                                  f"took longer than --timeout-per-batch {timeout:g} s; stopped") from None
+            except Exception as exc:  # onnxruntime's own failure inside the graph
+                raise InputError(f"{self.path}: the graph failed on {source} rows {start}-"
+                                 f"{min(len(x), start + batch_size) - 1}: "
+                                 f"{_graph_failure(exc)}") from None
         outputs = self.card["outputs"]
         out = {k: np.concatenate([c[i] for c in chunks]) for i, k in enumerate(outputs)}
         if self.regression:

@@ -32,6 +32,26 @@ def _private_data_cache(tmp_path_factory):
         os.environ["FROZENFIT_CACHE"] = old
 
 
+def cli_in_process(argv: list[str], cwd: Path, capfd) -> tuple[int, str]:
+    """`trainer ARGV` in this process (no interpreter start-up: for errors that come before
+    any training), with the working directory and signal handlers restored after."""
+    import signal
+
+    from trainer.cli import main
+
+    old, handlers = os.getcwd(), {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    os.chdir(cwd)
+    try:
+        rc = main(argv)
+    except SystemExit as exc:  # argparse
+        rc = exc.code
+    finally:
+        os.chdir(old)
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    return rc, capfd.readouterr().err
+
+
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None,
             timeout: float = 300) -> subprocess.CompletedProcess:
     """Run `python -m trainer ARGS` in a fresh interpreter, as a user would."""

@@ -149,7 +149,8 @@ def test_bad_inputs_leave_no_output(digits_run, tmp_path, make, needle):
     assert sorted(p.name for p in tmp_path.iterdir()) == [source.name]
 
 
-@pytest.mark.parametrize("name", ["SIGKILL", "SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("name", ["SIGKILL", pytest.param("SIGINT", marks=pytest.mark.slow),
+                                  pytest.param("SIGTERM", marks=pytest.mark.slow)])
 def test_killed_job_resumes_without_losing_or_duplicating_rows(digits_run, tmp_path, name):
     rng = np.random.default_rng(0)
     x = rng.integers(0, 255, (300_000, 1, 8, 8), dtype=np.uint8)

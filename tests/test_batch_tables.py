@@ -127,7 +127,8 @@ def test_awkward_pass_through_columns_survive_every_format(table_model, tmp_path
             assert r[k] == render(w[k]), (k, r[k], w[k])
 
 
-@pytest.mark.parametrize("fmt", [".csv", ".jsonl", ".parquet"])
+@pytest.mark.parametrize("fmt", [".csv", pytest.param(".jsonl", marks=pytest.mark.slow),
+                                 pytest.param(".parquet", marks=pytest.mark.slow)])
 def test_a_huge_pass_through_cell_is_predicted_and_kept(table_model, tmp_path, fmt):
     """A 5 MB cell (past the csv module's 128 KB field limit) and a 10 MB one (past the
     first 4 MiB read block): predicted and passed through whole in every format."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tests.conftest import ROOT, assert_one_line_error, run_cli
+from tests.conftest import ROOT, assert_one_line_error, cli_in_process, run_cli
 
 
 def test_missing_config(tmp_path):
@@ -15,7 +15,7 @@ def test_missing_config(tmp_path):
 def test_missing_checkpoint_for_export(tmp_path):
     out = tmp_path / "m.onnx"
     proc = run_cli("export", "--ckpt", str(tmp_path / "gone.ckpt"), "--out", str(out))
-    assert_one_line_error(proc, "gone.ckpt", "checkpoint not found")
+    assert_one_line_error(proc, "gone.ckpt: not found (expected a checkpoint)")
     assert not out.exists()
 
 
@@ -100,51 +100,56 @@ def test_unknown_command():
     assert_one_line_error(run_cli("train"), "unknown command 'train'")
 
 
-def test_option_typos_are_one_line_naming_where_and_the_closest_names(tmp_path):
+def _one_line(rc: int, err: str, *needles: str) -> None:
+    lines = err.strip().splitlines()
+    assert rc == 2 and "Traceback" not in err, err
+    assert ": error: " in lines[-1] and all(n in lines[-1] for n in needles), err
+
+
+def test_option_typos_are_one_line_naming_where_and_the_closest_names(tmp_path, capfd):
     """A misspelt option, on the command line or in a YAML file, and a value of the wrong
     type: one line with exit 2, naming the source and suggesting the valid name; an
     abbreviated option is refused, never silently taken for the long one."""
     digits = str(ROOT / "configs" / "digits.yaml")
-    proc = run_cli("fit", "--config", digits, "--data.batchsize", "32")
-    assert proc.returncode == 2
-    assert_one_line_error(proc, "unknown option --data.batchsize (on the command line)",
-                          "did you mean --data.batch_size")
-    proc = run_cli("fit", "--config", digits, "--trainer.max_epoch", "3")  # an abbreviation
-    assert_one_line_error(proc, "--trainer.max_epoch", "did you mean --trainer.max_epochs")
     typo = tmp_path / "typo.yaml"
     typo.write_text("trainer:\n  max_epoch: 3\n")
-    proc = run_cli("fit", "--config", digits, "--config", str(typo))
-    assert_one_line_error(proc, f"'trainer.max_epoch' (in {typo})",
-                          "did you mean --trainer.max_epochs")
-    proc = run_cli("fit", "--config", digits, "--trainer.max_epochs", "abc")
-    assert_one_line_error(proc, "--trainer.max_epochs (from the command line): expected int",
-                          "got 'abc'")
+    for argv, needles in (
+            (["--data.batchsize", "32"], ["unknown option --data.batchsize (on the command "
+                                          "line)", "did you mean --data.batch_size"]),
+            (["--trainer.max_epoch", "3"], ["--trainer.max_epoch",  # an abbreviation
+                                            "did you mean --trainer.max_epochs"]),
+            (["--config", str(typo)], [f"'trainer.max_epoch' (in {typo})",
+                                       "did you mean --trainer.max_epochs"]),
+            (["--trainer.max_epochs", "abc"], ["--trainer.max_epochs (from the command line): "
+                                               "expected int", "got 'abc'"])):
+        rc, err = cli_in_process(["fit", "--config", digits, *argv], tmp_path, capfd)
+        assert len(err.strip().splitlines()) == 1, err
+        _one_line(rc, err, *needles)
 
 
-def test_training_options_out_of_range_are_one_line_before_any_data(tmp_path):
+def test_training_options_out_of_range_are_one_line_before_any_data(tmp_path, capfd):
     digits = str(ROOT / "configs" / "digits.yaml")
     for flag, value, needle in (("--model.width", "0", "--model.width must be >= 1, got 0"),
                                 ("--model.lr", "-0.1", "--model.lr must be > 0, got -0.1"),
                                 ("--model.dropout", "1", "--model.dropout must be in [0, 1)"),
                                 ("--data.batch_size", "0", "--data.batch_size must be >= 1")):
-        proc = run_cli("fit", "--config", digits, flag, value, cwd=tmp_path)
-        assert proc.returncode == 2
-        assert_one_line_error(proc, needle)
+        rc, err = cli_in_process(["fit", "--config", digits, flag, value], tmp_path, capfd)
+        assert len(err.strip().splitlines()) == 1, err
+        _one_line(rc, err, needle)
     assert not (tmp_path / "runs").exists()
     for opset in ("7", "99"):
-        proc = run_cli("export", "--ckpt", str(tmp_path / "none.ckpt"), "--out",
-                       str(tmp_path / "m.onnx"), "--opset", opset)
-        assert_one_line_error(proc, f"--opset {opset}: expected 13 to")
+        rc, err = cli_in_process(["export", "--ckpt", str(tmp_path / "none.ckpt"), "--out",
+                                  str(tmp_path / "m.onnx"), "--opset", opset], tmp_path, capfd)
+        _one_line(rc, err, f"--opset {opset}: expected 13 to")
 
 
-def test_a_single_class_folder_cannot_train_a_classifier(tmp_path):
+def test_a_single_class_folder_cannot_train_a_classifier(tmp_path, capfd):
     from PIL import Image
 
     (tmp_path / "imgs" / "cat").mkdir(parents=True)
     for i in range(6):
         Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(tmp_path / "imgs" / "cat" / f"{i}.png")
-    proc = run_cli("fit", "--config", str(ROOT / "configs" / "image_folder.yaml"),
-                   "--data.root", str(tmp_path / "imgs"), "--data.cache_dir",
-                   str(tmp_path / "cache"), cwd=tmp_path)
-    assert_one_line_error(proc, "imgs: one class (cat); a classifier needs at least two",
-                          after_run_log=True)  # after the ingest line
+    rc, err = cli_in_process(["fit", "--config", str(ROOT / "configs" / "image_folder.yaml"),
+                              "--data.root", str(tmp_path / "imgs"), "--data.cache_dir",
+                              str(tmp_path / "cache")], tmp_path, capfd)
+    _one_line(rc, err, "imgs: one class (cat); a classifier needs at least two")

@@ -207,6 +207,63 @@ def _(tmp, m):
         "gone.png"
 
 
+@case("images", "image list naming a device")
+def _(tmp, m):
+    _png(tmp / "a.png")
+    (tmp / "list.txt").write_text("a.png\n/dev/zero\n")  # reading it would never end
+    return ["predict", "--model", str(m["image"]), "--input", "list.txt", "--output", "p.csv"], \
+        "/dev/zero: is a pipe, device or socket, not a regular file"
+
+
+@case("images", "image folder holding a FIFO named like an image")
+def _(tmp, m):
+    (tmp / "imgs").mkdir()
+    _png(tmp / "imgs" / "a.png")
+    os.mkfifo(tmp / "imgs" / "b.png")
+    return ["predict", "--model", str(m["image"]), "--input", "imgs", "--output", "p.csv"], \
+        "b.png: is a pipe, device or socket"
+
+
+@case("tables", "an input that is a FIFO")
+def _(tmp, m):
+    os.mkfifo(tmp / "t.csv")
+    return ["predict", "--model", str(m["table"]), "--input", "t.csv", "--output", "p.csv"], \
+        "t.csv: is a pipe, device or socket, not a regular file"
+
+
+@case("model files", "a model that is a device")
+def _(tmp, m):
+    return ["predict", "--model", "/dev/zero", "--input", "x.npz", "--output", "p.csv"], \
+        "/dev/zero: is a pipe, device or socket"
+
+
+@case("model files", "a graph that fails while it runs")
+def _(tmp, m):
+    from onnx import TensorProto, helper
+
+    card = json.loads(next(p.value for p in onnx.load(str(m["table"])).metadata_props
+                           if p.key == "frozenfit.card"))
+    name, width = card["input"]["name"], card["input"]["shape"][0]
+    nodes = [helper.make_node("Reshape", [name, "shape"], ["logits"], name="bad_reshape"),
+             helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1)]
+    graph = helper.make_graph(
+        nodes, "fails", [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", width])],
+        [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in card["outputs"]],
+        [helper.make_tensor("shape", TensorProto.INT64, [2], [-1, 3])])  # 13 values: no
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.metadata_props.add(key="frozenfit.card", value=json.dumps(card))
+    onnx.save(model, str(tmp / "m.onnx"))
+    (tmp / "t.csv").write_text(",".join([*m["header"], "cultivar"]) + "\n" + m["row"] + "\n")
+    return ["predict", "--model", "m.onnx", "--input", "t.csv", "--output", "p.csv"], \
+        "m.onnx: the graph failed on t.csv (chunk 0) rows 0-0: Reshape node. Name:'bad_reshape'"
+
+
+@case("checkpoints", "a checkpoint that is a FIFO")
+def _(tmp, m):
+    os.mkfifo(tmp / "c.ckpt")
+    return ["export", "--ckpt", "c.ckpt", "--out", "m.onnx"], "c.ckpt: is a pipe, device"
+
+
 @case("images", "16-bit images are scaled, not rejected", expect="ok")
 def _(tmp, m):
     (tmp / "imgs").mkdir()

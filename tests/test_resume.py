@@ -68,7 +68,8 @@ def reference(tmp_path_factory):
 
 
 @pytest.mark.parametrize("signal_name,stopped_at",
-                         [("SIGTERM", 30), ("SIGINT", 30), ("SIGKILL", 19)])
+                         [("SIGTERM", 30), pytest.param("SIGINT", 30, marks=pytest.mark.slow),
+                          ("SIGKILL", 19)])
 def test_interrupted_run_resumes_exactly(reference, tmp_path, signal_name, stopped_at):
     proc = _fit(tmp_path, _signal_at(30, signal_name))
     if signal_name == "SIGTERM":  # saves a mid-epoch checkpoint and exits cleanly

@@ -136,6 +136,7 @@ def test_a_fit_that_fails_before_its_first_epoch_leaves_nothing(tmp_path):
     assert _versions(tmp_path) == []
 
 
+@pytest.mark.slow  # two fits; the rule itself: test_baseline_check_compares_with_the_best_constant
 def test_a_model_no_better_than_a_constant_is_not_exported(tmp_path):
     """A learning rate too small to learn anything in one epoch: refused at export in one
     line with both scores; allowed, exported with a warning and the card says so."""
@@ -162,3 +163,27 @@ def test_an_ema_horizon_longer_than_the_run_is_refused_before_training(tmp_path)
     assert_one_line_error(proc, "EMAWeightAveraging: decay 0.999 averages over ~1,000 updates "
                           "but this run makes 57", after_run_log=True)
     assert not list((tmp_path / "runs").rglob("*.ckpt"))
+
+
+def test_baseline_check_compares_with_the_best_constant():
+    import numpy as np
+
+    from trainer.freeze import TrivialModelError, baseline_check
+
+    card = {"task": "classification", "class_names": ["a", "b", "c"]}
+    y = np.array([0] * 6 + [1] * 3 + [2])
+    checked = {"checked": True, "metric": "val/acc"}
+    ok = baseline_check({**checked, "graph": 0.7}, y, card, False, "m.ckpt")
+    assert ok["better"] and ok["constant"] == 0.6 and ok["constant_answer"] == "class 'a'"
+    with pytest.raises(TrivialModelError, match=r"m.ckpt: the model is no better than a "
+                       r"constant answer \(val/acc 0.6000 on 10 validation rows vs 0.6000"):
+        baseline_check({**checked, "graph": 0.6}, y, card, False, "m.ckpt")
+    assert not baseline_check({**checked, "graph": 0.6}, y, card, True, "m.ckpt")["better"]
+    reg = {"task": "regression", "class_names": []}
+    values = np.array([1.0, 2.0, 3.0, 10.0])  # median 2.5: MAE 2.5
+    mae = {"checked": True, "metric": "val/mae"}
+    assert baseline_check({**mae, "graph": 1.0}, values, reg, False, "m")["better"]
+    with pytest.raises(TrivialModelError, match="always answering 2.5"):
+        baseline_check({**mae, "graph": 2.5}, values, reg, False, "m")
+    assert baseline_check({"checked": False, "reason": "x"}, y, card, False, "m") == \
+        {"checked": False, "reason": "x"}

@@ -328,7 +328,7 @@ def test_serve_needs_its_extra_and_refuses_bad_settings_in_one_line(digits_run, 
     assert_one_line_error(run_cli("serve", "--model", model, env=env), "serve extra",
                           "pip install '.[serve]'")
     assert_one_line_error(run_cli("serve", "--model", str(tmp_path / "none.onnx")),
-                          "model file not found")
+                          "not found (expected an ONNX model file)")
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()

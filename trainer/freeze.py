@@ -404,13 +404,13 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path, data: HeldOut | No
     if len(data.val_x):  # what the batch jobs' drift tests compare with
         card["drift_reference"] = drift.reference(card, data.val_x,
                                                   graph_prediction(model, data.val_x, card["task"]))
-        if note := drift.small_reference(card):
-            print(f"export: drift reference of {len(data.val_x)} validation rows: {note}",
-                  file=sys.stderr)
     if data.test_y is not None and len(data.test_y):
         card["metrics"].update(graph_metrics(model, data.test_x, data.test_y, card["task"]))
     attach_card(model, card)
     onnx.checker.check_model(model, full_check=True)
     with atomic_path(out) as tmp:
         onnx.save_model(model, str(tmp))
+    if note := drift.small_reference(card):  # said once the model is written
+        print(f"export: drift reference of {len(data.val_x)} validation rows: {note}",
+              file=sys.stderr)
     return card

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from export.errors import InputError
+from export.errors import InputError, require_file
 
 # Config keys that do not change the weights a run produces (run length, logging, the
 # export and report at the end, where the data lives: the data itself is checked by its
@@ -32,8 +32,7 @@ def load_checkpoint(path: str | Path, flag: str = "--ckpt", mmap: bool = False) 
     else (a missing, truncated or malicious file) is one InputError line naming `flag`.
     `mmap`: map the tensors instead of reading them (a cheap validity check)."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{flag} {path}: checkpoint not found")
+    require_file(path, "a checkpoint", flag)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # unpickling and zip errors come in many types
