@@ -18,7 +18,10 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `dest`; on success rename it over `dest`, else delete it."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    except OSError as exc:  # a read-only folder: name the output the user gave
+        raise OSError(exc.errno, exc.strerror, str(dest)) from None
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
@@ -29,6 +32,8 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp_path, dest)
     except OSError as exc:
         if exc.errno is not None:
+            if str(tmp_path) in (exc.filename, exc.filename2):  # not the temporary name
+                raise OSError(exc.errno, exc.strerror, str(dest)) from None
             raise
         # numpy's tofile reports a short write with no errno: name the file and the cause.
         st = os.statvfs(dest.parent)

@@ -231,6 +231,15 @@ def _table_chunks_in(path: Path, spec: dict, class_names, rows: int, first: int,
         raise InputError(f"{path}: cannot read table near row {done} ({short_reason(exc)})") from None
 
 
+def describe_nonfinite(value) -> str:
+    """Why a feature value cannot be fed to a float32 graph."""
+    if value is None:
+        return "is empty"
+    if isinstance(value, (int, float)) and np.isfinite(float(value)):
+        return f"is {value:g}, which overflows float32 (largest {np.finfo(np.float32).max:.4g})"
+    return "is NaN or infinite"
+
+
 def short_reason(exc: BaseException, limit: int = 160) -> str:
     """The first line of a library's error, cut short: pyarrow quotes whole input lines."""
     text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -265,8 +274,9 @@ def _table_chunk(path: Path, batch, columns, class_names, target, offset: int) -
     bad = ~np.isfinite(x)
     if bad.any():
         row, col = (int(v[0]) for v in np.nonzero(bad))
-        raise InputError(f"{path}: row {offset + row}, column {columns[col]!r} is empty, NaN "
-                         "or infinite")
+        value = batch.column(names.index(columns[col]))[row].as_py()
+        raise InputError(f"{path}: row {offset + row}, column {columns[col]!r} "
+                         f"{describe_nonfinite(value)}")
     extra = {n: batch.column(i).to_pylist() for i, n in enumerate(names)
              if n not in columns and n != target}
     y = None

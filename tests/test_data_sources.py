@@ -262,6 +262,7 @@ def test_tabular_parquet_regression(tmp_path):
     ("a,b,target\n1,x,0\n2,y,1\n", r"feature column 'b' is string, expected numbers"),
     ("a,b,target\n1,2,0\n2,inf,1\n", r"row 1, column 'b' is NaN or infinite"),
     ("a,b,target\n1,2,0\n2,,1\n", r"row 1, column 'b' is empty"),
+    ("a,b,target\n1,2,0\n2,1e39,1\n", r"row 1, column 'b' is 1e\+39, which overflows float32"),
     ("a,b,target\n", r"the table has no rows"),
 ])
 def test_tabular_bad_input(tmp_path, text, message):

@@ -153,3 +153,18 @@ def test_a_single_class_folder_cannot_train_a_classifier(tmp_path, capfd):
                               "--data.root", str(tmp_path / "imgs"), "--data.cache_dir",
                               str(tmp_path / "cache")], tmp_path, capfd)
     _one_line(rc, err, "imgs: one class (cat); a classifier needs at least two")
+
+
+def test_an_output_that_cannot_be_replaced_is_named_not_its_temporary_file(tmp_path):
+    import pytest
+
+    from export.atomic import atomic_path
+
+    (tmp_path / "out.csv").mkdir()  # os.replace of a file over it fails (EISDIR)
+    (tmp_path / "out.csv" / "keep").write_text("a user's file")
+    with pytest.raises(OSError) as err:
+        with atomic_path(tmp_path / "out.csv") as tmp:
+            tmp.write_text("new")
+    assert err.value.filename == str(tmp_path / "out.csv")
+    assert (tmp_path / "out.csv" / "keep").read_text() == "a user's file"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.csv"]  # no temporary file left

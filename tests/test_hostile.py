@@ -130,6 +130,14 @@ for label, make in TABLES.items():
         return ["predict", "--model", str(m["table"]), "--input", "t.csv", "--output",
                 "p.csv"], "t.csv"
 
+@case("tables", "csv: a value that overflows float32")
+def _(tmp, m):
+    (tmp / "t.csv").write_text(",".join([*m["header"], "cultivar"]) + "\n" + "1e39," +
+                               ",".join(m["row"].split(",")[1:]) + "\n")
+    return ["predict", "--model", str(m["table"]), "--input", "t.csv", "--output", "p.csv"], \
+        "row 0, column 'alcohol' is 1e+39, which overflows float32"
+
+
 PARQUETS = {
     "text named .parquet": lambda good: b"id,value\n1,2\n",
     "truncated": lambda good: good[: len(good) // 2],

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from export.errors import InputError
-from export.readers import check_column_names, short_reason
+from export.readers import check_column_names, describe_nonfinite, short_reason
 from trainer.data.cache import RowCache, cache_root
 from trainer.data.dataset import (FixedDataset, SourceOptions, Split, feature_spec,
                                   files_fingerprint, make_dataset, value_range)
@@ -50,7 +50,9 @@ def feature_matrix(table, columns: list[str], source: str) -> np.ndarray:
     finite = np.isfinite(x)
     if not finite.all():
         row, col = (int(v[0]) for v in np.nonzero(~finite))
-        raise InputError(f"{source}: row {row}, column {columns[col]!r} is NaN or infinite")
+        value = table.column(columns[col])[row].as_py()
+        raise InputError(f"{source}: row {row}, column {columns[col]!r} "
+                         f"{describe_nonfinite(value)}")
     return x
 
 
