@@ -260,6 +260,13 @@ def cmd_serve(argv: list[str]) -> int:
 
     args.model = resolve_model_uri(args.model)
 
+    from export.timing import available_memory
+
+    held, avail = args.max_queue * args.max_body_mb * (1 << 20), available_memory()
+    if avail is not None and held > avail // 2:
+        raise InputError(f"--max-queue {args.max_queue} x --max-body-mb {args.max_body_mb:g}: "
+                         f"up to {held / 2**30:.1f} GiB of request bodies could be held; at "
+                         f"most {avail / 2 / 2**30:.1f} GiB (half of the memory available)")
     limits = Limits(max_body_bytes=int(args.max_body_mb * (1 << 20)),
                     max_instances=args.max_instances, max_queue=args.max_queue)
     return serve(args.model, ServeOptions(
