@@ -159,10 +159,10 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     poison = "--trainer.callbacks+=" + json.dumps(
         {"class_path": "tests.helpers.PoisonLoss", "init_args": {"step": 25}})
     proc = _fit(tmp_path, poison)
-    assert_one_line_error(proc, "loss is nan at epoch 1, step 25", "last good checkpoint is kept",
+    assert_one_line_error(proc, "loss is nan in epoch 2, step 25", "last good checkpoint is kept",
                           after_run_log=True)
     last = _last(tmp_path, 0)
-    assert last["global_step"] == 19  # the end of epoch 0, before the poison
+    assert last["global_step"] == 19  # the end of the first epoch, before the poison
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
 
 

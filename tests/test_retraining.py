@@ -106,7 +106,7 @@ def test_a_cosine_run_is_extended_in_its_own_folder(tmp_path):
              for name in ("metrics-part1.csv", "metrics.csv")]  # nothing of the log is lost
     assert steps[0] and steps[1]
     summary = json.loads((run / "metrics.json").read_text())
-    assert summary["epochs"] == 3 and [e["epoch"] for e in summary["history"]] == [0, 1, 2]
+    assert summary["epochs"] == 3 and [e["epoch"] for e in summary["history"]] == [1, 2, 3]
     assert all(0 < s < 60 for s in summary["seconds_per_epoch"])
     assert summary["test"]["test/acc"] > 0.9
     training = read_card(run / "model.onnx")["training"]
@@ -132,7 +132,7 @@ def test_a_fit_that_fails_before_its_first_epoch_leaves_nothing(tmp_path):
     poison = "--trainer.callbacks+=" + json.dumps(
         {"class_path": "tests.helpers.PoisonLoss", "init_args": {"step": 1}})
     proc = _fit(tmp_path, 2, poison)
-    assert_one_line_error(proc, "loss is nan at epoch 0", after_run_log=True)
+    assert_one_line_error(proc, "loss is nan in epoch 1", after_run_log=True)  # from 1
     assert _versions(tmp_path) == []
 
 

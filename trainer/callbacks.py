@@ -7,7 +7,32 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint with epochs counted from 1 in file names, as the progress
+    bar, metrics.json and the card count them: `best-epoch015.ckpt` holds the weights after
+    the 15th epoch."""
+
+    @property
+    def state_key(self) -> str:  # as ModelCheckpoint's: runs saved before resume as they were
+        return super().state_key.replace(type(self).__qualname__, "ModelCheckpoint", 1)
+
+    def format_checkpoint_name(self, metrics, filename=None, ver=None, prefix=None):
+        if "epoch" in metrics:
+            metrics = {**metrics, "epoch": metrics["epoch"] + 1}
+        return super().format_checkpoint_name(metrics, filename, ver, prefix)
+
+
+class EpochProgressBar(TQDMProgressBar):
+    """Lightning's progress bar, counting epochs from 1 of max_epochs ("Epoch 3/10")."""
+
+    def on_train_epoch_start(self, trainer, *args) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        total = f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else ""
+        self.train_progress_bar.set_description(f"Epoch {trainer.current_epoch + 1}{total}")
 
 
 class ExportOnnx(L.Callback):
@@ -110,7 +135,7 @@ class NonFiniteGuard(L.Callback):
             saved = [cb.last_model_path for cb in trainer.checkpoint_callbacks
                      if getattr(cb, "last_model_path", "")]
             raise NonFiniteLossError(
-                f"loss is {float(loss)} at epoch {trainer.current_epoch}, step "
+                f"loss is {float(loss)} in epoch {trainer.current_epoch + 1}, step "
                 f"{trainer.global_step - 1} (batch {batch_idx}); stopped without saving, the "
                 f"last good checkpoint is kept: {saved[-1] if saved else 'none written yet'}")
 
@@ -199,7 +224,7 @@ class RunReport(L.Callback):
         rate = self._samples * trainer.world_size / max(seconds, 1e-9)
         pl_module.log("train/samples_per_sec", rate, prog_bar=True, rank_zero_only=True)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-        self.epochs.append({"epoch": trainer.current_epoch, "seconds": seconds,
+        self.epochs.append({"epoch": trainer.current_epoch + 1, "seconds": seconds,
                             "samples_per_second": rate, **metrics})
         self._start = 0.0
 

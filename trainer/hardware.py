@@ -162,4 +162,13 @@ class AutoTrainer(L.Trainer):
                            f"{self.hardware['reason']})")
         else:
             self.hardware = {"device": "set by the configuration", "precision": str(precision)}
+        if kwargs.get("enable_progress_bar", True) is not False:
+            from lightning.pytorch.callbacks import ProgressBar
+
+            from trainer.callbacks import EpochProgressBar
+
+            callbacks = kwargs.get("callbacks") or []
+            callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+            if not any(isinstance(c, ProgressBar) for c in callbacks):
+                kwargs["callbacks"] = [*callbacks, EpochProgressBar()]  # epochs from 1
         super().__init__(*args, precision=precision, **kwargs)

@@ -112,11 +112,11 @@ def _report(trainer):
 def build_cli(args: list[str], run: bool = True, instantiate: bool = True):
     """The LightningCLI over ClassifierModule + FixedDataModule with the product's defaults.
     `instantiate=False` only parses and validates (`cli.config`), loading no data."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.cli import LightningCLI
 
     from trainer import runs
-    from trainer.callbacks import CheckpointOnSigterm, ExportOnnx, NonFiniteGuard, RunReport
+    from trainer.callbacks import (CheckpointOnSigterm, ExportOnnx, NonFiniteGuard, RunCheckpoint,
+                                   RunReport)
     from trainer.data.datamodule import FixedDataModule
     from trainer.hardware import AutoTrainer
     from trainer.module import ClassifierModule
@@ -141,8 +141,8 @@ def build_cli(args: list[str], run: bool = True, instantiate: bool = True):
             # Two checkpoint callbacks that are always there: the best by a monitored metric,
             # and last.ckpt rewritten every epoch (Lightning's save_last only follows top-k
             # saves, so it can lag behind the final epoch).
-            parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-            parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
+            parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
+            parser.add_lightning_class_args(RunCheckpoint, "last_checkpoint")
             parser.set_defaults({
                 "checkpoint.monitor": "val/loss", "checkpoint.mode": "min",
                 "checkpoint.auto_insert_metric_name": False,
