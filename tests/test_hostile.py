@@ -18,8 +18,7 @@ import onnx
 import pytest
 from PIL import Image
 
-from tests.conftest import ROOT, run_cli
-from trainer.cli import main
+from tests.conftest import ROOT, cli_in_process, run_cli
 
 CASES: list = []  # (class, id, builder(tmp, models) -> (argv, needle, expect))
 
@@ -473,18 +472,6 @@ def _(tmp, m):
 
 
 # ------------------------------------------------------------------------ the run
-def _run_in_process(argv: list[str], cwd: Path, capfd) -> tuple[int, str]:
-    old = os.getcwd()
-    os.chdir(cwd)
-    try:
-        rc = main(argv)
-    except SystemExit as exc:  # argparse
-        rc = exc.code
-    finally:
-        os.chdir(old)
-    return rc, capfd.readouterr().err
-
-
 def test_there_are_enough_cases():
     assert len(CASES) >= 150, len(CASES)
 
@@ -493,7 +480,7 @@ def test_there_are_enough_cases():
 def test_hostile_input(group, build, expect, models, tmp_path, capfd):
     argv, check = build(tmp_path, models)
     before = _hashes(tmp_path)
-    rc, err = _run_in_process(argv, tmp_path, capfd)
+    rc, err = cli_in_process(argv, tmp_path, capfd)
     assert "Traceback" not in err, err
     assert not (tmp_path / "pwned").exists()  # no pickled code ever ran
     if expect in ("ok", "skip"):

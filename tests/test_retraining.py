@@ -168,7 +168,7 @@ def test_an_ema_horizon_longer_than_the_run_is_refused_before_training(tmp_path)
 def test_baseline_check_compares_with_the_best_constant():
     import numpy as np
 
-    from trainer.freeze import TrivialModelError, baseline_check
+    from trainer.gates import TrivialModelError, baseline_check
 
     card = {"task": "classification", "class_names": ["a", "b", "c"]}
     y = np.array([0] * 6 + [1] * 3 + [2])

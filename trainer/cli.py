@@ -12,13 +12,14 @@ import json
 import logging
 import math
 import os
-import shlex
 import signal
 import sys
 import warnings
 from pathlib import Path
 
 from export.errors import InputError
+from trainer.stops import (Stopped, after_ctrl_c, ctrl_c_pressed, report_stop,
+                           stop_on_sigterm)
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
 # What the `train` extra brings; the deploy side (predict, inspect) needs none of it.
@@ -185,7 +186,7 @@ def cmd_predict(argv: list[str]) -> int:
     from export.batch import JobOptions, run_batch
 
     out = Path(args.output)
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)  # a scheduler's stop: as Ctrl-C
+    signal.signal(signal.SIGTERM, stop_on_sigterm)  # a scheduler's stop: as Ctrl-C
     job = JobOptions(
         batch_size=args.batch_size, chunk_rows=args.chunk_rows, top_k=args.top_k,
         provider=args.provider, on_error=args.on_error, resume=args.resume,
@@ -336,33 +337,6 @@ def cmd_data(argv: list[str]) -> int:
 MIN_OPSET = 13  # below, ONNX's version converter ends in an assertion on these graphs
 EXIT_DRIFT = 3  # trainer predict --fail-on-drift: the outputs are written, the data drifted
 
-class Stopped(BaseException):
-    """SIGTERM during a batch job: stop like Ctrl-C (complete parts stay for --resume)."""
-
-
-def _stop_on_sigterm(*_) -> None:
-    raise Stopped()
-
-
-def _ctrl_c_pressed() -> bool:
-    from trainer.lightning_cli import CTRL_C
-
-    return CTRL_C["pressed"]
-
-
-def _after_ctrl_c(argv: list[str]) -> int:
-    """After a Ctrl-C stopped a fit: the checkpoint kept and the command that resumes it."""
-    from trainer.callbacks import CheckpointOnSigterm
-
-    args = [a for i, a in enumerate(argv) if a != "--ckpt_path" and
-            (i == 0 or argv[i - 1] != "--ckpt_path") and not a.startswith("--ckpt_path=")]
-    kept = CheckpointOnSigterm.saved
-    print(f"trainer {argv[0]}: interrupted; "
-          + (f"kept {kept}; resume with: trainer {shlex.join(args)} --ckpt_path last"
-             if kept else "no checkpoint was saved"), file=sys.stderr)
-    return 130
-
-
 TOOLS = {"export": cmd_export, "predict": cmd_predict, "serve": cmd_serve,
          "inspect": cmd_inspect, "data": cmd_data}
 
@@ -385,9 +359,9 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 build_cli(argv)
             except BaseException as exc:  # SIGTERMException is a SystemExit
-                if not _ctrl_c_pressed() or isinstance(exc, KeyboardInterrupt):
+                if not ctrl_c_pressed() or isinstance(exc, KeyboardInterrupt):
                     raise
-            return _after_ctrl_c(argv) if _ctrl_c_pressed() else 0
+            return after_ctrl_c(argv) if ctrl_c_pressed() else 0
         if command in TOOLS:
             return TOOLS[command](argv[1:])
         raise InputError(f"unknown command {command!r}; expected one of "
@@ -419,13 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"trainer {command}: error: {exc}", file=sys.stderr)
         return 1
     except (KeyboardInterrupt, Stopped) as exc:
-        name = "SIGTERM" if isinstance(exc, Stopped) else "SIGINT"
-        if command == "predict":
-            print(f"trainer predict: stopped by {name}; the complete parts are kept: run the "
-                  f"same command with --resume to finish", file=sys.stderr)
-        else:
-            print(f"trainer {command}: interrupted", file=sys.stderr)
-        return 143 if name == "SIGTERM" else 130
+        return report_stop(command, exc)
     except BaseException as exc:
         if type(exc).__name__ != "Preempted":  # lazily imported with lightning
             raise
