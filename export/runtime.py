@@ -164,10 +164,12 @@ class Predictor:
         options = ort.RunOptions()
         options.log_severity_level = 4  # failures become one InputError line, not a log
         timer = None
-        if timeout:
-            timer = threading.Timer(timeout, setattr, (options, "terminate", True))
-            timer.start()
         try:
+            if timeout:  # a daemon: a Ctrl-C landing while it starts must not leave it to
+                # hold the process open until it fires (seen as a 60 s hang on SIGTERM)
+                timer = threading.Timer(timeout, setattr, (options, "terminate", True))
+                timer.daemon = True
+                timer.start()
             if self.provider != PROVIDERS["cuda"]:
                 return self.session.run(outputs, {name: x}, options)
             # On CUDA, IOBinding copies the input to the device once and the outputs back

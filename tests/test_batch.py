@@ -190,6 +190,30 @@ def test_killed_job_resumes_without_losing_or_duplicating_rows(digits_run, tmp_p
     assert not partial.exists()
 
 
+def test_a_stop_while_the_batch_timer_starts_leaves_no_thread_holding_the_process(
+        digits_run, digits_test_npz, monkeypatch):
+    """A Ctrl-C or SIGTERM handled while the per-batch timer thread starts (Thread.start
+    waits, and signal handlers run there) once left the timer alive: the process hung until
+    it fired (--timeout-per-batch, 600 s). Here the stop lands exactly there."""
+    import threading
+
+    predictor = Predictor(digits_run / "model.onnx")
+    x = np.load(digits_test_npz)["x"][:8]
+    started = threading.Timer.start
+
+    def start_then_stop(self):
+        started(self)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(threading.Timer, "start", start_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        predictor.predict(x, timeout=600)
+    monkeypatch.undo()
+    time.sleep(0.1)
+    timers = [t for t in threading.enumerate() if isinstance(t, threading.Timer)]
+    assert all(t.daemon or not t.is_alive() for t in timers), timers
+
+
 def test_resume_refuses_a_different_job(digits_run, digits_test_npz, tmp_path):
     out = tmp_path / "p.csv"
     partial = tmp_path / ".p.csv.partial"
