@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from export.atomic import atomic_path
+from export.card import Card, InputSpec
 from export.drift import DriftAccumulator, format_report
 from export.errors import InputError, require_file
 from export.jobstate import JobState, input_identity
@@ -39,6 +40,16 @@ class JobOptions:
     progress: bool = True
     timeout_per_batch: float | None = 600.0  # seconds one onnxruntime call may take
     threads: int = 0  # onnxruntime intra-op threads (0: one per physical core)
+
+    def __post_init__(self):  # messages name the command's flags
+        if self.top_k < 1 or self.batch_size < 1 or self.chunk_rows < 1 or self.threads < 0:
+            raise InputError("--top-k, --batch-size and --chunk-rows must be >= 1, "
+                             "--threads >= 0")
+        if self.timeout_per_batch is not None and not self.timeout_per_batch > 0:
+            raise InputError("--timeout-per-batch must be > 0 seconds")
+        if self.on_error not in ("fail", "skip") or self.provider not in ("auto", "cpu", "cuda"):
+            raise InputError(f"--on-error fail|skip and --provider auto|cpu|cuda; got "
+                             f"{self.on_error}, {self.provider}")
 
 
 def output_columns(pred: Prediction, y: np.ndarray | None, class_names: list[str],
@@ -129,7 +140,7 @@ class _Progress:
 class Totals:
     """What the job has counted so far, summed over part records (resumed or new)."""
 
-    def __init__(self, card: dict):
+    def __init__(self, card: Card):
         self.drift, self.sums, self.skipped = DriftAccumulator(card), {}, []
         self.rows, self.header = 0, None
 
@@ -149,7 +160,7 @@ def _predict_parts(predictor: Predictor, input_path, images: list[Path] | None,
         totals.add(state.read_record(i, fmt))
     resumed_after, progress = totals.rows, _Progress(opts.progress)
     chunks = iter_chunks(input_path, predictor.spec, predictor.class_names, opts.chunk_rows,
-                         opts.on_error, card["dataset"].get("target"), start_chunk=done,
+                         opts.on_error, card.dataset.target, start_chunk=done,
                          files=images)
     for i, chunk in enumerate(chunks, start=done):
         pred = predictor.predict(chunk.x, opts.batch_size, source=f"{input_path} (chunk {i})",
@@ -187,13 +198,13 @@ def _join(state: JobState, output: Path, fmt: str, totals: Totals) -> int:
     return rows
 
 
-def check_chunk_memory(spec: dict, chunk_rows: int) -> None:
+def check_chunk_memory(spec: InputSpec, chunk_rows: int) -> None:
     """A chunk of `chunk_rows` inputs (held with its outputs while it is predicted) must fit
     in a quarter of the memory this machine has available; otherwise one line naming the
     flag, not numpy's allocation error."""
     from export.timing import available_memory
 
-    row = int(np.prod(spec["shape"])) * np.dtype(spec["dtype"]).itemsize
+    row = spec.row_bytes
     avail = available_memory()
     if avail is not None and chunk_rows * row > avail // 4:
         raise InputError(f"--chunk-rows {chunk_rows:,}: a chunk of this model's input is "
@@ -248,7 +259,7 @@ def run_batch(model: str | Path, input_path: str | Path, output: str | Path,
         summary = {"rows": rows, "output": str(output), "format": fmt[1:],
                    "provider": predictor.provider, "threads": threads,
                    "model": str(predictor.path),
-                   "model_sha256": job["model"], "dataset_fingerprint": card["dataset"]["fingerprint"],
+                   "model_sha256": job["model"], "dataset_fingerprint": card.dataset.fingerprint,
                    "seconds": round(elapsed, 3), "rows_per_second": round(rows / elapsed, 1),
                    "resumed_after_rows": resumed_after,
                    "skipped": totals.skipped, "drift_status": report["status"],

@@ -1,42 +1,296 @@
-"""The model card: what a frozen model knows about itself, stored in ONNX `metadata_props`.
+"""The model card as typed records: what a frozen model knows about itself.
 
-Pure Python (json + onnx protobuf access only), so the deploy side can read it without torch.
-The card is one JSON document under the key `CARD_KEY`; `CARD_VERSION` is bumped whenever a
-field changes meaning, and readers refuse versions they do not know.
+Each part of the card is a frozen dataclass whose fields carry their own check (`entry`);
+`from_json` reads a JSON object into it, naming the dotted field in one line when a value is
+missing or of the wrong kind, and `to_json` writes it back. Keys a record does not know are
+kept in `extra` and written back unchanged, so a card survives a read-write round trip.
+The card is one JSON document under `CARD_KEY` in the ONNX graph's `metadata_props`;
+`CARD_VERSION` is bumped whenever a field changes meaning, and readers refuse versions they
+do not know. Pure Python (json + onnx protobuf access): the deploy side reads it without torch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from export.errors import InputError, require_file
 
 CARD_KEY = "frozenfit.card"
 CARD_VERSION = 2  # 2: training.epochs split into run_epochs and weights_epoch
 READABLE_VERSIONS = (1, 2)
-REQUIRED_FIELDS = ("task", "class_names", "input", "outputs", "dataset")
+OUTPUTS = {"classification": ("logits", "probabilities"), "regression": ("values",)}
+_MISSING = object()
 
 
-def attach_card(model_proto: Any, card: dict) -> None:
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_str(v) -> bool:
+    return isinstance(v, str)
+
+
+def _is_dict(v) -> bool:
+    return isinstance(v, dict)
+
+
+def _list_of(kind: Callable[[Any], bool], size: int | None = None) -> Callable[[Any], bool]:
+    return lambda v: (isinstance(v, list) and all(kind(x) for x in v)
+                      and (size is None or len(v) == size))
+
+
+def _one_of(*allowed) -> Callable[[Any], bool]:
+    return lambda v: v in allowed
+
+
+def entry(check: Callable[[Any], bool] | None, expected: str, default: Any = _MISSING,
+          record: type | None = None) -> Any:
+    """A field read from JSON: `check` its value (lists become tuples) or read it as a
+    nested `record`; without `default` the field is required."""
+    meta = {"check": check, "expected": expected, "record": record}
+    if default is _MISSING:
+        return field(metadata=meta)
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def fail(source: str, dotted: str, value: Any, expected: str) -> None:
+    got = "missing" if value is _MISSING else json.dumps(value)[:60]
+    raise InputError(f"{source}: model card field {dotted!r} is {got}; expected {expected}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Record:
+    """A JSON object of the card; subclasses declare their fields with `entry`."""
+
+    extra: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_json(cls, obj: Any, source: str = "model card", prefix: str = ""):
+        if not isinstance(obj, dict):
+            fail(source, prefix.rstrip(".") or cls.__name__, obj, "an object")
+        values, known = {}, {"extra"}
+        for f in dataclasses.fields(cls):
+            if f.name == "extra":
+                continue
+            known.add(f.name)
+            meta, dotted, value = f.metadata, prefix + f.name, obj.get(f.name, _MISSING)
+            required = f.default is dataclasses.MISSING and \
+                f.default_factory is dataclasses.MISSING
+            if value is _MISSING or (value is None and not required):
+                if required:
+                    fail(source, dotted, value, meta["expected"])
+                continue
+            if meta["record"] is not None:
+                value = meta["record"].from_json(value, source, dotted + ".")
+            elif not meta["check"](value):
+                fail(source, dotted, value, meta["expected"])
+            values[f.name] = tuple(value) if isinstance(value, list) else value
+        record = cls(**values, extra={k: v for k, v in obj.items() if k not in known})
+        record.validate(source)
+        return record
+
+    def validate(self, source: str) -> None:
+        """Agreement between fields, checked after reading (one line naming the field)."""
+
+    def to_json(self) -> dict:
+        out = dict(self.extra)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "extra" or (value is None and f.default is None):
+                continue
+            out[f.name] = (value.to_json() if isinstance(value, Record)
+                           else list(value) if isinstance(value, tuple) else value)
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class InputSpec(Record):
+    """What the graph takes, per row: raw pixels (uint8 NCHW) or float32 features."""
+
+    name: str = entry(_is_str, "the graph's input name")
+    kind: str = entry(_one_of("image", "tabular"), "image or tabular")
+    dtype: str = entry(_one_of("uint8", "float32"), "uint8 or float32")
+    shape: tuple[int, ...] = entry(
+        lambda v: _list_of(lambda d: isinstance(d, int) and not isinstance(d, bool) and d > 0)(v)
+        and len(v) > 0, "a list of positive sizes")
+    value_range: tuple[float, float] = entry(_list_of(_is_num, 2), "[low, high]")
+    layout: str | None = entry(_is_str, "a layout such as NCHW", None)
+    color_mode: str | None = entry(_one_of("L", "RGB"), "L or RGB", None)
+    columns: tuple[str, ...] | None = entry(_list_of(_is_str), "a list of column names", None)
+    resize: tuple[int, int] | None = entry(_list_of(_is_num, 2), "[height, width]", None)
+    preprocessing: dict | None = entry(_is_dict, "an object", None)
+
+    @property
+    def image(self) -> bool:
+        return self.kind == "image"
+
+    @property
+    def row_bytes(self) -> int:
+        size = 1
+        for d in self.shape:
+            size *= d
+        return size * (1 if self.dtype == "uint8" else 4)
+
+    def validate(self, source: str) -> None:
+        if self.image and (len(self.shape) != 3 or self.shape[0] not in (1, 3)):
+            raise InputError(f"{source}: model card field 'input.shape' is {list(self.shape)}; "
+                             f"an image model takes [channels (1 or 3), height, width]")
+        if not self.image and self.columns is not None and [len(self.columns)] != list(self.shape):
+            raise InputError(f"{source}: model card field 'input.columns' names "
+                             f"{len(self.columns)} columns but 'input.shape' is {list(self.shape)}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DatasetInfo(Record):
+    """Which fixed dataset the model learned from, and how it was split."""
+
+    name: str = entry(_is_str, "a name")
+    fingerprint: str = entry(_is_str, "a SHA-256 hex string")
+    split_sizes: dict | None = entry(_is_dict, "an object", None)
+    class_counts: tuple[int, ...] | None = entry(_list_of(_is_num), "a list of counts", None)
+    source: str | None = entry(_is_str, "a source name", None)
+    target: str | None = entry(_is_str, "a column name", None)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Consistency(Record):
+    """The float32 graph's validation metric beside the one the checkpoint recorded."""
+
+    checked: bool = entry(lambda v: isinstance(v, bool), "true or false")
+    reason: str = entry(_is_str, "a reason", "")
+    metric: str | None = entry(_is_str, "a metric name", None)
+    graph: float | None = entry(_is_num, "a number", None)
+    recorded: float | None = entry(_is_num, "a number", None)
+    rows: int | None = entry(_is_num, "a number", None)
+    rows_recorded: int | None = entry(_is_num, "a number", None)
+    allowed: float | None = entry(_is_num, "a number", None)
+
+    def validate(self, source: str) -> None:
+        if self.checked and None in (self.metric, self.graph, self.recorded, self.rows):
+            fail(source, "consistency", self.to_json(),
+                 "an object with checked, metric, graph, recorded, rows")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Baseline(Record):
+    """The graph's validation metric beside the best constant answer's."""
+
+    checked: bool = entry(lambda v: isinstance(v, bool), "true or false")
+    reason: str = entry(_is_str, "a reason", "")
+    metric: str | None = entry(_is_str, "a metric name", None)
+    model: float | None = entry(_is_num, "a number", None)
+    constant: float | None = entry(_is_num, "a number", None)
+    constant_answer: str | None = entry(_is_str, "what the constant answer is", None)
+    better: bool | None = entry(lambda v: isinstance(v, bool), "true or false", None)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Parity(Record):
+    """onnxruntime against torch on the same held-out rows."""
+
+    samples: int = entry(_is_num, "a number")
+    max_abs_diff: float = entry(_is_num, "a number")
+    top1_agreement: float = entry(_is_num, "a number")
+    batch_sizes: tuple[int, ...] | None = entry(_list_of(_is_num), "a list of sizes", None)
+    atol: float | None = entry(_is_num, "a number (null: gated by accuracy)", None)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Quantization(Record):
+    """The INT8 graph's validation accuracy against the float32 graph's."""
+
+    val_accuracy_fp32: float = entry(_is_num, "a number")
+    val_accuracy_int8: float = entry(_is_num, "a number")
+    drop_points: float = entry(_is_num, "a number")
+    max_drop_points: float = entry(_is_num, "a number")
+    val_samples: int = entry(_is_num, "a number")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Training(Record):
+    """How the weights were made: the run's options, epochs, seed and checkpoint."""
+
+    seed: int | None = entry(_is_num, "a number", None)
+    run_epochs: int | None = entry(_is_num, "a number", None)
+    weights_epoch: int | None = entry(_is_num, "a number", None)
+    epochs: int | None = entry(_is_num, "a number (card version 1)", None)
+    global_step: int | None = entry(_is_num, "a number", None)
+    checkpoint: str | None = entry(_is_str, "a file name", None)
+    checkpoint_sha256: str | None = entry(_is_str, "a SHA-256 hex string", None)
+    hardware: dict | None = entry(_is_dict, "an object", None)
+    model: dict = entry(_is_dict, "an object", {})
+    data: dict = entry(_is_dict, "an object", {})
+    config_yaml: str | None = entry(_is_str, "the run's YAML", None)
+
+
+def _is_reference(v) -> bool:
+    return _is_dict(v) and isinstance(v.get("rows"), int) and isinstance(v.get("continuous"), list)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Card(Record):
+    """The whole card, stored as one JSON document in the ONNX graph's metadata."""
+
+    task: str = entry(_one_of("classification", "regression"), "classification or regression")
+    class_names: tuple[str, ...] = entry(_list_of(_is_str), "a list of class names")
+    input: InputSpec = entry(None, "an object", record=InputSpec)
+    outputs: tuple[str, ...] = entry(_list_of(_is_str), "a list of output names")
+    dataset: DatasetInfo = entry(None, "an object", record=DatasetInfo)
+    card_version: int = entry(_one_of(*READABLE_VERSIONS), "a readable version", CARD_VERSION)
+    metrics: dict = entry(lambda v: _is_dict(v) and all(_is_num(x) for x in v.values()),
+                          "an object of numbers", {})
+    precision: str = entry(_one_of("fp32", "fp16", "int8"), "fp32, fp16 or int8", "fp32")
+    opset: int | None = entry(_is_num, "an opset number", None)
+    created: str | None = entry(_is_str, "a timestamp", None)
+    consistency: Consistency | None = entry(None, "an object", None, record=Consistency)
+    baseline: Baseline | None = entry(None, "an object", None, record=Baseline)
+    parity: Parity | None = entry(None, "an object", None, record=Parity)
+    quantization: Quantization | None = entry(None, "an object", None, record=Quantization)
+    drift_reference: dict | None = entry(_is_reference, "an object with rows and checks", None)
+    normalization: dict | None = entry(_is_dict, "an object", None)
+    training_stats: dict | None = entry(_is_dict, "an object", None)
+    training: Training | None = entry(None, "an object", None, record=Training)
+    versions: dict = entry(_is_dict, "an object", {})
+
+    @property
+    def regression(self) -> bool:
+        return self.task == "regression"
+
+    def validate(self, source: str) -> None:
+        if not self.regression and not self.class_names:
+            raise InputError(f"{source}: model card field 'class_names' is empty for a classifier")
+        want = OUTPUTS[self.task]
+        if self.outputs != want:
+            raise InputError(f"{source}: model card field 'outputs' is {list(self.outputs)}; a "
+                             f"{self.task} model has {list(want)}")
+
+    def replace(self, **changes) -> Card:
+        return dataclasses.replace(self, **changes)
+
+
+def attach_card(model_proto: Any, card: Card) -> None:
     """Store `card` in an `onnx.ModelProto`'s metadata, replacing any earlier card."""
-    card = {"card_version": CARD_VERSION, **card}
-    missing = [f for f in REQUIRED_FIELDS if f not in card]
-    if missing:
-        raise ValueError(f"model card is missing fields {missing}")
     for prop in list(model_proto.metadata_props):
         if prop.key == CARD_KEY:
             model_proto.metadata_props.remove(prop)
-    entry = model_proto.metadata_props.add()
-    entry.key = CARD_KEY
-    entry.value = json.dumps(jsonable(card), sort_keys=True, allow_nan=False)
+    entry_ = model_proto.metadata_props.add()
+    entry_.key = CARD_KEY
+    entry_.value = json.dumps(jsonable(card.replace(card_version=CARD_VERSION).to_json()),
+                              sort_keys=True, allow_nan=False)
 
 
 def jsonable(value: Any) -> Any:
     """`value` with every non-finite float replaced by None: strict JSON, which has no
     Infinity or NaN (older cards stored an INT8 parity tolerance of Infinity)."""
+    if isinstance(value, Record):
+        value = value.to_json()
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
@@ -46,138 +300,51 @@ def jsonable(value: Any) -> Any:
     return value
 
 
-def parse_card(metadata: dict[str, str], source: str) -> dict:
+def parse_card(metadata: dict[str, str], source: str) -> Card:
     """Decode and validate the card from an ONNX metadata map; `source` names the file."""
     if CARD_KEY not in metadata:
         raise InputError(f"{source}: ONNX model has no '{CARD_KEY}' model card; "
                          "export it with `trainer export`")
     try:
-        card = json.loads(metadata[CARD_KEY])
+        doc = json.loads(metadata[CARD_KEY])
     except json.JSONDecodeError as exc:
         raise InputError(f"{source}: model card is not valid JSON ({exc})") from None
-    if not isinstance(card, dict):
+    if not isinstance(doc, dict):
         raise InputError(f"{source}: model card is not a JSON object")
-    version = card.get("card_version")
+    version = doc.get("card_version")
     if version not in READABLE_VERSIONS:
         raise InputError(f"{source}: model card version {version!r} is not supported "
                          f"(this runtime reads versions {', '.join(map(str, READABLE_VERSIONS))})")
-    validate_card(card, source)
-    return card
+    return Card.from_json(doc, source)
 
 
-def _is_num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _has_numbers(v, *keys) -> bool:
-    return isinstance(v, dict) and all(_is_num(v.get(k)) for k in keys)
-
-
-def _is_list(kind):
-    return lambda v: isinstance(v, list) and all(kind(x) for x in v)
-
-
-_is_str = lambda v: isinstance(v, str)  # noqa: E731
-_is_dims = lambda v: _is_list(lambda d: isinstance(d, int) and d > 0)(v) and len(v) > 0  # noqa: E731
-# field -> (check, what was expected); optional fields are checked when present.
-SCHEMA = {
-    "task": (lambda v: v in ("classification", "regression"), "classification or regression"),
-    "class_names": (_is_list(_is_str), "a list of class names"),
-    "outputs": (_is_list(_is_str), "a list of output names"),
-    "input": (lambda v: isinstance(v, dict), "an object"),
-    "input.name": (_is_str, "the graph's input name"),
-    "input.kind": (lambda v: v in ("image", "tabular"), "image or tabular"),
-    "input.dtype": (lambda v: v in ("uint8", "float32"), "uint8 or float32"),
-    "input.shape": (_is_dims, "a list of positive sizes"),
-    "input.value_range": (lambda v: _is_list(_is_num)(v) and len(v) == 2, "[low, high]"),
-    "dataset": (lambda v: isinstance(v, dict), "an object"),
-    "dataset.name": (_is_str, "a name"),
-    "dataset.fingerprint": (_is_str, "a SHA-256 hex string"),
-}
-OPTIONAL = {
-    "input.layout": (_is_str, "a layout such as NCHW"),
-    "input.color_mode": (lambda v: v in ("L", "RGB"), "L or RGB"),
-    "input.columns": (_is_list(_is_str), "a list of column names"),
-    "dataset.split_sizes": (lambda v: isinstance(v, dict), "an object"),
-    "metrics": (lambda v: isinstance(v, dict) and all(_is_num(x) for x in v.values()),
-                "an object of numbers"),
-    "parity": (lambda v: _has_numbers(v, "samples", "max_abs_diff", "top1_agreement"),
-               "an object with samples, max_abs_diff, top1_agreement"),
-    "quantization": (lambda v: _has_numbers(v, "val_accuracy_fp32", "val_accuracy_int8",
-                                            "drop_points", "max_drop_points", "val_samples"),
-                     "an object with the INT8 accuracies"),
-    "consistency": (lambda v: isinstance(v, dict) and (
-        not v.get("checked") or (_has_numbers(v, "graph", "recorded", "rows")
-                                 and _is_str(v.get("metric")))),
-                    "an object with checked, metric, graph, recorded, rows"),
-    "training": (lambda v: isinstance(v, dict), "an object"),
-    "versions": (lambda v: isinstance(v, dict), "an object"),
-    "drift_reference": (lambda v: isinstance(v, dict) and isinstance(v.get("rows"), int)
-                        and isinstance(v.get("continuous"), list), "an object with rows and checks"),
-}
-
-
-def _field(card: dict, dotted: str):
-    value = card
-    for key in dotted.split("."):
-        if not isinstance(value, dict) or key not in value:
-            return KeyError
-        value = value[key]
-    return value
-
-
-def validate_card(card: dict, source: str) -> None:
-    """Types and required fields of the card, and its internal agreement (one line naming
-    the field otherwise)."""
-    for dotted, (check, expected) in {**SCHEMA, **OPTIONAL}.items():
-        value = _field(card, dotted)
-        if value is KeyError and dotted in OPTIONAL:
-            continue
-        if value is KeyError or not check(value):
-            got = "missing" if value is KeyError else f"{json.dumps(value)[:60]}"
-            raise InputError(f"{source}: model card field {dotted!r} is {got}; expected {expected}")
-    task, spec = card["task"], card["input"]
-    if task == "classification" and not card["class_names"]:
-        raise InputError(f"{source}: model card field 'class_names' is empty for a classifier")
-    want = {"classification": ["logits", "probabilities"], "regression": ["values"]}[task]
-    if card["outputs"] != want:
-        raise InputError(f"{source}: model card field 'outputs' is {card['outputs']}; a {task} "
-                         f"model has {want}")
-    if spec["kind"] == "image" and (len(spec["shape"]) != 3 or spec["shape"][0] not in (1, 3)):
-        raise InputError(f"{source}: model card field 'input.shape' is {spec['shape']}; an image "
-                         f"model takes [channels (1 or 3), height, width]")
-    if spec["kind"] == "tabular" and "columns" in spec and [len(spec["columns"])] != spec["shape"]:
-        raise InputError(f"{source}: model card field 'input.columns' names "
-                         f"{len(spec['columns'])} columns but 'input.shape' is {spec['shape']}")
-
-
-def check_graph(card: dict, inputs: list[tuple[str, str, list]], outputs: dict[str, list],
+def check_graph(card: Card, inputs: list[tuple[str, str, list]], outputs: dict[str, list],
                 source: str) -> None:
     """The card must describe the graph it is attached to: input name, dtype and shape,
     output names, and as many logits as classes. `inputs`: (name, numpy dtype name,
     shape with None or a name for dynamic axes); `outputs`: name -> shape."""
-    spec = card["input"]
+    spec = card.input
     if len(inputs) != 1:
         raise InputError(f"{source}: the graph has {len(inputs)} inputs; the card describes one")
     name, dtype, shape = inputs[0]
-    if name != spec["name"]:
-        raise InputError(f"{source}: model card field 'input.name' is {spec['name']!r} but the "
+    if name != spec.name:
+        raise InputError(f"{source}: model card field 'input.name' is {spec.name!r} but the "
                          f"graph's input is {name!r}")
-    if dtype != spec["dtype"]:
-        raise InputError(f"{source}: model card field 'input.dtype' is {spec['dtype']} but the "
+    if dtype != spec.dtype:
+        raise InputError(f"{source}: model card field 'input.dtype' is {spec.dtype} but the "
                          f"graph takes {dtype}")
     static = [d if isinstance(d, int) else None for d in shape[1:]]
-    if len(static) != len(spec["shape"]) or any(
-            d is not None and d != want for d, want in zip(static, spec["shape"])):
-        raise InputError(f"{source}: model card field 'input.shape' is {spec['shape']} but the "
+    if len(static) != len(spec.shape) or any(
+            d is not None and d != want for d, want in zip(static, spec.shape)):
+        raise InputError(f"{source}: model card field 'input.shape' is {list(spec.shape)} but the "
                          f"graph takes {list(shape)}")
-    missing = [o for o in card["outputs"] if o not in outputs]
+    missing = [o for o in card.outputs if o not in outputs]
     if missing:
         raise InputError(f"{source}: model card output {missing[0]!r} is not an output of the "
                          f"graph ({sorted(outputs)})")
-    width = outputs.get("logits", [None, None])[-1] if card["task"] == "classification" else None
-    if isinstance(width, int) and width != len(card["class_names"]):
-        raise InputError(f"{source}: model card field 'class_names' has {len(card['class_names'])} "
+    width = None if card.regression else outputs.get("logits", [None, None])[-1]
+    if isinstance(width, int) and width != len(card.class_names):
+        raise InputError(f"{source}: model card field 'class_names' has {len(card.class_names)} "
                          f"classes but the graph's logits have {width}")
 
 
@@ -197,7 +364,7 @@ def graph_signature(model: Any) -> tuple[list, dict]:
     return inputs, {v.name: dims(v) for v in model.graph.output}
 
 
-def read_card(path: str | Path) -> dict:
+def read_card(path: str | Path) -> Card:
     """Read the card of an ONNX file without loading its weights into a session."""
     import onnx  # deploy-side dependency; imported late to keep `trainer --help` fast
 
@@ -210,73 +377,3 @@ def read_card(path: str | Path) -> dict:
     card = parse_card({p.key: p.value for p in model.metadata_props}, str(path))
     check_graph(card, *graph_signature(model), str(path))
     return card
-
-
-def format_card(card: dict) -> str:
-    """A readable summary for `trainer inspect`."""
-    spec, data = card["input"], card["dataset"]
-    lines = [f"task:        {card['task']}"]
-    if card["task"] != "regression":
-        lines.append(f"classes:     {len(card['class_names'])}: {', '.join(card['class_names'])}")
-    lo, hi = spec["value_range"]
-    splits = data.get("split_sizes")
-    lines += [
-        f"input:       {spec['name']} {spec['dtype']} {spec.get('layout', '')} "
-        f"shape [N, {', '.join(map(str, spec['shape']))}] values in [{lo:g}, {hi:g}]",
-    ]
-    if spec.get("columns"):
-        lines.append(f"features:    {', '.join(spec['columns'])}")
-    lines += [
-        f"outputs:     {', '.join(card['outputs'])}",
-        f"precision:   {card.get('precision', 'fp32')}",
-        f"dataset:     {data['name']} fingerprint {data['fingerprint'][:16]}... splits "
-        + (", ".join(f"{k} {v:,}" for k, v in splits.items()) if splits else "unknown"),
-    ]
-    if card.get("metrics"):
-        lines.append("metrics:     " + ", ".join(
-            f"{k}={int(v)}" if float(v).is_integer() and "samples" in k else f"{k}={v:.4f}"
-            for k, v in card["metrics"].items()))
-    lines += gate_lines(card)
-    if card.get("drift_reference"):
-        from export.drift import small_reference
-
-        lines.append(f"drift ref:   {card['drift_reference']['rows']} validation rows"
-                     + (f": {note}" if (note := small_reference(card)) else ""))
-    if card.get("training"):
-        t = card["training"]
-        epochs = (f"{t['run_epochs']} epochs, exported weights from epoch {t['weights_epoch']}"
-                  if "run_epochs" in t else f"{t.get('epochs')} epochs")
-        lines.append(f"training:    {epochs}, seed {t.get('seed')}, "
-                     f"checkpoint sha256 {t.get('checkpoint_sha256', '')[:16]}...")
-    if card.get("versions"):
-        lines.append("versions:    " + ", ".join(f"{k} {v}" for k, v in card["versions"].items()))
-    if card.get("created"):
-        lines.append(f"created:     {card['created']}")
-    return "\n".join(lines)
-
-
-def gate_lines(card: dict) -> list[str]:
-    """What the export checked: the graph against its own recorded metric, then against
-    torch output by output (fp32/fp16) or by accuracy (INT8)."""
-    lines = []
-    c = card.get("consistency") or {}
-    if c.get("checked"):
-        lines.append(f"consistent:  graph {c['metric']}={c['graph']:.4f}, recorded {c['recorded']:.4f} "
-                     f"on {c['rows']} validation rows")
-    b = card.get("baseline") or {}
-    if b.get("checked"):
-        lines.append(f"baseline:    graph {b['metric']}={b['model']:.4f}, always answering "
-                     f"{b['constant_answer']} {b['constant']:.4f}"
-                     + ("" if b["better"] else " (NO BETTER: exported with --allow-trivial)"))
-    q, p = card.get("quantization"), card.get("parity")
-    if q:
-        lines.append(f"int8 gate:   validation accuracy {q['val_accuracy_int8']:.4f} vs fp32 "
-                     f"{q['val_accuracy_fp32']:.4f} ({q['drop_points']:+.2f} points, max "
-                     f"{q['max_drop_points']:g}) on {q['val_samples']} rows")
-        if p:
-            lines.append(f"agreement:   top-1 {p['top1_agreement']:.4f} with torch fp32 on "
-                         f"{p['samples']} samples")
-    elif p:
-        lines.append(f"parity:      max |onnx - torch| = {p['max_abs_diff']:.2e} on {p['samples']} "
-                     f"samples, top-1 agreement {p['top1_agreement']:.4f}")
-    return lines

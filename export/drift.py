@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from export.card import Card
+
 ALPHA = 0.01  # family-wise false-alarm rate of one report
 PSI_WARN, PSI_DRIFT = 0.1, 0.25  # effect sizes of a significant shift: warn, drift
 QUANTILE_BINS = 128  # reference bins a continuous check counts into
@@ -58,17 +60,17 @@ def psi(expected: np.ndarray, actual: np.ndarray) -> float:
     return float(((a - e) * np.log(a / e)).sum())
 
 
-def summary_names(card: dict) -> list[str]:
+def summary_names(card: Card) -> list[str]:
     """Names of the continuous per-row checks of a model, in the order `_summaries` makes them."""
-    spec = card["input"]
-    if spec["kind"] == "image":
-        channels = spec["shape"][0]
+    spec = card.input
+    if spec.image:
+        channels = spec.shape[0]
         label = (lambda c: "") if channels == 1 else (lambda c: f" {'RGB'[c] if channels == 3 else c}")
         names = [f"pixel mean{label(c)}" for c in range(channels)]
         names += [f"pixel std{label(c)}" for c in range(channels)]
     else:
-        names = [f"feature {c}" for c in spec.get("columns") or range(spec["shape"][0])]
-    return names + (["predicted value"] if card["task"] == "regression" else ["confidence"])
+        names = [f"feature {c}" for c in spec.columns or range(spec.shape[0])]
+    return names + (["predicted value"] if card.regression else ["confidence"])
 
 
 def _summaries(x, pred, image: bool, chunk: int = 4096) -> list[np.ndarray]:
@@ -87,10 +89,10 @@ def _summaries(x, pred, image: bool, chunk: int = 4096) -> list[np.ndarray]:
     return cols + [pred.values if pred.values is not None else pred.confidence]
 
 
-def reference(card: dict, x: np.ndarray, pred) -> dict:
+def reference(card: Card, x: np.ndarray, pred) -> dict:
     """The card's `drift_reference`: quantile bins and counts of every per-row summary on the
     validation rows `x` with the exported graph's predictions `pred`, and their classes."""
-    columns = _summaries(x, pred, card["input"]["kind"] == "image")
+    columns = _summaries(x, pred, card.input.image)
     checks = []
     for name, values in zip(summary_names(card), columns):
         inner = np.quantile(values, np.linspace(0, 1, QUANTILE_BINS + 1)[1:-1])
@@ -100,7 +102,7 @@ def reference(card: dict, x: np.ndarray, pred) -> dict:
         checks.append({"name": name, "edges": edges.tolist(), "counts": counts.tolist()})
     ref = {"rows": int(len(x)), "split": "validation", "continuous": checks}
     if pred.labels is not None:
-        ref["classes"] = np.bincount(pred.labels, minlength=len(card["class_names"])).tolist()
+        ref["classes"] = np.bincount(pred.labels, minlength=len(card.class_names)).tolist()
     return ref
 
 
@@ -179,10 +181,10 @@ def _needed(ref: dict, check: dict, checks: int) -> int | None:
     return rows_needed(needed_effective_rows(check["test"], checks, df), ref["rows"])
 
 
-def small_reference(card: dict) -> str | None:
+def small_reference(card: Card) -> str | None:
     """Why the card's drift reference is too small to judge a batch of its own size, or
     None."""
-    ref = card.get("drift_reference")
+    ref = card.drift_reference
     if not ref:
         return None
     checks = len(ref["continuous"]) + ("classes" in ref)
@@ -198,9 +200,9 @@ class DriftAccumulator:
     whole state: `state()` is JSON-ready and `merge()` adds another accumulator's (a
     resumed job's parts, Ray workers, server windows)."""
 
-    def __init__(self, card: dict):
-        self.card, self.ref = card, card.get("drift_reference")
-        self.image = card["input"]["kind"] == "image"
+    def __init__(self, card: Card):
+        self.card, self.ref = card, card.drift_reference
+        self.image = card.input.image
         self.counts = {"rows": 0}
         if self.ref:
             self.counts["continuous"] = [np.zeros(len(c["counts"]), np.int64)

@@ -22,6 +22,7 @@ import warnings
 
 import numpy as np
 
+from export.card import InputSpec
 from export.errors import InputError
 
 MAX_PIXELS = 64_000_000  # 8000 x 8000; larger headers are refused as decompression bombs
@@ -70,13 +71,13 @@ def _opened(data: bytes, source: str):
         raise InputError(f"{source}: cannot decode image ({exc})") from None
 
 
-def decode(data: bytes, spec: dict, source: str) -> np.ndarray:
+def decode(data: bytes, spec: InputSpec, source: str) -> np.ndarray:
     """Bytes of a PNG/JPEG (any format pillow reads) -> uint8 (C, H, W) per `spec`
     (`shape` [C, H, W] and `color_mode` L or RGB). `source` names the file in errors."""
     from PIL import Image
 
-    channels, height, width = spec["shape"]
-    mode = spec.get("color_mode") or ("L" if channels == 1 else "RGB")
+    channels, height, width = spec.shape
+    mode = spec.color_mode or ("L" if channels == 1 else "RGB")
     with _opened(data, source) as img:
         img = _to_8bit(img)
         if img.mode in ("P", "PA"):

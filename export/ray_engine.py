@@ -41,6 +41,13 @@ class RayOptions:
     gpus_per_worker: float = 0.0
     block_images: int = 4096  # images per work unit of an image folder
 
+    def __post_init__(self):  # messages name the command's flags
+        gpus = self.gpus_per_worker
+        if (self.workers is not None and self.workers < 1) or not 0 <= gpus < float("inf") \
+                or (gpus > 1 and gpus != int(gpus)) or self.block_images < 1:
+            raise InputError("--workers and --block-images must be >= 1, --gpus-per-worker a "
+                             "share of one GPU (0 to 1) or a whole number of GPUs")
+
 
 def list_units(source: str, block: int = 4096) -> list[dict]:
     """The work units of `source`: a folder, a glob or one file; `block` images per unit
@@ -333,7 +340,7 @@ def run_ray(model: str, source: str, output: str, job_options, options: RayOptio
                    "engine": "ray", "workers": workers, "units": len(units),
                    "units_resumed": len(units) - len(todo), "provider": provider,
                    "model": str(predictor.path), "model_sha256": model_sha,
-                   "dataset_fingerprint": card["dataset"]["fingerprint"],
+                   "dataset_fingerprint": card.dataset.fingerprint,
                    "seconds": round(elapsed, 3),
                    "ray_startup_seconds": None if startup is None else round(startup, 3),
                    "rows_per_second": round(totals.rows / elapsed, 1),

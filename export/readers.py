@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from export.card import InputSpec
 from export.errors import InputError, require_file
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
@@ -137,7 +138,7 @@ def image_files(path: Path) -> list[Path]:
     return files
 
 
-def decode_image(path: Path, spec: dict) -> np.ndarray:
+def decode_image(path: Path, spec: InputSpec) -> np.ndarray:
     """One image file as the card says (export/imaging.py, shared with training)."""
     from export.imaging import decode
 
@@ -149,7 +150,7 @@ def decode_image(path: Path, spec: dict) -> np.ndarray:
     return decode(data, spec, str(path))
 
 
-def _image_chunks(path: Path, spec: dict, class_names, rows: int, first: int, on_error: str,
+def _image_chunks(path: Path, spec: InputSpec, class_names, rows: int, first: int, on_error: str,
                   pool: ThreadPoolExecutor, files: list[Path] | None) -> Iterator[Chunk]:
     files = image_files(path) if files is None else files
     root = path if path.is_dir() else path.parent
@@ -167,7 +168,7 @@ def _image_chunks(path: Path, spec: dict, class_names, rows: int, first: int, on
         batch = files[start:start + rows]
         images = list(pool.map(load, batch))  # PIL decodes with the GIL released
         ok = [i for i, im in enumerate(images) if not isinstance(im, InputError)]
-        x = np.stack([images[i] for i in ok]) if ok else np.zeros((0, *spec["shape"]), np.uint8)
+        x = np.stack([images[i] for i in ok]) if ok else np.zeros((0, *spec.shape), np.uint8)
         y = np.array([class_names.index(batch[i].parent.name) for i in ok]) if labelled else None
         yield Chunk([str(batch[i].relative_to(root)) for i in ok], x, y,
                     skipped=[str(im) for im in images if isinstance(im, InputError)])
@@ -180,7 +181,7 @@ class _RowTooLong(Exception):
     pass
 
 
-def _table_chunks(path: Path, spec: dict, class_names, rows: int, first: int,
+def _table_chunks(path: Path, spec: InputSpec, class_names, rows: int, first: int,
                   target: str | None) -> Iterator[Chunk]:
     """The table's chunks from chunk `first` on. A CSV row longer than the read block (a
     document or a base64 blob in a pass-through column) is read again with the next block
@@ -198,14 +199,14 @@ def _table_chunks(path: Path, spec: dict, class_names, rows: int, first: int,
                      f"Parquet file)")
 
 
-def _table_chunks_in(path: Path, spec: dict, class_names, rows: int, first: int,
+def _table_chunks_in(path: Path, spec: InputSpec, class_names, rows: int, first: int,
                      target: str | None, block: int) -> Iterator[Chunk]:
     try:
         import pyarrow.csv as pacsv
         import pyarrow.parquet as pq
     except ImportError:
         raise InputError(f"{path}: reading CSV/Parquet needs pyarrow (pip install pyarrow)") from None
-    columns = spec.get("columns") or []
+    columns = list(spec.columns or ())
     done, pending = 0, None
     try:
         if path.suffix.lower() == ".csv":
@@ -293,7 +294,7 @@ def _concat(a, b):
     return pa.Table.from_batches([a, b]).combine_chunks().to_batches()[0] if a.num_rows else b
 
 
-def iter_chunks(path: str | Path, spec: dict, class_names: list[str], rows: int = 1024,
+def iter_chunks(path: str | Path, spec: InputSpec, class_names: list[str], rows: int = 1024,
                 on_error: str = "fail", target: str | None = None,
                 start_chunk: int = 0, files: list[Path] | None = None) -> Iterator[Chunk]:
     """Chunks of exactly `rows` inputs (the last may be shorter) from any supported input,

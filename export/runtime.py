@@ -6,6 +6,7 @@ against it before it reaches the session, and the error names the expected spec.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from export.card import check_graph, parse_card
+from export.card import InputSpec, check_graph, parse_card
 from export.errors import InputError, require_file
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -57,34 +58,34 @@ def _graph_failure(exc: Exception) -> str:
     return text if len(text) <= 300 else text[:300] + "..."
 
 
-def describe_input(spec: dict) -> str:
-    dims = ", ".join(map(str, spec["shape"]))
-    lo, hi = spec["value_range"]
-    return f"{spec['dtype']} array of shape (N, {dims}) with values in [{lo}, {hi}]"
+def describe_input(spec: InputSpec) -> str:
+    dims = ", ".join(map(str, spec.shape))
+    lo, hi = spec.value_range
+    return f"{spec.dtype} array of shape (N, {dims}) with values in [{lo}, {hi}]"
 
 
-def _shape_mismatch(spec: dict, got: tuple) -> str:
+def _shape_mismatch(spec: InputSpec, got: tuple) -> str:
     """What is wrong with an input of shape `got`, saying so when it is the wrong kind of
     data altogether (a table for an image model, images for a table model)."""
     expected = f"expected {describe_input(spec)}, got shape {got}"
-    if spec["kind"] == "image" and len(got) == 2:
+    if spec.image and len(got) == 2:
         return (f"the model takes images and this input is a table ({got[0]} rows x "
                 f"{got[1]} numeric columns); {expected}")
-    if spec["kind"] != "image" and len(got) >= 3:
-        return (f"the model takes a table of {spec['shape'][0]} feature columns and this "
+    if not spec.image and len(got) >= 3:
+        return (f"the model takes a table of {spec.shape[0]} feature columns and this "
                 f"input is images or a multi-dimensional array; {expected}")
     return expected
 
 
-def check_input(spec: dict, x: np.ndarray, source: str = "input") -> np.ndarray:
+def check_input(spec: InputSpec, x: np.ndarray, source: str = "input") -> np.ndarray:
     """Return `x` as the graph of the card's input `spec` wants it, or raise InputError
     naming the expected spec. The one input check of batch jobs, the server and Ray."""
-    shape = tuple(spec["shape"])
-    if x.ndim == len(shape) and shape[0] == 1 and spec["kind"] == "image":
+    shape = spec.shape
+    if x.ndim == len(shape) and shape[0] == 1 and spec.image:
         x = x[:, None]  # (N, H, W) grayscale -> (N, 1, H, W)
     if x.ndim != len(shape) + 1 or tuple(x.shape[1:]) != shape:
         raise InputError(f"{source}: {_shape_mismatch(spec, tuple(x.shape))}")
-    want = np.dtype(spec["dtype"])
+    want = np.dtype(spec.dtype)
     if want == np.uint8:
         if x.dtype != np.uint8:
             raise InputError(f"{source}: expected {describe_input(spec)}, got dtype {x.dtype}")
@@ -117,29 +118,41 @@ class Predictor:
         require_file(self.path, "an ONNX model file")
         before = _stamp(self.path)
         self.sha256 = sha256_file(self.path)  # of the bytes loaded: checked unchanged below
+        self._load(str(self.path), provider, threads, spin)
+        if _stamp(self.path) != before:
+            raise InputError(f"{self.path}: the model file changed while it was loaded; "
+                             "load it again once it is written")
+
+    @classmethod
+    def from_bytes(cls, model: bytes, name: str, provider: str = "cpu",
+                   threads: int = 0) -> Predictor:
+        """A graph held in memory (the export gates it before any file exists); `name`
+        stands for its path in messages."""
+        self = cls.__new__(cls)
+        self.path, self.sha256 = Path(name), hashlib.sha256(model).hexdigest()
+        self._load(model, provider, threads, True)
+        return self
+
+    def _load(self, model: str | bytes, provider: str, threads: int, spin: bool) -> None:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         if not spin:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            self.session = ort.InferenceSession(str(self.path), options,
-                                                providers=_providers(provider))
+            self.session = ort.InferenceSession(model, options, providers=_providers(provider))
         except InputError:
             raise
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf types
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise InputError(f"{self.path}: not a loadable ONNX model ({type(exc).__name__}"
                              f"{': ' + first[:200] if first else ''})") from None
-        if _stamp(self.path) != before:
-            raise InputError(f"{self.path}: the model file changed while it was loaded; "
-                             "load it again once it is written")
         meta = self.session.get_modelmeta().custom_metadata_map
         self.card = parse_card(meta, str(self.path))
         check_graph(self.card, [(i.name, _ORT_TYPES.get(i.type, i.type), i.shape)
                                 for i in self.session.get_inputs()],
                     {o.name: o.shape for o in self.session.get_outputs()}, str(self.path))
-        self.spec = self.card["input"]
-        self.class_names: list[str] = self.card["class_names"]
+        self.spec = self.card.input
+        self.class_names: tuple[str, ...] = self.card.class_names
         self.provider = self.session.get_providers()[0]
 
     def require(self, sha256: str) -> None:
@@ -160,7 +173,7 @@ class Predictor:
     def _run(self, x: np.ndarray, timeout: float | None = None) -> list[np.ndarray]:
         """One onnxruntime call; with `timeout`, a timer terminates it after that many
         seconds (onnxruntime checks RunOptions.terminate between kernels)."""
-        name, outputs = self.session.get_inputs()[0].name, self.card["outputs"]
+        name, outputs = self.session.get_inputs()[0].name, list(self.card.outputs)
         options = ort.RunOptions()
         options.log_severity_level = 4  # failures become one InputError line, not a log
         timer = None
@@ -190,7 +203,7 @@ class Predictor:
 
     @property
     def regression(self) -> bool:
-        return self.card["task"] == "regression"
+        return self.card.regression
 
     def predict(self, x: np.ndarray, batch_size: int = 256, source: str = "input",
                 timeout: float | None = None) -> Prediction:
@@ -208,7 +221,7 @@ class Predictor:
                 raise InputError(f"{self.path}: the graph failed on {source} rows {start}-"
                                  f"{min(len(x), start + batch_size) - 1}: "
                                  f"{_graph_failure(exc)}") from None
-        outputs = self.card["outputs"]
+        outputs = self.card.outputs
         out = {k: np.concatenate([c[i] for c in chunks]) for i, k in enumerate(outputs)}
         if self.regression:
             return Prediction(values=out["values"])
@@ -236,10 +249,10 @@ def predictor_for_job(path: str | Path, provider: str = "auto", threads: int = 0
         return pool, {"threads": threads, "reason": "set by --threads"}
     if pool.provider != PROVIDERS["cpu"] or cores < 2:
         return pool, {"threads": "auto", "reason": f"{pool.provider} on {cores} core(s)"}
-    spec, n = pool.card["input"], min(batch_size, 4096)  # enough rows to time a batch
+    spec, n = pool.spec, min(batch_size, 4096)  # enough rows to time a batch
     rng = np.random.default_rng(0)
-    x = (rng.integers(0, 256, (n, *spec["shape"])) if spec["dtype"] == "uint8"
-         else rng.normal(size=(n, *spec["shape"]))).astype(spec["dtype"])
+    x = (rng.integers(0, 256, (n, *spec.shape)) if spec.dtype == "uint8"
+         else rng.normal(size=(n, *spec.shape))).astype(spec.dtype)
     try:  # stopped by onnxruntime if it runs over: a hung graph must not hang the check
         pool._run(x, timeout=THREAD_CHECK_MAX_S)
     except TimeoutError:

@@ -44,6 +44,7 @@ from urllib.parse import parse_qs
 
 import numpy as np
 
+from export.card import Card, InputSpec
 from export.errors import InputError
 from export.runtime import Prediction, check_input, describe_input
 
@@ -60,6 +61,33 @@ class Limits:
     max_body_bytes: int = 16 << 20
     max_instances: int = 1024
     max_queue: int = 512  # requests in flight across API servers; more get 503
+
+    def __post_init__(self):  # messages name the command's flags
+        from export.timing import available_memory
+
+        for flag, value in (("--max-instances", self.max_instances),
+                            ("--max-queue", self.max_queue)):
+            if value < 1:
+                raise InputError(f"{flag} must be >= 1")
+        if not self.max_body_bytes > 0:
+            raise InputError("--max-body-mb must be > 0")
+        held, avail = self.max_queue * self.max_body_bytes, available_memory()
+        if avail is not None and held > avail // 2:
+            raise InputError(f"--max-queue {self.max_queue} x --max-body-mb "
+                             f"{self.max_body_bytes / 2**20:g}: up to {held / 2**30:.1f} GiB of "
+                             f"request bodies could be held; at most "
+                             f"{avail / 2 / 2**30:.1f} GiB (half of the memory available)")
+
+    def check_model(self, spec: InputSpec) -> None:
+        """Every request in flight decoded at once must fit in half the available memory."""
+        from export.timing import available_memory
+
+        decoded, avail = self.max_queue * self.max_instances * spec.row_bytes, available_memory()
+        if avail is not None and decoded > avail // 2:
+            raise InputError(f"--max-queue {self.max_queue} x --max-instances "
+                             f"{self.max_instances}: up to {decoded / 2**30:.1f} GiB of this "
+                             f"model's decoded inputs could be held; at most "
+                             f"{avail / 2 / 2**30:.1f} GiB (half of the memory available)")
 
 
 class RequestError(Exception):
@@ -95,7 +123,7 @@ def _table_row(inst, columns: list[str], i: int) -> list[float]:
                             f"a list of {len(columns)} numbers")
 
 
-def _image(data: bytes, spec: dict, where: str) -> np.ndarray:
+def _image(data: bytes, spec: InputSpec, where: str) -> np.ndarray:
     from export.imaging import decode
 
     try:
@@ -104,7 +132,7 @@ def _image(data: bytes, spec: dict, where: str) -> np.ndarray:
         raise RequestError(400, str(exc)) from None
 
 
-def _raw_image_array(inst: list, spec: dict, where: str) -> np.ndarray:
+def _raw_image_array(inst: list, spec: InputSpec, where: str) -> np.ndarray:
     """A nested list of pixel values: integers in [0, 255] for a uint8 graph."""
     try:
         arr = np.asarray(inst)
@@ -114,13 +142,13 @@ def _raw_image_array(inst: list, spec: dict, where: str) -> np.ndarray:
     if arr.dtype.kind not in "iuf":
         raise RequestError(422, f"{where}: expected numbers ({describe_input(spec)}), got "
                                 f"{arr.dtype.kind == 'b' and 'booleans' or 'non-numbers'}")
-    if np.dtype(spec["dtype"]) == np.uint8:
+    if np.dtype(spec.dtype) == np.uint8:
         if not (np.isfinite(arr).all() and (arr == np.round(arr)).all()
                 and arr.min(initial=0) >= 0 and arr.max(initial=0) <= 255):
             raise RequestError(422, f"{where}: expected integers in [0, 255] for the model's "
                                     "uint8 input")
         arr = arr.astype(np.uint8)
-    shape = tuple(spec["shape"])
+    shape = spec.shape
     if arr.shape != shape and not (shape[0] == 1 and arr.shape == shape[1:]):
         raise RequestError(422, f"{where}: expected one instance of shape {shape} "
                                 f"({describe_input(spec)}), got shape {arr.shape}")
@@ -130,10 +158,10 @@ def _raw_image_array(inst: list, spec: dict, where: str) -> np.ndarray:
         raise RequestError(422, str(exc)) from None
 
 
-def parse_request(body: bytes, content_type: str, card: dict, limits: Limits) -> np.ndarray:
+def parse_request(body: bytes, content_type: str, card: Card, limits: Limits) -> np.ndarray:
     """The body of a POST /predict as the checked model input (N, ...)."""
-    spec = card["input"]
-    image = spec["kind"] == "image"
+    spec = card.input
+    image = spec.image
     media = content_type.split(";")[0].strip().lower()
     if media in IMAGE_TYPES:
         if not image:
@@ -155,7 +183,7 @@ def parse_request(body: bytes, content_type: str, card: dict, limits: Limits) ->
         raise RequestError(413, f"instances: {len(instances)} in one request; at most "
                                 f"{limits.max_instances} (--max-instances)")
     if not image:
-        rows = [_table_row(inst, spec.get("columns") or [], i) for i, inst in enumerate(instances)]
+        rows = [_table_row(inst, list(spec.columns or ()), i) for i, inst in enumerate(instances)]
         try:
             return check_input(spec, np.asarray(rows, np.float64), "instances")
         except InputError as exc:
@@ -178,16 +206,16 @@ def parse_request(body: bytes, content_type: str, card: dict, limits: Limits) ->
     return np.stack(out)
 
 
-def parse_top_k(query: str, card: dict) -> int:
+def parse_top_k(query: str, card: Card) -> int:
     values = parse_qs(query).get("top_k")
     if not values:
         return 1
-    classes = len(card["class_names"])
+    classes = len(card.class_names)
     try:
         k = int(values[-1])
     except ValueError:
         k = 0
-    if card["task"] == "regression" or not 1 <= k <= classes:
+    if card.regression or not 1 <= k <= classes:
         raise RequestError(422, f"top_k: expected an integer from 1 to {classes}, got "
                                 f"{values[-1]!r}" if classes else
                                 "top_k: this model is a regressor; it has no classes")
@@ -302,7 +330,7 @@ def _metrics() -> dict:
 _METRICS = None
 
 
-def metrics_text(card: dict, folder: Path) -> str:
+def metrics_text(card: Card, folder: Path) -> str:
     """Prometheus text: the counters of all processes, then the running drift report."""
     from prometheus_client import CollectorRegistry, generate_latest
     from prometheus_client.multiprocess import MultiProcessCollector
@@ -342,7 +370,7 @@ class Gate:
     """ASGI middleware of the API servers: admission, checking and metrics of /predict;
     /card and /metrics; /health reads 503 while draining. See the module docstring."""
 
-    def __init__(self, app, *, card: dict, card_json: bytes, limits: Limits, shared: dict,
+    def __init__(self, app, *, card: Card, card_json: bytes, limits: Limits, shared: dict,
                  metrics_dir: str, max_batch_size: int, batch_timeout: float, slots: int):
         self.app, self.card, self.card_json, self.limits = app, card, card_json, limits
         self.inflight, self.draining = shared["inflight"], shared["draining"]
@@ -589,6 +617,24 @@ class ServeOptions:
     drain_timeout_s: float = 30.0
     log_level: str = "warning"
 
+    def __post_init__(self):  # messages name the command's flags
+        from export.timing import usable_cores
+
+        self.limits = self.limits or Limits()
+        for flag, value in (("--workers", self.workers), ("--max-batch-size", self.max_batch_size)):
+            if value < 1:
+                raise InputError(f"{flag} must be >= 1")
+        if not 1024 <= self.port <= 65535:
+            raise InputError(f"--port {self.port}: expected 1024 to 65535")
+        if self.batch_timeout_ms < 0:
+            raise InputError("--batch-timeout-ms must be >= 0")
+        # A batch gathers requests in flight, of which there are at most max_queue.
+        self.max_batch_size = min(self.max_batch_size, self.limits.max_queue)
+        cores = usable_cores()
+        if self.workers > 4 * cores:
+            raise InputError(f"--workers {self.workers}: at most {4 * cores} (4 per core of the "
+                             f"{cores} this process may use); each holds a session")
+
 
 def _check_port(host: str, port: int) -> None:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -612,11 +658,12 @@ def serve(model: str, options: ServeOptions) -> int:
     from export.card import jsonable
     from export.runtime import Predictor
 
-    limits = options.limits or Limits()
+    limits = options.limits
     threads = _threads_per_worker(options.workers)
     probe = Predictor(model, options.provider, threads)  # one-line errors before any process
     card, provider, sha256 = probe.card, probe.provider, probe.sha256
     del probe
+    limits.check_model(card.input)
     _check_port(options.host, options.port)
 
     metrics_dir = tempfile.mkdtemp(prefix="frozenfit-serve-")

@@ -67,9 +67,9 @@ def test_a_gpu_fit_freezes_a_graph_that_scores_the_same_on_the_cpu(tmp_path, dig
     summary = json.loads((run / "metrics.json").read_text())
     assert summary["hardware"]["device"].startswith("CUDA ")
     card = read_card(run / "model.onnx")
-    assert card["parity"]["max_abs_diff"] <= 1e-3  # exported in fp32 on the CPU
+    assert card.parity.max_abs_diff <= 1e-3  # exported in fp32 on the CPU
     # The torch test ran under bf16 autocast on the GPU, the graph in fp32: a row may flip.
-    assert card["metrics"]["test/acc_onnx"] == pytest.approx(summary["test"]["test/acc"],
+    assert card.metrics["test/acc_onnx"] == pytest.approx(summary["test"]["test/acc"],
                                                              abs=2 / 269)
     preds = tmp_path / "preds.csv"
     proc = run_cli("predict", "--model", str(run / "model.onnx"), "--input",
@@ -77,5 +77,5 @@ def test_a_gpu_fit_freezes_a_graph_that_scores_the_same_on_the_cpu(tmp_path, dig
     assert proc.returncode == 0, proc.stderr
     labels = np.loadtxt(preds, delimiter=",", skiprows=1, usecols=1, dtype=int)
     y = np.load(digits_test_npz)["y"]
-    assert (labels == y).mean() == pytest.approx(card["metrics"]["test/acc_onnx"], abs=1e-6)
-    assert card["metrics"]["test/acc_onnx"] >= 0.95
+    assert (labels == y).mean() == pytest.approx(card.metrics["test/acc_onnx"], abs=1e-6)
+    assert card.metrics["test/acc_onnx"] >= 0.95

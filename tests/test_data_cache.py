@@ -178,7 +178,7 @@ def test_a_folder_of_parquet_files_is_one_table_and_updates_per_file(tmp_path, c
     (folder / "_SUCCESS").write_text("")  # written by Spark; not data
     ds = load_source("tabular", str(folder), SourceOptions(cache_dir=str(tmp_path / "c")))
     assert len(ds.train) == 160 and ds.class_names == ["down", "up"]
-    assert ds.input_spec["columns"] == ["a", "b"]
+    assert ds.input_spec.columns == ("a", "b")
     whole = pa.concat_tables([_table(i) for i in range(4)])
     np.testing.assert_array_equal(ds.train.arrays()[0][:, 0], whole["a"].to_numpy().astype("f4"))
     assert "4 files: 4 new" in capsys.readouterr().err
@@ -197,7 +197,7 @@ def test_a_hive_partitioned_folder_and_a_csv_glob(tmp_path):
         part.mkdir(parents=True)
         pq.write_table(_table(code), part / "data.parquet")
     ds = load_source("tabular", str(tmp_path / "hive"), SourceOptions())
-    assert ds.input_spec["columns"] == ["a", "b", "zone"]  # the partition key is a column
+    assert ds.input_spec.columns == ("a", "b", "zone")  # the partition key is a column
     assert sorted(np.unique(ds.train.arrays()[0][:, 2]).tolist()) == [1.0, 2.0]
 
     for i in range(3):

@@ -138,7 +138,7 @@ def test_cifar10(tmp_path):
     folder = _cifar_folder(tmp_path / "c")
     ds = load_source("cifar10", str(folder))
     assert ds.train.x.shape == (30, 3, 32, 32) and ds.test.x.shape == (6, 3, 32, 32)
-    assert ds.class_names[0] == "airplane" and ds.input_spec["color_mode"] == "RGB"
+    assert ds.class_names[0] == "airplane" and ds.input_spec.color_mode == "RGB"
     raw = pickle.load(open(folder / "data_batch_1", "rb"), encoding="bytes")
     assert (ds.train.x[0, 0].reshape(-1) == raw[b"data"][0, :1024]).all()  # red plane first
 
@@ -202,7 +202,7 @@ def test_image_folder_split_dirs_and_size_option(tmp_path):
     ds = load_source("image_folder", str(root), opts)
     assert len(ds.train) == 8 and len(ds.test) == 2 and ds.val is None
     assert ds.train.arrays()[0].shape == (8, 1, 4, 6)
-    assert ds.input_spec["shape"] == [1, 4, 6] and ds.input_spec["color_mode"] == "L"
+    assert ds.input_spec.shape == (1, 4, 6) and ds.input_spec.color_mode == "L"
 
 
 def test_image_folder_corrupt_image_names_file_and_keeps_the_complete_rows(tmp_path):
@@ -243,7 +243,7 @@ def test_tabular_csv_classification_with_string_labels(tmp_path):
     ds = load_source("tabular", path, SourceOptions(target="species"))
     assert ds.task == "classification" and ds.class_names == ["setosa", "virginica"]
     assert ds.train.y.tolist() == [0, 1, 0]
-    assert ds.train.x.dtype == np.float32 and ds.input_spec["columns"] == ["a", "b"]
+    assert ds.train.x.dtype == np.float32 and ds.input_spec.columns == ("a", "b")
 
 
 def test_tabular_parquet_regression(tmp_path):

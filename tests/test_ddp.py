@@ -47,5 +47,5 @@ def test_two_process_ddp_on_cpu(tmp_path):
     summary = json.loads((run / "metrics.json").read_text())  # written once, by rank 0
     assert summary["epochs"] == 2 and summary["test"]["test/acc"] >= 0.8
     card = read_card(run / "model.onnx")  # exported once, by rank 0, from the best checkpoint
-    assert card["training"]["checkpoint"].startswith("best-")
-    assert card["dataset"]["fingerprint"] == dm.dataset.fingerprint
+    assert card.training.checkpoint.startswith("best-")
+    assert card.dataset.fingerprint == dm.dataset.fingerprint

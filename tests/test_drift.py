@@ -6,12 +6,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from export.card import Card
 from export.drift import (ALPHA, PSI_DRIFT, PSI_WARN, DriftAccumulator, format_report, holm, psi,
                           reference, small_reference, summary_names)
 from export.runtime import Prediction
 
-CARD = {"task": "classification", "class_names": ["a", "b", "c"],
-        "input": {"kind": "tabular", "shape": [2], "columns": ["u", "v"]}}
+CARD = Card.from_json({
+    "task": "classification", "class_names": ["a", "b", "c"], "outputs": ["logits", "probabilities"],
+    "input": {"name": "features", "kind": "tabular", "dtype": "float32", "shape": [2],
+              "columns": ["u", "v"], "value_range": [-10, 10]},
+    "dataset": {"name": "synthetic", "fingerprint": "0" * 64}})
 
 
 def _rows(rng, n, shift=0.0, classes=(0.5, 0.3, 0.2)):
@@ -30,11 +34,11 @@ def _report(ref_card, x, pred):
 @pytest.fixture(scope="module")
 def card():
     rng = np.random.default_rng(0)
-    return {**CARD, "drift_reference": reference(CARD, *_rows(rng, 3000))}
+    return CARD.replace(drift_reference=reference(CARD, *_rows(rng, 3000)))
 
 
 def test_reference_names_and_bins(card):
-    ref = card["drift_reference"]
+    ref = card.drift_reference
     assert summary_names(CARD) == ["feature u", "feature v", "confidence"]
     assert [c["name"] for c in ref["continuous"]] == summary_names(CARD)
     for check in ref["continuous"]:
@@ -70,7 +74,7 @@ def test_too_few_rows_read_inconclusive_never_ok(card):
 
 def test_a_tiny_reference_says_so_and_never_reads_ok():
     rng = np.random.default_rng(4)
-    tiny = {**CARD, "drift_reference": reference(CARD, *_rows(rng, 32))}
+    tiny = CARD.replace(drift_reference=reference(CARD, *_rows(rng, 32)))
     assert "too few" in small_reference(tiny)
     report = _report(tiny, *_rows(rng, 5000))
     assert report["status"] == "inconclusive" and report["rows_needed"] is None

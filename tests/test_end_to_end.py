@@ -28,15 +28,15 @@ def test_fit_writes_a_complete_run_folder(digits_run):
     model = digits_run / "model.onnx"
     onnx.checker.check_model(onnx.load(str(model)), full_check=True)
     card = read_card(model)
-    assert card["class_names"] == [str(i) for i in range(10)]
-    assert card["input"]["shape"] == [1, 8, 8] and card["input"]["dtype"] == "uint8"
-    assert card["dataset"]["split_sizes"] == {"train": 1259, "val": 269, "test": 269}
-    assert card["parity"]["max_abs_diff"] <= 1e-3
-    assert card["metrics"]["val/acc"] > 0.9
-    assert card["metrics"]["test/acc_onnx"] >= 0.95  # the frozen graph on all 269 test rows
+    assert list(card.class_names) == [str(i) for i in range(10)]
+    assert card.input.shape == (1, 8, 8) and card.input.dtype == "uint8"
+    assert card.dataset.split_sizes == {"train": 1259, "val": 269, "test": 269}
+    assert card.parity.max_abs_diff <= 1e-3
+    assert card.metrics["val/acc"] > 0.9
+    assert card.metrics["test/acc_onnx"] >= 0.95  # the frozen graph on all 269 test rows
     # The graph scores exactly what the run recorded for the same (best) weights.
-    assert card["metrics"]["test/acc_onnx"] == pytest.approx(summary["test"]["test/acc"], abs=1e-6)
-    assert card["consistency"]["checked"]
+    assert card.metrics["test/acc_onnx"] == pytest.approx(summary["test"]["test/acc"], abs=1e-6)
+    assert card.consistency.checked
 
 
 def test_export_then_predict_through_the_cli(digits_run, digits_test_npz, tmp_path):

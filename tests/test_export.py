@@ -54,8 +54,8 @@ def test_graph_is_frozen_and_checked(tmp_path, convnet, arch):
     assert not ops & {"BatchNormalization", "Dropout"}, ops  # BN folded into Conv / Gemm
     assert ops >= {"Cast", "Softmax"}  # raw uint8 in, probabilities out
     onnx.checker.check_model(onnx.load(str(out)), full_check=True)
-    assert card["parity"]["samples"] >= 256 and card["parity"]["batch_sizes"] == [1, 7, 269]
-    assert card["parity"]["max_abs_diff"] <= 1e-3 and card["parity"]["top1_agreement"] == 1.0
+    assert card.parity.samples >= 256 and card.parity.batch_sizes == (1, 7, 269)
+    assert card.parity.max_abs_diff <= 1e-3 and card.parity.top1_agreement == 1.0
 
 
 def test_reference_evaluator_agrees_with_onnxruntime(tmp_path, convnet):
@@ -75,18 +75,20 @@ def test_card_holds_everything_deployment_needs(tmp_path, convnet):
     export_checkpoint(ckpt, out, data=held_out(dm), opset=20)
     assert onnx.load(str(out)).opset_import[0].version == 20
     card = read_card(out)
-    assert card["opset"] == 20
+    assert card.opset == 20
     for field in ("task", "class_names", "input", "outputs", "dataset", "training_stats",
                   "training", "metrics", "versions", "created", "parity", "opset"):
-        assert field in card, field
-    assert card["input"]["resize"] == [8, 8] and card["input"]["color_mode"] == "L"
-    assert card["dataset"]["fingerprint"] == dm.dataset.fingerprint
-    assert sum(card["dataset"]["class_counts"]) == card["dataset"]["split_sizes"]["train"]
-    assert card["training"]["run_epochs"] == card["training"]["weights_epoch"] == 3
-    assert card["training"]["seed"] == 0
-    assert card["consistency"]["checked"] and card["consistency"]["rows"] == len(dm.splits["val"])
-    assert set(card["versions"]) == {"torch", "lightning", "onnx", "onnxruntime"}
-    assert len(card["training"]["checkpoint_sha256"]) == 64
+        assert getattr(card, field) is not None, field
+    assert set(json.loads(next(p.value for p in onnx.load(str(out)).metadata_props
+                               if p.key == "frozenfit.card"))) >= {"card_version", "input", "task"}
+    assert card.input.resize == (8, 8) and card.input.color_mode == "L"
+    assert card.dataset.fingerprint == dm.dataset.fingerprint
+    assert sum(card.dataset.class_counts) == card.dataset.split_sizes["train"]
+    assert card.training.run_epochs == card.training.weights_epoch == 3
+    assert card.training.seed == 0
+    assert card.consistency.checked and card.consistency.rows == len(dm.splits["val"])
+    assert set(card.versions) == {"torch", "lightning", "onnx", "onnxruntime"}
+    assert len(card.training.checkpoint_sha256) == 64
     proc = run_cli("inspect", str(out), "--json")
     assert json.loads(proc.stdout)["dataset"]["fingerprint"] == dm.dataset.fingerprint
 
@@ -121,11 +123,11 @@ def test_fp16_variant(tmp_path, convnet):
     out = tmp_path / "m16.onnx"
     card = export_checkpoint(ckpt, out, data=held_out(dm), precision="fp16")
     model = onnx.load(str(out))
-    assert card["precision"] == "fp16"
+    assert card.precision == "fp16"
     assert {i.data_type for i in model.graph.initializer if len(i.dims) > 1} == \
         {onnx.TensorProto.FLOAT16}
     assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
-    assert card["parity"]["max_abs_diff"] <= 5e-2 and card["parity"]["top1_agreement"] >= 0.99
+    assert card.parity.max_abs_diff <= 5e-2 and card.parity.top1_agreement >= 0.99
 
 
 def test_int8_variant_records_and_gates_accuracy(tmp_path, convnet):
@@ -135,12 +137,12 @@ def test_int8_variant_records_and_gates_accuracy(tmp_path, convnet):
     # test the seed; 2 points (5 rows) tests that the drop is recorded and held to the gate.
     card = export_checkpoint(ckpt, out, data=held_out(dm), quantize="int8",
                              max_accuracy_drop=2.0)
-    assert "QuantizeLinear" in _ops(out) and card["precision"] == "int8"
-    q = card["quantization"]
-    assert q["drop_points"] <= 2.0 and q["max_drop_points"] == 2.0
-    assert q["val_samples"] == len(dm.splits["val"])
-    assert abs(q["val_accuracy_fp32"] - q["val_accuracy_int8"]) * 100 == pytest.approx(
-        abs(q["drop_points"]))
+    assert "QuantizeLinear" in _ops(out) and card.precision == "int8"
+    q = card.quantization
+    assert q.drop_points <= 2.0 and q.max_drop_points == 2.0
+    assert q.val_samples == len(dm.splits["val"])
+    assert abs(q.val_accuracy_fp32 - q.val_accuracy_int8) * 100 == pytest.approx(
+        abs(q.drop_points))
     export_checkpoint(ckpt, tmp_path / "fp32.onnx", data=held_out(dm))
     assert out.stat().st_size < 0.6 * (tmp_path / "fp32.onnx").stat().st_size
     # inspect shows the accuracy gate an INT8 model passed, not a float parity tolerance,
@@ -149,7 +151,7 @@ def test_int8_variant_records_and_gates_accuracy(tmp_path, convnet):
     assert "int8 gate:   validation accuracy" in shown and "parity:" not in shown
     strict = json.loads(run_cli("inspect", str(out), "--json").stdout,
                         parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
-    assert strict["parity"]["atol"] is None and strict["precision"] == "int8"
+    assert strict["parity"].get("atol") is None and strict["precision"] == "int8"
 
     refused = tmp_path / "refused.onnx"
     with pytest.raises(ParityError, match=r"int8 quantization lost .* more than "

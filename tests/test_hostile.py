@@ -367,7 +367,7 @@ CARDS = {
     "more classes than logits": (_set("class_names", [str(i) for i in range(12)]), "12 classes"),
     "outputs renamed": (_set("outputs", ["scores", "probabilities"]), "'outputs'"),
     "metrics not numbers": (_set("metrics", {"val/acc": "high"}), "'metrics'"),
-    "parity without fields": (_set("parity", {"samples": 3}), "'parity'"),
+    "parity without fields": (_set("parity", {"samples": 3}), "'parity.max_abs_diff'"),
 }
 for label, (edit, needle) in CARDS.items():
     for command in ("predict", "inspect"):

@@ -33,7 +33,7 @@ def _fit_and_export(tmp_path, steps=3, callbacks=(), precision="32-true", **mode
 @pytest.mark.parametrize("arch", ["mlp", "convnet", "resnet9", "torchvision.resnet18"])
 def test_every_architecture_trains_and_exports(tmp_path, arch):
     card = _fit_and_export(tmp_path, arch=arch, width=16)
-    assert card["parity"]["max_abs_diff"] <= 1e-3
+    assert card.parity.max_abs_diff <= 1e-3
 
 
 def test_torchvision_model_adapts_channels_and_classes():
@@ -84,8 +84,8 @@ def test_training_options(tmp_path, options, ran):
         assert probe.lrs[-1] < 0.2 * probe.lrs[0]
     else:  # OneCycle starts at lr / 25 and rises
         assert probe.lrs[0] == pytest.approx(0.01 / 25) and peak > 0
-    assert card["training"]["model"]["schedule"] == options.get("schedule", "onecycle")
-    assert card["parity"]["max_abs_diff"] <= 1e-3  # the option changes training, not the graph
+    assert card.training.model["schedule"] == options.get("schedule", "onecycle")
+    assert card.parity.max_abs_diff <= 1e-3  # the option changes training, not the graph
 
 
 def test_channels_last_auto_is_timed_recorded_and_used():
@@ -135,11 +135,11 @@ def test_precision_is_what_the_layers_compute_in(tmp_path, precision, dtype):
     probe = TrainingProbe()
     card = _fit_and_export(tmp_path, steps=None, callbacks=[probe], precision=precision)
     assert probe.dtypes == {dtype}  # every convolution and linear layer ran in it
-    assert np.isfinite(card["metrics"]["val/loss"])
-    assert card["parity"]["max_abs_diff"] <= 1e-3  # the graph is fp32 whatever trained it
+    assert np.isfinite(card.metrics["val/loss"])
+    assert card.parity.max_abs_diff <= 1e-3  # the graph is fp32 whatever trained it
 
 
 @pytest.mark.slow
 def test_torch_compile(tmp_path):
     card = _fit_and_export(tmp_path, steps=4, compile=True)
-    assert card["parity"]["max_abs_diff"] <= 1e-3
+    assert card.parity.max_abs_diff <= 1e-3

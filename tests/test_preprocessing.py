@@ -55,7 +55,7 @@ def test_training_and_prediction_decode_awkward_files_identically(tmp_path, mode
     opts = SourceOptions(image_size=size, color_mode=mode, cache_dir=str(tmp_path / "cache"))
     ds = load_source("image_folder", str(root), opts)
     spec = ds.input_spec
-    assert spec["preprocessing"]["resample"].startswith("bilinear")
+    assert spec.preprocessing["resample"].startswith("bilinear")
 
     # Training decoded every file once (the same content once: 8 distinct files in 4
     # folders), and reads them in its own order: train/ then test/, class by class.

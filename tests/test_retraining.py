@@ -43,9 +43,9 @@ def test_ema_validates_tests_and_exports_the_same_averaged_weights(ema_run):
     assert "current_model_state" in best  # EMA kept the raw weights apart from the averaged
     # The test metric Lightning recorded and the exported graph's own score on the same 269
     # test rows are one number, and so are the recorded and the graph's validation accuracy.
-    assert summary["test"]["test/acc"] == pytest.approx(card["metrics"]["test/acc_onnx"], abs=1e-6)
-    assert card["consistency"]["checked"] and card["consistency"]["rows"] == 269
-    assert card["consistency"]["graph"] == pytest.approx(card["metrics"]["val/acc"], abs=1e-6)
+    assert summary["test"]["test/acc"] == pytest.approx(card.metrics["test/acc_onnx"], abs=1e-6)
+    assert card.consistency.checked and card.consistency.rows == 269
+    assert card.consistency.graph == pytest.approx(card.metrics["val/acc"], abs=1e-6)
     assert summary["test"]["test/acc"] > 0.9  # decay 0.9 suits a 57-step run
 
 
@@ -60,7 +60,7 @@ def test_export_refuses_a_checkpoint_whose_metrics_disagree_with_its_weights(ema
     line = assert_one_line_error(proc, "lying.ckpt", "val/acc=", "recorded 0.5000", "disagree")
     assert "nothing written" in line and not out.exists()
 
-    ckpt["metrics"]["val/acc"] = read_card(run / "model.onnx")["metrics"]["val/acc"]
+    ckpt["metrics"]["val/acc"] = read_card(run / "model.onnx").metrics["val/acc"]
     ckpt["validated_at_step"] = ckpt["global_step"] - 5  # weights newer than their metrics
     torch.save(ckpt, lying)
     proc = run_cli("export", "--ckpt", str(lying), "--out", str(out))
@@ -109,8 +109,8 @@ def test_a_cosine_run_is_extended_in_its_own_folder(tmp_path):
     assert summary["epochs"] == 3 and [e["epoch"] for e in summary["history"]] == [1, 2, 3]
     assert all(0 < s < 60 for s in summary["seconds_per_epoch"])
     assert summary["test"]["test/acc"] > 0.9
-    training = read_card(run / "model.onnx")["training"]
-    assert training["run_epochs"] == 3 and 1 <= training["weights_epoch"] <= 3
+    training = read_card(run / "model.onnx").training
+    assert training.run_epochs == 3 and 1 <= training.weights_epoch <= 3
 
 
 @pytest.mark.slow
@@ -152,9 +152,9 @@ def test_a_model_no_better_than_a_constant_is_not_exported(tmp_path):
     (model,) = (tmp_path / "runs").rglob("model.onnx")
     from export.card import read_card
 
-    baseline = read_card(model)["baseline"]
-    assert baseline["checked"] and not baseline["better"]
-    assert baseline["model"] <= baseline["constant"] + 1 / 269
+    baseline = read_card(model).baseline
+    assert baseline.checked and not baseline.better
+    assert baseline.model <= baseline.constant + 1 / 269
 
 
 def test_an_ema_horizon_longer_than_the_run_is_refused_before_training(tmp_path):
@@ -168,22 +168,33 @@ def test_an_ema_horizon_longer_than_the_run_is_refused_before_training(tmp_path)
 def test_baseline_check_compares_with_the_best_constant():
     import numpy as np
 
+    from export.card import Baseline, Card, Consistency
     from trainer.gates import TrivialModelError, baseline_check
 
-    card = {"task": "classification", "class_names": ["a", "b", "c"]}
+    card = Card.from_json({
+        "task": "classification", "class_names": ["a", "b", "c"],
+        "outputs": ["logits", "probabilities"], "dataset": {"name": "d", "fingerprint": "0" * 64},
+        "input": {"name": "features", "kind": "tabular", "dtype": "float32", "shape": [2],
+                  "value_range": [0, 1]}})
     y = np.array([0] * 6 + [1] * 3 + [2])
-    checked = {"checked": True, "metric": "val/acc"}
-    ok = baseline_check({**checked, "graph": 0.7}, y, card, False, "m.ckpt")
-    assert ok["better"] and ok["constant"] == 0.6 and ok["constant_answer"] == "class 'a'"
+
+    def acc(graph):
+        return Consistency(checked=True, metric="val/acc", graph=graph, recorded=graph, rows=10)
+
+    ok = baseline_check(acc(0.7), y, card, False, "m.ckpt")
+    assert ok.better and ok.constant == 0.6 and ok.constant_answer == "class 'a'"
     with pytest.raises(TrivialModelError, match=r"m.ckpt: the model is no better than a "
                        r"constant answer \(val/acc 0.6000 on 10 validation rows vs 0.6000"):
-        baseline_check({**checked, "graph": 0.6}, y, card, False, "m.ckpt")
-    assert not baseline_check({**checked, "graph": 0.6}, y, card, True, "m.ckpt")["better"]
-    reg = {"task": "regression", "class_names": []}
+        baseline_check(acc(0.6), y, card, False, "m.ckpt")
+    assert not baseline_check(acc(0.6), y, card, True, "m.ckpt").better
+    reg = card.replace(task="regression", class_names=(), outputs=("values",))
     values = np.array([1.0, 2.0, 3.0, 10.0])  # median 2.5: MAE 2.5
-    mae = {"checked": True, "metric": "val/mae"}
-    assert baseline_check({**mae, "graph": 1.0}, values, reg, False, "m")["better"]
+
+    def mae(graph):
+        return Consistency(checked=True, metric="val/mae", graph=graph, recorded=graph, rows=4)
+
+    assert baseline_check(mae(1.0), values, reg, False, "m").better
     with pytest.raises(TrivialModelError, match="always answering 2.5"):
-        baseline_check({**mae, "graph": 2.5}, values, reg, False, "m")
-    assert baseline_check({"checked": False, "reason": "x"}, y, card, False, "m") == \
-        {"checked": False, "reason": "x"}
+        baseline_check(mae(2.5), values, reg, False, "m")
+    assert baseline_check(Consistency(checked=False, reason="x"), y, card, False, "m") == \
+        Baseline(checked=False, reason="x")

@@ -46,9 +46,9 @@ def test_wine_classification_from_csv(tmp_path):
     text = _csv_text(wine.data, wine.feature_names, "cultivar", names)
     run, _, out = _fit_table(tmp_path, text, "cultivar")
     card = read_card(run / "model.onnx")
-    assert card["task"] == "classification"
-    assert card["class_names"] == ["barbera", "barolo", "grignolino"]
-    assert card["input"]["columns"] == wine.feature_names
+    assert card.task == "classification"
+    assert card.class_names == ("barbera", "barolo", "grignolino")
+    assert list(card.input.columns) == wine.feature_names
     assert float(re.search(r"accuracy: ([0-9.]+)", out).group(1)) >= 0.9
 
 
@@ -58,8 +58,8 @@ def test_diabetes_regression_from_csv(tmp_path):
                      [f"{v:.1f}" for v in diabetes.target])
     run, data, out = _fit_table(tmp_path, text, "progression", epochs="60")
     card = read_card(run / "model.onnx")
-    assert card["task"] == "regression" and card["outputs"] == ["values"]
-    assert card["consistency"]["checked"] and card["consistency"]["metric"] == "val/mae"
+    assert card.task == "regression" and card.outputs == ("values",)
+    assert card.consistency.checked and card.consistency.metric == "val/mae"
     shown = run_cli("inspect", str(run / "model.onnx")).stdout
     assert "task:        regression" in shown and "classes:" not in shown
     y = np.load(data)["y"]

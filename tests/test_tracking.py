@@ -64,7 +64,7 @@ def test_the_run_holds_config_params_epoch_metrics_and_artifacts(store):
     assert json.loads(Path(logged).read_text()) == json.loads((folder / "metrics.json").read_text())
     assert run.data.tags["frozenfit.task"] == "classification"
     assert run.data.tags["frozenfit.dataset_fingerprint"] == \
-        Predictor(folder / "model.onnx").card["dataset"]["fingerprint"]
+        Predictor(folder / "model.onnx").card.dataset.fingerprint
 
 
 def test_the_logged_model_predicts_like_the_predictor(store, digits_test_npz):
@@ -81,7 +81,7 @@ def test_the_logged_model_predicts_like_the_predictor(store, digits_test_npz):
     out = mlflow.pyfunc.load_model(uri).predict(x)
     np.testing.assert_allclose(out["probabilities"], want.probabilities, atol=1e-6)
     info = mlflow.models.get_model_info(uri)
-    assert info.signature.inputs.input_names() == [predictor.spec["name"]]
+    assert info.signature.inputs.input_names() == [predictor.spec.name]
     version = mlflow.MlflowClient().get_model_version("digits-model", "1")
     assert version.run_id == run.info.run_id
     assert "classification" in version.description and "fingerprint" in version.description

@@ -76,10 +76,10 @@ class ExportOnnx(L.Callback):
         card = export_checkpoint(ckpt, self.path, data=held_out(trainer.datamodule),
                                  opset=self.opset, atol=self.atol,
                                  allow_trivial=self.allow_trivial)
-        parity = card["parity"]
+        parity = card.parity
         rank_zero_info(f"Exported {self.path} from {Path(ckpt).name} "
-                       f"(parity: max |diff| {parity['max_abs_diff']:.1e}, "
-                       f"top-1 agreement {parity['top1_agreement']:.4f})")
+                       f"(parity: max |diff| {parity.max_abs_diff:.1e}, "
+                       f"top-1 agreement {parity.top1_agreement:.4f})")
 
 
 def check_averaging_horizon(trainer) -> None:

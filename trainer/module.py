@@ -17,6 +17,7 @@ from torch import nn
 from torchmetrics import MeanAbsoluteError, MeanMetric, MeanSquaredError, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
+from export.card import InputSpec
 from export.errors import check_options
 from trainer.models import build_backbone
 from trainer.models.nets import Normalize
@@ -96,10 +97,10 @@ class ClassifierModule(L.LightningModule):
         self.save_hyperparameters(logger=False)  # loggers get the resolved config instead
         self.regression = data_info.get("task", "classification") == "regression"
         outputs = 1 if self.regression else len(data_info["class_names"])
-        spec, norm = data_info["input"], data_info["normalization"]
+        spec, norm = InputSpec.from_json(data_info["input"]), data_info["normalization"]
         self.net = nn.Sequential(
-            Normalize(norm["mean"], norm["std"], image=spec["kind"] == "image"),
-            build_backbone(arch, spec["shape"], outputs, width, dropout),
+            Normalize(norm["mean"], norm["std"], image=spec.image),
+            build_backbone(arch, list(spec.shape), outputs, width, dropout),
         )
         if self.regression:
             target = data_info["stats"]["target"]
@@ -138,11 +139,11 @@ class ClassifierModule(L.LightningModule):
         the hardware checks; drawn from its own generator, so the training stream is
         untouched."""
         batch = min(int(getattr(datamodule, "batch_size", None) or 64), 256)
-        spec = self.hparams.data_info["input"]
+        spec = InputSpec.from_json(self.hparams.data_info["input"])
         # On the CPU whatever default device Lightning's configure_model context has set.
-        x = torch.randint(0, 256, (batch, *spec["shape"]), device="cpu",
+        x = torch.randint(0, 256, (batch, *spec.shape), device="cpu",
                           generator=torch.Generator(device="cpu").manual_seed(0))
-        return x.to(getattr(torch, spec["dtype"]))
+        return x.to(getattr(torch, spec.dtype))
 
     def _choose_layout(self) -> bool:
         """channels_last as configured, or as the trainer's hardware record says (the CLI

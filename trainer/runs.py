@@ -158,3 +158,51 @@ def keep_previous_log(log_dir: Path) -> None:
     if log.is_file():
         k = 1 + sum(1 for _ in log_dir.glob("metrics-part*.csv"))
         log.rename(log_dir / f"metrics-part{k}.csv")
+
+
+# ---------------------------------------------------------------- reading a checkpoint
+
+def module_task(ckpt: dict) -> str:
+    return ckpt["hyper_parameters"]["data_info"].get("task", "classification")
+
+
+def init_args(ckpt: dict, key: str) -> dict:
+    """Constructor arguments saved under `key`, without LightningCLI's private entries."""
+    return {k: v for k, v in ckpt.get(key, {}).items() if not k.startswith("_")}
+
+
+def checkpoint_metrics(ckpt: dict) -> dict[str, float]:
+    """Metrics logged in the epoch the checkpoint was saved, plus the best monitored scores
+    recorded by ModelCheckpoint callbacks."""
+    out = {k: v for k, v in ckpt.get("metrics", {}).items() if not k.endswith("_step")}
+    for state in ckpt.get("callbacks", {}).values():
+        score, monitor = state.get("best_model_score"), state.get("monitor")
+        if monitor and score is not None:
+            out[f"best_{monitor}"] = float(score)
+    return out
+
+
+def run_config(ckpt_path: Path) -> str | None:
+    """The resolved config.yaml of the run the checkpoint belongs to, if it is beside it."""
+    config = ckpt_path.parent.parent / "config.yaml"
+    return config.read_text() if config.is_file() else None
+
+
+def epochs_trained(ckpt: dict) -> int:
+    """Training epochs the weights have seen (`epoch` alone is off by one after fit ends)."""
+    try:
+        return int(ckpt["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
+    except KeyError:
+        return int(ckpt.get("epoch", -1)) + 1
+
+
+def run_epochs(ckpt: dict, ckpt_path: Path) -> int:
+    """Epochs the whole run had trained: its last.ckpt's count when it lies beside."""
+    last = ckpt_path.parent / "last.ckpt"
+    if last.is_file() and last.resolve() != ckpt_path.resolve():
+        try:  # memory-mapped: only the loop counters are read
+            return max(epochs_trained(torch.load(last, map_location="cpu", weights_only=True,
+                                                  mmap=True)), epochs_trained(ckpt))
+        except Exception:  # an unreadable neighbour says nothing about this checkpoint
+            pass
+    return epochs_trained(ckpt)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from export.card import Card
 from export.errors import InputError
 
 EXTRA = "pip install '.[tracking]' from a checkout, or 'frozenfit[tracking]' from a wheel"
@@ -67,18 +68,16 @@ def _mlflow_loggers(trainer) -> list:
     return [lg for lg in trainer.loggers if type(lg).__name__ == "MLFlowLogger"]
 
 
-def card_tags(card: dict) -> dict[str, str]:
+def card_tags(card: Card) -> dict[str, str]:
     import json
 
-    metrics = card.get("metrics") or {}
-    tags = {"frozenfit.task": card["task"],
-            "frozenfit.classes": json.dumps(card.get("class_names") or []),
-            "frozenfit.dataset": str(card.get("dataset", {}).get("name")),
-            "frozenfit.dataset_fingerprint": str(card.get("dataset", {}).get("fingerprint")),
-            "frozenfit.precision": str(card.get("precision")),
-            "frozenfit.parity_max_abs_diff": str((card.get("parity") or {}).get("max_abs_diff"))}
-    tags.update({f"frozenfit.metric.{k}": f"{v:.6g}" for k, v in metrics.items()
-                 if isinstance(v, (int, float))})
+    tags = {"frozenfit.task": card.task,
+            "frozenfit.classes": json.dumps(list(card.class_names)),
+            "frozenfit.dataset": card.dataset.name,
+            "frozenfit.dataset_fingerprint": card.dataset.fingerprint,
+            "frozenfit.precision": card.precision,
+            "frozenfit.parity_max_abs_diff": str(card.parity and card.parity.max_abs_diff)}
+    tags.update({f"frozenfit.metric.{k}": f"{v:.6g}" for k, v in card.metrics.items()})
     return tags
 
 
@@ -95,7 +94,8 @@ def log_fit(trainer, run_dir: Path, onnx_path: Path | None, example, register_as
     import onnxruntime as ort
     from mlflow.models import infer_signature
 
-    from export.card import format_card, read_card
+    from export.card import read_card
+    from export.card_text import format_card
     from export.runtime import Predictor
 
     for logger in loggers:
@@ -109,15 +109,15 @@ def log_fit(trainer, run_dir: Path, onnx_path: Path | None, example, register_as
         summary, tags = format_card(card), card_tags(card)
         predictor = Predictor(onnx_path, provider="cpu")
         example = np.ascontiguousarray(example[:5])
-        outputs = predictor.session.run(card["outputs"],
+        outputs = predictor.session.run(list(card.outputs),
                                         {predictor.session.get_inputs()[0].name: example})
-        signature = infer_signature({card["input"]["name"]: example},
-                                    dict(zip(card["outputs"], outputs)))
+        signature = infer_signature({card.input.name: example},
+                                    dict(zip(card.outputs, outputs)))
         mlflow.set_tracking_uri(logger._tracking_uri)  # the logger's store, not the default
         with mlflow.start_run(run_id=run_id):
             info = mlflow.onnx.log_model(
                 onnx.load(str(onnx_path)), name="model", signature=signature,
-                input_example={card["input"]["name"]: example},
+                input_example={card.input.name: example},
                 metadata={"frozenfit_card": summary},
                 registered_model_name=register_as,
                 # One self-contained file, byte for byte the run's model.onnx (card included).

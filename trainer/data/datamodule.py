@@ -131,10 +131,10 @@ class FixedDataModule(L.LightningDataModule):
         the checkpoint's hyperparameters and from there into the ONNX model card."""
         ds = self.dataset
         stats = training_stats(self.splits["train"], ds.num_classes,
-                               ds.input_spec["value_range"], self.hparams.seed)
+                               ds.input_spec.value_range, self.hparams.seed)
         return {
             "task": ds.task,
-            "input": ds.input_spec,
+            "input": ds.input_spec.to_json(),
             "class_names": ds.class_names,
             "normalization": {"mean": stats["mean"], "std": stats["std"]},
             "dataset": {
@@ -199,7 +199,7 @@ class FixedDataModule(L.LightningDataModule):
         """Augment training batches on the device they now live on, deterministically per
         (seed, epoch, step), so a resumed run sees the same augmentations."""
         hp, trainer = self.hparams, self.trainer
-        if not (trainer and trainer.training) or self.dataset.input_spec["kind"] != "image":
+        if not (trainer and trainer.training) or not self.dataset.input_spec.image:
             return batch
         if not (hp.crop_padding or hp.hflip):
             return batch

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from export.card import InputSpec
 from export.errors import InputError
 from export.imaging import PREPROCESSING
 
@@ -105,7 +106,7 @@ class FixedDataset:
     test: Split | None
     class_names: list[str]  # empty for regression
     # How deployment inputs look: name, kind, dtype, layout, per-sample shape, value range.
-    input_spec: dict
+    input_spec: InputSpec
     task: str = "classification"
     fingerprint: str = field(default="")
 
@@ -114,20 +115,14 @@ class FixedDataset:
         return len(self.class_names)
 
 
-def image_spec(channels: int, height: int, width: int) -> dict:
+def image_spec(channels: int, height: int, width: int) -> InputSpec:
     """Input spec of a uint8 image model: the graph takes raw 0..255 pixels, NCHW."""
-    return {
-        "name": "image",
-        "kind": "image",
-        "dtype": "uint8",
-        "layout": "NCHW",
-        "shape": [channels, height, width],
-        "value_range": [0, 255],
-        "color_mode": "L" if channels == 1 else "RGB",
-        "resize": [height, width],
+    return InputSpec(
+        name="image", kind="image", dtype="uint8", layout="NCHW",
+        shape=(channels, height, width), value_range=(0, 255),
+        color_mode="L" if channels == 1 else "RGB", resize=(height, width),
         # How files become these pixels (export/imaging.py), for any runtime to reproduce.
-        "preprocessing": PREPROCESSING,
-    }
+        preprocessing=PREPROCESSING)
 
 
 def value_range(split: Split) -> tuple[float, float]:
@@ -139,17 +134,11 @@ def value_range(split: Split) -> tuple[float, float]:
     return lo, hi
 
 
-def feature_spec(columns: list[str], value_range: tuple[float, float]) -> dict:
+def feature_spec(columns: list[str], value_range: tuple[float, float]) -> InputSpec:
     """Input spec of a tabular model: float32 features in the training column order."""
-    return {
-        "name": "features",
-        "kind": "tabular",
-        "dtype": "float32",
-        "layout": "NF",
-        "shape": [len(columns)],
-        "columns": columns,
-        "value_range": [float(value_range[0]), float(value_range[1])],
-    }
+    return InputSpec(name="features", kind="tabular", dtype="float32", layout="NF",
+                     shape=(len(columns),), columns=tuple(columns),
+                     value_range=(float(value_range[0]), float(value_range[1])))
 
 
 def require_root(root: str | None, source: str, what: str, file: bool = False) -> Path:
@@ -229,7 +218,7 @@ def _check_split(name: str, split_name: str, split: Split, num_classes: int) -> 
 
 
 def make_dataset(name: str, train: Split, test: Split | None, class_names: list[str],
-                 input_spec: dict, val: Split | None = None, task: str = "classification",
+                 input_spec: InputSpec, val: Split | None = None, task: str = "classification",
                  origin: str | Path | None = None, fp: str | None = None) -> FixedDataset:
     """Build a FixedDataset, checking labels and values, and stamp its fingerprint (`fp`
     when the source composed it from its files' digests). `origin` (the file or folder

@@ -98,7 +98,7 @@ def load_image_folder(root: str | None, opts: SourceOptions) -> FixedDataset:
     def decode_file(data: bytes, path: Path) -> dict[str, np.ndarray]:
         return {"x": decode(data, spec, str(path))[None]}
 
-    with RowCache.open(where, {"x": (spec["shape"], "u1")}, settings) as cache:
+    with RowCache.open(where, {"x": (list(spec.shape), "u1")}, settings) as cache:
         records, report = update(cache, folder, paths, decode_file, opts.verify_cache)
         x = cache.arrays()["x"]
     del paths

@@ -1,5 +1,6 @@
 """Deployment variants of a float32 ONNX graph: fp16 weights for GPUs, and static INT8 (QDQ)
-quantization calibrated on training samples. numpy + onnx + onnxruntime only."""
+quantization calibrated on training samples, made by the export (trainer/freeze.py) and gated
+there. numpy + onnx + onnxruntime only."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 
 def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -53,16 +53,3 @@ def to_int8(model: onnx.ModelProto, calibration: np.ndarray) -> onnx.ModelProto:
                         quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
         return onnx.load(str(dst))
-
-
-def probabilities(model: onnx.ModelProto, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
-    """Class probabilities of a classification graph under onnxruntime (CPU)."""
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return np.concatenate([session.run(["probabilities"], {name: x[i:i + batch_size]})[0]
-                           for i in range(0, max(len(x), 1), batch_size)])
-
-
-def accuracy(model: onnx.ModelProto, x: np.ndarray, y: np.ndarray) -> float:
-    """Top-1 accuracy of a classification graph under onnxruntime (CPU)."""
-    return float((probabilities(model, x).argmax(1) == y).mean()) if len(x) else 0.0

@@ -1,0 +1,113 @@
+"""The training side's small commands: export (a checkpoint to a gated ONNX graph) and data
+(one split of a configured dataset to .npz). Their heavy imports happen inside them."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from export.errors import InputError
+from trainer.cli import check_paths, flag_value
+
+MIN_OPSET = 13  # below, ONNX's version converter ends in an assertion on these graphs
+
+
+def cmd_export(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="trainer export", description=(
+        "Freeze a checkpoint to ONNX: eval mode, normalisation inside the graph, dynamic "
+        "batch axis, model card in the metadata, onnx.checker and an onnxruntime-vs-torch "
+        "parity check on real held-out samples. On any failure nothing is written."))
+    p.add_argument("--ckpt", required=True, help="Lightning checkpoint (.ckpt)")
+    p.add_argument("--out", required=True, help="ONNX file to write")
+    p.add_argument("--samples", help=".npz with held-out 'x' and 'y' to check with (default: "
+                   "the test/val/train splits of the checkpoint's own dataset)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16"],
+                   help="fp16: float16 weights and activations, for GPU deployment")
+    p.add_argument("--quantize", choices=["int8"],
+                   help="static INT8 (QDQ) quantization calibrated on training samples")
+    p.add_argument("--atol", type=float, default=None, help="max |output difference| "
+                   "onnxruntime vs torch (default 1e-3 for fp32, 5e-2 for fp16; INT8 is "
+                   "gated by accuracy instead)")
+    p.add_argument("--allow-trivial", action="store_true",
+                   help="export even a model no better than always giving the validation "
+                   "split's most common answer")
+    p.add_argument("--max-accuracy-drop", type=float, default=0.5,
+                   help="INT8: refuse if validation accuracy drops by more percentage points "
+                   "than this (default 0.5)")
+    args = p.parse_args(argv)
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= args.opset <= newest:  # below: ONNX's converter fails on our graphs
+        raise InputError(f"--opset {args.opset}: expected {MIN_OPSET} to {newest} (this onnx)")
+    from export.atomic import check_output
+
+    check_output(args.out, "--out", {"--ckpt": args.ckpt, "--samples": args.samples})
+    import numpy as np
+
+    from export.readers import read_arrays
+    from trainer.freeze import HeldOut, export_checkpoint
+
+    data = None
+    if args.samples:
+        x, y = read_arrays(Path(args.samples))
+        if y is None and args.quantize:
+            raise InputError(f"{args.samples}: --quantize needs labels 'y' to measure accuracy")
+        x = np.asarray(x)
+        data = HeldOut(x, x, np.zeros(len(x), np.int64) if y is None else y, x)
+    card = export_checkpoint(args.ckpt, args.out, data=data, opset=args.opset, atol=args.atol,
+                             precision=args.precision, quantize=args.quantize,
+                             max_accuracy_drop=args.max_accuracy_drop,
+                             allow_trivial=args.allow_trivial)
+    from export.card_text import gate_lines
+
+    print(f"wrote {args.out} ({card.precision})")
+    print("\n".join(gate_lines(card)))
+    return 0
+
+
+def cmd_data(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="trainer data", description=(
+        "Write one split of the configured dataset to an .npz (x, y, class_names); any "
+        "other options (--config, --data.*) are read as by `trainer fit`."))
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--out", required=True, help=".npz file to write")
+    args, rest = p.parse_known_args(argv)
+    check_paths(rest)
+    from export.atomic import check_output
+
+    check_output(args.out, "--out", {"--config": flag_value(rest, "--config", "-c"),
+                                     "--data.root": flag_value(rest, "--data.root")})
+    import zipfile
+
+    import numpy as np
+
+    from export.atomic import atomic_path
+    from trainer.lightning_cli import build_cli  # imports Lightning, which sets its log level
+
+    for name in ("lightning.pytorch", "lightning.pytorch.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)  # no Trainer banner: no training
+    cli = build_cli(rest, run=False)
+    split = cli.datamodule.splits[args.split]
+    y = split.y
+    try:
+        # np.savez's own archive, written with the zip closed on every path: numpy < 2
+        # leaves it open when a write fails (a full disk), and its finaliser then prints a
+        # traceback at exit. x is written chunk by chunk: the split may exceed RAM.
+        with atomic_path(args.out) as tmp, zipfile.ZipFile(tmp, "w", allowZip64=True) as zf:
+            with zf.open("x.npy", "w", force_zip64=True) as f:
+                np.lib.format.write_array_header_2_0(f, {
+                    "descr": np.lib.format.dtype_to_descr(split.x.dtype),
+                    "fortran_order": False, "shape": (len(split), *split.x.shape[1:])})
+                for x, _ in split.chunks():
+                    f.write(np.ascontiguousarray(x).tobytes())
+            for name, array in (("y", y), ("class_names",
+                                           np.array(cli.datamodule.dataset.class_names))):
+                with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
+                    np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(args.out)) from None
+    print(f"wrote {args.out}: {len(y)} rows of the {args.split} split")
+    return 0
