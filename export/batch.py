@@ -218,15 +218,12 @@ def run_batch(model: str | Path, input_path: str | Path, output: str | Path,
     """Predict every input, write `output` + `<stem>.summary.json` + `<stem>.drift.json`.
     The Ray engine runs one of these per work unit, with its worker's `predictor`, a block
     of `images` of an image folder, and `reports=False` (it writes one report per job)."""
-    opts = options or JobOptions()
-    output = Path(output)
+    opts, output, start = options or JobOptions(), Path(output), time.perf_counter()
     fmt = check_format(output)
-    start = time.perf_counter()
     threads = {"threads": opts.threads, "reason": "the engine's"}
     if predictor is None:
         predictor, threads = predictor_for_job(model, opts.provider, opts.threads,
                                                min(opts.batch_size, opts.chunk_rows))
-    card = predictor.card
     check_chunk_memory(predictor.spec, opts.chunk_rows)
     source = Path(input_path)
     if not source.is_dir():
@@ -258,12 +255,11 @@ def run_batch(model: str | Path, input_path: str | Path, output: str | Path,
         report = totals.drift.report()
         summary = {"rows": rows, "output": str(output), "format": fmt[1:],
                    "provider": predictor.provider, "threads": threads,
-                   "model": str(predictor.path),
-                   "model_sha256": job["model"], "dataset_fingerprint": card.dataset.fingerprint,
+                   "model": str(predictor.path), "model_sha256": predictor.sha256,
+                   "dataset_fingerprint": predictor.card.dataset.fingerprint,
                    "seconds": round(elapsed, 3), "rows_per_second": round(rows / elapsed, 1),
-                   "resumed_after_rows": resumed_after,
-                   "skipped": totals.skipped, "drift_status": report["status"],
-                   "peak_memory_mb": round(_peak_rss_mb(), 1),
+                   "resumed_after_rows": resumed_after, "skipped": totals.skipped,
+                   "drift_status": report["status"], "peak_memory_mb": round(_peak_rss_mb(), 1),
                    "options": asdict(opts), **label_metrics(totals.sums)}
         if reports:
             write_reports(output.with_name(output.stem + ".summary.json"),

@@ -32,6 +32,7 @@ from export.errors import InputError
 
 EXTRA = "pip install '.[ray]' from a checkout, or 'frozenfit[ray]' from a wheel"
 FILE_SUFFIXES = (".parquet", ".pq", ".csv", ".npy", ".npz")
+LOCK_NAME = ".ray-job"  # the output folder's job state: holds the job's lock while it runs
 
 
 @dataclass
@@ -248,19 +249,9 @@ def _quiet(ctx) -> None:
     ctx.print_on_execution_start = False
 
 
-def run_ray(model: str, source: str, output: str, job_options, options: RayOptions) -> dict:
-    """The whole job; returns its summary (also written to `<output>/summary.json`)."""
-    from export.batch import Totals, label_metrics, write_reports
-    from export.drift import format_report
-    from export.jobstate import JobState
-    from export.runtime import Predictor
-
-    start = time.perf_counter()
-    ray = _import_ray()
-    predictor = Predictor(model, provider=job_options.provider)  # one-line errors up front
-    card = predictor.card
-    # Absolute paths: the workers of a cluster do not share this process's directory.
-    units = list_units(os.path.abspath(source), options.block_images)
+def _output_folder(source: str, output: str, model: str, resume: bool) -> Path:
+    """The job's output folder, refused in one line when it overlaps an input, is a file,
+    or holds something other than this job's own files without --resume."""
     out = Path(output).resolve()
     base = Path(os.path.abspath(re.split(r"[*?\[]", source)[0]))  # a glob's fixed part
     if out == base or out.is_relative_to(base) or base.is_relative_to(out) \
@@ -269,69 +260,97 @@ def run_ray(model: str, source: str, output: str, job_options, options: RayOptio
                          "output folder must be apart from the inputs")
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: --output for --engine ray is a folder; this is a file")
-    lock = JobState(out / ".ray-job")  # its folder in `out` holds the job's lock
-    existing = [p for p in out.iterdir() if p != lock.folder] if out.is_dir() else []
-    if existing and not job_options.resume:
+    from export.jobstate import JobState
+
+    lock = JobState(out / LOCK_NAME).folder
+    existing = [p for p in out.iterdir() if p != lock] if out.is_dir() else []
+    if existing and not resume:
         raise InputError(f"{out}: output folder is not empty; use --resume to continue the job "
                          "written there, or choose an empty folder")
+    return out
+
+
+def _workers(ray, options: RayOptions) -> tuple[float | None, int]:
+    """Start or join Ray; (seconds it took or None, workers the job runs)."""
+    startup = _start_ray(ray, options)
+    resources = ray.cluster_resources()
+    gpus = options.gpus_per_worker
+    if gpus and resources.get("GPU", 0) < gpus:
+        raise InputError(f"--gpus-per-worker {gpus:g}: the Ray cluster has "
+                         f"{resources.get('GPU', 0):g} GPUs; join one with GPUs "
+                         "(--address) or leave the flag out to run on CPUs")
+    workers = options.workers or max(1, int(resources.get("GPU", 0) // gpus) if gpus
+                                     else int(resources.get("CPU", 1)))
+    return startup, workers
+
+
+def _map_units(ray, todo: list[dict], workers: int, gpus: float, unit_args: dict,
+               progress: bool) -> None:
+    """Run `todo` on Ray Data: a task pool on CPUs, an actor pool on GPUs."""
+    # Units travel as JSON text: Ray Data's columns would turn None into NaN.
+    ds = ray.data.from_items([{"unit": json.dumps(u)} for u in todo],
+                             override_num_blocks=len(todo))
+    _quiet(ds.context)
+    # One operator: Ray Data's default reservation (half the cluster held back for other
+    # operators) ran one unit at a time on 2 CPUs; there are no others.
+    ds.context.op_resource_reservation_enabled = False
+    size = min(workers, len(todo))
+    if gpus:
+        ds = ds.map_batches(PredictUnits, batch_size=1, num_cpus=1, num_gpus=gpus,
+                            compute=ray.data.ActorPoolStrategy(size=size),
+                            fn_constructor_kwargs=unit_args)
+    else:
+        ds = ds.map_batches(predict_units, batch_size=1, num_cpus=1,
+                            compute=ray.data.TaskPoolStrategy(size=size), fn_kwargs=unit_args)
+    done = 0
+    try:
+        for batch in ds.iter_batches(batch_size=None):
+            done += len(batch["output"])
+            if progress:
+                print(f"predict: {done}/{len(todo)} units", file=sys.stderr, flush=True)
+    except Exception as exc:  # Ray wraps the unit's InputError in its own errors
+        cause = _input_error(exc)
+        if cause is None:
+            raise
+        raise InputError(cause) from None
+
+
+def run_ray(model: str, source: str, output: str, job_options, options: RayOptions) -> dict:
+    """The whole job; returns its summary (also written to `<output>/summary.json`)."""
+    from export.batch import Totals, label_metrics, write_reports
+    from export.drift import format_report
+    from export.jobstate import JobState
+    from export.runtime import Predictor
+
+    start, ray = time.perf_counter(), _import_ray()
+    predictor = Predictor(model, provider=job_options.provider)  # one-line errors up front
+    # Absolute paths: the workers of a cluster do not share this process's directory.
+    units = list_units(os.path.abspath(source), options.block_images)
+    out = _output_folder(source, output, model, job_options.resume)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    lock = JobState(out / LOCK_NAME)  # its folder in `out` holds the job's lock
     lock.lock()
     failed = False
     try:
         job = {k: v for k, v in asdict(job_options).items()
-               if k not in ("resume", "progress", "provider")}
-        model_sha = predictor.sha256
+               if k not in ("resume", "progress", "provider")}  # what a unit's output depends on
         todo = [u for u in units if not (job_options.resume and
-                                         _complete(out, u, model_sha, job))]
-        startup = _start_ray(ray, options)
-        resources = ray.cluster_resources()
-        gpus = options.gpus_per_worker
-        if gpus and resources.get("GPU", 0) < gpus:
-            raise InputError(f"--gpus-per-worker {gpus:g}: the Ray cluster has "
-                             f"{resources.get('GPU', 0):g} GPUs; join one with GPUs "
-                             "(--address) or leave the flag out to run on CPUs")
-        workers = options.workers or max(1, int(resources.get("GPU", 0) // gpus) if gpus
-                                         else int(resources.get("CPU", 1)))
-        provider = "cuda" if gpus else "cpu"
-        how = ("already connected" if startup is None else
-               f"{'joined' if options.address else 'started'} in {startup:.1f} s")
+                                         _complete(out, u, predictor.sha256, job))]
+        startup, workers = _workers(ray, options)
+        provider = "cuda" if options.gpus_per_worker else "cpu"
         if job_options.progress:
-            print(f"predict: {len(units)} units, {len(units) - len(todo)} done before; "
-                  f"Ray {how} with {int(resources.get('CPU', 0))} CPUs, {workers} workers",
-                  file=sys.stderr)
+            how = ("already connected" if startup is None else
+                   f"{'joined' if options.address else 'started'} in {startup:.1f} s")
+            print(f"predict: {len(units)} units, {len(units) - len(todo)} done before; Ray "
+                  f"{how} with {int(ray.cluster_resources().get('CPU', 0))} CPUs, {workers} "
+                  f"workers", file=sys.stderr)
         if todo:
-            # Units travel as JSON text: Ray Data's columns would turn None into NaN.
-            ds = ray.data.from_items([{"unit": json.dumps(u)} for u in todo],
-                                     override_num_blocks=len(todo))
-            _quiet(ds.context)
-            # One operator: Ray Data's default reservation (half the cluster held back for
-            # other operators) ran one unit at a time on 2 CPUs; there are no others.
-            ds.context.op_resource_reservation_enabled = False
-            size = min(workers, len(todo))
-            unit_args = {"model": str(predictor.path.resolve()), "model_sha256": model_sha,
-                         "out": str(out), "job_options": job, "provider": provider,
-                         "threads": 1}
-            if gpus:
-                ds = ds.map_batches(PredictUnits, batch_size=1, num_cpus=1, num_gpus=gpus,
-                                    compute=ray.data.ActorPoolStrategy(size=size),
-                                    fn_constructor_kwargs=unit_args)
-            else:
-                ds = ds.map_batches(predict_units, batch_size=1, num_cpus=1,
-                                    compute=ray.data.TaskPoolStrategy(size=size),
-                                    fn_kwargs=unit_args)
-            done = 0
-            try:
-                for batch in ds.iter_batches(batch_size=None):
-                    done += len(batch["output"])
-                    if job_options.progress:
-                        print(f"predict: {done}/{len(todo)} units", file=sys.stderr, flush=True)
-            except Exception as exc:  # Ray wraps the unit's InputError in its own errors
-                cause = _input_error(exc)
-                if cause is None:
-                    raise
-                raise InputError(cause) from None
-        totals = Totals(card)
+            _map_units(ray, todo, workers, options.gpus_per_worker, {
+                "model": str(predictor.path.resolve()), "model_sha256": predictor.sha256,
+                "out": str(out), "job_options": job, "provider": provider, "threads": 1},
+                job_options.progress)
+        totals = Totals(predictor.card)
         for unit in units:
             totals.add(json.loads(manifest_path(out, unit).read_text()))
         elapsed = time.perf_counter() - start
@@ -339,8 +358,8 @@ def run_ray(model: str, source: str, output: str, job_options, options: RayOptio
         summary = {"rows": totals.rows, "output": str(out), "format": "parquet",
                    "engine": "ray", "workers": workers, "units": len(units),
                    "units_resumed": len(units) - len(todo), "provider": provider,
-                   "model": str(predictor.path), "model_sha256": model_sha,
-                   "dataset_fingerprint": card.dataset.fingerprint,
+                   "model": str(predictor.path), "model_sha256": predictor.sha256,
+                   "dataset_fingerprint": predictor.card.dataset.fingerprint,
                    "seconds": round(elapsed, 3),
                    "ray_startup_seconds": None if startup is None else round(startup, 3),
                    "rows_per_second": round(totals.rows / elapsed, 1),
@@ -355,8 +374,7 @@ def run_ray(model: str, source: str, output: str, job_options, options: RayOptio
         lock.close(remove=True)
         if failed and created:
             shutil.rmtree(out, ignore_errors=True)
-    summary["drift_table"] = format_report(report)
-    return summary
+    return {**summary, "drift_table": format_report(report)}
 
 
 def _input_error(exc: BaseException) -> str | None:

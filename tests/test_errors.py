@@ -168,3 +168,17 @@ def test_an_output_that_cannot_be_replaced_is_named_not_its_temporary_file(tmp_p
     assert err.value.filename == str(tmp_path / "out.csv")
     assert (tmp_path / "out.csv" / "keep").read_text() == "a user's file"
     assert [p.name for p in tmp_path.iterdir()] == ["out.csv"]  # no temporary file left
+
+
+def test_debug_shows_the_cause_behind_the_one_line(tmp_path):
+    """`raise ... from None` keeps the user's view to one line; --debug and FROZENFIT_DEBUG=1
+    show the traceback with the hidden cause, and the same line last."""
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a protobuf at all")
+    args = ("inspect", str(bad))
+    plain = run_cli(*args)
+    assert_one_line_error(plain, "bad.onnx", "not an ONNX model")
+    for proc in (run_cli(*args, "--debug"), run_cli(*args, env={"FROZENFIT_DEBUG": "1"})):
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and lines[-1] == plain.stderr.strip()
+        assert "Traceback" in proc.stderr and "During handling" in proc.stderr, proc.stderr

@@ -340,6 +340,13 @@ def test_serve_needs_its_extra_and_refuses_bad_settings_in_one_line(digits_run, 
     assert_one_line_error(run_cli("serve", "--model", model, "--max-queue", "100000",
                                   "--max-body-mb", "100000"),
                           "--max-queue 100000 x --max-body-mb 100000", "half of the memory")
+    assert_one_line_error(run_cli("serve", "--model", model, "--workers", "100000"),
+                          "--workers 100000: at most", "each holds a session")
+    # 64 images of 8x8 bytes each is small; 10 million of them in each of 50,000 requests is
+    # 30 TB of decoded input, though each body alone stays under --max-body-mb
+    assert_one_line_error(run_cli("serve", "--model", model, "--max-queue", "50000",
+                                  "--max-instances", "10000000", "--max-body-mb", "0.001"),
+                          "--max-queue 50000 x --max-instances 10000000", "decoded inputs")
 
 
 def _batcher_run(max_requests, timeout, service_s, arrivals, fail=False):

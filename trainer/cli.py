@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 
 from export.errors import InputError
-from trainer.stops import Stopped, after_ctrl_c, ctrl_c_pressed, report_stop
+from trainer.stops import Preempted, Stopped, after_ctrl_c, ctrl_c_pressed, report_stop
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
 # What the `train` extra brings; the deploy side (predict, inspect) needs none of it.
@@ -76,6 +76,28 @@ TOOLS = {"export": ("trainer.train_commands", "cmd_export"),
          "inspect": ("trainer.deploy_commands", "cmd_inspect")}
 
 
+def _run(command: str, argv: list[str]) -> int:
+    if command in ("", "-h", "--help"):
+        print(HELP)
+        return 0
+    if command in LIGHTNING_COMMANDS:
+        check_paths(argv[1:])
+        from trainer.lightning_cli import build_cli, tune_cpu_allocator
+
+        tune_cpu_allocator()
+        try:
+            build_cli(argv)
+        except BaseException as exc:  # SIGTERMException is a SystemExit
+            if not ctrl_c_pressed() or isinstance(exc, KeyboardInterrupt):
+                raise
+        return after_ctrl_c(argv) if ctrl_c_pressed() else 0
+    if command in TOOLS:
+        module, function = TOOLS[command]
+        return getattr(importlib.import_module(module), function)(argv[1:])
+    raise InputError(f"unknown command {command!r}; expected one of "
+                     f"{', '.join(LIGHTNING_COMMANDS + tuple(TOOLS))}")
+
+
 def _debug(exc: BaseException) -> None:
     """With --debug or FROZENFIT_DEBUG=1: the traceback behind a one-line error, first."""
     if DEBUG["on"]:
@@ -87,6 +109,7 @@ DEBUG = {"on": False}
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one `trainer` command; every failure a user can cause is one line and a status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     DEBUG["on"] = "--debug" in argv or os.environ.get("FROZENFIT_DEBUG") == "1"
     argv = [a for a in argv if a != "--debug"]
@@ -97,25 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     # versions, while unpickling a checkpoint too): not the user's to fix.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     try:
-        if command in ("", "-h", "--help"):
-            print(HELP)
-            return 0
-        if command in LIGHTNING_COMMANDS:
-            check_paths(argv[1:])
-            from trainer.lightning_cli import build_cli, tune_cpu_allocator
-
-            tune_cpu_allocator()
-            try:
-                build_cli(argv)
-            except BaseException as exc:  # SIGTERMException is a SystemExit
-                if not ctrl_c_pressed() or isinstance(exc, KeyboardInterrupt):
-                    raise
-            return after_ctrl_c(argv) if ctrl_c_pressed() else 0
-        if command in TOOLS:
-            module, function = TOOLS[command]
-            return getattr(importlib.import_module(module), function)(argv[1:])
-        raise InputError(f"unknown command {command!r}; expected one of "
-                         f"{', '.join(LIGHTNING_COMMANDS + tuple(TOOLS))}")
+        return _run(command, argv)
     except InputError as exc:
         _debug(exc)
         print(f"trainer {command}: error: {exc}".replace("trainer : ", "trainer: "),
@@ -148,9 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except (KeyboardInterrupt, Stopped) as exc:
         return report_stop(command, exc)
-    except BaseException as exc:
-        if type(exc).__name__ != "Preempted":  # lazily imported with lightning
-            raise
+    except Preempted:
         print(f"trainer {command}: stopped by SIGTERM before the run finished; `trainer fit "
               f"... --ckpt_path last` completes it", file=sys.stderr)
         return 0

@@ -74,6 +74,27 @@ def _time_steps(net: torch.nn.Module, example: torch.Tensor, precisions: list[st
         return medians(steps)
 
 
+def _precision_candidates(cuda: bool, precision: str) -> tuple[dict, list[str]]:
+    """The device's record and the precisions worth timing (one when the answer is known
+    without a check)."""
+    record = {"reason": "set by the configuration"}
+    if cuda:
+        major, minor = torch.cuda.get_device_capability()
+        record.update(device=f"CUDA {torch.cuda.get_device_name()}", capability=f"{major}.{minor}")
+        if precision == "auto":
+            precision = "bf16-mixed" if major >= 8 else "16-mixed"
+            relation = ">=" if major >= 8 else "<"
+            record["reason"] = f"compute capability {major}.{minor} {relation} 8.0"
+        return record, [str(precision)]
+    isa, native = torch.backends.cpu.get_cpu_capability(), native_bf16_cpu()
+    record.update(device=f"CPU {cpu_model()}", isa=isa, bf16_native=native)
+    if precision == "auto" and not native:
+        record["reason"] = (f"torch reports {isa} without AMX or AVX512-BF16: bf16 would "
+                            f"be emulated")
+    return record, (["32-true", "bf16-mixed"] if precision == "auto" and native else
+                    ["32-true" if precision == "auto" else str(precision)])
+
+
 def choose(accelerator: str = "auto", net: torch.nn.Module | None = None,
            example: torch.Tensor | None = None, precision: str = "auto",
            channels_last: bool | str = "auto") -> dict:
@@ -86,30 +107,14 @@ def choose(accelerator: str = "auto", net: torch.nn.Module | None = None,
     Precision: on CUDA bf16-mixed from compute capability 8.0, else 16-mixed; on a CPU
     bf16-mixed only where torch reports native bf16 (AMX or AVX512-BF16) and the check finds
     it clearly faster than fp32, else 32-true. channels_last, on either: where the check
-    finds it clearly faster (NHWC feeds tensor cores and oneDNN's NHWC kernels, yet on an
-    H100 it made the tiny MNIST speedrun net slower, 4.9 s against 3.9 s of fit)."""
+    finds it clearly faster (NHWC feeds tensor cores and oneDNN's NHWC kernels, yet a tiny
+    net can run slower in it on a GPU; docs/benchmarks.md)."""
     known = net is not None
     conv = known and any(isinstance(m, torch.nn.Conv2d) for m in net.modules())
     cuda = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
-    record = {"reason": "set by the configuration"}
-    if cuda:
-        major, minor = torch.cuda.get_device_capability()
-        record.update(device=f"CUDA {torch.cuda.get_device_name()}", capability=f"{major}.{minor}")
-        if precision == "auto":
-            precision = "bf16-mixed" if major >= 8 else "16-mixed"
-            relation = ">=" if major >= 8 else "<"
-            record["reason"] = f"compute capability {major}.{minor} {relation} 8.0"
-        precisions = [str(precision)]
-    else:
-        isa, native = torch.backends.cpu.get_cpu_capability(), native_bf16_cpu()
-        record.update(device=f"CPU {cpu_model()}", isa=isa, bf16_native=native)
-        precisions = ["32-true", "bf16-mixed"] if precision == "auto" and native else \
-            ["32-true" if precision == "auto" else str(precision)]
-        if precision == "auto" and not native:
-            record["reason"] = (f"torch reports {isa} without AMX or AVX512-BF16: bf16 would "
-                                f"be emulated")
-        if not known and len(precisions) > 1:  # the precision check needs some convolution
-            net, example = _probe()
+    record, precisions = _precision_candidates(cuda, precision)
+    if not cuda and not known and len(precisions) > 1:  # the check needs some convolution
+        net, example = _probe()
     if channels_last == "auto" and known and conv:
         layouts = [False, True]
     else:
@@ -172,3 +177,13 @@ class AutoTrainer(L.Trainer):
             if not any(isinstance(c, ProgressBar) for c in callbacks):
                 kwargs["callbacks"] = [*callbacks, EpochProgressBar()]  # epochs from 1
         super().__init__(*args, precision=precision, **kwargs)
+
+
+def pinned_choice(hardware: dict | None, precision) -> dict | None:
+    """A resumed fit keeps the precision and layout its checkpoint chose by quick checks
+    (re-timing could choose otherwise, and the run would not continue as it began); values
+    set in the configuration still win."""
+    if not hardware or str(precision) != "auto" or "reason" not in hardware:
+        return None
+    kept = "; kept from the checkpoint on resume"
+    return {**hardware, "reason": hardware["reason"].removesuffix(kept) + kept}

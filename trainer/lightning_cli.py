@@ -5,13 +5,22 @@ Lightning, so `trainer/cli.py` loads it only for those commands."""
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import sys
 import warnings
 from pathlib import Path
 
+import yaml
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
+
 from export.errors import InputError
+from trainer import runs, tracking
+from trainer.callbacks import (CheckpointOnSigterm, ExportOnnx, NonFiniteGuard, RunCheckpoint,
+                               RunReport)
+from trainer.data.datamodule import FixedDataModule, check_data_options
+from trainer.hardware import AutoTrainer, choose, pinned_choice
+from trainer.module import ClassifierModule, check_model_options
+from trainer.stops import Preempted, stop_fit_on_sigterm
 
 
 def tune_cpu_allocator() -> None:
@@ -68,36 +77,6 @@ def _keep_run_folder(config) -> None:
         config.trainer.logger = [file_logger, *others]
 
 
-class Preempted(BaseException):
-    """SIGTERM arrived outside a Lightning loop (setup, after fit, the final test or the
-    report): stop now; `--ckpt_path last` completes the run from its last checkpoint."""
-
-
-CTRL_C = {"pressed": False}  # set by the first Ctrl-C of a fit
-
-
-def _stop_on_sigterm() -> None:
-    """From here on SIGTERM never kills the process mid-write. While a Lightning loop runs,
-    Lightning's own handler is installed and calls this one too: Lightning stops at the next
-    batch (CheckpointOnSigterm saves). Anywhere else (setup, the export at fit's end, the
-    report) this is the handler, and it raises Preempted, which the CLI reports in one line.
-    The first Ctrl-C takes the same path (a KeyboardInterrupt mid-step would leave nothing
-    to resume from); a second one aborts at once."""
-    def handler(signum, frame):
-        if signal.getsignal(signal.SIGTERM) is handler:
-            raise Preempted()
-
-    def ctrl_c(signum, frame):
-        CTRL_C["pressed"] = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        print("\ntrainer fit: Ctrl-C: stopping after this batch and saving last.ckpt "
-              "(Ctrl-C again to abort without saving)", file=sys.stderr)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, ctrl_c)
-
-
 def _no_advertising(record: logging.LogRecord) -> bool:
     """Lightning tips for a cloud service on every run: not the user's business."""
     return "litlogger" not in record.getMessage()
@@ -109,227 +88,155 @@ def _report(trainer):
     return next(cb for cb in trainer.callbacks if isinstance(cb, RunReport))
 
 
-def build_cli(args: list[str], run: bool = True, instantiate: bool = True):
+class TrainerCLI(LightningCLI):
+    """LightningCLI with the product's rules; each hook hands its work to the module that
+    owns it (run folders: runs.py, hardware: hardware.py, tracking: tracking.py)."""
+
+    def __init__(self, *args, instantiate: bool = True, **kwargs):
+        self._instantiate = instantiate
+        super().__init__(*args, **kwargs)
+
+    def parse_arguments(self, parser, args):
+        from argparse import ArgumentError
+
+        from trainer.option_errors import explain
+
+        self._argv = list(args or [])
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as exc:
+            sub = self._subcommand_parsers.get(args[0]) if args else None
+            raise InputError(explain(str(exc), list(args), sub or parser)) from None
+
+    def add_arguments_to_parser(self, parser):
+        # The model learns its input spec, classes and normalisation from the data.
+        parser.link_arguments("data.info", "model.data_info", apply_on="instantiate")
+        # Two checkpoint callbacks that are always there: the best by a monitored metric,
+        # and last.ckpt rewritten every epoch (Lightning's save_last only follows top-k
+        # saves, so it can lag behind the final epoch).
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RunCheckpoint, "last_checkpoint")
+        parser.set_defaults({
+            "checkpoint.monitor": "val/loss", "checkpoint.mode": "min",
+            "checkpoint.auto_insert_metric_name": False,
+            "checkpoint.filename": "best-epoch{epoch:03d}",
+            "last_checkpoint.filename": "last", "last_checkpoint.monitor": None,
+            "last_checkpoint.enable_version_counter": False,
+        })
+        parser.add_lightning_class_args(ExportOnnx, "export")
+        parser.add_lightning_class_args(NonFiniteGuard, "nan_guard")
+        parser.add_lightning_class_args(RunReport, "report")
+        parser.add_lightning_class_args(CheckpointOnSigterm, "sigterm_checkpoint")
+
+    def _parse_ckpt_path(self) -> None:
+        # Private hook, overridden because Lightning offers no public switch: it would
+        # overwrite the model config with the checkpoint's hyperparameters, silently
+        # ignoring flags like --model.width. The config stays authoritative;
+        # ClassifierModule.on_load_checkpoint refuses a mismatch instead. Pinned by
+        # tests/test_resume.py::test_resume_refuses_other_data_and_other_architecture.
+        return
+
+    def before_instantiate_classes(self) -> None:
+        """Check the options and resolve --ckpt_path before anything is built: `last` /
+        `best` name the newest run of this run name; a resume continues in its own run
+        folder; validate and test write into the checkpoint's run (`eval/`)."""
+        if self.subcommand is None:  # `trainer data`: parse only, nothing runs
+            return
+        if self.subcommand == "fit":
+            stop_fit_on_sigterm()
+        config = self.config[self.subcommand]
+        check_data_options(**config.data)  # before any data is read
+        check_model_options(**config.model)
+        # Lightning unpickles checkpoints fully unless told otherwise; ours hold only
+        # tensors and plain values. A config file cannot turn this off.
+        config.weights_only = True
+        _keep_run_folder(config)
+        logger = _file_logger(config)
+        root = Path(logger.save_dir or ".") / (logger.name or "") if logger else \
+            Path(config.trainer.default_root_dir or ".")
+        if config.model.init_from:  # refused now, not after the run has started
+            runs.load_checkpoint(config.model.init_from, "--model.init_from", mmap=True)
+        if config.ckpt_path is None:
+            if self.subcommand != "fit":
+                raise InputError(f"--ckpt_path is required: a checkpoint file, `last` or "
+                                 f"`best` (of the newest run under {root}/)")
+            return
+        ckpt, state = runs.open_checkpoint(config.ckpt_path, root, self.subcommand)
+        config.ckpt_path = str(ckpt)
+        run = runs.run_folder(ckpt)
+        if self.subcommand == "fit":
+            runs.check_same_config(ckpt, yaml.safe_load(
+                self.parser.dump(self.config, skip_none=False))[self.subcommand])
+            self._pinned = pinned_choice(state.get("hardware"), config.trainer.precision)
+            if logger and runs.in_run_folder(ckpt):
+                runs.continue_in_run(logger, run, root)
+        else:
+            runs.take_run_data(config.data, run, self._argv, self.subcommand)
+            if logger:
+                logger.save_dir, logger.name = str(run.parent), run.name
+                logger.version = f"eval/{self.subcommand}-{ckpt.stem}"
+
+    def instantiate_trainer(self, **kwargs):
+        settings = getattr(self, "_pinned", None) or self._hardware_for_model()
+        if settings:  # config.yaml keeps `auto`; only this trainer gets the value
+            kwargs["precision"] = settings["precision"]
+            rank_zero_info(f"precision: {settings['precision']} ({settings['device']}: "
+                           f"{settings['reason']}); channels_last: "
+                           f"{settings.get('channels_last')} "
+                           f"({settings.get('layout_reason', 'set by the configuration')})")
+        trainer = super().instantiate_trainer(**kwargs)
+        if settings:
+            trainer.hardware = dict(settings)
+        return trainer
+
+    def _hardware_for_model(self) -> dict | None:
+        """precision and channels_last `auto` chosen together for this model (a tiny
+        net can run bf16 no faster than fp32 where a wide one runs it 2x faster)."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if self.subcommand != "fit" or str(config.trainer.precision) != "auto":
+            return None
+        return choose(str(config.trainer.accelerator), self.model.net,
+                      self.model.example_input(self.datamodule), "auto",
+                      self.model.hparams.channels_last)
+
+    def after_fit(self) -> None:
+        if self.trainer.received_sigterm:  # it came during the export at fit's end
+            raise Preempted()
+        report = _report(self.trainer)
+        if report.test_after_fit and not self.trainer.interrupted:
+            # Test exactly the weights that are exported: the best checkpoint's
+            # state_dict (the averaged weights under EMA). `ckpt_path=best` would let a
+            # WeightAveraging callback load its un-averaged copy instead.
+            best = [cb.best_model_path for cb in self.trainer.checkpoint_callbacks
+                    if getattr(cb, "monitor", None) and cb.best_model_path]
+            if best:
+                self.model.load_state_dict(runs.load_checkpoint(best[0])["state_dict"])
+            self.trainer.test(self.model, datamodule=self.datamodule)
+        report.write(self.trainer)
+        tracking.track_fit(self.trainer, self.datamodule)
+
+    def before_fit(self) -> None:
+        """Every logger gets the resolved config as its hyperparameters (the module's
+        own hparams carry the dataset statistics, which are the card's business)."""
+        params = tracking.flat_config(yaml.safe_load(self.parser.dump(
+            self.config, skip_none=False))[self.subcommand])
+        for logger in self.trainer.loggers:
+            logger.log_hyperparams(params)
+
+    def after_validate(self) -> None:
+        _report(self.trainer).write_evaluation(self.trainer, "validate")
+
+    def after_test(self) -> None:
+        _report(self.trainer).write_evaluation(self.trainer, "test")
+
+    def instantiate_classes(self) -> None:
+        if self._instantiate:
+            super().instantiate_classes()
+
+
+def build_cli(args: list[str], run: bool = True, instantiate: bool = True) -> TrainerCLI:
     """The LightningCLI over ClassifierModule + FixedDataModule with the product's defaults.
     `instantiate=False` only parses and validates (`cli.config`), loading no data."""
-    from lightning.pytorch.cli import LightningCLI
-
-    from trainer import runs
-    from trainer.callbacks import (CheckpointOnSigterm, ExportOnnx, NonFiniteGuard, RunCheckpoint,
-                                   RunReport)
-    from trainer.data.datamodule import FixedDataModule
-    from trainer.hardware import AutoTrainer
-    from trainer.module import ClassifierModule
-
-    class TrainerCLI(LightningCLI):
-        def parse_arguments(self, parser, args):
-            from argparse import ArgumentError
-
-            from export.errors import InputError
-            from trainer.option_errors import explain
-
-            self._argv = list(args or [])
-            try:
-                super().parse_arguments(parser, args)
-            except ArgumentError as exc:
-                sub = self._subcommand_parsers.get(args[0]) if args else None
-                raise InputError(explain(str(exc), list(args), sub or parser)) from None
-
-        def add_arguments_to_parser(self, parser):
-            # The model learns its input spec, classes and normalisation from the data.
-            parser.link_arguments("data.info", "model.data_info", apply_on="instantiate")
-            # Two checkpoint callbacks that are always there: the best by a monitored metric,
-            # and last.ckpt rewritten every epoch (Lightning's save_last only follows top-k
-            # saves, so it can lag behind the final epoch).
-            parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
-            parser.add_lightning_class_args(RunCheckpoint, "last_checkpoint")
-            parser.set_defaults({
-                "checkpoint.monitor": "val/loss", "checkpoint.mode": "min",
-                "checkpoint.auto_insert_metric_name": False,
-                "checkpoint.filename": "best-epoch{epoch:03d}",
-                "last_checkpoint.filename": "last", "last_checkpoint.monitor": None,
-                "last_checkpoint.enable_version_counter": False,
-            })
-            parser.add_lightning_class_args(ExportOnnx, "export")
-            parser.add_lightning_class_args(NonFiniteGuard, "nan_guard")
-            parser.add_lightning_class_args(RunReport, "report")
-            parser.add_lightning_class_args(CheckpointOnSigterm, "sigterm_checkpoint")
-
-        def _parse_ckpt_path(self) -> None:
-            # Private hook, overridden because Lightning offers no public switch: it would
-            # overwrite the model config with the checkpoint's hyperparameters, silently
-            # ignoring flags like --model.width. The config stays authoritative;
-            # ClassifierModule.on_load_checkpoint refuses a mismatch instead. Pinned by
-            # tests/test_resume.py::test_resume_refuses_other_data_and_other_architecture.
-            return
-
-        def before_instantiate_classes(self) -> None:
-            """Resolve --ckpt_path before anything is built: `last` / `best` name the newest
-            run of this run name; a resume continues in its own run folder; validate and
-            test write into the checkpoint's run (`eval/`)."""
-            if self.subcommand is None:  # `trainer data`: parse only, nothing runs
-                return
-            if self.subcommand == "fit":
-                _stop_on_sigterm()
-            config = self.config[self.subcommand]
-            from trainer.data.datamodule import check_data_options
-            from trainer.module import check_model_options
-
-            check_data_options(**config.data)  # before any data is read
-            check_model_options(**config.model)
-            # Lightning unpickles checkpoints fully unless told otherwise; ours hold only
-            # tensors and plain values. A config file cannot turn this off.
-            config.weights_only = True
-            _keep_run_folder(config)
-            logger = _file_logger(config)
-            root = Path(logger.save_dir or ".") / (logger.name or "") if logger else \
-                Path(config.trainer.default_root_dir or ".")
-            if config.model.init_from:  # refused now, not after the run has started
-                runs.load_checkpoint(config.model.init_from, "--model.init_from", mmap=True)
-            if config.ckpt_path is None:
-                if self.subcommand != "fit":
-                    raise InputError(f"--ckpt_path is required: a checkpoint file, `last` or "
-                                     f"`best` (of the newest run under {root}/)")
-                return
-            ckpt = runs.resolve_checkpoint(config.ckpt_path, root)
-            state = runs.load_checkpoint(ckpt, "--ckpt_path", mmap=True)
-            hardware = state.get("hardware")
-            progress = state.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {})
-            done = progress.get("current", {}).get("processed")
-            print(f"{self.subcommand}: checkpoint {ckpt}" + (
-                f" ({done} complete epochs, step {state.get('global_step')})"
-                if done is not None else ""), file=sys.stderr)
-            config.ckpt_path = str(ckpt)
-            run = runs.run_folder(ckpt)
-            if self.subcommand == "fit":
-                import yaml
-
-                runs.check_same_config(ckpt, yaml.safe_load(
-                    self.parser.dump(self.config, skip_none=False))[self.subcommand])
-                self._pin_hardware(config, hardware)
-                if logger and runs.in_run_folder(ckpt):  # continue in the run's own folder
-                    if run.parent != root.resolve():  # a run under another save_dir/name
-                        logger.save_dir, logger.name = str(run.parent.parent), run.parent.name
-                    # Else keep save_dir as configured: ModelCheckpoint restores its best-k
-                    # state only when the checkpoint folder is spelled as it was.
-                    logger.version = run.name
-                    runs.keep_previous_log(run)
-                    # the run's own checkpoints are there, as they should be on a resume
-                    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists "
-                                                              r"and is not empty")
-            else:
-                self._data_of_run(config, run)
-                if logger:
-                    logger.save_dir, logger.name = str(run.parent), run.name
-                    logger.version = f"eval/{self.subcommand}-{ckpt.stem}"
-
-        def _data_of_run(self, config, run: Path) -> None:
-            """validate/test evaluate the checkpoint on its run's data: the data options of
-            the run's config.yaml, except those given on the command line."""
-            import yaml
-
-            saved = run / "config.yaml"
-            try:
-                data = (yaml.safe_load(saved.read_text()) or {}).get("data") or {}
-            except (OSError, yaml.YAMLError, AttributeError):
-                return
-            given = {a[2:].split("=", 1)[0] for a in self._argv if a.startswith("--data.")}
-            taken = [k for k, v in data.items()
-                     if f"data.{k}" not in given and k in config.data and config.data[k] != v]
-            for key in taken:
-                config.data[key] = data[key]
-            if taken:
-                print(f"{self.subcommand}: the run's data ({', '.join(f'data.{k}' for k in taken)}"
-                      f" from {saved})", file=sys.stderr)
-
-        def _pin_hardware(self, config, hardware: dict | None) -> None:
-            """A resumed fit keeps the precision and layout its checkpoint chose by quick
-            checks (re-timing could choose otherwise, and the run would not continue as it
-            began); values set in the configuration still win."""
-            self._pinned = None
-            if not hardware or str(config.trainer.precision) != "auto" \
-                    or "reason" not in hardware:
-                return
-            kept = "; kept from the checkpoint on resume"
-            self._pinned = {**hardware, "reason": hardware["reason"].removesuffix(kept) + kept}
-
-        def instantiate_trainer(self, **kwargs):
-            from lightning.pytorch.utilities import rank_zero_info
-
-            settings = getattr(self, "_pinned", None) or self._hardware_for_model()
-            if settings:  # config.yaml keeps `auto`; only this trainer gets the value
-                kwargs["precision"] = settings["precision"]
-                rank_zero_info(f"precision: {settings['precision']} ({settings['device']}: "
-                               f"{settings['reason']}); channels_last: "
-                               f"{settings.get('channels_last')} "
-                               f"({settings.get('layout_reason', 'set by the configuration')})")
-            trainer = super().instantiate_trainer(**kwargs)
-            if settings:
-                trainer.hardware = dict(settings)
-            return trainer
-
-        def _hardware_for_model(self) -> dict | None:
-            """precision and channels_last `auto` chosen together for this model (a tiny
-            net can run bf16 no faster than fp32 where a wide one runs it 2x faster)."""
-            from trainer.hardware import choose
-
-            config = self.config[self.subcommand] if self.subcommand else self.config
-            if self.subcommand != "fit" or str(config.trainer.precision) != "auto":
-                return None
-            return choose(str(config.trainer.accelerator), self.model.net,
-                          self.model.example_input(self.datamodule), "auto",
-                          self.model.hparams.channels_last)
-
-        def after_fit(self) -> None:
-            if self.trainer.received_sigterm:  # it came during the export at fit's end
-                raise Preempted()
-            report = _report(self.trainer)
-            if report.test_after_fit and not self.trainer.interrupted:
-                # Test exactly the weights that are exported: the best checkpoint's
-                # state_dict (the averaged weights under EMA). `ckpt_path=best` would let a
-                # WeightAveraging callback load its un-averaged copy instead.
-                best = [cb.best_model_path for cb in self.trainer.checkpoint_callbacks
-                        if getattr(cb, "monitor", None) and cb.best_model_path]
-                if best:
-                    self.model.load_state_dict(runs.load_checkpoint(best[0])["state_dict"])
-                self.trainer.test(self.model, datamodule=self.datamodule)
-            report.write(self.trainer)
-            self._track()
-
-        def before_fit(self) -> None:
-            """Every logger gets the resolved config as its hyperparameters (the module's
-            own hparams carry the dataset statistics, which are the card's business)."""
-            import yaml
-
-            from trainer.tracking import flat_config
-
-            params = flat_config(yaml.safe_load(self.parser.dump(
-                self.config, skip_none=False))[self.subcommand])
-            for logger in self.trainer.loggers:
-                logger.log_hyperparams(params)
-
-        def _track(self) -> None:
-            """The finished run into MLflow, when an MLFlowLogger is configured."""
-            from trainer import tracking
-            from trainer.callbacks import ExportOnnx
-
-            export = next(cb for cb in self.trainer.callbacks if isinstance(cb, ExportOnnx))
-            run_dir = Path(self.trainer.log_dir or ".")  # a collective under DDP
-            if self.trainer.interrupted:
-                return
-            example = self.datamodule.splits["test"].arrays(5)[0]
-            tracking.log_fit(self.trainer, run_dir, export.path, example, export.register_as)
-
-        def after_validate(self) -> None:
-            _report(self.trainer).write_evaluation(self.trainer, "validate")
-
-        def after_test(self) -> None:
-            _report(self.trainer).write_evaluation(self.trainer, "test")
-
-        def instantiate_classes(self) -> None:
-            if instantiate:
-                super().instantiate_classes()
-
     # The seed is recorded in config.yaml; its log line would only clutter error output.
     logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
     for handler in logging.getLogger("lightning.pytorch").handlers:
@@ -345,6 +252,7 @@ def build_cli(args: list[str], run: bool = True, instantiate: bool = True):
                                 message="Precision .* is not supported by the model summary")
         return TrainerCLI(
             ClassifierModule, FixedDataModule, trainer_class=AutoTrainer, args=args, run=run,
+            instantiate=instantiate,
             seed_everything_default=0,
             trainer_defaults={
                 "max_epochs": 10,

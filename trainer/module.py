@@ -90,18 +90,23 @@ class ClassifierModule(L.LightningModule):
         """
         super().__init__()
         if data_info is None:
-            raise ValueError("model.data_info is missing: build the module through the "
-                             "`trainer` CLI or pass the DataModule's `info`")
+            raise ValueError("model.data_info is missing: pass the DataModule's `info`")
         check_model_options(width=width, dropout=dropout, lr=lr, weight_decay=weight_decay,
                             warmup_fraction=warmup_fraction, label_smoothing=label_smoothing)
         self.save_hyperparameters(logger=False)  # loggers get the resolved config instead
         self.regression = data_info.get("task", "classification") == "regression"
         outputs = 1 if self.regression else len(data_info["class_names"])
         spec, norm = InputSpec.from_json(data_info["input"]), data_info["normalization"]
-        self.net = nn.Sequential(
-            Normalize(norm["mean"], norm["std"], image=spec.image),
-            build_backbone(arch, list(spec.shape), outputs, width, dropout),
-        )
+        self.net = nn.Sequential(Normalize(norm["mean"], norm["std"], image=spec.image),
+                                 build_backbone(arch, list(spec.shape), outputs, width, dropout))
+        self._loss_and_metrics(outputs, data_info, label_smoothing)
+        self._validated_step: int | None = None
+        self._lr_plan: dict | None = None  # {"start", "total"} steps of the LR schedule
+        self._restored_plan: dict | None = None
+        self._restored_step = 0
+        self._channels_last = channels_last is True
+
+    def _loss_and_metrics(self, outputs: int, data_info: dict, label_smoothing: float) -> None:
         if self.regression:
             target = data_info["stats"]["target"]
             # Predict the standardised target; `forward` maps back to the original units.
@@ -120,11 +125,6 @@ class ClassifierModule(L.LightningModule):
         # epoch metrics as an uninterrupted one.
         for metric in (self.metrics, self.train_loss):
             metric.apply(lambda m: m.persistent(True) if hasattr(m, "persistent") else None)
-        self._validated_step: int | None = None
-        self._lr_plan: dict | None = None  # {"start", "total"} steps of the LR schedule
-        self._restored_plan: dict | None = None
-        self._restored_step = 0
-        self._channels_last = channels_last is True
 
     def configure_model(self) -> None:
         self._channels_last = self._choose_layout()

@@ -8,6 +8,8 @@ report. One run keeps one folder for its whole life: a resume continues in it, a
 
 from __future__ import annotations
 
+import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -206,3 +208,50 @@ def run_epochs(ckpt: dict, ckpt_path: Path) -> int:
         except Exception:  # an unreadable neighbour says nothing about this checkpoint
             pass
     return epochs_trained(ckpt)
+
+
+# ---------------------------------------------------------------- a command's checkpoint
+
+def open_checkpoint(value: str, root: Path, command: str) -> tuple[Path, dict]:
+    """--ckpt_path resolved (`last` / `best` of the newest run under `root`) and read
+    (memory-mapped); says which checkpoint it is and how far it had trained."""
+    ckpt = resolve_checkpoint(value, root)
+    state = load_checkpoint(ckpt, "--ckpt_path", mmap=True)
+    progress = state.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {})
+    done = progress.get("current", {}).get("processed")
+    print(f"{command}: checkpoint {ckpt}" + (
+        f" ({done} complete epochs, step {state.get('global_step')})"
+        if done is not None else ""), file=sys.stderr)
+    return ckpt, state
+
+
+def continue_in_run(logger, run: Path, root: Path) -> None:
+    """Point the file logger of a resumed fit at the run's own folder."""
+    if run.parent != root.resolve():  # a run under another save_dir/name
+        logger.save_dir, logger.name = str(run.parent.parent), run.parent.name
+    # Else keep save_dir as configured: ModelCheckpoint restores its best-k state only
+    # when the checkpoint folder is spelled as it was.
+    logger.version = run.name
+    keep_previous_log(run)
+    # the run's own checkpoints are there, as they should be on a resume
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+
+
+def take_run_data(data, run: Path, argv: list[str], command: str) -> None:
+    """validate/test evaluate the checkpoint on its run's data: the data options of the
+    run's config.yaml, except those given on the command line."""
+    import yaml
+
+    saved = run / "config.yaml"
+    try:
+        recorded = (yaml.safe_load(saved.read_text()) or {}).get("data") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return
+    given = {a[2:].split("=", 1)[0] for a in argv if a.startswith("--data.")}
+    taken = [k for k, v in recorded.items()
+             if f"data.{k}" not in given and k in data and data[k] != v]
+    for key in taken:
+        data[key] = recorded[key]
+    if taken:
+        print(f"{command}: the run's data ({', '.join(f'data.{k}' for k in taken)} from "
+              f"{saved})", file=sys.stderr)

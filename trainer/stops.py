@@ -3,8 +3,40 @@ fit stopped by Ctrl-C says which checkpoint it kept and the command that resumes
 
 from __future__ import annotations
 
+import os
 import shlex
+import signal
 import sys
+
+
+class Preempted(BaseException):
+    """SIGTERM arrived outside a Lightning loop (setup, after fit, the final test or the
+    report): stop now; `--ckpt_path last` completes the run from its last checkpoint."""
+
+
+CTRL_C = {"pressed": False}  # set by the first Ctrl-C of a fit
+
+
+def stop_fit_on_sigterm() -> None:
+    """From here on SIGTERM never kills the process mid-write. While a Lightning loop runs,
+    Lightning's own handler is installed and calls this one too: Lightning stops at the next
+    batch (CheckpointOnSigterm saves). Anywhere else (setup, the export at fit's end, the
+    report) this is the handler, and it raises Preempted, which the CLI reports in one line.
+    The first Ctrl-C takes the same path (a KeyboardInterrupt mid-step would leave nothing
+    to resume from); a second one aborts at once."""
+    def handler(signum, frame):
+        if signal.getsignal(signal.SIGTERM) is handler:
+            raise Preempted()
+
+    def ctrl_c(signum, frame):
+        CTRL_C["pressed"] = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print("\ntrainer fit: Ctrl-C: stopping after this batch and saving last.ckpt "
+              "(Ctrl-C again to abort without saving)", file=sys.stderr)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, ctrl_c)
 
 
 class Stopped(BaseException):
@@ -16,8 +48,6 @@ def stop_on_sigterm(*_) -> None:
 
 
 def ctrl_c_pressed() -> bool:
-    from trainer.lightning_cli import CTRL_C
-
     return CTRL_C["pressed"]
 
 

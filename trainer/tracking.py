@@ -133,3 +133,15 @@ def log_fit(trainer, run_dir: Path, onnx_path: Path | None, example, register_as
             for key, value in tags.items():
                 client.set_model_version_tag(register_as, version, key, value)
             print(f"registered {onnx_path} as MLflow model {register_as!r} version {version}")
+
+
+def track_fit(trainer, datamodule) -> None:
+    """The finished run into MLflow, when an MLFlowLogger is configured."""
+    from trainer.callbacks import ExportOnnx
+
+    export = next(cb for cb in trainer.callbacks if isinstance(cb, ExportOnnx))
+    run_dir = Path(trainer.log_dir or ".")  # a collective under DDP
+    if trainer.interrupted:
+        return
+    example = datamodule.splits["test"].arrays(5)[0]
+    log_fit(trainer, run_dir, export.path, example, export.register_as)

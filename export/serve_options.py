@@ -1,0 +1,74 @@
+"""The settings of `trainer serve`, checked when they are made: each refusal is one line
+naming the flag and what this machine allows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from export.card import InputSpec
+from export.errors import InputError
+
+
+@dataclass
+class Limits:
+    max_body_bytes: int = 16 << 20
+    max_instances: int = 1024
+    max_queue: int = 512  # requests in flight across API servers; more get 503
+
+    def __post_init__(self):  # messages name the command's flags
+        from export.timing import available_memory
+
+        for flag, value in (("--max-instances", self.max_instances),
+                            ("--max-queue", self.max_queue)):
+            if value < 1:
+                raise InputError(f"{flag} must be >= 1")
+        if not self.max_body_bytes > 0:
+            raise InputError("--max-body-mb must be > 0")
+        held, avail = self.max_queue * self.max_body_bytes, available_memory()
+        if avail is not None and held > avail // 2:
+            raise InputError(f"--max-queue {self.max_queue} x --max-body-mb "
+                             f"{self.max_body_bytes / 2**20:g}: up to {held / 2**30:.1f} GiB of "
+                             f"request bodies could be held; at most "
+                             f"{avail / 2 / 2**30:.1f} GiB (half of the memory available)")
+
+    def check_model(self, spec: InputSpec) -> None:
+        """Every request in flight decoded at once must fit in half the available memory."""
+        from export.timing import available_memory
+
+        decoded, avail = self.max_queue * self.max_instances * spec.row_bytes, available_memory()
+        if avail is not None and decoded > avail // 2:
+            raise InputError(f"--max-queue {self.max_queue} x --max-instances "
+                             f"{self.max_instances}: up to {decoded / 2**30:.1f} GiB of this "
+                             f"model's decoded inputs could be held; at most "
+                             f"{avail / 2 / 2**30:.1f} GiB (half of the memory available)")
+
+
+@dataclass
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    max_batch_size: int = 64
+    batch_timeout_ms: float = 5.0
+    provider: str = "auto"
+    limits: Limits = None
+    drain_timeout_s: float = 30.0
+    log_level: str = "warning"
+
+    def __post_init__(self):  # messages name the command's flags
+        from export.timing import usable_cores
+
+        self.limits = self.limits or Limits()
+        for flag, value in (("--workers", self.workers), ("--max-batch-size", self.max_batch_size)):
+            if value < 1:
+                raise InputError(f"{flag} must be >= 1")
+        if not 1024 <= self.port <= 65535:
+            raise InputError(f"--port {self.port}: expected 1024 to 65535")
+        if self.batch_timeout_ms < 0:
+            raise InputError("--batch-timeout-ms must be >= 0")
+        # A batch gathers requests in flight, of which there are at most max_queue.
+        self.max_batch_size = min(self.max_batch_size, self.limits.max_queue)
+        cores = usable_cores()
+        if self.workers > 4 * cores:
+            raise InputError(f"--workers {self.workers}: at most {4 * cores} (4 per core of the "
+                             f"{cores} this process may use); each holds a session")
