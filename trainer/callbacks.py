@@ -60,19 +60,13 @@ class ExportOnnx(L.Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.enabled or trainer.interrupted:
             return
-        log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
+        log_dir = trainer.log_dir or trainer.default_root_dir  # a collective under DDP
+        ckpt = self._checkpoint(trainer, Path(log_dir))
         if not trainer.is_global_zero:
             return
         from trainer.freeze import export_checkpoint, held_out
 
-        ranked = [cb for cb in trainer.checkpoint_callbacks if getattr(cb, "monitor", None)]
-        paths = [cb.best_model_path for cb in ranked] + \
-                [cb.last_model_path for cb in trainer.checkpoint_callbacks]
-        ckpt = next((p for p in paths if p), "")
-        if not ckpt:
-            rank_zero_info("ExportOnnx: no checkpoint was saved; skipping the export")
-            return
-        self.path = Path(log_dir or ".") / self.filename
+        self.path = Path(log_dir) / self.filename
         card = export_checkpoint(ckpt, self.path, data=held_out(trainer.datamodule),
                                  opset=self.opset, atol=self.atol,
                                  allow_trivial=self.allow_trivial)
@@ -80,6 +74,24 @@ class ExportOnnx(L.Callback):
         rank_zero_info(f"Exported {self.path} from {Path(ckpt).name} "
                        f"(parity: max |diff| {parity.max_abs_diff:.1e}, "
                        f"top-1 agreement {parity.top1_agreement:.4f})")
+
+
+    @staticmethod
+    def _checkpoint(trainer: L.Trainer, log_dir: Path) -> str:
+        """What the run saved: the best monitored checkpoint, else the newest (last.ckpt, or
+        an unmonitored ModelCheckpoint's latest, as Lightning's default one); when nothing
+        was saved, the final weights are saved now (on every rank: a collective)."""
+        ranked = [cb for cb in trainer.checkpoint_callbacks if getattr(cb, "monitor", None)]
+        paths = [cb.best_model_path for cb in ranked] + \
+                [cb.last_model_path for cb in trainer.checkpoint_callbacks] + \
+                [cb.best_model_path for cb in trainer.checkpoint_callbacks]
+        ckpt = next((p for p in paths if p), "")
+        if not ckpt:
+            ckpt = str(log_dir / "checkpoints" / "final.ckpt")
+            trainer.save_checkpoint(ckpt)
+            rank_zero_info(f"ExportOnnx: the run saved no checkpoint; saved the final "
+                           f"weights to {ckpt} and exporting those")
+        return ckpt
 
 
 def check_averaging_horizon(trainer) -> None:

@@ -86,25 +86,44 @@ class ClassifierModule(L.LightningModule):
             backbone_weights: A local state_dict file (e.g. torchvision weights) copied into
                 the backbone before training, where names and shapes match; nothing is
                 downloaded.
-            data_info: Set by the CLI from the DataModule (input spec, classes, statistics).
+            data_info: The DataModule's `info` (input spec, classes, statistics): linked by
+                the CLI, or taken from the Trainer's FixedDataModule in `setup`.
         """
         super().__init__()
-        if data_info is None:
-            raise ValueError("model.data_info is missing: pass the DataModule's `info`")
         check_model_options(width=width, dropout=dropout, lr=lr, weight_decay=weight_decay,
                             warmup_fraction=warmup_fraction, label_smoothing=label_smoothing)
         self.save_hyperparameters(logger=False)  # loggers get the resolved config instead
-        self.regression = data_info.get("task", "classification") == "regression"
-        outputs = 1 if self.regression else len(data_info["class_names"])
-        spec, norm = InputSpec.from_json(data_info["input"]), data_info["normalization"]
-        self.net = nn.Sequential(Normalize(norm["mean"], norm["std"], image=spec.image),
-                                 build_backbone(arch, list(spec.shape), outputs, width, dropout))
-        self._loss_and_metrics(outputs, data_info, label_smoothing)
+        self.net: nn.Module | None = None
+        if data_info is not None:
+            self._build(data_info)
         self._validated_step: int | None = None
         self._lr_plan: dict | None = None  # {"start", "total"} steps of the LR schedule
         self._restored_plan: dict | None = None
         self._restored_step = 0
         self._channels_last = channels_last is True
+
+    def _build(self, data_info: dict) -> None:
+        """The network, loss and metrics for the data `data_info` describes."""
+        hp = self.hparams
+        self.regression = data_info.get("task", "classification") == "regression"
+        outputs = 1 if self.regression else len(data_info["class_names"])
+        spec, norm = InputSpec.from_json(data_info["input"]), data_info["normalization"]
+        self.net = nn.Sequential(Normalize(norm["mean"], norm["std"], image=spec.image),
+                                 build_backbone(hp.arch, list(spec.shape), outputs, hp.width,
+                                                hp.dropout))
+        self._loss_and_metrics(outputs, data_info, hp.label_smoothing)
+
+    def setup(self, stage: str) -> None:
+        """Under a plain `lightning.Trainer` the module learns its data here, from the
+        FixedDataModule the Trainer was given (the CLI passes `data_info` up front)."""
+        if self.net is not None:
+            return
+        info = getattr(getattr(self._trainer, "datamodule", None), "info", None)
+        if not isinstance(info, dict):
+            raise ValueError("ClassifierModule has no data: fit it with a FixedDataModule "
+                             "(trainer.fit(model, datamodule)) or pass data_info=datamodule.info")
+        self.hparams.data_info = info  # saved in every checkpoint, for the export
+        self._build(info)
 
     def _loss_and_metrics(self, outputs: int, data_info: dict, label_smoothing: float) -> None:
         if self.regression:
