@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -27,6 +28,8 @@ from export.jobstate import JobState, input_identity
 from export.readers import image_files, is_image_input, iter_chunks
 from export.runtime import Prediction, Predictor, predictor_for_job
 from export.writers import check_format, join_parts, write_part
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -175,6 +178,7 @@ def _predict_parts(predictor: Predictor, input_path, images: list[Path] | None,
             "rows": len(chunk.ids), "skipped": chunk.skipped, "header": list(columns),
             "sums": label_sums(pred, chunk.y), "drift": drift.state()})
         totals.add(record)
+        log.debug("part %d: %d rows, %d skipped", i, len(chunk.ids), len(chunk.skipped))
         progress.update(totals.rows)
     if totals.rows:
         progress.update(totals.rows, final=True)
@@ -224,6 +228,7 @@ def run_batch(model: str | Path, input_path: str | Path, output: str | Path,
     if predictor is None:
         predictor, threads = predictor_for_job(model, opts.provider, opts.threads,
                                                min(opts.batch_size, opts.chunk_rows))
+    log.info("%s on %s, threads %s (%s)", predictor.path, predictor.provider, *threads.values())
     check_chunk_memory(predictor.spec, opts.chunk_rows)
     source = Path(input_path)
     if not source.is_dir():

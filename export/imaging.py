@@ -92,7 +92,7 @@ def decode(data: bytes, spec: InputSpec, source: str) -> np.ndarray:
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
-def probe(data: bytes, source: str) -> tuple[str, tuple[int, int]]:
+def image_mode_and_size(data: bytes, source: str) -> tuple[str, tuple[int, int]]:
     """Colour mode (L or RGB) and (H, W) an image decodes to by default: what a training
     folder's first image decides when no size or mode is configured."""
     with _opened(data, source) as img:

@@ -15,6 +15,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -23,6 +24,7 @@ from export.atomic import atomic_path
 from export.errors import InputError
 
 HEAD_TAIL = 1 << 20  # bytes of a file's head and tail hashed into its identity
+log = logging.getLogger(__name__)
 
 
 def sha256_file(path: Path) -> str:
@@ -151,6 +153,7 @@ class JobState:
                 self._check_same(saved, job)
                 done = self._complete_parts(fmt)
                 self._remove_parts_from(done)
+                log.info("%s: resuming after %d verified parts", self.folder, done)
                 return done
         self._remove_parts_from(0)
         with atomic_path(meta) as tmp:

@@ -209,7 +209,7 @@ def _start_ray(ray, options: RayOptions) -> float | None:
     if ray.is_initialized():  # a caller (a benchmark, a notebook) already connected
         return None
     if options.address:
-        _probe(options.address)
+        _check_reachable(options.address)
     try:
         if options.address:
             ray.init(address=options.address, **kwargs)
@@ -225,7 +225,7 @@ def _start_ray(ray, options: RayOptions) -> float | None:
     return time.perf_counter() - started
 
 
-def _probe(address: str, seconds: float = 5.0) -> None:
+def _check_reachable(address: str, seconds: float = 5.0) -> None:
     """Refuse a host:port (or ray://host:port) that nothing answers at, in one line: Ray
     itself retries such an address for minutes before it gives up."""
     import socket

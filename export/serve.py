@@ -31,6 +31,7 @@ export/serve_batching.py (`Batcher`), export/serve_metrics.py (Prometheus and dr
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing as mp
 import os
 import shutil
@@ -52,6 +53,7 @@ from export.serve_options import Limits, ServeOptions
 from export.serve_payloads import (INLINE_PARSE_BYTES, RequestError, encode_rows, parse_request,
                                    parse_top_k, rows_of)
 
+log = logging.getLogger(__name__)
 EXTRA = "pip install '.[serve]' from a checkout, or 'frozenfit[serve]' from a wheel"
 DRIFT_FLUSH_S = 0.25  # how stale /metrics' drift may be; a flush is one small JSON file
 
@@ -239,6 +241,8 @@ if ls is not None:
             self.predictor = Predictor(self.model, self.provider, self.threads, spin=False)
             self.predictor.require(self.sha256)  # the model the server announced
             self.drift = DriftAccumulator(self.predictor.card)
+            log.info("worker %d: %s on %s, %d threads", os.getpid(), self.model,
+                     self.predictor.provider, self.threads)
             self.lock, self.dirty = threading.Lock(), False
             threading.Thread(target=self._flush_drift, daemon=True).start()
 
@@ -335,9 +339,9 @@ def serve(model: str, options: ServeOptions) -> int:
 
     limits = options.limits
     threads = _threads_per_worker(options.workers)
-    probe = Predictor(model, options.provider, threads)  # one-line errors before any process
-    card, provider, sha256 = probe.card, probe.provider, probe.sha256
-    del probe
+    loaded = Predictor(model, options.provider, threads)  # one-line errors before any process
+    card, provider, sha256 = loaded.card, loaded.provider, loaded.sha256
+    del loaded
     limits.check_model(card.input)
     _check_port(options.host, options.port)
 

@@ -182,3 +182,11 @@ def test_debug_shows_the_cause_behind_the_one_line(tmp_path):
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and lines[-1] == plain.stderr.strip()
         assert "Traceback" in proc.stderr and "During handling" in proc.stderr, proc.stderr
+
+
+def test_debug_logs_what_the_deploy_side_decided(digits_run, digits_test_npz, tmp_path):
+    proc = run_cli("predict", "--model", str(digits_run / "model.onnx"), "--input",
+                   str(digits_test_npz), "--output", str(tmp_path / "p.csv"), "--debug")
+    assert proc.returncode == 0, proc.stderr
+    assert "export.batch: " in proc.stderr and " on CPUExecutionProvider, threads " in proc.stderr
+    assert "export.batch: part 0: 269 rows, 0 skipped" in proc.stderr

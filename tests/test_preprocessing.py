@@ -12,10 +12,10 @@ import pytest
 from PIL import Image
 
 from export.errors import InputError
-from export.imaging import decode, probe
+from export.imaging import decode, image_mode_and_size
 from export.readers import iter_chunks
 from tests.conftest import ROOT, run_cli
-from trainer.data.dataset import SourceOptions
+from trainer.data.dataset import SourceOptions, image_spec
 from trainer.data.sources import load_source
 
 
@@ -75,15 +75,15 @@ def test_training_and_prediction_decode_awkward_files_identically(tmp_path, mode
 def test_decoder_semantics(tmp_path):
     files = tmp_path / "f"
     _awkward_files(files)
-    grey = {"shape": [1, 10, 12], "color_mode": "L"}
+    grey = image_spec(1, 10, 12)
     sixteen = decode((files / "sixteen_bit.png").read_bytes(), grey, "x")
     # Scaled by the bit depth (65535 -> 255), not truncated or read x257.
     stored = np.asarray(Image.open(files / "sixteen_bit.png"), dtype=np.float64)
     assert stored.max() == 65535
     np.testing.assert_array_equal(sixteen[0], np.rint(stored * 255 / 65535).astype(np.uint8))
     # The EXIF orientation turns the 20x10 stored picture upright: 10 wide, 20 high.
-    assert probe((files / "exif_rotated.jpg").read_bytes(), "x") == ("RGB", (20, 10))
-    assert probe((files / "sixteen_bit.png").read_bytes(), "x") == ("L", (10, 12))
+    assert image_mode_and_size((files / "exif_rotated.jpg").read_bytes(), "x") == ("RGB", (20, 10))
+    assert image_mode_and_size((files / "sixteen_bit.png").read_bytes(), "x") == ("L", (10, 12))
     with pytest.raises(InputError, match=r"bad\.png: cannot decode image"):
         decode(b"\x89PNG\r\n\x1a\n" + b"\0" * 40, grey, "bad.png")
 
@@ -94,7 +94,7 @@ def test_a_decompression_bomb_is_refused_before_it_is_allocated(tmp_path, side):
     Image.new("1", (side, side)).save(bomb)  # up to a 400 Mpixel canvas in a few KB
     assert bomb.stat().st_size < 200_000
     with pytest.raises(InputError, match=r"bomb\.png: .*decompression bomb"):
-        decode(bomb.read_bytes(), {"shape": [1, 8, 8], "color_mode": "L"}, str(bomb))
+        decode(bomb.read_bytes(), image_spec(1, 8, 8), str(bomb))
 
 
 def _digit_images(root, rng):

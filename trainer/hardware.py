@@ -38,7 +38,7 @@ def native_bf16_cpu() -> list[str]:
     return [name for name, fn in checks.items() if getattr(torch.cpu, fn, lambda: False)()]
 
 
-def _probe() -> tuple[torch.nn.Module, torch.Tensor]:
+def _stand_in_net() -> tuple[torch.nn.Module, torch.Tensor]:
     """A stand-in when the model is not known yet: a small convolution stack."""
     net = torch.nn.Sequential(torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.BatchNorm2d(32),
                               torch.nn.ReLU(), torch.nn.Conv2d(32, 64, 3, 2, padding=1))
@@ -114,7 +114,7 @@ def choose(accelerator: str = "auto", net: torch.nn.Module | None = None,
     cuda = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
     record, precisions = _precision_candidates(cuda, precision)
     if not cuda and not known and len(precisions) > 1:  # the check needs some convolution
-        net, example = _probe()
+        net, example = _stand_in_net()
     if channels_last == "auto" and known and conv:
         layouts = [False, True]
     else:

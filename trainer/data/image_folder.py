@@ -70,9 +70,9 @@ def _layout(root: Path) -> dict[str, dict[str, list[str]]]:
 
 
 def _first_image_format(path: str) -> tuple[str, tuple[int, int]]:
-    from export.imaging import probe
+    from export.imaging import image_mode_and_size
 
-    return probe(Path(path).read_bytes(), path)
+    return image_mode_and_size(Path(path).read_bytes(), path)
 
 
 def load_image_folder(root: str | None, opts: SourceOptions) -> FixedDataset:
