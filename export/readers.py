@@ -174,7 +174,11 @@ def _image_chunks(path: Path, spec: InputSpec, class_names, rows: int, first: in
                     skipped=[str(im) for im in images if isinstance(im, InputError)])
 
 
-CSV_BLOCKS = (4 << 20, 64 << 20)  # read block sizes: a block must hold the longest row
+# CSV read block sizes: a block must hold the longest row, and pyarrow's streaming reader
+# reads ~32 blocks ahead, so the block bounds memory: 4 MiB blocks held ~130 MB more at
+# 3 million rows than at 100,000; 1 MiB keeps it flat (scripts/soak.py). Longer rows (a
+# document in a pass-through cell) are read again with the next size.
+CSV_BLOCKS = (1 << 20, 8 << 20, 64 << 20)
 
 
 class _RowTooLong(Exception):

@@ -363,3 +363,15 @@ def test_the_appended_digests_stay_findable_across_merges(monkeypatch):
     assert len(appended.prefix) == 56 and np.all(np.diff(appended.prefix) > 0)
     assert [appended.get(d, column) for d in digests[:60]] == list(range(60))
     assert all(appended.get(d, column) is None for d in digests[60:])
+
+
+def test_relative_roots_in_the_working_folder_are_read(tmp_path, monkeypatch):
+    """`--data.root wine.csv` or `--data.root .` as a user types them, from the folder the
+    data is in (a relative root once failed: its files did not start with "./")."""
+    monkeypatch.chdir(tmp_path)
+    pq.write_table(_table(0), "t.parquet")
+    ds = load_source("tabular", "t.parquet", SourceOptions(cache_dir=str(tmp_path / "c")))
+    assert len(ds.train) == 40
+    images = _folder(tmp_path / "imgs")
+    monkeypatch.chdir(images)
+    assert len(_load(Path("."), tmp_path / "c2").train) == 60

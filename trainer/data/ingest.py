@@ -115,7 +115,8 @@ def update(cache: RowCache, root: Path, paths: list[str | Path],
     On an error the rows complete so far are committed before it is raised."""
     t0, report = time.perf_counter(), UpdateReport(files=len(paths))
     paths = [str(p) for p in paths]
-    out = _stat_all(paths, os.path.join(str(root), ""))
+    # Path("wine.csv").parent is ".", and its files are spelled "wine.csv", not "./wine.csv"
+    out = _stat_all(paths, "" if str(root) == "." else os.path.join(str(root), ""))
     at = cache.lookup(out.key)
     known = at >= 0
     same = known.copy()
