@@ -228,7 +228,7 @@ def run_batch(model: str | Path, input_path: str | Path, output: str | Path,
     if predictor is None:
         predictor, threads = predictor_for_job(model, opts.provider, opts.threads,
                                                min(opts.batch_size, opts.chunk_rows))
-    log.info("%s on %s, threads %s (%s)", predictor.path, predictor.provider, *threads.values())
+    log.info("%s on %s, threads %s", predictor.path, predictor.provider, threads)
     check_chunk_memory(predictor.spec, opts.chunk_rows)
     source = Path(input_path)
     if not source.is_dir():

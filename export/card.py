@@ -133,10 +133,7 @@ class InputSpec(Record):
 
     @property
     def row_bytes(self) -> int:
-        size = 1
-        for d in self.shape:
-            size *= d
-        return size * (1 if self.dtype == "uint8" else 4)
+        return math.prod(self.shape) * (1 if self.dtype == "uint8" else 4)
 
     def validate(self, source: str) -> None:
         if self.image and (len(self.shape) != 3 or self.shape[0] not in (1, 3)):

@@ -78,7 +78,7 @@ def tree_rss_mb(pid: int) -> float:
     return total / 1024
 
 
-def bodies(work: Path, x: np.ndarray) -> list[tuple[str, str, bytes, int]]:
+def bodies(x: np.ndarray) -> list[tuple[str, str, bytes, int]]:
     """(name, content type, body, share of the requests): half good, half refused."""
     from PIL import Image
 
@@ -116,7 +116,7 @@ def soak_serve(work: Path, requests: int) -> bool:
     trainer("data", "--config", str(ROOT / "configs" / "digits.yaml"), "--split", "test",
             "--out", str(work / "x.npz"), cwd=work)
     x = np.load(work / "x.npz")["x"]
-    kinds = bodies(work, x)
+    kinds = bodies(x)
     files = []
     for i, (name, ctype, body, share) in enumerate(kinds):
         (work / f"body{i}").write_bytes(body)
@@ -181,8 +181,8 @@ def soak_csv(work: Path, sizes: list[int]) -> bool:
     for rows in sizes:
         path = work / f"rows{rows}.csv"
         with pacsv.CSVWriter(path, pa.schema([(n, pa.float64()) for n in cols])) as w:
-            for start in range(0, rows, 500_000):
-                pick = rng.integers(0, len(wine.data), min(500_000, rows - start))
+            for at in range(0, rows, 500_000):
+                pick = rng.integers(0, len(wine.data), min(500_000, rows - at))
                 w.write_table(pa.table({n: v[pick] for n, v in cols.items()}))
         t0 = time.perf_counter()
         peaks.append(peak_rss_mb("predict", "--model", str(model), "--input", str(path),
