@@ -5,6 +5,7 @@ exports from whatever the run saved (here Lightning's default checkpoint).
     python examples/plain_trainer.py [OUT_DIR]
 """
 
+import os
 import sys
 
 import lightning as L
@@ -15,6 +16,10 @@ from trainer.data.datamodule import FixedDataModule
 from trainer.module import ClassifierModule
 
 out = sys.argv[1] if len(sys.argv) > 1 else "plain_trainer_out"
+if os.path.exists(out) and not os.path.isdir(out):
+    print(f"plain_trainer.py: error: {out}: expected a folder for the run, this is a file",
+          file=sys.stderr)
+    sys.exit(2)
 L.seed_everything(0)
 data = FixedDataModule(source="digits")
 model = ClassifierModule(arch="convnet", width=16)  # learns its input and classes from `data`

@@ -56,3 +56,12 @@ def test_a_run_that_saved_nothing_exports_its_final_weights(tmp_path):
     card = read_card(export.path)
     assert card.training.checkpoint == "final.ckpt" and card.consistency.checked
     assert (tmp_path / "checkpoints" / "final.ckpt").is_file()
+
+
+def test_the_example_refuses_a_file_as_its_folder_in_one_line(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    proc = _run("plain_trainer.py", str(notes))
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"plain_trainer.py: error: {notes}: expected a folder for the run, this is a file"]
+    assert notes.read_text() == "mine"
