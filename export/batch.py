@@ -22,6 +22,8 @@ import numpy as np
 
 from export.atomic import atomic_path
 from export.card import Card, InputSpec
+from export.conformal import (check_coverage, coverage_metrics, coverage_sums, interval_columns,
+                              set_columns, threshold)
 from export.drift import DriftAccumulator, format_report
 from export.errors import InputError, require_file
 from export.jobstate import JobState, input_identity
@@ -43,8 +45,11 @@ class JobOptions:
     progress: bool = True
     timeout_per_batch: float | None = 600.0  # seconds one onnxruntime call may take
     threads: int = 0  # onnxruntime intra-op threads (0: one per physical core)
+    coverage: float | None = None  # conformal prediction sets / intervals at this coverage
 
     def __post_init__(self):  # messages name the command's flags
+        if self.coverage is not None:
+            check_coverage(self.coverage)  # the model's scores are checked when it is loaded
         if self.top_k < 1 or self.batch_size < 1 or self.chunk_rows < 1 or self.threads < 0:
             raise InputError("--top-k, --batch-size and --chunk-rows must be >= 1, "
                              "--threads >= 0")
@@ -56,12 +61,15 @@ class JobOptions:
 
 
 def output_columns(pred: Prediction, y: np.ndarray | None, class_names: list[str],
-                   top_k: int) -> dict[str, list]:
+                   top_k: int, qhat: float | None = None) -> dict[str, list]:
     """Columns after id and pass-through columns: label, confidence (the most likely
-    class), with top_k > 1 the next ones as top2_label, top2_confidence, ..., and
-    true_label; or value and true_value for regression."""
+    class), with top_k > 1 the next ones as top2_label, top2_confidence, ..., with a
+    conformal threshold `qhat` prediction_set and set_size, and true_label; or value,
+    lower and upper, and true_value for regression."""
     if pred.values is not None:
         cols = {"value": [float(v) for v in pred.values]}
+        if qhat is not None:
+            cols.update(interval_columns(pred.values, qhat))
         if y is not None:
             cols["true_value"] = [float(v) for v in y]
         return cols
@@ -73,6 +81,8 @@ def output_columns(pred: Prediction, y: np.ndarray | None, class_names: list[str
             cols[f"top{k + 1}_label"] = [class_names[i] for i in order[:, k]]
             cols[f"top{k + 1}_confidence"] = [
                 round(float(p), 6) for p in pred.probabilities[np.arange(len(order)), order[:, k]]]
+    if qhat is not None:
+        cols.update(set_columns(pred.probabilities, qhat, class_names))
     if y is not None:
         cols["true_label"] = [class_names[i] for i in y]
     return cols
@@ -92,22 +102,27 @@ def with_passthrough(ids: list[str], extra: dict[str, list], outputs: dict[str, 
     return {**cols, **outputs}
 
 
-def label_sums(pred: Prediction, y: np.ndarray | None) -> dict[str, float]:
-    """Additive sums for accuracy (classification) or MAE/RMSE (regression)."""
+def label_sums(pred: Prediction, y: np.ndarray | None,
+               qhat: float | None = None) -> dict[str, float]:
+    """Additive sums for accuracy (classification) or MAE/RMSE (regression), and for the
+    empirical coverage of the prediction sets or intervals at threshold `qhat`."""
     if y is None:
         return {}
+    more = {} if qhat is None else coverage_sums(pred.probabilities, pred.values, y, qhat)
     if pred.values is not None:
         err = pred.values.astype(np.float64) - y
-        return {"n": len(y), "abs_err": float(np.abs(err).sum()), "sq_err": float((err ** 2).sum())}
-    return {"n": len(y), "correct": int((pred.labels == y).sum())}
+        return {"n": len(y), "abs_err": float(np.abs(err).sum()),
+                "sq_err": float((err ** 2).sum()), **more}
+    return {"n": len(y), "correct": int((pred.labels == y).sum()), **more}
 
 
 def label_metrics(sums: dict[str, float]) -> dict[str, float]:
     if not sums.get("n"):
         return {}
     if "correct" in sums:
-        return {"accuracy": sums["correct"] / sums["n"]}
-    return {"mae": sums["abs_err"] / sums["n"], "rmse": float(np.sqrt(sums["sq_err"] / sums["n"]))}
+        return {"accuracy": sums["correct"] / sums["n"], **coverage_metrics(sums)}
+    return {"mae": sums["abs_err"] / sums["n"], "rmse": float(np.sqrt(sums["sq_err"] / sums["n"])),
+            **coverage_metrics(sums)}
 
 
 def _peak_rss_mb() -> float:
@@ -155,7 +170,8 @@ class Totals:
 
 
 def _predict_parts(predictor: Predictor, input_path, images: list[Path] | None,
-                   state: JobState, done: int, fmt: str, opts: JobOptions) -> tuple[Totals, int]:
+                   state: JobState, done: int, fmt: str, opts: JobOptions,
+                   qhat: float | None) -> tuple[Totals, int]:
     """Write a part file and its record per chunk after the `done` complete ones; return
     the totals and the rows that were already done."""
     card, totals = predictor.card, Totals(predictor.card)
@@ -169,14 +185,14 @@ def _predict_parts(predictor: Predictor, input_path, images: list[Path] | None,
         pred = predictor.predict(chunk.x, opts.batch_size, source=f"{input_path} (chunk {i})",
                                  timeout=opts.timeout_per_batch)
         columns = with_passthrough(chunk.ids, chunk.extra, output_columns(
-            pred, chunk.y, predictor.class_names, opts.top_k))
+            pred, chunk.y, predictor.class_names, opts.top_k, qhat))
         write_part(state.part(i, fmt), columns)
         drift = DriftAccumulator(card)
         if len(chunk.x):
             drift.update(chunk.x, pred)
         record = state.write_record(i, fmt, {
             "rows": len(chunk.ids), "skipped": chunk.skipped, "header": list(columns),
-            "sums": label_sums(pred, chunk.y), "drift": drift.state()})
+            "sums": label_sums(pred, chunk.y, qhat), "drift": drift.state()})
         totals.add(record)
         log.debug("part %d: %d rows, %d skipped", i, len(chunk.ids), len(chunk.skipped))
         progress.update(totals.rows)
@@ -230,6 +246,8 @@ def run_batch(model: str | Path, input_path: str | Path, output: str | Path,
                                                min(opts.batch_size, opts.chunk_rows))
     log.info("%s on %s, threads %s", predictor.path, predictor.provider, threads)
     check_chunk_memory(predictor.spec, opts.chunk_rows)
+    qhat = None if opts.coverage is None else threshold(
+        predictor.card.calibration, opts.coverage, str(predictor.path))
     source = Path(input_path)
     if not source.is_dir():
         require_file(source, "an input file or folder")
@@ -237,7 +255,7 @@ def run_batch(model: str | Path, input_path: str | Path, output: str | Path,
         images = image_files(source)
     job = {"model": predictor.sha256, "input": input_identity(source, images),
            "format": fmt, "chunk_rows": opts.chunk_rows, "top_k": opts.top_k,
-           "on_error": opts.on_error}
+           "on_error": opts.on_error, "coverage": opts.coverage}
     state = JobState(output)
     state.lock()
     finished = False
@@ -245,7 +263,7 @@ def run_batch(model: str | Path, input_path: str | Path, output: str | Path,
         done = state.start(job, opts.resume, fmt)
         try:
             totals, resumed_after = _predict_parts(predictor, input_path, images, state, done,
-                                                   fmt, opts)
+                                                   fmt, opts, qhat)
         except InputError:
             finished = True  # bad input: leave nothing behind
             raise

@@ -1,10 +1,5 @@
-"""The model card as typed records: what a frozen model knows about itself.
-
-Each part of the card is a frozen dataclass whose fields carry their own check (`entry`);
-`from_json` reads a JSON object into it, naming the dotted field in one line when a value is
-missing or of the wrong kind, and `to_json` writes it back. Keys a record does not know are
-kept in `extra` and written back unchanged, so a card survives a read-write round trip.
-The card is one JSON document under `CARD_KEY` in the ONNX graph's `metadata_props`;
+"""The model card as typed records (export/records.py): what a frozen model knows about
+itself. The card is one JSON document under `CARD_KEY` in the ONNX graph's `metadata_props`;
 `CARD_VERSION` is bumped whenever a field changes meaning, and readers refuse versions they
 do not know. Pure Python (json + onnx protobuf access): the deploy side reads it without torch.
 """
@@ -15,117 +10,35 @@ import dataclasses
 import json
 import math
 from pathlib import Path
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any
 
+from export.conformal import Calibration
 from export.errors import InputError, require_file
+from export.records import Record, is_dict, is_num, is_str, list_of, one_of, entry, fail
 
 CARD_KEY = "frozenfit.card"
 CARD_VERSION = 2  # 2: training.epochs split into run_epochs and weights_epoch
 READABLE_VERSIONS = (1, 2)
 OUTPUTS = {"classification": ("logits", "probabilities"), "regression": ("values",)}
-_MISSING = object()
-
-
-def _is_num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _is_str(v) -> bool:
-    return isinstance(v, str)
-
-
-def _is_dict(v) -> bool:
-    return isinstance(v, dict)
-
-
-def _list_of(kind: Callable[[Any], bool], size: int | None = None) -> Callable[[Any], bool]:
-    return lambda v: (isinstance(v, list) and all(kind(x) for x in v)
-                      and (size is None or len(v) == size))
-
-
-def _one_of(*allowed) -> Callable[[Any], bool]:
-    return lambda v: v in allowed
-
-
-def entry(check: Callable[[Any], bool] | None, expected: str, default: Any = _MISSING,
-          record: type | None = None) -> Any:
-    """A field read from JSON: `check` its value (lists become tuples) or read it as a
-    nested `record`; without `default` the field is required."""
-    meta = {"check": check, "expected": expected, "record": record}
-    if default is _MISSING:
-        return field(metadata=meta)
-    if isinstance(default, (dict, list)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-def fail(source: str, dotted: str, value: Any, expected: str) -> None:
-    got = "missing" if value is _MISSING else json.dumps(value)[:60]
-    raise InputError(f"{source}: model card field {dotted!r} is {got}; expected {expected}")
-
-
-@dataclass(frozen=True, kw_only=True)
-class Record:
-    """A JSON object of the card; subclasses declare their fields with `entry`."""
-
-    extra: dict = field(default_factory=dict, repr=False, compare=False)
-
-    @classmethod
-    def from_json(cls, obj: Any, source: str = "model card", prefix: str = ""):
-        if not isinstance(obj, dict):
-            fail(source, prefix.rstrip(".") or cls.__name__, obj, "an object")
-        values, known = {}, {"extra"}
-        for f in dataclasses.fields(cls):
-            if f.name == "extra":
-                continue
-            known.add(f.name)
-            meta, dotted, value = f.metadata, prefix + f.name, obj.get(f.name, _MISSING)
-            required = f.default is dataclasses.MISSING and \
-                f.default_factory is dataclasses.MISSING
-            if value is _MISSING or (value is None and not required):
-                if required:
-                    fail(source, dotted, value, meta["expected"])
-                continue
-            if meta["record"] is not None:
-                value = meta["record"].from_json(value, source, dotted + ".")
-            elif not meta["check"](value):
-                fail(source, dotted, value, meta["expected"])
-            values[f.name] = tuple(value) if isinstance(value, list) else value
-        record = cls(**values, extra={k: v for k, v in obj.items() if k not in known})
-        record.validate(source)
-        return record
-
-    def validate(self, source: str) -> None:
-        """Agreement between fields, checked after reading (one line naming the field)."""
-
-    def to_json(self) -> dict:
-        out = dict(self.extra)
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.name == "extra" or (value is None and f.default is None):
-                continue
-            out[f.name] = (value.to_json() if isinstance(value, Record)
-                           else list(value) if isinstance(value, tuple) else value)
-        return out
 
 
 @dataclass(frozen=True, kw_only=True)
 class InputSpec(Record):
     """What the graph takes, per row: raw pixels (uint8 NCHW) or float32 features."""
 
-    name: str = entry(_is_str, "the graph's input name")
-    kind: str = entry(_one_of("image", "tabular"), "image or tabular")
-    dtype: str = entry(_one_of("uint8", "float32"), "uint8 or float32")
+    name: str = entry(is_str, "the graph's input name")
+    kind: str = entry(one_of("image", "tabular"), "image or tabular")
+    dtype: str = entry(one_of("uint8", "float32"), "uint8 or float32")
     shape: tuple[int, ...] = entry(
-        lambda v: _list_of(lambda d: isinstance(d, int) and not isinstance(d, bool) and d > 0)(v)
+        lambda v: list_of(lambda d: isinstance(d, int) and not isinstance(d, bool) and d > 0)(v)
         and len(v) > 0, "a list of positive sizes")
-    value_range: tuple[float, float] = entry(_list_of(_is_num, 2), "[low, high]")
-    layout: str | None = entry(_is_str, "a layout such as NCHW", None)
-    color_mode: str | None = entry(_one_of("L", "RGB"), "L or RGB", None)
-    columns: tuple[str, ...] | None = entry(_list_of(_is_str), "a list of column names", None)
-    resize: tuple[int, int] | None = entry(_list_of(_is_num, 2), "[height, width]", None)
-    preprocessing: dict | None = entry(_is_dict, "an object", None)
+    value_range: tuple[float, float] = entry(list_of(is_num, 2), "[low, high]")
+    layout: str | None = entry(is_str, "a layout such as NCHW", None)
+    color_mode: str | None = entry(one_of("L", "RGB"), "L or RGB", None)
+    columns: tuple[str, ...] | None = entry(list_of(is_str), "a list of column names", None)
+    resize: tuple[int, int] | None = entry(list_of(is_num, 2), "[height, width]", None)
+    preprocessing: dict | None = entry(is_dict, "an object", None)
 
     @property
     def image(self) -> bool:
@@ -148,12 +61,12 @@ class InputSpec(Record):
 class DatasetInfo(Record):
     """Which fixed dataset the model learned from, and how it was split."""
 
-    name: str = entry(_is_str, "a name")
-    fingerprint: str = entry(_is_str, "a SHA-256 hex string")
-    split_sizes: dict | None = entry(_is_dict, "an object", None)
-    class_counts: tuple[int, ...] | None = entry(_list_of(_is_num), "a list of counts", None)
-    source: str | None = entry(_is_str, "a source name", None)
-    target: str | None = entry(_is_str, "a column name", None)
+    name: str = entry(is_str, "a name")
+    fingerprint: str = entry(is_str, "a SHA-256 hex string")
+    split_sizes: dict | None = entry(is_dict, "an object", None)
+    class_counts: tuple[int, ...] | None = entry(list_of(is_num), "a list of counts", None)
+    source: str | None = entry(is_str, "a source name", None)
+    target: str | None = entry(is_str, "a column name", None)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -161,13 +74,13 @@ class Consistency(Record):
     """The float32 graph's validation metric beside the one the checkpoint recorded."""
 
     checked: bool = entry(lambda v: isinstance(v, bool), "true or false")
-    reason: str = entry(_is_str, "a reason", "")
-    metric: str | None = entry(_is_str, "a metric name", None)
-    graph: float | None = entry(_is_num, "a number", None)
-    recorded: float | None = entry(_is_num, "a number", None)
-    rows: int | None = entry(_is_num, "a number", None)
-    rows_recorded: int | None = entry(_is_num, "a number", None)
-    allowed: float | None = entry(_is_num, "a number", None)
+    reason: str = entry(is_str, "a reason", "")
+    metric: str | None = entry(is_str, "a metric name", None)
+    graph: float | None = entry(is_num, "a number", None)
+    recorded: float | None = entry(is_num, "a number", None)
+    rows: int | None = entry(is_num, "a number", None)
+    rows_recorded: int | None = entry(is_num, "a number", None)
+    allowed: float | None = entry(is_num, "a number", None)
 
     def validate(self, source: str) -> None:
         if self.checked and None in (self.metric, self.graph, self.recorded, self.rows):
@@ -180,11 +93,11 @@ class Baseline(Record):
     """The graph's validation metric beside the best constant answer's."""
 
     checked: bool = entry(lambda v: isinstance(v, bool), "true or false")
-    reason: str = entry(_is_str, "a reason", "")
-    metric: str | None = entry(_is_str, "a metric name", None)
-    model: float | None = entry(_is_num, "a number", None)
-    constant: float | None = entry(_is_num, "a number", None)
-    constant_answer: str | None = entry(_is_str, "what the constant answer is", None)
+    reason: str = entry(is_str, "a reason", "")
+    metric: str | None = entry(is_str, "a metric name", None)
+    model: float | None = entry(is_num, "a number", None)
+    constant: float | None = entry(is_num, "a number", None)
+    constant_answer: str | None = entry(is_str, "what the constant answer is", None)
     better: bool | None = entry(lambda v: isinstance(v, bool), "true or false", None)
 
 
@@ -192,69 +105,70 @@ class Baseline(Record):
 class Parity(Record):
     """onnxruntime against torch on the same held-out rows."""
 
-    samples: int = entry(_is_num, "a number")
-    max_abs_diff: float = entry(_is_num, "a number")
-    top1_agreement: float = entry(_is_num, "a number")
-    batch_sizes: tuple[int, ...] | None = entry(_list_of(_is_num), "a list of sizes", None)
-    atol: float | None = entry(_is_num, "a number (null: gated by accuracy)", None)
+    samples: int = entry(is_num, "a number")
+    max_abs_diff: float = entry(is_num, "a number")
+    top1_agreement: float = entry(is_num, "a number")
+    batch_sizes: tuple[int, ...] | None = entry(list_of(is_num), "a list of sizes", None)
+    atol: float | None = entry(is_num, "a number (null: gated by accuracy)", None)
 
 
 @dataclass(frozen=True, kw_only=True)
 class Quantization(Record):
     """The INT8 graph's validation accuracy against the float32 graph's."""
 
-    val_accuracy_fp32: float = entry(_is_num, "a number")
-    val_accuracy_int8: float = entry(_is_num, "a number")
-    drop_points: float = entry(_is_num, "a number")
-    max_drop_points: float = entry(_is_num, "a number")
-    val_samples: int = entry(_is_num, "a number")
+    val_accuracy_fp32: float = entry(is_num, "a number")
+    val_accuracy_int8: float = entry(is_num, "a number")
+    drop_points: float = entry(is_num, "a number")
+    max_drop_points: float = entry(is_num, "a number")
+    val_samples: int = entry(is_num, "a number")
 
 
 @dataclass(frozen=True, kw_only=True)
 class Training(Record):
     """How the weights were made: the run's options, epochs, seed and checkpoint."""
 
-    seed: int | None = entry(_is_num, "a number", None)
-    run_epochs: int | None = entry(_is_num, "a number", None)
-    weights_epoch: int | None = entry(_is_num, "a number", None)
-    epochs: int | None = entry(_is_num, "a number (card version 1)", None)
-    global_step: int | None = entry(_is_num, "a number", None)
-    checkpoint: str | None = entry(_is_str, "a file name", None)
-    checkpoint_sha256: str | None = entry(_is_str, "a SHA-256 hex string", None)
-    hardware: dict | None = entry(_is_dict, "an object", None)
-    model: dict = entry(_is_dict, "an object", {})
-    data: dict = entry(_is_dict, "an object", {})
-    config_yaml: str | None = entry(_is_str, "the run's YAML", None)
+    seed: int | None = entry(is_num, "a number", None)
+    run_epochs: int | None = entry(is_num, "a number", None)
+    weights_epoch: int | None = entry(is_num, "a number", None)
+    epochs: int | None = entry(is_num, "a number (card version 1)", None)
+    global_step: int | None = entry(is_num, "a number", None)
+    checkpoint: str | None = entry(is_str, "a file name", None)
+    checkpoint_sha256: str | None = entry(is_str, "a SHA-256 hex string", None)
+    hardware: dict | None = entry(is_dict, "an object", None)
+    model: dict = entry(is_dict, "an object", {})
+    data: dict = entry(is_dict, "an object", {})
+    config_yaml: str | None = entry(is_str, "the run's YAML", None)
 
 
 def _is_reference(v) -> bool:
-    return _is_dict(v) and isinstance(v.get("rows"), int) and isinstance(v.get("continuous"), list)
+    return is_dict(v) and isinstance(v.get("rows"), int) and isinstance(v.get("continuous"), list)
 
 
 @dataclass(frozen=True, kw_only=True)
 class Card(Record):
     """The whole card, stored as one JSON document in the ONNX graph's metadata."""
 
-    task: str = entry(_one_of("classification", "regression"), "classification or regression")
-    class_names: tuple[str, ...] = entry(_list_of(_is_str), "a list of class names")
+    task: str = entry(one_of("classification", "regression"), "classification or regression")
+    class_names: tuple[str, ...] = entry(list_of(is_str), "a list of class names")
     input: InputSpec = entry(None, "an object", record=InputSpec)
-    outputs: tuple[str, ...] = entry(_list_of(_is_str), "a list of output names")
+    outputs: tuple[str, ...] = entry(list_of(is_str), "a list of output names")
     dataset: DatasetInfo = entry(None, "an object", record=DatasetInfo)
-    card_version: int = entry(_one_of(*READABLE_VERSIONS), "a readable version", CARD_VERSION)
-    metrics: dict = entry(lambda v: _is_dict(v) and all(_is_num(x) for x in v.values()),
+    card_version: int = entry(one_of(*READABLE_VERSIONS), "a readable version", CARD_VERSION)
+    metrics: dict = entry(lambda v: is_dict(v) and all(is_num(x) for x in v.values()),
                           "an object of numbers", {})
-    precision: str = entry(_one_of("fp32", "fp16", "int8"), "fp32, fp16 or int8", "fp32")
-    opset: int | None = entry(_is_num, "an opset number", None)
-    created: str | None = entry(_is_str, "a timestamp", None)
+    precision: str = entry(one_of("fp32", "fp16", "int8"), "fp32, fp16 or int8", "fp32")
+    opset: int | None = entry(is_num, "an opset number", None)
+    created: str | None = entry(is_str, "a timestamp", None)
     consistency: Consistency | None = entry(None, "an object", None, record=Consistency)
     baseline: Baseline | None = entry(None, "an object", None, record=Baseline)
     parity: Parity | None = entry(None, "an object", None, record=Parity)
     quantization: Quantization | None = entry(None, "an object", None, record=Quantization)
+    calibration: Calibration | None = entry(None, "an object", None, record=Calibration)
     drift_reference: dict | None = entry(_is_reference, "an object with rows and checks", None)
-    normalization: dict | None = entry(_is_dict, "an object", None)
-    training_stats: dict | None = entry(_is_dict, "an object", None)
+    normalization: dict | None = entry(is_dict, "an object", None)
+    training_stats: dict | None = entry(is_dict, "an object", None)
     training: Training | None = entry(None, "an object", None, record=Training)
-    versions: dict = entry(_is_dict, "an object", {})
+    versions: dict = entry(is_dict, "an object", {})
 
     @property
     def regression(self) -> bool:

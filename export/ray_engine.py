@@ -108,7 +108,7 @@ def run_unit(predictor, unit: dict, out: Path, job_options: dict) -> dict:
     manifest = {"input": unit["input"], "identity": unit["identity"],
                 "output": unit["output"], "output_sha256": sha256_file(output),
                 "model_sha256": summary["model_sha256"], "top_k": opts.top_k,
-                "on_error": opts.on_error, "worker_pid": os.getpid(),
+                "on_error": opts.on_error, "coverage": opts.coverage, "worker_pid": os.getpid(),
                 "seconds": round(time.perf_counter() - started, 3), **summary["totals"]}
     with atomic_path(manifest_path(out, unit)) as tmp:
         tmp.write_text(json.dumps(manifest))
@@ -180,7 +180,8 @@ def _complete(out: Path, unit: dict, model_sha: str, job_options: dict) -> bool:
                          f"output was written: {describe_change(manifest.get('identity', {}), unit['identity'])}"
                          f"; run the job again without --resume into an empty --output")
     for key, want in (("model_sha256", model_sha), ("top_k", job_options["top_k"]),
-                      ("on_error", job_options["on_error"])):
+                      ("on_error", job_options["on_error"]),
+                      ("coverage", job_options.get("coverage"))):
         if manifest.get(key) != want:
             raise InputError(f"{out}: cannot --resume: the interrupted job used another "
                              f"{'model' if key == 'model_sha256' else 'option ' + key}; run it "
@@ -318,12 +319,15 @@ def _map_units(ray, todo: list[dict], workers: int, gpus: float, unit_args: dict
 def run_ray(model: str, source: str, output: str, job_options, options: RayOptions) -> dict:
     """The whole job; returns its summary (also written to `<output>/summary.json`)."""
     from export.batch import Totals, label_metrics, write_reports
+    from export.conformal import threshold
     from export.drift import format_report
     from export.jobstate import JobState
     from export.runtime import Predictor
 
     start, ray = time.perf_counter(), _import_ray()
     predictor = Predictor(model, provider=job_options.provider)  # one-line errors up front
+    if job_options.coverage is not None:  # the model must carry conformal scores
+        threshold(predictor.card.calibration, job_options.coverage, str(predictor.path))
     # Absolute paths: the workers of a cluster do not share this process's directory.
     units = list_units(os.path.abspath(source), options.block_images)
     out = _output_folder(source, output, model, job_options.resume)

@@ -51,7 +51,7 @@ from export.serve_batching import Batcher, unwire_batch, wire_batch
 from export.serve_metrics import metrics_text, process_metrics
 from export.serve_options import Limits, ServeOptions
 from export.serve_payloads import (INLINE_PARSE_BYTES, RequestError, encode_rows, parse_request,
-                                   parse_top_k, rows_of)
+                                   parse_query, rows_of)
 
 log = logging.getLogger(__name__)
 EXTRA = "pip install '.[serve]' from a checkout, or 'frozenfit[serve]' from a wheel"
@@ -128,7 +128,7 @@ class Gate:
             try:
                 headers = dict(scope["headers"])
                 body = await _read_body(receive, headers, self.limits.max_body_bytes)
-                top_k = parse_top_k(scope.get("query_string", b"").decode("latin-1"), self.card)
+                answer = parse_query(scope.get("query_string", b"").decode("latin-1"), self.card)
                 content_type = headers.get(b"content-type", b"").decode("latin-1")
                 if len(body) > INLINE_PARSE_BYTES:
                     from starlette.concurrency import run_in_threadpool
@@ -144,8 +144,8 @@ class Gate:
                 self.scope = {k: v for k, v in scope.items() if k != "state"}
                 self.scope["query_string"] = b""
                 self.batcher = Batcher(self._send_batch, *self.batching)
-            status, answer = await self.batcher.submit(x, top_k)
-            await _respond(send, status, answer)
+            status, reply = await self.batcher.submit(x, answer)
+            await _respond(send, status, reply)
             if status == 200:
                 metrics["instances"].inc(len(x))
         finally:
@@ -274,9 +274,9 @@ if ls is not None:
                 self.drift.update(x, pred)
                 self.dirty = True
             bodies, at = [], 0
-            for rows, top_k in parts:
+            for rows, (top_k, qhat) in parts:
                 rows_out = encode_rows(rows_of(pred, at, at + rows), self.predictor.class_names,
-                                       top_k)
+                                       top_k, qhat)
                 bodies.append(json.dumps({"model_sha256": self.sha256,
                                           "predictions": rows_out}))
                 at += rows

@@ -9,16 +9,21 @@ import json
 import numpy as np
 
 
-def wire_batch(x: np.ndarray, parts: list[tuple[int, int]]) -> bytes:
+Answer = tuple[int, "float | None"]  # what a request asked for: top_k, conformal threshold
+
+
+def wire_batch(x: np.ndarray, parts: list[tuple[int, Answer]]) -> bytes:
     """The checked arrays of one batch, stacked, as the JSON LitServe queues for a worker;
-    `parts`: (rows, top_k) of each request, in order."""
+    `parts`: (rows, (top_k, conformal threshold or None)) of each request, in order."""
     return json.dumps({"x": base64.b64encode(x.tobytes()).decode(), "shape": list(x.shape),
-                       "dtype": str(x.dtype), "parts": parts}).encode()
+                       "dtype": str(x.dtype),
+                       "parts": [[rows, *answer] for rows, answer in parts]}).encode()
 
 
-def unwire_batch(doc: dict) -> tuple[np.ndarray, list[tuple[int, int]]]:
+def unwire_batch(doc: dict) -> tuple[np.ndarray, list[tuple[int, Answer]]]:
     x = np.frombuffer(base64.b64decode(doc["x"]), dtype=doc["dtype"]).reshape(doc["shape"])
-    return x, [(int(rows), int(top_k)) for rows, top_k in doc["parts"]]
+    return x, [(int(rows), (int(top_k), None if qhat is None else float(qhat)))
+               for rows, top_k, qhat in doc["parts"]]
 
 
 class Batcher:
@@ -44,10 +49,10 @@ class Batcher:
         self.pending: list = []
         self.in_flight, self.timer = 0, None
 
-    async def submit(self, x: np.ndarray, top_k: int) -> tuple[int, bytes]:
-        """(status, body) of this request's response."""
+    async def submit(self, x: np.ndarray, answer) -> tuple[int, bytes]:
+        """(status, body) of this request's response; `answer` travels with its rows."""
         future = self.loop.create_future()
-        self.pending.append((x, top_k, future))
+        self.pending.append((x, answer, future))
         if self.in_flight < self.slots or len(self.pending) >= self.max_requests:
             self._flush()
         elif self.timer is None:

@@ -13,6 +13,7 @@ from urllib.parse import parse_qs
 import numpy as np
 
 from export.card import Card, InputSpec
+from export.conformal import threshold
 from export.errors import InputError
 from export.runtime import Prediction, check_input, describe_input
 from export.serve_options import Limits
@@ -134,8 +135,26 @@ def parse_request(body: bytes, content_type: str, card: Card, limits: Limits) ->
     return np.stack(out)
 
 
-def parse_top_k(query: str, card: Card) -> int:
-    values = parse_qs(query).get("top_k")
+def parse_query(query: str, card: Card) -> tuple[int, float | None]:
+    """The request's top_k and, for `coverage`, its conformal threshold."""
+    fields = parse_qs(query)
+    return _top_k(fields.get("top_k"), card), _threshold(fields.get("coverage"), card)
+
+
+def _threshold(values: list[str] | None, card: Card) -> float | None:
+    if not values:
+        return None
+    try:
+        coverage = float(values[-1])
+    except ValueError:
+        coverage = values[-1]
+    try:
+        return threshold(card.calibration, coverage, "the model", name="coverage")
+    except InputError as exc:
+        raise RequestError(422, str(exc)) from None
+
+
+def _top_k(values: list[str] | None, card: Card) -> int:
     if not values:
         return 1
     classes = len(card.class_names)
@@ -155,9 +174,10 @@ def rows_of(pred: Prediction, a: int, b: int) -> Prediction:
                         (pred.labels, pred.probabilities, pred.logits, pred.values)))
 
 
-def encode_rows(pred: Prediction, class_names: list[str], top_k: int) -> list[dict]:
+def encode_rows(pred: Prediction, class_names: list[str], top_k: int,
+                qhat: float | None = None) -> list[dict]:
     """One dict per row with the columns `trainer predict` writes (export/batch.py)."""
     from export.batch import output_columns
 
-    cols = output_columns(pred, None, class_names, top_k)
+    cols = output_columns(pred, None, class_names, top_k, qhat)
     return [{k: v[i] for k, v in cols.items()} for i in range(len(next(iter(cols.values()))))]

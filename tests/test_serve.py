@@ -24,6 +24,7 @@ import pytest
 
 from export.card import jsonable, read_card
 from export.runtime import Predictor
+from export.serve_payloads import encode_rows
 from tests.conftest import assert_one_line_error, poisoned_env, run_cli
 from tests.helpers import looping_model
 
@@ -100,8 +101,6 @@ def _png(arr: np.ndarray) -> bytes:
 
 
 def _expected(predictor: Predictor, x: np.ndarray, top_k: int = 1) -> list[dict]:
-    from export.serve import encode_rows
-
     return encode_rows(predictor.predict(x), predictor.class_names, top_k)
 
 
@@ -150,6 +149,20 @@ def test_predictions_equal_the_predictor_for_arrays_pngs_and_raw_bodies(
     _close(json.loads(body)["predictions"], _expected(predictor, x[7:8]))
 
 
+def test_coverage_adds_the_prediction_set_trainer_predict_writes(image_server, digits_run,
+                                                                  digits_x):
+    from export.conformal import threshold
+
+    predictor, x = Predictor(digits_run / "model.onnx"), digits_x[:30]
+    status, doc = image_server.predict(x.tolist(), "?coverage=0.9&top_k=2")
+    assert status == 200, doc
+    qhat = threshold(predictor.card.calibration, 0.9, "model")
+    want = encode_rows(predictor.predict(x), predictor.class_names, 2, qhat)
+    assert [r["prediction_set"] for r in doc["predictions"]] == [r["prediction_set"] for r in want]
+    assert [r["set_size"] for r in doc["predictions"]] == [r["set_size"] for r in want]
+    _close(doc["predictions"], want)
+
+
 def test_card_health_and_metrics(image_server, digits_run, digits_x):
     status, body, _ = image_server.request("GET", "/card")
     assert status == 200
@@ -196,6 +209,12 @@ BAD = {
     "content type": (b"a,b\n1,2\n", "text/csv", "", 415, ["Content-Type text/csv"]),
     "top_k too large": (b'{"instances": [[[0]]]}', "application/json", "?top_k=11", 422, ["top_k"]),
     "top_k not a number": (b'{"instances": [[[0]]]}', "application/json", "?top_k=x", 422, ["top_k"]),
+    "coverage out of range": (b'{"instances": [[[0]]]}', "application/json", "?coverage=1",
+                              422, ["coverage 1.0", "between 0 and 1"]),
+    "coverage not a number": (b'{"instances": [[[0]]]}', "application/json", "?coverage=most",
+                              422, ["coverage most"]),
+    "coverage beyond the rows": (b'{"instances": [[[0]]]}', "application/json",
+                                 "?coverage=0.9999", 422, ["at most"]),
 }
 
 

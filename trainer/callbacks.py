@@ -41,7 +41,7 @@ class ExportOnnx(L.Callback):
 
     def __init__(self, enabled: bool = True, filename: str = "model.onnx",
                  atol: float = 1e-3, opset: int = 18, register_as: str | None = None,
-                 allow_trivial: bool = False):
+                 allow_trivial: bool = False, calibrate: bool = True):
         """
         Args:
             enabled: Export at the end of fit.
@@ -52,9 +52,13 @@ class ExportOnnx(L.Callback):
                 Registry (needs --trainer.logger MLFlowLogger).
             allow_trivial: Export even a model no better than always giving the validation
                 split's most common answer (refused by default, in one line).
+            calibrate: Fit a temperature for a classifier's probabilities on half of the
+                validation rows (the conformal scores for prediction sets are stored either
+                way); writes calibration.png, the reliability diagram, beside the model.
         """
         self.enabled, self.filename, self.atol, self.opset = enabled, filename, atol, opset
         self.register_as, self.allow_trivial = register_as, allow_trivial
+        self.calibrate = calibrate
         self.path: Path | None = None
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -69,11 +73,16 @@ class ExportOnnx(L.Callback):
         self.path = Path(log_dir) / self.filename
         card = export_checkpoint(ckpt, self.path, data=held_out(trainer.datamodule),
                                  opset=self.opset, atol=self.atol,
-                                 allow_trivial=self.allow_trivial)
+                                 allow_trivial=self.allow_trivial,
+                                 calibrate_t=self.calibrate)
         parity = card.parity
         rank_zero_info(f"Exported {self.path} from {Path(ckpt).name} "
                        f"(parity: max |diff| {parity.max_abs_diff:.1e}, "
                        f"top-1 agreement {parity.top1_agreement:.4f})")
+        if card.calibration is not None and card.calibration.reliability:
+            from trainer.report import save_reliability
+
+            save_reliability(card.calibration, Path(log_dir) / "calibration.png")
 
 
     @staticmethod

@@ -28,6 +28,10 @@ def predict_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="predictions .csv, .jsonl or .parquet "
                    "(written atomically); also writes <stem>.summary.json and <stem>.drift.json")
     p.add_argument("--top-k", type=int, default=1, help="also list the k most likely classes")
+    p.add_argument("--coverage", type=float, metavar="C", help="add conformal prediction "
+                   "sets (prediction_set, set_size) or intervals (lower, upper) that hold the "
+                   "true answer with probability >= C, e.g. 0.9; with labels the summary "
+                   "reports the coverage reached")
     p.add_argument("--batch-size", type=int, default=256, help="rows per onnxruntime call")
     p.add_argument("--chunk-rows", type=int, default=8192,
                    help="rows read, predicted and written at a time (bounds memory)")
@@ -71,7 +75,7 @@ def cmd_predict(argv: list[str]) -> int:
         batch_size=args.batch_size, chunk_rows=args.chunk_rows, top_k=args.top_k,
         provider=args.provider, on_error=args.on_error, resume=args.resume,
         progress=not args.no_progress, timeout_per_batch=args.timeout_per_batch,
-        threads=args.threads)
+        threads=args.threads, coverage=args.coverage)
     from export.model_uri import resolve_model_uri
 
     args.model = resolve_model_uri(args.model)
@@ -108,7 +112,8 @@ def print_summary(summary: dict) -> None:
     if summary["skipped"]:
         print(f"skipped {len(summary['skipped'])} unreadable inputs (listed in the summary):")
         print("\n".join(f"  {s}" for s in summary["skipped"][:10]))
-    for metric in ("accuracy", "mae", "rmse"):
+    for metric in ("accuracy", "mae", "rmse", "coverage", "mean_set_size",
+                   "mean_interval_width"):
         if metric in summary:
             print(f"{metric}: {summary[metric]:.4f}")
     print(summary["drift_table"])

@@ -28,9 +28,10 @@ from export.card import OUTPUTS, Card, DatasetInfo, InputSpec, Training, attach_
 from export.errors import InputError
 from export.runtime import Predictor
 from trainer import variants
+from trainer.calibration import calibrate, softmax, with_test
 from trainer.data.dataset import SplitRows
 from trainer.gates import (DEFAULT_ATOL, DEFAULT_MAX_ACCURACY_DROP, HeldOut, ParityError,
-                           baseline_check, consistency_check, graph_test_metrics, metric_margin,
+                           baseline_check, consistency_check, metric_margin, test_metrics,
                            parity_check, quantization_check, score)
 from trainer.runs import (checkpoint_metrics, epochs_trained, init_args, load_checkpoint,
                           module_task, run_config, run_epochs)
@@ -51,16 +52,39 @@ def held_out(dm, parity: int = 512, calibration: int = 512, test: int = 20000) -
                    val_is_split=True)
 
 
-class Frozen(nn.Module):
-    """What the graph computes: raw input -> (logits, probabilities), or (values,)."""
+# The temperature the graph is first exported with: any value but 1 (the exporter folds a
+# division by 1 away), replaced in the graph by the fitted one (set_temperature).
+PLACEHOLDER_T = 2.0
 
-    def __init__(self, module: nn.Module):
+
+class Frozen(nn.Module):
+    """What the graph computes: raw input -> (logits, softmax(logits / temperature)), or
+    (values,). The temperature is a buffer, so the graph holds it as an initializer."""
+
+    def __init__(self, module: nn.Module, temperature: float = PLACEHOLDER_T):
         super().__init__()
         self.module = module
+        self.register_buffer("temperature", torch.tensor(float(temperature)))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = self.module(x)
-        return (out,) if self.module.regression else (out, out.softmax(-1))
+        if self.module.regression:
+            return (out,)
+        return out, (out / self.temperature).softmax(-1)
+
+
+def set_temperature(model: onnx.ModelProto, frozen: Frozen, t: float, card: Card,
+                    example: np.ndarray, opset: int) -> onnx.ModelProto:
+    """`model` with its probabilities at temperature `t` (and `frozen` likewise): the
+    graph's temperature initializer rewritten in place, or, from an exporter that named or
+    folded it otherwise, the graph exported again."""
+    frozen.temperature.fill_(t)
+    found = [i for i in model.graph.initializer if i.name == "temperature"]
+    if len(found) == 1 and onnx.numpy_helper.to_array(found[0]).size == 1:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(found[0].data_type)
+        found[0].CopyFrom(onnx.numpy_helper.from_array(np.array(t, dtype), "temperature"))
+        return model
+    return to_onnx(frozen, card, example, opset)
 
 
 def module_from_checkpoint(ckpt: dict) -> nn.Module:
@@ -151,12 +175,14 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path, data: HeldOut | No
                       opset: int = DEFAULT_OPSET, atol: float | None = None,
                       precision: str = "fp32", quantize: str | None = None,
                       max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP,
-                      allow_trivial: bool = False) -> Card:
+                      allow_trivial: bool = False, calibrate_t: bool = True) -> Card:
     """Export `ckpt_path` to `out` (atomically) and return the model card written into it.
 
     precision: fp32 or fp16; quantize: None or "int8" (static QDQ, calibrated on training
     samples, refused if validation accuracy drops by more than `max_accuracy_drop` points);
-    allow_trivial: export a model no better than a constant answer (see baseline_check).
+    allow_trivial: export a model no better than a constant answer (see baseline_check);
+    calibrate_t: temperature-scale a classifier's probabilities (trainer/calibration.py;
+    the conformal scores are stored either way).
     """
     ckpt_path, out, source = Path(ckpt_path), Path(out), str(ckpt_path)
     variant = "int8" if quantize == "int8" else precision
@@ -177,6 +203,15 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path, data: HeldOut | No
     consistency = consistency_check(val, ckpt, data, metric_margin(ckpt, atol, variant), source)
     card = card.replace(consistency=consistency, baseline=baseline_check(
         consistency, data.val_y, card, allow_trivial, source))
+    if val is not None and data.val_labelled:
+        card = card.replace(calibration=calibrate(card.task, val, data.val_y, temperature=(
+            calibrate_t), seed=card.training.seed or 0))
+    if not card.regression:  # the placeholder temperature becomes the fitted one (or 1)
+        t = (card.calibration and card.calibration.temperature) or 1.0
+        model = set_temperature(model, frozen, t, card, data.parity_x[:2], opset)
+        graph = deployed(model, card, source)
+        if val is not None:
+            val = dataclasses.replace(val, probabilities=softmax(val.logits, t))
     if variant != "fp32":
         model = _variant(model, variant, data)
         graph, fp32_val = deployed(model, card, source), val
@@ -189,8 +224,9 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path, data: HeldOut | No
     if val is not None:  # what the batch jobs' drift tests compare with
         card = card.replace(drift_reference=drift.reference(card, data.val_x, val))
     if data.test_y is not None and len(data.test_y):
-        card = card.replace(metrics={**card.metrics, **graph_test_metrics(
-            graph, data.test_x, data.test_y)})
+        test = score(graph, data.test_x)
+        card = card.replace(metrics={**card.metrics, **test_metrics(test, data.test_y)},
+                            calibration=with_test(card.calibration, test, data.test_y))
     attach_card(model, card)
     onnx.checker.check_model(model, full_check=True)
     with atomic_path(out) as tmp:

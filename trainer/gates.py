@@ -46,6 +46,7 @@ class HeldOut:
     test_x: np.ndarray | SplitRows | None = None  # the test split, scored by the graph
     test_y: np.ndarray | None = None
     val_is_split: bool = False  # val_x/val_y are the whole validation split the run scored
+    val_labelled: bool = True  # val_y are real labels (calibration is fitted on them)
 
 
 def score(predictor: Predictor, x) -> Prediction | None:
@@ -60,10 +61,9 @@ def score(predictor: Predictor, x) -> Prediction | None:
                          np.concatenate([getattr(p, f) for p in parts]) for f in fields})
 
 
-def graph_test_metrics(predictor: Predictor, x, y: np.ndarray) -> dict:
-    """The graph's own score on the labelled test rows."""
-    pred = score(predictor, x)
-    if predictor.regression:
+def test_metrics(pred: Prediction, y: np.ndarray) -> dict:
+    """The graph's own score (`pred`, its prediction) on the labelled test rows."""
+    if pred.values is not None:
         return {"test/mae_onnx": float(np.abs(pred.values - y).mean())}
     return {"test/acc_onnx": float((pred.labels == y).mean())}
 
@@ -158,9 +158,9 @@ def baseline_check(consistency: Consistency, val_y: np.ndarray, card: Card, allo
                     constant_answer=said, better=bool(better))
 
 
-def _torch_outputs(frozen: nn.Module, x: np.ndarray) -> np.ndarray:
+def _torch_outputs(frozen: nn.Module, x: np.ndarray) -> list[np.ndarray]:
     with torch.no_grad():
-        return frozen(torch.from_numpy(x))[0].numpy()
+        return [o.numpy() for o in frozen(torch.from_numpy(x))]
 
 
 def _top1(out: np.ndarray) -> np.ndarray:
@@ -171,7 +171,8 @@ def _top1(out: np.ndarray) -> np.ndarray:
 def parity_check(frozen: nn.Module, graph: Predictor, samples: np.ndarray,
                  atol: float) -> Parity:
     """Run onnxruntime and torch on the same samples at batch sizes 1, an odd size and all;
-    raise ParityError if any logit (or regression value) differs by more than `atol`."""
+    raise ParityError if any logit or (calibrated) probability, or regression value, differs
+    by more than `atol`."""
     n = len(samples)
     sizes = sorted({1, min(7, n), n})
     worst, agree = 0.0, []
@@ -180,10 +181,11 @@ def parity_check(frozen: nn.Module, graph: Predictor, samples: np.ndarray,
         for start in range(0, stop, bs):
             x = samples[start:start + bs]
             pred = graph.predict(x, bs, "parity samples")
-            got = pred.values if graph.regression else pred.logits
+            got = [pred.values] if graph.regression else [pred.logits, pred.probabilities]
             ref = _torch_outputs(frozen, x)
-            worst = max(worst, float(np.abs(got.astype(np.float32) - ref).max()))
-            agree.append(_top1(got) == _top1(ref))
+            for g, r in zip(got, ref):
+                worst = max(worst, float(np.abs(g.astype(np.float32) - r).max()))
+            agree.append(_top1(got[0]) == _top1(ref[0]))
     result = Parity(samples=int(n), batch_sizes=tuple(sizes), max_abs_diff=worst,
                     top1_agreement=float(np.concatenate(agree).mean()),
                     atol=atol if np.isfinite(atol) else None)  # None: gated by accuracy (INT8)

@@ -1,4 +1,4 @@
-"""Files a run leaves behind: metrics.json, curves.png, confusion_matrix.png."""
+"""Files a run leaves behind: metrics.json, curves.png, confusion_matrix.png, calibration.png."""
 
 from __future__ import annotations
 
@@ -76,6 +76,30 @@ def save_confusion_matrix(metric, matrix, class_names: list[str], path: Path) ->
     plt = _figure()
     fig, ax = metric.plot(val=matrix, labels=class_names)
     ax.set_title("test confusion matrix")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def save_reliability(calibration, path: Path) -> None:
+    """The reliability diagram of the card's calibration record: accuracy against mean
+    confidence per confidence bin, before and after temperature scaling."""
+    plt = _figure()
+    rel = calibration.reliability
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="perfectly calibrated")
+    quality = {"before": calibration.test_before or calibration.fit_before,
+               "after": calibration.test_after or calibration.fit_after}
+    for side, marker in (("before", "o"), ("after", "s")):
+        kept = [(c, a) for n, c, a in zip(rel[side]["count"], rel[side]["confidence"],
+                                          rel[side]["accuracy"]) if n]
+        label = side if quality[side] is None else f"{side} (ECE {quality[side].ece:.3f})"
+        ax.plot(*zip(*kept), marker=marker, label=label)
+    ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1),
+           title=f"reliability, {rel['rows']} rows, T={calibration.temperature or 1:.3g}")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left")
+    fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)

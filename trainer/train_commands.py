@@ -33,6 +33,9 @@ def cmd_export(argv: list[str]) -> int:
     p.add_argument("--allow-trivial", action="store_true",
                    help="export even a model no better than always giving the validation "
                    "split's most common answer")
+    p.add_argument("--calibrate", default="true", choices=["true", "false"],
+                   help="classifiers: fit a temperature for the probabilities on half of the "
+                   "validation rows (default true); the conformal scores are stored either way")
     p.add_argument("--max-accuracy-drop", type=float, default=0.5,
                    help="INT8: refuse if validation accuracy drops by more percentage points "
                    "than this (default 0.5)")
@@ -56,11 +59,13 @@ def cmd_export(argv: list[str]) -> int:
         if y is None and args.quantize:
             raise InputError(f"{args.samples}: --quantize needs labels 'y' to measure accuracy")
         x = np.asarray(x)
-        data = HeldOut(x, x, np.zeros(len(x), np.int64) if y is None else y, x)
+        data = HeldOut(x, x, np.zeros(len(x), np.int64) if y is None else y, x,
+                       val_labelled=y is not None)
     card = export_checkpoint(args.ckpt, args.out, data=data, opset=args.opset, atol=args.atol,
                              precision=args.precision, quantize=args.quantize,
                              max_accuracy_drop=args.max_accuracy_drop,
-                             allow_trivial=args.allow_trivial)
+                             allow_trivial=args.allow_trivial,
+                             calibrate_t=args.calibrate == "true")
     from export.card_text import gate_lines
 
     print(f"wrote {args.out} ({card.precision})")
