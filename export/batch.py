@@ -218,6 +218,14 @@ def _join(state: JobState, output: Path, fmt: str, totals: Totals) -> int:
     return rows
 
 
+def coverage_threshold(predictor: Predictor, coverage: float | None) -> float | None:
+    """The conformal threshold of `coverage` for this model (None: no sets asked for); a
+    model without conformal scores is refused in one line."""
+    if coverage is None:
+        return None
+    return threshold(predictor.card.calibration, coverage, str(predictor.path))
+
+
 def check_chunk_memory(spec: InputSpec, chunk_rows: int) -> None:
     """A chunk of `chunk_rows` inputs (held with its outputs while it is predicted) must fit
     in a quarter of the memory this machine has available; otherwise one line naming the
@@ -246,19 +254,16 @@ def run_batch(model: str | Path, input_path: str | Path, output: str | Path,
                                                min(opts.batch_size, opts.chunk_rows))
     log.info("%s on %s, threads %s", predictor.path, predictor.provider, threads)
     check_chunk_memory(predictor.spec, opts.chunk_rows)
-    qhat = None if opts.coverage is None else threshold(
-        predictor.card.calibration, opts.coverage, str(predictor.path))
-    source = Path(input_path)
-    if not source.is_dir():
+    qhat = coverage_threshold(predictor, opts.coverage)
+    if not (source := Path(input_path)).is_dir():
         require_file(source, "an input file or folder")
     if images is None and is_image_input(source):
         images = image_files(source)
     job = {"model": predictor.sha256, "input": input_identity(source, images),
            "format": fmt, "chunk_rows": opts.chunk_rows, "top_k": opts.top_k,
            "on_error": opts.on_error, "coverage": opts.coverage}
-    state = JobState(output)
+    state, finished = JobState(output), False
     state.lock()
-    finished = False
     try:
         done = state.start(job, opts.resume, fmt)
         try:

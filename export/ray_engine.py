@@ -318,24 +318,21 @@ def _map_units(ray, todo: list[dict], workers: int, gpus: float, unit_args: dict
 
 def run_ray(model: str, source: str, output: str, job_options, options: RayOptions) -> dict:
     """The whole job; returns its summary (also written to `<output>/summary.json`)."""
-    from export.batch import Totals, label_metrics, write_reports
-    from export.conformal import threshold
+    from export.batch import Totals, coverage_threshold, label_metrics, write_reports
     from export.drift import format_report
     from export.jobstate import JobState
     from export.runtime import Predictor
 
     start, ray = time.perf_counter(), _import_ray()
     predictor = Predictor(model, provider=job_options.provider)  # one-line errors up front
-    if job_options.coverage is not None:  # the model must carry conformal scores
-        threshold(predictor.card.calibration, job_options.coverage, str(predictor.path))
+    coverage_threshold(predictor, job_options.coverage)  # before any worker starts
     # Absolute paths: the workers of a cluster do not share this process's directory.
     units = list_units(os.path.abspath(source), options.block_images)
     out = _output_folder(source, output, model, job_options.resume)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    lock = JobState(out / LOCK_NAME)  # its folder in `out` holds the job's lock
+    lock, failed = JobState(out / LOCK_NAME), False  # its folder in `out` holds the lock
     lock.lock()
-    failed = False
     try:
         job = {k: v for k, v in asdict(job_options).items()
                if k not in ("resume", "progress", "provider")}  # what a unit's output depends on

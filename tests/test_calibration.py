@@ -88,6 +88,19 @@ def test_calibrate_splits_the_validation_rows_and_keeps_the_argmax():
     assert off.temperature is None and len(off.scores) == 500
 
 
+def test_a_temperature_at_the_search_bound_is_not_kept():
+    """Every fit row right: the NLL falls without limit as T -> 0; T stays 1, with a note."""
+    from export.runtime import Prediction
+
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 3, 60)
+    logits = rng.normal(0, 1, (60, 3)).astype(np.float32)
+    logits[np.arange(60), y] += 8.0  # the true class always on top
+    record = calibrate("classification", Prediction(logits=logits), y)
+    assert record.temperature is None and "kept T=1" in record.note
+    assert record.fit_after == record.fit_before
+
+
 def test_too_high_a_coverage_for_the_rows_and_out_of_range_are_one_line():
     record = Calibration(method="lac", scores=tuple(np.linspace(0, 1, 9)))
     with pytest.raises(InputError, match="at most 0.9000"):

@@ -92,16 +92,30 @@ def calibrate(task: str, val, val_y: np.ndarray, *, seed: int = 0,
     order = np.random.default_rng(seed).permutation(n)
     fit, held = order[: n // 2], order[n // 2:]
     logits, y = val.logits, val_y.astype(np.int64)
-    t = fit_temperature(logits[fit], y[fit]) if temperature else 1.0
+    t, note = _temperature(logits[fit], y[fit]) if temperature else \
+        (1.0, "temperature scaling off (calibrate false)")
     probs = softmax(logits[held], t)
     scores = 1.0 - probs[np.arange(len(held)), y[held]].astype(np.float64)
     before, after = softmax(logits[fit]), softmax(logits[fit], t)
     return Calibration(
         method=METHODS[task], scores=_sorted(scores), fit_rows=len(fit), seed=seed,
-        temperature=t if temperature else None, fit_before=quality(before, y[fit]),
+        temperature=None if note else t, fit_before=quality(before, y[fit]),
         fit_after=quality(after, y[fit]),
-        reliability=reliability(before, after, y[fit], "temperature fit"),
-        note=None if temperature else "temperature scaling off (calibrate false)")
+        reliability=reliability(before, after, y[fit], "temperature fit"), note=note)
+
+
+def _temperature(logits: np.ndarray, y: np.ndarray) -> tuple[float, str | None]:
+    """The fitted temperature, or 1 and why not: when every fit row is right, the NLL keeps
+    falling as T -> 0 (seen on wine's 26 fit rows: T = 0.05, the bound), and a T at either
+    bound is the search's edge, not a measurement."""
+    lo, hi = T_BOUNDS
+    if (logits.argmax(1) == y).all():
+        return 1.0, (f"temperature not fitted: the model gets all {len(y)} fit rows right, "
+                     f"so their likelihood keeps rising as T -> 0; kept T=1")
+    t = fit_temperature(logits, y)
+    if lo * 1.01 < t < hi / 1.01:
+        return t, None
+    return 1.0, f"temperature not fitted: the search stopped at its bound T={t:.3g}; kept T=1"
 
 
 def with_test(calibration: Calibration | None, test, test_y: np.ndarray | None):

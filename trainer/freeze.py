@@ -171,6 +171,14 @@ def _cast(data: HeldOut, dtype: str) -> HeldOut:
                                calibration_x=cast(data.calibration_x), test_x=cast(data.test_x))
 
 
+def _variant_name(precision: str, quantize: str | None) -> str:
+    if quantize not in (None, "int8") or precision not in ("fp32", "fp16"):
+        raise InputError(f"--precision fp32|fp16 and --quantize int8 only; got {precision}, {quantize}")
+    if quantize and precision == "fp16":
+        raise InputError("--quantize int8 starts from fp32; do not combine it with --precision fp16")
+    return "int8" if quantize == "int8" else precision
+
+
 def export_checkpoint(ckpt_path: str | Path, out: str | Path, data: HeldOut | None = None,
                       opset: int = DEFAULT_OPSET, atol: float | None = None,
                       precision: str = "fp32", quantize: str | None = None,
@@ -185,11 +193,7 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path, data: HeldOut | No
     the conformal scores are stored either way).
     """
     ckpt_path, out, source = Path(ckpt_path), Path(out), str(ckpt_path)
-    variant = "int8" if quantize == "int8" else precision
-    if quantize not in (None, "int8") or precision not in ("fp32", "fp16"):
-        raise InputError(f"--precision fp32|fp16 and --quantize int8 only; got {precision}, {quantize}")
-    if quantize and precision == "fp16":
-        raise InputError("--quantize int8 starts from fp32; do not combine it with --precision fp16")
+    variant = _variant_name(precision, quantize)
     ckpt = load_checkpoint(ckpt_path)
     module = module_from_checkpoint(ckpt)
     if quantize and module.regression:
