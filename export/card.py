@@ -134,6 +134,7 @@ class Training(Record):
     global_step: int | None = entry(is_num, "a number", None)
     checkpoint: str | None = entry(is_str, "a file name", None)
     checkpoint_sha256: str | None = entry(is_str, "a SHA-256 hex string", None)
+    parent_sha256: str | None = entry(is_str, "the SHA-256 of --model.init_from's file", None)
     hardware: dict | None = entry(is_dict, "an object", None)
     model: dict = entry(is_dict, "an object", {})
     data: dict = entry(is_dict, "an object", {})

@@ -38,6 +38,9 @@ def format_card(card: Card) -> str:
                   if t.run_epochs is not None else f"{t.epochs} epochs")
         lines.append(f"training:    {epochs}, seed {t.seed}, "
                      f"checkpoint sha256 {(t.checkpoint_sha256 or '')[:16]}...")
+        if init := t.model.get("init_from"):
+            lines.append(f"lineage:     started from {init}" + (
+                f" (sha256 {t.parent_sha256[:16]}...)" if t.parent_sha256 else ""))
     if card.versions:
         lines.append("versions:    " + ", ".join(f"{k} {v}" for k, v in card.versions.items()))
     if card.created:

@@ -4,6 +4,7 @@ checkpoint from other data or another architecture, warm start, and the NaN guar
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -150,9 +151,19 @@ def test_warm_start_from_another_datasets_weights(reference, tmp_path):
     assert _fit(tmp_path).returncode == 0
     ckpt = str(tmp_path / "runs" / "digits" / "version_0" / "checkpoints" / "last.ckpt")
     proc = _fit(tmp_path, "--model.init_from", ckpt, "--data.source", "arrays",
-                "--data.root", _other_digits(tmp_path), "--trainer.max_epochs", "1")
+                "--data.root", _other_digits(tmp_path), "--trainer.max_epochs", "1",
+                "--export.enabled", "true")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "copied" in proc.stderr and "tensors" in proc.stderr
+    # lineage: the card names the parent's file and its content
+    from export.card import read_card
+    from export.jobstate import sha256_file
+
+    model = tmp_path / "runs" / "digits" / "version_1" / "model.onnx"
+    card = read_card(model)
+    assert card.training.parent_sha256 == sha256_file(Path(ckpt))
+    shown = run_cli("inspect", str(model)).stdout
+    assert f"lineage:     started from {ckpt} (sha256 {card.training.parent_sha256[:16]}" in shown
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):

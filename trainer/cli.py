@@ -38,6 +38,8 @@ deployment:
   predict    batch inference with onnxruntime: inputs -> predictions CSV
   serve      HTTP server on LitServe: POST /predict with dynamic batching (extra: serve)
   inspect    show the model card of an ONNX file
+  compare    champion vs challenger on the same labelled rows, with a paired test
+  promote    move an MLflow registry alias to a version through that gate, or roll back
   data       write one split of a configured dataset to .npz (input for predict)
 
 Run `trainer COMMAND --help` for the options of one command. `--debug` (or
@@ -73,7 +75,9 @@ TOOLS = {"export": ("trainer.train_commands", "cmd_export"),
          "data": ("trainer.train_commands", "cmd_data"),
          "predict": ("trainer.deploy_commands", "cmd_predict"),
          "serve": ("trainer.deploy_commands", "cmd_serve"),
-         "inspect": ("trainer.deploy_commands", "cmd_inspect")}
+         "inspect": ("trainer.deploy_commands", "cmd_inspect"),
+         "compare": ("trainer.model_commands", "cmd_compare"),
+         "promote": ("trainer.model_commands", "cmd_promote")}
 
 
 def _run(command: str, argv: list[str]) -> int:

@@ -107,6 +107,15 @@ def held_out_from_checkpoint(ckpt: dict) -> HeldOut:
     return held_out(dm)
 
 
+def _parent_sha256(init_from: str | None) -> str | None:
+    """Lineage: the file a warm-started run began from, by content (None if it is gone)."""
+    if not init_from or not Path(init_from).is_file():
+        return None
+    from export.jobstate import sha256_file
+
+    return sha256_file(Path(init_from))
+
+
 def build_card(ckpt: dict, ckpt_path: Path) -> Card:
     """The card's parts a checkpoint knows; the export adds what its gates measure."""
     hp = init_args(ckpt, "hyper_parameters")
@@ -127,7 +136,8 @@ def build_card(ckpt: dict, ckpt_path: Path) -> Card:
             run_epochs=run_epochs(ckpt, ckpt_path), weights_epoch=epochs_trained(ckpt),
             global_step=int(ckpt.get("global_step", 0)), checkpoint=ckpt_path.name,
             hardware=ckpt.get("hardware"),  # device, ISA, precision and why
-            checkpoint_sha256=hashlib.sha256(ckpt_path.read_bytes()).hexdigest()),
+            checkpoint_sha256=hashlib.sha256(ckpt_path.read_bytes()).hexdigest(),
+            parent_sha256=_parent_sha256(hp.get("init_from"))),
         metrics=checkpoint_metrics(ckpt),
         versions={n: md.version(n) for n in ("torch", "lightning", "onnx", "onnxruntime")},
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
