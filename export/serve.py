@@ -25,7 +25,9 @@ SIGTERM/SIGINT: new requests get 503, the ones in flight finish, then LitServe s
 
 The pieces live beside it: export/serve_options.py (the settings, checked when made),
 export/serve_payloads.py (request -> checked array, prediction -> response rows),
-export/serve_batching.py (`Batcher`), export/serve_metrics.py (Prometheus and drift).
+export/serve_oip.py (the Open Inference Protocol's routes, tensors and replies),
+export/serve_batching.py (`Batcher`), export/serve_metrics.py (Prometheus and drift),
+export/serve_http.py (the ASGI plumbing: body reads, replies, errors).
 """
 
 from __future__ import annotations
@@ -48,8 +50,11 @@ import numpy as np
 from export.card import Card
 from export.errors import InputError
 from export.serve_batching import Batcher, unwire_batch, wire_batch
+from export.serve_http import body_receiver, error, read_body, replaced_body, respond
 from export.serve_metrics import metrics_text, process_metrics
 from export.serve_options import Limits, ServeOptions
+from export.serve_oip import (encode_infer, model_metadata, parse_infer, route,
+                              server_metadata, unwire_tensors, wire_tensors)
 from export.serve_payloads import (INLINE_PARSE_BYTES, RequestError, encode_rows, parse_request,
                                    parse_query, rows_of)
 
@@ -66,8 +71,10 @@ class Gate:
     /card and /metrics; /health reads 503 while draining. See the module docstring."""
 
     def __init__(self, app, *, card: Card, card_json: bytes, limits: Limits, shared: dict,
-                 metrics_dir: str, max_batch_size: int, batch_timeout: float, slots: int):
+                 metrics_dir: str, max_batch_size: int, batch_timeout: float, slots: int,
+                 model: tuple[str, str, str]):
         self.app, self.card, self.card_json, self.limits = app, card, card_json, limits
+        self.model = model  # name and version (inference protocol), SHA-256
         self.inflight, self.draining = shared["inflight"], shared["draining"]
         self.metrics_dir = Path(metrics_dir)
         self.batching = (max_batch_size, batch_timeout, slots)
@@ -84,7 +91,7 @@ class Gate:
             elif message["type"] == "http.response.body":
                 sent["body"].append(message.get("body", b""))
 
-        await self.app(_replaced_body(self.scope, wire), _body_receiver(wire), capture)
+        await self.app(replaced_body(self.scope, wire), body_receiver(wire), capture)
         body = b"".join(sent["body"])
         if sent["status"] != 200:
             return [(sent["status"], body)] * len(parts)
@@ -96,8 +103,10 @@ class Gate:
         path, method = scope["path"], scope["method"]
         if path == "/predict" and method == "POST":
             return await self._predict(scope, receive, send)
+        if path == "/v2" or path.startswith("/v2/"):
+            return await self._protocol(scope, receive, send)
         if path == "/card" and method == "GET":
-            return await _respond(send, 200, self.card_json)
+            return await respond(send, 200, self.card_json)
         if path == "/metrics" and method == "GET":
             from starlette.concurrency import run_in_threadpool
 
@@ -105,13 +114,53 @@ class Gate:
             text += ("# HELP frozenfit_requests_in_flight admitted and not yet answered\n"
                      "# TYPE frozenfit_requests_in_flight gauge\n"
                      f"frozenfit_requests_in_flight {self.inflight.value}\n")
-            return await _respond(send, 200, text.encode(),
+            return await respond(send, 200, text.encode(),
                                   "text/plain; version=0.0.4; charset=utf-8")
         if path == "/health" and self.draining.value:
-            return await _respond(send, 503, b'{"status": "draining"}')
+            return await respond(send, 503, b'{"status": "draining"}')
         return await self.app(scope, receive, send)
 
-    async def _predict(self, scope, receive, send):
+    async def _protocol(self, scope, receive, send):
+        """The Open Inference Protocol's routes (export/serve_oip.py)."""
+        found, (name, version, _) = route(scope["path"]), self.model
+        if found is None:
+            return await error(send, 404, f"{scope['path']}: no such inference protocol route")
+        what, asked, asked_version = found
+        if asked is not None and (asked != name or asked_version not in (None, version)):
+            return await error(send, 404, f"model {asked!r}" + (
+                f" version {asked_version}" if asked_version else "") + f": this server "
+                f"serves {name!r} version {version}")
+        if (scope["method"] == "POST") != (what == "infer"):
+            return await error(send, 405, f"{scope['method']} {scope['path']}: not allowed")
+        if what == "infer":
+            return await self._predict(scope, receive, send, protocol=True)
+        ready = not self.draining.value
+        doc = {"server": server_metadata, "live": lambda: {"live": True},
+               "ready": lambda: {"ready": ready}, "metadata": lambda: model_metadata(
+                   self.card, name, version)}[what]()
+        status = 503 if what == "ready" and not ready else 200
+        return await respond(send, status, json.dumps(doc).encode())
+
+    async def _parse(self, scope, headers: dict, body: bytes, protocol: bool):
+        """(checked array, what travels with it to the worker, the protocol's request)."""
+        if protocol:
+            parse, args = parse_infer, (body, headers.get(b"inference-header-content-length"),
+                                        self.card, self.limits)
+        else:
+            answer = parse_query(scope.get("query_string", b"").decode("latin-1"), self.card)
+            content_type = headers.get(b"content-type", b"").decode("latin-1")
+            parse, args = parse_request, (body, content_type, self.card, self.limits)
+        if len(body) > INLINE_PARSE_BYTES:
+            from starlette.concurrency import run_in_threadpool
+
+            parsed = await run_in_threadpool(parse, *args)
+        else:
+            parsed = parse(*args)
+        if protocol:  # the worker returns raw tensors; this server encodes the reply
+            return parsed[0], (1, None, True), parsed[1]
+        return parsed, (*answer, False), None
+
+    async def _predict(self, scope, receive, send, protocol: bool = False):
         start = time.perf_counter()
         metrics = process_metrics()
         status = 500
@@ -124,28 +173,25 @@ class Gate:
                 status = 503
                 why = ("server is shutting down" if self.draining.value else
                        f"{self.limits.max_queue} requests in flight (--max-queue); retry later")
-                return await _error(send, 503, why, [(b"retry-after", b"1")])
+                return await error(send, 503, why, [(b"retry-after", b"1")])
             try:
                 headers = dict(scope["headers"])
-                body = await _read_body(receive, headers, self.limits.max_body_bytes)
-                answer = parse_query(scope.get("query_string", b"").decode("latin-1"), self.card)
-                content_type = headers.get(b"content-type", b"").decode("latin-1")
-                if len(body) > INLINE_PARSE_BYTES:
-                    from starlette.concurrency import run_in_threadpool
-
-                    x = await run_in_threadpool(parse_request, body, content_type, self.card,
-                                                self.limits)
-                else:
-                    x = parse_request(body, content_type, self.card, self.limits)
+                body = await read_body(receive, headers, self.limits.max_body_bytes)
+                x, asked, infer = await self._parse(scope, headers, body, protocol)
             except RequestError as exc:
                 status = exc.status
-                return await _error(send, exc.status, str(exc))
-            if self.batcher is None:
-                self.scope = {k: v for k, v in scope.items() if k != "state"}
-                self.scope["query_string"] = b""
+                return await error(send, exc.status, str(exc))
+            if self.batcher is None:  # LitServe's route, whichever route came first
+                self.scope = {**{k: v for k, v in scope.items() if k != "state"},
+                              "path": "/predict", "raw_path": b"/predict", "method": "POST",
+                              "query_string": b""}
                 self.batcher = Batcher(self._send_batch, *self.batching)
-            status, reply = await self.batcher.submit(x, answer)
-            await _respond(send, status, reply)
+            status, reply = await self.batcher.submit(x, asked)
+            kind, extra = "application/json", None
+            if protocol and status == 200:
+                reply, kind, extra = encode_infer(unwire_tensors(json.loads(reply)), infer,
+                                                  self.card, *self.model)
+            await respond(send, status, reply, kind, extra)
             if status == 200:
                 metrics["instances"].inc(len(x))
         finally:
@@ -156,62 +202,6 @@ class Gate:
             if status >= 400:
                 metrics["errors"].labels(str(status)).inc()
             metrics["latency"].observe(time.perf_counter() - start)
-
-
-async def _read_body(receive, headers: dict, limit: int) -> bytes:
-    declared = headers.get(b"content-length")
-    if declared is not None:
-        try:
-            if int(declared) > limit:
-                raise RequestError(413, f"body: {int(declared):,} bytes; at most {limit:,} "
-                                        "(--max-body-mb)")
-        except ValueError:
-            raise RequestError(400, "Content-Length: not a number") from None
-    chunks, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise RequestError(400, "body: the client disconnected")
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise RequestError(413, f"body: more than {limit:,} bytes (--max-body-mb)")
-        chunks.append(chunk)
-        if not message.get("more_body"):
-            return b"".join(chunks)
-
-
-def _replaced_body(scope: dict, body: bytes) -> dict:
-    headers = [(k, v) for k, v in scope["headers"]
-               if k not in (b"content-length", b"content-type")]
-    headers += [(b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode())]
-    return {**scope, "headers": headers, "state": {}}
-
-
-def _body_receiver(body: bytes):
-    sent = False
-
-    async def receive():
-        nonlocal sent
-        if sent:
-            return {"type": "http.disconnect"}
-        sent = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    return receive
-
-
-async def _respond(send, status: int, body: bytes, content_type: str = "application/json",
-                   extra: list | None = None) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", content_type.encode()),
-                            (b"content-length", str(len(body)).encode()), *(extra or [])]})
-    await send({"type": "http.response.body", "body": body})
-
-
-async def _error(send, status: int, message: str, extra: list | None = None) -> None:
-    await _respond(send, status, json.dumps({"error": message}).encode(), extra=extra)
 
 
 # ---------------------------------------------------------------- inference worker side
@@ -274,11 +264,11 @@ if ls is not None:
                 self.drift.update(x, pred)
                 self.dirty = True
             bodies, at = [], 0
-            for rows, (top_k, qhat) in parts:
-                rows_out = encode_rows(rows_of(pred, at, at + rows), self.predictor.class_names,
-                                       top_k, qhat)
-                bodies.append(json.dumps({"model_sha256": self.sha256,
-                                          "predictions": rows_out}))
+            for rows, (top_k, qhat, raw) in parts:
+                part = rows_of(pred, at, at + rows)
+                bodies.append(json.dumps(wire_tensors(part) if raw else {
+                    "model_sha256": self.sha256, "predictions": encode_rows(
+                        part, self.predictor.class_names, top_k, qhat)}))
                 at += rows
             return bodies
 
@@ -363,7 +353,8 @@ def serve(model: str, options: ServeOptions) -> int:
     gate = (Gate, {"card": card, "card_json": json.dumps(jsonable(card)).encode(),
                    "limits": limits, "shared": shared, "metrics_dir": metrics_dir,
                    "max_batch_size": options.max_batch_size,
-                   "batch_timeout": options.batch_timeout_ms / 1000, "slots": 1})
+                   "batch_timeout": options.batch_timeout_ms / 1000, "slots": 1,
+                   "model": (options.name or Path(model).stem, "1", sha256)})
     server = ls.LitServer(api, accelerator="cpu", devices=1,
                           workers_per_device=options.workers, middlewares=[gate],
                           disable_openapi_url=True, model_metadata={"sha256": sha256})
@@ -372,7 +363,8 @@ def serve(model: str, options: ServeOptions) -> int:
                 f"{options.batch_timeout_ms:g} ms" if options.max_batch_size > 1
                 else "no batching")
     print(f"serving {model} (sha256 {sha256[:12]}) at http://{options.host}:{options.port}: "
-          f"POST /predict, GET /card /health /metrics; {options.workers} worker(s) x "
+          f"POST /predict and /v2/models/{options.name or Path(model).stem}/infer, GET /card "
+          f"/health /metrics /v2; {options.workers} worker(s) x "
           f"{threads} thread(s) on {provider}, {batching}", flush=True)
     try:
         server.run(host=options.host, port=options.port, log_level=options.log_level,

@@ -9,12 +9,13 @@ import json
 import numpy as np
 
 
-Answer = tuple[int, "float | None"]  # what a request asked for: top_k, conformal threshold
+# What a request asked for: top_k, its conformal threshold, raw tensors (the inference protocol)
+Answer = tuple[int, "float | None", bool]
 
 
 def wire_batch(x: np.ndarray, parts: list[tuple[int, Answer]]) -> bytes:
     """The checked arrays of one batch, stacked, as the JSON LitServe queues for a worker;
-    `parts`: (rows, (top_k, conformal threshold or None)) of each request, in order."""
+    `parts`: (rows, Answer) of each request, in order."""
     return json.dumps({"x": base64.b64encode(x.tobytes()).decode(), "shape": list(x.shape),
                        "dtype": str(x.dtype),
                        "parts": [[rows, *answer] for rows, answer in parts]}).encode()
@@ -22,8 +23,8 @@ def wire_batch(x: np.ndarray, parts: list[tuple[int, Answer]]) -> bytes:
 
 def unwire_batch(doc: dict) -> tuple[np.ndarray, list[tuple[int, Answer]]]:
     x = np.frombuffer(base64.b64decode(doc["x"]), dtype=doc["dtype"]).reshape(doc["shape"])
-    return x, [(int(rows), (int(top_k), None if qhat is None else float(qhat)))
-               for rows, top_k, qhat in doc["parts"]]
+    return x, [(int(rows), (int(top_k), None if qhat is None else float(qhat), bool(raw)))
+               for rows, top_k, qhat, raw in doc["parts"]]
 
 
 class Batcher:

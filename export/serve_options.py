@@ -3,6 +3,7 @@ naming the flag and what this machine allows."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from export.card import InputSpec
@@ -54,11 +55,15 @@ class ServeOptions:
     limits: Limits = None
     drain_timeout_s: float = 30.0
     log_level: str = "warning"
+    name: str | None = None  # the model's name on the inference protocol (default: file stem)
 
     def __post_init__(self):  # messages name the command's flags
         from export.timing import usable_cores
 
         self.limits = self.limits or Limits()
+        if self.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", self.name):
+            raise InputError(f"--name {self.name!r}: expected letters, digits, '.', '_' and "
+                             f"'-' (a URL path segment)")
         for flag, value in (("--workers", self.workers), ("--max-batch-size", self.max_batch_size)):
             if value < 1:
                 raise InputError(f"{flag} must be >= 1")

@@ -300,6 +300,17 @@ def test_table_model(tmp_path):
         assert status == 422 and "2 values, expected 3" in doc["error"], doc
         status, body, _ = server.request("POST", "/predict", b"\x89PNG", "image/png")
         assert status == 415 and b"table rows" in body
+        # float32 rows on the inference protocol, JSON and binary, from Triton's client
+        httpclient = pytest.importorskip("tritonclient.http")
+        client = httpclient.InferenceServerClient(f"127.0.0.1:{server.port}")
+        for binary in (False, True):
+            inp = httpclient.InferInput(predictor.spec.name, list(x.shape), "FP32")
+            inp.set_data_from_numpy(x, binary_data=binary)
+            got = client.infer(model.stem, [inp]).as_numpy(predictor.card.outputs[0])
+            want = predictor.predict(x)
+            np.testing.assert_allclose(got, want.logits if want.values is None else want.values,
+                                       atol=1e-6)
+        client.close()
     finally:
         code, _, err = server.stop()
     assert code == 0, err

@@ -1,0 +1,119 @@
+"""`trainer serve` on the Open Inference Protocol, talked to by Triton's own HTTP client
+(`tritonclient.http`, from PyPI): metadata, readiness, infer with JSON and with binary
+tensors, the classification extension, conformal sets, and refusals naming the field."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from export.conformal import set_mask, threshold
+from export.runtime import Predictor
+from tests.test_serve import Server
+
+httpclient = pytest.importorskip("tritonclient.http",
+                                 reason="tritonclient is a dev extra: pip install '.[dev]'")
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def server(digits_run, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve_oip")
+    s = Server(digits_run / "model.onnx", tmp, "--name", "digits", "--max-instances", "64")
+    yield s
+    code, _, err = s.stop()
+    assert code == 0, err
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    c = httpclient.InferenceServerClient(f"127.0.0.1:{server.port}")
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def digits_x(digits_test_npz):
+    with np.load(digits_test_npz) as npz:
+        return npz["x"][:20]
+
+
+def test_server_and_model_metadata_and_readiness(client, digits_run):
+    card = Predictor(digits_run / "model.onnx").card
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("digits") and client.is_model_ready("digits", "1")
+    assert not client.is_model_ready("other")
+    meta = client.get_server_metadata()
+    assert meta["name"] == "frozenfit" and "binary_tensor_data" in meta["extensions"]
+    model = client.get_model_metadata("digits")
+    assert model["inputs"] == [{"name": card.input.name, "datatype": "UINT8",
+                                "shape": [-1, *card.input.shape]}]
+    assert [o["name"] for o in model["outputs"]] == ["logits", "probabilities"]
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_infer_equals_the_predictor(client, digits_run, digits_x, binary):
+    predictor = Predictor(digits_run / "model.onnx")
+    want = predictor.predict(digits_x)
+    inp = httpclient.InferInput(predictor.spec.name, list(digits_x.shape), "UINT8")
+    inp.set_data_from_numpy(digits_x, binary_data=binary)
+    outs = [httpclient.InferRequestedOutput(n, binary_data=binary)
+            for n in ("logits", "probabilities")]
+    result = client.infer("digits", [inp], outputs=outs, request_id="r1")
+    np.testing.assert_allclose(result.as_numpy("logits"), want.logits, atol=1e-6)
+    np.testing.assert_allclose(result.as_numpy("probabilities"), want.probabilities, atol=1e-6)
+    response = result.get_response()
+    assert response["model_name"] == "digits" and response["id"] == "r1"
+    assert response["parameters"]["model_sha256"] == predictor.sha256
+
+
+def test_classification_extension_and_conformal_sets(client, digits_run, digits_x):
+    predictor = Predictor(digits_run / "model.onnx")
+    want = predictor.predict(digits_x)
+    inp = httpclient.InferInput(predictor.spec.name, list(digits_x.shape), "UINT8")
+    inp.set_data_from_numpy(digits_x)
+    out = httpclient.InferRequestedOutput("probabilities", class_count=3)
+    top = client.infer("digits", [inp], outputs=[out]).as_numpy("probabilities")
+    assert top.shape == (len(digits_x), 3)
+    first = [s.decode().split(":") for s in top[:, 0]]
+    assert [int(i) for _, i, _ in first] == want.labels.tolist()
+    assert [label for _, _, label in first] == [predictor.class_names[i] for i in want.labels]
+    np.testing.assert_allclose([float(v) for v, _, _ in first], want.confidence, atol=1e-5)
+    result = client.infer("digits", [inp], parameters={"coverage": 0.9}, outputs=[
+        httpclient.InferRequestedOutput("prediction_set", binary_data=False),
+        httpclient.InferRequestedOutput("set_size", binary_data=True)])
+    mask = set_mask(want.probabilities, threshold(predictor.card.calibration, 0.9, "m"))
+    assert result.as_numpy("set_size").tolist() == mask.sum(1).tolist()
+    sets = [s.decode() if isinstance(s, bytes) else s for s in result.as_numpy("prediction_set")]
+    assert [len(s.split("|")) if s else 0 for s in sets] == mask.sum(1).tolist()
+
+
+def test_refusals_raise_the_clients_exception_naming_the_field(client, server, digits_run,
+                                                                digits_x):
+    name = Predictor(digits_run / "model.onnx").spec.name
+
+    def infer(x, datatype="UINT8", model="digits", input_name=name, **kw):
+        inp = httpclient.InferInput(input_name, list(x.shape), datatype)
+        inp.set_data_from_numpy(x)
+        with pytest.raises(InferenceServerException) as exc:
+            client.infer(model, [inp], **kw)
+        return str(exc.value)
+
+    assert "inputs[0]" in infer(digits_x[:, :, :4])  # wrong shape
+    assert "datatype" in infer(digits_x.astype(np.float32), "FP32")
+    assert "digits" in infer(digits_x, model="other")
+    assert "inputs[0].name" in infer(digits_x, input_name="pixels")
+    assert "parameters.coverage" in infer(digits_x, parameters={"coverage": 1.5})
+    assert "outputs[0].name" in infer(digits_x, outputs=[
+        httpclient.InferRequestedOutput("values")])
+    status, body, _ = server.request("POST", "/v2/models/digits/infer", b"{not json")
+    assert status == 400 and "not JSON" in json.loads(body)["error"]
+    status, body, _ = server.request("POST", "/v2/models/digits/infer", json.dumps(
+        {"inputs": [{"name": name, "datatype": "UINT8", "shape": [1, 1, 8, 8],
+                     "data": [300] * 64}]}).encode())
+    assert status == 422 and "[0, 255]" in json.loads(body)["error"]
+    assert server.request("GET", "/v2/models/digits/infer")[0] == 405
+    assert server.request("GET", "/v2/nothing")[0] == 404
+    assert server.predict(digits_x[:2].tolist())[0] == 200  # /predict still answers
