@@ -32,6 +32,7 @@ export/serve_http.py (the ASGI plumbing: body reads, replies, errors).
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import multiprocessing as mp
@@ -52,7 +53,7 @@ from export.errors import InputError
 from export.serve_batching import Batcher, unwire_batch, wire_batch
 from export.serve_http import body_receiver, error, read_body, replaced_body, respond
 from export.serve_metrics import metrics_text, process_metrics
-from export.serve_options import Limits, ServeOptions
+from export.serve_options import Limits, ServeOptions, key_warning
 from export.serve_oip import (encode_infer, model_metadata, parse_infer, route,
                               server_metadata, unwire_tensors, wire_tensors)
 from export.serve_payloads import (INLINE_PARSE_BYTES, RequestError, encode_rows, parse_request,
@@ -60,6 +61,7 @@ from export.serve_payloads import (INLINE_PARSE_BYTES, RequestError, encode_rows
 
 log = logging.getLogger(__name__)
 EXTRA = "pip install '.[serve]' from a checkout, or 'frozenfit[serve]' from a wheel"
+OPEN_ROUTES = ("/health", "/v2/health/live", "/v2/health/ready")  # no key asked
 DRIFT_FLUSH_S = 0.25  # how stale /metrics' drift may be; a flush is one small JSON file
 
 
@@ -72,9 +74,10 @@ class Gate:
 
     def __init__(self, app, *, card: Card, card_json: bytes, limits: Limits, shared: dict,
                  metrics_dir: str, max_batch_size: int, batch_timeout: float, slots: int,
-                 model: tuple[str, str, str]):
+                 model: tuple[str, str, str], key: str | None = None):
         self.app, self.card, self.card_json, self.limits = app, card, card_json, limits
         self.model = model  # name and version (inference protocol), SHA-256
+        self.key = None if key is None else key.encode()
         self.inflight, self.draining = shared["inflight"], shared["draining"]
         self.metrics_dir = Path(metrics_dir)
         self.batching = (max_batch_size, batch_timeout, slots)
@@ -101,6 +104,9 @@ class Gate:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path, method = scope["path"], scope["method"]
+        if self.key is not None and path not in OPEN_ROUTES and not self._authorized(scope):
+            return await error(send, 401, "missing or wrong API key: send Authorization: "
+                               "Bearer KEY or X-API-Key: KEY", [(b"www-authenticate", b"Bearer")])
         if path == "/predict" and method == "POST":
             return await self._predict(scope, receive, send)
         if path == "/v2" or path.startswith("/v2/"):
@@ -119,6 +125,15 @@ class Gate:
         if path == "/health" and self.draining.value:
             return await respond(send, 503, b'{"status": "draining"}')
         return await self.app(scope, receive, send)
+
+    def _authorized(self, scope) -> bool:
+        """The request's key against ours, in constant time (hmac.compare_digest)."""
+        headers = dict(scope["headers"])
+        given = headers.get(b"x-api-key")
+        if given is None:
+            scheme, _, given = headers.get(b"authorization", b"").partition(b" ")
+            given = given.strip() if scheme.lower() == b"bearer" else b""
+        return hmac.compare_digest(given, self.key)
 
     async def _protocol(self, scope, receive, send):
         """The Open Inference Protocol's routes (export/serve_oip.py)."""
@@ -334,6 +349,8 @@ def serve(model: str, options: ServeOptions) -> int:
     del loaded
     limits.check_model(card.input)
     _check_port(options.host, options.port)
+    if warning := key_warning(options.host, options.api_key):
+        print(warning, file=sys.stderr, flush=True)
 
     metrics_dir = tempfile.mkdtemp(prefix="frozenfit-serve-")
     # prometheus_client picks its multiprocess mode when first imported: set the folder
@@ -354,7 +371,8 @@ def serve(model: str, options: ServeOptions) -> int:
                    "limits": limits, "shared": shared, "metrics_dir": metrics_dir,
                    "max_batch_size": options.max_batch_size,
                    "batch_timeout": options.batch_timeout_ms / 1000, "slots": 1,
-                   "model": (options.name or Path(model).stem, "1", sha256)})
+                   "model": (options.name or Path(model).stem, "1", sha256),
+                   "key": options.api_key})
     server = ls.LitServer(api, accelerator="cpu", devices=1,
                           workers_per_device=options.workers, middlewares=[gate],
                           disable_openapi_url=True, model_metadata={"sha256": sha256})

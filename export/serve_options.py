@@ -4,7 +4,8 @@ naming the flag and what this machine allows."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from pathlib import Path
+from dataclasses import dataclass, field
 
 from export.card import InputSpec
 from export.errors import InputError
@@ -56,6 +57,7 @@ class ServeOptions:
     drain_timeout_s: float = 30.0
     log_level: str = "warning"
     name: str | None = None  # the model's name on the inference protocol (default: file stem)
+    api_key: str | None = field(default=None, repr=False)  # never printed
 
     def __post_init__(self):  # messages name the command's flags
         from export.timing import usable_cores
@@ -77,3 +79,37 @@ class ServeOptions:
         if self.workers > 4 * cores:
             raise InputError(f"--workers {self.workers}: at most {4 * cores} (4 per core of the "
                              f"{cores} this process may use); each holds a session")
+
+
+API_KEY_ENV = "FROZENFIT_API_KEY"
+MAX_KEY_BYTES = 4096
+
+
+def read_api_key(path: str | None) -> str | None:
+    """The key from `--api-key-file` (its first line), else from FROZENFIT_API_KEY; None
+    when neither is given. A key file that is empty, huge or not a file is one line."""
+    import os
+
+    from export.errors import require_file
+
+    if path is None:
+        key = os.environ.get(API_KEY_ENV, "").strip()
+        return key or None
+    require_file(path, "an API key file", "--api-key-file")
+    file = Path(path)
+    if file.stat().st_size > MAX_KEY_BYTES:
+        raise InputError(f"{path}: {file.stat().st_size:,} bytes; an API key file holds one "
+                         f"key (at most {MAX_KEY_BYTES} bytes)")
+    lines = file.read_bytes().decode("utf-8", "replace").splitlines()
+    key = lines[0].strip() if lines else ""
+    if len(key) < 16:
+        raise InputError(f"{path}: expected a key of at least 16 characters on its first line")
+    return key
+
+
+def key_warning(host: str, key: str | None) -> str | None:
+    """One line when the server listens beyond this machine without a key."""
+    if key is None and host not in ("127.0.0.1", "::1", "localhost"):
+        return (f"serve: WARNING: listening on {host} without an API key: anyone who can "
+                f"reach this port can use the model (--api-key-file FILE or {API_KEY_ENV})")
+    return None

@@ -117,3 +117,73 @@ def test_refusals_raise_the_clients_exception_naming_the_field(client, server, d
     assert server.request("GET", "/v2/models/digits/infer")[0] == 405
     assert server.request("GET", "/v2/nothing")[0] == 404
     assert server.predict(digits_x[:2].tolist())[0] == 200  # /predict still answers
+
+
+KEY = "k3y-" + "0123456789abcdef" * 2
+
+
+def test_an_api_key_guards_every_route_but_the_health_checks(digits_run, digits_x, tmp_path):
+    (tmp_path / "key.txt").write_text(KEY + "\n")
+    s = Server(digits_run / "model.onnx", tmp_path, "--api-key-file", str(tmp_path / "key.txt"))
+    try:
+        body = json.dumps({"instances": digits_x[:2].tolist()}).encode()
+        routes = [("POST", "/predict", body), ("GET", "/card", None), ("GET", "/metrics", None),
+                  ("GET", "/v2", None), ("GET", "/v2/models/model", None)]
+        for method, path, data in routes:
+            for headers in ({}, {"X-API-Key": "wrong"}, {"Authorization": f"Basic {KEY}"},
+                            {"Authorization": "Bearer " + KEY[:-1]}):
+                status, reply = _raw(s, method, path, data, headers)
+                assert status == 401 and b"API key" in reply, (path, headers, status)
+            for headers in ({"X-API-Key": KEY}, {"Authorization": f"Bearer {KEY}"}):
+                assert _raw(s, method, path, data, headers)[0] == 200, (path, headers)
+        for path in ("/health", "/v2/health/live", "/v2/health/ready"):
+            assert _raw(s, "GET", path, None, {})[0] == 200, path
+        client = httpclient.InferenceServerClient(f"127.0.0.1:{s.port}")
+        inp = httpclient.InferInput("image", list(digits_x.shape), "UINT8")
+        inp.set_data_from_numpy(digits_x)
+        with pytest.raises(InferenceServerException, match="API key"):
+            client.infer("model", [inp])
+        assert client.infer("model", [inp], headers={"X-API-Key": KEY}).as_numpy(
+            "logits").shape == (len(digits_x), 10)
+        client.close()
+        metrics = _raw(s, "GET", "/metrics", None, {"X-API-Key": KEY})[1]
+    finally:
+        code, out, err = s.stop()
+    assert code == 0, err
+    assert KEY not in out + err and KEY.encode() not in metrics
+
+
+def _raw(server, method, path, body, headers):
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    try:
+        conn.request(method, path, body, {"Content-Type": "application/json", **headers})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def test_key_files_that_are_not_one_key_are_one_line(tmp_path, monkeypatch):
+    import os
+
+    from export.errors import InputError
+    from export.serve_options import key_warning, read_api_key
+
+    cases = {"empty": b"", "short": b"abc\n", "huge": b"x" * 10_000}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(InputError, match=name):
+            read_api_key(str(tmp_path / name))
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(InputError, match="fifo"):
+        read_api_key(str(tmp_path / "fifo"))  # refused before it is opened: no hang
+    with pytest.raises(InputError, match="not found"):
+        read_api_key(str(tmp_path / "missing"))
+    monkeypatch.setenv("FROZENFIT_API_KEY", f"  {KEY}  ")
+    assert read_api_key(None) == KEY
+    monkeypatch.delenv("FROZENFIT_API_KEY")
+    assert read_api_key(None) is None
+    assert "without an API key" in key_warning("0.0.0.0", None)
+    assert key_warning("0.0.0.0", KEY) is None and key_warning("127.0.0.1", None) is None

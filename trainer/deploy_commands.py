@@ -144,6 +144,9 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=512,
                    help="requests in flight at once; more are answered 503")
     p.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--api-key-file", metavar="FILE", help="require this key (the file's "
+                   "first line) as 'Authorization: Bearer KEY' or 'X-API-Key: KEY' on every "
+                   "route but the health checks; default: FROZENFIT_API_KEY if set")
     p.add_argument("--name", help="the model's name on the Open Inference Protocol routes "
                    "(/v2/models/NAME/infer; default: the model file's stem)")
     return p
@@ -153,11 +156,12 @@ def cmd_serve(argv: list[str]) -> int:
     args = serve_parser().parse_args(argv)
     from export.model_uri import resolve_model_uri
     from export.serve import Limits, ServeOptions, serve
+    from export.serve_options import read_api_key
 
     options = ServeOptions(
         host=args.host, port=args.port, workers=args.workers, max_batch_size=args.max_batch_size,
         batch_timeout_ms=args.batch_timeout_ms, provider=args.provider, log_level=args.log_level,
-        name=args.name,
+        name=args.name, api_key=read_api_key(args.api_key_file),
         limits=Limits(max_body_bytes=int(args.max_body_mb * (1 << 20)),
                       max_instances=args.max_instances, max_queue=args.max_queue))
     return serve(resolve_model_uri(args.model), options)
