@@ -152,6 +152,8 @@ def test_promote_moves_the_alias_only_through_the_gate_and_rolls_back(
     proc = promote("--data", str(digits_test_npz))  # the newest, 3: the weak model again
     assert proc.returncode == 1 and "stays at version 2" in proc.stdout, proc.stdout
     out = tmp_path / "p.csv"
+    shown = run_cli("inspect", "models:/digits@champion", env=env)
+    assert shown.returncode == 0 and "task:        classification" in shown.stdout, shown.stderr
     proc = run_cli("predict", "--model", "models:/digits@champion", "--input",
                    str(digits_test_npz), "--output", str(out), "--no-progress", env=env)
     assert proc.returncode == 0, proc.stderr
@@ -169,3 +171,37 @@ def test_promote_moves_the_alias_only_through_the_gate_and_rolls_back(
     assert_one_line_error(run_cli("compare", "--champion", "models:/digits@nosuch",
                                   "--challenger", str(strong), "--data",
                                   str(digits_test_npz), env=env), "models:/digits@nosuch")
+
+
+def test_regressors_compare_by_mae(tmp_path):
+    """Diabetes (real, from scikit-learn): a model against itself is not worse; the same
+    recipe for one epoch at a learning rate too small to move (its outputs stay near 0 for
+    targets around 150) is worse by MAE, exit 1."""
+    from sklearn.datasets import load_diabetes
+
+    data = load_diabetes()
+    lines = [",".join([*data.feature_names, "progression"])]
+    lines += [",".join(f"{v:.6g}" for v in (*r, t)) for r, t in zip(data.data, data.target)]
+    (tmp_path / "diabetes.csv").write_text("\n".join(lines) + "\n")
+    recipe = ["--config", str(ROOT / "configs" / "tabular.yaml"), "--data.root", "diabetes.csv",
+              "--data.target", "progression", "--data.task", "regression"]
+    proc = run_cli("fit", *recipe, "--trainer.max_epochs", "30",
+                   "--trainer.enable_progress_bar", "false", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run = next((tmp_path / "runs" / "tabular").glob("version_*"))
+    assert run_cli("data", *recipe, "--split", "test", "--out", str(tmp_path / "test.npz"),
+                   cwd=tmp_path).returncode == 0
+    model, test = run / "model.onnx", tmp_path / "test.npz"
+    same = _compare(model, model, test)
+    assert same.returncode == 0 and "verdict: not worse" in same.stdout, same.stdout
+    assert "mae" in same.stdout and "paired bootstrap" in same.stdout
+    proc = run_cli("fit", *recipe, "--trainer.max_epochs", "1", "--model.lr", "1e-5",
+                   "--export.allow_trivial",
+                   "true", "--trainer.logger.init_args.name", "weak",
+                   "--trainer.enable_progress_bar", "false", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    weak = next((tmp_path / "runs" / "weak").glob("version_*")) / "model.onnx"
+    worse = _compare(model, weak, test, "--json", str(tmp_path / "r.json"))
+    assert worse.returncode == 1 and "verdict: worse" in worse.stdout, worse.stdout
+    doc = json.loads((tmp_path / "r.json").read_text())["comparison"]
+    assert doc["metric"] == "mae" and doc["challenger"] > doc["champion"]

@@ -170,12 +170,14 @@ def cmd_serve(argv: list[str]) -> int:
 def cmd_inspect(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="trainer inspect",
                                 description="Show the model card stored in an ONNX file.")
-    p.add_argument("model", help="ONNX file")
+    p.add_argument("model", help="ONNX file, or models:/NAME/VERSION, models:/NAME@ALIAS, "
+                   "runs:/ID/model from MLflow (store from MLFLOW_TRACKING_URI)")
     p.add_argument("--json", action="store_true", help="print the whole card as JSON")
     args = p.parse_args(argv)
     from export.card import jsonable, read_card
     from export.card_text import format_card
+    from export.model_uri import resolve_model_uri
 
-    card = read_card(args.model)
+    card = read_card(resolve_model_uri(args.model))
     print(json.dumps(jsonable(card), indent=2) if args.json else format_card(card))
     return 0
