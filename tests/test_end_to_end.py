@@ -39,6 +39,19 @@ def test_fit_writes_a_complete_run_folder(digits_run):
     assert card.consistency.checked
 
 
+def test_fit_says_where_its_seconds_went(digits_run):
+    """One `time:` line at the end of the fit, and the same phases in metrics.json: each
+    measured, none negative, and together no more than the whole process."""
+    phases = json.loads((digits_run / "metrics.json").read_text())["phases"]
+    assert list(phases) == ["start", "data", "check", "epochs", "export", "test", "total"]
+    assert all(v >= 0 for v in phases.values()), phases
+    assert phases["epochs"] > 0 and phases["export"] > 0 and phases["start"] > 0.5
+    assert sum(v for k, v in phases.items() if k != "total") <= phases["total"] + 1e-3
+    err = (digits_run.parents[2] / "fit.stderr").read_text()
+    line = next(s for s in err.splitlines() if s.startswith("time: "))
+    assert line == "time: " + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items())
+
+
 def test_export_then_predict_through_the_cli(digits_run, digits_test_npz, tmp_path):
     best = next((digits_run / "checkpoints").glob("best-*.ckpt"))
     model = tmp_path / "model.onnx"

@@ -70,11 +70,14 @@ class ExportOnnx(L.Callback):
             return
         from trainer.freeze import export_checkpoint, held_out
 
+        from trainer import phases
+
         self.path = Path(log_dir) / self.filename
-        card = export_checkpoint(ckpt, self.path, data=held_out(trainer.datamodule),
-                                 opset=self.opset, atol=self.atol,
-                                 allow_trivial=self.allow_trivial,
-                                 calibrate_t=self.calibrate)
+        with phases.timed("export"):
+            card = export_checkpoint(ckpt, self.path, data=held_out(trainer.datamodule),
+                                     opset=self.opset, atol=self.atol,
+                                     allow_trivial=self.allow_trivial,
+                                     calibrate_t=self.calibrate)
         parity = card.parity
         rank_zero_info(f"Exported {self.path} from {Path(ckpt).name} "
                        f"(parity: max |diff| {parity.max_abs_diff:.1e}, "
@@ -277,8 +280,19 @@ class RunReport(L.Callback):
             save_confusion_matrix(confusion, matrix, pl_module.hparams.data_info["class_names"],
                                   Path(log_dir or ".") / "confusion_matrix.png")
 
-    def write(self, trainer) -> Path | None:
-        """metrics.json and curves.png; the CLI calls this after fit (and the test)."""
+    def on_train_start(self, trainer, pl_module) -> None:
+        from trainer import phases
+
+        phases.mark("train_start")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        from trainer import phases
+
+        phases.mark("train_end")
+
+    def write(self, trainer, phases: dict | None = None) -> Path | None:
+        """metrics.json (with the fit's `phases`, in seconds) and curves.png; the CLI calls
+        this after fit (and the test)."""
         log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
         if not self.enabled or not trainer.is_global_zero or not self.epochs:
             return None
@@ -288,7 +302,7 @@ class RunReport(L.Callback):
         ranked = [cb for cb in trainer.checkpoint_callbacks if getattr(cb, "monitor", None)]
         best = ranked[0] if ranked else None
         path = write_metrics(folder / "metrics.json", self.epochs, self.test, best,
-                             getattr(trainer, "hardware", None))
+                             getattr(trainer, "hardware", None), phases)
         if self.plots:
             save_curves(self.epochs, folder / "curves.png")
         return path

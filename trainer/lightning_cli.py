@@ -14,7 +14,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 from export.errors import InputError
-from trainer import runs, tracking
+from trainer import phases, runs, tracking
 from trainer.callbacks import (CheckpointOnSigterm, ExportOnnx, NonFiniteGuard, RunCheckpoint,
                                RunReport)
 from trainer.data.datamodule import FixedDataModule, check_data_options
@@ -177,7 +177,8 @@ class TrainerCLI(LightningCLI):
                 logger.version = f"eval/{self.subcommand}-{ckpt.stem}"
 
     def instantiate_trainer(self, **kwargs):
-        settings = getattr(self, "_pinned", None) or self._hardware_for_model()
+        with phases.timed("check"):
+            settings = getattr(self, "_pinned", None) or self._hardware_for_model()
         if settings:  # config.yaml keeps `auto`; only this trainer gets the value
             kwargs["precision"] = settings["precision"]
             rank_zero_info(f"precision: {settings['precision']} ({settings['device']}: "
@@ -211,8 +212,12 @@ class TrainerCLI(LightningCLI):
                     if getattr(cb, "monitor", None) and cb.best_model_path]
             if best:
                 self.model.load_state_dict(runs.load_checkpoint(best[0])["state_dict"])
-            self.trainer.test(self.model, datamodule=self.datamodule)
-        report.write(self.trainer)
+            with phases.timed("test"):
+                self.trainer.test(self.model, datamodule=self.datamodule)
+        measured = phases.phases()
+        report.write(self.trainer, measured)
+        if self.trainer.is_global_zero:
+            print(phases.line(measured), file=sys.stderr, flush=True)
         tracking.track_fit(self.trainer, self.datamodule)
 
     def before_fit(self) -> None:
@@ -231,6 +236,7 @@ class TrainerCLI(LightningCLI):
 
     def instantiate_classes(self) -> None:
         if self._instantiate:
+            phases.mark("build")
             super().instantiate_classes()
 
 

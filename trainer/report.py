@@ -9,7 +9,7 @@ from export.atomic import atomic_path
 
 
 def write_metrics(path: Path, epochs: list[dict], test: dict, best_callback,
-                  hardware: dict | None = None) -> Path:
+                  hardware: dict | None = None, phases: dict | None = None) -> Path:
     val_keys = [k for k in epochs[-1] if k.startswith("val/")]
     summary = {
         "hardware": hardware,
@@ -20,6 +20,7 @@ def write_metrics(path: Path, epochs: list[dict], test: dict, best_callback,
         "seconds_per_epoch": [round(e["seconds"], 4) for e in epochs],
         "samples_per_second": round(sum(e["samples_per_second"] for e in epochs) / len(epochs), 1),
         "history": epochs,
+        "phases": phases,
     }
     if best_callback is not None and best_callback.best_model_score is not None:
         monitor = best_callback.monitor
