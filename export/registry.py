@@ -76,7 +76,15 @@ class Registry:
             return None
 
     def history(self) -> list[dict]:
-        return json.loads(self.model.tags.get(HISTORY_TAG.format(alias=self.alias), "[]"))
+        tag = HISTORY_TAG.format(alias=self.alias)
+        try:
+            moves = json.loads(self.model.tags.get(tag, "[]"))
+        except ValueError:
+            moves = None
+        if not isinstance(moves, list) or not all(isinstance(m, dict) for m in moves):
+            raise InputError(f"registered model {self.name!r}: its tag {tag!r} is not the "
+                             f"list of moves this command writes; fix or delete the tag")
+        return moves
 
     def move(self, version: int | None, previous: int | None, how: str,
              comparison=None) -> None:

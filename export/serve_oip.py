@@ -72,6 +72,16 @@ def _fail(status: int, message: str):
     raise RequestError(status, message)
 
 
+def _params(obj: dict, where: str) -> dict:
+    """`obj`'s `parameters`: an object, or none."""
+    params = obj.get("parameters")
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        _fail(422, f"{where}parameters: expected an object")
+    return params
+
+
 def _json_header(body: bytes, header_length: bytes | None) -> tuple[dict, bytes]:
     size = len(body)
     if header_length is not None:
@@ -107,6 +117,8 @@ def parse_infer(body: bytes, header_length: bytes | None, card: Card, limits) ->
     if not (isinstance(shape, list) and shape and all(
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
         _fail(422, "inputs[0].shape: expected a list of sizes")
+    if shape[0] == 0:
+        _fail(422, "inputs[0].shape: no rows")
     if shape[0] > limits.max_instances:
         _fail(413, f"inputs[0].shape: {shape[0]:,} rows; at most {limits.max_instances:,} "
                    f"(--max-instances)")
@@ -120,8 +132,10 @@ def parse_infer(body: bytes, header_length: bytes | None, card: Card, limits) ->
 
 def _tensor(inp: dict, shape: list, dtype: str, binary: bytes) -> np.ndarray:
     count, want = math.prod(shape), np.dtype(dtype)
-    size = (inp.get("parameters") or {}).get("binary_data_size")
+    size = _params(inp, "inputs[0].").get("binary_data_size")
     if size is not None:
+        if not isinstance(size, int) or isinstance(size, bool):
+            _fail(400, "inputs[0].parameters.binary_data_size: expected a number of bytes")
         if size != count * want.itemsize or size > len(binary):
             _fail(400, f"inputs[0].parameters.binary_data_size: {size}; a {dtype} tensor of "
                        f"shape {shape} is {count * want.itemsize} bytes "
@@ -142,7 +156,7 @@ def _tensor(inp: dict, shape: list, dtype: str, binary: bytes) -> np.ndarray:
 
 
 def _response_spec(doc: dict, card: Card) -> dict:
-    params = doc.get("parameters") or {}
+    params = _params(doc, "")
     qhat = None
     if "coverage" in params:
         try:
@@ -152,12 +166,14 @@ def _response_spec(doc: dict, card: Card) -> dict:
             _fail(422, str(exc))
     known = (*card.outputs, *(CONFORMAL_OUTPUTS if qhat is not None else ()))
     outputs = doc.get("outputs") or [{"name": n} for n in known]
+    if not isinstance(outputs, list):
+        _fail(422, "outputs: expected a list of requested outputs")
     for i, o in enumerate(outputs):
         if not isinstance(o, dict) or o.get("name") not in known:
             _fail(422, f"outputs[{i}].name: {o.get('name') if isinstance(o, dict) else o!r};"
                        f" this model returns {', '.join(known)}")
-        k = (o.get("parameters") or {}).get("classification")
-        if k is not None and (card.regression or not isinstance(k, int) or
+        k = _params(o, f"outputs[{i}].").get("classification")
+        if k is not None and (card.regression or not isinstance(k, int) or isinstance(k, bool) or
                               not 1 <= k <= len(card.class_names)):
             _fail(422, f"outputs[{i}].parameters.classification: expected 1 to "
                        f"{len(card.class_names)} classes, got {k!r}" if not card.regression
@@ -206,7 +222,7 @@ def encode_infer(pred: Prediction, request: dict, card: Card, name: str, version
     """(body, content type, extra headers) of the infer response."""
     outputs, blobs = [], []
     for o in request["outputs"]:
-        params = o.get("parameters") or {}
+        params = o.get("parameters") or {}  # checked by parse_infer
         datatype, shape, values, raw = _output(o["name"], pred, params.get("classification"),
                                                card, request["qhat"])
         entry = {"name": o["name"], "datatype": datatype, "shape": shape}

@@ -166,6 +166,8 @@ def test_promote_moves_the_alias_only_through_the_gate_and_rolls_back(
     proc = promote("--rollback")
     assert proc.returncode == 0 and "version 2 -> 1 (rollback)" in proc.stdout, proc.stderr
     assert_one_line_error(promote("--version", "9"), "--version 9", "versions 1, 2, 3")
+    mlflow.MlflowClient().set_registered_model_tag("digits", "frozenfit.alias.champion", "{x")
+    assert_one_line_error(promote("--rollback"), "frozenfit.alias.champion", "fix or delete")
     assert_one_line_error(run_cli("promote", "nosuch", "--alias", "champion", env=env),
                           "nosuch")
     assert_one_line_error(run_cli("compare", "--champion", "models:/digits@nosuch",

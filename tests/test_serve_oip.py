@@ -114,6 +114,23 @@ def test_refusals_raise_the_clients_exception_naming_the_field(client, server, d
         {"inputs": [{"name": name, "datatype": "UINT8", "shape": [1, 1, 8, 8],
                      "data": [300] * 64}]}).encode())
     assert status == 422 and "[0, 255]" in json.loads(body)["error"]
+    one = {"name": name, "datatype": "UINT8", "shape": [1, 1, 8, 8], "data": [0] * 64}
+    hostile = {  # request -> (status, words in the error)
+        json.dumps({"inputs": [one], "parameters": [1]}): (422, "parameters: expected"),
+        json.dumps({"inputs": [one], "outputs": "logits"}): (422, "outputs: expected a list"),
+        json.dumps({"inputs": [{**one, "shape": [0, 1, 8, 8], "data": []}]}): (422, "no rows"),
+        json.dumps({"inputs": [one], "outputs": [{"name": "probabilities", "parameters":
+                                                  {"classification": True}}]}):
+            (422, "classification"),
+        json.dumps({"inputs": [{**one, "parameters": {"binary_data_size": "64"}}]}):
+            (400, "binary_data_size"),
+        json.dumps({"inputs": [{**one, "parameters": "x"}]}): (422, "inputs[0].parameters"),
+        json.dumps({"inputs": [{**one, "shape": [10 ** 12, 1, 8, 8]}]}): (413, "at most"),
+        json.dumps([one]): (400, "not a JSON object"),
+    }
+    for request, (want, words) in hostile.items():
+        status, body, _ = server.request("POST", "/v2/models/digits/infer", request.encode())
+        assert status == want and words in json.loads(body)["error"], (request, body)
     assert server.request("GET", "/v2/models/digits/infer")[0] == 405
     assert server.request("GET", "/v2/nothing")[0] == 404
     assert server.predict(digits_x[:2].tolist())[0] == 200  # /predict still answers
