@@ -103,6 +103,7 @@ def reference(card: Card, x: np.ndarray, pred) -> dict:
     ref = {"rows": int(len(x)), "split": "validation", "continuous": checks}
     if pred.labels is not None:
         ref["classes"] = np.bincount(pred.labels, minlength=len(card.class_names)).tolist()
+    ref["rows_needed"] = _batch_rows_needed(ref)  # kept: reading the card needs no scipy.stats
     return ref
 
 
@@ -181,14 +182,19 @@ def _needed(ref: dict, check: dict, checks: int) -> int | None:
     return rows_needed(needed_effective_rows(check["test"], checks, df), ref["rows"])
 
 
+def _batch_rows_needed(ref: dict) -> list[int | None]:
+    """Batch rows each kind of test needs to tell a PSI_WARN shift at the strictest level."""
+    checks = len(ref["continuous"]) + ("classes" in ref)
+    return [_needed(ref, {"test": t}, checks) for t in ("ks", "chi2")[:1 + ("classes" in ref)]]
+
+
 def small_reference(card: Card) -> str | None:
     """Why the card's drift reference is too small to judge a batch of its own size, or
     None."""
     ref = card.drift_reference
     if not ref:
         return None
-    checks = len(ref["continuous"]) + ("classes" in ref)
-    worst = [_needed(ref, {"test": t}, checks) for t in ("ks", "chi2")[:1 + ("classes" in ref)]]
+    worst = ref.get("rows_needed") or _batch_rows_needed(ref)  # cards before it was kept
     if all(n is not None and n <= ref["rows"] for n in worst):
         return None
     return (f"too few for its tests to tell a shift of PSI {PSI_WARN:g} from chance on a "

@@ -102,3 +102,12 @@ def test_inspect_prints_the_card(digits_run):
     assert "export: drift reference of 269 validation rows: too few" in fit_log
     proc = run_cli("inspect", str(digits_run / "model.onnx"), "--json")
     assert '"card_version": 2' in proc.stdout
+    # the card keeps what the note needs: reading it imports no scipy.stats (1.5 s here)
+    import subprocess
+    import sys
+
+    code = ("import sys; from trainer.cli import main; main(['inspect', sys.argv[1]]); "
+            "assert 'scipy.stats' not in sys.modules, 'scipy.stats imported'")
+    quiet = subprocess.run([sys.executable, "-c", code, str(digits_run / "model.onnx")],
+                           capture_output=True, text=True, cwd=digits_run)
+    assert quiet.returncode == 0 and "drift ref:" in quiet.stdout, quiet.stderr
