@@ -47,7 +47,7 @@ def _report(work, version: int) -> dict:
     report = json.loads((work / "runs" / "digits" / f"version_{version}" / "metrics.json")
                         .read_text())
     timing = {"seconds", "samples_per_second", "train/samples_per_sec"}
-    for key in ("seconds_per_epoch", "samples_per_second"):
+    for key in ("seconds_per_epoch", "samples_per_second", "phases"):
         report.pop(key)
     report["history"] = [{k: v for k, v in e.items() if k not in timing}
                          for e in report["history"]]
