@@ -24,24 +24,33 @@ def resolve_model_uri(model: str) -> str:
     return _download(model)
 
 
-def _download(uri: str) -> str:
+def require_mlflow(what: str):
+    """mlflow, with a tracking store named: one line naming `what` otherwise."""
     try:
         import mlflow
     except ModuleNotFoundError:
-        raise InputError(f"--model {uri}: resolving MLflow URIs needs the tracking extra: "
-                         f"{EXTRA}") from None
+        raise InputError(f"{what}: needs the tracking extra: {EXTRA}") from None
     if not os.environ.get("MLFLOW_TRACKING_URI"):  # MLflow's default creates ./mlflow.db
-        raise InputError(f"--model {uri}: set MLFLOW_TRACKING_URI to the tracking store that "
+        raise InputError(f"{what}: set MLFLOW_TRACKING_URI to the tracking store that "
                          "holds it (e.g. sqlite:///mlruns.db or http://host:5000)")
+    return mlflow
+
+
+def first_line(exc: Exception) -> str:
+    """An MLflow error's first line, short: the one-line error's cause."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
+def _download(uri: str) -> str:
+    mlflow = require_mlflow(f"--model {uri}")
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # its INFO lines on the store
     folder = tempfile.mkdtemp(prefix="frozenfit-model-")
     atexit.register(shutil.rmtree, folder, ignore_errors=True)  # a copy, not the user's file
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=folder))
     except (mlflow.exceptions.MlflowException, OSError) as exc:  # unknown model/version/run/store
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise InputError(f"--model {uri}: cannot resolve through MLflow "
-                         f"({first}; tracking store {mlflow.get_tracking_uri()})") from None
+                         f"({first_line(exc)}; tracking store {mlflow.get_tracking_uri()})") from None
     files = [local] if local.is_file() else sorted(local.rglob("*.onnx"))
     if not files:
         raise InputError(f"--model {uri}: the MLflow model holds no .onnx file")

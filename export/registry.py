@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 
 from export.errors import InputError
 
@@ -19,40 +18,23 @@ HISTORY_TAG = "frozenfit.alias.{alias}"
 HISTORY_KEPT = 50
 
 
-def _client():
-    from export.model_uri import EXTRA
-
-    try:
-        from mlflow import MlflowClient
-    except ModuleNotFoundError:
-        raise InputError(f"trainer promote needs the tracking extra: {EXTRA}") from None
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
-        raise InputError("set MLFLOW_TRACKING_URI to the tracking store that holds the "
-                         "registered model (e.g. sqlite:///mlruns.db or http://host:5000)")
-    return MlflowClient()
-
-
-def _mlflow_error(what: str, exc: Exception) -> InputError:
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-    return InputError(f"{what}: {first}")
-
-
 class Registry:
     """One registered model's versions and one alias's holder and history."""
 
     def __init__(self, name: str, alias: str):
-        import mlflow
+        from export.model_uri import first_line, require_mlflow
 
         if not name or "'" in name or not alias or not alias.replace("_", "").replace(
                 "-", "").isalnum():
             raise InputError(f"model {name!r} alias {alias!r}: expected a registered model "
                              f"name without quotes and an alias of letters, digits, _ and -")
-        self.client, self.name, self.alias = _client(), name, alias
+        mlflow = require_mlflow(f"registered model {name!r}")
+        self.client, self.name, self.alias = mlflow.MlflowClient(), name, alias
         self.errors = mlflow.exceptions.MlflowException
         try:
             self.model = self.client.get_registered_model(name)
         except self.errors as exc:
-            raise _mlflow_error(f"registered model {name!r}", exc) from None
+            raise InputError(f"registered model {name!r}: {first_line(exc)}") from None
 
     def versions(self) -> list[int]:
         found = self.client.search_model_versions(f"name='{self.name}'")

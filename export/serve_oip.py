@@ -24,7 +24,7 @@ import struct
 import numpy as np
 
 from export.card import Card
-from export.conformal import set_mask, threshold
+from export.conformal import set_columns, threshold
 from export.errors import InputError
 from export.runtime import Prediction, check_input
 from export.serve_payloads import RequestError
@@ -199,14 +199,11 @@ def _bytes_tensor(strings: list[str]) -> bytes:
 
 def _output(name: str, pred: Prediction, k: int | None, card: Card, qhat):
     """(datatype, shape, values as a list, raw bytes) of one requested output."""
-    if name in CONFORMAL_OUTPUTS:
-        mask = set_mask(pred.probabilities, qhat)
+    if name in CONFORMAL_OUTPUTS:  # the columns trainer predict writes
+        values = set_columns(pred.probabilities, qhat, card.class_names)[name]
         if name == "set_size":
-            sizes = mask.sum(1).astype(np.int32)
-            return "INT32", [len(sizes)], sizes.tolist(), sizes.astype("<i4").tobytes()
-        order = np.argsort(-pred.probabilities, axis=1, kind="stable")
-        sets = ["|".join(card.class_names[j] for j in o if m[j]) for o, m in zip(order, mask)]
-        return "BYTES", [len(sets)], sets, _bytes_tensor(sets)
+            return "INT32", [len(values)], values, np.asarray(values, "<i4").tobytes()
+        return "BYTES", [len(values)], values, _bytes_tensor(values)
     arr = getattr(pred, name)
     if k:
         top = np.argsort(-arr, axis=1, kind="stable")[:, :k]

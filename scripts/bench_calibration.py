@@ -15,8 +15,6 @@ softmax (ECE before).
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -26,21 +24,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
-from machine import describe  # noqa: E402
+from machine import describe, run_trainer as trainer  # noqa: E402
 
 from export.card import read_card  # noqa: E402
 from export.conformal import set_mask, threshold  # noqa: E402
 from export.runtime import Predictor  # noqa: E402
 
 COVERAGES = (0.8, 0.9, 0.95)
-
-
-def trainer(work: Path, *args: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "trainer", *args], cwd=work,
-                          capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
-    if proc.returncode:
-        sys.exit(proc.stderr[-3000:])
 
 
 def measure(work: Path, recipe: list[str], seed: int, test: Path) -> dict:

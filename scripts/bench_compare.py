@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -31,18 +29,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
-from machine import describe  # noqa: E402
+from machine import describe, run_trainer as trainer  # noqa: E402
 
 from export.compare import compare_classifiers  # noqa: E402
 from export.runtime import Predictor  # noqa: E402
-
-
-def trainer(work: Path, *args: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "trainer", *args], cwd=work,
-                          capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
-    if proc.returncode:
-        sys.exit(proc.stderr[-3000:])
 
 
 def rights(work: Path, mnist: str, seeds: int) -> list[np.ndarray]:

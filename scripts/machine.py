@@ -47,6 +47,19 @@ def describe() -> str:
             f"Python {platform.python_version()}; {', '.join(versions)}")
 
 
+def run_trainer(work, *args: str, root=None) -> None:
+    """`python -m trainer ARGS` in `work` for a benchmark; its stderr and exit on failure."""
+    import subprocess
+    from pathlib import Path
+
+    root = root or Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "trainer", *args], cwd=work,
+                          capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    if proc.returncode:
+        sys.exit(proc.stderr[-3000:])
+
+
 if __name__ == "__main__":
     print(describe())
 
