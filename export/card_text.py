@@ -36,7 +36,8 @@ def format_card(card: Card) -> str:
     if t := card.training:
         epochs = (f"{t.run_epochs} epochs, exported weights from epoch {t.weights_epoch}"
                   if t.run_epochs is not None else f"{t.epochs} epochs")
-        lines.append(f"training:    {epochs}, seed {t.seed}, "
+        net = (t.model.get("backbone") or {}).get("class_path") or t.model.get("arch")
+        lines.append(f"training:    {net}, {epochs}, seed {t.seed}, "
                      f"checkpoint sha256 {(t.checkpoint_sha256 or '')[:16]}...")
         if init := t.model.get("init_from"):
             lines.append(f"lineage:     started from {init}" + (

@@ -65,3 +65,9 @@ def test_the_example_refuses_a_file_as_its_folder_in_one_line(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f"plain_trainer.py: error: {notes}: expected a folder for the run, this is a file"]
     assert notes.read_text() == "mine"
+
+
+def test_every_example_is_run_by_a_test():
+    scripts = {p.name for p in (ROOT / "examples").glob("*.py")} - {"my_nets.py"}  # a module
+    tests = "".join(p.read_text() for p in (ROOT / "tests").glob("test_*.py"))
+    assert scripts and not {s for s in scripts if f'"{s}"' not in tests}

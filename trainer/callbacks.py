@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 
@@ -73,11 +74,13 @@ class ExportOnnx(L.Callback):
         from trainer import phases
 
         self.path = Path(log_dir) / self.filename
-        with phases.timed("export"):
+        given = (pl_module.hparams.get("backbone") or {}).get("object", False)
+        with phases.timed("export"):  # a backbone object: a copy gets the checkpoint's weights
             card = export_checkpoint(ckpt, self.path, data=held_out(trainer.datamodule),
                                      opset=self.opset, atol=self.atol,
                                      allow_trivial=self.allow_trivial,
-                                     calibrate_t=self.calibrate)
+                                     calibrate_t=self.calibrate,
+                                     backbone=copy.deepcopy(pl_module.net[1]).cpu() if given else None)
         parity = card.parity
         rank_zero_info(f"Exported {self.path} from {Path(ckpt).name} "
                        f"(parity: max |diff| {parity.max_abs_diff:.1e}, "

@@ -87,10 +87,15 @@ def set_temperature(model: onnx.ModelProto, frozen: Frozen, t: float, card: Card
     return to_onnx(frozen, card, example, opset)
 
 
-def module_from_checkpoint(ckpt: dict) -> nn.Module:
+def module_from_checkpoint(ckpt: dict, backbone: nn.Module | None = None) -> nn.Module:
+    """The checkpoint's module with its weights; `backbone`: the network object a script
+    handed over (a checkpoint keeps only its class path, trainer/models/custom.py)."""
     from trainer.module import ClassifierModule
 
-    module = ClassifierModule(**init_args(ckpt, "hyper_parameters"))
+    args = init_args(ckpt, "hyper_parameters")
+    if backbone is not None:
+        args["backbone"] = backbone
+    module = ClassifierModule(**args)
     module.load_state_dict(module.with_metric_states(ckpt["state_dict"]))
     return module.eval()
 
@@ -193,19 +198,19 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path, data: HeldOut | No
                       opset: int = DEFAULT_OPSET, atol: float | None = None,
                       precision: str = "fp32", quantize: str | None = None,
                       max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP,
-                      allow_trivial: bool = False, calibrate_t: bool = True) -> Card:
+                      allow_trivial: bool = False, calibrate_t: bool = True,
+                      backbone: nn.Module | None = None) -> Card:
     """Export `ckpt_path` to `out` (atomically) and return the model card written into it.
 
     precision: fp32 or fp16; quantize: None or "int8" (static QDQ, calibrated on training
     samples, refused if validation accuracy drops by more than `max_accuracy_drop` points);
     allow_trivial: export a model no better than a constant answer (see baseline_check);
     calibrate_t: temperature-scale a classifier's probabilities (trainer/calibration.py;
-    the conformal scores are stored either way).
-    """
+    the conformal scores are stored either way); backbone: see module_from_checkpoint."""
     ckpt_path, out, source = Path(ckpt_path), Path(out), str(ckpt_path)
     variant = _variant_name(precision, quantize)
     ckpt = load_checkpoint(ckpt_path)
-    module = module_from_checkpoint(ckpt)
+    module = module_from_checkpoint(ckpt, backbone)
     if quantize and module.regression:
         raise InputError("--quantize int8 is for classifiers; its gate is accuracy")
     frozen = Frozen(module).eval()

@@ -19,7 +19,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from export.card import InputSpec
 from export.errors import check_options
-from trainer.models import build_backbone
+from trainer.models import build_backbone, custom
 from trainer.models.nets import Normalize
 
 
@@ -61,6 +61,7 @@ class ClassifierModule(L.LightningModule):
         compile: bool = False,
         init_from: str | None = None,
         backbone_weights: str | None = None,
+        backbone: dict | nn.Module | None = None,
         data_info: dict | None = None,
     ):
         """
@@ -84,15 +85,19 @@ class ClassifierModule(L.LightningModule):
                 shapes match) before training, e.g. to retrain on an updated dataset. Unlike
                 --ckpt_path it restores no optimizer or loop state and checks no fingerprint.
             backbone_weights: A local state_dict file (e.g. torchvision weights) copied into
-                the backbone before training, where names and shapes match; nothing is
-                downloaded.
+                the backbone before training, where names and shapes match (no download).
+            backbone: Your own network instead of `arch` (trainer/models/custom.py): an
+                nn.Module mapping the normalised input to logits (N, classes) or (N, 1);
+                in YAML {class_path: pkg.Net, init_args: {...}}, rebuilt by the export.
             data_info: The DataModule's `info` (input spec, classes, statistics): linked by
                 the CLI, or taken from the Trainer's FixedDataModule in `setup`.
         """
         super().__init__()
         check_model_options(width=width, dropout=dropout, lr=lr, weight_decay=weight_decay,
                             warmup_fraction=warmup_fraction, label_smoothing=label_smoothing)
-        self.save_hyperparameters(logger=False)  # loggers get the resolved config instead
+        self.save_hyperparameters(ignore=["backbone"], logger=False)  # loggers: the config
+        self.hparams["backbone"] = custom.describe(backbone)  # a class path, never pickled
+        self.__dict__["_given_backbone"] = backbone if isinstance(backbone, nn.Module) else None
         self.net: nn.Module | None = None
         if data_info is not None:
             self._build(data_info)
@@ -108,9 +113,12 @@ class ClassifierModule(L.LightningModule):
         self.regression = data_info.get("task", "classification") == "regression"
         outputs = 1 if self.regression else len(data_info["class_names"])
         spec, norm = InputSpec.from_json(data_info["input"]), data_info["normalization"]
-        self.net = nn.Sequential(Normalize(norm["mean"], norm["std"], image=spec.image),
-                                 build_backbone(hp.arch, list(spec.shape), outputs, hp.width,
-                                                hp.dropout))
+        if hp.backbone:
+            backbone = custom.build(hp.backbone, self.__dict__["_given_backbone"])
+            custom.check_output(backbone, hp.backbone["class_path"], list(spec.shape), outputs)
+        else:
+            backbone = build_backbone(hp.arch, list(spec.shape), outputs, hp.width, hp.dropout)
+        self.net = nn.Sequential(Normalize(norm["mean"], norm["std"], image=spec.image), backbone)
         self._loss_and_metrics(outputs, data_info, hp.label_smoothing)
 
     def setup(self, stage: str) -> None:
@@ -190,8 +198,8 @@ class ClassifierModule(L.LightningModule):
             x = x.contiguous(memory_format=torch.channels_last)
         net = self.__dict__.get("_compiled", self.net) if self.training else self.net
         out = net(x)
-        if self.regression:
-            return out.squeeze(-1) * self.target_std + self.target_mean
+        if self.regression:  # (N, 1) from the built-in nets, (N, 1) or (N,) from a backbone
+            return (out.squeeze(-1) if out.ndim == 2 else out) * self.target_std + self.target_mean
         return out
 
     def _step(self, batch, stage: str) -> torch.Tensor:
@@ -281,7 +289,7 @@ class ClassifierModule(L.LightningModule):
                 f"--ckpt_path: the checkpoint was trained on dataset fingerprint {str(old_fp)[:12]}, "
                 f"the configured data has {new_fp[:12]}; resume needs the same data (use "
                 f"--model.init_from CKPT to warm-start from its weights instead)")
-        for key in ("arch", "width"):
+        for key in ("arch", "width", "backbone"):
             if saved.get(key) != ours[key]:
                 raise InputError(f"--ckpt_path: the checkpoint has model.{key}={saved.get(key)!r}, "
                                  f"the config has {ours[key]!r}; resume needs the same architecture")
@@ -295,6 +303,9 @@ class ClassifierModule(L.LightningModule):
             torch.cuda.set_rng_state_all(rng["cuda"])
 
     def on_fit_start(self) -> None:
+        if self.hparams.backbone:  # every rank, so none waits for one that failed
+            custom.check_exportable(self.net[1], self.hparams.backbone["class_path"],
+                                    list(InputSpec.from_json(self.hparams.data_info["input"]).shape))
         if self.trainer.ckpt_path is not None:  # resuming: the checkpoint has the weights
             return
         if self.hparams.backbone_weights:
