@@ -246,6 +246,18 @@ def test_tabular_csv_classification_with_string_labels(tmp_path):
     assert ds.train.x.dtype == np.float32 and ds.input_spec.columns == ("a", "b")
 
 
+@pytest.mark.parametrize("labels, names, y", [
+    (["zebra", "ant", "moth", "ant"], ["ant", "moth", "zebra"], [2, 0, 1, 0]),  # first seen != sorted
+    (["7", "3", "12", "3"], ["3", "7", "12"], [1, 0, 2, 0]),  # integers: numeric order, gaps kept out
+    (["-1", "2", "-1", "0"], ["-1", "0", "2"], [0, 2, 0, 1]),  # negative: the sorting path
+])
+def test_tabular_class_names_and_indices(tmp_path, labels, names, y):
+    rows = "".join(f"{i},{label}\n" for i, label in enumerate(labels))
+    ds = load_source("tabular", _csv(tmp_path / "t.csv", "a,kind\n" + rows),
+                     SourceOptions(target="kind", cache_dir=str(tmp_path / "cache")))
+    assert ds.class_names == names and ds.train.y.tolist() == y
+
+
 def test_tabular_parquet_regression(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

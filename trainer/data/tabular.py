@@ -37,22 +37,25 @@ def feature_matrix(table, columns: list[str], source: str) -> np.ndarray:
     if missing:
         raise InputError(f"{source}: missing feature column {missing[0]!r} "
                          f"(found {table.column_names})")
-    cols = []
-    for name in columns:
+    # Each column converted straight into its place: no per-column copy, then no stack.
+    x = np.empty((table.num_rows, len(columns)), np.float32)
+    for j, name in enumerate(columns):
         col = table.column(name)
         if not (pat.is_integer(col.type) or pat.is_floating(col.type) or pat.is_boolean(col.type)):
             raise InputError(f"{source}: feature column {name!r} is {col.type}, expected numbers")
         if col.null_count:
             row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
             raise InputError(f"{source}: row {row}, column {name!r} is empty")
-        cols.append(col.to_numpy(zero_copy_only=False).astype(np.float32))
-    x = np.stack(cols, axis=1) if cols else np.zeros((table.num_rows, 0), np.float32)
-    finite = np.isfinite(x)
-    if not finite.all():
-        row, col = (int(v[0]) for v in np.nonzero(~finite))
-        value = table.column(columns[col])[row].as_py()
-        raise InputError(f"{source}: row {row}, column {columns[col]!r} "
-                         f"{describe_nonfinite(value)}")
+        x[:, j] = col.to_numpy(zero_copy_only=False)
+    # A column sum is finite unless a value is not (or large values overflow): the full
+    # element-wise check only then, to find the row.
+    if not np.isfinite(x.sum(axis=0, dtype=np.float64)).all():
+        finite = np.isfinite(x)
+        if not finite.all():
+            row, col = (int(v[0]) for v in np.nonzero(~finite))
+            value = table.column(columns[col])[row].as_py()
+            raise InputError(f"{source}: row {row}, column {columns[col]!r} "
+                             f"{describe_nonfinite(value)}")
     return x
 
 
@@ -162,6 +165,23 @@ def _batches(fragment, schema, columns, target, path, vocab: list[str]):
         raise InputError(f"{path}: cannot read table ({short_reason(exc)})") from None
 
 
+def _classes(values: np.ndarray, vocab: list[str], y_dtype: str) -> tuple[list[str], np.ndarray]:
+    """Class names and each row's class index: integers sorted numerically, strings
+    alphabetically. Codes into the vocabulary and small non-negative integer labels are
+    counted (np.bincount, linear; np.unique sorts every row: 0.23 s of 4M rows here)."""
+    codes = values.astype(np.int64)
+    if y_dtype == "i8" or ((codes == values).all() and 0 <= codes.min() and codes.max() < 1 << 20):
+        present = np.flatnonzero(np.bincount(codes))
+        keys = np.array(vocab, dtype=str)[present] if y_dtype == "i8" else present
+        present = present[np.argsort(keys, kind="stable")]
+        rank = np.zeros(int(present.max()) + 1, np.int64)
+        rank[present] = np.arange(len(present))
+        names = [vocab[c] if y_dtype == "i8" else str(int(c)) for c in present]
+        return names, rank[codes]
+    uniq, y = np.unique(values, return_inverse=True)  # negative or fractional labels
+    return [str(int(u)) for u in uniq], y.astype(np.int64)
+
+
 def load_tabular(root: str | None, opts: SourceOptions) -> FixedDataset:
     import pyarrow.types as pat
 
@@ -208,11 +228,7 @@ def load_tabular(root: str | None, opts: SourceOptions) -> FixedDataset:
     if task == "regression":
         names, y = [], values.astype(np.float32)
     else:
-        # Integers sort numerically, strings alphabetically; y indexes the sorted classes.
-        labels = np.array(vocab, dtype=str)[values] if y_dtype == "i8" else values
-        uniq, y = np.unique(labels, return_inverse=True)
-        names = [str(int(u)) if y_dtype == "f8" else str(u) for u in uniq]
-        y = y.astype(np.int64)
+        names, y = _classes(values, vocab, y_dtype)
     train = Split(arrays["x"], y, rows)
     fp = files_fingerprint(json.dumps(settings), names, np.full(len(records), "train"),
                            np.full(len(records), -1), records.digest)
