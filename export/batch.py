@@ -15,6 +15,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,8 +27,8 @@ from export.conformal import (check_coverage, coverage_metrics, coverage_sums, i
                               set_columns, threshold)
 from export.drift import DriftAccumulator, format_report
 from export.errors import InputError, require_file
-from export.jobstate import JobState, input_identity
-from export.readers import image_files, is_image_input, iter_chunks
+from export.jobstate import JobState, input_identity, read_listing, write_listing
+from export.readers import is_image_input, iter_chunks, iter_image_files
 from export.runtime import Prediction, Predictor, predictor_for_job
 from export.writers import check_format, join_parts, write_part
 
@@ -169,9 +170,9 @@ class Totals:
         self.rows, self.header = self.rows + record["rows"], record["header"]
 
 
-def _predict_parts(predictor: Predictor, input_path, images: list[Path] | None,
+def _predict_parts(predictor: Predictor, input_path, images: Iterable[Path] | None,
                    state: JobState, done: int, fmt: str, opts: JobOptions,
-                   qhat: float | None) -> tuple[Totals, int]:
+                   qhat: float | None, labelled: bool | None) -> tuple[Totals, int]:
     """Write a part file and its record per chunk after the `done` complete ones; return
     the totals and the rows that were already done."""
     card, totals = predictor.card, Totals(predictor.card)
@@ -180,7 +181,7 @@ def _predict_parts(predictor: Predictor, input_path, images: list[Path] | None,
     resumed_after, progress = totals.rows, _Progress(opts.progress)
     chunks = iter_chunks(input_path, predictor.spec, predictor.class_names, opts.chunk_rows,
                          opts.on_error, card.dataset.target, start_chunk=done,
-                         files=images)
+                         files=images, labelled=labelled)
     for i, chunk in enumerate(chunks, start=done):
         pred = predictor.predict(chunk.x, opts.batch_size, source=f"{input_path} (chunk {i})",
                                  timeout=opts.timeout_per_batch)
@@ -240,6 +241,23 @@ def check_chunk_memory(spec: InputSpec, chunk_rows: int) -> None:
                          f"fit in a quarter of the {avail / 2**30:.1f} GiB available")
 
 
+def _identity(source: Path, images: list[Path] | None, state: JobState,
+              class_names: list[str]) -> tuple[dict, dict | None]:
+    """The input's identity, and for an image input the listing's summary: its images are
+    listed into the state folder as a stream (write_listing), nothing held per image. A bad
+    listing leaves no state behind for a job that never began."""
+    try:
+        if images is None and is_image_input(source):
+            listed = write_listing(source, iter_image_files(source), state.new_listing,
+                                   class_names)
+            return {**input_identity(source, None), "images": listed}, listed
+        return input_identity(source, images), None
+    except BaseException:
+        state.new_listing.unlink(missing_ok=True)
+        state.close(remove=not (state.folder / "job.json").exists())
+        raise
+
+
 def run_batch(model: str | Path, input_path: str | Path, output: str | Path,
               options: JobOptions | None = None, *, predictor: Predictor | None = None,
               images: list[Path] | None = None, reports: bool = True) -> dict:
@@ -257,18 +275,19 @@ def run_batch(model: str | Path, input_path: str | Path, output: str | Path,
     qhat = coverage_threshold(predictor, opts.coverage)
     if not (source := Path(input_path)).is_dir():
         require_file(source, "an input file or folder")
-    if images is None and is_image_input(source):
-        images = image_files(source)
-    job = {"model": predictor.sha256, "input": input_identity(source, images),
-           "format": fmt, "chunk_rows": opts.chunk_rows, "top_k": opts.top_k,
-           "on_error": opts.on_error, "coverage": opts.coverage}
     state, finished = JobState(output), False
     state.lock()
+    identity, listed = _identity(source, images, state, predictor.class_names)
+    job = {"model": predictor.sha256, "input": identity,
+           "format": fmt, "chunk_rows": opts.chunk_rows, "top_k": opts.top_k,
+           "on_error": opts.on_error, "coverage": opts.coverage}
     try:
         done = state.start(job, opts.resume, fmt)
+        if listed:  # the images the identity names, read from its listing
+            images = read_listing(source, state.listing)
         try:
             totals, resumed_after = _predict_parts(predictor, input_path, images, state, done,
-                                                   fmt, opts, qhat)
+                                                   fmt, opts, qhat, listed and listed["labelled"])
         except InputError:
             finished = True  # bad input: leave nothing behind
             raise

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from export.atomic import atomic_path
@@ -61,6 +62,71 @@ def input_identity(path: Path, image_files: list[Path] | None) -> dict:
     return ident
 
 
+def write_listing(path: Path, files: Iterable[Path], out: Path,
+                  class_names: list[str]) -> dict:
+    """What an image input is, streamed: each image's path, size and modification time as
+    a line of `out` (tab-separated), and their count and SHA-256 as the identity; with
+    `labelled`, whether every image's folder names a class. Nothing per image is held, so a
+    job over ten million images needs no more memory than one over ten thousand."""
+    root = path if path.is_dir() else path.parent
+    h, count, labelled = hashlib.sha256(), 0, True
+    with open(out, "w", encoding="utf-8", newline="\n") as f:
+        for image in files:
+            name = str(image.relative_to(root)) if image.is_relative_to(root) else str(image)
+            line = "\t".join([name, *map(str, _size_mtime(image))]) + "\n"
+            f.write(line)
+            h.update(line.encode())
+            count += 1
+            labelled = labelled and image.parent.name in class_names
+    if not count:
+        raise InputError(f"{path}: no PNG or JPEG images found")
+    return {"count": count, "sha256": h.hexdigest(), "labelled": labelled}
+
+
+def read_listing(path: Path, listing: Path) -> Iterator[Path]:
+    """The images a listing names, in its order (the job reads what its identity says)."""
+    root = path if path.is_dir() else path.parent
+    with open(listing, encoding="utf-8", newline="\n") as f:
+        for line in f:
+            yield root / line.rstrip("\n").rsplit("\t", 2)[0]
+
+
+def _entries(listing: Path) -> Iterator[tuple[list[str], str]]:
+    with open(listing, encoding="utf-8", newline="\n") as f:
+        for line in f:
+            name, size, mtime = line.rstrip("\n").rsplit("\t", 2)
+            yield name.split(os.sep), f"{size} {mtime}"
+
+
+def _lines(path: Path) -> int:
+    with open(path, "rb") as f:
+        return sum(1 for _ in f)
+
+
+def describe_listing_change(old: Path, new: Path) -> str:
+    """Images added, removed and modified between two listings of a folder, both in path
+    order, compared by walking them side by side (nothing held per image)."""
+    counts, example, last = {"added": 0, "removed": 0, "modified": 0}, None, ([], [])
+    a, b = _entries(old), _entries(new)
+    x, y = next(a, None), next(b, None)
+    while x is not None or y is not None:
+        if (x and x[0] < last[0]) or (y and y[0] < last[1]):  # a .txt list in its own order
+            return f"the image list changed ({_lines(new):,} images, was {_lines(old):,})"
+        last = (x[0] if x else last[0], y[0] if y else last[1])
+        if y is None or (x is not None and x[0] < y[0]):
+            what, name, x = "removed", x[0], next(a, None)
+        elif x is None or y[0] < x[0]:
+            what, name, y = "added", y[0], next(b, None)
+        else:
+            what, name = ("modified" if x[1] != y[1] else None), x[0]
+            x, y = next(a, None), next(b, None)
+        if what:
+            counts[what] += 1
+            example = example or os.sep.join(name)
+    return (f"{counts['added']} images added, {counts['removed']} removed, "
+            f"{counts['modified']} modified" + (f" (e.g. {example})" if example else ""))
+
+
 def _size_mtime(f: Path) -> list[int]:
     try:
         st = f.stat()
@@ -92,6 +158,8 @@ class JobState:
     def __init__(self, output: Path):
         self.output = output
         self.folder = output.parent / f".{output.name}.partial"
+        # An image input's listing (write_listing): the job's, and a new job's until start
+        self.listing, self.new_listing = self.folder / "images.tsv", self.folder / "images.new"
         self._lock_fd: int | None = None
 
     # -- the lock ----------------------------------------------------------------------
@@ -150,21 +218,29 @@ class JobState:
             except (OSError, ValueError):
                 saved = None
             if isinstance(saved, dict):
-                self._check_same(saved, job)
+                try:
+                    self._check_same(saved, job)
+                finally:  # the job's own listing stays; the new one was only to compare
+                    self.new_listing.unlink(missing_ok=True)
                 done = self._complete_parts(fmt)
                 self._remove_parts_from(done)
                 log.info("%s: resuming after %d verified parts", self.folder, done)
                 return done
         self._remove_parts_from(0)
+        if self.new_listing.exists():
+            os.replace(self.new_listing, self.listing)
         with atomic_path(meta) as tmp:
             tmp.write_text(json.dumps(job))
         return 0
 
     def _check_same(self, saved: dict, job: dict) -> None:
-        if saved.get("input") != job["input"]:
+        old, new = saved.get("input", {}), job["input"]
+        if old != new:
+            listed = isinstance(new.get("images"), dict) and isinstance(old.get("images"), dict)
+            change = describe_listing_change(self.listing, self.new_listing) if listed and \
+                self.listing.is_file() else describe_change(old, new)
             raise InputError(f"{self.output}: cannot --resume: the input changed since the "
-                             f"interrupted job: {describe_change(saved.get('input', {}), job['input'])}"
-                             f"; run it again without --resume")
+                             f"interrupted job: {change}; run it again without --resume")
         for key in sorted(job):
             if saved.get(key) != job[key]:
                 what = "model" if key == "model" else f"option {key}"

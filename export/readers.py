@@ -8,8 +8,10 @@ Parquet need pyarrow. The IDX reader is shared with the training side.
 from __future__ import annotations
 
 import gzip
+import itertools
 import math
-from collections.abc import Iterator
+import os
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,17 +124,39 @@ def is_image_input(path: Path) -> bool:
     return path.is_dir() or path.suffix.lower() == ".txt"
 
 
-def image_files(path: Path) -> list[Path]:
-    """A folder (searched recursively) or a .txt list of image paths, one per line."""
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    else:
+def iter_image_files(path: Path, _above: frozenset = frozenset()) -> Iterator[Path]:
+    """The images of a folder (recursively, in sorted path order, holding one folder's
+    entries at a time; a link back to a folder above is not followed again) or of a .txt
+    list (one path per line, read line by line): a job over millions of images keeps no
+    list of them."""
+    if not path.is_dir():
         base = path.parent
-        try:
-            text = path.read_bytes().decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise InputError(f"{path}: image list is not UTF-8 text (byte {exc.start})") from None
-        files = [base / line.strip() for line in text.splitlines() if line.strip()]
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8").strip()
+                except UnicodeDecodeError as exc:
+                    raise InputError(f"{path}: image list is not UTF-8 text (line {n}, byte "
+                                     f"{exc.start})") from None
+                if line:
+                    yield base / line
+        return
+    st = path.stat()
+    above = _above | {(st.st_dev, st.st_ino)}
+    with os.scandir(path) as it:  # sorted by name: the order of sorted(Path) (by parts)
+        entries = sorted((e.name, e.is_dir()) for e in it)
+    for name, is_dir in entries:
+        if is_dir:
+            sub = (path / name).stat()
+            if (sub.st_dev, sub.st_ino) not in above:
+                yield from iter_image_files(path / name, above)
+        elif os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES:
+            yield path / name
+
+
+def image_files(path: Path) -> list[Path]:
+    """A folder (searched recursively) or a .txt list of image paths, as a list."""
+    files = list(iter_image_files(path))
     if not files:
         raise InputError(f"{path}: no PNG or JPEG images found")
     return files
@@ -151,10 +175,16 @@ def decode_image(path: Path, spec: InputSpec) -> np.ndarray:
 
 
 def _image_chunks(path: Path, spec: InputSpec, class_names, rows: int, first: int, on_error: str,
-                  pool: ThreadPoolExecutor, files: list[Path] | None) -> Iterator[Chunk]:
-    files = image_files(path) if files is None else files
+                  pool: ThreadPoolExecutor, files: Iterable[Path] | None,
+                  labelled: bool | None) -> Iterator[Chunk]:
+    """`files` (a list, or a stream with `labelled` known) or the input's own listing."""
+    if files is None:
+        files = image_files(path)
+    if labelled is None:
+        files = list(files)
+        labelled = all(f.parent.name in class_names for f in files)
+    files = iter(files)
     root = path if path.is_dir() else path.parent
-    labelled = all(f.parent.name in class_names for f in files)
 
     def load(f: Path):
         try:
@@ -164,8 +194,9 @@ def _image_chunks(path: Path, spec: InputSpec, class_names, rows: int, first: in
                 raise
             return exc
 
-    for start in range(first * rows, len(files), rows):
-        batch = files[start:start + rows]
+    for _ in itertools.islice(files, first * rows):  # the parts a resumed job has
+        pass
+    while batch := list(itertools.islice(files, rows)):
         images = list(pool.map(load, batch))  # PIL decodes with the GIL released
         ok = [i for i, im in enumerate(images) if not isinstance(im, InputError)]
         x = np.stack([images[i] for i in ok]) if ok else np.zeros((0, *spec.shape), np.uint8)
@@ -300,10 +331,12 @@ def _concat(a, b):
 
 def iter_chunks(path: str | Path, spec: InputSpec, class_names: list[str], rows: int = 1024,
                 on_error: str = "fail", target: str | None = None,
-                start_chunk: int = 0, files: list[Path] | None = None) -> Iterator[Chunk]:
+                start_chunk: int = 0, files: Iterable[Path] | None = None,
+                labelled: bool | None = None) -> Iterator[Chunk]:
     """Chunks of exactly `rows` inputs (the last may be shorter) from any supported input,
     starting at chunk `start_chunk` (a resumed job skips what it has done). `files`: the
-    images of an image input, when the caller has listed them already."""
+    images of an image input, when the caller has listed them already (a stream of them
+    with `labelled`: whether every image's folder names a class)."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: input not found")
@@ -311,7 +344,7 @@ def iter_chunks(path: str | Path, spec: InputSpec, class_names: list[str], rows:
     if is_image_input(path):
         with ThreadPoolExecutor() as pool:
             yield from _image_chunks(path, spec, class_names, rows, start_chunk, on_error, pool,
-                                     files)
+                                     files, labelled)
     elif suffix in (".npz", ".npy"):
         yield from _array_chunks(path, *read_arrays(path), class_names, rows, start_chunk)
     elif suffix in TABLE_SUFFIXES:

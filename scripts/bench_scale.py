@@ -223,7 +223,7 @@ def bench_tabular(args, work: Path) -> None:
     import pyarrow.parquet as pq
 
     table = work / "table"
-    table.mkdir()
+    table.mkdir(parents=True)
     rng = np.random.default_rng(0)
     per = args.table_rows // 20
     for i in range(20):

@@ -284,3 +284,32 @@ def test_absurd_sizes_are_bounded_or_refused_in_one_line(digits_run, digits_test
     assert_one_line_error(proc, "--chunk-rows 100,000,000,000: a chunk of this model's input",
                           "GiB available")
     assert not (tmp_path / "b.csv").exists()
+
+
+def test_image_listings_stream_and_name_each_change(tmp_path):
+    """An image input is listed into a file, not held (export/jobstate.write_listing); a
+    resume refused for a changed folder names what changed by walking both listings."""
+    import os
+
+    from export.jobstate import describe_listing_change, write_listing
+    from export.readers import iter_image_files
+
+    root = _image_folder(tmp_path / "imgs", n=6)
+    (root / "1" / "up").symlink_to(root)  # a link back to a folder above: not walked again
+    first = write_listing(root, iter_image_files(root), tmp_path / "a.tsv", ["0", "1"])
+    assert first["count"] == 6 and first["labelled"]
+    (root / "0" / "0.png").unlink()
+    Image.new("L", (8, 8), 7).save(root / "1" / "7.png")
+    os.utime(root / "1" / "1.png", ns=(1, 1))
+    second = write_listing(root, iter_image_files(root), tmp_path / "b.tsv", ["0", "1"])
+    assert second["count"] == 6 and second["sha256"] != first["sha256"]
+    assert describe_listing_change(tmp_path / "a.tsv", tmp_path / "b.tsv") == \
+        "1 images added, 1 removed, 1 modified (e.g. 0/0.png)"
+    assert not write_listing(root, iter_image_files(root), tmp_path / "c.tsv", ["x"])["labelled"]
+
+    names = [str(p.relative_to(root)) for p in iter_image_files(root)]
+    for name, order in (("a.txt", names), ("b.txt", names[::-1] + names[:1])):  # a list's own order
+        (root / name).write_text("\n".join(order) + "\n")
+        write_listing(root / name, iter_image_files(root / name), tmp_path / f"{name}.tsv", [])
+    assert describe_listing_change(tmp_path / "a.txt.tsv", tmp_path / "b.txt.tsv") == \
+        "the image list changed (7 images, was 6)"
