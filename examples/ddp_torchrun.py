@@ -31,7 +31,7 @@ trainer = L.Trainer(
     accelerator=accelerator, strategy="ddp",
     devices=int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
     num_nodes=int(os.environ.get("WORLD_SIZE", 1)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
-    precision=choose(accelerator)["precision"],  # the product's choice for this hardware
+    precision=choose(accelerator).precision,  # the product's choice for this hardware
     # FixedDataModule gives each rank its own disjoint share of every epoch itself; a
     # DistributedSampler on top would split it again.
     use_distributed_sampler=False,

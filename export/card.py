@@ -123,6 +123,36 @@ class Quantization(Record):
     val_samples: int = entry(is_num, "a number")
 
 
+def _is_bool(v) -> bool:
+    return isinstance(v, bool)
+
+
+@dataclass(frozen=True, kw_only=True)
+class HardwareChoice(Record):
+    """The precision and memory layout a fit ran with, and why: decided once
+    (trainer/hardware.choose), carried by the Trainer, saved into the checkpoint, metrics.json
+    and the card. `channels_last` is None until the model is known."""
+
+    device: str = entry(is_str, "a device description")
+    precision: str = entry(is_str, "a Lightning precision")
+    reason: str | None = entry(is_str, "a sentence", None)
+    isa: str | None = entry(is_str, "torch's CPU capability", None)
+    bf16_native: tuple | None = entry(list_of(is_str), "a list of CPU features", None)
+    capability: str | None = entry(is_str, "a CUDA compute capability", None)
+    channels_last: bool | None = entry(_is_bool, "true or false", None)
+    layout_reason: str | None = entry(is_str, "a sentence", None)
+    step_ms: dict | None = entry(is_dict, "an object of milliseconds", None)
+
+    KEPT = "; kept from the checkpoint on resume"
+
+    def with_layout(self, channels_last: bool, reason: str | None) -> HardwareChoice:
+        return dataclasses.replace(self, channels_last=channels_last, layout_reason=reason)
+
+    def kept_on_resume(self) -> HardwareChoice:
+        return dataclasses.replace(self, reason=(self.reason or "").removesuffix(self.KEPT)
+                                   + self.KEPT)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Training(Record):
     """How the weights were made: the run's options, epochs, seed and checkpoint."""
@@ -135,7 +165,7 @@ class Training(Record):
     checkpoint: str | None = entry(is_str, "a file name", None)
     checkpoint_sha256: str | None = entry(is_str, "a SHA-256 hex string", None)
     parent_sha256: str | None = entry(is_str, "the SHA-256 of --model.init_from's file", None)
-    hardware: dict | None = entry(is_dict, "an object", None)
+    hardware: HardwareChoice | None = entry(None, "an object", None, record=HardwareChoice)
     model: dict = entry(is_dict, "an object", {})
     data: dict = entry(is_dict, "an object", {})
     config_yaml: str | None = entry(is_str, "the run's YAML", None)

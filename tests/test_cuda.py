@@ -50,11 +50,11 @@ def test_precision_auto_follows_the_compute_capability():
     trainer, _, probe = _fit()
     major, _ = torch.cuda.get_device_capability()
     want = ("bf16-mixed", torch.bfloat16) if major >= 8 else ("16-mixed", torch.float16)
-    assert trainer.hardware["precision"] == want[0]
+    assert trainer.hardware.precision == want[0]
     assert probe.dtypes == {want[1]}
-    assert "a quick check ran NHWC at" in trainer.hardware["layout_reason"]  # timed on the GPU
-    assert probe.channels_last == {trainer.hardware["channels_last"]}
-    assert torch.cuda.get_device_name() in trainer.hardware["device"]
+    assert "a quick check ran NHWC at" in trainer.hardware.layout_reason  # timed on the GPU
+    assert probe.channels_last == {trainer.hardware.channels_last}
+    assert torch.cuda.get_device_name() in trainer.hardware.device
 
 
 def test_a_gpu_fit_freezes_a_graph_that_scores_the_same_on_the_cpu(tmp_path, digits_test_npz):

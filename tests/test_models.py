@@ -97,14 +97,14 @@ def test_channels_last_auto_is_timed_recorded_and_used():
                           limit_val_batches=0, logger=False, enable_checkpointing=False,
                           enable_progress_bar=False, callbacks=[probe])
     trainer.fit(ClassifierModule(data_info=dm.info, arch="convnet", width=8), dm)
-    assert "NHWC at" in trainer.hardware["layout_reason"]  # a measured choice, with its ratio
-    assert probe.channels_last == {trainer.hardware["channels_last"]}  # and the one trained in
+    assert "NHWC at" in trainer.hardware.layout_reason  # a measured choice, with its ratio
+    assert probe.channels_last == {trainer.hardware.channels_last}  # and the one trained in
     with torch.device("meta"):  # Lightning's configure_model runs under the fit's device
         assert trainer.lightning_module.example_input(dm).device.type == "cpu"
     mlp = ClassifierModule(data_info=dm.info, arch="mlp")
     record = choose("cpu", mlp.net, mlp.example_input(dm), "32-true")
-    assert record["channels_last"] is False and record["layout_reason"] == "no 2-D convolutions"
-    assert "step_ms" not in record  # nothing to time
+    assert record.channels_last is False and record.layout_reason == "no 2-D convolutions"
+    assert record.step_ms is None  # nothing to time
 
 
 def test_ema_weights_are_what_gets_exported(tmp_path):

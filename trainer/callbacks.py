@@ -304,8 +304,9 @@ class RunReport(L.Callback):
         folder = Path(log_dir or ".")
         ranked = [cb for cb in trainer.checkpoint_callbacks if getattr(cb, "monitor", None)]
         best = ranked[0] if ranked else None
+        hardware = getattr(trainer, "hardware", None)
         path = write_metrics(folder / "metrics.json", self.epochs, self.test, best,
-                             getattr(trainer, "hardware", None), phases)
+                             hardware.to_json() if hardware is not None else None, phases)
         if self.plots:
             save_curves(self.epochs, folder / "curves.png")
         return path

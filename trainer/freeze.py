@@ -24,7 +24,8 @@ from torch import nn
 
 from export import drift
 from export.atomic import atomic_path
-from export.card import OUTPUTS, Card, DatasetInfo, InputSpec, Training, attach_card
+from export.card import (OUTPUTS, Card, DatasetInfo, HardwareChoice, InputSpec, Training,
+                         attach_card)
 from export.errors import InputError
 from export.runtime import Predictor
 from trainer import variants
@@ -140,7 +141,8 @@ def build_card(ckpt: dict, ckpt_path: Path) -> Card:
             model=hp, data=data, config_yaml=run_config(ckpt_path), seed=data.get("seed"),
             run_epochs=run_epochs(ckpt, ckpt_path), weights_epoch=epochs_trained(ckpt),
             global_step=int(ckpt.get("global_step", 0)), checkpoint=ckpt_path.name,
-            hardware=ckpt.get("hardware"),  # device, ISA, precision and why
+            hardware=HardwareChoice.from_json(ckpt["hardware"], source, "hardware.")
+            if isinstance(ckpt.get("hardware"), dict) else None,  # device, precision and why
             checkpoint_sha256=hashlib.sha256(ckpt_path.read_bytes()).hexdigest(),
             parent_sha256=_parent_sha256(hp.get("init_from"))),
         metrics=checkpoint_metrics(ckpt),

@@ -13,6 +13,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from export.card import HardwareChoice
 from export.timing import CLEARLY_FASTER, medians
 
 # A setting that changes the numbers (bf16) or the layout (channels_last) is taken only when
@@ -97,9 +98,9 @@ def _precision_candidates(cuda: bool, precision: str) -> tuple[dict, list[str]]:
 
 def choose(accelerator: str = "auto", net: torch.nn.Module | None = None,
            example: torch.Tensor | None = None, precision: str = "auto",
-           channels_last: bool | str = "auto") -> dict:
-    """The precision and memory layout for this machine (each "auto" or fixed), and a record
-    of why, for the log, metrics.json and the model card. With the model (`net` and an
+           channels_last: bool | str = "auto") -> HardwareChoice:
+    """The precision and memory layout for this machine (each "auto" or fixed), and why,
+    for the log, metrics.json and the model card. With the model (`net` and an
     example batch) a training step of each candidate is timed; without it a small
     convolution stack stands in for the precision check, and the layout is left to be
     chosen later (None).
@@ -145,7 +146,8 @@ def choose(accelerator: str = "auto", net: torch.nn.Module | None = None,
                 record["layout_reason"] = f"a quick check ran NHWC at {ratio:.2f}x the NCHW time"
                 layouts = [layout(precisions[0])]
     chosen = None if channels_last == "auto" and not known else layouts[0]
-    return {**record, "precision": precisions[0], "channels_last": chosen}
+    return HardwareChoice.from_json({**record, "precision": precisions[0],
+                                     "channels_last": chosen}, "hardware.choose")
 
 
 class AutoTrainer(L.Trainer):
@@ -162,11 +164,12 @@ class AutoTrainer(L.Trainer):
         accelerator = str(kwargs.get("accelerator", "auto"))
         if precision == "auto":
             self.hardware = choose(accelerator)
-            precision = self.hardware["precision"]
-            rank_zero_info(f"precision: {precision} ({self.hardware['device']}: "
-                           f"{self.hardware['reason']})")
+            precision = self.hardware.precision
+            rank_zero_info(f"precision: {precision} ({self.hardware.device}: "
+                           f"{self.hardware.reason})")
         else:
-            self.hardware = {"device": "set by the configuration", "precision": str(precision)}
+            self.hardware = HardwareChoice(device="set by the configuration",
+                                           precision=str(precision))
         if kwargs.get("enable_progress_bar", True) is not False:
             from lightning.pytorch.callbacks import ProgressBar
 
@@ -179,11 +182,10 @@ class AutoTrainer(L.Trainer):
         super().__init__(*args, precision=precision, **kwargs)
 
 
-def pinned_choice(hardware: dict | None, precision) -> dict | None:
+def pinned_choice(hardware: dict | None, precision, source: str) -> HardwareChoice | None:
     """A resumed fit keeps the precision and layout its checkpoint chose by quick checks
     (re-timing could choose otherwise, and the run would not continue as it began); values
-    set in the configuration still win."""
+    set in the configuration still win. `hardware`: the checkpoint's record, as saved."""
     if not hardware or str(precision) != "auto" or "reason" not in hardware:
         return None
-    kept = "; kept from the checkpoint on resume"
-    return {**hardware, "reason": hardware["reason"].removesuffix(kept) + kept}
+    return HardwareChoice.from_json(hardware, source, "hardware.").kept_on_resume()

@@ -13,6 +13,7 @@ import yaml
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
+from export.card import HardwareChoice
 from export.errors import InputError
 from trainer import phases, runs, tracking
 from trainer.callbacks import (CheckpointOnSigterm, ExportOnnx, NonFiniteGuard, RunCheckpoint,
@@ -167,7 +168,8 @@ class TrainerCLI(LightningCLI):
         if self.subcommand == "fit":
             runs.check_same_config(ckpt, yaml.safe_load(
                 self.parser.dump(self.config, skip_none=False))[self.subcommand])
-            self._pinned = pinned_choice(state.get("hardware"), config.trainer.precision)
+            self._pinned = pinned_choice(state.get("hardware"), config.trainer.precision,
+                                         f"--ckpt_path {ckpt}")
             if logger and runs.in_run_folder(ckpt):
                 runs.continue_in_run(logger, run, root)
         else:
@@ -180,17 +182,16 @@ class TrainerCLI(LightningCLI):
         with phases.timed("check"):
             settings = getattr(self, "_pinned", None) or self._hardware_for_model()
         if settings:  # config.yaml keeps `auto`; only this trainer gets the value
-            kwargs["precision"] = settings["precision"]
-            rank_zero_info(f"precision: {settings['precision']} ({settings['device']}: "
-                           f"{settings['reason']}); channels_last: "
-                           f"{settings.get('channels_last')} "
-                           f"({settings.get('layout_reason', 'set by the configuration')})")
+            kwargs["precision"] = settings.precision
+            rank_zero_info(f"precision: {settings.precision} ({settings.device}: "
+                           f"{settings.reason}); channels_last: {settings.channels_last} "
+                           f"({settings.layout_reason or 'set by the configuration'})")
         trainer = super().instantiate_trainer(**kwargs)
         if settings:
-            trainer.hardware = dict(settings)
+            trainer.hardware = settings
         return trainer
 
-    def _hardware_for_model(self) -> dict | None:
+    def _hardware_for_model(self) -> HardwareChoice | None:
         """precision and channels_last `auto` chosen together for this model (a tiny
         net can run bf16 no faster than fp32 where a wide one runs it 2x faster)."""
         config = self.config[self.subcommand] if self.subcommand else self.config

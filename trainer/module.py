@@ -181,15 +181,14 @@ class ClassifierModule(L.LightningModule):
         if self.hparams.channels_last != "auto":
             return bool(self.hparams.channels_last)
         record = getattr(self.trainer, "hardware", None)
-        if record is not None and record.get("channels_last") is not None:
-            return record["channels_last"]
+        if record is not None and record.channels_last is not None:
+            return record.channels_last
         chosen = choose(self.trainer.strategy.root_device.type, self.net,
                         self.example_input(self.trainer.datamodule), str(self.trainer.precision))
-        rank_zero_info(f"channels_last: {chosen['channels_last']} ({chosen.get('layout_reason')})")
+        rank_zero_info(f"channels_last: {chosen.channels_last} ({chosen.layout_reason})")
         if record is not None:
-            record.update(channels_last=chosen["channels_last"],
-                          layout_reason=chosen.get("layout_reason"))
-        return chosen["channels_last"]
+            self.trainer.hardware = record.with_layout(chosen.channels_last, chosen.layout_reason)
+        return chosen.channels_last
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Raw inputs (N, *input shape) -> logits (N, classes), or values (N,) in the
@@ -261,7 +260,8 @@ class ClassifierModule(L.LightningModule):
         # The step whose weights the val/* metrics describe; a mid-epoch checkpoint holds
         # newer weights than its metrics, and the export gate refuses to mix the two.
         checkpoint["validated_at_step"] = self._validated_step
-        checkpoint["hardware"] = getattr(self.trainer, "hardware", None)  # into the card
+        hardware = getattr(self.trainer, "hardware", None)  # into the card, as plain JSON
+        checkpoint["hardware"] = hardware.to_json() if hardware is not None else None
         checkpoint["lr_plan"] = self._lr_plan
         # Dropout draws from the global generators: resuming restores them for exact replay.
         checkpoint["rng"] = {"torch": torch.get_rng_state()}
