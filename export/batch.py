@@ -11,7 +11,6 @@ that matches its record, and refuses an input that changed.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import sys
 import time
@@ -21,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 
-from export.atomic import atomic_path
 from export.card import Card, InputSpec
 from export.conformal import (check_coverage, coverage_metrics, coverage_sums, interval_columns,
                               set_columns, threshold)
@@ -30,6 +28,7 @@ from export.errors import InputError, require_file
 from export.jobstate import JobState, input_identity, read_listing, write_listing
 from export.readers import is_image_input, iter_chunks, iter_image_files
 from export.runtime import Prediction, Predictor, predictor_for_job
+from export.summary import JobSummary, write_reports
 from export.writers import check_format, join_parts, write_part
 
 log = logging.getLogger(__name__)
@@ -260,7 +259,7 @@ def _identity(source: Path, images: list[Path] | None, state: JobState,
 
 def run_batch(model: str | Path, input_path: str | Path, output: str | Path,
               options: JobOptions | None = None, *, predictor: Predictor | None = None,
-              images: list[Path] | None = None, reports: bool = True) -> dict:
+              images: list[Path] | None = None, reports: bool = True) -> JobSummary:
     """Predict every input, write `output` + `<stem>.summary.json` + `<stem>.drift.json`.
     The Ray engine runs one of these per work unit, with its worker's `predictor`, a block
     of `images` of an image folder, and `reports=False` (it writes one report per job)."""
@@ -300,28 +299,21 @@ def run_batch(model: str | Path, input_path: str | Path, output: str | Path,
         rows = _join(state, output, fmt, totals)
         elapsed = time.perf_counter() - start
         report = totals.drift.report()
-        summary = {"rows": rows, "output": str(output), "format": fmt[1:],
-                   "provider": predictor.provider, "threads": threads,
-                   "model": str(predictor.path), "model_sha256": predictor.sha256,
-                   "dataset_fingerprint": predictor.card.dataset.fingerprint,
-                   "seconds": round(elapsed, 3), "rows_per_second": round(rows / elapsed, 1),
-                   "resumed_after_rows": resumed_after, "skipped": totals.skipped,
-                   "drift_status": report["status"], "peak_memory_mb": round(_peak_rss_mb(), 1),
-                   "options": asdict(opts), **label_metrics(totals.sums)}
+        summary = JobSummary(
+            rows=rows, output=str(output), format=fmt[1:], provider=predictor.provider,
+            threads=threads, model=str(predictor.path), model_sha256=predictor.sha256,
+            dataset_fingerprint=predictor.card.dataset.fingerprint,
+            seconds=round(elapsed, 3), rows_per_second=round(rows / elapsed, 1),
+            resumed_after_rows=resumed_after, skipped=totals.skipped,
+            drift_status=report["status"], peak_memory_mb=round(_peak_rss_mb(), 1),
+            options=asdict(opts), metrics=label_metrics(totals.sums),
+            drift_table=format_report(report),
+            totals={"rows": rows, "header": totals.header, "sums": totals.sums,
+                    "skipped": totals.skipped, "drift": totals.drift.state()})
         if reports:
             write_reports(output.with_name(output.stem + ".summary.json"),
                           output.with_name(output.stem + ".drift.json"), summary, report)
         finished = True
     finally:
         state.close(remove=finished)
-    summary["drift_table"] = format_report(report)
-    summary["totals"] = {"rows": rows, "header": totals.header, "sums": totals.sums,
-                         "skipped": totals.skipped, "drift": totals.drift.state()}
     return summary
-
-
-def write_reports(summary_path: Path, drift_path: Path, summary: dict, report: dict) -> None:
-    """A job's summary and drift report, each written atomically."""
-    for path, doc in ((summary_path, summary), (drift_path, report)):
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(doc, indent=2))

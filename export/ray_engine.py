@@ -107,9 +107,9 @@ def run_unit(predictor, unit: dict, out: Path, job_options: dict) -> dict:
                         images=images, reports=False)
     manifest = {"input": unit["input"], "identity": unit["identity"],
                 "output": unit["output"], "output_sha256": sha256_file(output),
-                "model_sha256": summary["model_sha256"], "top_k": opts.top_k,
+                "model_sha256": summary.model_sha256, "top_k": opts.top_k,
                 "on_error": opts.on_error, "coverage": opts.coverage, "worker_pid": os.getpid(),
-                "seconds": round(time.perf_counter() - started, 3), **summary["totals"]}
+                "seconds": round(time.perf_counter() - started, 3), **summary.totals}
     with atomic_path(manifest_path(out, unit)) as tmp:
         tmp.write_text(json.dumps(manifest))
     return manifest
@@ -316,9 +316,10 @@ def _map_units(ray, todo: list[dict], workers: int, gpus: float, unit_args: dict
         raise InputError(cause) from None
 
 
-def run_ray(model: str, source: str, output: str, job_options, options: RayOptions) -> dict:
+def run_ray(model: str, source: str, output: str, job_options, options: RayOptions):
     """The whole job; returns its summary (also written to `<output>/summary.json`)."""
-    from export.batch import Totals, coverage_threshold, label_metrics, write_reports
+    from export.batch import Totals, coverage_threshold, label_metrics
+    from export.summary import JobSummary, write_reports
     from export.drift import format_report
     from export.jobstate import JobState
     from export.runtime import Predictor
@@ -356,17 +357,15 @@ def run_ray(model: str, source: str, output: str, job_options, options: RayOptio
             totals.add(json.loads(manifest_path(out, unit).read_text()))
         elapsed = time.perf_counter() - start
         report = totals.drift.report()
-        summary = {"rows": totals.rows, "output": str(out), "format": "parquet",
-                   "engine": "ray", "workers": workers, "units": len(units),
-                   "units_resumed": len(units) - len(todo), "provider": provider,
-                   "model": str(predictor.path), "model_sha256": predictor.sha256,
-                   "dataset_fingerprint": predictor.card.dataset.fingerprint,
-                   "seconds": round(elapsed, 3),
-                   "ray_startup_seconds": None if startup is None else round(startup, 3),
-                   "rows_per_second": round(totals.rows / elapsed, 1),
-                   "skipped": totals.skipped, "drift_status": report["status"],
-                   "options": {**asdict(job_options), **asdict(options)},
-                   **label_metrics(totals.sums)}
+        summary = JobSummary(
+            rows=totals.rows, output=str(out), format="parquet", engine="ray",
+            workers=workers, units=len(units), units_resumed=len(units) - len(todo),
+            provider=provider, model=str(predictor.path), model_sha256=predictor.sha256,
+            dataset_fingerprint=predictor.card.dataset.fingerprint, seconds=round(elapsed, 3),
+            ray_startup_seconds=None if startup is None else round(startup, 3),
+            rows_per_second=round(totals.rows / elapsed, 1), skipped=totals.skipped,
+            drift_status=report["status"], options={**asdict(job_options), **asdict(options)},
+            metrics=label_metrics(totals.sums), drift_table=format_report(report))
         write_reports(out / "summary.json", out / "drift.json", summary, report)
     except InputError:
         failed = True  # bad input, no cluster: a folder this run created is removed whole
@@ -375,7 +374,7 @@ def run_ray(model: str, source: str, output: str, job_options, options: RayOptio
         lock.close(remove=True)
         if failed and created:
             shutil.rmtree(out, ignore_errors=True)
-    return {**summary, "drift_table": format_report(report)}
+    return summary
 
 
 def _input_error(exc: BaseException) -> str | None:

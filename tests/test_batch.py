@@ -33,7 +33,7 @@ def test_formats_agree_and_summary_is_written(digits_run, digits_test_npz, tmp_p
         out = tmp_path / f"p.{fmt}"
         summary = run_batch(model, digits_test_npz, out, JobOptions(top_k=3, chunk_rows=100,
                                                                       progress=False))
-        assert summary["rows"] == 269 and summary["accuracy"] >= 0.95
+        assert summary.rows == 269 and summary.metrics["accuracy"] >= 0.95
         outs[fmt] = out
     csv_rows = _rows(outs["csv"])
     jsonl_rows = [json.loads(line) for line in outs["jsonl"].read_text().splitlines()]
@@ -236,8 +236,8 @@ def test_drift_on_real_mnist(tmp_path_factory):
     model = next((work / "runs" / "mnist").glob("version_*")) / "model.onnx"
     opts = JobOptions(progress=False)
     clean = run_batch(model, MNIST / "t10k-images-idx3-ubyte.gz", work / "clean.csv", opts)
-    assert clean["rows"] == 10000 and clean["accuracy"] > 0.85
-    assert clean["drift_status"] == "ok", clean["drift_table"]
+    assert clean.rows == 10000 and clean.metrics["accuracy"] > 0.85
+    assert clean.drift_status == "ok", clean.drift_table
 
     from export.readers import read_idx
 
@@ -248,7 +248,7 @@ def test_drift_on_real_mnist(tmp_path_factory):
         np.save(work / f"{name}.npy", shifted)
         report = run_batch(model, work / f"{name}.npy", work / f"{name}.csv", opts)
         drift = json.loads((work / f"{name}.drift.json").read_text())
-        assert report["drift_status"] == "drift", report["drift_table"]
+        assert report.drift_status == "drift", report.drift_table
         mean = next(c for c in drift["checks"] if c["name"] == "pixel mean")
         assert mean["status"] == "drift" and mean["p_adjusted"] < 1e-6 and mean["psi"] > 0.25
 

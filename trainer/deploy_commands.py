@@ -98,25 +98,26 @@ def cmd_predict(argv: list[str]) -> int:
     if args.fail_on_drift:
         from export.drift import reaches
 
-        if reaches(summary["drift_status"], args.fail_on_drift):
-            print(f"trainer predict: drift report is {summary['drift_status']} "
+        if reaches(summary.drift_status, args.fail_on_drift):
+            print(f"trainer predict: drift report is {summary.drift_status} "
                   f"(--fail-on-drift {args.fail_on_drift}); exit {EXIT_DRIFT}", file=sys.stderr)
             return EXIT_DRIFT
     return 0
 
 
-def print_summary(summary: dict) -> None:
-    print(f"predicted {summary['rows']} rows -> {summary['output']} "
-          f"({summary['rows_per_second']:,.0f} rows/s over the whole job, reading and writing "
-          f"included, on {summary['provider']})")
-    if summary["skipped"]:
-        print(f"skipped {len(summary['skipped'])} unreadable inputs (listed in the summary):")
-        print("\n".join(f"  {s}" for s in summary["skipped"][:10]))
+def print_summary(summary) -> None:
+    """The job's summary (export.summary.JobSummary) as the command's report."""
+    print(f"predicted {summary.rows} rows -> {summary.output} "
+          f"({summary.rows_per_second:,.0f} rows/s over the whole job, reading and writing "
+          f"included, on {summary.provider})")
+    if summary.skipped:
+        print(f"skipped {len(summary.skipped)} unreadable inputs (listed in the summary):")
+        print("\n".join(f"  {s}" for s in summary.skipped[:10]))
     for metric in ("accuracy", "mae", "rmse", "coverage", "mean_set_size",
                    "mean_interval_width"):
-        if metric in summary:
-            print(f"{metric}: {summary[metric]:.4f}")
-    print(summary["drift_table"])
+        if metric in summary.metrics:
+            print(f"{metric}: {summary.metrics[metric]:.4f}")
+    print(summary.drift_table)
 
 
 def serve_parser() -> argparse.ArgumentParser:
