@@ -471,6 +471,42 @@ def _(tmp, m):
     return ["test", "--config", "evil.yaml", "--ckpt_path", "bad.ckpt"], "bad.ckpt"
 
 
+# ------------------------------------------------------------ your own backbone (#30)
+BACKBONES = {  # --model.backbone value -> what the one line says
+    "a function that runs a command": ({"class_path": "os.system",
+                                        "init_args": {"command": "touch pwned"}},
+                                       "os.system is not an nn.Module class"),
+    "a class that is no module": ({"class_path": "subprocess.Popen",
+                                   "init_args": {"args": ["touch", "pwned"]}},
+                                  "subprocess.Popen is not an nn.Module class"),
+    "keys it does not know": ({"class_path": "torch.nn.Linear", "init": {}},
+                              "expected the keys class_path and init_args (a mapping)"),
+    "a module without forward": ({"class_path": "torch.nn.Module"},
+                                 "torch.nn.Module fails on input of shape (N, 1, 8, 8)"),
+    "the wrong output shape": ({"class_path": "torch.nn.Identity"},
+                               "torch.nn.Identity must map the input to 10 logits per row"),
+    "arguments it does not take": ({"class_path": "torch.nn.Flatten", "init_args": {"x": 1}},
+                                   "torch.nn.Flatten(**{'x': 1}) failed: TypeError"),
+}
+for label, (spec, needle) in BACKBONES.items():
+    @case("backbones", label)
+    def _(tmp, m, spec=spec, needle=needle):
+        return ["fit", "--config", str(ROOT / "configs" / "digits.yaml"), "--model.backbone",
+                json.dumps(spec)], f"model.backbone: {needle}"
+
+
+@case("backbones", "a checkpoint naming a class that runs a command")
+def _(tmp, m):
+    import torch
+
+    ckpt = torch.load(m["ckpt"], weights_only=True)
+    ckpt["hyper_parameters"]["backbone"] = {"class_path": "subprocess.Popen",
+                                            "init_args": {"args": ["touch", "pwned"]}}
+    torch.save(ckpt, tmp / "bad.ckpt")
+    return ["export", "--ckpt", "bad.ckpt", "--out", "m.onnx"], \
+        "model.backbone: subprocess.Popen is not an nn.Module class"
+
+
 # ------------------------------------------------------------------------ the run
 def test_there_are_enough_cases():
     assert len(CASES) >= 150, len(CASES)
