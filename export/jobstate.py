@@ -73,7 +73,9 @@ def write_listing(path: Path, files: Iterable[Path], out: Path,
     with open(out, "w", encoding="utf-8", newline="\n") as f:
         for image in files:
             name = str(image.relative_to(root)) if image.is_relative_to(root) else str(image)
-            line = "\t".join([name, *map(str, _size_mtime(image))]) + "\n"
+            # The name as a JSON string: a tab, a newline or an undecodable byte in a file
+            # name cannot break its line (json escapes them, surrogates included).
+            line = "\t".join([json.dumps(name), *map(str, _size_mtime(image))]) + "\n"
             f.write(line)
             h.update(line.encode())
             count += 1
@@ -88,14 +90,14 @@ def read_listing(path: Path, listing: Path) -> Iterator[Path]:
     root = path if path.is_dir() else path.parent
     with open(listing, encoding="utf-8", newline="\n") as f:
         for line in f:
-            yield root / line.rstrip("\n").rsplit("\t", 2)[0]
+            yield root / json.loads(line.rstrip("\n").rsplit("\t", 2)[0])
 
 
 def _entries(listing: Path) -> Iterator[tuple[list[str], str]]:
     with open(listing, encoding="utf-8", newline="\n") as f:
         for line in f:
             name, size, mtime = line.rstrip("\n").rsplit("\t", 2)
-            yield name.split(os.sep), f"{size} {mtime}"
+            yield json.loads(name).split(os.sep), f"{size} {mtime}"
 
 
 def _lines(path: Path) -> int:

@@ -174,6 +174,13 @@ def decode_image(path: Path, spec: InputSpec) -> np.ndarray:
     return decode(data, spec, str(path))
 
 
+def _image_id(path: Path, root: Path) -> str:
+    """An image's id in the outputs: its path under the input, with any byte that is not
+    UTF-8 written as \\xNN (every output format is UTF-8; such a name crashed the writer)."""
+    name = str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _image_chunks(path: Path, spec: InputSpec, class_names, rows: int, first: int, on_error: str,
                   pool: ThreadPoolExecutor, files: Iterable[Path] | None,
                   labelled: bool | None) -> Iterator[Chunk]:
@@ -201,7 +208,7 @@ def _image_chunks(path: Path, spec: InputSpec, class_names, rows: int, first: in
         ok = [i for i, im in enumerate(images) if not isinstance(im, InputError)]
         x = np.stack([images[i] for i in ok]) if ok else np.zeros((0, *spec.shape), np.uint8)
         y = np.array([class_names.index(batch[i].parent.name) for i in ok]) if labelled else None
-        yield Chunk([str(batch[i].relative_to(root)) for i in ok], x, y,
+        yield Chunk([_image_id(batch[i], root) for i in ok], x, y,
                     skipped=[str(im) for im in images if isinstance(im, InputError)])
 
 

@@ -291,7 +291,7 @@ def test_image_listings_stream_and_name_each_change(tmp_path):
     resume refused for a changed folder names what changed by walking both listings."""
     import os
 
-    from export.jobstate import describe_listing_change, write_listing
+    from export.jobstate import describe_listing_change, read_listing, write_listing
     from export.readers import iter_image_files
 
     root = _image_folder(tmp_path / "imgs", n=6)
@@ -313,3 +313,20 @@ def test_image_listings_stream_and_name_each_change(tmp_path):
         write_listing(root / name, iter_image_files(root / name), tmp_path / f"{name}.tsv", [])
     assert describe_listing_change(tmp_path / "a.txt.tsv", tmp_path / "b.txt.tsv") == \
         "the image list changed (7 images, was 6)"
+    odd = root / "1" / "tab\tnew\nline\udcff.png"  # names that would break a plain line
+    Image.new("L", (8, 8), 9).save(os.fsencode(odd))
+    write_listing(root, iter_image_files(root), tmp_path / "d.tsv", ["0", "1"])
+    assert odd in list(read_listing(root, tmp_path / "d.tsv"))
+
+
+def test_an_image_whose_name_is_not_utf8_is_predicted_in_every_format(digits_run, tmp_path):
+    import os
+
+    root = _image_folder(tmp_path / "imgs", n=2)
+    Image.new("L", (8, 8), 9).save(os.fsencode(root / "1" / "tab\tnew\nline\udcff.png"))
+    for fmt in ("csv", "jsonl", "parquet"):
+        proc = run_cli("predict", "--model", str(digits_run / "model.onnx"), "--input",
+                       str(root), "--output", str(tmp_path / f"p.{fmt}"), "--no-progress")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    ids = [json.loads(line)["id"] for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert "1/tab\tnew\nline\\xff.png" in ids and len(ids) == 3
