@@ -61,8 +61,9 @@ class Run:
 
 
 def _tail(proc: subprocess.CompletedProcess) -> str:
-    return (proc.stderr or proc.stdout or "").strip().splitlines()[-1:][0][:300] \
-        if (proc.stderr or proc.stdout or "").strip() else f"exit {proc.returncode}"
+    """The last line a failed command printed (its one-line error), else its status."""
+    text = (proc.stderr or proc.stdout or "").strip()
+    return text.splitlines()[-1][:300] if text else f"exit {proc.returncode}"
 
 
 def check_machine(run: Run) -> None:
