@@ -243,6 +243,10 @@ def main() -> int:
     p.add_argument("--budget-s", type=float, default=480)
     p.add_argument("--rehearse-on-cpu", action="store_true")
     args = p.parse_args()
+    if args.out.exists() and not args.out.is_dir():
+        print(f"gpu_check: error: {args.out}: expected a folder for the report, this is a file",
+              file=sys.stderr)
+        return 2
     import torch
 
     if not torch.cuda.is_available() and not args.rehearse_on_cpu:

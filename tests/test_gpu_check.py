@@ -28,6 +28,15 @@ def test_without_a_gpu_it_says_so_and_exits_0(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_file_as_the_report_folder_is_one_line_and_untouched(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    proc = _check(str(notes), "--rehearse-on-cpu")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"gpu_check: error: {notes}: expected a folder for the report, this is a file"]
+    assert notes.read_text() == "mine"
+
+
 @pytest.mark.slow
 def test_a_rehearsal_on_the_cpu_runs_every_check(tmp_path):
     proc = _check(str(tmp_path / "out"), "--rehearse-on-cpu")
