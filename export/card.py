@@ -154,6 +154,33 @@ class HardwareChoice(Record):
 
 
 @dataclass(frozen=True, kw_only=True)
+class DatasetChange(Record):
+    """Lineage: what changed in the data since the dataset of the parent model
+    (`--model.init_from`), from the source's per-file snapshots (trainer/data/lineage.py).
+    Changed files (same path, other content) count in both row totals."""
+
+    parent_fingerprint: str = entry(is_str, "a SHA-256 hex string")
+    known: bool = entry(_is_bool, "true or false")
+    note: str | None = entry(is_str, "a sentence", None)
+    files_added: int | None = entry(is_num, "a number", None)
+    files_removed: int | None = entry(is_num, "a number", None)
+    files_changed: int | None = entry(is_num, "a number", None)
+    files_unchanged: int | None = entry(is_num, "a number", None)
+    rows_added: int | None = entry(is_num, "a number", None)
+    rows_removed: int | None = entry(is_num, "a number", None)
+
+    def line(self) -> str:
+        since = f"since the parent's dataset {self.parent_fingerprint[:12]}"
+        if not self.known:
+            return f"not known {since}: {self.note}"
+        if self.files_added is None:
+            return f"none {since} ({self.note})"
+        return (f"{self.files_added:,} files added, {self.files_removed:,} removed, "
+                f"{self.files_changed:,} changed ({self.rows_added:,} rows in, "
+                f"{self.rows_removed:,} out) {since}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class Training(Record):
     """How the weights were made: the run's options, epochs, seed and checkpoint."""
 
@@ -165,6 +192,7 @@ class Training(Record):
     checkpoint: str | None = entry(is_str, "a file name", None)
     checkpoint_sha256: str | None = entry(is_str, "a SHA-256 hex string", None)
     parent_sha256: str | None = entry(is_str, "the SHA-256 of --model.init_from's file", None)
+    dataset_change: DatasetChange | None = entry(None, "an object", None, record=DatasetChange)
     hardware: HardwareChoice | None = entry(None, "an object", None, record=HardwareChoice)
     model: dict = entry(is_dict, "an object", {})
     data: dict = entry(is_dict, "an object", {})

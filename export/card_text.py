@@ -42,6 +42,8 @@ def format_card(card: Card) -> str:
         if init := t.model.get("init_from"):
             lines.append(f"lineage:     started from {init}" + (
                 f" (sha256 {t.parent_sha256[:16]}...)" if t.parent_sha256 else ""))
+        if t.dataset_change:
+            lines.append(f"data change: {t.dataset_change.line()}")
     if card.versions:
         lines.append("versions:    " + ", ".join(f"{k} {v}" for k, v in card.versions.items()))
     if card.created:

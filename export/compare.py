@@ -194,9 +194,10 @@ def lineage_line(card: Card) -> str:
     if t and t.parent_sha256:
         parent += f" (sha256 {t.parent_sha256[:12]})"
     epochs = f"{t.run_epochs} epochs" if t and t.run_epochs is not None else "epochs unknown"
+    change = f"; data: {t.dataset_change.line()}" if t and t.dataset_change else ""
     return (f"dataset {data.name} {data.fingerprint[:12]} ({_splits(data.split_sizes)}), "
             f"{epochs}, seed {t.seed if t else None}, started from {parent}, "
-            f"created {card.created}")
+            f"created {card.created}{change}")
 
 
 def _splits(sizes: dict | None) -> str:

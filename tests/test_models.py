@@ -107,6 +107,27 @@ def test_channels_last_auto_is_timed_recorded_and_used():
     assert record.step_ms is None  # nothing to time
 
 
+def test_the_layout_check_is_remembered_per_machine_and_net(tmp_path, monkeypatch):
+    from trainer.hardware import CHECKS, choose
+
+    monkeypatch.setenv("FROZENFIT_CACHE", str(tmp_path))
+    dm = FixedDataModule(batch_size=32)
+    net8 = ClassifierModule(data_info=dm.info, arch="convnet", width=8)
+    first = choose("cpu", net8.net, net8.example_input(dm), "32-true")
+    assert "NHWC at" in first.layout_reason and "remembered" not in first.layout_reason
+    again = choose("cpu", net8.net, net8.example_input(dm), "32-true")
+    assert again.layout_reason == first.layout_reason + f" (remembered from an earlier run: {CHECKS})"
+    assert again.step_ms == first.step_ms and again.channels_last == first.channels_last
+    net16 = ClassifierModule(data_info=dm.info, arch="convnet", width=16)  # another net
+    assert "remembered" not in choose("cpu", net16.net, net16.example_input(dm),
+                                      "32-true").layout_reason
+    (tmp_path / CHECKS).write_text('{"x": [1, 2]')  # damaged: checked again, then rewritten
+    assert "remembered" not in choose("cpu", net8.net, net8.example_input(dm),
+                                      "32-true").layout_reason
+    assert "remembered" in choose("cpu", net8.net, net8.example_input(dm),
+                                  "32-true").layout_reason
+
+
 def test_ema_weights_are_what_gets_exported(tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
 

@@ -24,8 +24,8 @@ from torch import nn
 
 from export import drift
 from export.atomic import atomic_path
-from export.card import (OUTPUTS, Card, DatasetInfo, HardwareChoice, InputSpec, Training,
-                         attach_card)
+from export.card import (OUTPUTS, Card, DatasetChange, DatasetInfo, HardwareChoice, InputSpec,
+                         Training, attach_card)
 from export.errors import InputError
 from export.runtime import Predictor
 from trainer import variants
@@ -127,6 +127,7 @@ def build_card(ckpt: dict, ckpt_path: Path) -> Card:
     hp = init_args(ckpt, "hyper_parameters")
     data = init_args(ckpt, "datamodule_hyper_parameters")
     info = hp.pop("data_info")
+    change = info["dataset"].pop("change", None)
     task = module_task(ckpt)
     source = str(ckpt_path)
     return Card(
@@ -144,7 +145,9 @@ def build_card(ckpt: dict, ckpt_path: Path) -> Card:
             hardware=HardwareChoice.from_json(ckpt["hardware"], source, "hardware.")
             if isinstance(ckpt.get("hardware"), dict) else None,  # device, precision and why
             checkpoint_sha256=hashlib.sha256(ckpt_path.read_bytes()).hexdigest(),
-            parent_sha256=_parent_sha256(hp.get("init_from"))),
+            parent_sha256=_parent_sha256(hp.get("init_from")),
+            dataset_change=DatasetChange.from_json(change, source, "training.dataset_change.")
+            if change else None),
         metrics=checkpoint_metrics(ckpt),
         versions={n: md.version(n) for n in ("torch", "lightning", "onnx", "onnxruntime")},
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))

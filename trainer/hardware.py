@@ -7,6 +7,7 @@ native on AMX and AVX-512-BF16 CPUs and emulated, about 10x slower than fp32, on
 
 from __future__ import annotations
 
+import os
 import platform
 
 import lightning as L
@@ -75,6 +76,49 @@ def _time_steps(net: torch.nn.Module, example: torch.Tensor, precisions: list[st
         return medians(steps)
 
 
+CHECKS = "hardware-checks.json"  # in the cache folder (FROZENFIT_CACHE, ~/.cache/frozenfit)
+KEEP_CHECKS = 64
+
+
+def _remembered_steps(net: torch.nn.Module, example: torch.Tensor, precisions: list[str],
+                      layouts: list[bool], device: str, record: dict) -> tuple[dict, bool]:
+    """`_time_steps`, remembered per machine and net: the key covers the device (CPU model
+    and ISA, or GPU and capability), torch and CUDA versions, the net's structure and
+    parameter shapes, the example's shape and the candidates (and oneDNN's ISA cap), so
+    another CPU, library or net is checked again. Returns (seconds per candidate, whether they were remembered)."""
+    import hashlib
+    import json
+
+    from export.atomic import atomic_path
+    from trainer.data.cache import cache_root
+
+    key = hashlib.sha256(json.dumps([
+        record.get("device"), record.get("isa"), record.get("capability"), torch.__version__,
+        torch.version.cuda, os.environ.get("ONEDNN_MAX_CPU_ISA"), str(net), [list(p.shape) for p in net.parameters()],
+        list(example.shape), str(example.dtype), precisions, layouts]).encode()).hexdigest()
+    path = cache_root(None) / CHECKS
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    known = known if isinstance(known, dict) else {}
+    hit = known.get(key)
+    if (isinstance(hit, list) and len(hit) == len(precisions) * len(layouts)
+            and all(isinstance(h, list) and len(h) == 3 for h in hit)):
+        steps = {(str(p), bool(cl)): float(v) for p, cl, v in hit}
+        if set(steps) == {(p, cl) for p in precisions for cl in layouts}:
+            return steps, True
+    steps = _time_steps(net, example, precisions, layouts, device)
+    known.pop(key, None)
+    known[key] = [[p, cl, v] for (p, cl), v in steps.items()]
+    try:  # the newest KEEP_CHECKS; a cache that cannot be written costs a re-check only
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(dict(list(known.items())[-KEEP_CHECKS:])))
+    except OSError:
+        pass
+    return steps, False
+
+
 def _precision_candidates(cuda: bool, precision: str) -> tuple[dict, list[str]]:
     """The device's record and the precisions worth timing (one when the answer is known
     without a check)."""
@@ -124,7 +168,8 @@ def choose(accelerator: str = "auto", net: torch.nn.Module | None = None,
             record["layout_reason"] = "no 2-D convolutions"
     if net is not None and len(precisions) * len(layouts) > 1:
         try:
-            t = _time_steps(net, example, precisions, layouts, "cuda" if cuda else "cpu")
+            t, remembered = _remembered_steps(net, example, precisions, layouts,
+                                              "cuda" if cuda else "cpu", record)
         except RuntimeError as exc:  # out of memory on a shared GPU, say: the defaults
             t = None
             record["layout_reason"] = f"the quick check failed ({str(exc)[:80]})"
@@ -145,6 +190,10 @@ def choose(accelerator: str = "auto", net: torch.nn.Module | None = None,
                 ratio = t[precisions[0], True] / t[precisions[0], False]
                 record["layout_reason"] = f"a quick check ran NHWC at {ratio:.2f}x the NCHW time"
                 layouts = [layout(precisions[0])]
+            if remembered:
+                for k in ("reason", "layout_reason"):
+                    if "quick check" in record.get(k, ""):
+                        record[k] += f" (remembered from an earlier run: {CHECKS})"
     chosen = None if channels_last == "auto" and not known else layouts[0]
     return HardwareChoice.from_json({**record, "precision": precisions[0],
                                      "channels_last": chosen}, "hardware.choose")

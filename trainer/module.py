@@ -19,6 +19,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from export.card import InputSpec
 from export.errors import check_options
+from trainer.data import lineage
 from trainer.models import build_backbone, custom
 from trainer.models.nets import Normalize
 
@@ -289,6 +290,8 @@ class ClassifierModule(L.LightningModule):
                 f"--ckpt_path: the checkpoint was trained on dataset fingerprint {str(old_fp)[:12]}, "
                 f"the configured data has {new_fp[:12]}; resume needs the same data (use "
                 f"--model.init_from CKPT to warm-start from its weights instead)")
+        if change := saved["data_info"]["dataset"].get("change"):  # measured at the first start
+            ours.data_info["dataset"]["change"] = change
         for key in ("arch", "width", "backbone"):
             if saved.get(key) != ours[key]:
                 raise InputError(f"--ckpt_path: the checkpoint has model.{key}={saved.get(key)!r}, "
@@ -311,9 +314,12 @@ class ClassifierModule(L.LightningModule):
         if self.hparams.backbone_weights:
             self._copy_matching(self.hparams.backbone_weights, prefix="net.1.")
         if self.hparams.init_from:
-            self._copy_matching(self.hparams.init_from)
+            parent = self._copy_matching(self.hparams.init_from)
+            dm = getattr(self.trainer, "datamodule", None)
+            self.hparams.data_info["dataset"]["change"] = lineage.change_from_parent(
+                parent, self.hparams.data_info["dataset"], getattr(dm, "dataset", None))
 
-    def _copy_matching(self, path: str, prefix: str = "") -> None:
+    def _copy_matching(self, path: str, prefix: str = "") -> dict:
         """Copy the tensors of a checkpoint (or, with `prefix`, a plain backbone state_dict)
         whose names and shapes match; report how many."""
         from lightning.pytorch.utilities import rank_zero_info
@@ -328,12 +334,13 @@ class ClassifierModule(L.LightningModule):
                 raise InputError(f"{path}: cannot load weights ({type(exc).__name__})") from None
             source = {prefix + k: v for k, v in source.get("state_dict", source).items()}
         else:
-            source = load_checkpoint(path, "--model.init_from")["state_dict"]
-        own = self.state_dict()
-        matched = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
+            source = load_checkpoint(path, "--model.init_from")
+        own, tensors = self.state_dict(), source.get("state_dict", source)
+        matched = {k: v for k, v in tensors.items() if k in own and own[k].shape == v.shape}
         self.load_state_dict(matched, strict=False)
         rank_zero_info(f"{path}: copied {len(matched)} of {len(own)} tensors "
                        f"({len(own) - len(matched)} kept their fresh initialisation)")
+        return source
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -109,6 +109,8 @@ class FixedDataset:
     input_spec: InputSpec
     task: str = "classification"
     fingerprint: str = field(default="")
+    # Where the source keeps snapshots of its files per fingerprint (trainer/data/lineage.py)
+    history: Path | None = None
 
     @property
     def num_classes(self) -> int:
@@ -219,7 +221,8 @@ def _check_split(name: str, split_name: str, split: Split, num_classes: int) -> 
 
 def make_dataset(name: str, train: Split, test: Split | None, class_names: list[str],
                  input_spec: InputSpec, val: Split | None = None, task: str = "classification",
-                 origin: str | Path | None = None, fp: str | None = None) -> FixedDataset:
+                 origin: str | Path | None = None, fp: str | None = None,
+                 history: Path | None = None) -> FixedDataset:
     """Build a FixedDataset, checking labels and values, and stamp its fingerprint (`fp`
     when the source composed it from its files' digests). `origin` (the file or folder
     read) is what error messages name."""
@@ -227,4 +230,4 @@ def make_dataset(name: str, train: Split, test: Split | None, class_names: list[
         if split is not None:
             _check_split(str(origin or name), split_name, split, len(class_names))
     fp = fp or fingerprint(class_names, [train, val, test])
-    return FixedDataset(name, train, val, test, class_names, input_spec, task, fp)
+    return FixedDataset(name, train, val, test, class_names, input_spec, task, fp, history)

@@ -22,6 +22,7 @@ from trainer.data.cache import RowCache, cache_root
 from trainer.data.dataset import (FixedDataset, SourceOptions, Split, files_fingerprint,
                                   image_spec, make_dataset, require_root)
 from trainer.data.ingest import update
+from trainer.data.lineage import save_snapshot
 
 SUFFIXES = (".png", ".jpg", ".jpeg")
 SPLITS = ("train", "val", "test")
@@ -108,4 +109,5 @@ def load_image_folder(root: str | None, opts: SourceOptions) -> FixedDataset:
              for s in layout}
     fp = files_fingerprint(json.dumps(settings), names, split_of, y, records.digest)
     return make_dataset(folder.name, parts["train"], parts.get("test"), names,
-                        spec, val=parts.get("val"), origin=folder, fp=fp)
+                        spec, val=parts.get("val"), origin=folder, fp=fp,
+                        history=save_snapshot(where, fp, records))

@@ -25,6 +25,7 @@ from trainer.data.cache import RowCache, cache_root
 from trainer.data.dataset import (FixedDataset, SourceOptions, Split, feature_spec,
                                   files_fingerprint, make_dataset, value_range)
 from trainer.data.ingest import update
+from trainer.data.lineage import save_snapshot
 
 FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 
@@ -234,4 +235,4 @@ def load_tabular(root: str | None, opts: SourceOptions) -> FixedDataset:
                            np.full(len(records), -1), records.digest)
     return make_dataset(origin.stem or origin.name, train, None, names,
                         feature_spec(columns, value_range(train)), task=task, origin=origin,
-                        fp=fp)
+                        fp=fp, history=save_snapshot(where, fp, records))
