@@ -1,40 +1,32 @@
-"""`trainer serve`: the frozen model over HTTP, on LitServe. No torch.
+"""`trainer serve`: the frozen model over HTTP on uvicorn, with no torch.
 
-Two kinds of process, both LitServe's:
+This process supervises; `--workers` API server processes, forked from it, each run
+uvicorn (uvloop and httptools where installed) on the one listening socket with the `Gate`
+app and their own `Predictor` (export/serve_app.py): a request is read, checked, batched
+with its concurrent neighbours and predicted in the process that accepted it. LitServe ran
+the model in separate worker processes behind multiprocessing queues: ~1.3 ms of queue hops
+per lone request, 0.10x the bare uvicorn app's rate at concurrency 1 (docs/benchmarks.md).
 
-- API servers (uvicorn, forked by LitServer.run). `Gate`, an ASGI middleware in front of
-  every route, admits a `POST /predict`: it bounds the body (413) and the requests in flight
-  across all API servers (503), reads JSON instances or one raw image, and checks them
-  against the model card with the same decoder (export/imaging.py) and input check
-  (export/runtime.check_input) as `trainer predict`; a bad request gets a 4xx JSON error
-  naming the field. Only a checked array goes on to LitServe's queue, so one bad request
-  can never fail the other requests of a batch. `GET /card` and `GET /metrics` are routes of
-  the same app; LitServe's own `GET /health` answers 200 once a worker has its session.
-- Dynamic batching happens in the API server (`Batcher`): the checked arrays of concurrent
-  requests, up to `max_batch_size` of them, gathered while a batch is in flight and for at
-  most `batch_timeout`, are stacked into one LitServe request; why not LitServe's own
-  batching is in Batcher's docstring.
-- Inference workers (spawned by LitServer). `OnnxAPI` holds one `Predictor`; it runs each
-  batch as one onnxruntime call and encodes one response body per request, its rows with
-  export/batch.output_columns, the columns `trainer predict` writes.
+Supervision: an API server that dies (SIGKILL, out of memory) is replaced at once (its
+requests in flight get a closed connection, never a hang); when they keep dying (more than
+MAX_DEATHS within DEATH_WINDOW_S) the server stops and exits 1. SIGHUP reads the model file
+again, refuses one whose task, classes or input differ from the model served (one line,
+the old model kept), starts new API servers on it and only then drains the old ones, so
+requests in flight finish on the model they started with. SIGTERM/SIGINT: new requests get
+503, the ones in flight finish (at most --drain-timeout-s), then the API servers stop and
+the command exits 0.
 
-Metrics: prometheus_client's multiprocess mode (one file per process in a private folder),
-and the workers' drift counts (export/drift.DriftAccumulator state, flushed every 0.25 s)
-merged at scrape time into the same PSI and Holm-corrected tests as a batch job's report.
-SIGTERM/SIGINT: new requests get 503, the ones in flight finish, then LitServe shuts down.
-
-The pieces live beside it: export/serve_options.py (the settings, checked when made),
-export/serve_payloads.py (request -> checked array, prediction -> response rows),
-export/serve_oip.py (the Open Inference Protocol's routes, tensors and replies),
+The pieces: export/serve_app.py (the ASGI app and the model), export/serve_options.py (the
+settings, checked when made), export/serve_payloads.py (request -> checked array,
+prediction -> response rows), export/serve_oip.py (the Open Inference Protocol),
 export/serve_batching.py (`Batcher`), export/serve_metrics.py (Prometheus and drift),
-export/serve_http.py (the ASGI plumbing: body reads, replies, errors).
+export/serve_http.py (body reads, replies, errors).
 """
 
 from __future__ import annotations
 
-import hmac
+import collections
 import json
-import logging
 import multiprocessing as mp
 import os
 import shutil
@@ -42,267 +34,32 @@ import signal
 import socket
 import sys
 import tempfile
-import threading
 import time
+from multiprocessing.connection import wait
 from pathlib import Path
 
-import numpy as np
-
-from export.card import Card
+from export.card import Card, jsonable
 from export.errors import InputError
-from export.serve_batching import Batcher, unwire_batch, wire_batch
-from export.serve_http import body_receiver, error, read_body, replaced_body, respond
-from export.serve_metrics import metrics_text, process_metrics
-from export.serve_options import Limits, ServeOptions, key_warning
-from export.serve_oip import (encode_infer, model_metadata, parse_infer, route,
-                              server_metadata, unwire_tensors, wire_tensors)
-from export.serve_payloads import (INLINE_PARSE_BYTES, RequestError, encode_rows, parse_request,
-                                   parse_query, rows_of)
+from export.serve_app import Gate
+from export.serve_options import ServeOptions, key_warning
 
-log = logging.getLogger(__name__)
 EXTRA = "pip install '.[serve]' from a checkout, or 'frozenfit[serve]' from a wheel"
-OPEN_ROUTES = ("/health", "/v2/health/live", "/v2/health/ready")  # no key asked
-DRIFT_FLUSH_S = 0.25  # how stale /metrics' drift may be; a flush is one small JSON file
+MAX_DEATHS, DEATH_WINDOW_S = 5, 60.0
+START_TIMEOUT_S = 120.0  # for an API server to load its model
 
 
-# ---------------------------------------------------------------- API server side
-
-
-class Gate:
-    """ASGI middleware of the API servers: admission, checking and metrics of /predict;
-    /card and /metrics; /health reads 503 while draining. See the module docstring."""
-
-    def __init__(self, app, *, card: Card, card_json: bytes, limits: Limits, shared: dict,
-                 metrics_dir: str, max_batch_size: int, batch_timeout: float, slots: int,
-                 model: tuple[str, str, str], key: str | None = None):
-        self.app, self.card, self.card_json, self.limits = app, card, card_json, limits
-        self.model = model  # name and version (inference protocol), SHA-256
-        self.key = None if key is None else key.encode()
-        self.inflight, self.draining = shared["inflight"], shared["draining"]
-        self.metrics_dir = Path(metrics_dir)
-        self.batching = (max_batch_size, batch_timeout, slots)
-        self.batcher = None  # made on the first request, in this API server's event loop
-
-    async def _send_batch(self, x: np.ndarray, parts: list) -> list[tuple[int, bytes]]:
-        """One LitServe request for a batch; (status, body) for each of its parts."""
-        wire = wire_batch(x, parts)
-        sent = {"status": 500, "body": []}
-
-        async def capture(message):
-            if message["type"] == "http.response.start":
-                sent["status"] = message["status"]
-            elif message["type"] == "http.response.body":
-                sent["body"].append(message.get("body", b""))
-
-        await self.app(replaced_body(self.scope, wire), body_receiver(wire), capture)
-        body = b"".join(sent["body"])
-        if sent["status"] != 200:
-            return [(sent["status"], body)] * len(parts)
-        return [(200, part.encode()) for part in json.loads(body)["bodies"]]
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        path, method = scope["path"], scope["method"]
-        if self.key is not None and path not in OPEN_ROUTES and not self._authorized(scope):
-            return await error(send, 401, "missing or wrong API key: send Authorization: "
-                               "Bearer KEY or X-API-Key: KEY", [(b"www-authenticate", b"Bearer")])
-        if path == "/predict" and method == "POST":
-            return await self._predict(scope, receive, send)
-        if path == "/v2" or path.startswith("/v2/"):
-            return await self._protocol(scope, receive, send)
-        if path == "/card" and method == "GET":
-            return await respond(send, 200, self.card_json)
-        if path == "/metrics" and method == "GET":
-            from starlette.concurrency import run_in_threadpool
-
-            text = await run_in_threadpool(metrics_text, self.card, self.metrics_dir)
-            text += ("# HELP frozenfit_requests_in_flight admitted and not yet answered\n"
-                     "# TYPE frozenfit_requests_in_flight gauge\n"
-                     f"frozenfit_requests_in_flight {self.inflight.value}\n")
-            return await respond(send, 200, text.encode(),
-                                  "text/plain; version=0.0.4; charset=utf-8")
-        if path == "/health" and self.draining.value:
-            return await respond(send, 503, b'{"status": "draining"}')
-        return await self.app(scope, receive, send)
-
-    def _authorized(self, scope) -> bool:
-        """The request's key against ours, in constant time (hmac.compare_digest)."""
-        headers = dict(scope["headers"])
-        given = headers.get(b"x-api-key")
-        if given is None:
-            scheme, _, given = headers.get(b"authorization", b"").partition(b" ")
-            given = given.strip() if scheme.lower() == b"bearer" else b""
-        return hmac.compare_digest(given, self.key)
-
-    async def _protocol(self, scope, receive, send):
-        """The Open Inference Protocol's routes (export/serve_oip.py)."""
-        found, (name, version, _) = route(scope["path"]), self.model
-        if found is None:
-            return await error(send, 404, f"{scope['path']}: no such inference protocol route")
-        what, asked, asked_version = found
-        if asked is not None and (asked != name or asked_version not in (None, version)):
-            return await error(send, 404, f"model {asked!r}" + (
-                f" version {asked_version}" if asked_version else "") + f": this server "
-                f"serves {name!r} version {version}")
-        if (scope["method"] == "POST") != (what == "infer"):
-            return await error(send, 405, f"{scope['method']} {scope['path']}: not allowed")
-        if what == "infer":
-            return await self._predict(scope, receive, send, protocol=True)
-        ready = not self.draining.value
-        doc = {"server": server_metadata, "live": lambda: {"live": True},
-               "ready": lambda: {"ready": ready}, "metadata": lambda: model_metadata(
-                   self.card, name, version)}[what]()
-        status = 503 if what == "ready" and not ready else 200
-        return await respond(send, status, json.dumps(doc).encode())
-
-    async def _parse(self, scope, headers: dict, body: bytes, protocol: bool):
-        """(checked array, what travels with it to the worker, the protocol's request)."""
-        if protocol:
-            parse, args = parse_infer, (body, headers.get(b"inference-header-content-length"),
-                                        self.card, self.limits)
-        else:
-            answer = parse_query(scope.get("query_string", b"").decode("latin-1"), self.card)
-            content_type = headers.get(b"content-type", b"").decode("latin-1")
-            parse, args = parse_request, (body, content_type, self.card, self.limits)
-        if len(body) > INLINE_PARSE_BYTES:
-            from starlette.concurrency import run_in_threadpool
-
-            parsed = await run_in_threadpool(parse, *args)
-        else:
-            parsed = parse(*args)
-        if protocol:  # the worker returns raw tensors; this server encodes the reply
-            return parsed[0], (1, None, True), parsed[1]
-        return parsed, (*answer, False), None
-
-    async def _predict(self, scope, receive, send, protocol: bool = False):
-        start = time.perf_counter()
-        metrics = process_metrics()
-        status = 500
-        with self.inflight.get_lock():
-            admitted = not self.draining.value and self.inflight.value < self.limits.max_queue
-            if admitted:
-                self.inflight.value += 1
-        try:
-            if not admitted:
-                status = 503
-                why = ("server is shutting down" if self.draining.value else
-                       f"{self.limits.max_queue} requests in flight (--max-queue); retry later")
-                return await error(send, 503, why, [(b"retry-after", b"1")])
-            try:
-                headers = dict(scope["headers"])
-                body = await read_body(receive, headers, self.limits.max_body_bytes)
-                x, asked, infer = await self._parse(scope, headers, body, protocol)
-            except RequestError as exc:
-                status = exc.status
-                return await error(send, exc.status, str(exc))
-            if self.batcher is None:  # LitServe's route, whichever route came first
-                self.scope = {**{k: v for k, v in scope.items() if k != "state"},
-                              "path": "/predict", "raw_path": b"/predict", "method": "POST",
-                              "query_string": b""}
-                self.batcher = Batcher(self._send_batch, *self.batching)
-            status, reply = await self.batcher.submit(x, asked)
-            kind, extra = "application/json", None
-            if protocol and status == 200:
-                reply, kind, extra = encode_infer(unwire_tensors(json.loads(reply)), infer,
-                                                  self.card, *self.model)
-            await respond(send, status, reply, kind, extra)
-            if status == 200:
-                metrics["instances"].inc(len(x))
-        finally:
-            if admitted:
-                with self.inflight.get_lock():
-                    self.inflight.value -= 1
-            metrics["requests"].labels(str(status)).inc()
-            if status >= 400:
-                metrics["errors"].labels(str(status)).inc()
-            metrics["latency"].observe(time.perf_counter() - start)
-
-
-# ---------------------------------------------------------------- inference worker side
-
-
-try:  # the serve extra; without it `trainer serve` says what to install
-    import litserve as ls
-except ModuleNotFoundError:
-    ls = None
-
-if ls is not None:
-
-    class OnnxAPI(ls.LitAPI):
-        """One onnxruntime session per worker process; see the module docstring. Each
-        request it gets is a batch the API server's `Batcher` stacked."""
-
-        def __init__(self, model: str, provider: str, threads: int, sha256: str,
-                     metrics_dir: str):
-            super().__init__(api_path="/predict")  # batches are made in the API server
-            self.model, self.provider, self.threads = model, provider, threads
-            self.sha256, self.metrics_dir = sha256, metrics_dir
-
-        def setup(self, device):
-            from export.drift import DriftAccumulator
-            from export.runtime import Predictor
-
-            self.predictor = Predictor(self.model, self.provider, self.threads, spin=False)
-            self.predictor.require(self.sha256)  # the model the server announced
-            self.drift = DriftAccumulator(self.predictor.card)
-            log.info("worker %d: %s on %s, %d threads", os.getpid(), self.model,
-                     self.predictor.provider, self.threads)
-            self.lock, self.dirty = threading.Lock(), False
-            threading.Thread(target=self._flush_drift, daemon=True).start()
-
-        def _flush_drift(self):
-            from export.atomic import atomic_path
-
-            dest = Path(self.metrics_dir) / f"drift-{os.getpid()}.json"
-            while True:
-                time.sleep(DRIFT_FLUSH_S)
-                with self.lock:
-                    if not self.dirty:
-                        continue
-                    state, self.dirty = self.drift.state(), False
-                with atomic_path(dest) as tmp:
-                    tmp.write_text(json.dumps(state))
-
-        def decode_request(self, request):
-            return unwire_batch(request)
-
-        def predict(self, batch):
-            x, parts = batch
-            start = time.perf_counter()
-            pred = self.predictor.predict(x, batch_size=max(len(x), 1))
-            metrics = process_metrics()
-            metrics["inference"].observe(time.perf_counter() - start)
-            metrics["batch_requests"].observe(len(parts))
-            metrics["batch_rows"].observe(len(x))
-            with self.lock:
-                self.drift.update(x, pred)
-                self.dirty = True
-            bodies, at = [], 0
-            for rows, (top_k, qhat, raw) in parts:
-                part = rows_of(pred, at, at + rows)
-                bodies.append(json.dumps(wire_tensors(part) if raw else {
-                    "model_sha256": self.sha256, "predictions": encode_rows(
-                        part, self.predictor.class_names, top_k, qhat)}))
-                at += rows
-            return bodies
-
-        def encode_response(self, bodies):
-            return {"bodies": bodies}
-
-
-# ---------------------------------------------------------------- the command
-
-
-def _check_port(host: str, port: int) -> None:
+def _listen(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as exc:
-            raise InputError(f"--host {host} --port {port}: cannot listen there "
-                             f"({exc.strerror or exc})") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise InputError(f"--host {host} --port {port}: cannot listen there "
+                         f"({exc.strerror or exc})") from None
+    sock.listen(2048)
+    return sock
 
 
 def _threads_per_worker(workers: int) -> int:
@@ -311,35 +68,169 @@ def _threads_per_worker(workers: int) -> int:
     return max(1, usable_cores() // workers)
 
 
-def _drain_on_signals(server, shared: dict, timeout_s: float) -> None:
-    """SIGTERM/SIGINT: refuse new requests (503), wait up to `timeout_s` for those in flight,
-    then stop LitServe."""
-    main_pid = os.getpid()
+def _api_server(gate: Gate, sock: socket.socket, log_level: str, drain_s: float, ready) -> None:
+    """One API server process (forked): load the model, then serve until SIGTERM."""
+    import contextlib
 
-    def drain(signum, frame):
-        if os.getpid() != main_pid:  # LitServe's forked queue manager: the main process
-            return                       # shuts it down once the requests are answered
-        if shared["draining"].value:
+    import uvicorn
+
+    from export.children import die_with_parent
+
+    die_with_parent()
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the supervisor's to handle
+    gate.start()
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):  # SIGTERM from the supervisor: finish, then exit 0
+            signal.signal(signal.SIGTERM, lambda *_: setattr(self, "should_exit", True))
+            yield
+
+    server = Server(uvicorn.Config(gate, log_level=log_level, lifespan="off",
+                                   access_log=False, timeout_graceful_shutdown=drain_s))
+    ready.set()
+    server.run(sockets=[sock])
+
+
+def incompatible(served: Card, new: Card) -> str | None:
+    """Why `new` cannot replace `served` under the same clients (None: it can)."""
+    for field in ("task", "class_names", "input", "outputs"):
+        if getattr(served, field) != getattr(new, field):
+            return (f"its {field} differs from the model served "
+                    f"({json.dumps(jsonable(getattr(new, field)))[:80]})")
+    return None
+
+
+class Supervisor:
+    """Starts, watches, replaces and stops the API servers; see the module docstring."""
+
+    def __init__(self, model: str, options: ServeOptions, gate: Gate, sock: socket.socket,
+                 shared: dict):
+        self.model, self.options, self.gate, self.sock = model, options, gate, sock
+        self.shared, self.ctx = shared, mp.get_context("fork")
+        self.procs: list = []
+        self.deaths: collections.deque = collections.deque()
+        self.stop, self.reload = False, False
+
+    def _spawn(self):
+        ready = self.ctx.Event()
+        proc = self.ctx.Process(target=_api_server, daemon=True, args=(
+            self.gate, self.sock, self.options.log_level, self.options.drain_timeout_s, ready))
+        proc.start()
+        proc.ready = ready
+        return proc
+
+    def _started(self, procs: list) -> bool:
+        """Wait until each of `procs` has its model loaded (False: one died first)."""
+        deadline = time.monotonic() + START_TIMEOUT_S
+        for proc in procs:
+            while not proc.ready.wait(0.05):
+                if proc.exitcode is not None or time.monotonic() > deadline:
+                    return False
+        return True
+
+    def _signals(self) -> None:
+        def stop(signum, frame):
+            if not self.stop:
+                self.stop, self.shared["draining"].value = True, 1
+                print(f"serve: {signal.Signals(signum).name}: finishing "
+                      f"{self.shared['inflight'].value} requests in flight, refusing new ones",
+                      file=sys.stderr, flush=True)
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGHUP, lambda *_: setattr(self, "reload", True))
+
+    def run(self) -> int:
+        self._signals()
+        self.procs = [self._spawn() for _ in range(self.options.workers)]
+        if not self._started(self.procs):
+            self._stop_all(self.procs, 5.0)
+            print("serve: an API server failed to start (see above)", file=sys.stderr)
+            return 1
+        while not self.stop:
+            wait([p.sentinel for p in self.procs], timeout=0.2)
+            if self.reload:
+                self.reload = False
+                self._reload()
+            if not self.stop and not self._replace_dead():
+                self._stop_all(self.procs, 5.0)
+                return 1
+        deadline = time.monotonic() + self.options.drain_timeout_s
+        while self.shared["inflight"].value and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self._stop_all(self.procs, self.options.drain_timeout_s)
+        return 0
+
+    def _replace_dead(self) -> bool:
+        for i, proc in enumerate(self.procs):
+            if proc.exitcode is None:
+                continue
+            now = time.monotonic()
+            self.deaths.append(now)
+            while self.deaths and self.deaths[0] < now - DEATH_WINDOW_S:
+                self.deaths.popleft()
+            how = (f"signal {signal.Signals(-proc.exitcode).name}" if proc.exitcode < 0
+                   else f"exit code {proc.exitcode}")
+            if len(self.deaths) > MAX_DEATHS:
+                print(f"serve: API server {proc.pid} died ({how}); {len(self.deaths)} deaths "
+                      f"in {DEATH_WINDOW_S:g} s: stopping", file=sys.stderr, flush=True)
+                return False
+            print(f"serve: API server {proc.pid} died ({how}); starting another",
+                  file=sys.stderr, flush=True)
+            self.procs[i] = self._spawn()
+        return True
+
+    def _reload(self) -> None:
+        """SIGHUP: the model file again, on new API servers; see the module docstring."""
+        from export.runtime import Predictor
+
+        gate, served = self.gate, self.gate.model[2]
+        try:
+            new = Predictor(self.model, self.options.provider, gate.runner_args[2])
+            problem = incompatible(gate.card, new.card)
+        except InputError as exc:
+            problem = str(exc)
+        if problem:
+            print(f"serve: SIGHUP: {self.model}: not loaded: {problem}; still serving sha256 "
+                  f"{served[:12]}", file=sys.stderr, flush=True)
             return
-        shared["draining"].value = 1
-        print(f"serve: {signal.Signals(signum).name}: finishing {shared['inflight'].value} "
-              "requests in flight, refusing new ones", file=sys.stderr, flush=True)
+        if new.sha256 == served:
+            print(f"serve: SIGHUP: {self.model} unchanged (sha256 {served[:12]})",
+                  file=sys.stderr, flush=True)
+            return
+        old_state = (gate.card, gate.card_json, gate.model, gate.runner_args)
+        gate.card, gate.card_json = new.card, json.dumps(jsonable(new.card)).encode()
+        gate.model = (*gate.model[:2], new.sha256)
+        gate.runner_args = (*gate.runner_args[:3], new.sha256, *gate.runner_args[4:])
+        del new
+        fresh = [self._spawn() for _ in self.procs]
+        if not self._started(fresh):
+            self._stop_all(fresh, 5.0)
+            gate.card, gate.card_json, gate.model, gate.runner_args = old_state
+            print(f"serve: SIGHUP: the new model's API servers failed to start; still serving "
+                  f"sha256 {served[:12]}", file=sys.stderr, flush=True)
+            return
+        old, self.procs = self.procs, fresh
+        self._stop_all(old, self.options.drain_timeout_s)  # they finish what they hold
+        print(f"serve: SIGHUP: now serving sha256 {gate.model[2][:12]} (was {served[:12]})",
+              file=sys.stderr, flush=True)
 
-        def wait_then_stop():
-            deadline = time.monotonic() + timeout_s
-            while shared["inflight"].value and time.monotonic() < deadline:
-                time.sleep(0.02)
-            server._shutdown_event.set()  # LitServer.run's own stop (no public method)
-
-        threading.Thread(target=wait_then_stop, daemon=True).start()
-
-    signal.signal(signal.SIGTERM, drain)
-    signal.signal(signal.SIGINT, drain)
+    @staticmethod
+    def _stop_all(procs: list, timeout_s: float) -> None:
+        for proc in procs:
+            if proc.exitcode is None:
+                proc.terminate()  # SIGTERM: uvicorn's graceful shutdown
+        deadline = time.monotonic() + timeout_s + 5
+        for proc in procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.exitcode is None:
+                proc.kill()
+                proc.join()
 
 
 def serve(model: str, options: ServeOptions) -> int:
     """Serve until SIGTERM/SIGINT; then refuse new requests, finish those in flight, exit 0."""
-    from export.card import jsonable
     from export.runtime import Predictor
 
     limits = options.limits
@@ -348,46 +239,42 @@ def serve(model: str, options: ServeOptions) -> int:
     card, provider, sha256 = loaded.card, loaded.provider, loaded.sha256
     del loaded
     limits.check_model(card.input)
-    _check_port(options.host, options.port)
-    if warning := key_warning(options.host, options.api_key):
-        print(warning, file=sys.stderr, flush=True)
-
     metrics_dir = tempfile.mkdtemp(prefix="frozenfit-serve-")
     # prometheus_client picks its multiprocess mode when first imported: set the folder
-    # first (the forked API servers and spawned workers inherit it).
+    # first (the forked API servers inherit it).
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     try:
-        import litserve  # noqa: F401
         import prometheus_client  # noqa: F401
+        import uvicorn  # noqa: F401
     except ModuleNotFoundError as exc:
         shutil.rmtree(metrics_dir, ignore_errors=True)
         raise InputError(f"serving needs the serve extra (missing module {exc.name}): "
                          f"{EXTRA}") from None
+    try:
+        sock = _listen(options.host, options.port)
+    except InputError:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        raise
+    if warning := key_warning(options.host, options.api_key):
+        print(warning, file=sys.stderr, flush=True)
     shared = {"inflight": mp.Value("i", 0), "draining": mp.Value("i", 0)}
-    api = OnnxAPI(str(model), options.provider, threads, sha256, metrics_dir)
-    # One batch in flight per worker and API server (there are as many API servers as
-    # workers): a batch leaves as soon as a worker can take it.
-    gate = (Gate, {"card": card, "card_json": json.dumps(jsonable(card)).encode(),
-                   "limits": limits, "shared": shared, "metrics_dir": metrics_dir,
-                   "max_batch_size": options.max_batch_size,
-                   "batch_timeout": options.batch_timeout_ms / 1000, "slots": 1,
-                   "model": (options.name or Path(model).stem, "1", sha256),
-                   "key": options.api_key})
-    server = ls.LitServer(api, accelerator="cpu", devices=1,
-                          workers_per_device=options.workers, middlewares=[gate],
-                          disable_openapi_url=True, model_metadata={"sha256": sha256})
-    _drain_on_signals(server, shared, options.drain_timeout_s)
+    name = options.name or Path(model).stem
+    gate = Gate(card=card, card_json=json.dumps(jsonable(card)).encode(), limits=limits,
+                shared=shared, metrics_dir=metrics_dir, max_batch_size=options.max_batch_size,
+                batch_timeout=options.batch_timeout_ms / 1000, model=(name, "1", sha256),
+                runner_args=(str(model), options.provider, threads, sha256, metrics_dir),
+                key=options.api_key)
     batching = (f"batches of up to {options.max_batch_size} requests within "
                 f"{options.batch_timeout_ms:g} ms" if options.max_batch_size > 1
                 else "no batching")
     print(f"serving {model} (sha256 {sha256[:12]}) at http://{options.host}:{options.port}: "
-          f"POST /predict and /v2/models/{options.name or Path(model).stem}/infer, GET /card "
-          f"/health /metrics /v2; {options.workers} worker(s) x "
-          f"{threads} thread(s) on {provider}, {batching}", flush=True)
+          f"POST /predict and /v2/models/{name}/infer, GET /card /health /metrics /v2; "
+          f"{options.workers} API server(s) x {threads} thread(s) on {provider}, {batching}",
+          flush=True)
     try:
-        server.run(host=options.host, port=options.port, log_level=options.log_level,
-                   generate_client_file=False, num_api_servers=options.workers)
+        code = Supervisor(str(model), options, gate, sock, shared).run()
     finally:
+        sock.close()
         shutil.rmtree(metrics_dir, ignore_errors=True)
     print("serve: stopped", file=sys.stderr, flush=True)
-    return 0
+    return code

@@ -1,10 +1,7 @@
 """Dynamic batching in `trainer serve`'s API servers: concurrent requests' checked arrays
-stacked into one LitServe request (`Batcher`), and the wire format of such a batch."""
+stacked into one onnxruntime call (`Batcher`)."""
 
 from __future__ import annotations
-
-import base64
-import json
 
 import numpy as np
 
@@ -13,29 +10,10 @@ import numpy as np
 Answer = tuple[int, "float | None", bool]
 
 
-def wire_batch(x: np.ndarray, parts: list[tuple[int, Answer]]) -> bytes:
-    """The checked arrays of one batch, stacked, as the JSON LitServe queues for a worker;
-    `parts`: (rows, Answer) of each request, in order."""
-    return json.dumps({"x": base64.b64encode(x.tobytes()).decode(), "shape": list(x.shape),
-                       "dtype": str(x.dtype),
-                       "parts": [[rows, *answer] for rows, answer in parts]}).encode()
-
-
-def unwire_batch(doc: dict) -> tuple[np.ndarray, list[tuple[int, Answer]]]:
-    x = np.frombuffer(base64.b64decode(doc["x"]), dtype=doc["dtype"]).reshape(doc["shape"])
-    return x, [(int(rows), (int(top_k), None if qhat is None else float(qhat), bool(raw)))
-               for rows, top_k, qhat, raw in doc["parts"]]
-
-
 class Batcher:
     """Dynamic batching in the API server: the checked arrays of concurrent requests are
-    stacked into one LitServe request, so a batch makes one trip through LitServe's queues
-    and one onnxruntime call, and is split back into one response per request.
-
-    Ours rather than LitServe's own batching (which the worker side would offer): LitServe
-    moves every request separately through multiprocessing Manager queues to the worker
-    and back, about 1 ms of CPU per request, so its batching only amortised the (0.04 ms
-    per image) onnxruntime call: 1.05x at concurrency 64 (scripts/bench_serve.py, README).
+    stacked into one onnxruntime call on the process's inference thread, and the result is
+    split back into one response per request. `send_batch(x, parts)` runs one batch.
 
     A batch leaves at once while fewer than `slots` batches are in flight (no waiting at
     low load); otherwise requests gather until a batch comes back, until `max_requests`

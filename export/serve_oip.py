@@ -15,7 +15,6 @@ request is `{"error": "..."}` with a 4xx naming the field.
 
 from __future__ import annotations
 
-import base64
 import json
 import math
 import re
@@ -180,17 +179,6 @@ def _response_spec(doc: dict, card: Card) -> dict:
                   else f"outputs[{i}].parameters.classification: this model is a regressor")
     return {"id": doc.get("id"), "outputs": outputs, "qhat": qhat,
             "binary": bool(params.get("binary_data_output", False))}
-
-
-def wire_tensors(pred: Prediction) -> dict:
-    """A worker's prediction as JSON-safe base64 arrays (the API server encodes the reply)."""
-    return {k: [base64.b64encode(np.ascontiguousarray(v).tobytes()).decode(), str(v.dtype),
-                list(v.shape)] for k, v in vars(pred).items() if v is not None}
-
-
-def unwire_tensors(doc: dict) -> Prediction:
-    return Prediction(**{k: np.frombuffer(base64.b64decode(b), d).reshape(s)
-                         for k, (b, d, s) in doc.items()})
 
 
 def _bytes_tensor(strings: list[str]) -> bytes:

@@ -1,14 +1,17 @@
-"""`trainer serve` under load, in one invocation: a closed-loop client on loopback sends
-single-image requests (real MNIST test images as JSON pixel arrays) at concurrency 1, 8 and
-64, against the server with dynamic batching on and off (--max-batch-size 1); the
-in-process Predictor on the same images is the ceiling.
+"""`trainer serve` under load from a compiled load generator (`hey`), against a bare ASGI app
+on the same server stack parsing the same body (scripts/bare_asgi.py), in one invocation.
 
-    .venv/bin/python scripts/bench_serve.py [--model MODEL.onnx] [--requests 1500] [--repeats 3]
+    .venv/bin/python scripts/bench_serve.py [--model MODEL.onnx] [--requests 3000] [--repeats 3]
 
-Without --model it trains and exports the speedrun recipe (as bench_export.py does). The
-client runs in this process (threads, one keep-alive connection each), so on a small
-machine it shares the cores with the server: the figures are the whole loopback system's.
-Each measurement is bounded in requests and in time (--max-seconds per run).
+Each request is one real MNIST test image as a JSON pixel array (`{"instances": [...]}`),
+POSTed to /predict, at each --concurrency; `trainer serve` runs with batching on (64, 5 ms)
+and off (--max-batch-size 1). Printed per setting: req/s and p99 latency (median and range
+of --repeats runs), the ratio to the bare app at the same concurrency, and the server's CPU
+time per request (utime + stime of its process tree from /proc, over the run). hey is Go
+and runs in its own process, but on a small machine it shares the cores with the server:
+the bare app's figures are the ceiling of that whole loopback system. Without --model it
+trains and exports the speedrun recipe (as bench_export.py does). Needs `hey` on PATH
+(Debian/Ubuntu: apt-get install hey; or go install github.com/rakyll/hey@latest).
 """
 
 from __future__ import annotations
@@ -17,17 +20,15 @@ import argparse
 import http.client
 import json
 import os
+import re
+import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
-
-import numpy as np
 
 from machine import describe, ratio_of_medians, spread
 
@@ -51,23 +52,11 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def start(model: Path, *flags: str) -> tuple[subprocess.Popen, int]:
+def start_serve(model: Path, *flags: str) -> tuple[subprocess.Popen, int]:
+    """`trainer serve --model MODEL FLAGS` on a free port, once /health answers 200."""
     port = _port()
-    proc = subprocess.Popen([sys.executable, "-m", "trainer", "serve", "--model", str(model),
-                             "--port", str(port), *flags], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    for _ in range(600):
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            conn.request("GET", "/health")
-            if conn.getresponse().status == 200:
-                return proc, port
-        except OSError:
-            pass
-        if proc.poll() is not None:
-            raise SystemExit(f"server failed: {proc.stderr.read()}")
-        time.sleep(0.1)
-    raise SystemExit("server did not start in 60 s")
+    return start([sys.executable, "-m", "trainer", "serve", "--model", str(model), "--port",
+                  str(port), *flags], port, "/health"), port
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -75,98 +64,106 @@ def stop(proc: subprocess.Popen) -> None:
     proc.wait(timeout=60)
 
 
-def load(port: int, bodies: list[bytes], concurrency: int, requests: int,
-         max_seconds: float) -> tuple[float, list[float]]:
-    """Closed loop: each thread sends its next request when the last one is answered.
-    Returns requests/s and the latencies (ms)."""
-    latencies, lock, sent = [], threading.Lock(), [0]
-    deadline = time.perf_counter() + max_seconds
+def start(command: list[str], port: int, health: str) -> subprocess.Popen:
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    for _ in range(1200):
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            conn.request("GET", health)
+            if conn.getresponse().status == 200:
+                return proc
+        except OSError:
+            pass
+        if proc.poll() is not None:
+            raise SystemExit(f"server failed: {proc.stderr.read()}")
+        time.sleep(0.1)
+    raise SystemExit("server did not start in 120 s")
 
-    def client():
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        mine = []
-        while True:
-            with lock:
-                if sent[0] >= requests or time.perf_counter() > deadline:
-                    break
-                i = sent[0]
-                sent[0] += 1
-            t = time.perf_counter()
-            conn.request("POST", "/predict", bodies[i % len(bodies)],
-                         {"Content-Type": "application/json"})
-            resp = conn.getresponse()
-            resp.read()
-            if resp.status != 200:
-                raise SystemExit(f"request failed with HTTP {resp.status}")
-            mine.append((time.perf_counter() - t) * 1e3)
-        with lock:
-            latencies.extend(mine)
 
-    threads = [threading.Thread(target=client) for _ in range(concurrency)]
-    t = time.perf_counter()
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    return len(latencies) / (time.perf_counter() - t), latencies
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of `pid` and its children, alive or reaped by it."""
+    tick, total = os.sysconf("SC_CLK_TCK"), 0.0
+    pids = [pid] + [int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], text=True,
+                                                   capture_output=True).stdout.split()]
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += sum(int(v) for v in fields[11:15]) / tick  # utime stime cutime cstime
+    return total
+
+
+def hey(port: int, body: Path, concurrency: int, requests: int, server: int):
+    """One run: (req/s, p99 ms, server CPU ms per request)."""
+    before = cpu_seconds(server)
+    out = subprocess.run(["hey", "-n", str(requests), "-c", str(concurrency), "-t", "20",
+                          "-m", "POST", "-T", "application/json", "-D", str(body),
+                          f"http://127.0.0.1:{port}/predict"],
+                         capture_output=True, text=True, timeout=300).stdout
+    cpu = cpu_seconds(server) - before
+    codes = dict(re.findall(r"\[(\d+)\]\s+(\d+) responses", out))
+    if set(codes) != {"200"} or int(codes["200"]) != requests // concurrency * concurrency:
+        raise SystemExit(f"not every request answered 200: {codes}\n{out[-1500:]}")
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    p99 = float(re.search(r"99%+ in ([\d.]+) secs", out).group(1)) * 1e3
+    return rate, p99, cpu / requests * 1e3
+
+
+def measure(label: str, proc: subprocess.Popen, port: int, body: Path, args) -> dict:
+    results = {}
+    try:
+        hey(port, body, 8, 500, proc.pid)  # warm-up
+        for c in args.concurrency:
+            runs = [hey(port, body, c, args.requests, proc.pid) for _ in range(args.repeats)]
+            results[c] = runs
+            print(f"{label:24} c={c:3}: {spread([r for r, _, _ in runs])} req/s; p99 "
+                  f"{spread([p for _, p, _ in runs], '{:.2f}')} ms; server CPU "
+                  f"{spread([m for _, _, m in runs], '{:.3f}')} ms/request", flush=True)
+    finally:
+        stop(proc)
+    return results
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path)
-    p.add_argument("--requests", type=int, default=1500, help="requests per run")
+    p.add_argument("--requests", type=int, default=3000, help="requests per run")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--max-seconds", type=float, default=20.0, help="time bound of one run")
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 64])
     p.add_argument("--workers", type=int, default=1)
     args = p.parse_args()
+    if shutil.which("hey") is None:
+        raise SystemExit("bench_serve needs the load generator hey on PATH: apt-get install "
+                         "hey (Debian/Ubuntu) or go install github.com/rakyll/hey@latest")
     print(describe())
+    print("hey:", subprocess.run(["dpkg-query", "-W", "-f", "${Version}", "hey"],
+                                 capture_output=True, text=True).stdout or "version unknown")
     from export.readers import read_idx
-    from export.runtime import Predictor
 
     if not (MNIST / "t10k-images-idx3-ubyte.gz").exists():
         raise SystemExit(f"real MNIST not found at {MNIST}")
-    x = read_idx(MNIST / "t10k-images-idx3-ubyte.gz", 2051)[:2000, None]
-    bodies = [json.dumps({"instances": [img.tolist()]}).encode() for img in x]
+    x = read_idx(MNIST / "t10k-images-idx3-ubyte.gz", 2051)[:1, None]
     with tempfile.TemporaryDirectory() as work:
+        body = Path(work) / "body.json"
+        body.write_text(json.dumps({"instances": [x[0].tolist()]}))
         model = args.model or _model(Path(work))
-
-        predictor = Predictor(model)
-        singles, batched = [], []
-        for _ in range(5):
-            t = time.perf_counter()
-            for i in range(500):
-                predictor.predict(x[i:i + 1])
-            singles.append(500 / (time.perf_counter() - t))
-            t = time.perf_counter()
-            for i in range(0, 2000, 64):
-                predictor.predict(x[i:i + 64])
-            batched.append(2000 / (time.perf_counter() - t))
-        print(f"ceiling, in-process Predictor: {spread(singles)} images/s one at a time, "
-              f"{spread(batched)} images/s in batches of 64")
-
-        results = {}
-        for label, flags in (("batching on (64, 5 ms)", ["--max-batch-size", "64"]),
-                             ("batching off", ["--max-batch-size", "1"])):
-            proc, port = start(model, "--workers", str(args.workers), *flags)
-            try:
-                load(port, bodies, 8, 200, args.max_seconds)  # warm-up
-                for c in args.concurrency:
-                    runs = [load(port, bodies, c, args.requests, args.max_seconds)
-                            for _ in range(args.repeats)]
-                    rates = [r for r, _ in runs]
-                    p50 = [float(np.percentile(lat, 50)) for _, lat in runs]
-                    p99 = [float(np.percentile(lat, 99)) for _, lat in runs]
-                    results[label, c] = rates
-                    print(f"{label:24} concurrency {c:3}: {spread(rates)} req/s; "
-                          f"p50 {spread(p50, '{:.2f}')} ms; p99 {spread(p99, '{:.2f}')} ms")
-            finally:
-                stop(proc)
-        for c in args.concurrency:
-            print(f"batching on / off at concurrency {c}: "
-                  f"{ratio_of_medians(results['batching on (64, 5 ms)', c], results['batching off', c]):.2f}x")
-        best = max(statistics.median(v) for v in results.values())
-        print(f"workers {args.workers}, cores {os.cpu_count()}: best median {best:,.0f} req/s")
+        port = _port()
+        bare = measure("bare uvicorn app", start(
+            [sys.executable, str(ROOT / "scripts" / "bare_asgi.py"), str(port)], port, "/"),
+            port, body, args)
+        served = {}
+        for label, size in (("serve, batching on", "64"), ("serve, batching off", "1")):
+            proc, port = start_serve(model, "--workers", str(args.workers),
+                                     "--max-batch-size", size)
+            served[label] = measure(label, proc, port, body, args)
+    for c in args.concurrency:
+        base = [r for r, _, _ in bare[c]]
+        on, off = ([r for r, _, _ in served[k][c]] for k in served)
+        print(f"c={c:3}: serve / bare app {ratio_of_medians(on, base):.2f}x (batching on), "
+              f"{ratio_of_medians(off, base):.2f}x (off); batching on / off "
+              f"{ratio_of_medians(on, off):.2f}x")
 
 
 if __name__ == "__main__":

@@ -169,14 +169,14 @@ def check_fp32_predict(run: Run) -> None:
 
 
 def check_serve(run: Run) -> None:
-    from bench_serve import start, stop
+    from bench_serve import start_serve, stop
 
     from export.readers import iter_chunks
     from export.runtime import Predictor
 
     cpu = Predictor(run.model, provider="cpu")
     x = next(iter_chunks(run.test_input, cpu.spec, cpu.class_names, rows=32)).x
-    proc, port = start(run.model, "--provider", run.provider, "--workers", "1")
+    proc, port = start_serve(run.model, "--provider", run.provider, "--workers", "1")
     try:
         body = json.dumps({"instances": x.tolist()}).encode()
         request = urllib.request.Request(f"http://127.0.0.1:{port}/predict", body,

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench_serve import start, stop
+from bench_serve import start_serve, stop
 from machine import describe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,7 +122,7 @@ def soak_serve(work: Path, requests: int) -> bool:
     for i, (name, ctype, body, share) in enumerate(kinds):
         (work / f"body{i}").write_bytes(body)
         files.append((name, ctype, work / f"body{i}", share))
-    server, port = start(model)
+    server, port = start_serve(model)
     try:
         statuses: dict[str, set[int]] = {}
 

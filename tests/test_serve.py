@@ -1,5 +1,5 @@
-"""`trainer serve`: the real server (LitServe, uvicorn, spawned onnxruntime workers) started
-as a subprocess on 127.0.0.1, talked to over HTTP with http.client. Every server here runs
+"""`trainer serve`: the real server (a supervisor and its forked uvicorn API servers, each
+with its own onnxruntime session) started as a subprocess on 127.0.0.1, talked to over HTTP with http.client. Every server here runs
 with torch and lightning poisoned, so serving is proven torch-free."""
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from export.serve_payloads import encode_rows
 from tests.conftest import assert_one_line_error, poisoned_env, run_cli
 from tests.helpers import looping_model
 
-pytest.importorskip("litserve", reason="the serve extra is not installed (pip install '.[serve]')")
+pytest.importorskip("uvicorn", reason="the serve extra is not installed (pip install '.[serve]')")
 
 
 def free_port() -> int:
@@ -354,7 +354,7 @@ def test_sigterm_drains_in_flight_requests_and_a_full_queue_answers_503(
 
 def test_serve_needs_its_extra_and_refuses_bad_settings_in_one_line(digits_run, tmp_path):
     model = str(digits_run / "model.onnx")
-    env = poisoned_env(tmp_path, ("litserve",))
+    env = poisoned_env(tmp_path, ("uvicorn",))
     assert_one_line_error(run_cli("serve", "--model", model, env=env), "serve extra",
                           "pip install '.[serve]'")
     assert_one_line_error(run_cli("serve", "--model", str(tmp_path / "none.onnx")),
@@ -384,7 +384,7 @@ def _batcher_run(max_requests, timeout, service_s, arrivals, fail=False):
     whose batches take `service_s`; returns the batches sent and each request's answer."""
     import asyncio
 
-    from export.serve import Batcher
+    from export.serve_batching import Batcher
 
     sent, sent_at = [], []
 
@@ -426,3 +426,79 @@ def test_batcher_waits_at_most_the_batch_timeout_and_fails_a_batch_together():
     assert sent == [[0], [1]] and sent_at[1] < 0.5  # not after the first came back (1 s)
     _, _, answers = _batcher_run(64, 0.05, 0.01, [0, 0.001, 0.002], fail=True)
     assert [a[:2] for a in answers] == [(500, "worker gone")] * 3
+
+
+def _api_servers(server: Server) -> list[int]:
+    return server.pids()[1:]  # the supervisor's children
+
+
+def test_a_killed_api_server_is_replaced_and_no_request_hangs(digits_run, digits_x, tmp_path):
+    server = Server(digits_run / "model.onnx", tmp_path, "--workers", "2")
+    try:
+        victim = _api_servers(server)[0]
+        outcomes = []
+
+        def call(i):
+            try:
+                outcomes.append(server.predict(digits_x[i % 50:i % 50 + 1].tolist())[0])
+            except OSError:  # a connection the killed process held: closed, not hung
+                outcomes.append("closed")
+
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(call, i) for i in range(400)]
+            time.sleep(0.3)
+            os.kill(victim, signal.SIGKILL)
+            for f in futures:
+                f.result(timeout=30)  # every request ends
+        assert len(outcomes) == 400 and set(outcomes) <= {200, "closed"}, outcomes
+        deadline = time.monotonic() + 30
+        while len([p for p in _api_servers(server) if p != victim]) < 2:
+            assert time.monotonic() < deadline, "the dead API server was not replaced"
+            time.sleep(0.1)
+        assert all(server.predict(digits_x[:1].tolist())[0] == 200 for _ in range(20))
+    finally:
+        code, _, err = server.stop()
+    assert code == 0 and f"API server {victim} died (signal SIGKILL); starting another" in err
+
+
+def _copy_with(src: Path, dest: Path, doc: str | None = None, classes=None) -> None:
+    """The model at `src` as another file: the same graph with another doc string (so
+    another SHA-256), or with its card's class names replaced."""
+    import onnx
+
+    model = onnx.load(str(src))
+    model.doc_string = doc or model.doc_string
+    if classes is not None:
+        card = next(p for p in model.metadata_props if p.key == "frozenfit.card")
+        doc_ = json.loads(card.value)
+        doc_["class_names"] = classes
+        card.value = json.dumps(doc_)
+    onnx.save(model, str(dest))
+
+
+def test_sighup_reloads_the_model_file_and_refuses_one_that_answers_otherwise(
+        digits_run, digits_x, tmp_path):
+    served = tmp_path / "served.onnx"
+    _copy_with(digits_run / "model.onnx", served)
+    first = hashlib.sha256(served.read_bytes()).hexdigest()
+    server = Server(served, tmp_path)
+    try:
+        assert server.predict(digits_x[:1].tolist())[1]["model_sha256"] == first
+        _copy_with(digits_run / "model.onnx", served, classes=[f"c{i}" for i in range(10)])
+        server.proc.send_signal(signal.SIGHUP)
+        time.sleep(2)  # refused: the old model still answers
+        assert server.predict(digits_x[:1].tolist())[1]["model_sha256"] == first
+        _copy_with(digits_run / "model.onnx", served, doc="retrained")
+        second = hashlib.sha256(served.read_bytes()).hexdigest()
+        server.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 60
+        while (sha := server.predict(digits_x[:1].tolist())[1]["model_sha256"]) != second:
+            assert sha == first and time.monotonic() < deadline, sha
+            time.sleep(0.1)
+        assert json.loads(server.request("GET", "/card")[1])["class_names"] == [
+            str(i) for i in range(10)]
+    finally:
+        code, _, err = server.stop()
+    assert code == 0, err
+    assert "not loaded: its class_names differs" in err and f"still serving sha256 {first[:12]}" in err
+    assert f"now serving sha256 {second[:12]} (was {first[:12]})" in err

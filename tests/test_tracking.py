@@ -100,7 +100,7 @@ def test_predict_resolves_mlflow_uris(store, digits_test_npz, tmp_path):
         assert proc.returncode == 0, proc.stderr
         outputs[name] = out.read_text()
     assert outputs["path"] == outputs["registry"] == outputs["run"]
-    pytest.importorskip("litserve", reason="the serve extra is not installed")
+    pytest.importorskip("uvicorn", reason="the serve extra is not installed")
     from tests.test_serve import Server
 
     server = Server("models:/digits-model/1", tmp_path, env=env)

@@ -36,7 +36,7 @@ training (LightningCLI: --config FILE.yaml, dotted overrides, --print_config):
 deployment:
   export     checkpoint -> frozen ONNX with model card, behind a parity gate
   predict    batch inference with onnxruntime: inputs -> predictions CSV
-  serve      HTTP server on LitServe: POST /predict with dynamic batching (extra: serve)
+  serve      HTTP server on uvicorn: POST /predict with dynamic batching (extra: serve)
   inspect    show the model card of an ONNX file
   compare    champion vs challenger on the same labelled rows, with a paired test
   promote    move an MLflow registry alias to a version through that gate, or roll back

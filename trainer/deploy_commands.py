@@ -122,10 +122,11 @@ def print_summary(summary) -> None:
 
 def serve_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="trainer serve", description=(
-        "Serve an ONNX model over HTTP with onnxruntime (no torch), on LitServe: POST "
+        "Serve an ONNX model over HTTP with onnxruntime (no torch), on uvicorn: POST "
         "/predict {\"instances\": [...]} or one raw image body, GET /card /health /metrics. "
         "Concurrent requests are stacked into one onnxruntime call. SIGTERM/SIGINT drain "
-        "the requests in flight, then exit 0. Needs: pip install '.[serve]'."))
+        "the requests in flight, then exit 0; SIGHUP reloads the model file. Needs: pip "
+        "install '.[serve]'."))
     p.add_argument("--model", required=True, help="ONNX file written by trainer export/fit, "
                    "or an MLflow URI (models:/NAME/VERSION, runs:/RUN_ID/model)")
     p.add_argument("--host", default="127.0.0.1", choices=["127.0.0.1", "0.0.0.0", "::"],
@@ -156,7 +157,8 @@ def serve_parser() -> argparse.ArgumentParser:
 def cmd_serve(argv: list[str]) -> int:
     args = serve_parser().parse_args(argv)
     from export.model_uri import resolve_model_uri
-    from export.serve import Limits, ServeOptions, serve
+    from export.serve import serve
+    from export.serve_options import Limits, ServeOptions
     from export.serve_options import read_api_key
 
     options = ServeOptions(

@@ -8,7 +8,6 @@ import hashlib
 import multiprocessing
 import os
 import stat as stat_module
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from collections.abc import Callable, Iterable
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from export.children import die_with_parent
 from export.errors import InputError
 from export.timing import usable_cores
 from trainer.data.cache import FileStat, Records, RowCache, path_key
@@ -176,19 +176,6 @@ def _work(i: int):
     return i, digest, _prepared(cache, decode(data, Path(paths[i])))
 
 
-def _die_with_parent() -> None:
-    """A worker ends when the ingest that started it is killed (Linux): orphans would wait
-    for work forever, holding the killed command's output pipes open."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the ingest's to handle
-        if os.getppid() == 1:  # the parent died before the call
-            os._exit(1)
-
-
 FORK_BYTES = 1 << 20  # less to decode than this: one thread beats starting processes
 
 
@@ -202,7 +189,7 @@ def _workers(files: int, size: int, whole_files: bool):
     cores = usable_cores()
     if whole_files and files >= 64 and size >= FORK_BYTES and cores > 1:
         return ProcessPoolExecutor(cores, mp_context=multiprocessing.get_context("fork"),
-                                   initializer=_die_with_parent)
+                                   initializer=die_with_parent)
     return ThreadPoolExecutor(cores if not whole_files else 1)
 
 
