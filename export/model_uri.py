@@ -24,6 +24,28 @@ def resolve_model_uri(model: str) -> str:
     return _download(model)
 
 
+def registry_alias(uri: str) -> tuple[str, str] | None:
+    """(NAME, ALIAS) of `models:/NAME@ALIAS`, else None."""
+    if uri.startswith("models:/") and "@" in uri and "/" not in uri[len("models:/"):]:
+        name, _, alias = uri[len("models:/"):].partition("@")
+        return name, alias
+    return None
+
+
+def served_version(uri: str) -> str:
+    """The registry version `uri` names now (the alias's holder for `@ALIAS`), else "1"."""
+    from export.registry import Registry
+
+    if alias := registry_alias(uri):
+        holder = Registry(*alias).holder()
+        if holder is None:
+            raise InputError(f"--model {uri}: registered model {alias[0]!r} has no alias "
+                             f"{alias[1]!r}")
+        return str(holder)
+    rest = uri[len("models:/"):].split("/") if uri.startswith("models:/") else []
+    return rest[1] if len(rest) == 2 and rest[1].isdigit() else "1"
+
+
 def require_mlflow(what: str):
     """mlflow, with a tracking store named: one line naming `what` otherwise."""
     try:

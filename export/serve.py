@@ -12,7 +12,10 @@ requests in flight get a closed connection, never a hang); when they keep dying 
 MAX_DEATHS within DEATH_WINDOW_S) the server stops and exits 1. SIGHUP reads the model file
 again, refuses one whose task, classes or input differ from the model served (one line,
 the old model kept), starts new API servers on it and only then drains the old ones, so
-requests in flight finish on the model they started with. SIGTERM/SIGINT: new requests get
+requests in flight finish on the model they started with. With `--model models:/NAME@ALIAS
+--poll-s S` the alias is checked every S seconds and a new holder is swapped in the same
+way (its version in every reply); the swaps and failed loads are counted in /metrics.
+SIGTERM/SIGINT: new requests get
 503, the ones in flight finish (at most --drain-timeout-s), then the API servers stop and
 the command exits 0.
 
@@ -46,6 +49,7 @@ from export.serve_options import ServeOptions, key_warning
 EXTRA = "pip install '.[serve]' from a checkout, or 'frozenfit[serve]' from a wheel"
 MAX_DEATHS, DEATH_WINDOW_S = 5, 60.0
 START_TIMEOUT_S = 120.0  # for an API server to load its model
+LEAVE_S = 0.5  # between an API server's last accept and its shutdown
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -81,10 +85,24 @@ def _api_server(gate: Gate, sock: socket.socket, log_level: str, drain_s: float,
     gate.start()
 
     class Server(uvicorn.Server):
+        """SIGTERM from the supervisor: stop accepting, give the connections this process
+        has accepted LEAVE_S to have their requests read (uvicorn's own shutdown closes a
+        connection whose request it has not read yet), then finish them and exit 0."""
+
+        leaving = None
+
         @contextlib.contextmanager
-        def capture_signals(self):  # SIGTERM from the supervisor: finish, then exit 0
-            signal.signal(signal.SIGTERM, lambda *_: setattr(self, "should_exit", True))
+        def capture_signals(self):
+            signal.signal(signal.SIGTERM, lambda *_: setattr(
+                self, "leaving", self.leaving or time.monotonic() + LEAVE_S))
             yield
+
+        async def on_tick(self, counter: int) -> bool:
+            if self.leaving is None:
+                return await super().on_tick(counter)
+            for listener in self.servers:  # the other API servers take new connections
+                listener.close()
+            return time.monotonic() >= self.leaving
 
     server = Server(uvicorn.Config(gate, log_level=log_level, lifespan="off",
                                    access_log=False, timeout_graceful_shutdown=drain_s))
@@ -111,6 +129,7 @@ class Supervisor:
         self.procs: list = []
         self.deaths: collections.deque = collections.deque()
         self.stop, self.reload = False, False
+        self.next_poll = time.monotonic() + options.poll_s
 
     def _spawn(self):
         ready = self.ctx.Event()
@@ -152,7 +171,9 @@ class Supervisor:
             wait([p.sentinel for p in self.procs], timeout=0.2)
             if self.reload:
                 self.reload = False
-                self._reload()
+                self._reload(self.model, self.gate.model[1])
+            if self.options.poll_s and time.monotonic() >= self.next_poll:
+                self._poll()
             if not self.stop and not self._replace_dead():
                 self._stop_all(self.procs, 5.0)
                 return 1
@@ -181,40 +202,74 @@ class Supervisor:
             self.procs[i] = self._spawn()
         return True
 
-    def _reload(self) -> None:
-        """SIGHUP: the model file again, on new API servers; see the module docstring."""
+    def _poll(self) -> None:
+        """--poll-s: has the alias moved? Then its new version, downloaded, is reloaded."""
+        from export.model_uri import resolve_model_uri, served_version
+
+        self.next_poll = time.monotonic() + self.options.poll_s
+        uri, was = self.options.uri, self.gate.model[1]
+        try:
+            version = served_version(uri)
+            if version == was:
+                return
+            path = resolve_model_uri(f"{uri.partition('@')[0]}/{version}")
+        except InputError as exc:  # the store is unreachable, the version was deleted, ...
+            self._count("failures")
+            print(f"serve: --poll-s: {uri}: {exc}; still serving version {was}",
+                  file=sys.stderr, flush=True)
+            return
+        if self._reload(path, version, f"{uri} moved to version {version}"):
+            self.model = path
+
+    def _count(self, what: str) -> None:
+        """The supervisor's own counters (model swaps, failed loads) for /metrics."""
+        if not hasattr(self, "counters"):
+            from prometheus_client import Counter
+
+            self.counters = {
+                "swaps": Counter("frozenfit_model_swaps", "models swapped in without a "
+                                 "restart (SIGHUP, --poll-s)", registry=None),
+                "failures": Counter("frozenfit_model_load_failures", "models not swapped "
+                                    "in: refused, unreadable or failed to start", registry=None)}
+        self.counters[what].inc()
+
+    def _reload(self, path: str, version: str, why: str = "SIGHUP") -> bool:
+        """`path` as `version` on new API servers; see the module docstring."""
         from export.runtime import Predictor
 
         gate, served = self.gate, self.gate.model[2]
         try:
-            new = Predictor(self.model, self.options.provider, gate.runner_args[2])
+            new = Predictor(path, self.options.provider, gate.runner_args["threads"])
             problem = incompatible(gate.card, new.card)
         except InputError as exc:
             problem = str(exc)
-        if problem:
-            print(f"serve: SIGHUP: {self.model}: not loaded: {problem}; still serving sha256 "
-                  f"{served[:12]}", file=sys.stderr, flush=True)
-            return
-        if new.sha256 == served:
-            print(f"serve: SIGHUP: {self.model} unchanged (sha256 {served[:12]})",
-                  file=sys.stderr, flush=True)
-            return
+        if problem or new.sha256 == served:
+            if problem:
+                self._count("failures")
+            print(f"serve: {why}: {path}: " + (f"not loaded: {problem}" if problem else
+                  "unchanged") + f"; still serving sha256 {served[:12]}", file=sys.stderr,
+                  flush=True)
+            return False
         old_state = (gate.card, gate.card_json, gate.model, gate.runner_args)
         gate.card, gate.card_json = new.card, json.dumps(jsonable(new.card)).encode()
-        gate.model = (*gate.model[:2], new.sha256)
-        gate.runner_args = (*gate.runner_args[:3], new.sha256, *gate.runner_args[4:])
+        gate.model = (gate.model[0], version, new.sha256)
+        gate.runner_args = {**gate.runner_args, "model": path, "sha256": new.sha256,
+                            "version": version}
         del new
         fresh = [self._spawn() for _ in self.procs]
         if not self._started(fresh):
             self._stop_all(fresh, 5.0)
             gate.card, gate.card_json, gate.model, gate.runner_args = old_state
-            print(f"serve: SIGHUP: the new model's API servers failed to start; still serving "
+            self._count("failures")
+            print(f"serve: {why}: the new model's API servers failed to start; still serving "
                   f"sha256 {served[:12]}", file=sys.stderr, flush=True)
-            return
+            return False
         old, self.procs = self.procs, fresh
         self._stop_all(old, self.options.drain_timeout_s)  # they finish what they hold
-        print(f"serve: SIGHUP: now serving sha256 {gate.model[2][:12]} (was {served[:12]})",
+        self._count("swaps")
+        print(f"serve: {why}: now serving sha256 {gate.model[2][:12]} (was {served[:12]})",
               file=sys.stderr, flush=True)
+        return True
 
     @staticmethod
     def _stop_all(procs: list, timeout_s: float) -> None:
@@ -229,8 +284,9 @@ class Supervisor:
                 proc.join()
 
 
-def serve(model: str, options: ServeOptions) -> int:
-    """Serve until SIGTERM/SIGINT; then refuse new requests, finish those in flight, exit 0."""
+def serve(model: str, options: ServeOptions, version: str = "1") -> int:
+    """Serve `model` (a local file; `version`: its registry version) until SIGTERM/SIGINT;
+    then refuse new requests, finish those in flight, exit 0."""
     from export.runtime import Predictor
 
     limits = options.limits
@@ -261,9 +317,10 @@ def serve(model: str, options: ServeOptions) -> int:
     name = options.name or Path(model).stem
     gate = Gate(card=card, card_json=json.dumps(jsonable(card)).encode(), limits=limits,
                 shared=shared, metrics_dir=metrics_dir, max_batch_size=options.max_batch_size,
-                batch_timeout=options.batch_timeout_ms / 1000, model=(name, "1", sha256),
-                runner_args=(str(model), options.provider, threads, sha256, metrics_dir),
-                key=options.api_key)
+                batch_timeout=options.batch_timeout_ms / 1000, model=(name, version, sha256),
+                runner_args={"model": str(model), "provider": options.provider,
+                             "threads": threads, "sha256": sha256, "metrics_dir": metrics_dir,
+                             "version": version}, key=options.api_key)
     batching = (f"batches of up to {options.max_batch_size} requests within "
                 f"{options.batch_timeout_ms:g} ms" if options.max_batch_size > 1
                 else "no batching")

@@ -52,12 +52,13 @@ INLINE_S = 3e-4  # a batch expected to run faster than this runs on the event lo
 class Runner:
     """This process's model; see the module docstring."""
 
-    def __init__(self, model: str, provider: str, threads: int, sha256: str, metrics_dir: str):
+    def __init__(self, model: str, provider: str, threads: int, sha256: str, metrics_dir: str,
+                 version: str):
         from export.drift import DriftAccumulator
         from export.runtime import Predictor
 
         self.predictor = Predictor(model, provider, threads, spin=False)
-        self.sha256 = sha256
+        self.sha256, self.version = sha256, version
         self.predictor.require(sha256)  # the model the server announced
         self.drift = DriftAccumulator(self.predictor.card)
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="onnxruntime")
@@ -122,7 +123,8 @@ class Runner:
         for rows, (top_k, qhat, raw) in parts:
             part = rows_of(pred, at, at + rows)
             replies.append((200, part if raw else json.dumps({
-                "model_sha256": self.sha256, "predictions": encode_rows(
+                "model_sha256": self.sha256, "model_version": self.version,
+                "predictions": encode_rows(
                     part, self.predictor.class_names, top_k, qhat)}).encode()))
             at += rows
         return replies
@@ -134,7 +136,7 @@ class Gate:
 
     def __init__(self, *, card: Card, card_json: bytes, limits: Limits, shared: dict,
                  metrics_dir: str, max_batch_size: int, batch_timeout: float,
-                 model: tuple[str, str, str], runner_args: tuple, key: str | None = None):
+                 model: tuple[str, str, str], runner_args: dict, key: str | None = None):
         self.card, self.card_json, self.limits = card, card_json, limits
         self.model = model  # name and version (inference protocol), SHA-256
         self.key = None if key is None else key.encode()
@@ -144,7 +146,7 @@ class Gate:
         self.runner = self.batcher = None
 
     def start(self) -> None:
-        self.runner = Runner(*self.runner_args)
+        self.runner = Runner(**self.runner_args)
 
     async def _send_batch(self, x: np.ndarray, parts: list) -> list[tuple[int, object]]:
         try:

@@ -58,6 +58,8 @@ class ServeOptions:
     log_level: str = "warning"
     name: str | None = None  # the model's name on the inference protocol (default: file stem)
     api_key: str | None = field(default=None, repr=False)  # never printed
+    uri: str | None = None  # --model as given (a path, or an MLflow URI)
+    poll_s: float = 0.0  # how often a models:/NAME@ALIAS is checked for a new holder; 0: never
 
     def __post_init__(self):  # messages name the command's flags
         from export.timing import usable_cores
@@ -73,6 +75,11 @@ class ServeOptions:
             raise InputError(f"--port {self.port}: expected 1024 to 65535")
         if self.batch_timeout_ms < 0:
             raise InputError("--batch-timeout-ms must be >= 0")
+        from export.model_uri import registry_alias
+
+        if self.poll_s < 0 or (self.poll_s and registry_alias(self.uri or "") is None):
+            raise InputError(f"--poll-s {self.poll_s:g}: expected a number of seconds >= 0, "
+                             f"with --model models:/NAME@ALIAS (a model file reloads on SIGHUP)")
         # A batch gathers requests in flight, of which there are at most max_queue.
         self.max_batch_size = min(self.max_batch_size, self.limits.max_queue)
         cores = usable_cores()

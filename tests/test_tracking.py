@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -173,3 +174,75 @@ def test_tensorboard_logs_the_same_run(tmp_path):
     events.Reload()
     assert len(events.Scalars("val/acc")) == 2
     assert "model.width" in (run / "hparams.yaml").read_text()
+
+
+@pytest.mark.slow
+def test_serve_follows_an_alias_under_load_and_refuses_a_version_that_differs(
+        digits_run, digits_test_npz, tmp_path):
+    """The alias moves from version 1 to 2 while 8 threads send 2,000 requests: every one is
+    answered 200, each thread sees version 1 and then only version 2, and the SHA-256 always
+    matches the version; a version whose classes differ is refused and 2 stays."""
+    pytest.importorskip("uvicorn", reason="the serve extra is not installed")
+    import threading
+
+    import onnx
+
+    from tests.test_serve import Server
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    client, shas = mlflow.MlflowClient(), {}
+    for version, change in ((1, None), (2, "retrained"), (3, "classes")):
+        model = onnx.load(str(digits_run / "model.onnx"))
+        model.doc_string = change or ""
+        if change == "classes":
+            card = next(p for p in model.metadata_props if p.key == "frozenfit.card")
+            card.value = json.dumps({**json.loads(card.value),
+                                     "class_names": [f"c{i}" for i in range(10)]})
+        with mlflow.start_run():
+            mlflow.onnx.log_model(model, name="model", registered_model_name="live")
+        shas[str(version)] = hashlib.sha256(model.SerializeToString()).hexdigest()
+    client.set_registered_model_alias("live", "champion", "1")
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlruns.db'}"}
+    assert_one_line_error(run_cli("serve", "--model", "models:/live@nosuch", env=env),
+                          "models:/live@nosuch", "has no alias 'nosuch'")
+    server = Server("models:/live@champion", tmp_path, "--poll-s", "0.2", env=env)
+    with np.load(digits_test_npz) as npz:
+        x = npz["x"][:20]
+    seen, errors = [[] for _ in range(8)], []
+
+    def client_thread(k):
+        for i in range(250):
+            status, doc = server.predict(x[i % 20:i % 20 + 1].tolist())
+            if status != 200:
+                errors.append((status, doc))
+                return
+            seen[k].append((doc["model_version"], doc["model_sha256"]))
+
+    try:
+        threads = [threading.Thread(target=client_thread, args=(k,)) for k in range(8)]
+        for t in threads:
+            t.start()
+        while sum(map(len, seen)) < 500 and not errors:
+            time.sleep(0.02)
+        client.set_registered_model_alias("live", "champion", "2")
+        for t in threads:
+            t.join(timeout=120)
+        assert not errors, errors[:3]
+        assert sum(map(len, seen)) == 2000
+        for answers in seen:
+            versions = [v for v, _ in answers]
+            assert versions == sorted(versions), "a thread went back to version 1"
+            assert all(shas[v] == sha for v, sha in answers)
+        assert {v for a in seen for v, _ in a} == {"1", "2"}
+        client.set_registered_model_alias("live", "champion", "3")  # other class names
+        time.sleep(3)
+        status, doc = server.predict(x[:1].tolist())
+        assert status == 200 and doc["model_version"] == "2"
+        metrics = server.metrics()
+        assert metrics["frozenfit_model_swaps_total"] == 1
+        assert metrics["frozenfit_model_load_failures_total"] >= 1
+    finally:
+        code, _, err = server.stop()
+    assert code == 0, err
+    assert "moved to version 2: now serving sha256" in err
+    assert "not loaded: its class_names differs" in err and "still serving sha256" in err

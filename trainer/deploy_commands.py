@@ -149,6 +149,9 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key-file", metavar="FILE", help="require this key (the file's "
                    "first line) as 'Authorization: Bearer KEY' or 'X-API-Key: KEY' on every "
                    "route but the health checks; default: FROZENFIT_API_KEY if set")
+    p.add_argument("--poll-s", type=float, default=0.0, help="with --model "
+                   "models:/NAME@ALIAS: check the alias every POLL_S seconds and, when it "
+                   "moves, swap the new version in without a restart (default 0: never)")
     p.add_argument("--name", help="the model's name on the Open Inference Protocol routes "
                    "(/v2/models/NAME/infer; default: the model file's stem)")
     return p
@@ -156,7 +159,7 @@ def serve_parser() -> argparse.ArgumentParser:
 
 def cmd_serve(argv: list[str]) -> int:
     args = serve_parser().parse_args(argv)
-    from export.model_uri import resolve_model_uri
+    from export.model_uri import registry_alias, resolve_model_uri, served_version
     from export.serve import serve
     from export.serve_options import Limits, ServeOptions
     from export.serve_options import read_api_key
@@ -164,10 +167,17 @@ def cmd_serve(argv: list[str]) -> int:
     options = ServeOptions(
         host=args.host, port=args.port, workers=args.workers, max_batch_size=args.max_batch_size,
         batch_timeout_ms=args.batch_timeout_ms, provider=args.provider, log_level=args.log_level,
-        name=args.name, api_key=read_api_key(args.api_key_file),
+        name=args.name, api_key=read_api_key(args.api_key_file), uri=args.model,
+        poll_s=args.poll_s,
         limits=Limits(max_body_bytes=int(args.max_body_mb * (1 << 20)),
                       max_instances=args.max_instances, max_queue=args.max_queue))
-    return serve(resolve_model_uri(args.model), options)
+    version, pinned = "1", args.model
+    if alias := registry_alias(args.model):  # pinned first: the alias may move meanwhile
+        version = served_version(args.model)
+        pinned = f"models:/{alias[0]}/{version}"
+    elif args.model.startswith("models:/"):
+        version = served_version(args.model)
+    return serve(resolve_model_uri(pinned), options, version)
 
 
 def cmd_inspect(argv: list[str]) -> int:
