@@ -133,8 +133,8 @@ def serve_parser() -> argparse.ArgumentParser:
                    help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--workers", type=int, default=1,
-                   help="inference processes, each with its own onnxruntime session; the "
-                   "cores are shared out between them")
+                   help="API server processes (uvicorn, sharing the port), each with its "
+                   "own onnxruntime session; the cores are shared out between them")
     p.add_argument("--max-batch-size", type=int, default=64,
                    help="requests stacked into one onnxruntime call (1: no batching)")
     p.add_argument("--batch-timeout-ms", type=float, default=5.0,
