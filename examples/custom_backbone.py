@@ -31,5 +31,5 @@ trainer.fit(model, data)
 graph = Predictor(export.path)  # onnxruntime only, as a deployment loads it
 x, y = data.splits["test"].arrays()
 accuracy = (graph.predict(x).labels == y).mean()
-print(f"exported {export.path}: backbone {graph.card.training.model['backbone']['class_path']}, "
+print(f"exported {export.path}: backbone {graph.card.training.model.network}, "
       f"test accuracy {accuracy:.4f}, parity {graph.card.parity.max_abs_diff:.1e}")

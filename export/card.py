@@ -180,6 +180,31 @@ class DatasetChange(Record):
                 f"{self.rows_removed:,} out) {since}")
 
 
+def _is_layout(v) -> bool:
+    return isinstance(v, bool) or v == "auto"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSettings(Record):
+    """The model's options as the run gave them (ClassifierModule's arguments); options
+    this record does not name stay in `extra`."""
+
+    arch: str | None = entry(is_str, "an architecture name", None)
+    width: int | None = entry(is_num, "a number", None)
+    backbone: dict | None = entry(is_dict, "an object with class_path", None)
+    init_from: str | None = entry(is_str, "a checkpoint path", None)
+    backbone_weights: str | None = entry(is_str, "a weights file", None)
+    optimizer: str | None = entry(is_str, "an optimizer name", None)
+    lr: float | None = entry(is_num, "a number", None)
+    schedule: str | None = entry(is_str, "a schedule name", None)
+    channels_last: bool | str | None = entry(_is_layout, "true, false or auto", None)
+
+    @property
+    def network(self) -> str | None:
+        """What `trainer inspect` names: the custom backbone's class, else the arch."""
+        return (self.backbone or {}).get("class_path") or self.arch
+
+
 @dataclass(frozen=True, kw_only=True)
 class Training(Record):
     """How the weights were made: the run's options, epochs, seed and checkpoint."""
@@ -194,7 +219,7 @@ class Training(Record):
     parent_sha256: str | None = entry(is_str, "the SHA-256 of --model.init_from's file", None)
     dataset_change: DatasetChange | None = entry(None, "an object", None, record=DatasetChange)
     hardware: HardwareChoice | None = entry(None, "an object", None, record=HardwareChoice)
-    model: dict = entry(is_dict, "an object", {})
+    model: ModelSettings = entry(None, "an object", ModelSettings(), record=ModelSettings)
     data: dict = entry(is_dict, "an object", {})
     config_yaml: str | None = entry(is_str, "the run's YAML", None)
 

@@ -36,10 +36,10 @@ def format_card(card: Card) -> str:
     if t := card.training:
         epochs = (f"{t.run_epochs} epochs, exported weights from epoch {t.weights_epoch}"
                   if t.run_epochs is not None else f"{t.epochs} epochs")
-        net = (t.model.get("backbone") or {}).get("class_path") or t.model.get("arch")
+        net = t.model.network
         lines.append(f"training:    {net}, {epochs}, seed {t.seed}, "
                      f"checkpoint sha256 {(t.checkpoint_sha256 or '')[:16]}...")
-        if init := t.model.get("init_from"):
+        if init := t.model.init_from:
             lines.append(f"lineage:     started from {init}" + (
                 f" (sha256 {t.parent_sha256[:16]}...)" if t.parent_sha256 else ""))
         if t.dataset_change:

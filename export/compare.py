@@ -190,7 +190,7 @@ def format_comparison(c: Comparison, names: tuple[str, str]) -> str:
 def lineage_line(card: Card) -> str:
     """Where a model came from: its dataset, its run, the model it was started from."""
     t, data = card.training, card.dataset
-    parent = (t.model.get("init_from") if t else None) or "none"
+    parent = (t.model.init_from if t else None) or "none"
     if t and t.parent_sha256:
         parent += f" (sha256 {t.parent_sha256[:12]})"
     epochs = f"{t.run_epochs} epochs" if t and t.run_epochs is not None else "epochs unknown"

@@ -17,9 +17,11 @@ from export.runtime import Predictor
 from tests.conftest import ROOT, run_cli
 from trainer.data.datamodule import FixedDataModule
 
+# fp32 pinned: the runs below are compared with a plain Trainer's fp32 logits, and where bf16
+# is native (AMX) the timed choice could take it on one run and not another.
 ARGS = ["--seed_everything", "0", "--trainer.max_epochs", "3", "--trainer.accelerator", "cpu",
-        "--trainer.enable_progress_bar", "false", "--data.source", "digits",
-        "--model.arch", "mlp", "--model.width", "32"]
+        "--trainer.precision", "32-true", "--trainer.enable_progress_bar", "false",
+        "--data.source", "digits", "--model.arch", "mlp", "--model.width", "32"]
 
 
 def _report(run) -> dict:
@@ -49,7 +51,8 @@ def test_api_fit_is_trainer_fit_and_a_plain_trainer_trains_the_same_model(tmp_pa
     logger = {"class_path": "lightning.pytorch.loggers.CSVLogger",
               "init_args": {"save_dir": str(tmp_path / "api"), "name": "digits"}}
     result = api.fit(seed_everything=0, trainer={
-        "max_epochs": 3, "accelerator": "cpu", "enable_progress_bar": False, "logger": logger},
+        "max_epochs": 3, "accelerator": "cpu", "precision": "32-true",
+        "enable_progress_bar": False, "logger": logger},
         data={"source": "digits"}, model={"arch": "mlp", "width": 32})
     assert result.run == tmp_path / "api" / "digits" / "version_0"
     assert result.model == result.run / "model.onnx" and result.model.is_file()
@@ -102,7 +105,7 @@ def test_your_own_network_trains_exports_and_predicts_torch_free(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     model = tmp_path / "out" / "model.onnx"
     card = read_card(model)
-    assert card.training.model["backbone"] == {"class_path": "my_nets.SmallConv", "init_args": None,
+    assert card.training.model.backbone == {"class_path": "my_nets.SmallConv", "init_args": None,
                                               "object": True}
     assert card.parity.max_abs_diff <= 1e-3 and card.consistency.checked and card.baseline.better
     assert card.metrics["test/acc_onnx"] >= 0.85
@@ -122,7 +125,7 @@ def test_a_backbone_as_a_yaml_class_path_is_rebuilt_by_trainer_export(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "runs" / "default" / "version_0"
     fitted = read_card(run / "model.onnx")
-    assert fitted.training.model["backbone"] == spec
+    assert fitted.training.model.backbone == spec
     assert "training:    examples.my_nets.SmallConv" in run_cli(
         "inspect", str(run / "model.onnx")).stdout
     best = run / "checkpoints" / fitted.training.checkpoint

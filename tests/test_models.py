@@ -84,7 +84,7 @@ def test_training_options(tmp_path, options, ran):
         assert probe.lrs[-1] < 0.2 * probe.lrs[0]
     else:  # OneCycle starts at lr / 25 and rises
         assert probe.lrs[0] == pytest.approx(0.01 / 25) and peak > 0
-    assert card.training.model["schedule"] == options.get("schedule", "onecycle")
+    assert card.training.model.schedule == options.get("schedule", "onecycle")
     assert card.parity.max_abs_diff <= 1e-3  # the option changes training, not the graph
 
 

@@ -25,7 +25,7 @@ from torch import nn
 from export import drift
 from export.atomic import atomic_path
 from export.card import (OUTPUTS, Card, DatasetChange, DatasetInfo, HardwareChoice, InputSpec,
-                         Training, attach_card)
+                         ModelSettings, Training, attach_card)
 from export.errors import InputError
 from export.runtime import Predictor
 from trainer import variants
@@ -139,7 +139,8 @@ def build_card(ckpt: dict, ckpt_path: Path) -> Card:
             "dataset."),
         training_stats=info["stats"],
         training=Training(
-            model=hp, data=data, config_yaml=run_config(ckpt_path), seed=data.get("seed"),
+            model=ModelSettings.from_json(hp, source, "training.model."), data=data,
+            config_yaml=run_config(ckpt_path), seed=data.get("seed"),
             run_epochs=run_epochs(ckpt, ckpt_path), weights_epoch=epochs_trained(ckpt),
             global_step=int(ckpt.get("global_step", 0)), checkpoint=ckpt_path.name,
             hardware=HardwareChoice.from_json(ckpt["hardware"], source, "hardware.")
