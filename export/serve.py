@@ -72,8 +72,10 @@ def _threads_per_worker(workers: int) -> int:
     return max(1, usable_cores() // workers)
 
 
-def _api_server(gate: Gate, sock: socket.socket, log_level: str, drain_s: float, ready) -> None:
-    """One API server process (forked): load the model, then serve until SIGTERM."""
+def _api_server(gate: Gate, sock: socket.socket, log_level: str, drain_s: float,
+                events: tuple) -> None:
+    """One API server process (forked): load the model, say `ready`, wait for `go`, then
+    serve until SIGTERM; `closed` says it no longer accepts connections."""
     import contextlib
 
     import uvicorn
@@ -102,11 +104,14 @@ def _api_server(gate: Gate, sock: socket.socket, log_level: str, drain_s: float,
                 return await super().on_tick(counter)
             for listener in self.servers:  # the other API servers take new connections
                 listener.close()
+            closed.set()
             return time.monotonic() >= self.leaving
 
     server = Server(uvicorn.Config(gate, log_level=log_level, lifespan="off",
                                    access_log=False, timeout_graceful_shutdown=drain_s))
+    ready, go, closed = events
     ready.set()
+    go.wait()  # after a reload: once the old model's API servers no longer accept
     server.run(sockets=[sock])
 
 
@@ -131,12 +136,15 @@ class Supervisor:
         self.stop, self.reload = False, False
         self.next_poll = time.monotonic() + options.poll_s
 
-    def _spawn(self):
-        ready = self.ctx.Event()
+    def _spawn(self, go: bool = True):
+        proc_events = tuple(self.ctx.Event() for _ in range(3))  # ready, go, closed
+        if go:
+            proc_events[1].set()
         proc = self.ctx.Process(target=_api_server, daemon=True, args=(
-            self.gate, self.sock, self.options.log_level, self.options.drain_timeout_s, ready))
+            self.gate, self.sock, self.options.log_level, self.options.drain_timeout_s,
+            proc_events))
         proc.start()
-        proc.ready = ready
+        proc.ready, proc.go, proc.closed = proc_events
         return proc
 
     def _started(self, procs: list) -> bool:
@@ -256,7 +264,7 @@ class Supervisor:
         gate.runner_args = {**gate.runner_args, "model": path, "sha256": new.sha256,
                             "version": version}
         del new
-        fresh = [self._spawn() for _ in self.procs]
+        fresh = [self._spawn(go=False) for _ in self.procs]
         if not self._started(fresh):
             self._stop_all(fresh, 5.0)
             gate.card, gate.card_json, gate.model, gate.runner_args = old_state
@@ -265,11 +273,27 @@ class Supervisor:
                   f"sha256 {served[:12]}", file=sys.stderr, flush=True)
             return False
         old, self.procs = self.procs, fresh
-        self._stop_all(old, self.options.drain_timeout_s)  # they finish what they hold
+        self._hand_over(old, fresh)
         self._count("swaps")
         print(f"serve: {why}: now serving sha256 {gate.model[2][:12]} (was {served[:12]})",
               file=sys.stderr, flush=True)
         return True
+
+    def _hand_over(self, old: list, fresh: list) -> None:
+        """The new API servers accept only once the old ones no longer do (the connections
+        meanwhile wait in the socket's backlog), so no client is answered by the new model
+        and then by the old one; the old ones finish what they hold."""
+        for proc in old:
+            if proc.exitcode is None:
+                proc.terminate()
+        deadline = time.monotonic() + 2.0
+        for proc in old:
+            while (not proc.closed.wait(0.02) and proc.exitcode is None
+                   and time.monotonic() < deadline):
+                pass
+        for proc in fresh:
+            proc.go.set()
+        self._stop_all(old, self.options.drain_timeout_s)
 
     @staticmethod
     def _stop_all(procs: list, timeout_s: float) -> None:
