@@ -28,6 +28,11 @@ HEAD_TAIL = 1 << 20  # bytes of a file's head and tail hashed into its identity
 log = logging.getLogger(__name__)
 
 
+def name_under(path: Path, root: Path) -> str:
+    """A file's name in a job's listing and outputs: its path under `root`, else whole."""
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -57,8 +62,7 @@ def input_identity(path: Path, image_files: list[Path] | None) -> dict:
         ident["file"] = file_identity(path)
     if image_files is not None:
         root = path if path.is_dir() else path.parent
-        ident["images"] = [[str(f.relative_to(root)) if f.is_relative_to(root) else str(f),
-                            *_size_mtime(f)] for f in image_files]
+        ident["images"] = [[name_under(f, root), *_size_mtime(f)] for f in image_files]
     return ident
 
 
@@ -72,7 +76,7 @@ def write_listing(path: Path, files: Iterable[Path], out: Path,
     h, count, labelled = hashlib.sha256(), 0, True
     with open(out, "w", encoding="utf-8", newline="\n") as f:
         for image in files:
-            name = str(image.relative_to(root)) if image.is_relative_to(root) else str(image)
+            name = name_under(image, root)
             # The name as a JSON string: a tab, a newline or an undecodable byte in a file
             # name cannot break its line (json escapes them, surrogates included).
             line = "\t".join([json.dumps(name), *map(str, _size_mtime(image))]) + "\n"

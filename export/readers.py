@@ -20,6 +20,7 @@ import numpy as np
 
 from export.card import InputSpec
 from export.errors import InputError, require_file
+from export.jobstate import name_under
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 TABLE_SUFFIXES = {".csv", ".parquet", ".pq"}
@@ -177,8 +178,7 @@ def decode_image(path: Path, spec: InputSpec) -> np.ndarray:
 def _image_id(path: Path, root: Path) -> str:
     """An image's id in the outputs: its path under the input, with any byte that is not
     UTF-8 written as \\xNN (every output format is UTF-8; such a name crashed the writer)."""
-    name = str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
-    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return name_under(path, root).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _image_chunks(path: Path, spec: InputSpec, class_names, rows: int, first: int, on_error: str,

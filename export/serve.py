@@ -127,9 +127,8 @@ def incompatible(served: Card, new: Card) -> str | None:
 class Supervisor:
     """Starts, watches, replaces and stops the API servers; see the module docstring."""
 
-    def __init__(self, model: str, options: ServeOptions, gate: Gate, sock: socket.socket,
-                 shared: dict):
-        self.model, self.options, self.gate, self.sock = model, options, gate, sock
+    def __init__(self, options: ServeOptions, gate: Gate, sock: socket.socket, shared: dict):
+        self.options, self.gate, self.sock = options, gate, sock
         self.shared, self.ctx = shared, mp.get_context("fork")
         self.procs: list = []
         self.deaths: collections.deque = collections.deque()
@@ -179,7 +178,7 @@ class Supervisor:
             wait([p.sentinel for p in self.procs], timeout=0.2)
             if self.reload:
                 self.reload = False
-                self._reload(self.model, self.gate.model[1])
+                self._reload(self.gate.runner_args["model"], self.gate.model[1])
             if self.options.poll_s and time.monotonic() >= self.next_poll:
                 self._poll()
             if not self.stop and not self._replace_dead():
@@ -226,8 +225,7 @@ class Supervisor:
             print(f"serve: --poll-s: {uri}: {exc}; still serving version {was}",
                   file=sys.stderr, flush=True)
             return
-        if self._reload(path, version, f"{uri} moved to version {version}"):
-            self.model = path
+        self._reload(path, version, f"{uri} moved to version {version}")
 
     def _count(self, what: str) -> None:
         """The supervisor's own counters (model swaps, failed loads) for /metrics."""
@@ -241,7 +239,7 @@ class Supervisor:
                                     "in: refused, unreadable or failed to start", registry=None)}
         self.counters[what].inc()
 
-    def _reload(self, path: str, version: str, why: str = "SIGHUP") -> bool:
+    def _reload(self, path: str, version: str, why: str = "SIGHUP") -> None:
         """`path` as `version` on new API servers; see the module docstring."""
         from export.runtime import Predictor
 
@@ -257,7 +255,7 @@ class Supervisor:
             print(f"serve: {why}: {path}: " + (f"not loaded: {problem}" if problem else
                   "unchanged") + f"; still serving sha256 {served[:12]}", file=sys.stderr,
                   flush=True)
-            return False
+            return
         old_state = (gate.card, gate.card_json, gate.model, gate.runner_args)
         gate.card, gate.card_json = new.card, json.dumps(jsonable(new.card)).encode()
         gate.model = (gate.model[0], version, new.sha256)
@@ -271,13 +269,12 @@ class Supervisor:
             self._count("failures")
             print(f"serve: {why}: the new model's API servers failed to start; still serving "
                   f"sha256 {served[:12]}", file=sys.stderr, flush=True)
-            return False
+            return
         old, self.procs = self.procs, fresh
         self._hand_over(old, fresh)
         self._count("swaps")
         print(f"serve: {why}: now serving sha256 {gate.model[2][:12]} (was {served[:12]})",
               file=sys.stderr, flush=True)
-        return True
 
     def _hand_over(self, old: list, fresh: list) -> None:
         """The new API servers accept only once the old ones no longer do (the connections
@@ -353,7 +350,7 @@ def serve(model: str, options: ServeOptions, version: str = "1") -> int:
           f"{options.workers} API server(s) x {threads} thread(s) on {provider}, {batching}",
           flush=True)
     try:
-        code = Supervisor(str(model), options, gate, sock, shared).run()
+        code = Supervisor(options, gate, sock, shared).run()
     finally:
         sock.close()
         shutil.rmtree(metrics_dir, ignore_errors=True)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from export.card import InputSpec
 from export.errors import InputError
+from export.model_uri import registry_alias
 
 
 @dataclass
@@ -75,11 +76,11 @@ class ServeOptions:
             raise InputError(f"--port {self.port}: expected 1024 to 65535")
         if self.batch_timeout_ms < 0:
             raise InputError("--batch-timeout-ms must be >= 0")
-        from export.model_uri import registry_alias
-
-        if self.poll_s < 0 or (self.poll_s and registry_alias(self.uri or "") is None):
-            raise InputError(f"--poll-s {self.poll_s:g}: expected a number of seconds >= 0, "
-                             f"with --model models:/NAME@ALIAS (a model file reloads on SIGHUP)")
+        if not 0 <= self.poll_s < float("inf") or (
+                self.poll_s and registry_alias(self.uri or "") is None):
+            raise InputError(f"--poll-s {self.poll_s:g}: expected a finite number of seconds "
+                             f">= 0, with --model models:/NAME@ALIAS (a model file reloads on "
+                             f"SIGHUP)")
         # A batch gathers requests in flight, of which there are at most max_queue.
         self.max_batch_size = min(self.max_batch_size, self.limits.max_queue)
         cores = usable_cores()

@@ -171,12 +171,9 @@ def cmd_serve(argv: list[str]) -> int:
         poll_s=args.poll_s,
         limits=Limits(max_body_bytes=int(args.max_body_mb * (1 << 20)),
                       max_instances=args.max_instances, max_queue=args.max_queue))
-    version, pinned = "1", args.model
-    if alias := registry_alias(args.model):  # pinned first: the alias may move meanwhile
-        version = served_version(args.model)
-        pinned = f"models:/{alias[0]}/{version}"
-    elif args.model.startswith("models:/"):
-        version = served_version(args.model)
+    version = served_version(args.model)  # an alias pinned first: it may move meanwhile
+    alias = registry_alias(args.model)
+    pinned = f"models:/{alias[0]}/{version}" if alias else args.model
     return serve(resolve_model_uri(pinned), options, version)
 
 

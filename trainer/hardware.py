@@ -85,7 +85,8 @@ def _remembered_steps(net: torch.nn.Module, example: torch.Tensor, precisions: l
     """`_time_steps`, remembered per machine and net: the key covers the device (CPU model
     and ISA, or GPU and capability), torch and CUDA versions, the net's structure and
     parameter shapes, the example's shape and the candidates (and oneDNN's ISA cap), so
-    another CPU, library or net is checked again. Returns (seconds per candidate, whether they were remembered)."""
+    another CPU, library or net is checked again. Returns (seconds per candidate, whether
+    they were remembered)."""
     import hashlib
     import json
 
@@ -94,8 +95,9 @@ def _remembered_steps(net: torch.nn.Module, example: torch.Tensor, precisions: l
 
     key = hashlib.sha256(json.dumps([
         record.get("device"), record.get("isa"), record.get("capability"), torch.__version__,
-        torch.version.cuda, os.environ.get("ONEDNN_MAX_CPU_ISA"), str(net), [list(p.shape) for p in net.parameters()],
-        list(example.shape), str(example.dtype), precisions, layouts]).encode()).hexdigest()
+        torch.version.cuda, os.environ.get("ONEDNN_MAX_CPU_ISA"), str(net),
+        [list(p.shape) for p in net.parameters()], list(example.shape), str(example.dtype),
+        precisions, layouts]).encode()).hexdigest()
     path = cache_root(None) / CHECKS
     try:
         known = json.loads(path.read_text())
@@ -175,6 +177,7 @@ def choose(accelerator: str = "auto", net: torch.nn.Module | None = None,
             record["layout_reason"] = f"the quick check failed ({str(exc)[:80]})"
             precisions, layouts = precisions[:1], [False]
         if t is not None:
+            timed = f" (remembered from an earlier run: {CHECKS})" if remembered else ""
             record["step_ms"] = {f"{p}{' channels_last' if cl else ''}": round(v * 1e3, 2)
                                  for (p, cl), v in t.items()}
 
@@ -184,16 +187,13 @@ def choose(accelerator: str = "auto", net: torch.nn.Module | None = None,
             if len(precisions) > 1:
                 ratio = t["bf16-mixed", layout("bf16-mixed")] / t["32-true", layout("32-true")]
                 record["reason"] = (f"{'+'.join(record['bf16_native'])}; a quick check ran "
-                                    f"bf16 at {ratio:.2f}x the fp32 time")
+                                    f"bf16 at {ratio:.2f}x the fp32 time{timed}")
                 precisions = ["bf16-mixed" if ratio < CLEARLY_FASTER else "32-true"]
             if len(layouts) > 1:
                 ratio = t[precisions[0], True] / t[precisions[0], False]
-                record["layout_reason"] = f"a quick check ran NHWC at {ratio:.2f}x the NCHW time"
+                record["layout_reason"] = (f"a quick check ran NHWC at {ratio:.2f}x the NCHW "
+                                           f"time{timed}")
                 layouts = [layout(precisions[0])]
-            if remembered:
-                for k in ("reason", "layout_reason"):
-                    if "quick check" in record.get(k, ""):
-                        record[k] += f" (remembered from an earlier run: {CHECKS})"
     chosen = None if channels_last == "auto" and not known else layouts[0]
     return HardwareChoice.from_json({**record, "precision": precisions[0],
                                      "channels_last": chosen}, "hardware.choose")

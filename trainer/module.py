@@ -319,9 +319,10 @@ class ClassifierModule(L.LightningModule):
             self.hparams.data_info["dataset"]["change"] = lineage.change_from_parent(
                 parent, self.hparams.data_info["dataset"], getattr(dm, "dataset", None))
 
-    def _copy_matching(self, path: str, prefix: str = "") -> dict:
+    def _copy_matching(self, path: str, prefix: str = "") -> dict | None:
         """Copy the tensors of a checkpoint (or, with `prefix`, a plain backbone state_dict)
-        whose names and shapes match; report how many."""
+        whose names and shapes match; report how many. Returns the checkpoint (None for a
+        backbone state_dict)."""
         from lightning.pytorch.utilities import rank_zero_info
 
         from export.errors import InputError
@@ -332,15 +333,17 @@ class ClassifierModule(L.LightningModule):
                 source = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as exc:  # missing file, pickled code, not a state_dict
                 raise InputError(f"{path}: cannot load weights ({type(exc).__name__})") from None
-            source = {prefix + k: v for k, v in source.get("state_dict", source).items()}
+            ckpt, tensors = None, {prefix + k: v
+                                   for k, v in source.get("state_dict", source).items()}
         else:
-            source = load_checkpoint(path, "--model.init_from")
-        own, tensors = self.state_dict(), source.get("state_dict", source)
+            ckpt = load_checkpoint(path, "--model.init_from")
+            tensors = ckpt["state_dict"]
+        own = self.state_dict()
         matched = {k: v for k, v in tensors.items() if k in own and own[k].shape == v.shape}
         self.load_state_dict(matched, strict=False)
         rank_zero_info(f"{path}: copied {len(matched)} of {len(own)} tensors "
                        f"({len(own) - len(matched)} kept their fresh initialisation)")
-        return source
+        return ckpt
 
     def configure_optimizers(self):
         hp = self.hparams
