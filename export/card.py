@@ -58,18 +58,6 @@ class InputSpec(Record):
 
 
 @dataclass(frozen=True, kw_only=True)
-class DatasetInfo(Record):
-    """Which fixed dataset the model learned from, and how it was split."""
-
-    name: str = entry(is_str, "a name")
-    fingerprint: str = entry(is_str, "a SHA-256 hex string")
-    split_sizes: dict | None = entry(is_dict, "an object", None)
-    class_counts: tuple[int, ...] | None = entry(list_of(is_num), "a list of counts", None)
-    source: str | None = entry(is_str, "a source name", None)
-    target: str | None = entry(is_str, "a column name", None)
-
-
-@dataclass(frozen=True, kw_only=True)
 class Consistency(Record):
     """The float32 graph's validation metric beside the one the checkpoint recorded."""
 
@@ -178,6 +166,20 @@ class DatasetChange(Record):
         return (f"{self.files_added:,} files added, {self.files_removed:,} removed, "
                 f"{self.files_changed:,} changed ({self.rows_added:,} rows in, "
                 f"{self.rows_removed:,} out) {since}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DatasetInfo(Record):
+    """Which fixed dataset the model learned from, and how it was split."""
+
+    name: str = entry(is_str, "a name")
+    fingerprint: str = entry(is_str, "a SHA-256 hex string")
+    split_sizes: dict | None = entry(is_dict, "an object", None)
+    class_counts: tuple[int, ...] | None = entry(list_of(is_num), "a list of counts", None)
+    source: str | None = entry(is_str, "a source name", None)
+    target: str | None = entry(is_str, "a column name", None)
+    split_seed: int | None = entry(is_num, "a number", None)
+    change: DatasetChange | None = entry(None, "an object", None, record=DatasetChange)
 
 
 def _is_layout(v) -> bool:

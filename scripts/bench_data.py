@@ -81,7 +81,7 @@ def main() -> None:
                          crop_padding=2)
     dm.setup("fit")
     x, y = dm.splits["train"].arrays()
-    mean, std = dm.info["normalization"]["mean"][0], dm.info["normalization"]["std"][0]
+    mean, std = dm.info.normalization.mean[0], dm.info.normalization.std[0]
 
     tf = transforms.Compose([transforms.RandomCrop(28, padding=2), transforms.ToTensor(),
                              transforms.Normalize((mean / 255,), (std / 255,))])

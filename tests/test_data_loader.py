@@ -162,6 +162,6 @@ def test_real_mnist_datamodule():
     sizes = {k: len(v) for k, v in dm.splits.items()}
     assert sizes["test"] == 10000 and sizes["train"] + sizes["val"] == 60000
     assert abs(sizes["val"] - 6000) <= 5  # 10% of each class, rounded per class
-    stats = dm.info["stats"]
+    stats = dm.info.stats
     assert abs(stats["mean"][0] - 0.1307 * 255) < 1.0 and abs(stats["std"][0] - 0.3081 * 255) < 1.0
     assert sum(stats["class_counts"]) == sizes["train"]

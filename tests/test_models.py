@@ -164,3 +164,21 @@ def test_precision_is_what_the_layers_compute_in(tmp_path, precision, dtype):
 def test_torch_compile(tmp_path):
     card = _fit_and_export(tmp_path, steps=4, compile=True)
     assert card.parity.max_abs_diff <= 1e-3
+
+
+def test_the_data_info_record_travels_as_json_and_reads_back_equal():
+    import json
+
+    from trainer.data.info import DataInfo
+
+    dm = FixedDataModule(batch_size=32)
+    info = dm.info
+    assert isinstance(info, DataInfo) and info.outputs == 10 and not info.regression
+    module = ClassifierModule(data_info=info)
+    saved = module.hparams.data_info  # what a checkpoint keeps: plain JSON, no objects
+    assert json.loads(json.dumps(saved)) == saved
+    assert module.data == info and ClassifierModule(data_info=saved).data == info
+    assert module.data.dataset.fingerprint == dm.dataset.fingerprint
+    bad = {**saved, "input": {**saved["input"], "shape": [1, 0, 8]}}
+    with pytest.raises(InputError, match=r"data_info\.input\.shape.*positive sizes"):
+        ClassifierModule(data_info=bad)

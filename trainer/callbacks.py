@@ -280,7 +280,7 @@ class RunReport(L.Callback):
         if trainer.is_global_zero:
             from trainer.report import save_confusion_matrix
 
-            save_confusion_matrix(confusion, matrix, pl_module.hparams.data_info["class_names"],
+            save_confusion_matrix(confusion, matrix, list(pl_module.data.class_names),
                                   Path(log_dir or ".") / "confusion_matrix.png")
 
     def on_train_start(self, trainer, pl_module) -> None:

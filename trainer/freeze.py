@@ -24,8 +24,7 @@ from torch import nn
 
 from export import drift
 from export.atomic import atomic_path
-from export.card import (OUTPUTS, Card, DatasetChange, DatasetInfo, HardwareChoice, InputSpec,
-                         ModelSettings, Training, attach_card)
+from export.card import OUTPUTS, Card, HardwareChoice, ModelSettings, Training, attach_card
 from export.errors import InputError
 from export.runtime import Predictor
 from trainer import variants
@@ -34,8 +33,8 @@ from trainer.data.dataset import SplitRows
 from trainer.gates import (DEFAULT_ATOL, DEFAULT_MAX_ACCURACY_DROP, HeldOut, ParityError,
                            baseline_check, consistency_check, metric_margin, test_metrics,
                            parity_check, quantization_check, score)
-from trainer.runs import (checkpoint_metrics, epochs_trained, init_args, load_checkpoint,
-                          module_task, run_config, run_epochs)
+from trainer.runs import (checkpoint_data, checkpoint_metrics, epochs_trained, init_args,
+                          load_checkpoint, run_config, run_epochs)
 
 __all__ = ["DEFAULT_OPSET", "HeldOut", "ParityError", "export_checkpoint", "held_out"]
 DEFAULT_OPSET = 18
@@ -106,7 +105,7 @@ def held_out_from_checkpoint(ckpt: dict) -> HeldOut:
     from trainer.data.datamodule import FixedDataModule
 
     dm = FixedDataModule(**init_args(ckpt, "datamodule_hyper_parameters"))
-    fp = ckpt["hyper_parameters"]["data_info"]["dataset"]["fingerprint"]
+    fp = checkpoint_data(ckpt).dataset.fingerprint
     if dm.dataset.fingerprint != fp:
         raise InputError(f"data.root: the dataset now has fingerprint {dm.dataset.fingerprint[:12]}, "
                          f"the checkpoint was trained on {fp[:12]}; pass --samples")
@@ -126,18 +125,15 @@ def build_card(ckpt: dict, ckpt_path: Path) -> Card:
     """The card's parts a checkpoint knows; the export adds what its gates measure."""
     hp = init_args(ckpt, "hyper_parameters")
     data = init_args(ckpt, "datamodule_hyper_parameters")
-    info = hp.pop("data_info")
-    change = info["dataset"].pop("change", None)
-    task = module_task(ckpt)
     source = str(ckpt_path)
+    hp.pop("data_info")
+    info = checkpoint_data(ckpt, source)
     return Card(
-        task=task, class_names=tuple(info["class_names"]), outputs=OUTPUTS[task],
-        input=InputSpec.from_json(info["input"], source, "input."),
-        normalization=info["normalization"],
-        dataset=DatasetInfo.from_json(
-            {**info["dataset"], "class_counts": info["stats"].get("class_counts")}, source,
-            "dataset."),
-        training_stats=info["stats"],
+        task=info.task, class_names=info.class_names, outputs=OUTPUTS[info.task],
+        input=info.input, normalization=info.normalization.to_json(),
+        dataset=dataclasses.replace(info.dataset, change=None,  # the card keeps it in training
+                                    class_counts=info.stats.get("class_counts")),
+        training_stats=info.stats,
         training=Training(
             model=ModelSettings.from_json(hp, source, "training.model."), data=data,
             config_yaml=run_config(ckpt_path), seed=data.get("seed"),
@@ -147,8 +143,7 @@ def build_card(ckpt: dict, ckpt_path: Path) -> Card:
             if isinstance(ckpt.get("hardware"), dict) else None,  # device, precision and why
             checkpoint_sha256=hashlib.sha256(ckpt_path.read_bytes()).hexdigest(),
             parent_sha256=_parent_sha256(hp.get("init_from")),
-            dataset_change=DatasetChange.from_json(change, source, "training.dataset_change.")
-            if change else None),
+            dataset_change=info.dataset.change),
         metrics=checkpoint_metrics(ckpt),
         versions={n: md.version(n) for n in ("torch", "lightning", "onnx", "onnxruntime")},
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))

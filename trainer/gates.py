@@ -18,7 +18,7 @@ from export.card import Baseline, Card, Consistency, Parity, Quantization
 from export.errors import InputError
 from export.runtime import Prediction, Predictor
 from trainer.data.dataset import SplitRows
-from trainer.runs import module_task
+from trainer.runs import checkpoint_data
 
 # Max |output_onnx - output_torch| per precision: float32 reorderings stay around 1e-5;
 # fp16 weights and activations carry ~3 significant digits. INT8 is gated by accuracy.
@@ -90,7 +90,7 @@ def consistency_check(val: Prediction | None, ckpt: dict, data: HeldOut, margin:
     for the same weights: accuracy up to the rows whose top-1 could flip by float
     reordering (logit margin below 2 x `margin`, the parity tolerance) or that the run did
     not score (DDP trims a split to a multiple of the world size); MAE up to `margin`."""
-    metrics, regression = ckpt.get("metrics", {}), module_task(ckpt) == "regression"
+    metrics, regression = ckpt.get("metrics", {}), checkpoint_data(ckpt).regression
     key = "val/mae" if regression else "val/acc"
     if key not in metrics or not data.val_is_split or val is None:
         return Consistency(checked=False, reason=f"no recorded {key} for the whole validation "

@@ -1,9 +1,8 @@
 """The LightningModule: normalisation + backbone, loss, torchmetrics, optimizer, schedule.
 
-The only file of the training side that knows Lightning's module API. Everything the model
-needs to know about its data arrives as `data_info` (linked from the DataModule by the CLI)
-and is saved in the checkpoint's hyperparameters, so a checkpoint alone can be exported.
-"""
+The only file of the training side that knows Lightning's module API. What the model knows
+of its data arrives as `data_info` (a DataInfo, linked from the DataModule by the CLI) and
+is saved in the checkpoint's hyperparameters as JSON, so a checkpoint alone exports."""
 
 from __future__ import annotations
 
@@ -17,9 +16,9 @@ from torch import nn
 from torchmetrics import MeanAbsoluteError, MeanMetric, MeanSquaredError, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from export.card import InputSpec
 from export.errors import check_options
 from trainer.data import lineage
+from trainer.data.info import DataInfo
 from trainer.models import build_backbone, custom
 from trainer.models.nets import Normalize
 
@@ -63,7 +62,7 @@ class ClassifierModule(L.LightningModule):
         init_from: str | None = None,
         backbone_weights: str | None = None,
         backbone: dict | nn.Module | None = None,
-        data_info: dict | None = None,
+        data_info: DataInfo | dict | None = None,
     ):
         """
         Args:
@@ -101,26 +100,33 @@ class ClassifierModule(L.LightningModule):
         self.__dict__["_given_backbone"] = backbone if isinstance(backbone, nn.Module) else None
         self.net: nn.Module | None = None
         if data_info is not None:
-            self._build(data_info)
+            self._build(DataInfo.read(data_info))
         self._validated_step: int | None = None
         self._lr_plan: dict | None = None  # {"start", "total"} steps of the LR schedule
         self._restored_plan: dict | None = None
         self._restored_step = 0
         self._channels_last = channels_last is True
 
-    def _build(self, data_info: dict) -> None:
-        """The network, loss and metrics for the data `data_info` describes."""
-        hp = self.hparams
-        self.regression = data_info.get("task", "classification") == "regression"
-        outputs = 1 if self.regression else len(data_info["class_names"])
-        spec, norm = InputSpec.from_json(data_info["input"]), data_info["normalization"]
+    @property
+    def data(self) -> DataInfo:
+        """The data this module learns from (the hyperparameters keep it as JSON)."""
+        return DataInfo.read(self.hparams.data_info)
+
+    @data.setter
+    def data(self, info: DataInfo) -> None:  # plain data in every checkpoint
+        self.hparams["data_info"] = info.to_json()
+
+    def _build(self, info: DataInfo) -> None:
+        """The network, loss and metrics for the data `info` describes."""
+        hp, spec, norm, self.data = self.hparams, info.input, info.normalization, info
+        self.regression, outputs = info.regression, info.outputs
         if hp.backbone:
             backbone = custom.build(hp.backbone, self.__dict__["_given_backbone"])
             custom.check_output(backbone, hp.backbone["class_path"], list(spec.shape), outputs)
         else:
             backbone = build_backbone(hp.arch, list(spec.shape), outputs, hp.width, hp.dropout)
-        self.net = nn.Sequential(Normalize(norm["mean"], norm["std"], image=spec.image), backbone)
-        self._loss_and_metrics(outputs, data_info, hp.label_smoothing)
+        self.net = nn.Sequential(Normalize(norm.mean, norm.std, image=spec.image), backbone)
+        self._loss_and_metrics(outputs, info, hp.label_smoothing)
 
     def setup(self, stage: str) -> None:
         """Under a plain `lightning.Trainer` the module learns its data here, from the
@@ -128,15 +134,14 @@ class ClassifierModule(L.LightningModule):
         if self.net is not None:
             return
         info = getattr(getattr(self._trainer, "datamodule", None), "info", None)
-        if not isinstance(info, dict):
+        if not isinstance(info, (DataInfo, dict)):
             raise ValueError("ClassifierModule has no data: fit it with a FixedDataModule "
                              "(trainer.fit(model, datamodule)) or pass data_info=datamodule.info")
-        self.hparams.data_info = info  # saved in every checkpoint, for the export
-        self._build(info)
+        self._build(DataInfo.read(info, "datamodule.info"))
 
-    def _loss_and_metrics(self, outputs: int, data_info: dict, label_smoothing: float) -> None:
+    def _loss_and_metrics(self, outputs: int, info: DataInfo, label_smoothing: float) -> None:
         if self.regression:
-            target = data_info["stats"]["target"]
+            target = info.stats["target"]
             # Predict the standardised target; `forward` maps back to the original units.
             self.register_buffer("target_mean", torch.tensor(float(target["mean"])))
             self.register_buffer("target_std", torch.tensor(max(float(target["std"]), 1e-6)))
@@ -167,7 +172,7 @@ class ClassifierModule(L.LightningModule):
         the hardware checks; drawn from its own generator, so the training stream is
         untouched."""
         batch = min(int(getattr(datamodule, "batch_size", None) or 64), 256)
-        spec = InputSpec.from_json(self.hparams.data_info["input"])
+        spec = self.data.input
         # On the CPU whatever default device Lightning's configure_model context has set.
         x = torch.randint(0, 256, (batch, *spec.shape), device="cpu",
                           generator=torch.Generator(device="cpu").manual_seed(0))
@@ -281,17 +286,17 @@ class ClassifierModule(L.LightningModule):
         from export.errors import InputError
 
         checkpoint["state_dict"] = self.with_metric_states(checkpoint["state_dict"])
-        saved = checkpoint.get("hyper_parameters", {})
-        ours = self.hparams
-        old_fp = saved.get("data_info", {}).get("dataset", {}).get("fingerprint")
-        new_fp = ours.data_info["dataset"]["fingerprint"]
+        saved, ours = checkpoint.get("hyper_parameters", {}), self.hparams
+        theirs = (DataInfo.read(saved["data_info"], "--ckpt_path")
+                  if isinstance(saved.get("data_info"), dict) else None)
+        old_fp, new_fp = theirs and theirs.dataset.fingerprint, self.data.dataset.fingerprint
         if old_fp != new_fp:
             raise InputError(
                 f"--ckpt_path: the checkpoint was trained on dataset fingerprint {str(old_fp)[:12]}, "
                 f"the configured data has {new_fp[:12]}; resume needs the same data (use "
                 f"--model.init_from CKPT to warm-start from its weights instead)")
-        if change := saved["data_info"]["dataset"].get("change"):  # measured at the first start
-            ours.data_info["dataset"]["change"] = change
+        if theirs.dataset.change:  # measured at the first start
+            self.data = self.data.with_change(theirs.dataset.change)
         for key in ("arch", "width", "backbone"):
             if saved.get(key) != ours[key]:
                 raise InputError(f"--ckpt_path: the checkpoint has model.{key}={saved.get(key)!r}, "
@@ -308,7 +313,7 @@ class ClassifierModule(L.LightningModule):
     def on_fit_start(self) -> None:
         if self.hparams.backbone:  # every rank, so none waits for one that failed
             custom.check_exportable(self.net[1], self.hparams.backbone["class_path"],
-                                    list(InputSpec.from_json(self.hparams.data_info["input"]).shape))
+                                    list(self.data.input.shape))
         if self.trainer.ckpt_path is not None:  # resuming: the checkpoint has the weights
             return
         if self.hparams.backbone_weights:
@@ -316,8 +321,9 @@ class ClassifierModule(L.LightningModule):
         if self.hparams.init_from:
             parent = self._copy_matching(self.hparams.init_from)
             dm = getattr(self.trainer, "datamodule", None)
-            self.hparams.data_info["dataset"]["change"] = lineage.change_from_parent(
-                parent, self.hparams.data_info["dataset"], getattr(dm, "dataset", None))
+            change = lineage.change_from_parent(parent, self.data.dataset,
+                                                getattr(dm, "dataset", None))
+            self.data = self.data.with_change(change)
 
     def _copy_matching(self, path: str, prefix: str = "") -> dict | None:
         """Copy the tensors of a checkpoint (or, with `prefix`, a plain backbone state_dict)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from export.errors import InputError, require_file
+from trainer.data.info import DataInfo
 
 # Config keys that do not change the weights a run produces (run length, logging, the
 # export and report at the end, where the data lives: the data itself is checked by its
@@ -164,8 +165,9 @@ def keep_previous_log(log_dir: Path) -> None:
 
 # ---------------------------------------------------------------- reading a checkpoint
 
-def module_task(ckpt: dict) -> str:
-    return ckpt["hyper_parameters"]["data_info"].get("task", "classification")
+def checkpoint_data(ckpt: dict, source: str = "checkpoint") -> DataInfo:
+    """What the checkpoint's model learned about its data (its `data_info`)."""
+    return DataInfo.read(ckpt.get("hyper_parameters", {}).get("data_info"), source)
 
 
 def init_args(ckpt: dict, key: str) -> dict:

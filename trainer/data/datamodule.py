@@ -10,9 +10,11 @@ import lightning as L
 import numpy as np
 import torch
 
+from export.card import DatasetInfo
 from export.errors import InputError, check_options
 from trainer.data.augment import augment_batch, augmentation_seed
 from trainer.data.dataset import FixedDataset, SourceOptions, Split
+from trainer.data.info import DataInfo, Normalization
 from trainer.data.loader import EpochSampler, InMemoryLoader, block_rows, streaming_loader
 from trainer.data.sources import load_source
 from trainer.data.split import stratified_split
@@ -126,27 +128,20 @@ class FixedDataModule(L.LightningDataModule):
         return out
 
     @cached_property
-    def info(self) -> dict:
-        """Everything downstream needs to know about the data, JSON-ready: it travels in
-        the checkpoint's hyperparameters and from there into the ONNX model card."""
-        ds = self.dataset
-        stats = training_stats(self.splits["train"], ds.num_classes,
-                               ds.input_spec.value_range, self.hparams.seed)
-        return {
-            "task": ds.task,
-            "input": ds.input_spec.to_json(),
-            "class_names": ds.class_names,
-            "normalization": {"mean": stats["mean"], "std": stats["std"]},
-            "dataset": {
-                "name": ds.name,
-                "source": self.hparams.source,
-                "fingerprint": ds.fingerprint,
-                "split_seed": self.hparams.seed,
-                "split_sizes": {k: len(v) for k, v in self.splits.items()},
-                **({"target": self.hparams.target} if self.hparams.source == "tabular" else {}),
-            },
-            "stats": stats,
-        }
+    def info(self) -> DataInfo:
+        """Everything downstream needs to know about the data: it travels (as JSON) in the
+        checkpoint's hyperparameters and from there into the ONNX model card."""
+        ds, hp = self.dataset, self.hparams
+        stats = training_stats(self.splits["train"], ds.num_classes, ds.input_spec.value_range,
+                               hp.seed)
+        return DataInfo(
+            task=ds.task, input=ds.input_spec, class_names=tuple(ds.class_names),
+            normalization=Normalization(mean=tuple(stats["mean"]), std=tuple(stats["std"])),
+            dataset=DatasetInfo(
+                name=ds.name, source=hp.source, fingerprint=ds.fingerprint, split_seed=hp.seed,
+                split_sizes={k: len(v) for k, v in self.splits.items()},
+                target=hp.target if hp.source == "tabular" else None),
+            stats=stats)
 
     @property
     def streaming(self) -> bool:

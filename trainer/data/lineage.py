@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from export.atomic import atomic_path
+from export.card import DatasetChange, DatasetInfo
 from trainer.data.cache import Records
 
 KEEP = 4
@@ -80,9 +81,11 @@ def change_since(parent_fp: str | None, fp: str, history: Path | None, source: s
             "rows_removed": int(old["rows"][gone].sum())}
 
 
-def change_from_parent(parent_ckpt: dict, dataset_info: dict, dataset) -> dict:
-    """`change_since` for a fit that starts from `parent_ckpt`, on the dataset that the
-    DataModule's `info['dataset']` describes (`dataset`: its FixedDataset, if known)."""
+def change_from_parent(parent_ckpt: dict, dataset: DatasetInfo, fixed) -> DatasetChange:
+    """`change_since` for a fit that starts from `parent_ckpt`, on the dataset that
+    `dataset` describes (`fixed`: its FixedDataset, if known). The parent's record is read
+    leniently: an older or foreign checkpoint only makes the change unknown."""
     parent = parent_ckpt.get("hyper_parameters", {}).get("data_info") or {}
-    return change_since(parent.get("dataset", {}).get("fingerprint"), dataset_info["fingerprint"],
-                        getattr(dataset, "history", None), dataset_info.get("source") or "this")
+    change = change_since(parent.get("dataset", {}).get("fingerprint"), dataset.fingerprint,
+                          getattr(fixed, "history", None), dataset.source or "this")
+    return DatasetChange.from_json(change, "lineage")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -12,7 +13,7 @@ class Normalize(nn.Module):
     """Raw input (uint8 pixels or float features) -> float32, standardised per channel or
     feature. It is part of the model, so the exported graph takes raw values too."""
 
-    def __init__(self, mean: list[float], std: list[float], image: bool):
+    def __init__(self, mean: Sequence[float], std: Sequence[float], image: bool):
         super().__init__()
         shape = (1, -1, 1, 1) if image else (1, -1)
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(shape))
