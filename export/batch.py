@@ -168,6 +168,18 @@ class Totals:
         self.skipped += record["skipped"]
         self.rows, self.header = self.rows + record["rows"], record["header"]
 
+    def summary(self, predictor: Predictor, started: float, rows: int,
+                **engine) -> tuple[JobSummary, dict]:
+        """The job's summary and drift report from the merged totals: the one merge step of
+        both engines (the local job's chunks, the Ray job's units); `engine`: its own fields."""
+        elapsed, report = time.perf_counter() - started, self.drift.report()
+        return JobSummary(
+            rows=rows, model=str(predictor.path), model_sha256=predictor.sha256,
+            dataset_fingerprint=predictor.card.dataset.fingerprint, seconds=round(elapsed, 3),
+            rows_per_second=round(rows / elapsed, 1), skipped=self.skipped,
+            drift_status=report["status"], metrics=label_metrics(self.sums),
+            drift_table=format_report(report), **engine), report
+
 
 def _predict_parts(predictor: Predictor, input_path, images: Iterable[Path] | None,
                    state: JobState, done: int, fmt: str, opts: JobOptions,
@@ -297,17 +309,10 @@ def run_batch(model: str | Path, input_path: str | Path, output: str | Path,
                              f"parts are kept in {state.folder}: free space and rerun with "
                              f"--resume") from None
         rows = _join(state, output, fmt, totals)
-        elapsed = time.perf_counter() - start
-        report = totals.drift.report()
-        summary = JobSummary(
-            rows=rows, output=str(output), format=fmt[1:], provider=predictor.provider,
-            threads=threads, model=str(predictor.path), model_sha256=predictor.sha256,
-            dataset_fingerprint=predictor.card.dataset.fingerprint,
-            seconds=round(elapsed, 3), rows_per_second=round(rows / elapsed, 1),
-            resumed_after_rows=resumed_after, skipped=totals.skipped,
-            drift_status=report["status"], peak_memory_mb=round(_peak_rss_mb(), 1),
-            options=asdict(opts), metrics=label_metrics(totals.sums),
-            drift_table=format_report(report),
+        summary, report = totals.summary(
+            predictor, start, rows, output=str(output), format=fmt[1:],
+            provider=predictor.provider, threads=threads, resumed_after_rows=resumed_after,
+            peak_memory_mb=round(_peak_rss_mb(), 1), options=asdict(opts),
             totals={"rows": rows, "header": totals.header, "sums": totals.sums,
                     "skipped": totals.skipped, "drift": totals.drift.state()})
         if reports:

@@ -145,6 +145,10 @@ def describe_change(old: dict, new: dict) -> str:
     """One phrase saying how the input changed between two identities."""
     if old.get("path") != new.get("path"):
         return f"the input is now {new.get('path')}, it was {old.get('path')}"
+    if isinstance(old.get("images"), dict) and isinstance(new.get("images"), dict):
+        return (f"its images changed: {old['images'].get('count')} listed when its output "
+                f"was written, {new['images'].get('count')} now, with other names, sizes or "
+                f"modification times")
     if "images" in old and "images" in new:
         before = {p: (s, m) for p, s, m in old["images"]}
         after = {p: (s, m) for p, s, m in new["images"]}

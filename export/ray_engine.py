@@ -1,7 +1,8 @@
 """`trainer predict --engine ray`: the batch job spread over a Ray cluster with Ray Data.
 
 The driver lists the job's work units: one per input file (Parquet, CSV, .npy, .npz) or one
-per block of an image folder. Ray Data maps them through `PredictUnits`, which holds one
+per block of an image folder (streamed into a listing per block in the output folder, so the
+driver holds nothing per image). Ray Data maps them through `PredictUnits`, which holds one
 onnxruntime session: on CPU workers Ray Data runs it in tasks and each worker process keeps
 its PredictUnits for the job (`predict_units`); GPU workers are an actor pool of it. Each
 unit is exactly the local engine's job (`export/batch.run_batch`: same readers, card
@@ -18,6 +19,7 @@ replaced by Ray and its task retried, continuing after the parts it had verified
 from __future__ import annotations
 
 import glob
+import itertools
 import json
 import os
 import re
@@ -29,10 +31,11 @@ from pathlib import Path
 
 from export.atomic import atomic_path
 from export.errors import InputError
+from export.ray_cluster import import_ray, join_cluster
 
-EXTRA = "pip install '.[ray]' from a checkout, or 'frozenfit[ray]' from a wheel"
 FILE_SUFFIXES = (".parquet", ".pq", ".csv", ".npy", ".npz")
 LOCK_NAME = ".ray-job"  # the output folder's job state: holds the job's lock while it runs
+LISTINGS = ".ray-listings"  # an image folder's block listings, while the job runs
 
 
 @dataclass
@@ -50,11 +53,34 @@ class RayOptions:
                              "share of one GPU (0 to 1) or a whole number of GPUs")
 
 
-def list_units(source: str, block: int = 4096) -> list[dict]:
+def _image_units(path: Path, block: int, folder: Path) -> list[dict]:
+    """An image folder's units, streamed: each block of `block` images (in path order) is
+    listed into `folder` as the local engine lists its input (name, size, mtime per line);
+    a unit names its listing, with the count and SHA-256 as its identity, never the images,
+    so the driver holds nothing per image (the workers read their block's listing)."""
+    from export.jobstate import write_listing
+    from export.readers import iter_image_files
+
+    folder.mkdir(exist_ok=True)
+    files, units = iter_image_files(path), []
+    while chunk := list(itertools.islice(files, block)):
+        name = f"images-{len(units):05d}"
+        with atomic_path(folder / f"{name}.listing") as tmp:
+            listed = write_listing(path, chunk, tmp, [])
+        units.append({"input": str(path), "listing": str(folder / f"{name}.listing"),
+                      "output": f"{name}.parquet", "identity": {
+                          "path": str(path.resolve()),
+                          "images": {k: listed[k] for k in ("count", "sha256")}}})
+    if not units:
+        raise InputError(f"{path}: no PNG or JPEG images found")
+    return units
+
+
+def list_units(source: str, block: int, folder: Path) -> list[dict]:
     """The work units of `source`: a folder, a glob or one file; `block` images per unit
-    of an image folder."""
+    of an image folder, whose block listings go to `folder`."""
     from export.jobstate import input_identity
-    from export.readers import IMAGE_SUFFIXES, image_files
+    from export.readers import IMAGE_SUFFIXES
 
     if any(c in source for c in "*?["):
         files = sorted(Path(p) for p in glob.glob(source, recursive=True) if Path(p).is_file())
@@ -69,11 +95,7 @@ def list_units(source: str, block: int = 4096) -> list[dict]:
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in FILE_SUFFIXES) \
             if path.is_dir() else [path]
         if path.is_dir() and not files:  # a folder of images, labelled by class folder
-            images = image_files(path)
-            return [{"input": str(path), "images": [str(f) for f in images[i:i + block]],
-                     "output": f"images-{i // block:05d}.parquet",
-                     "identity": input_identity(path, images[i:i + block])}
-                    for i in range(0, len(images), block)]
+            return _image_units(path, block, folder)
     bad = [f for f in files if f.suffix.lower() not in FILE_SUFFIXES]
     if bad:
         kind = "an image" if bad[0].suffix.lower() in IMAGE_SUFFIXES else "not an input"
@@ -85,7 +107,7 @@ def list_units(source: str, block: int = 4096) -> list[dict]:
         while name in taken:  # a.csv and a.parquet side by side
             name += "_"
         taken.add(name)
-        units.append({"input": str(f), "images": None, "output": f"{name}.parquet",
+        units.append({"input": str(f), "listing": None, "output": f"{name}.parquet",
                       "identity": input_identity(f, None)})
     return units
 
@@ -97,12 +119,13 @@ def manifest_path(out: Path, unit: dict) -> Path:
 def run_unit(predictor, unit: dict, out: Path, job_options: dict) -> dict:
     """One unit, as the local engine's job; then its manifest, written atomically."""
     from export.batch import JobOptions, run_batch
-    from export.jobstate import sha256_file
+    from export.jobstate import read_listing, sha256_file
 
     started = time.perf_counter()
     opts = JobOptions(**{**job_options, "resume": True, "progress": False})
     output = out / unit["output"]
-    images = [Path(p) for p in unit["images"]] if unit["images"] is not None else None
+    images = (list(read_listing(Path(unit["input"]), Path(unit["listing"])))
+              if unit["listing"] is not None else None)  # one block's images
     summary = run_batch(predictor.path, unit["input"], output, opts, predictor=predictor,
                         images=images, reports=False)
     manifest = {"input": unit["input"], "identity": unit["identity"],
@@ -146,13 +169,9 @@ _KEPT: dict[str, PredictUnits] = {}
 def predict_units(batch: dict, **job) -> dict:
     """Ray Data's function for CPU workers: the worker process's PredictUnits for this job,
     made on its first unit and kept for the next ones (one session per process, as an
-    actor would keep it).
-
-    Why tasks and not an actor pool on CPUs: Ray gives each actor a new worker process
-    (python, ray, onnxruntime imported again), ~0.35 s per actor even with Ray up, paid by
-    every job; tasks reuse the job's worker processes. On the 200,000-row benchmark
-    (scripts/bench_ray.py, 2-core EPYC; README, Benchmarks) that more than doubled Ray's
-    rows/s. Ray ends a GPU task's process after each call (max_calls=1 by default), so GPU
+    actor would keep it). Tasks, not an actor pool, on CPUs: each actor is a new worker
+    process that imports everything again, every job; tasks reuse the job's processes
+    (docs/benchmarks.md, bench_ray). Ray ends a GPU task's process after each call, so GPU
     workers stay actors."""
     key = json.dumps(job, sort_keys=True)  # the model's SHA-256 included
     if key not in _KEPT:
@@ -189,60 +208,6 @@ def _complete(out: Path, unit: dict, model_sha: str, job_options: dict) -> bool:
     return output.is_file() and sha256_file(output) == manifest.get("output_sha256")
 
 
-def _import_ray():
-    try:
-        import ray
-        import ray.data  # the data extra of ray
-    except ModuleNotFoundError as exc:
-        raise InputError(f"--engine ray needs the ray extra (missing module {exc.name}): "
-                         f"{EXTRA}") from None
-    return ray
-
-
-def _start_ray(ray, options: RayOptions) -> float | None:
-    """Join the cluster or start a local instance; return the seconds it took (None: this
-    process was connected already)."""
-    import logging
-
-    started = time.perf_counter()
-    kwargs = {"include_dashboard": False, "logging_level": logging.ERROR,
-              "configure_logging": True, "log_to_driver": False}
-    if ray.is_initialized():  # a caller (a benchmark, a notebook) already connected
-        return None
-    if options.address:
-        _check_reachable(options.address)
-    try:
-        if options.address:
-            ray.init(address=options.address, **kwargs)
-        else:
-            ray.init(num_cpus=os.cpu_count(), **kwargs)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise InputError(f"--address {options.address}: cannot join the Ray cluster ({first})") \
-            from None
-    # A unit's InputError is reported by run_ray in one line; Ray Data would log it first,
-    # with its per-dataset INFO lines. Any other error still ends the job with its traceback.
-    logging.getLogger("ray.data").setLevel(logging.CRITICAL)
-    return time.perf_counter() - started
-
-
-def _check_reachable(address: str, seconds: float = 5.0) -> None:
-    """Refuse a host:port (or ray://host:port) that nothing answers at, in one line: Ray
-    itself retries such an address for minutes before it gives up."""
-    import socket
-
-    host, sep, port = address.removeprefix("ray://").rpartition(":")
-    if address == "auto" or not sep or not port.isdigit():
-        return  # "auto" and the like: Ray's own lookup answers quickly
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=seconds).close()
-    except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-        raise InputError(f"--address {address}: nothing answers at {host}:{port} ({reason}); "
-                         "start the cluster's head with `ray start --head` or check the "
-                         "address") from None
-
-
 def _quiet(ctx) -> None:
     """No progress bars or start-up lines from the job's dataset (its own context: a caller's
     other datasets keep theirs)."""
@@ -269,20 +234,6 @@ def _output_folder(source: str, output: str, model: str, resume: bool) -> Path:
         raise InputError(f"{out}: output folder is not empty; use --resume to continue the job "
                          "written there, or choose an empty folder")
     return out
-
-
-def _workers(ray, options: RayOptions) -> tuple[float | None, int]:
-    """Start or join Ray; (seconds it took or None, workers the job runs)."""
-    startup = _start_ray(ray, options)
-    resources = ray.cluster_resources()
-    gpus = options.gpus_per_worker
-    if gpus and resources.get("GPU", 0) < gpus:
-        raise InputError(f"--gpus-per-worker {gpus:g}: the Ray cluster has "
-                         f"{resources.get('GPU', 0):g} GPUs; join one with GPUs "
-                         "(--address) or leave the flag out to run on CPUs")
-    workers = options.workers or max(1, int(resources.get("GPU", 0) // gpus) if gpus
-                                     else int(resources.get("CPU", 1)))
-    return startup, workers
 
 
 def _map_units(ray, todo: list[dict], workers: int, gpus: float, unit_args: dict,
@@ -318,28 +269,27 @@ def _map_units(ray, todo: list[dict], workers: int, gpus: float, unit_args: dict
 
 def run_ray(model: str, source: str, output: str, job_options, options: RayOptions):
     """The whole job; returns its summary (also written to `<output>/summary.json`)."""
-    from export.batch import Totals, coverage_threshold, label_metrics
-    from export.summary import JobSummary, write_reports
-    from export.drift import format_report
+    from export.batch import Totals, coverage_threshold
+    from export.summary import write_reports
     from export.jobstate import JobState
     from export.runtime import Predictor
 
-    start, ray = time.perf_counter(), _import_ray()
+    start, ray = time.perf_counter(), import_ray()
     predictor = Predictor(model, provider=job_options.provider)  # one-line errors up front
     coverage_threshold(predictor, job_options.coverage)  # before any worker starts
-    # Absolute paths: the workers of a cluster do not share this process's directory.
-    units = list_units(os.path.abspath(source), options.block_images)
     out = _output_folder(source, output, model, job_options.resume)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     lock, failed = JobState(out / LOCK_NAME), False  # its folder in `out` holds the lock
     lock.lock()
     try:
+        # Absolute paths: the workers of a cluster do not share this process's directory.
+        units = list_units(os.path.abspath(source), options.block_images, out / LISTINGS)
         job = {k: v for k, v in asdict(job_options).items()
                if k not in ("resume", "progress", "provider")}  # what a unit's output depends on
         todo = [u for u in units if not (job_options.resume and
                                          _complete(out, u, predictor.sha256, job))]
-        startup, workers = _workers(ray, options)
+        startup, workers = join_cluster(ray, options)
         provider = "cuda" if options.gpus_per_worker else "cpu"
         if job_options.progress:
             how = ("already connected" if startup is None else
@@ -355,18 +305,13 @@ def run_ray(model: str, source: str, output: str, job_options, options: RayOptio
         totals = Totals(predictor.card)
         for unit in units:
             totals.add(json.loads(manifest_path(out, unit).read_text()))
-        elapsed = time.perf_counter() - start
-        report = totals.drift.report()
-        summary = JobSummary(
-            rows=totals.rows, output=str(out), format="parquet", engine="ray",
+        summary, report = totals.summary(
+            predictor, start, totals.rows, output=str(out), format="parquet", engine="ray",
             workers=workers, units=len(units), units_resumed=len(units) - len(todo),
-            provider=provider, model=str(predictor.path), model_sha256=predictor.sha256,
-            dataset_fingerprint=predictor.card.dataset.fingerprint, seconds=round(elapsed, 3),
-            ray_startup_seconds=None if startup is None else round(startup, 3),
-            rows_per_second=round(totals.rows / elapsed, 1), skipped=totals.skipped,
-            drift_status=report["status"], options={**asdict(job_options), **asdict(options)},
-            metrics=label_metrics(totals.sums), drift_table=format_report(report))
+            provider=provider, options={**asdict(job_options), **asdict(options)},
+            ray_startup_seconds=None if startup is None else round(startup, 3))
         write_reports(out / "summary.json", out / "drift.json", summary, report)
+        shutil.rmtree(out / LISTINGS, ignore_errors=True)  # the manifests keep the identities
     except InputError:
         failed = True  # bad input, no cluster: a folder this run created is removed whole
         raise

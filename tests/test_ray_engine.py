@@ -99,6 +99,35 @@ def test_image_folder_rows_and_drift_equal_the_local_engine(cluster, digits_run,
     local_summary = json.loads((tmp_path / "local.summary.json").read_text())
     assert summary["rows"] == 269 and summary["accuracy"] == local_summary["accuracy"]
     assert summary["engine"] == "ray" and summary["units"] == 3
+    assert not (tmp_path / "ray" / ".ray-listings").exists()  # the block listings are gone
+
+
+def test_an_image_folders_units_name_block_listings_not_images(digits_images, tmp_path):
+    """The driver streams the folder into one listing per block; a unit carries the
+    listing's path, count and SHA-256, so the driver holds nothing per image."""
+    from export.errors import InputError
+    from export.jobstate import read_listing
+    from export.ray_engine import list_units
+    from export.readers import image_files
+
+    units = list_units(str(digits_images), 100, tmp_path / "listings")
+    assert [u["output"] for u in units] == [f"images-0000{k}.parquet" for k in range(3)]
+    assert [u["identity"]["images"]["count"] for u in units] == [100, 100, 69]
+    assert all(set(u["identity"]["images"]) == {"count", "sha256"} for u in units)
+    listed = [f for u in units for f in read_listing(digits_images, Path(u["listing"]))]
+    assert listed == image_files(digits_images)  # every image once, in path order
+    again = list_units(str(digits_images), 100, tmp_path / "listings")
+    assert [u["identity"] for u in again] == [u["identity"] for u in units]
+    (digits_images / "0").rename(digits_images / "0_moved")  # other names: other identities
+    try:
+        moved = list_units(str(digits_images), 100, tmp_path / "listings")
+        assert moved[0]["identity"]["images"]["sha256"] != units[0]["identity"]["images"]["sha256"]
+    finally:
+        (digits_images / "0_moved").rename(digits_images / "0")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(InputError, match="empty: no PNG or JPEG images found"):
+        list_units(str(empty), 100, tmp_path / "listings2")
 
 
 @pytest.fixture(scope="module")
