@@ -30,7 +30,7 @@ from export.errors import InputError
 from export.readers import iter_chunks
 from export.records import Record, entry, is_num, is_str, list_of, one_of
 
-BOOTSTRAP_ROWS = 20_000  # above, the normal interval (same to 1e-3 at 20,000 rows; 0.4 s each)
+BOOTSTRAP_ROWS = 20_000  # above, the normal interval (the two agree to 1e-3 at this size)
 BOOTSTRAP_RESAMPLES = 2000
 VERDICTS = ("better", "not worse", "worse", "inconclusive")
 

@@ -239,8 +239,7 @@ def predictor_for_job(path: str | Path, provider: str = "auto", threads: int = 0
     """The Predictor a batch job runs with, and how its thread count was chosen. `threads`
     0 (auto): onnxruntime's default, one thread per physical core, unless a quick check on a
     batch of this model's input shape finds one thread clearly faster, as it can for a tiny
-    model, whose calls are too short to repay waking the pool (a 3-feature MLP: 259k rows/s
-    on one thread, 206k on two; scripts/bench_ray.py)."""
+    model, whose calls are too short to repay waking the pool (scripts/bench_ray.py)."""
     from export.timing import CLEARLY_FASTER, medians, usable_cores
 
     pool = Predictor(path, provider, threads)

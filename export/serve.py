@@ -4,8 +4,8 @@ This process supervises; `--workers` API server processes, forked from it, each 
 uvicorn (uvloop and httptools where installed) on the one listening socket with the `Gate`
 app and their own `Predictor` (export/serve_app.py): a request is read, checked, batched
 with its concurrent neighbours and predicted in the process that accepted it. LitServe ran
-the model in separate worker processes behind multiprocessing queues: ~1.3 ms of queue hops
-per lone request, 0.10x the bare uvicorn app's rate at concurrency 1 (docs/benchmarks.md).
+the model in separate worker processes behind multiprocessing queues, whose hops cost a lone
+request more than its prediction (docs/benchmarks.md has the comparison).
 
 Supervision: an API server that dies (SIGKILL, out of memory) is replaced at once (its
 requests in flight get a closed connection, never a hang); when they keep dying (more than

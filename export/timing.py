@@ -15,7 +15,7 @@ CLEARLY_FASTER = 0.9
 def medians(steps: dict, warmups: int = 2, repeats: int = 7) -> dict:
     """Median seconds of each step. The steps run interleaved after warm-ups (the first
     calls build kernels), so a change in clock speed or a neighbour's load falls on all of
-    them alike: a single timed call once read 1.75x for a 0.7x ratio."""
+    them alike (a single timed call can read a ratio the wrong way round)."""
     for step in steps.values():
         for _ in range(warmups):
             step()

@@ -1,6 +1,6 @@
 """Settings that depend on the hardware, picked by what the machine can do and logged with
 the reason: a recipe must not be fast on one CPU and pathological on another (bf16 is
-native on AMX and AVX-512-BF16 CPUs and emulated, about 10x slower than fp32, on AVX2 ones).
+native on AMX and AVX-512-BF16 CPUs and emulated, many times slower than fp32, on AVX2 ones).
 
 `AutoTrainer` is Lightning's Trainer with one change: `precision` defaults to "auto".
 """
@@ -18,9 +18,9 @@ from export.card import HardwareChoice
 from export.timing import CLEARLY_FASTER, medians
 
 # A setting that changes the numbers (bf16) or the layout (channels_last) is taken only when
-# a quick check finds it clearly faster (export.timing.CLEARLY_FASTER, 10%): emulated bf16
-# measures about 10x slower and native bf16 0.4-0.8x on wide convolutions, but a tiny net can
-# run bf16 no faster than fp32 even on AVX512-BF16 (its casts cost what its FLOPs save).
+# a quick check finds it clearly faster (export.timing.CLEARLY_FASTER): emulated bf16 is far
+# slower and native bf16 faster on wide convolutions, but a tiny net can run bf16 no faster
+# than fp32 even on AVX512-BF16 (its casts cost what its FLOPs save).
 
 
 def cpu_model() -> str:

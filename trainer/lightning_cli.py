@@ -193,7 +193,7 @@ class TrainerCLI(LightningCLI):
 
     def _hardware_for_model(self) -> HardwareChoice | None:
         """precision and channels_last `auto` chosen together for this model (a tiny
-        net can run bf16 no faster than fp32 where a wide one runs it 2x faster)."""
+        net can run bf16 no faster than fp32 where a wide one runs it much faster)."""
         config = self.config[self.subcommand] if self.subcommand else self.config
         if self.subcommand != "fit" or str(config.trainer.precision) != "auto":
             return None

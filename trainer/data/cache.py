@@ -352,7 +352,7 @@ class RowCache:
 
     def _write_index(self, records: Records) -> None:
         """The index as an uncompressed .npz of columns. Not Arrow: pyarrow imports pandas
-        (0.7 s) on its first array."""
+        on its first array, which costs an update more than the rest of its work."""
         meta = {**self._meta(), "gen": self.gen, "extra": self.extra}
         with atomic_path(self.folder / INDEX) as tmp:
             with open(tmp, "wb") as f:

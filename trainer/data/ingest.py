@@ -183,7 +183,7 @@ def _workers(files: int, size: int, whole_files: bool):
     """Decoding many small files is mostly Python holding the GIL (pillow's per-image
     overhead; measured: threads on 2 cores ran slower than one), so files decoded whole
     go to forked processes, one per usable core, when there is enough to decode to pay
-    for starting them (~1 MiB of PNG is ~0.2 s of decoding on one core). Tables are
+    for starting them (FORK_BYTES of encoded images). Tables are
     decoded batch by batch in this process (pyarrow reads in its own threads); their
     workers only hash."""
     cores = usable_cores()

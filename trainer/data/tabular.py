@@ -169,7 +169,7 @@ def _batches(fragment, schema, columns, target, path, vocab: list[str]):
 def _classes(values: np.ndarray, vocab: list[str], y_dtype: str) -> tuple[list[str], np.ndarray]:
     """Class names and each row's class index: integers sorted numerically, strings
     alphabetically. Codes into the vocabulary and small non-negative integer labels are
-    counted (np.bincount, linear; np.unique sorts every row: 0.23 s of 4M rows here)."""
+    counted (np.bincount, linear; np.unique would sort every row)."""
     codes = values.astype(np.int64)
     if y_dtype == "i8" or ((codes == values).all() and 0 <= codes.min() and codes.max() < 1 << 20):
         present = np.flatnonzero(np.bincount(codes))
