@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 
 from tests.conftest import ROOT, assert_one_line_error, cli_in_process, run_cli
@@ -190,3 +193,20 @@ def test_debug_logs_what_the_deploy_side_decided(digits_run, digits_test_npz, tm
     assert proc.returncode == 0, proc.stderr
     assert "export.batch: " in proc.stderr and " on CPUExecutionProvider, threads " in proc.stderr
     assert "export.batch: part 0: 269 rows, 0 skipped" in proc.stderr
+
+
+def test_the_process_exit_skips_only_the_teardown(tmp_path):
+    """`trainer` ends a torch process without Python's teardown, but still waits for
+    non-daemon threads, runs the atexit handlers and flushes what was printed."""
+    marker, late = tmp_path / "atexit", tmp_path / "thread"
+    code = (
+        "import atexit, threading, time, sys, torch\n"
+        "from trainer.cli import exit_process\n"
+        f"atexit.register(lambda: open({str(marker)!r}, 'w').write('ran'))\n"
+        f"threading.Thread(target=lambda: (time.sleep(0.3), open({str(late)!r}, 'w').write('done'))).start()\n"
+        "print('buffered', end=''); sys.stderr.write('err')\n"
+        "exit_process(3)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 3 and proc.stdout == "buffered" and proc.stderr == "err"
+    assert marker.read_text() == "ran" and late.read_text() == "done"
