@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from export.atomic import check_output
 from export.card import Card, InputSpec
 from export.conformal import (check_coverage, coverage_metrics, coverage_sums, interval_columns,
                               set_columns, threshold)
@@ -269,6 +270,11 @@ def _identity(source: Path, images: list[Path] | None, state: JobState,
         raise
 
 
+def _report_paths(output: Path) -> tuple[Path, Path]:
+    return (output.with_name(output.stem + ".summary.json"),
+            output.with_name(output.stem + ".drift.json"))
+
+
 def run_batch(model: str | Path, input_path: str | Path, output: str | Path,
               options: JobOptions | None = None, *, predictor: Predictor | None = None,
               images: list[Path] | None = None, reports: bool = True) -> JobSummary:
@@ -277,6 +283,9 @@ def run_batch(model: str | Path, input_path: str | Path, output: str | Path,
     of `images` of an image folder, and `reports=False` (it writes one report per job)."""
     opts, output, start = options or JobOptions(), Path(output), time.perf_counter()
     fmt = check_format(output)
+    if reports:  # the whole job's files; a Ray unit's folder was checked by its driver
+        for path in (output, *_report_paths(output)):
+            check_output(path, "--output", {"--model": model, "--input": input_path})
     threads = {"threads": opts.threads, "reason": "the engine's"}
     if predictor is None:
         predictor, threads = predictor_for_job(model, opts.provider, opts.threads,
@@ -316,8 +325,7 @@ def run_batch(model: str | Path, input_path: str | Path, output: str | Path,
             totals={"rows": rows, "header": totals.header, "sums": totals.sums,
                     "skipped": totals.skipped, "drift": totals.drift.state()})
         if reports:
-            write_reports(output.with_name(output.stem + ".summary.json"),
-                          output.with_name(output.stem + ".drift.json"), summary, report)
+            write_reports(*_report_paths(output), summary, report)
         finished = True
     finally:
         state.close(remove=finished)

@@ -168,3 +168,19 @@ def test_a_row_past_the_largest_read_block_is_one_line(table_model, tmp_path, mo
         run_batch(table_model, tmp_path / "in.csv", tmp_path / "p.csv",
                   JobOptions(progress=False, chunk_rows=1))
     assert not (tmp_path / "p.csv").exists()
+
+
+def test_the_python_api_refuses_an_output_that_is_an_input(table_model, tmp_path):
+    """The engine checks its outputs itself, so a script calling run_batch is as safe as
+    the command: no input is overwritten, the report files included."""
+    from export.batch import JobOptions, run_batch
+
+    pacsv.write_csv(_table(3, 5), tmp_path / "in.csv")
+    before = (tmp_path / "in.csv").read_bytes()
+    with pytest.raises(InputError, match=r"--output .*in\.csv: is the same file as --input"):
+        run_batch(table_model, tmp_path / "in.csv", tmp_path / "in.csv", JobOptions(progress=False))
+    (tmp_path / "in.summary.json").symlink_to(tmp_path / "in.csv")  # a report onto the input
+    with pytest.raises(InputError, match=r"in\.summary\.json: is the same file as --input"):
+        run_batch(table_model, tmp_path / "in.csv", tmp_path / "in.parquet",
+                  JobOptions(progress=False))
+    assert (tmp_path / "in.csv").read_bytes() == before and not (tmp_path / "in.parquet").exists()

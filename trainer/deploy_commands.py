@@ -7,7 +7,6 @@ import argparse
 import json
 import signal
 import sys
-from pathlib import Path
 
 from export.errors import InputError
 from trainer.stops import stop_on_sigterm
@@ -87,12 +86,6 @@ def cmd_predict(argv: list[str]) -> int:
                          gpus_per_worker=args.gpus_per_worker, block_images=args.block_images)
         summary = run_ray(args.model, args.input, args.output, job, ray)
     else:
-        from export.atomic import check_output
-
-        out = Path(args.output)
-        for path in (out, out.with_name(out.stem + ".summary.json"),
-                     out.with_name(out.stem + ".drift.json")):
-            check_output(path, "--output", {"--model": args.model, "--input": args.input})
         summary = run_batch(args.model, args.input, args.output, job)
     print_summary(summary)
     if args.fail_on_drift:
