@@ -507,6 +507,28 @@ def _(tmp, m):
         "model.backbone: subprocess.Popen is not an nn.Module class"
 
 
+@case("checkpoints", "a checkpoint without the data its model learned from")
+def _(tmp, m):
+    import torch
+
+    ckpt = torch.load(m["ckpt"], weights_only=True)
+    del ckpt["hyper_parameters"]["data_info"]
+    torch.save(ckpt, tmp / "bare.ckpt")
+    return ["export", "--ckpt", "bare.ckpt", "--out", "m.onnx"], \
+        "bare.ckpt: not a trainer checkpoint (no state_dict, hyper_parameters or their data_info)"
+
+
+@case("checkpoints", "a checkpoint whose data_info has an impossible input shape")
+def _(tmp, m):
+    import torch
+
+    ckpt = torch.load(m["ckpt"], weights_only=True)
+    ckpt["hyper_parameters"]["data_info"]["input"]["shape"] = [1, 0, 8]
+    torch.save(ckpt, tmp / "bad.ckpt")
+    return ["export", "--ckpt", "bad.ckpt", "--out", "m.onnx"], \
+        "'data_info.input.shape' is [1, 0, 8]; expected a list of positive sizes"
+
+
 # ------------------------------------------------------------------------ the run
 def test_there_are_enough_cases():
     assert len(CASES) >= 150, len(CASES)

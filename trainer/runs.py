@@ -41,8 +41,11 @@ def load_checkpoint(path: str | Path, flag: str = "--ckpt", mmap: bool = False) 
     except Exception as exc:  # unpickling and zip errors come in many types
         raise InputError(f"{flag} {path}: not a loadable checkpoint ({type(exc).__name__}); "
                          f"only tensors and plain values are read") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
-        raise InputError(f"{flag} {path}: not a trainer checkpoint (no state_dict/hyper_parameters)")
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt \
+            or not isinstance(ckpt.get("hyper_parameters"), dict) \
+            or not isinstance(ckpt["hyper_parameters"].get("data_info"), dict):
+        raise InputError(f"{flag} {path}: not a trainer checkpoint (no state_dict, "
+                         f"hyper_parameters or their data_info)")
     return ckpt
 
 
