@@ -235,33 +235,40 @@ THREAD_CHECK_MAX_S = 0.05
 
 
 def predictor_for_job(path: str | Path, provider: str = "auto", threads: int = 0,
-                      batch_size: int = 256) -> tuple[Predictor, dict]:
-    """The Predictor a batch job runs with, and how its thread count was chosen. `threads`
-    0 (auto): onnxruntime's default, one thread per physical core, unless a quick check on a
-    batch of this model's input shape finds one thread clearly faster, as it can for a tiny
-    model, whose calls are too short to repay waking the pool (scripts/bench_ray.py)."""
+                      batch_size: int = 256, server_threads: int = 0) -> tuple[Predictor, dict]:
+    """The Predictor a batch job or an API server runs with, and how its thread count was
+    chosen. `threads` 0 (auto), for a batch job: onnxruntime's default, one thread per
+    physical core, unless a quick check on a batch of this model's input shape finds one
+    thread clearly faster, as it can for a tiny model, whose calls are too short to repay
+    waking the pool (scripts/bench_ray.py). `server_threads` N, for an API server: one
+    thread unless the check finds N clearly faster, since the server's other cores are busy
+    reading requests (and its pool threads do not spin between requests)."""
     from export.timing import CLEARLY_FASTER, medians, usable_cores
 
-    pool = Predictor(path, provider, threads)
+    serving = server_threads > 0
+    pool = Predictor(path, provider, threads or server_threads, spin=not serving)
     cores = usable_cores()
     if threads:
         return pool, {"threads": threads, "reason": "set by --threads"}
-    if pool.provider != PROVIDERS["cpu"] or cores < 2:
-        return pool, {"threads": "auto", "reason": f"{pool.provider} on {cores} core(s)"}
+    if pool.provider != PROVIDERS["cpu"] or cores < 2 or server_threads == 1:
+        return pool, {"threads": server_threads or "auto",
+                      "reason": f"{pool.provider} on {cores} core(s)"}
     spec, n = pool.spec, min(batch_size, 4096)  # enough rows to time a batch
     rng = np.random.default_rng(0)
     x = (rng.integers(0, 256, (n, *spec.shape)) if spec.dtype == "uint8"
          else rng.normal(size=(n, *spec.shape))).astype(spec.dtype)
+    many = server_threads or "auto"
     try:  # stopped by onnxruntime if it runs over: a hung graph must not hang the check
         pool._run(x, timeout=THREAD_CHECK_MAX_S)
     except TimeoutError:
-        return pool, {"threads": "auto", "reason": "a batch takes long enough to use every core"}
+        return pool, {"threads": many, "reason": "a batch takes long enough to use every core"}
     except Exception:  # the job's own first batch reports what is wrong with the model
-        return pool, {"threads": "auto", "reason": "the quick check could not run the model"}
-    single = Predictor(path, provider, 1)
+        return pool, {"threads": many, "reason": "the quick check could not run the model"}
+    single = Predictor(path, provider, 1, spin=not serving)
     t = medians({"pool": lambda: pool._run(x), "single": lambda: single._run(x)})
     ratio = t["single"] / t["pool"]
-    reason = f"a quick check ran 1 thread at {ratio:.2f}x the time of one per core"
-    if ratio < CLEARLY_FASTER:
+    reason = (f"a quick check on {n} rows ran 1 thread at {ratio:.2f}x the time of "
+              f"{server_threads or 'one per core'}")
+    if ratio < CLEARLY_FASTER or (serving and 1 / ratio >= CLEARLY_FASTER):
         return single, {"threads": 1, "reason": reason}
-    return pool, {"threads": "auto", "reason": reason}
+    return pool, {"threads": many, "reason": reason}

@@ -31,7 +31,6 @@ from __future__ import annotations
 import collections
 import json
 import multiprocessing as mp
-import os
 import shutil
 import signal
 import socket
@@ -44,6 +43,7 @@ from pathlib import Path
 from export.card import Card, jsonable
 from export.errors import InputError
 from export.serve_app import Gate
+from export.serve_metrics import write_supervisor_counts
 from export.serve_options import ServeOptions, key_warning
 
 EXTRA = "pip install '.[serve]' from a checkout, or 'frozenfit[serve]' from a wheel"
@@ -134,6 +134,7 @@ class Supervisor:
         self.deaths: collections.deque = collections.deque()
         self.stop, self.reload = False, False
         self.next_poll = time.monotonic() + options.poll_s
+        self.counts: dict[str, int] = {}  # model swaps and failed loads
 
     def _spawn(self, go: bool = True):
         proc_events = tuple(self.ctx.Event() for _ in range(3))  # ready, go, closed
@@ -221,23 +222,16 @@ class Supervisor:
                 return
             path = resolve_model_uri(f"{uri.partition('@')[0]}/{version}")
         except InputError as exc:  # the store is unreachable, the version was deleted, ...
-            self._count("failures")
+            self._count("model_load_failures")
             print(f"serve: --poll-s: {uri}: {exc}; still serving version {was}",
                   file=sys.stderr, flush=True)
             return
         self._reload(path, version, f"{uri} moved to version {version}")
 
     def _count(self, what: str) -> None:
-        """The supervisor's own counters (model swaps, failed loads) for /metrics."""
-        if not hasattr(self, "counters"):
-            from prometheus_client import Counter
-
-            self.counters = {
-                "swaps": Counter("frozenfit_model_swaps", "models swapped in without a "
-                                 "restart (SIGHUP, --poll-s)", registry=None),
-                "failures": Counter("frozenfit_model_load_failures", "models not swapped "
-                                    "in: refused, unreadable or failed to start", registry=None)}
-        self.counters[what].inc()
+        """The supervisor's own counters (export/serve_metrics.SUPERVISOR) for /metrics."""
+        self.counts[what] = self.counts.get(what, 0) + 1
+        write_supervisor_counts(Path(self.gate.metrics_dir), self.counts)
 
     def _reload(self, path: str, version: str, why: str = "SIGHUP") -> None:
         """`path` as `version` on new API servers; see the module docstring."""
@@ -251,7 +245,7 @@ class Supervisor:
             problem = str(exc)
         if problem or new.sha256 == served:
             if problem:
-                self._count("failures")
+                self._count("model_load_failures")
             print(f"serve: {why}: {path}: " + (f"not loaded: {problem}" if problem else
                   "unchanged") + f"; still serving sha256 {served[:12]}", file=sys.stderr,
                   flush=True)
@@ -266,13 +260,13 @@ class Supervisor:
         if not self._started(fresh):
             self._stop_all(fresh, 5.0)
             gate.card, gate.card_json, gate.model, gate.runner_args = old_state
-            self._count("failures")
+            self._count("model_load_failures")
             print(f"serve: {why}: the new model's API servers failed to start; still serving "
                   f"sha256 {served[:12]}", file=sys.stderr, flush=True)
             return
         old, self.procs = self.procs, fresh
         self._hand_over(old, fresh)
-        self._count("swaps")
+        self._count("model_swaps")
         print(f"serve: {why}: now serving sha256 {gate.model[2][:12]} (was {served[:12]})",
               file=sys.stderr, flush=True)
 
@@ -308,18 +302,17 @@ class Supervisor:
 def serve(model: str, options: ServeOptions, version: str = "1") -> int:
     """Serve `model` (a local file; `version`: its registry version) until SIGTERM/SIGINT;
     then refuse new requests, finish those in flight, exit 0."""
-    from export.runtime import Predictor
+    from export.runtime import predictor_for_job
 
     limits = options.limits
-    threads = _threads_per_worker(options.workers)
-    loaded = Predictor(model, options.provider, threads)  # one-line errors before any process
+    # one-line errors before any process; the API servers' thread count
+    loaded, chosen = predictor_for_job(model, options.provider, batch_size=options.max_batch_size,
+                                       server_threads=_threads_per_worker(options.workers))
     card, provider, sha256 = loaded.card, loaded.provider, loaded.sha256
+    threads = chosen["threads"]
     del loaded
     limits.check_model(card.input)
-    metrics_dir = tempfile.mkdtemp(prefix="frozenfit-serve-")
-    # prometheus_client picks its multiprocess mode when first imported: set the folder
-    # first (the forked API servers inherit it).
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    metrics_dir = tempfile.mkdtemp(prefix="frozenfit-serve-")  # each process's counts
     try:
         import prometheus_client  # noqa: F401
         import uvicorn  # noqa: F401
@@ -347,7 +340,8 @@ def serve(model: str, options: ServeOptions, version: str = "1") -> int:
                 else "no batching")
     print(f"serving {model} (sha256 {sha256[:12]}) at http://{options.host}:{options.port}: "
           f"POST /predict and /v2/models/{name}/infer, GET /card /health /metrics /v2; "
-          f"{options.workers} API server(s) x {threads} thread(s) on {provider}, {batching}",
+          f"{options.workers} API server(s) x {threads} thread(s) on {provider} "
+          f"({chosen['reason']}), {batching}",
           flush=True)
     try:
         code = Supervisor(options, gate, sock, shared).run()

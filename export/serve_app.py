@@ -12,10 +12,10 @@ metadata routes are answered here too.
 (onnxruntime releases the GIL, so the event loop keeps reading requests meanwhile), and its
 rows go back as the columns `trainer predict` writes (export/batch.output_columns), or as
 raw tensors that the protocol encodes. A batch expected to take less than INLINE_S (from
-the running time per row) runs on the event loop itself: for a small model the hop to the
+a one-row call timed at start) runs on the event loop itself: for a small model the hop to the
 thread cost more than the inference. The rows and predictions are added to this process's
-drift counts by a background thread every DRIFT_FLUSH_S, in one pass, and written for
-/metrics.
+drift counts by a background thread every FLUSH_S, in one pass, and written with the
+request counts (export/serve_metrics.Tally) for /metrics.
 """
 
 from __future__ import annotations
@@ -33,20 +33,22 @@ from pathlib import Path
 import numpy as np
 
 from export.card import Card
+from export.errors import InputError
 from export.runtime import Prediction
 from export.serve_batching import Batcher
 from export.serve_http import error, read_body, respond
-from export.serve_metrics import metrics_text, process_metrics
+from export.serve_metrics import Tally, metrics_text
 from export.serve_options import Limits
 from export.serve_oip import encode_infer, model_metadata, parse_infer, route, server_metadata
-from export.serve_payloads import (INLINE_PARSE_BYTES, RequestError, encode_rows, parse_query,
-                                   parse_request, rows_of)
+from export.serve_payloads import (INLINE_PARSE_BYTES, RequestError, dumps, encode_rows,
+                                   parse_query, parse_request, rows_of)
 
 log = logging.getLogger(__name__)
 OPEN_ROUTES = ("/health", "/v2/health/live", "/v2/health/ready")  # no key asked
-DRIFT_FLUSH_S = 0.25  # how stale /metrics' drift may be; a flush is one small JSON file
+FLUSH_S = 0.25  # how stale /metrics may be; a flush is one small JSON file
 MAX_PENDING_ROWS = 8192  # rows held for the next drift flush, at most
 INLINE_S = 3e-4  # a batch expected to run faster than this runs on the event loop
+ONE_ROW_MAX_S = 0.05  # the start's timing of a one-row call stops there
 
 
 class Runner:
@@ -64,9 +66,17 @@ class Runner:
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="onnxruntime")
         self.lock, self.drift_lock = threading.Lock(), threading.Lock()
         self.pending, self.pending_rows = [], 0  # (x, prediction) not yet in the drift counts
-        self.row_s = None  # onnxruntime seconds per row, running average
-        self.dest = Path(metrics_dir) / f"drift-{os.getpid()}.json"
-        threading.Thread(target=self._flush_drift, daemon=True).start()
+        self.row_s = self._time_one_row(self.predictor)
+        # What runs on the event loop is too small to repay waking a pool of threads: for a
+        # model with such batches, a one-thread session of it runs them.
+        self.inline = self.predictor
+        if threads > 1 and self.row_s < INLINE_S:
+            self.inline = Predictor(model, provider, 1, spin=False)
+            self.inline.require(sha256)
+            self.row_s = self._time_one_row(self.inline)
+        self.tally = Tally()  # this process's request counts for /metrics
+        self.dest = Path(metrics_dir) / f"api-{os.getpid()}.json"
+        threading.Thread(target=self._flush, daemon=True).start()
         log.info("API server %d: %s on %s, %d threads", os.getpid(), model,
                  self.predictor.provider, threads)
 
@@ -85,34 +95,57 @@ class Runner:
             self.drift.update(x, pred)
         return True
 
-    def _flush_drift(self) -> None:
+    def _flush(self) -> None:
+        """Every FLUSH_S: the drift counts and the request counts into this process's file
+        of the metrics folder, when either changed."""
         from export.atomic import atomic_path
 
         while True:
-            time.sleep(DRIFT_FLUSH_S)
-            if self._absorb():
+            time.sleep(FLUSH_S)
+            if self._absorb() or self.tally.changed:
                 with self.drift_lock:
-                    state = self.drift.state()
+                    drift = self.drift.state()
                 with atomic_path(self.dest) as tmp:
-                    tmp.write_text(json.dumps(state))
+                    tmp.write_text(json.dumps({"tally": self.tally.state(), "drift": drift}))
+
+    @staticmethod
+    def _time_one_row(predictor) -> float:
+        """Seconds of a one-row call, timed once at start. Not a running average of the
+        served batches: their time includes waits for the GIL and the CPU under load, which
+        sent ever more small batches to the thread and made them slower still."""
+        from export.timing import medians
+
+        spec = predictor.spec
+        one = np.zeros((1, *spec.shape), spec.dtype)
+        # The first call, stopped past ONE_ROW_MAX_S (a slow graph must not slow the start),
+        # is also the warm-up; the calls timed after it carry no timer.
+        try:
+            predictor.predict(one, timeout=ONE_ROW_MAX_S)
+        except InputError:  # slow, or failing on zeros: every batch goes to the thread
+            log.info("API server %d: one row takes over %g s: batches run on the inference "
+                     "thread", os.getpid(), ONE_ROW_MAX_S)
+            return float("inf")
+        seconds = medians({"one row": lambda: predictor.predict(one)})["one row"]
+        log.info("API server %d: one row in %.3f ms on %s thread(s): batches of up to %d rows "
+                 "run on the event loop", os.getpid(), seconds * 1e3, predictor.session.
+                 get_session_options().intra_op_num_threads, int(INLINE_S // seconds))
+        return seconds
 
     def quick(self, rows: int) -> bool:
         """Whether `rows` run in less time than handing them to the inference thread costs
-        (a thread hop and GIL hand-offs, ~0.1 ms): then the event loop runs them itself."""
-        return self.row_s is not None and rows * self.row_s < INLINE_S
+        (a thread hop and GIL hand-offs, ~0.1 ms): then the event loop runs them itself.
+        (The one-row time holds the call's fixed cost too: larger batches are overestimated,
+        and sent to the thread the sooner.)"""
+        return rows * self.row_s < INLINE_S
 
     def run(self, x: np.ndarray, parts: list) -> list[tuple[int, object]]:
         """One onnxruntime call for a batch; (200, reply) per part: a JSON body for
         /predict, the part's Prediction for the inference protocol."""
         start = time.perf_counter()
-        pred = self.predictor.predict(x, batch_size=max(len(x), 1))
+        predictor = self.inline if self.quick(len(x)) else self.predictor
+        pred = predictor.predict(x, batch_size=max(len(x), 1))
         seconds = time.perf_counter() - start
-        per_row = seconds / max(len(x), 1)
-        self.row_s = per_row if self.row_s is None else 0.9 * self.row_s + 0.1 * per_row
-        metrics = process_metrics()
-        metrics["inference"].observe(seconds)
-        metrics["batch_requests"].observe(len(parts))
-        metrics["batch_rows"].observe(len(x))
+        self.tally.batch(len(parts), len(x), seconds)
         with self.lock:
             self.pending.append((x, pred))
             self.pending_rows += len(x)
@@ -122,10 +155,9 @@ class Runner:
         replies, at = [], 0
         for rows, (top_k, qhat, raw) in parts:
             part = rows_of(pred, at, at + rows)
-            replies.append((200, part if raw else json.dumps({
+            replies.append((200, part if raw else dumps({
                 "model_sha256": self.sha256, "model_version": self.version,
-                "predictions": encode_rows(
-                    part, self.predictor.class_names, top_k, qhat)}).encode()))
+                "predictions": encode_rows(part, self.predictor.class_names, top_k, qhat)})))
             at += rows
         return replies
 
@@ -148,16 +180,29 @@ class Gate:
     def start(self) -> None:
         self.runner = Runner(**self.runner_args)
 
-    async def _send_batch(self, x: np.ndarray, parts: list) -> list[tuple[int, object]]:
-        try:
-            if self.runner.quick(len(x)):
+    def _send_batch(self, x: np.ndarray, parts: list):
+        """The Batcher's batch: its replies when small enough to run on the event loop,
+        else an awaitable of them from the inference thread."""
+        if self.runner.quick(len(x)):
+            try:
                 return self.runner.run(x, parts)
+            except Exception as exc:
+                return self._failed(exc, parts)
+        return self._in_thread(x, parts)
+
+    async def _in_thread(self, x: np.ndarray, parts: list) -> list:
+        try:
             return await asyncio.get_running_loop().run_in_executor(
                 self.runner.pool, self.runner.run, x, parts)
-        except Exception as exc:  # the requests of this batch get a 500, the server goes on
-            log.exception("inference failed")
-            body = json.dumps({"error": f"inference failed ({type(exc).__name__})"}).encode()
-            return [(500, body)] * len(parts)
+        except Exception as exc:
+            return self._failed(exc, parts)
+
+    @staticmethod
+    def _failed(exc: Exception, parts: list) -> list:
+        """The requests of a batch whose inference failed get a 500; the server goes on."""
+        log.exception("inference failed", exc_info=exc)
+        body = dumps({"error": f"inference failed ({type(exc).__name__})"})
+        return [(500, body)] * len(parts)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -215,7 +260,7 @@ class Gate:
                "ready": lambda: {"ready": ready}, "metadata": lambda: model_metadata(
                    self.card, name, version)}[what]()
         status = 503 if what == "ready" and not ready else 200
-        return await respond(send, status, json.dumps(doc).encode())
+        return await respond(send, status, dumps(doc))
 
     async def _parse(self, scope, headers: dict, body: bytes, protocol: bool):
         """(checked array, what its rows are answered with, the protocol's request)."""
@@ -236,8 +281,7 @@ class Gate:
 
     async def _predict(self, scope, receive, send, protocol: bool = False):
         start = time.perf_counter()
-        metrics = process_metrics()
-        status = 500
+        status, rows = 500, 0
         with self.inflight.get_lock():
             admitted = not self.draining.value and self.inflight.value < self.limits.max_queue
             if admitted:
@@ -262,13 +306,9 @@ class Gate:
             if protocol and status == 200:
                 reply, kind, extra = encode_infer(reply, infer, self.card, *self.model)
             await respond(send, status, reply, kind, extra)
-            if status == 200:
-                metrics["instances"].inc(len(x))
+            rows = len(x) if status == 200 else 0
         finally:
             if admitted:
                 with self.inflight.get_lock():
                     self.inflight.value -= 1
-            metrics["requests"].labels(str(status)).inc()
-            if status >= 400:
-                metrics["errors"].labels(str(status)).inc()
-            metrics["latency"].observe(time.perf_counter() - start)
+            self.runner.tally.request(status, time.perf_counter() - start, rows)

@@ -12,12 +12,16 @@ Answer = tuple[int, "float | None", bool]
 
 class Batcher:
     """Dynamic batching in the API server: the checked arrays of concurrent requests are
-    stacked into one onnxruntime call on the process's inference thread, and the result is
-    split back into one response per request. `send_batch(x, parts)` runs one batch.
+    stacked into one onnxruntime call, and the result is split back into one response per
+    request. `send_batch(x, parts)` runs one batch: it returns the replies when it ran the
+    batch on the event loop itself (a small one), or an awaitable of them (the inference
+    thread).
 
-    A batch leaves at once while fewer than `slots` batches are in flight (no waiting at
-    low load); otherwise requests gather until a batch comes back, until `max_requests`
-    have gathered, or until the oldest has waited `timeout` seconds, whichever is first."""
+    A batch leaves at the end of the event loop's turn while fewer than `slots` batches are
+    in flight, with every request read in that turn (no waiting at low load; under load,
+    what arrived together runs together); otherwise requests gather until a batch comes
+    back, until `max_requests` have gathered, or until the oldest has waited `timeout`
+    seconds, whichever is first."""
 
     def __init__(self, send_batch, max_requests: int, timeout: float, slots: int):
         import asyncio
@@ -26,45 +30,72 @@ class Batcher:
         self.send_batch, self.max_requests = send_batch, max(1, max_requests)
         self.timeout, self.slots = timeout, max(1, slots)
         self.pending: list = []
-        self.in_flight, self.timer = 0, None
+        self.in_flight, self.timer, self.soon = 0, None, False
 
     async def submit(self, x: np.ndarray, answer) -> tuple[int, bytes]:
         """(status, body) of this request's response; `answer` travels with its rows."""
         future = self.loop.create_future()
         self.pending.append((x, answer, future))
-        if self.in_flight < self.slots or len(self.pending) >= self.max_requests:
+        if len(self.pending) >= self.max_requests:
             self._flush()
+        elif self.in_flight < self.slots:
+            if not self.soon:  # after the requests this turn of the loop has read
+                self.soon = True
+                self.loop.call_soon(self._flush)
         elif self.timer is None:
             self.timer = self.loop.call_later(self.timeout, self._flush)
         return await future
 
     def _flush(self) -> None:
+        self.soon = False
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
         while self.pending:
             batch, self.pending = (self.pending[:self.max_requests],
                                    self.pending[self.max_requests:])
-            self.in_flight += 1
-            self.loop.create_task(self._run(batch))
+            self._start(batch)
             if self.in_flight >= self.slots and len(self.pending) < self.max_requests:
                 break
         if self.pending and self.timer is None:
             self.timer = self.loop.call_later(self.timeout, self._flush)
 
-    async def _run(self, batch: list) -> None:
+    def _start(self, batch: list) -> None:
+        self.in_flight += 1
         try:
             x = batch[0][0] if len(batch) == 1 else np.concatenate([b[0] for b in batch])
-            results = await self.send_batch(x, [(len(b[0]), b[1]) for b in batch])
-            for (_, _, future), result in zip(batch, results):
-                future.set_result(result)
-        except BaseException as exc:  # the requests of this batch fail with it, not hang
-            for _, _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
-            if not isinstance(exc, Exception):
-                raise
-        finally:
+            results = self.send_batch(x, [(len(b[0]), b[1]) for b in batch])
+        except BaseException as exc:
+            self.in_flight -= 1
+            self._fail(batch, exc)
+            return
+        if isinstance(results, list):  # it ran on the event loop: _flush goes on
+            self.in_flight -= 1
+            self._answer(batch, results)
+        else:
+            self.loop.create_task(self._wait(batch, results))
+
+    async def _wait(self, batch: list, results) -> None:
+        try:
+            self._answer(batch, await results)
+        except BaseException as exc:
+            self._fail(batch, exc)
+        finally:  # a batch came back: what gathered meanwhile leaves
             self.in_flight -= 1
             if self.pending and self.in_flight < self.slots:
                 self._flush()
+
+    @staticmethod
+    def _answer(batch: list, results: list) -> None:
+        for (_, _, future), result in zip(batch, results):
+            if not future.done():  # (a request whose client went away was cancelled)
+                future.set_result(result)
+
+    @staticmethod
+    def _fail(batch: list, exc: BaseException) -> None:
+        """The requests of a failed batch fail with it, never hang."""
+        for _, _, future in batch:
+            if not future.done():
+                future.set_exception(exc)
+        if not isinstance(exc, Exception):
+            raise exc

@@ -3,9 +3,8 @@ error, and the scope and receive of a request the gate makes itself. No framewor
 
 from __future__ import annotations
 
-import json
 
-from export.serve_payloads import RequestError
+from export.serve_payloads import RequestError, dumps
 
 
 async def read_body(receive, headers: dict, limit: int) -> bytes:
@@ -61,4 +60,4 @@ async def respond(send, status: int, body: bytes, content_type: str = "applicati
 
 
 async def error(send, status: int, message: str, extra: list | None = None) -> None:
-    await respond(send, status, json.dumps({"error": message}).encode(), extra=extra)
+    await respond(send, status, dumps({"error": message}), extra=extra)

@@ -15,7 +15,6 @@ request is `{"error": "..."}` with a 4xx naming the field.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import struct
@@ -26,7 +25,7 @@ from export.card import Card
 from export.conformal import set_columns, threshold
 from export.errors import InputError
 from export.runtime import Prediction, check_input
-from export.serve_payloads import RequestError
+from export.serve_payloads import RequestError, dumps, loads
 
 DATATYPES = {"uint8": "UINT8", "float32": "FP32", "float16": "FP16", "int32": "INT32",
              "float64": "FP64", "int64": "INT64"}
@@ -92,7 +91,7 @@ def _json_header(body: bytes, header_length: bytes | None) -> tuple[dict, bytes]
             _fail(400, f"Inference-Header-Content-Length: expected a size from 0 to "
                        f"{len(body)}, got {header_length.decode('latin-1')[:20]!r}")
     try:
-        doc = json.loads(body[:size])
+        doc = loads(body[:size])
     except (ValueError, UnicodeDecodeError):
         _fail(400, "body: the inference request header is not JSON")
     if not isinstance(doc, dict):
@@ -221,7 +220,7 @@ def encode_infer(pred: Prediction, request: dict, card: Card, name: str, version
            "parameters": {"model_sha256": sha256}}
     if request["id"] is not None:
         doc["id"] = request["id"]
-    head = json.dumps(doc).encode()
+    head = dumps(doc)
     if not blobs:
         return head, "application/json", []
     return (head + b"".join(blobs), "application/octet-stream",

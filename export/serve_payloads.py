@@ -19,6 +19,15 @@ from export.runtime import Prediction, check_input, describe_input
 from export.serve_options import Limits
 
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/jpg")
+
+try:  # the serve extra's JSON library: it parses a JSON pixel list ~4x and writes a reply
+    # ~10x faster than the standard library, which was a third of a small request's CPU
+    from orjson import dumps, loads
+except ModuleNotFoundError:  # the same documents, slower
+    loads = json.loads
+
+    def dumps(doc) -> bytes:
+        return json.dumps(doc).encode()
 INLINE_PARSE_BYTES = 64 << 10  # larger bodies are decoded off the event loop
 
 
@@ -72,8 +81,8 @@ def _raw_image_array(inst: list, spec: InputSpec, where: str) -> np.ndarray:
         raise RequestError(422, f"{where}: expected numbers ({describe_input(spec)}), got "
                                 f"{arr.dtype.kind == 'b' and 'booleans' or 'non-numbers'}")
     if np.dtype(spec.dtype) == np.uint8:
-        if not (np.isfinite(arr).all() and (arr == np.round(arr)).all()
-                and arr.min(initial=0) >= 0 and arr.max(initial=0) <= 255):
+        whole = arr.dtype.kind in "iu" or (np.isfinite(arr).all() and (arr == np.round(arr)).all())
+        if not (whole and arr.min(initial=0) >= 0 and arr.max(initial=0) <= 255):
             raise RequestError(422, f"{where}: expected integers in [0, 255] for the model's "
                                     "uint8 input")
         arr = arr.astype(np.uint8)
@@ -101,7 +110,7 @@ def parse_request(body: bytes, content_type: str, card: Card, limits: Limits) ->
         raise RequestError(415, f"Content-Type {media}: expected application/json"
                                 f"{' or image/png or image/jpeg' if image else ''}")
     try:
-        doc = json.loads(body)
+        doc = loads(body)
     except (ValueError, RecursionError) as exc:
         raise RequestError(400, f"body: not valid JSON ({str(exc)[:80]})") from None
     instances = doc.get("instances") if isinstance(doc, dict) else None

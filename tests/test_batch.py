@@ -258,9 +258,18 @@ def test_thread_count_is_chosen_by_a_quick_check_and_recorded(digits_run, digits
     from export.runtime import predictor_for_job
 
     predictor, record = predictor_for_job(digits_run / "model.onnx", "cpu")
-    assert "a quick check ran 1 thread at" in record["reason"]
+    assert "a quick check on 256 rows ran 1 thread at" in record["reason"]
     want = 1 if record["threads"] == 1 else 0  # 0: onnxruntime's one per physical core
     assert predictor.session.get_session_options().intra_op_num_threads == want
+    # An API server takes its threads only when they are clearly faster (here a tiny model)
+    predictor, record = predictor_for_job(digits_run / "model.onnx", "cpu", batch_size=64,
+                                          server_threads=2)
+    ratio = float(record["reason"].split(" at ")[1].split("x")[0])  # 1 thread's time / 2's
+    if abs(ratio - 1 / 0.9) > 0.01:  # (the reason's ratio is rounded)
+        assert record["threads"] == (2 if ratio > 1 / 0.9 else 1), record
+    assert predictor.session.get_session_options().intra_op_num_threads == record["threads"]
+    _, record = predictor_for_job(digits_run / "model.onnx", "cpu", server_threads=1)
+    assert record["threads"] == 1 and "core(s)" in record["reason"]
     _, record = predictor_for_job(digits_run / "model.onnx", "cpu", threads=3)
     assert record == {"threads": 3, "reason": "set by --threads"}
     out = tmp_path / "p.csv"

@@ -75,8 +75,12 @@ class Server:
         return status, json.loads(body)
 
     def metrics(self) -> dict[str, float]:
-        time.sleep(0.6)  # the workers flush their drift counts every 0.25 s
-        text = self.request("GET", "/metrics")[1].decode()
+        time.sleep(0.6)  # the API servers write their counts every 0.25 s
+        return self.parse(self.request("GET", "/metrics")[1].decode())
+
+    @staticmethod
+    def parse(text: str) -> dict[str, float]:
+        """Prometheus text as {series with its labels: value}."""
         return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
                 for line in text.splitlines() if line and not line.startswith("#")}
 
@@ -182,6 +186,61 @@ def test_card_health_and_metrics(image_server, digits_run, digits_x):
     assert grew("frozenfit_drift_rows") == 5
     assert after["frozenfit_drift_status"] in (1, 2, 3)  # 5 rows: never ok
     assert any(k.startswith('frozenfit_drift_psi{check="pixel mean"}') for k in after)
+
+
+def test_without_orjson_the_standard_librarys_json_reads_and_writes_the_same(
+        digits_run, digits_x, tmp_path):
+    """orjson (the serve extra) is only faster: without it a request and its refusal read
+    the same and the reply carries the same predictions."""
+    predictor = Predictor(digits_run / "model.onnx")
+    server = Server(digits_run / "model.onnx", tmp_path,
+                    env=poisoned_env(tmp_path, ("torch", "lightning", "orjson")))
+    try:
+        status, doc = server.predict(digits_x[:3].tolist(), "?top_k=2")
+        refused, body, _ = server.request("POST", "/predict", b"{instances: ")
+    finally:
+        code, _, err = server.stop()
+    assert code == 0, err
+    assert status == 200 and doc["model_sha256"] == predictor.sha256
+    _close(doc["predictions"], _expected(predictor, digits_x[:3], top_k=2))
+    assert refused == 400 and "body: not valid JSON" in json.loads(body)["error"]
+
+
+def test_the_batched_counts_render_as_prometheus_clients_own_would(digits_run, tmp_path):
+    """Each API server counts in memory and writes its counts to a file; /metrics sums the
+    files. Two processes' counts, rendered, equal prometheus_client's own Histogram and
+    Counter fed the same observations (bucket edges included: `le` holds its bound)."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    from export.serve_metrics import BATCH_BUCKETS, LATENCY_BUCKETS, Tally, metrics_text
+
+    registry = CollectorRegistry()
+    rows = Histogram("frozenfit_batch_rows", "x", buckets=BATCH_BUCKETS, registry=registry)
+    seconds = Histogram("frozenfit_request_seconds", "x", buckets=LATENCY_BUCKETS,
+                        registry=registry)
+    requests = Counter("frozenfit_requests", "x", ["status"], registry=registry)
+    observed = [(200, 0.0005, 1), (200, 0.003, 2), (422, 0.02, 0), (200, 12.0, 1024),
+                (503, 0.001, 0), (200, 0.0004, 3000)]
+    for i, part in enumerate((observed[:3], observed[3:])):
+        tally = Tally()
+        for status, s, n in part:
+            tally.request(status, s, n)
+            requests.labels(str(status)).inc()
+            seconds.observe(s)
+            if n:
+                tally.batch(1, n, 0.001)
+                rows.observe(n)
+        (tmp_path / f"api-{i}.json").write_text(json.dumps({"tally": tally.state()}))
+    ours = Server.parse(metrics_text(read_card(digits_run / "model.onnx"), tmp_path))
+    theirs = Server.parse(generate_latest(registry).decode())
+    for key, value in theirs.items():  # (_created: a single process's start time)
+        if key.startswith(("frozenfit_batch_rows_", "frozenfit_request_seconds_",
+                           "frozenfit_requests_total")) and "_created" not in key:
+            assert ours[key] == pytest.approx(value), key
+    assert ours['frozenfit_request_errors_total{status="422"}'] == 1
+    assert 'frozenfit_request_errors_total{status="200"}' not in ours
+    assert ours["frozenfit_instances_total"] == sum(n for _, _, n in observed)
+    assert ours["frozenfit_model_swaps_total"] == 0 and ours["frozenfit_drift_rows"] == 0
 
 
 BAD = {
@@ -423,6 +482,30 @@ def test_batcher_gathers_while_a_batch_is_in_flight_and_answers_each_request_its
     assert [len(b) for b in sent] == [1, 4, 4, 1]  # alone while idle, then full batches
     assert sorted(sum(sent, [])) == list(range(10))  # every request exactly once
     assert [(s, b) for s, b, _ in answers] == [(200, str(i)) for i in range(10)]
+
+
+def test_batcher_runs_the_requests_of_one_loop_turn_as_one_batch_on_the_loop():
+    """A batch small enough to run on the event loop returns its replies at once (no task,
+    no thread); the requests read in the same turn of the loop leave together."""
+    import asyncio
+
+    from export.serve_batching import Batcher
+
+    sent = []
+
+    def send_batch(x, parts):
+        sent.append([int(v) for v in x[:, 0]])
+        return [(200, str(int(v)).encode()) for v in x[:, 0]]
+
+    async def main():
+        batcher = Batcher(send_batch, 4, 1.0, slots=1)
+        first = await batcher.submit(np.array([[0]]), 1)
+        return [first, *await asyncio.gather(
+            *(batcher.submit(np.array([[i]]), 1) for i in range(1, 11)))]
+
+    answers = asyncio.run(main())
+    assert sent == [[0], [1, 2, 3, 4], [5, 6, 7, 8], [9, 10]]
+    assert answers == [(200, str(i).encode()) for i in range(11)]
 
 
 def test_batcher_waits_at_most_the_batch_timeout_and_fails_a_batch_together():
