@@ -127,3 +127,33 @@ def test_a_card_without_reference_says_so():
 def test_psi_is_zero_for_identical_histograms():
     counts = np.array([5, 10, 85])
     assert psi(counts, counts) < 1e-12 and psi(counts, counts[::-1]) > 1
+
+
+def test_the_tests_give_scipy_stats_own_statistics_and_p_values():
+    """The checks call scipy.special's distribution functions (scipy.stats costs ~1 s to
+    import); statistic, p-value and the rows needed equal scipy.stats' own."""
+    from scipy.stats import chi2, chi2_contingency, kstwobign
+
+    from export.drift import D_WARN, chi2_check, ks_check, needed_effective_rows
+
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        k = int(rng.integers(2, 12))
+        ref, got = rng.integers(5, 400, k), rng.integers(0, 60, k)
+        ours = chi2_check(ref, got)
+        sparse = ref * (got.sum() / ref.sum()) < 5
+        table = np.stack([np.append(got[~sparse], got[sparse].sum()),
+                          np.append(ref[~sparse], ref[sparse].sum())])
+        table = table[:, table.sum(axis=0) > 0]
+        if table.shape[1] >= 2:
+            stat, p, _, _ = chi2_contingency(table, correction=False)
+            assert ours["statistic"] == pytest.approx(stat, rel=1e-12)
+            assert ours["p"] == pytest.approx(p, rel=1e-9, abs=1e-300)
+        a, b = rng.integers(0, 50, k), rng.integers(1, 50, k)
+        d = np.abs(np.cumsum(a) / a.sum() - np.cumsum(b) / b.sum()).max() if a.sum() else None
+        if d is not None:
+            en = np.sqrt(a.sum() * b.sum() / (a.sum() + b.sum()))
+            want = kstwobign.sf((en + 0.12 + 0.11 / en) * d)
+            assert ks_check(b, a)["p"] == pytest.approx(want, rel=1e-9, abs=1e-300)
+    assert needed_effective_rows("ks", 4) == pytest.approx((kstwobign.isf(ALPHA / 4) / D_WARN) ** 2)
+    assert needed_effective_rows("chi2", 4, 9) == pytest.approx(chi2.isf(ALPHA / 4, 9) / PSI_WARN)
