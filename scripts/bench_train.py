@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/bench_train.py overhead [--epochs 6]
     .venv/bin/python scripts/bench_train.py speedrun [--seeds 5] [--accelerator auto|cpu|gpu]
+    .venv/bin/python scripts/bench_train.py startup --model MODEL.onnx [--seeds 5]
 
 overhead: the product's Lightning fit (checkpointing, CSV logging, metrics, guards) against
 a minimal hand-written PyTorch loop over the same in-memory batches of the real MNIST, same
@@ -14,7 +15,8 @@ metrics.json) and of the whole process, each phase of `trainer fit` (its `time:`
 in metrics.json) and the whole process over the epochs (#28's goal <= 1.6x) beside this
 machine's floor for it (interpreter + `import lightning.pytorch`, timed in the same run);
 then the start-up of the deploy commands on the last seed's model, whole processes:
-`trainer inspect`, `trainer predict` over 100 rows, `trainer serve` until /health answers.
+`trainer inspect`, `trainer predict` over 100 rows, `trainer serve` until /health answers
+(`startup` times only these, on MODEL, --seeds times each).
 """
 
 from __future__ import annotations
@@ -199,7 +201,9 @@ def startup(model: Path, repeats: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["overhead", "speedrun"])
+    p.add_argument("what", choices=["overhead", "speedrun", "startup"])
+    p.add_argument("--model", type=Path, help="startup: the deploy commands' model (without "
+                   "it, `speedrun` trains one and then times them)")
     p.add_argument("--epochs", type=int, default=6, help="overhead: epochs per arm")
     p.add_argument("--seeds", type=int, default=5, help="speedrun: seeds to run")
     p.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "gpu"],
@@ -211,6 +215,8 @@ def main() -> None:
     tune_cpu_allocator()  # as `trainer fit` does; both arms of the comparison share it
     if args.what == "overhead":
         overhead(args.epochs)
+    elif args.what == "startup" and args.model:
+        startup(args.model.resolve(), args.seeds)
     else:
         startup(speedrun(args.seeds, args.accelerator), args.seeds)
 
