@@ -65,7 +65,7 @@ class Batcher:
         try:
             x = batch[0][0] if len(batch) == 1 else np.concatenate([b[0] for b in batch])
             results = self.send_batch(x, [(len(b[0]), b[1]) for b in batch])
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 (_fail raises what is not an Exception)
             self.in_flight -= 1
             self._fail(batch, exc)
             return
@@ -78,7 +78,7 @@ class Batcher:
     async def _wait(self, batch: list, results) -> None:
         try:
             self._answer(batch, await results)
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 (_fail raises what is not an Exception)
             self._fail(batch, exc)
         finally:  # a batch came back: what gathered meanwhile leaves
             self.in_flight -= 1
