@@ -242,33 +242,59 @@ def predictor_for_job(path: str | Path, provider: str = "auto", threads: int = 0
     thread clearly faster, as it can for a tiny model, whose calls are too short to repay
     waking the pool (scripts/bench_ray.py). `server_threads` N, for an API server: one
     thread unless the check finds N clearly faster, since the server's other cores are busy
-    reading requests (and its pool threads do not spin between requests)."""
-    from export.timing import CLEARLY_FASTER, medians, usable_cores
+    reading requests (and its pool threads do not spin between requests). The answer is
+    remembered per machine, onnxruntime, model and batch: the check cost more than a small job."""
+    from export.timing import CHECKS, CLEARLY_FASTER, cpu_model, medians, remembered, usable_cores
 
     serving = server_threads > 0
     pool = Predictor(path, provider, threads or server_threads, spin=not serving)
     cores = usable_cores()
     if threads:
         return pool, {"threads": threads, "reason": "set by --threads"}
-    if pool.provider != PROVIDERS["cpu"] or cores < 2 or server_threads == 1:
-        return pool, {"threads": server_threads or "auto",
-                      "reason": f"{pool.provider} on {cores} core(s)"}
-    spec, n = pool.spec, min(batch_size, 4096)  # enough rows to time a batch
-    rng = np.random.default_rng(0)
-    x = (rng.integers(0, 256, (n, *spec.shape)) if spec.dtype == "uint8"
-         else rng.normal(size=(n, *spec.shape))).astype(spec.dtype)
     many = server_threads or "auto"
-    try:  # stopped by onnxruntime if it runs over: a hung graph must not hang the check
-        pool._run(x, timeout=THREAD_CHECK_MAX_S)
-    except TimeoutError:
-        return pool, {"threads": many, "reason": "a batch takes long enough to use every core"}
-    except Exception:  # the job's own first batch reports what is wrong with the model
+    if pool.provider != PROVIDERS["cpu"] or cores < 2 or server_threads == 1:
+        return pool, {"threads": many, "reason": f"{pool.provider} on {cores} core(s)"}
+    spec, n = pool.spec, min(batch_size, 4096)  # enough rows to time a batch
+    single = []  # the one-thread Predictor, once made
+
+    def one_thread() -> Predictor:
+        single[:] = single or [Predictor(path, provider, 1, spin=not serving)]
+        return single[0]
+
+    def check() -> list:
+        """["single" or "pool", why]"""
+        rng = np.random.default_rng(0)
+        x = (rng.integers(0, 256, (n, *spec.shape)) if spec.dtype == "uint8"
+             else rng.normal(size=(n, *spec.shape))).astype(spec.dtype)
+        try:  # stopped by onnxruntime if it runs over: a hung graph must not hang the check
+            pool._run(x, timeout=THREAD_CHECK_MAX_S)
+        except TimeoutError:
+            return ["pool", "a batch takes long enough to use every core"]
+        except Exception:  # noqa: BLE001 (the job's first batch says what is wrong with it)
+            raise _Unchecked from None
+        t = medians({"pool": lambda: pool._run(x), "single": lambda: one_thread()._run(x)})
+        ratio = t["single"] / t["pool"]
+        faster = ratio < CLEARLY_FASTER or (serving and 1 / ratio >= CLEARLY_FASTER)
+        return ["single" if faster else "pool", f"a quick check on {n} rows ran 1 thread at "
+                f"{ratio:.2f}x the time of {server_threads or 'one per core'}"]
+
+    def decode(stored: list) -> tuple[str, str]:
+        choice, reason = stored
+        if choice not in ("single", "pool") or not isinstance(reason, str):
+            raise ValueError("not a thread check")
+        return choice, reason
+
+    key = ["threads", cpu_model(), cores, ort.__version__, pool.sha256, pool.provider, n,
+           spec.dtype, server_threads]
+    try:
+        (choice, reason), known = remembered(key, check, decode)
+    except _Unchecked:
         return pool, {"threads": many, "reason": "the quick check could not run the model"}
-    single = Predictor(path, provider, 1, spin=not serving)
-    t = medians({"pool": lambda: pool._run(x), "single": lambda: single._run(x)})
-    ratio = t["single"] / t["pool"]
-    reason = (f"a quick check on {n} rows ran 1 thread at {ratio:.2f}x the time of "
-              f"{server_threads or 'one per core'}")
-    if ratio < CLEARLY_FASTER or (serving and 1 / ratio >= CLEARLY_FASTER):
-        return single, {"threads": 1, "reason": reason}
+    reason += f" (remembered from an earlier run: {CHECKS})" if known else ""
+    if choice == "single":
+        return one_thread(), {"threads": 1, "reason": reason}
     return pool, {"threads": many, "reason": reason}
+
+
+class _Unchecked(Exception):
+    """The thread check could not run the model: nothing to remember."""

@@ -254,13 +254,23 @@ def test_drift_on_real_mnist(tmp_path_factory):
 
 
 def test_thread_count_is_chosen_by_a_quick_check_and_recorded(digits_run, digits_test_npz,
-                                                               tmp_path):
+                                                               tmp_path, monkeypatch):
     from export.runtime import predictor_for_job
+    from export.timing import CHECKS
 
+    monkeypatch.setenv("FROZENFIT_CACHE", str(tmp_path / "cache"))
     predictor, record = predictor_for_job(digits_run / "model.onnx", "cpu")
     assert "a quick check on 256 rows ran 1 thread at" in record["reason"]
+    assert "remembered" not in record["reason"]
     want = 1 if record["threads"] == 1 else 0  # 0: onnxruntime's one per physical core
     assert predictor.session.get_session_options().intra_op_num_threads == want
+    # The answer is remembered for this machine, model and batch; another batch is checked
+    again, record_again = predictor_for_job(digits_run / "model.onnx", "cpu")
+    assert record_again == {"threads": record["threads"], "reason": record["reason"] +
+                            f" (remembered from an earlier run: {CHECKS})"}
+    assert again.session.get_session_options().intra_op_num_threads == want
+    assert "remembered" not in predictor_for_job(digits_run / "model.onnx", "cpu",
+                                                 batch_size=128)[1]["reason"]
     # An API server takes its threads only when they are clearly faster (here a tiny model)
     predictor, record = predictor_for_job(digits_run / "model.onnx", "cpu", batch_size=64,
                                           server_threads=2)

@@ -8,30 +8,18 @@ native on AMX and AVX-512-BF16 CPUs and emulated, many times slower than fp32, o
 from __future__ import annotations
 
 import os
-import platform
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from export.card import HardwareChoice
-from export.timing import CLEARLY_FASTER, medians
+from export.timing import CHECKS, CLEARLY_FASTER, cpu_model, medians, remembered
 
 # A setting that changes the numbers (bf16) or the layout (channels_last) is taken only when
 # a quick check finds it clearly faster (export.timing.CLEARLY_FASTER): emulated bf16 is far
 # slower and native bf16 faster on wide convolutions, but a tiny net can run bf16 no faster
 # than fp32 even on AVX512-BF16 (its casts cost what its FLOPs save).
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("model name", "Model")):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def native_bf16_cpu() -> list[str]:
@@ -76,49 +64,29 @@ def _time_steps(net: torch.nn.Module, example: torch.Tensor, precisions: list[st
         return medians(steps)
 
 
-CHECKS = "hardware-checks.json"  # in the cache folder (FROZENFIT_CACHE, ~/.cache/frozenfit)
-KEEP_CHECKS = 64
-
-
 def _remembered_steps(net: torch.nn.Module, example: torch.Tensor, precisions: list[str],
                       layouts: list[bool], device: str, record: dict) -> tuple[dict, bool]:
-    """`_time_steps`, remembered per machine and net: the key covers the device (CPU model
-    and ISA, or GPU and capability), torch and CUDA versions, the net's structure and
-    parameter shapes, the example's shape and the candidates (and oneDNN's ISA cap), so
-    another CPU, library or net is checked again. Returns (seconds per candidate, whether
-    they were remembered)."""
-    import hashlib
-    import json
+    """`_time_steps`, remembered per machine and net (export.timing.remembered): the key
+    covers the device (CPU model and ISA, or GPU and capability), torch and CUDA versions,
+    the net's structure and parameter shapes, the example's shape and the candidates (and
+    oneDNN's ISA cap), so another CPU, library or net is checked again. Returns (seconds
+    per candidate, whether they were remembered)."""
+    key = [record.get("device"), record.get("isa"), record.get("capability"), torch.__version__,
+           torch.version.cuda, os.environ.get("ONEDNN_MAX_CPU_ISA"), str(net),
+           [list(p.shape) for p in net.parameters()], list(example.shape), str(example.dtype),
+           precisions, layouts]
 
-    from export.atomic import atomic_path
-    from trainer.data.cache import cache_root
+    def check() -> list:
+        steps = _time_steps(net, example, precisions, layouts, device)
+        return [[p, cl, v] for (p, cl), v in steps.items()]
 
-    key = hashlib.sha256(json.dumps([
-        record.get("device"), record.get("isa"), record.get("capability"), torch.__version__,
-        torch.version.cuda, os.environ.get("ONEDNN_MAX_CPU_ISA"), str(net),
-        [list(p.shape) for p in net.parameters()], list(example.shape), str(example.dtype),
-        precisions, layouts]).encode()).hexdigest()
-    path = cache_root(None) / CHECKS
-    try:
-        known = json.loads(path.read_text())
-    except (OSError, ValueError):
-        known = {}
-    known = known if isinstance(known, dict) else {}
-    hit = known.get(key)
-    if (isinstance(hit, list) and len(hit) == len(precisions) * len(layouts)
-            and all(isinstance(h, list) and len(h) == 3 for h in hit)):
-        steps = {(str(p), bool(cl)): float(v) for p, cl, v in hit}
-        if set(steps) == {(p, cl) for p in precisions for cl in layouts}:
-            return steps, True
-    steps = _time_steps(net, example, precisions, layouts, device)
-    known.pop(key, None)
-    known[key] = [[p, cl, v] for (p, cl), v in steps.items()]
-    try:  # the newest KEEP_CHECKS; a cache that cannot be written costs a re-check only
-        with atomic_path(path) as tmp:
-            tmp.write_text(json.dumps(dict(list(known.items())[-KEEP_CHECKS:])))
-    except OSError:
-        pass
-    return steps, False
+    def decode(stored: list) -> dict:
+        steps = {(str(p), bool(cl)): float(v) for p, cl, v in stored}
+        if set(steps) != {(p, cl) for p in precisions for cl in layouts}:
+            raise ValueError("other candidates")
+        return steps
+
+    return remembered(key, check, decode)
 
 
 def _precision_candidates(cuda: bool, precision: str) -> tuple[dict, list[str]]:
@@ -170,14 +138,14 @@ def choose(accelerator: str = "auto", net: torch.nn.Module | None = None,
             record["layout_reason"] = "no 2-D convolutions"
     if net is not None and len(precisions) * len(layouts) > 1:
         try:
-            t, remembered = _remembered_steps(net, example, precisions, layouts,
+            t, from_cache = _remembered_steps(net, example, precisions, layouts,
                                               "cuda" if cuda else "cpu", record)
         except RuntimeError as exc:  # out of memory on a shared GPU, say: the defaults
             t = None
             record["layout_reason"] = f"the quick check failed ({str(exc)[:80]})"
             precisions, layouts = precisions[:1], [False]
         if t is not None:
-            timed = f" (remembered from an earlier run: {CHECKS})" if remembered else ""
+            timed = f" (remembered from an earlier run: {CHECKS})" if from_cache else ""
             record["step_ms"] = {f"{p}{' channels_last' if cl else ''}": round(v * 1e3, 2)
                                  for (p, cl), v in t.items()}
 

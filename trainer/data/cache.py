@@ -41,6 +41,7 @@ import numpy as np
 
 from export.atomic import atomic_path
 from export.errors import InputError
+from export.timing import cache_folder
 from trainer.data.rowfile import RowFile
 
 FORMAT = 4  # 2: CRC-32 row checks; 3: index.npz; 4: path keys, records as columns
@@ -137,8 +138,7 @@ def _combine(checks: dict) -> bytes:
 
 
 def cache_root(cache_dir: str | None) -> Path:
-    return Path(cache_dir or os.environ.get("FROZENFIT_CACHE",
-                                            Path.home() / ".cache" / "frozenfit"))
+    return Path(cache_dir) if cache_dir else cache_folder()
 
 
 def _raw(column: np.ndarray, i: int) -> bytes:
