@@ -495,37 +495,39 @@ for label, (spec, needle) in BACKBONES.items():
                 json.dumps(spec)], f"model.backbone: {needle}"
 
 
-@case("backbones", "a checkpoint naming a class that runs a command")
-def _(tmp, m):
+def _export_edited(tmp: Path, m: dict, edit, name: str = "bad.ckpt") -> list[str]:
+    """`trainer export` of the fixture's checkpoint with `edit` applied to its
+    hyper_parameters, saved as `name`."""
     import torch
 
     ckpt = torch.load(m["ckpt"], weights_only=True)
-    ckpt["hyper_parameters"]["backbone"] = {"class_path": "subprocess.Popen",
-                                            "init_args": {"args": ["touch", "pwned"]}}
-    torch.save(ckpt, tmp / "bad.ckpt")
-    return ["export", "--ckpt", "bad.ckpt", "--out", "m.onnx"], \
+    edit(ckpt["hyper_parameters"])
+    torch.save(ckpt, tmp / name)
+    return ["export", "--ckpt", name, "--out", "m.onnx"]
+
+
+@case("backbones", "a checkpoint naming a class that runs a command")
+def _(tmp, m):
+    def edit(hp):
+        hp["backbone"] = {"class_path": "subprocess.Popen",
+                          "init_args": {"args": ["touch", "pwned"]}}
+    return _export_edited(tmp, m, edit), \
         "model.backbone: subprocess.Popen is not an nn.Module class"
 
 
 @case("checkpoints", "a checkpoint without the data its model learned from")
 def _(tmp, m):
-    import torch
-
-    ckpt = torch.load(m["ckpt"], weights_only=True)
-    del ckpt["hyper_parameters"]["data_info"]
-    torch.save(ckpt, tmp / "bare.ckpt")
-    return ["export", "--ckpt", "bare.ckpt", "--out", "m.onnx"], \
+    def edit(hp):
+        del hp["data_info"]
+    return _export_edited(tmp, m, edit, "bare.ckpt"), \
         "bare.ckpt: not a trainer checkpoint (no state_dict, hyper_parameters or their data_info)"
 
 
 @case("checkpoints", "a checkpoint whose data_info has an impossible input shape")
 def _(tmp, m):
-    import torch
-
-    ckpt = torch.load(m["ckpt"], weights_only=True)
-    ckpt["hyper_parameters"]["data_info"]["input"]["shape"] = [1, 0, 8]
-    torch.save(ckpt, tmp / "bad.ckpt")
-    return ["export", "--ckpt", "bad.ckpt", "--out", "m.onnx"], \
+    def edit(hp):
+        hp["data_info"]["input"]["shape"] = [1, 0, 8]
+    return _export_edited(tmp, m, edit), \
         "'data_info.input.shape' is [1, 0, 8]; expected a list of positive sizes"
 
 
