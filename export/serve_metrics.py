@@ -80,9 +80,10 @@ def write_supervisor_counts(folder: Path, counts: dict) -> None:
 
 def _read(path: Path) -> dict | None:
     try:
-        return json.loads(path.read_text())
+        doc = json.loads(path.read_text())
     except (OSError, ValueError):  # a process replacing its file right now: next scrape
         return None
+    return doc if isinstance(doc, dict) else None
 
 
 def _families(docs: list[dict], supervisor: dict) -> list:

@@ -231,6 +231,8 @@ def test_the_batched_counts_render_as_prometheus_clients_own_would(digits_run, t
                 tally.batch(1, n, 0.001)
                 rows.observe(n)
         (tmp_path / f"api-{i}.json").write_text(json.dumps({"tally": tally.state()}))
+    (tmp_path / "api-7.json").write_text('{"tally": {"requests": ')  # half written: skipped
+    (tmp_path / "api-8.json").write_text("[1, 2]")  # not ours: skipped
     ours = Server.parse(metrics_text(read_card(digits_run / "model.onnx"), tmp_path))
     theirs = Server.parse(generate_latest(registry).decode())
     for key, value in theirs.items():  # (_created: a single process's start time)
