@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from export.drift import bin_counts
+from export.drift import bin_counts, bin_index
 from trainer.data.dataset import Split
 
 HIST_BINS = 32
@@ -21,9 +21,38 @@ def _hist(values: np.ndarray, lo: float, hi: float) -> list[float]:
 
 
 def _channel_moments(split: Split, lo: float, hi: float):
-    """Per channel or feature: mean, std (float64, merged chunk by chunk as Chan et al.'s
-    parallel variance, so no float64 copy of the data and no cancellation) and histogram
-    counts, over the split in ~CHUNK_BYTES pieces."""
+    """Per channel or feature: mean, std and histogram counts over the split."""
+    if split.x.dtype == np.uint8:  # images
+        return _moments_of_counts(_byte_counts(split), lo, hi)
+    return _float_moments(split, lo, hi)
+
+
+def _byte_counts(split: Split) -> np.ndarray:
+    """(C, 256): how often each byte value occurs in each channel, chunk by chunk."""
+    counts = np.zeros((split.x.shape[1], 256), np.int64)
+    for x, _ in split.chunks(rows=max(1, split.chunk_rows // 8)):  # bincount's int64 copy
+        per = np.moveaxis(x, 1, 0).reshape(x.shape[1], -1)
+        counts += np.stack([np.bincount(channel, minlength=256) for channel in per])
+    return counts
+
+
+def _moments_of_counts(counts: np.ndarray, lo: float, hi: float):
+    """Mean, std and histogram of byte values from their counts: exact, with the bins of
+    the general pass, and without its float64 temporaries of every value (the general pass
+    over the data was most of a fit's data phase for images)."""
+    values = np.arange(256, dtype=np.float64)
+    n = np.maximum(1, counts.sum(axis=1))
+    mean = counts @ values / n
+    var = (counts * (values[None] - mean[:, None]) ** 2).sum(axis=1) / n
+    bins = bin_index(np.arange(256, dtype=np.uint8), lo, hi, HIST_BINS)
+    hist = np.stack([np.bincount(bins, weights=c, minlength=HIST_BINS) for c in counts])
+    return mean, np.sqrt(var), hist.astype(np.int64)
+
+
+def _float_moments(split: Split, lo: float, hi: float):
+    """Mean, std (float64, merged chunk by chunk as Chan et al.'s parallel variance, so no
+    float64 copy of the data and no cancellation) and histogram counts, over the split in
+    ~CHUNK_BYTES pieces."""
     n, mean, m2, hist = 0, None, None, None
     for x, _ in split.chunks(rows=max(1, split.chunk_rows // 16)):  # float64 temporaries
         per = np.moveaxis(x, 1, 0).reshape(x.shape[1], -1)  # (C, n*H*W) or (F, n)
