@@ -4,6 +4,7 @@ hive partitions). Counts come from the cache itself, not from the log."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -189,6 +190,54 @@ def test_a_folder_of_parquet_files_is_one_table_and_updates_per_file(tmp_path, c
     assert len(grown.train) == 200
     fresh = load_source("tabular", str(folder), SourceOptions(cache_dir=str(tmp_path / "c2")))
     assert fresh.fingerprint == grown.fingerprint != ds.fingerprint
+
+
+def _feature_range(tables) -> tuple[float, float]:
+    x = np.concatenate([t.select(["a", "b"]).to_pandas().to_numpy("f4") for t in tables])
+    return float(x.min()), float(x.max())
+
+
+def test_the_value_range_is_composed_from_each_files_and_a_warm_start_reads_no_row(
+        tmp_path, monkeypatch):
+    import trainer.data.tabular as tabular
+
+    folder, opts = tmp_path / "t", SourceOptions(cache_dir=str(tmp_path / "c"))
+    folder.mkdir()
+    tables = {i: _table(i) for i in range(3)}
+    tables[3] = _table(3, extra={"a": np.full(40, 50.0)})  # holds the maximum
+    for i, t in tables.items():
+        pq.write_table(t, folder / f"part-{i}.parquet")
+    ds = load_source("tabular", str(folder), opts)
+    assert ds.input_spec.value_range == _feature_range(tables.values())
+
+    measured = []  # every pass over cached rows for the range goes through value_range
+    monkeypatch.setattr(tabular, "value_range", lambda split: measured.append(1) or (0.0, 0.0))
+    again = load_source("tabular", str(folder), opts)
+    assert again.input_spec.value_range == ds.input_spec.value_range and not measured
+
+    (folder / "part-3.parquet").unlink()  # the maximum leaves; nothing is decoded for it
+    del tables[3]
+    assert load_source("tabular", str(folder), opts).input_spec.value_range == \
+        _feature_range(tables.values()) and not measured
+    monkeypatch.undo()
+
+    # A file whose content the cache already holds under another name is not decoded: its
+    # range comes from its cached rows. An entry edited by hand is measured again.
+    (folder / "copy.parquet").write_bytes((folder / "part-1.parquet").read_bytes())
+    assert load_source("tabular", str(folder), opts).input_spec.value_range == \
+        _feature_range(tables.values())
+    (index,) = (tmp_path / "c").glob("tabular-*/index.npz")
+    with np.load(index) as z:
+        columns = {k: z[k] for k in z.files}
+    meta = json.loads(columns["meta"].tobytes())
+    ranges = meta["extra"]["ranges"]  # the right file stats, values that are not numbers
+    ranges.update({"part-0.parquet": [*ranges["part-0.parquet"][:3], "x", None],
+                   "part-1.parquet": "garbage", "part-2.parquet": [1, 2]})
+    columns["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    with open(index, "wb") as f:
+        np.savez(f, **columns)
+    assert load_source("tabular", str(folder), opts).input_spec.value_range == \
+        _feature_range(tables.values())
 
 
 def test_a_hive_partitioned_folder_and_a_csv_glob(tmp_path):

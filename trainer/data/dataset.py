@@ -194,7 +194,8 @@ def files_fingerprint(settings: str, class_names: list[str], splits: np.ndarray,
     return h.hexdigest()
 
 
-def _check_split(name: str, split_name: str, split: Split, num_classes: int) -> None:
+def _check_split(name: str, split_name: str, split: Split, num_classes: int,
+                 checked: bool) -> None:
     if len(split) == 0:
         raise InputError(f"{name}: the {split_name} split is empty")
     if split.rows is None and len(split.x) != len(split.y):
@@ -209,7 +210,7 @@ def _check_split(name: str, split_name: str, split: Split, num_classes: int) -> 
     elif not np.isfinite(split.y).all():
         row = int(np.flatnonzero(~np.isfinite(split.y))[0])
         raise InputError(f"{name}: {split_name} target at row {row} is NaN or infinite")
-    if split.x.dtype.kind == "f":
+    if split.x.dtype.kind == "f" and not checked:
         for start, (x, _) in zip(range(0, len(split), split.chunk_rows), split.chunks()):
             finite = np.isfinite(x).reshape(len(x), -1)
             if not finite.all():
@@ -222,12 +223,13 @@ def _check_split(name: str, split_name: str, split: Split, num_classes: int) -> 
 def make_dataset(name: str, train: Split, test: Split | None, class_names: list[str],
                  input_spec: InputSpec, val: Split | None = None, task: str = "classification",
                  origin: str | Path | None = None, fp: str | None = None,
-                 history: Path | None = None) -> FixedDataset:
+                 history: Path | None = None, checked: bool = False) -> FixedDataset:
     """Build a FixedDataset, checking labels and values, and stamp its fingerprint (`fp`
     when the source composed it from its files' digests). `origin` (the file or folder
-    read) is what error messages name."""
+    read) is what error messages name. `checked`: the source checked every value when it
+    decoded it (into its row cache), so no pass over the rows repeats that."""
     for split_name, split in (("train", train), ("val", val), ("test", test)):
         if split is not None:
-            _check_split(str(origin or name), split_name, split, len(class_names))
+            _check_split(str(origin or name), split_name, split, len(class_names), checked)
     fp = fp or fingerprint(class_names, [train, val, test])
     return FixedDataset(name, train, val, test, class_names, input_spec, task, fp, history)

@@ -128,13 +128,14 @@ def _target_kind(target_type, task: str) -> tuple[str, str]:
     return task, "i8"  # codes into the cache's vocabulary of string labels
 
 
-def _batches(fragment, schema, columns, target, path, vocab: list[str]):
+def _batches(fragment, schema, columns, target, path, vocab: list[str], ranges: dict):
     """Decode one file batch by batch: float32 features, the target (numbers, or codes into
-    `vocab`, which grows); names the file and row of the first bad value."""
+    `vocab`, which grows); names the file and row of the first bad value. When the file is
+    read to its end, `ranges[path]` is the (min, max) of its features."""
     import pyarrow as pa
     import pyarrow.types as pat
 
-    row = 0
+    row, lo, hi = 0, np.inf, -np.inf
     try:
         for batch in fragment.to_batches(schema=schema, batch_size=1 << 16):
             if batch.num_rows == 0:
@@ -161,9 +162,41 @@ def _batches(fragment, schema, columns, target, path, vocab: list[str]):
             else:
                 y = t.to_numpy(zero_copy_only=False).astype(np.float64)
             row += len(y)
+            if x.size:
+                lo, hi = min(lo, float(x.min())), max(hi, float(x.max()))
             yield {"x": x, "y": y}
     except (pa.ArrowInvalid, OSError) as exc:
         raise InputError(f"{path}: cannot read table ({short_reason(exc)})") from None
+    if row:
+        ranges[path] = (lo, hi)
+
+
+def _value_range(ranges: dict, fresh: dict, files: list[Path], base: Path, records,
+                 x) -> tuple[tuple[float, float], dict]:
+    """(min, max) of the table's features, composed from each file's, and the entries for
+    the next run. `ranges` (kept in the cache) holds per file its size, mtime_ns, inode, min and
+    max; `fresh` the files decoded just now. A file whose entry does not match its record
+    (its content came from the cache under another name, or the cache predates the entry)
+    is measured from its cached rows. So a warm start reads no row for this, and an update
+    only the files it decoded."""
+    keep, lo, hi = {}, np.inf, -np.inf
+    for i, path in enumerate(files):
+        if not records.count[i]:
+            continue
+        key, stat = path.relative_to(base).as_posix(), [int(records.size[i]),
+                                                         int(records.mtime_ns[i]), int(records.ino[i])]
+        entry = ranges.get(key) if isinstance(ranges, dict) else None
+        if not (isinstance(entry, list) and len(entry) == 5 and all(
+                isinstance(v, (int, float)) for v in entry)):
+            entry = None  # none, or edited by hand: measured again
+        if path in fresh:
+            entry = [*stat, *fresh[path]]
+        elif entry is None or entry[:3] != stat:
+            rows = np.arange(int(records.start[i]), int(records.start[i] + records.count[i]))
+            entry = [*stat, *value_range(Split(x, np.zeros(len(rows)), rows))]
+        keep[key] = entry
+        lo, hi = min(lo, entry[3]), max(hi, entry[4])
+    return (lo, hi), keep
 
 
 def _classes(values: np.ndarray, vocab: list[str], y_dtype: str) -> tuple[list[str], np.ndarray]:
@@ -209,16 +242,22 @@ def load_tabular(root: str | None, opts: SourceOptions) -> FixedDataset:
     fragments = {Path(f.path): f for f in dataset.get_fragments()}
     with RowCache.open(where, {"x": ((len(columns),), "f4"), "y": ((), y_dtype)},
                        settings) as cache:
-        vocab = cache.extra.setdefault("vocab", [])
+        vocab, fresh = cache.extra.setdefault("vocab", []), {}
 
         def decode(_, path: Path):
             if fmt == "parquet":
                 _check_schema(fragments[path], schema, path)
-            return _batches(fragments[path], schema, columns, opts.target, path, vocab)
+            return _batches(fragments[path], schema, columns, opts.target, path, vocab, fresh)
 
         records, report = update(cache, base, files, decode, opts.verify_cache,
                                  whole_files=False)
         arrays = cache.arrays()
+        span, ranges = _value_range(cache.extra.get("ranges", {}), fresh, files, base,
+                                    records, arrays["x"])
+        if ranges != cache.extra.get("ranges"):  # kept for the next run
+            cache.extra["ranges"] = ranges
+            cache.commit(records, final=True)
+            arrays = cache.arrays()
     print(f"tabular: {root}: {report.line('files')} ({cache.rows:,} rows cached in {where})",
           file=sys.stderr)
     offsets = records.start - (np.cumsum(records.count) - records.count)
@@ -234,5 +273,5 @@ def load_tabular(root: str | None, opts: SourceOptions) -> FixedDataset:
     fp = files_fingerprint(json.dumps(settings), names, np.full(len(records), "train"),
                            np.full(len(records), -1), records.digest)
     return make_dataset(origin.stem or origin.name, train, None, names,
-                        feature_spec(columns, value_range(train)), task=task, origin=origin,
-                        fp=fp, history=save_snapshot(where, fp, records))
+                        feature_spec(columns, span), task=task, origin=origin, fp=fp,
+                        history=save_snapshot(where, fp, records), checked=True)
