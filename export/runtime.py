@@ -6,6 +6,7 @@ against it before it reaches the session, and the error names the expected spec.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import threading
 from dataclasses import dataclass
@@ -255,11 +256,9 @@ def predictor_for_job(path: str | Path, provider: str = "auto", threads: int = 0
     if pool.provider != PROVIDERS["cpu"] or cores < 2 or server_threads == 1:
         return pool, {"threads": many, "reason": f"{pool.provider} on {cores} core(s)"}
     spec, n = pool.spec, min(batch_size, 4096)  # enough rows to time a batch
-    single = []  # the one-thread Predictor, once made
-
+    @functools.cache  # made once, by the check or for a remembered "single"
     def one_thread() -> Predictor:
-        single[:] = single or [Predictor(path, provider, 1, spin=not serving)]
-        return single[0]
+        return Predictor(path, provider, 1, spin=not serving)
 
     def check() -> list:
         """["single" or "pool", why]"""

@@ -107,6 +107,10 @@ class Records:
                           for k in Records.DTYPES})
 
 
+def _count(arrays: dict[str, np.ndarray]) -> int:
+    return len(next(iter(arrays.values())))
+
+
 def cache_root(cache_dir: str | None) -> Path:
     return Path(cache_dir) if cache_dir else cache_folder()
 
@@ -260,35 +264,35 @@ class RowCache:
     def prepare(self, arrays: dict[str, np.ndarray]) -> Prepared:
         """One file's decoded rows made contiguous and checked: the part of appending that
         can run in a decoding worker."""
-        rows, checks = self._laid_out(arrays), RowChecks(self.columns)
-        checks.feed_all(rows.arrays)
-        return Prepared(rows.arrays, rows.count, checks.digest())
+        laid, checks = self._laid_out(arrays), RowChecks(self.columns)
+        checks.feed_all(laid)
+        return Prepared(laid, _count(laid), checks.digest())
 
-    def _laid_out(self, arrays: dict[str, np.ndarray]) -> Prepared:
-        """The rows contiguous in the cache's dtypes and shapes; not yet checked."""
-        count = len(next(iter(arrays.values())))
-        return Prepared({name: np.ascontiguousarray(arrays[name], dtype=dtype).reshape(
-            count, *shape) for name, (shape, dtype) in self.columns.items()}, count, b"")
+    def _laid_out(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The rows contiguous in the cache's dtypes and shapes."""
+        count = _count(arrays)
+        return {name: np.ascontiguousarray(arrays[name], dtype=dtype).reshape(count, *shape)
+                for name, (shape, dtype) in self.columns.items()}
 
     def append(self, rows: Prepared | Iterable[dict[str, np.ndarray]]) -> tuple[int, int, bytes]:
         """Append the decoded rows of one file, prepared or as batches of column arrays;
         returns (start, count, check) for its record. Uncommitted until `commit`."""
         start = self.rows
         if isinstance(rows, Prepared):
-            self._write(rows)
+            self._write(rows.arrays)
             return start, rows.count, rows.check
         checks = RowChecks(self.columns)
         for arrays in rows:
             batch = self._laid_out(arrays)
             self._write(batch)
-            checks.feed_all(batch.arrays)  # the file's check; a batch's own would go unused
+            checks.feed_all(batch)  # the file's check; a batch's own would go unused
         return start, self.rows - start, checks.digest()
 
-    def _write(self, rows: Prepared) -> None:
-        for name, arr in rows.arrays.items():
+    def _write(self, arrays: dict[str, np.ndarray]) -> None:
+        for name, arr in arrays.items():
             self._file(name).write(memoryview(arr).cast("B"))
             self._since_commit += arr.nbytes
-        self.rows += rows.count
+        self.rows += _count(arrays)
 
     def forget(self, digest: bytes) -> None:
         """Stop reusing the rows of `digest` (they were found altered)."""

@@ -30,8 +30,9 @@ from trainer.data.lineage import save_snapshot
 FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 
 
-def feature_matrix(table, columns: list[str], source: str) -> np.ndarray:
-    """(N, F) float32 from `columns` of a pyarrow table; names the first bad column/row."""
+def feature_matrix(table, columns: list[str], source: str) -> tuple[np.ndarray, float, float]:
+    """(N, F) float32 from `columns` of a pyarrow table, with its min and max; names the
+    first bad column/row."""
     import pyarrow.types as pat
 
     missing = [c for c in columns if c not in table.column_names]
@@ -48,16 +49,17 @@ def feature_matrix(table, columns: list[str], source: str) -> np.ndarray:
             row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
             raise InputError(f"{source}: row {row}, column {name!r} is empty")
         x[:, j] = col.to_numpy(zero_copy_only=False)
-    # A column sum is finite unless a value is not (or large values overflow): the full
-    # element-wise check only then, to find the row.
-    if not np.isfinite(x.sum(axis=0, dtype=np.float64)).all():
-        finite = np.isfinite(x)
-        if not finite.all():
-            row, col = (int(v[0]) for v in np.nonzero(~finite))
-            value = table.column(columns[col])[row].as_py()
-            raise InputError(f"{source}: row {row}, column {columns[col]!r} "
-                             f"{describe_nonfinite(value)}")
-    return x
+    if not x.size:
+        return x, np.inf, -np.inf
+    # The min and max (kept: the table's value range) are finite unless a value is not (NaN
+    # propagates through both): the element-wise check only then, to find the row.
+    lo, hi = float(x.min()), float(x.max())
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        row, col = (int(v[0]) for v in np.nonzero(~np.isfinite(x)))
+        value = table.column(columns[col])[row].as_py()
+        raise InputError(f"{source}: row {row}, column {columns[col]!r} "
+                         f"{describe_nonfinite(value)}")
+    return x, lo, hi
 
 
 def table_files(root: str) -> tuple[Path, list[Path], str]:
@@ -142,7 +144,7 @@ def _batches(fragment, schema, columns, target, path, vocab: list[str], ranges: 
                 continue
             table = pa.Table.from_batches([batch])
             source = f"{path}: rows from {row}" if row else str(path)
-            x = feature_matrix(table, columns, source)
+            x, batch_lo, batch_hi = feature_matrix(table, columns, source)
             t = table.column(target)
             empty = t.is_null().to_numpy(zero_copy_only=False)
             if pat.is_string(t.type) or pat.is_large_string(t.type):
@@ -161,9 +163,7 @@ def _batches(fragment, schema, columns, target, path, vocab: list[str], ranges: 
                 y = np.array([known[v] for v in values], np.int64)
             else:
                 y = t.to_numpy(zero_copy_only=False).astype(np.float64)
-            row += len(y)
-            if x.size:
-                lo, hi = min(lo, float(x.min())), max(hi, float(x.max()))
+            row, lo, hi = row + len(y), min(lo, batch_lo), max(hi, batch_hi)
             yield {"x": x, "y": y}
     except (pa.ArrowInvalid, OSError) as exc:
         raise InputError(f"{path}: cannot read table ({short_reason(exc)})") from None
@@ -186,12 +186,10 @@ def _value_range(ranges: dict, fresh: dict, files: list[Path], base: Path, recor
         key, stat = path.relative_to(base).as_posix(), [int(records.size[i]),
                                                          int(records.mtime_ns[i]), int(records.ino[i])]
         entry = ranges.get(key) if isinstance(ranges, dict) else None
-        if not (isinstance(entry, list) and len(entry) == 5 and all(
-                isinstance(v, (int, float)) for v in entry)):
-            entry = None  # none, or edited by hand: measured again
         if path in fresh:
             entry = [*stat, *fresh[path]]
-        elif entry is None or entry[:3] != stat:
+        elif not (isinstance(entry, list) and len(entry) == 5 and entry[:3] == stat and all(
+                isinstance(v, (int, float)) for v in entry)):  # none, stale or edited by hand
             rows = np.arange(int(records.start[i]), int(records.start[i] + records.count[i]))
             entry = [*stat, *value_range(Split(x, np.zeros(len(rows)), rows))]
         keep[key] = entry
