@@ -48,7 +48,8 @@ def feature_matrix(table, columns: list[str], source: str) -> tuple[np.ndarray, 
         if col.null_count:
             row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
             raise InputError(f"{source}: row {row}, column {name!r} is empty")
-        x[:, j] = col.to_numpy(zero_copy_only=False)
+        with np.errstate(over="ignore"):  # a value past float32 becomes inf, named below
+            x[:, j] = col.to_numpy(zero_copy_only=False)
     if not x.size:
         return x, np.inf, -np.inf
     # The min and max (kept: the table's value range) are finite unless a value is not (NaN
