@@ -17,9 +17,8 @@ commit are cut off when the cache is opened. Rows of files that were removed or 
 stay until they are more than half of the cache, then the live rows are copied into the
 next generation of files.
 
-The records are held as numpy columns, never as one Python object per file: a folder of
-millions of files costs ~100 bytes of memory per file here, and matching a listing against
-the index is a sort and a search in C.
+The records (trainer/data/records.py) are held as numpy columns, never as one Python object
+per file, and matching a listing against the index is a sort and a search in C.
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ import sys
 import zipfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +40,7 @@ import numpy as np
 from export.atomic import atomic_path
 from export.errors import InputError
 from export.timing import cache_folder
+from trainer.data.records import WRITE_ROWS, Records, write_npy
 from trainer.data.rowcheck import Prepared, RowChecks
 from trainer.data.rowfile import RowFile
 
@@ -65,46 +65,13 @@ class FileStat:
         return cls(st.st_size, st.st_mtime_ns, st.st_ino)
 
 
-def path_key(rel: str) -> bytes:
-    """The 16-byte key of a path relative to the source root (BLAKE2b: fixed width, so a
-    whole index is matched against a listing with one sort, whatever the paths' lengths)."""
-    return hashlib.blake2b(rel.encode("utf-8", "surrogateescape"), digest_size=16).digest()
-
-
-@dataclass
-class Records:
-    """One record per source file, as columns (numpy "S" columns hold raw bytes; read an
-    element back with `.tobytes()` of a one-row slice: indexing drops trailing NULs)."""
-
-    key: np.ndarray  # S16, path_key of the relative path
-    size: np.ndarray  # int64
-    mtime_ns: np.ndarray  # int64
-    ino: np.ndarray  # uint64
-    digest: np.ndarray  # S32, SHA-256 of the file's bytes
-    start: np.ndarray  # int64, first row in the column files
-    count: np.ndarray  # int64, rows decoded from the file
-    check: np.ndarray  # S8, of the decoded rows (CRC-32 per column, combined)
-
-    DTYPES = {"key": "S16", "size": np.int64, "mtime_ns": np.int64, "ino": np.uint64,
-              "digest": "S32", "start": np.int64, "count": np.int64, "check": "S8"}
-
-    @classmethod
-    def empty(cls, n: int = 0) -> Records:
-        return cls(**{k: np.zeros(n, d) for k, d in cls.DTYPES.items()})
-
-    def __len__(self) -> int:
-        return len(self.key)
-
-    def columns(self) -> dict[str, np.ndarray]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-    def take(self, rows) -> Records:
-        return Records(**{k: v[rows] for k, v in self.columns().items()})
-
-    @staticmethod
-    def concat(parts: list[Records]) -> Records:
-        return Records(**{k: np.concatenate([getattr(p, k) for p in parts])
-                          for k in Records.DTYPES})
+def path_key(rel: str | bytes) -> bytes:
+    """The 16-byte key of a path relative to the source root, "/"-separated (BLAKE2b: fixed
+    width, so a whole index is matched against a listing with one sort, whatever the paths'
+    lengths). Bytes are the path's UTF-8 (with surrogateescape) encoding."""
+    if isinstance(rel, str):
+        rel = rel.encode("utf-8", "surrogateescape")
+    return hashlib.blake2b(rel, digest_size=16).digest()
 
 
 def _count(arrays: dict[str, np.ndarray]) -> int:
@@ -230,8 +197,12 @@ class RowCache:
         return np.where(have[at] == values, order[at], -1)
 
     def lookup(self, keys: np.ndarray) -> np.ndarray:
-        """The index row of each path key (S16 array), or -1 for a path not in the index."""
-        return self._search("key", keys)
+        """The index row of each path key (S16 array), or -1 for a path not in the index.
+        Made once per update: the sorted keys (24 bytes a file) are not kept."""
+        try:
+            return self._search("key", keys)
+        finally:
+            self._sorted.pop("key", None)
 
     def find(self, digest: bytes) -> tuple[int, int, bytes] | None:
         """(start, count, check) of indexed rows decoded from content `digest`, if any."""
@@ -302,18 +273,19 @@ class RowCache:
         """Whether enough rows were appended since the last commit to commit again."""
         return self._since_commit >= COMMIT_BYTES
 
-    def commit(self, records: Records, final: bool) -> None:
+    def commit(self, records: Records, final: bool, done: np.ndarray | None = None) -> None:
         """Make the rows appended so far durable and the index point at them. With
         `final`, `records` is the whole new index (every file of the source, nothing else;
-        its starts are updated in place when the live rows are compacted); otherwise they
-        are the records completed so far, which win over older records of the same path."""
+        its starts are updated in place when the live rows are compacted); otherwise the
+        records completed so far (those `done` marks, or all) win over older records of
+        the same path, and are written after the index without a copy of either."""
         self._sync()
         if not final:
-            self._write_index(Records.concat([self.index, records]))
+            self._write_index([(self.index, None), (records, done)])
         else:
             if self.rows > 1024 and self._live_rows(records) < self.rows // 2:
                 self._compact(records)
-            self._write_index(records)
+            self._write_index([(records, None)])
             self._set_index(records)
             self._forgotten = set()
         self._since_commit = 0
@@ -324,21 +296,35 @@ class RowCache:
             f.flush()
             os.fsync(f.fileno())
 
-    def _write_index(self, records: Records) -> None:
-        """The index as an uncompressed .npz of columns. Not Arrow: pyarrow imports pandas
-        on its first array, which costs an update more than the rest of its work."""
+    def _write_index(self, parts: list[tuple[Records, np.ndarray | None]]) -> None:
+        """The index as an uncompressed .npz of columns, each column the records of
+        `parts` (those a part's mask marks) one after another, written in blocks: no
+        concatenated copy is made. Not Arrow: pyarrow imports pandas on its first array,
+        which costs an update more than the rest of its work."""
         meta = {**self._meta(), "gen": self.gen, "extra": self.extra}
-        with atomic_path(self.folder / INDEX) as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8),
-                         **records.columns())
-                f.flush()
-                os.fsync(f.fileno())
+        with atomic_path(self.folder / INDEX) as tmp, open(tmp, "wb") as f:
+            with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as npz:
+                meta_bytes = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+                write_npy(npz, "meta", [(meta_bytes, None)])
+                for name in Records.DTYPES:
+                    write_npy(npz, name, [(getattr(r, name), m) for r, m in parts])
+            f.flush()
+            os.fsync(f.fileno())
 
     @staticmethod
     def _live_rows(records: Records) -> int:
-        _, first = np.unique(records.digest, return_index=True)
-        return int(records.count[first].sum())
+        """Rows that records point at. Records of the same content share their rows (the
+        same start and count), so each start with rows counts once; walked in blocks of
+        the start order (8 bytes a file, where np.unique of the digests took ~40)."""
+        order, live, last = np.argsort(records.start, kind="stable"), 0, -1
+        for b in range(0, len(order), WRITE_ROWS):
+            rows = order[b:b + WRITE_ROWS]
+            start, count = records.start[rows], records.count[rows]
+            start, count = start[count > 0], count[count > 0]
+            first = start != np.concatenate(([last], start[:-1]))
+            live += int(count[first].sum())
+            last = int(start[-1]) if len(start) else last
+        return live
 
     def _compact(self, records: Records) -> None:
         """Copy the live rows into the next generation of column files (in row order) and
@@ -367,6 +353,6 @@ class RowCache:
         new_start[order] = moved
         records.start[:] = new_start[which.reshape(-1)]
         self.gen, self.rows = gen, int(records.count[first].sum())
-        self._write_index(records)  # the switch to the new generation
+        self._write_index([(records, None)])  # the switch to the new generation
         for name in self.columns:
             self._bin(name, gen - 1).unlink(missing_ok=True)

@@ -170,28 +170,35 @@ def fingerprint(class_names: list[str], splits: list[Split | None]) -> str:
     return h.hexdigest()
 
 
-def files_fingerprint(settings: str, class_names: list[str], splits: np.ndarray,
-                      labels: np.ndarray, digests: np.ndarray) -> str:
+def files_fingerprint(settings: str, class_names: list[str], split_names: list[str],
+                      splits: np.ndarray, labels: np.ndarray, digests: np.ndarray) -> str:
     """SHA-256 of a dataset read from files, composed from the files' own SHA-256 digests:
     (split, label or -1, digest) per file, sorted, so it depends on content only (not on
     names, order or timestamps), costs nothing to update when a few files change, and
     equals what a fresh ingest of the same files computes. `settings` are the decode
-    settings (size, colour mode, decoder version); `splits` (str), `labels` (int) and
-    `digests` (S32) have one element per file."""
+    settings (size, colour mode, decoder version); `splits` (the index of each file's split
+    in `split_names`), `labels` (int) and `digests` (S32) have one element per file. Hashed
+    in blocks of FINGERPRINT_BLOCK files: no copy of every digest is made."""
     h = hashlib.sha256(settings.encode())
     h.update("\x00".join(class_names).encode())
-    names, code = np.unique(np.asarray(splits, dtype=str), return_inverse=True)
+    names = sorted(split_names)  # files are sorted by split name, then label, then digest
+    code = np.array([names.index(n) for n in split_names], np.int8)[splits]
     labels = np.asarray(labels, dtype=np.int64)
-    order = np.lexsort((digests, labels, code.reshape(-1)))
-    code, labels, raw = code.reshape(-1)[order], labels[order], digests[order].view(np.uint8)
-    raw = raw.reshape(len(order), 32)
+    order = np.lexsort((digests, labels, code))
+    code, labels = code[order], labels[order]
+    raw = digests.view(np.uint8).reshape(len(digests), 32)
     groups = np.flatnonzero(np.diff(code, prepend=-1) | np.diff(labels, prepend=labels[:1] - 1))
     for a, b in zip(groups, [*groups[1:], len(order)]):
         prefix = np.frombuffer(f"{names[code[a]]}|{labels[a]}|".encode(), np.uint8)
-        block = np.empty((b - a, len(prefix) + 32), np.uint8)
-        block[:, :len(prefix)], block[:, len(prefix):] = prefix, raw[a:b]
-        h.update(memoryview(block).cast("B"))  # the same bytes as one update per file
+        for c in range(a, b, FINGERPRINT_BLOCK):
+            rows = order[c:min(c + FINGERPRINT_BLOCK, b)]
+            block = np.empty((len(rows), len(prefix) + 32), np.uint8)
+            block[:, :len(prefix)], block[:, len(prefix):] = prefix, raw[rows]
+            h.update(memoryview(block).cast("B"))  # the same bytes as one update per file
     return h.hexdigest()
+
+
+FINGERPRINT_BLOCK = 8192
 
 
 def _check_split(name: str, split_name: str, split: Split, num_classes: int,

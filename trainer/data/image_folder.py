@@ -23,6 +23,7 @@ from trainer.data.dataset import (FixedDataset, SourceOptions, Split, files_fing
                                   image_spec, make_dataset, require_root)
 from trainer.data.ingest import update
 from trainer.data.lineage import save_snapshot
+from trainer.data.paths import PathList
 
 SUFFIXES = (".png", ".jpg", ".jpeg")
 SPLITS = ("train", "val", "test")
@@ -44,7 +45,9 @@ def _images_under(folder: Path) -> list[str]:
     return found
 
 
-def _class_files(folder: Path) -> dict[str, list[str]]:
+def _class_files(folder: Path, listing: PathList) -> dict[str, int]:
+    """Add the images of each class folder under `folder` to `listing`; {class: count}.
+    Only one class's path strings are held at a time."""
     classes = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise InputError(f"{folder}: no class sub-folders found")
@@ -53,21 +56,24 @@ def _class_files(folder: Path) -> dict[str, list[str]]:
         files = _images_under(cls)
         if not files:
             raise InputError(f"{cls}: class folder has no PNG or JPEG images")
-        out[cls.name] = files
+        out[cls.name] = len(files)
+        listing.extend(f[len(listing.prefix):] for f in files)
     return out
 
 
-def _layout(root: Path) -> dict[str, dict[str, list[str]]]:
-    """{split: {class: files}}; a root without train/ is one train split."""
+def _layout(root: Path) -> tuple[PathList, dict[str, dict[str, int]]]:
+    """The images in order and {split: {class: count}}; a root without train/ is one train
+    split."""
+    listing = PathList(str(root))
     if not (root / "train").is_dir():
-        return {"train": _class_files(root)}
-    layout = {s: _class_files(root / s) for s in SPLITS if (root / s).is_dir()}
+        return listing, {"train": _class_files(root, listing)}
+    layout = {s: _class_files(root / s, listing) for s in SPLITS if (root / s).is_dir()}
     names = list(layout["train"])
     for split, classes in layout.items():
         if list(classes) != names:
             raise InputError(f"{root / split}: class folders {list(classes)} differ from "
                              f"train's {names}")
-    return layout
+    return listing, layout
 
 
 def _first_image_format(path: str) -> tuple[str, tuple[int, int]]:
@@ -80,12 +86,12 @@ def load_image_folder(root: str | None, opts: SourceOptions) -> FixedDataset:
     from export.imaging import decode
 
     folder = require_root(root, "image_folder", "a folder with one sub-folder per class")
-    layout = _layout(folder)
+    paths, layout = _layout(folder)
     names = list(layout["train"])
-    paths = [p for classes in layout.values() for ps in classes.values() for p in ps]
-    sizes = [len(ps) for classes in layout.values() for ps in classes.values()]
+    sizes = [n for classes in layout.values() for n in classes.values()]
     y = np.repeat(np.tile(np.arange(len(names)), len(layout)), sizes).astype(np.int64)
-    split_of = np.repeat(list(layout), [sum(map(len, c.values())) for c in layout.values()])
+    split_of = np.repeat(np.arange(len(layout), dtype=np.int8),
+                         [sum(c.values()) for c in layout.values()])
     mode, size = _first_image_format(paths[0])
     mode = opts.color_mode or mode
     size = tuple(opts.image_size) if opts.image_size else size
@@ -96,8 +102,8 @@ def load_image_folder(root: str | None, opts: SourceOptions) -> FixedDataset:
     key = hashlib.sha256(f"{os.path.realpath(folder)}|{json.dumps(settings)}".encode())
     where = cache_root(opts.cache_dir) / f"image_folder-{key.hexdigest()[:20]}"
 
-    def decode_file(data: bytes, path: Path) -> dict[str, np.ndarray]:
-        return {"x": decode(data, spec, str(path))[None]}
+    def decode_file(data: bytes, path: str) -> dict[str, np.ndarray]:
+        return {"x": decode(data, spec, path)[None]}
 
     with RowCache.open(where, {"x": (list(spec.shape), "u1")}, settings) as cache:
         records, report = update(cache, folder, paths, decode_file, opts.verify_cache)
@@ -105,9 +111,10 @@ def load_image_folder(root: str | None, opts: SourceOptions) -> FixedDataset:
     del paths
     print(f"image_folder: {folder}: {report.line('images')} ({mode} {size[0]}x{size[1]}, "
           f"cache {where})", file=sys.stderr)
-    parts = {s: Split(x, y, records.start).subset(np.flatnonzero(split_of == s))
-             for s in layout}
-    fp = files_fingerprint(json.dumps(settings), names, split_of, y, records.digest)
+    parts = {s: Split(x, y, records.start).subset(np.flatnonzero(split_of == k))
+             for k, s in enumerate(layout)}
+    fp = files_fingerprint(json.dumps(settings), names, list(layout), split_of, y,
+                           records.digest)
     return make_dataset(folder.name, parts["train"], parts.get("test"), names,
                         spec, val=parts.get("val"), origin=folder, fp=fp,
                         history=save_snapshot(where, fp, records))

@@ -20,6 +20,7 @@ from export.children import die_with_parent
 from export.errors import InputError
 from export.timing import usable_cores
 from trainer.data.cache import FileStat, Records, RowCache, path_key
+from trainer.data.paths import PathList
 
 BLOCK = 512  # files read, hashed and decoded together by the thread pool
 
@@ -72,39 +73,36 @@ def _hash_file(path: str, stat: FileStat) -> bytes:
 
 
 Decoded = dict[str, np.ndarray] | Iterable[dict[str, np.ndarray]]
-STAT_BLOCK = 4096  # files stat'ed (and their path keys made) together
+STAT_BLOCK = 1024  # files stat'ed (and their path keys made) together
 
 
-def _stat(path: str) -> os.stat_result:
+def _stat(path: bytes) -> os.stat_result:
     try:
         st = os.stat(path)
     except OSError:
-        raise InputError(f"{path}: disappeared during ingest") from None
+        raise InputError(f"{os.fsdecode(path)}: disappeared during ingest") from None
     if not stat_module.S_ISREG(st.st_mode):
-        FileStat.of(path)  # names the path and what it is
+        FileStat.of(os.fsdecode(path))  # names the path and what it is
     return st
 
 
-def _stat_all(paths: list[str], prefix: str) -> Records:
+def _stat_all(paths: PathList) -> Records:
     """Path keys and stats of `paths` as records (digest and rows left empty), block by
     block so that no per-file Python object outlives its block."""
     out = Records.empty(len(paths))
     for b in range(0, len(paths), STAT_BLOCK):
-        block = paths[b:b + STAT_BLOCK]
-        if not all(p.startswith(prefix) for p in block):
-            raise ValueError(f"every path must lie under {prefix}")
-        stats = [_stat(path) for path in block]
-        end = b + len(block)
-        out.key[b:end] = np.frombuffer(b"".join(
-            path_key(p[len(prefix):].replace(os.sep, "/")) for p in block), "S16")
+        rels = paths.block(b, min(b + STAT_BLOCK, len(paths)))
+        stats = [_stat(paths.full(rel)) for rel in rels]
+        end = b + len(rels)
+        out.key[b:end] = np.frombuffer(b"".join(map(path_key, rels)), "S16")
         out.size[b:end] = [s.st_size for s in stats]
         out.mtime_ns[b:end] = [s.st_mtime_ns for s in stats]
         out.ino[b:end] = [s.st_ino for s in stats]
     return out
 
 
-def update(cache: RowCache, root: Path, paths: list[str | Path],
-           decode: Callable[[bytes | None, Path], Decoded],
+def update(cache: RowCache, root: Path, paths: PathList | list[str | Path],
+           decode: Callable[[bytes | None, str], Decoded],
            verify: bool = False, whole_files: bool = True) -> tuple[Records, UpdateReport]:
     """Bring `cache` up to date with `paths` (files under `root`) and return each file's
     record, in the order given. Only files that are new or changed, by (size, mtime_ns,
@@ -114,9 +112,9 @@ def update(cache: RowCache, root: Path, paths: list[str | Path],
     iterable of such dicts (consumed batch by batch while appending).
     On an error the rows complete so far are committed before it is raised."""
     t0, report = time.perf_counter(), UpdateReport(files=len(paths))
-    paths = [str(p) for p in paths]
-    # Path("wine.csv").parent is ".", and its files are spelled "wine.csv", not "./wine.csv"
-    out = _stat_all(paths, "" if str(root) == "." else os.path.join(str(root), ""))
+    if not isinstance(paths, PathList):
+        paths = PathList.of(str(root), map(str, paths))
+    out = _stat_all(paths)
     at = cache.lookup(out.key)
     known = at >= 0
     same = known.copy()
@@ -137,7 +135,7 @@ def update(cache: RowCache, root: Path, paths: list[str | Path],
                                                   chunksize=16):
                     placed.place(i, digest, arrays)
                     if cache.due():
-                        cache.commit(out.take(placed.done), final=False)
+                        cache.commit(out, final=False, done=placed.done)
         finally:  # on an error, the queued files are not decoded for nothing
             pool.shutdown(cancel_futures=True)
         report.removed = len(cache.index) - int(known.sum())
@@ -145,7 +143,7 @@ def update(cache: RowCache, root: Path, paths: list[str | Path],
             cache.commit(out, final=True)
     except BaseException:
         try:  # what was decoded completely stays usable
-            cache.commit(out.take(placed.done), final=False)
+            cache.commit(out, final=False, done=placed.done)
         except OSError:
             pass
         raise
@@ -173,7 +171,7 @@ def _work(i: int):
     digest = _hash_file(paths[i], stat) if data is None else hashlib.sha256(data).digest()
     if cache.find(digest) is not None:
         return i, digest, None
-    return i, digest, _prepared(cache, decode(data, Path(paths[i])))
+    return i, digest, _prepared(cache, decode(data, paths[i]))
 
 
 FORK_BYTES = 1 << 20  # less to decode than this: one thread beats starting processes
@@ -275,4 +273,4 @@ class _Placed:
 def _decode_again(i: int) -> Decoded:
     _, paths, records, decode, whole_files = _JOB
     return decode(_read(paths[i], _stat_of(records, i)) if whole_files else None,
-                  Path(paths[i]))
+                  paths[i])

@@ -98,7 +98,7 @@ def _dataset(base: Path, files: list[Path], fmt: str):
         raise InputError(f"{files[0]}: cannot read table ({short_reason(exc)})") from None
 
 
-def _check_schema(fragment, schema, path: Path) -> None:
+def _check_schema(fragment, schema, path: str) -> None:
     """A Parquet file must have the first file's columns and types."""
     physical = fragment.physical_schema
     for field in physical:
@@ -238,15 +238,16 @@ def load_tabular(root: str | None, opts: SourceOptions) -> FixedDataset:
                 "task": task}
     key = hashlib.sha256(f"{os.path.realpath(base)}|{json.dumps(settings)}".encode())
     where = cache_root(opts.cache_dir) / f"tabular-{key.hexdigest()[:20]}"
-    fragments = {Path(f.path): f for f in dataset.get_fragments()}
+    fragments = {str(Path(f.path)): f for f in dataset.get_fragments()}
     with RowCache.open(where, {"x": ((len(columns),), "f4"), "y": ((), y_dtype)},
                        settings) as cache:
         vocab, fresh = cache.extra.setdefault("vocab", []), {}
 
-        def decode(_, path: Path):
+        def decode(_, path: str):
             if fmt == "parquet":
                 _check_schema(fragments[path], schema, path)
-            return _batches(fragments[path], schema, columns, opts.target, path, vocab, fresh)
+            return _batches(fragments[path], schema, columns, opts.target, Path(path), vocab,
+                            fresh)
 
         records, report = update(cache, base, files, decode, opts.verify_cache,
                                  whole_files=False)
@@ -269,8 +270,8 @@ def load_tabular(root: str | None, opts: SourceOptions) -> FixedDataset:
     else:
         names, y = _classes(values, vocab, y_dtype)
     train = Split(arrays["x"], y, rows)
-    fp = files_fingerprint(json.dumps(settings), names, np.full(len(records), "train"),
-                           np.full(len(records), -1), records.digest)
+    one = np.zeros(len(records), np.int8)  # one split, no labels per file
+    fp = files_fingerprint(json.dumps(settings), names, ["train"], one, one - 1, records.digest)
     return make_dataset(origin.stem or origin.name, train, None, names,
                         feature_spec(columns, span), task=task, origin=origin, fp=fp,
                         history=save_snapshot(where, fp, records), checked=True)
