@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from array import array
 from collections.abc import Iterable, Sequence
+from itertools import accumulate
 
 
 def _encode(rel: str) -> bytes:
@@ -37,12 +38,16 @@ class PathList(Sequence[str]):
 
     def add(self, rel: str) -> None:
         """Add a path given relative to the root (with the platform's separators)."""
-        self._blob += _encode(rel.replace(os.sep, "/"))
-        self._ends.append(len(self._blob))
+        self.extend((rel,))
 
     def extend(self, rels: Iterable[str]) -> None:
-        for rel in rels:
-            self.add(rel)
+        encoded = [_encode(rel) for rel in rels]  # one folder's names at a time
+        if os.sep != "/":
+            encoded = [e.replace(os.sep.encode(), b"/") for e in encoded]
+        ends = accumulate(map(len, encoded), initial=len(self._blob))
+        next(ends)
+        self._ends.extend(ends)
+        self._blob += b"".join(encoded)
 
     def __len__(self) -> int:
         return len(self._ends)
