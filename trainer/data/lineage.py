@@ -19,7 +19,7 @@ import numpy as np
 
 from export.atomic import atomic_path
 from export.card import DatasetChange, DatasetInfo
-from trainer.data.cache import Records
+from trainer.data.records import WRITE_ROWS, Records
 
 KEEP = 4
 SNAPSHOT = np.dtype([("key", "S16"), ("digest", "S32"), ("rows", "<i8")])
@@ -35,8 +35,8 @@ def save_snapshot(cache_folder: Path, fp: str, records: Records) -> Path:
     where.mkdir(exist_ok=True)
     order = np.argsort(records.key)  # 4x faster than sorting the records by a field
     snap = np.empty(len(records), SNAPSHOT)
-    for a in range(0, len(order), 1 << 14):  # in blocks: no whole gathered column
-        rows = order[a:a + (1 << 14)]
+    for a in range(0, len(order), WRITE_ROWS):  # in blocks: no whole gathered column
+        rows = order[a:a + WRITE_ROWS]
         part = snap[a:a + len(rows)]
         part["key"], part["digest"], part["rows"] = (records.key[rows], records.digest[rows],
                                                      records.count[rows])

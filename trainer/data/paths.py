@@ -29,21 +29,19 @@ class PathList(Sequence[str]):
     def of(cls, root: str, paths: Iterable[str]) -> PathList:
         """A listing of full paths, each of which must lie under `root`."""
         out = cls(root)
-        for path in paths:
-            path = str(path)
+
+        def relative(path: str) -> str:
             if not path.startswith(out.prefix):
                 raise ValueError(f"every path must lie under {root}: {path}")
-            out.add(path[len(out.prefix):])
+            return path[len(out.prefix):]
+
+        out.extend(relative(str(p)) for p in paths)
         return out
 
-    def add(self, rel: str) -> None:
-        """Add a path given relative to the root (with the platform's separators)."""
-        self.extend((rel,))
-
     def extend(self, rels: Iterable[str]) -> None:
+        """Add paths given relative to the root, "/"-separated (the project is POSIX-only:
+        its cache lock is fcntl's)."""
         encoded = [_encode(rel) for rel in rels]  # one folder's names at a time
-        if os.sep != "/":
-            encoded = [e.replace(os.sep.encode(), b"/") for e in encoded]
         ends = accumulate(map(len, encoded), initial=len(self._blob))
         next(ends)
         self._ends.extend(ends)

@@ -270,8 +270,8 @@ def load_tabular(root: str | None, opts: SourceOptions) -> FixedDataset:
     else:
         names, y = _classes(values, vocab, y_dtype)
     train = Split(arrays["x"], y, rows)
-    one = np.zeros(len(records), np.int8)  # one split, no labels per file
-    fp = files_fingerprint(json.dumps(settings), names, ["train"], one, one - 1, records.digest)
+    split = np.zeros(len(records), np.int8)  # every file in "train"; no label per file: -1
+    fp = files_fingerprint(json.dumps(settings), names, ["train"], split, split - 1, records.digest)
     return make_dataset(origin.stem or origin.name, train, None, names,
                         feature_spec(columns, span), task=task, origin=origin, fp=fp,
                         history=save_snapshot(where, fp, records), checked=True)
