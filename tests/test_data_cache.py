@@ -414,6 +414,27 @@ def test_the_appended_digests_stay_findable_across_merges(monkeypatch):
     assert all(appended.get(d, column) is None for d in digests[60:])
 
 
+def test_the_appended_digests_merge_ever_less_often(monkeypatch):
+    """Each merge copies the sorted columns, so merging every MERGE files would copy
+    quadratically; past 32 * MERGE files a merge waits for 1/32 of the columns."""
+    import hashlib
+
+    from trainer.data import ingest
+
+    monkeypatch.setattr(ingest._Appended, "MERGE", 7)
+    appended = ingest._Appended()
+    digests = [hashlib.sha256(str(i).encode()).digest() for i in range(5000)]
+    column = np.frombuffer(b"".join(digests), "S32")
+    merges, size = 0, 0
+    for i, d in enumerate(digests):
+        appended.add(d, i)
+        merges += len(appended.prefix) != size
+        size = len(appended.prefix)
+    assert merges < 150  # a merge every 7 files: 714
+    assert np.all(np.diff(appended.prefix.astype(np.float64)) >= 0)
+    assert [appended.get(d, column) for d in digests[::37]] == list(range(0, 5000, 37))
+
+
 def test_relative_roots_in_the_working_folder_are_read(tmp_path, monkeypatch):
     """`--data.root wine.csv` or `--data.root .` as a user types them, from the folder the
     data is in (a relative root once failed: its files did not start with "./")."""
