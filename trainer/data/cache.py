@@ -155,9 +155,11 @@ class RowCache:
                       file=sys.stderr)
         if records is not None:
             self.gen, self.extra = int(meta["gen"]), meta.get("extra", {})
-            # a commit during an ingest appends records: the last one of a key holds
-            _, last = np.unique(records.key[::-1], return_index=True)
-            self.index = records.take(np.sort(len(records) - 1 - last))
+            if not meta.get("unique"):
+                # a commit during an ingest appends records: the last one of a key holds
+                _, last = np.unique(records.key[::-1], return_index=True)
+                records = records.take(np.sort(len(records) - 1 - last))
+            self.index = records
         self._truncate_to_index()
         for stale in self.folder.glob("*.bin"):  # other generations, interrupted compactions
             if stale not in {self._bin(n) for n in self.columns}:
@@ -301,7 +303,9 @@ class RowCache:
         `parts` (those a part's mask marks) one after another, written in blocks: no
         concatenated copy is made. Not Arrow: pyarrow imports pandas on its first array,
         which costs an update more than the rest of its work."""
-        meta = {**self._meta(), "gen": self.gen, "extra": self.extra}
+        # One part is a whole index (a path once): a load needs no pass to find each
+        # path's last record, which sorts every key and copies every record.
+        meta = {**self._meta(), "gen": self.gen, "extra": self.extra, "unique": len(parts) == 1}
         with atomic_path(self.folder / INDEX) as tmp, open(tmp, "wb") as f:
             with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as npz:
                 meta_bytes = np.frombuffer(json.dumps(meta).encode(), np.uint8)
