@@ -11,8 +11,9 @@ Parquet table of 16 float features and a class column), median (range) of --repe
   (open, convert, resize, np.asarray; one thread per core) in the same run;
 - re-ingest after adding 1% new images, as a share of the first ingest (in-process, the
   imports excluded);
-- peak RSS above the process's own base (VmHWM minus RSS after imports) of ingest at 1x
-  and 4x the images: flat means bounded;
+- peak RSS above the process's own base (VmHWM minus RSS after imports) at 1x and 4x the
+  images of: an ingest, a start with nothing changed, and a one-epoch fit from the
+  streaming path (MLP, batch 256): flat means bounded;
 - an epoch of the streaming path (pread of whole blocks, block shuffle) against the
   in-memory path over the same rows: the training loader alone (batches/s; streaming
   with 0 and 2 DataLoader workers) and a whole training epoch of a small convnet;
@@ -72,18 +73,31 @@ def child(args) -> None:
     import pyarrow.dataset  # noqa: F401
     import pyarrow.ipc  # noqa: F401
 
+    if args.child == "fit":
+        import lightning as L
+
+        from trainer.data.datamodule import FixedDataModule
+        from trainer.module import ClassifierModule
     base = _rss("VmRSS")
     t0 = time.perf_counter()
     if args.child == "ingest":
         ds = load_source("image_folder", args.root, SourceOptions(cache_dir=args.cache))
+    elif args.child == "fit":  # one epoch from the streaming path, as tests/test_data_streaming.py
+        dm = FixedDataModule(source="image_folder", root=args.root, cache_dir=args.cache,
+                             batch_size=256, memory_budget_gb=1e-9, num_workers=0)
+        model = ClassifierModule(arch="mlp", width=16, data_info=dm.info, schedule="constant")
+        L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False).fit(model, dm)
+        ds = dm.dataset
     else:
         ds = load_source("tabular", args.root, SourceOptions(cache_dir=args.cache, target="label"))
     seconds = time.perf_counter() - t0
     print(json.dumps({"seconds": seconds, "rows": len(ds.train), "peak": _rss("VmHWM") - base}))
 
 
-def run_child(kind: str, root: Path, cache: Path) -> dict:
-    shutil.rmtree(cache, ignore_errors=True)
+def run_child(kind: str, root: Path, cache: Path, fresh: bool = True) -> dict:
+    if fresh:
+        shutil.rmtree(cache, ignore_errors=True)
     proc = subprocess.run([sys.executable, __file__, "--child", kind, "--root", str(root),
                            "--cache", str(cache)], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -187,10 +201,17 @@ def bench_ingest(args, work: Path, small: Path, big: Path) -> None:
     print(f"re-ingest after adding 1%: {spread(again, '{:.2f}')} s = {spread(share)}% of the "
           f"first ingest (goal <= 3%); listing and stat of every file alone: {spread(floor)}%")
 
-    peaks = {name: [run_child("ingest", root, work / "cache-rss")["peak"] / 2**20
-                    for _ in range(args.repeats)] for name, root in (("1x", small), ("4x", big))}
-    print(f"ingest peak RSS above base: 1x {spread(peaks['1x'])} MiB, 4x {spread(peaks['4x'])} "
-          f"MiB (goal: flat)")
+    peaks = {}
+    for name, root in (("1x", small), ("4x", big)):
+        cache = work / f"cache-{name}"
+        for what, fresh in (("ingest", True), ("start, nothing changed", False)):
+            peaks[what, name] = [run_child("ingest", root, cache, fresh)["peak"] / 2**20
+                                 for _ in range(args.repeats)]
+        peaks["fit", name] = [run_child("fit", root, cache, False)["peak"] / 2**20
+                              for _ in range(args.repeats)]
+    for what in ("ingest", "start, nothing changed", "fit"):
+        print(f"{what} peak RSS above base: 1x {spread(peaks[what, '1x'])} MiB, 4x "
+              f"{spread(peaks[what, '4x'])} MiB (goal: flat)")
 
 
 def bench_epochs(args, cache: Path, big: Path) -> None:
@@ -257,7 +278,7 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/bench_scale")
     ap.add_argument("--only", choices=["ingest", "epochs", "tabular"],
                     help="run one group of measurements")
-    ap.add_argument("--child", choices=["ingest", "tabular"])
+    ap.add_argument("--child", choices=["ingest", "fit", "tabular"])
     ap.add_argument("--root")
     ap.add_argument("--cache")
     args = ap.parse_args()
@@ -273,7 +294,7 @@ def main() -> None:
     if args.only in (None, "ingest"):
         bench_ingest(args, work, small, big)
     if args.only in (None, "epochs"):
-        bench_epochs(args, work / "cache-rss", big)
+        bench_epochs(args, work / "cache-4x", big)
     if args.only in (None, "tabular"):
         bench_tabular(args, work)
 
