@@ -29,6 +29,7 @@ from trainer.data.lineage import save_snapshot
 
 FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 CONVERT_ROWS = 4096  # rows of features converted to float32 together
+GATHER_ROWS = 1 << 18  # rows of the cached target read together
 
 
 def feature_matrix(table, columns: list[str], source: str) -> tuple[np.ndarray, float, float]:
@@ -206,21 +207,53 @@ def _value_range(ranges: dict, fresh: dict, files: list[Path], base: Path, recor
     return (lo, hi), keep
 
 
-def _classes(values: np.ndarray, vocab: list[str], y_dtype: str) -> tuple[list[str], np.ndarray]:
-    """Class names and each row's class index: integers sorted numerically, strings
-    alphabetically. Codes into the vocabulary and small non-negative integer labels are
-    counted (np.bincount, linear; np.unique would sort every row)."""
-    codes = values.astype(np.int64)
-    if y_dtype == "i8" or ((codes == values).all() and 0 <= codes.min() and codes.max() < 1 << 20):
-        present = np.flatnonzero(np.bincount(codes))
-        keys = np.array(vocab, dtype=str)[present] if y_dtype == "i8" else present
-        present = present[np.argsort(keys, kind="stable")]
-        rank = np.zeros(int(present.max()) + 1, np.int64)
-        rank[present] = np.arange(len(present))
-        names = [vocab[c] if y_dtype == "i8" else str(int(c)) for c in present]
-        return names, rank[codes]
-    uniq, y = np.unique(values, return_inverse=True)  # negative or fractional labels
-    return [str(int(u)) for u in uniq], y.astype(np.int64)
+def _row_order(records) -> np.ndarray:
+    """Each row of the table in file order: its place in the cache (8 bytes a row, the
+    positions added in blocks rather than as a second whole array)."""
+    offsets = records.start - (np.cumsum(records.count) - records.count)
+    rows = np.repeat(offsets, records.count)
+    for a in range(0, len(rows), GATHER_ROWS):
+        rows[a:a + GATHER_ROWS] += np.arange(a, min(a + GATHER_ROWS, len(rows)))
+    return rows
+
+
+def _blocks(column, rows: np.ndarray):
+    """(first, values) of the cached `column` at `rows`, GATHER_ROWS at a time."""
+    for a in range(0, len(rows), GATHER_ROWS):
+        yield a, np.asarray(column[rows[a:a + GATHER_ROWS]])
+
+
+def _targets(column, rows: np.ndarray, vocab: list[str], task: str,
+             y_dtype: str) -> tuple[list[str], np.ndarray]:
+    """Class names and each row's class index (integers sorted numerically, strings
+    alphabetically), or the regression values, from the cached target column read in
+    blocks: memory holds the result, never a whole copy of the column beside it. Codes
+    into the vocabulary and small non-negative integer labels are counted (np.bincount,
+    linear; np.unique would sort every row)."""
+    if task == "regression":
+        y = np.empty(len(rows), np.float32)
+        for a, v in _blocks(column, rows):
+            y[a:a + len(v)] = v
+        return [], y
+    integral, lo, hi = True, np.inf, -np.inf
+    for _, v in _blocks(column, rows):
+        integral &= bool((v.astype(np.int64) == v).all())
+        lo, hi = min(lo, v.min()), max(hi, v.max())
+    if not (y_dtype == "i8" or (integral and 0 <= lo and hi < 1 << 20)):
+        uniq, y = np.unique(np.asarray(column[rows]), return_inverse=True)  # negative or
+        return [str(int(u)) for u in uniq], y.astype(np.int64)  # fractional labels
+    counts = np.zeros(int(hi) + 1, np.int64)
+    for _, v in _blocks(column, rows):
+        counts += np.bincount(v.astype(np.int64), minlength=len(counts))
+    present = np.flatnonzero(counts)
+    keys = np.array(vocab, dtype=str)[present] if y_dtype == "i8" else present
+    present = present[np.argsort(keys, kind="stable")]
+    rank = np.zeros(int(present.max()) + 1, np.int64)
+    rank[present] = np.arange(len(present))
+    y = np.empty(len(rows), np.int64)
+    for a, v in _blocks(column, rows):
+        y[a:a + len(v)] = rank[v.astype(np.int64)]
+    return [vocab[c] if y_dtype == "i8" else str(int(c)) for c in present], y
 
 
 def load_tabular(root: str | None, opts: SourceOptions) -> FixedDataset:
@@ -268,15 +301,10 @@ def load_tabular(root: str | None, opts: SourceOptions) -> FixedDataset:
             arrays = cache.arrays()
     print(f"tabular: {root}: {report.line('files')} ({cache.rows:,} rows cached in {where})",
           file=sys.stderr)
-    offsets = records.start - (np.cumsum(records.count) - records.count)
-    rows = np.arange(int(records.count.sum())) + np.repeat(offsets, records.count)  # in file order
+    rows = _row_order(records)
     if not len(rows):
         raise InputError(f"{root}: the table has no rows")
-    values = np.asarray(arrays["y"][rows])
-    if task == "regression":
-        names, y = [], values.astype(np.float32)
-    else:
-        names, y = _classes(values, vocab, y_dtype)
+    names, y = _targets(arrays["y"], rows, vocab, task, y_dtype)
     train = Split(arrays["x"], y, rows)
     split = np.zeros(len(records), np.int8)  # every file in "train"; no label per file: -1
     fp = files_fingerprint(json.dumps(settings), names, ["train"], split, split - 1, records.digest)
