@@ -29,8 +29,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
-from bench_scale import make_images, quiet  # noqa: E402
-from machine import describe, ratio_of_medians, spread  # noqa: E402
+from bench_scale import make_images, quiet
+from machine import describe, ratio_of_medians, spread
 
 BATCH = 256
 
@@ -152,15 +152,15 @@ def main() -> None:
     for w in (0, 2):
         mine = ours(root, cache, w)
         print(f"resume a third into an epoch, {w} workers: this project's path "
-              + resumes_exactly(lambda: ours_batches(mine),
-                                lambda _, seen: ours_batches(ours(root, cache, w), seen)))
+              + resumes_exactly(lambda m=mine: ours_batches(m),
+                                lambda _, seen, w=w: ours_batches(ours(root, cache, w), seen)))
 
-        def restored(state, _):
+        def restored(state, _, w=w):
             loader = theirs(out, w)
             loader.load_state_dict(state)
             return loader
         print(f"resume a third into an epoch, {w} workers: LitData "
-              + resumes_exactly(lambda: theirs(out, w), restored))
+              + resumes_exactly(lambda w=w: theirs(out, w), restored))
 
 
 if __name__ == "__main__":
