@@ -292,6 +292,25 @@ def test_tabular_features_convert_exactly_across_blocks_of_rows(tmp_path):
         load_source("tabular", str(tmp_path / "t.parquet"))
 
 
+def test_tabular_classes_are_counted_across_blocks_of_rows(monkeypatch):
+    """Class indices made block by block equal those of the whole column: a class first
+    seen in a later block, string codes, and a negative label in the last block (which
+    sends the whole column to np.unique)."""
+    from trainer.data import tabular
+
+    monkeypatch.setattr(tabular, "GATHER_ROWS", 4)
+    labels = np.array([1.0, 0, 1, 0, 2, 7, 2, 0, 1, 7], np.float64)
+    rows = np.arange(len(labels))[::-1].copy()
+    names, y = tabular._targets(labels, rows, [], "classification", "f8")
+    assert names == ["0", "1", "2", "7"] and y.tolist() == [3, 1, 0, 2, 3, 2, 0, 1, 0, 1]
+    codes = np.array([2, 0, 2, 1, 0, 1], np.int64)  # into ["z", "a", "m"]
+    names, y = tabular._targets(codes, np.arange(6), ["z", "a", "m"], "classification", "i8")
+    assert names == ["a", "m", "z"] and y.tolist() == [1, 2, 1, 0, 2, 0]
+    labels[-1] = -3
+    names, y = tabular._targets(labels, np.arange(10), [], "classification", "f8")
+    assert names == ["-3", "0", "1", "2", "7"] and y.tolist() == [2, 1, 2, 1, 3, 4, 3, 1, 2, 0]
+
+
 @pytest.mark.parametrize("text,message", [
     ("a,b\n1,2\n", r"missing target column 'target'"),
     ("a,b,target\n1,x,0\n2,y,1\n", r"feature column 'b' is string, expected numbers"),

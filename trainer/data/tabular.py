@@ -227,7 +227,8 @@ def _targets(column, rows: np.ndarray, vocab: list[str], task: str,
              y_dtype: str) -> tuple[list[str], np.ndarray]:
     """Class names and each row's class index (integers sorted numerically, strings
     alphabetically), or the regression values, from the cached target column read in
-    blocks: memory holds the result, never a whole copy of the column beside it. Codes
+    blocks (twice: counted, then ranked): memory holds the result, never a whole copy of
+    the column beside it. Codes
     into the vocabulary and small non-negative integer labels are counted (np.bincount,
     linear; np.unique would sort every row)."""
     if task == "regression":
@@ -235,16 +236,17 @@ def _targets(column, rows: np.ndarray, vocab: list[str], task: str,
         for a, v in _blocks(column, rows):
             y[a:a + len(v)] = v
         return [], y
-    integral, lo, hi = True, np.inf, -np.inf
+    counts = np.zeros(0, np.int64)  # of each code, while every block is countable
     for _, v in _blocks(column, rows):
-        integral &= bool((v.astype(np.int64) == v).all())
-        lo, hi = min(lo, v.min()), max(hi, v.max())
-    if not (y_dtype == "i8" or (integral and 0 <= lo and hi < 1 << 20)):
-        uniq, y = np.unique(np.asarray(column[rows]), return_inverse=True)  # negative or
-        return [str(int(u)) for u in uniq], y.astype(np.int64)  # fractional labels
-    counts = np.zeros(int(hi) + 1, np.int64)
-    for _, v in _blocks(column, rows):
-        counts += np.bincount(v.astype(np.int64), minlength=len(counts))
+        codes = v.astype(np.int64)
+        if y_dtype != "i8" and not ((codes == v).all() and 0 <= codes.min()
+                                    and codes.max() < 1 << 20):
+            uniq, y = np.unique(np.asarray(column[rows]), return_inverse=True)  # negative or
+            return [str(int(u)) for u in uniq], y.astype(np.int64)  # fractional labels
+        found = np.bincount(codes)
+        if len(found) > len(counts):
+            counts = np.pad(counts, (0, len(found) - len(counts)))
+        counts[:len(found)] += found
     present = np.flatnonzero(counts)
     keys = np.array(vocab, dtype=str)[present] if y_dtype == "i8" else present
     present = present[np.argsort(keys, kind="stable")]
