@@ -86,28 +86,37 @@ def _stat(path: bytes) -> os.stat_result:
     return st
 
 
-def _stat_all(paths: PathList) -> Records:
+STAT_COLUMNS = ("key", "size", "mtime_ns", "ino")
+
+
+def _stat_all(paths: PathList, index: Records | None = None) -> Records | None:
     """Path keys and stats of `paths` as records (digest and rows left empty), block by
-    block so that no per-file Python object outlives its block."""
-    out = Records.empty(len(paths))
+    block so that no per-file Python object outlives its block. None when they are
+    `index`'s files in its order, each with the size, mtime_ns and inode it records (a
+    start after a run): compared block by block as they are made, so such a start holds
+    no second copy of the records (~100 bytes a file) and no sort of the keys; the records
+    are made only from the first block that differs, the index's copied up to it."""
+    out, same = None, index is not None and len(index) == len(paths)
     for b in range(0, len(paths), STAT_BLOCK):
         rels = paths.block(b, min(b + STAT_BLOCK, len(paths)))
         stats = [_stat(paths.full(rel)) for rel in rels]
         end = b + len(rels)
-        out.key[b:end] = np.frombuffer(b"".join(map(path_key, rels)), "S16")
-        out.size[b:end] = [s.st_size for s in stats]
-        out.mtime_ns[b:end] = [s.st_mtime_ns for s in stats]
-        out.ino[b:end] = [s.st_ino for s in stats]
-    return out
-
-
-def _unchanged(index: Records, listed: Records) -> bool:
-    """Whether the files listed now are the index's, in its order, each with the size,
-    mtime_ns and inode it records: a start after a run, answered from the index itself
-    without a sort of the keys or a copy of the records (each ~100 bytes a file)."""
-    return len(index) == len(listed) and all(
-        np.array_equal(getattr(index, c), getattr(listed, c))
-        for c in ("key", "size", "mtime_ns", "ino"))
+        block = {"key": np.frombuffer(b"".join(map(path_key, rels)), "S16"),
+                 "size": [s.st_size for s in stats],
+                 "mtime_ns": [s.st_mtime_ns for s in stats], "ino": [s.st_ino for s in stats]}
+        if same:
+            same = all(np.array_equal(getattr(index, c)[b:end], block[c]) for c in STAT_COLUMNS)
+            if same:
+                continue
+            out = Records.empty(len(paths))
+            for c in STAT_COLUMNS:
+                getattr(out, c)[:b] = getattr(index, c)[:b]
+        out = Records.empty(len(paths)) if out is None else out
+        for c in STAT_COLUMNS:
+            getattr(out, c)[b:end] = block[c]
+    if same:
+        return None
+    return Records.empty(0) if out is None else out
 
 
 def update(cache: RowCache, root: Path, paths: PathList | list[str | Path],
@@ -123,8 +132,8 @@ def update(cache: RowCache, root: Path, paths: PathList | list[str | Path],
     t0, report = time.perf_counter(), UpdateReport(files=len(paths))
     if not isinstance(paths, PathList):
         paths = PathList.of(str(root), map(str, paths))
-    out = _stat_all(paths)
-    if not verify and _unchanged(cache.index, out):
+    out = _stat_all(paths, None if verify else cache.index)
+    if out is None:
         report.seconds = time.perf_counter() - t0
         return cache.index, report
     at = cache.lookup(out.key)
