@@ -18,7 +18,10 @@ stay until they are more than half of the cache, then the live rows are copied i
 next generation of files.
 
 The records (trainer/data/records.py) are held as numpy columns, never as one Python object
-per file, and matching a listing against the index is a sort and a search in C.
+per file, and matching a listing against the index is a sort and a search in C. A column is
+read from the index file (where it lies, by pread) when first used: a start with nothing
+changed compares the listing with the key and stat columns block by block and holds only
+what its caller reads (the rows' starts; the digests a group at a time).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ import numpy as np
 from export.atomic import atomic_path
 from export.errors import InputError
 from export.timing import cache_folder
-from trainer.data.records import WRITE_ROWS, Records, write_npy
+from trainer.data.records import WRITE_ROWS, Records, StoredIndex, StoredRecords, write_npy
 from trainer.data.rowcheck import Prepared, RowChecks
 from trainer.data.rowfile import RowFile
 
@@ -145,11 +148,10 @@ class RowCache:
         index, meta, records = self.folder / INDEX, None, None
         if index.is_file():
             try:
-                with np.load(index, allow_pickle=False) as npz:
-                    meta = json.loads(npz["meta"].tobytes())
-                    if {k: meta.get(k) for k in self._meta()} == self._meta():
-                        records = Records(**{k: npz[k].astype(d, copy=False)
-                                             for k, d in Records.DTYPES.items()})
+                stored = StoredIndex(index)
+                meta = json.loads(stored.read("meta").tobytes())
+                if {k: meta.get(k) for k in self._meta()} == self._meta():
+                    records = StoredRecords(stored)
             except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
                 print(f"cache: {index}: unreadable ({type(exc).__name__}); rebuilding it",
                       file=sys.stderr)
@@ -170,12 +172,13 @@ class RowCache:
         cut bytes past the last committed row (a killed ingest)."""
         have = min((self._bin(n).stat().st_size // self._row_bytes(n)
                     if self._bin(n).is_file() else 0) for n in self.columns)
-        lost = self.index.start + self.index.count > have
-        if lost.any():
+        self.rows = self.index.extent()
+        if self.rows > have:
+            lost = self.index.start + self.index.count > have
             print(f"cache: {self._bin(next(iter(self.columns)))}: holds {have} rows, the index "
                   f"needs more; decoding {int(lost.sum())} files again", file=sys.stderr)
             self._set_index(self.index.take(~lost))
-        self.rows = int((self.index.start + self.index.count).max(initial=0))
+            self.rows = self.index.extent()
         for name in self.columns:
             with open(self._bin(name), "ab") as f:
                 f.truncate(self.rows * self._row_bytes(name))

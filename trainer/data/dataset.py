@@ -11,6 +11,7 @@ import numpy as np
 from export.card import InputSpec
 from export.errors import InputError
 from export.imaging import PREPROCESSING
+from trainer.data.records import Records
 
 
 CHUNK_BYTES = 32 << 20  # rows per step of every pass over a whole split: ~32 MiB of x
@@ -171,29 +172,29 @@ def fingerprint(class_names: list[str], splits: list[Split | None]) -> str:
 
 
 def files_fingerprint(settings: str, class_names: list[str], split_names: list[str],
-                      splits: np.ndarray, labels: np.ndarray, digests: np.ndarray) -> str:
+                      splits: np.ndarray, labels: np.ndarray, records: Records) -> str:
     """SHA-256 of a dataset read from files, composed from the files' own SHA-256 digests:
     (split, label or -1, digest) per file, sorted, so it depends on content only (not on
     names, order or timestamps), costs nothing to update when a few files change, and
     equals what a fresh ingest of the same files computes. `settings` are the decode
     settings (size, colour mode, decoder version); `splits` (the index of each file's split
-    in `split_names`), `labels` (int) and `digests` (S32) have one element per file, the
-    files of one (split, label) next to each other, as the sources list them (a split's
-    classes in turn). Each such group's digests are sorted on their own and hashed in
-    blocks of FINGERPRINT_BLOCK files: memory holds the order of one group, not a sort of
-    every file by three keys (which cost ~30 bytes a file more than the ingest itself)."""
+    in `split_names`) and `labels` (int) have one element per file of `records`, the files
+    of one (split, label) next to each other, as the sources list them (a split's classes
+    in turn). Each such group's digests are read, sorted on their own and hashed in blocks
+    of FINGERPRINT_BLOCK files: memory holds one group's digests and order, not every
+    digest (32 bytes a file) and a sort of every file by three keys (~30 more)."""
     h = hashlib.sha256(settings.encode())
     h.update("\x00".join(class_names).encode())
     names = sorted(split_names)  # files are sorted by split name, then label, then digest
     code = np.array([names.index(n) for n in split_names], np.int8)
-    raw = digests.view(np.uint8).reshape(len(digests), 32)
     firsts = np.flatnonzero(np.diff(splits, prepend=-1) | np.diff(labels, prepend=-2))
     groups = sorted(zip(code[splits[firsts]].tolist(), labels[firsts].tolist(), firsts,
-                        [*firsts[1:], len(digests)]))
+                        [*firsts[1:], len(records)]))
     if len({(c, label) for c, label, _, _ in groups}) < len(groups):
         raise ValueError("files_fingerprint: the files of a split and label must be listed together")
     for c, label, a, b in groups:
-        order = a + np.argsort(digests[a:b], kind="stable")
+        digests = records.block("digest", a, b)
+        raw, order = digests.view(np.uint8).reshape(-1, 32), np.argsort(digests, kind="stable")
         prefix = np.frombuffer(f"{names[c]}|{label}|".encode(), np.uint8)
         for d in range(0, len(order), FINGERPRINT_BLOCK):
             rows = order[d:d + FINGERPRINT_BLOCK]

@@ -113,8 +113,7 @@ def load_image_folder(root: str | None, opts: SourceOptions) -> FixedDataset:
           f"cache {where})", file=sys.stderr)
     parts = {s: Split(x, y, records.start).subset(np.flatnonzero(split_of == k))
              for k, s in enumerate(layout)}
-    fp = files_fingerprint(json.dumps(settings), names, list(layout), split_of, y,
-                           records.digest)
+    fp = files_fingerprint(json.dumps(settings), names, list(layout), split_of, y, records)
     return make_dataset(folder.name, parts["train"], parts.get("test"), names,
                         spec, val=parts.get("val"), origin=folder, fp=fp,
                         history=save_snapshot(where, fp, records))

@@ -105,12 +105,12 @@ def _stat_all(paths: PathList, index: Records | None = None) -> Records | None:
                  "size": [s.st_size for s in stats],
                  "mtime_ns": [s.st_mtime_ns for s in stats], "ino": [s.st_ino for s in stats]}
         if same:
-            same = all(np.array_equal(getattr(index, c)[b:end], block[c]) for c in STAT_COLUMNS)
+            same = all(np.array_equal(index.block(c, b, end), block[c]) for c in STAT_COLUMNS)
             if same:
                 continue
             out = Records.empty(len(paths))
             for c in STAT_COLUMNS:
-                getattr(out, c)[:b] = getattr(index, c)[:b]
+                getattr(out, c)[:b] = index.block(c, 0, b)
         out = Records.empty(len(paths)) if out is None else out
         for c in STAT_COLUMNS:
             getattr(out, c)[b:end] = block[c]

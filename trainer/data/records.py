@@ -4,8 +4,12 @@ file here), and written to the index as .npy columns block by block."""
 
 from __future__ import annotations
 
+import os
+import struct
 import zipfile
+import zlib
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import numpy as np
 
@@ -39,6 +43,114 @@ class Records:
 
     def take(self, rows) -> Records:
         return Records(**{k: v[rows] for k, v in self.columns().items()})
+
+    def block(self, name: str, a: int, b: int) -> np.ndarray:
+        """Rows a..b-1 of column `name`."""
+        return getattr(self, name)[a:b]
+
+    def extent(self) -> int:
+        """The end of the rows the records point at (the largest start + count), walked in
+        blocks."""
+        return max((int((self.block("start", a, a + READ_ROWS)
+                         + self.block("count", a, a + READ_ROWS)).max())
+                    for a in range(0, len(self), READ_ROWS)), default=0)
+
+
+READ_ROWS = 1 << 16  # records read from a stored index per block
+
+
+class StoredIndex:
+    """The columns of an index that `write_npy` wrote (an uncompressed .npz), read where
+    they lie in the file with pread: whole, or a block of rows. Opening it checks that each
+    member is a one-dimensional .npy of plain values within the file, and its CRC-32 (as
+    np.load checks on a whole read), in 1 MiB pieces; the descriptor is kept, so a commit
+    that replaces the file later does not change what is read."""
+
+    def __init__(self, path: Path):
+        self.path, self._fd = path, None
+        self._fd = os.open(path, os.O_RDONLY)
+        try:
+            self.members = self._members()
+        except BaseException:
+            self.__del__()
+            raise
+
+    def __del__(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _members(self) -> dict[str, tuple[int, np.dtype, int]]:
+        """name -> (offset of its values, dtype, length)."""
+        out = {}
+        with open(self.path, "rb") as f, zipfile.ZipFile(f) as z:
+            for info in z.infolist():
+                if info.compress_type != zipfile.ZIP_STORED or not info.filename.endswith(".npy"):
+                    raise ValueError(f"{info.filename}: not a stored .npy")
+                local = os.pread(self._fd, 30, info.header_offset)
+                if len(local) != 30 or local[:4] != b"PK\x03\x04":
+                    raise ValueError(f"{info.filename}: no local header")
+                start = info.header_offset + 30 + sum(struct.unpack("<HH", local[26:30]))
+                f.seek(start)
+                version = np.lib.format.read_magic(f)
+                read = {(1, 0): np.lib.format.read_array_header_1_0,
+                        (2, 0): np.lib.format.read_array_header_2_0}[version]
+                shape, _, dtype = read(f)
+                at = f.tell()
+                if len(shape) != 1 or dtype.hasobject or \
+                        at + shape[0] * dtype.itemsize != start + info.file_size:
+                    raise ValueError(f"{info.filename}: not a column of {info.file_size} bytes")
+                crc = 0
+                for a in range(start, start + info.file_size, 1 << 20):
+                    crc = zlib.crc32(os.pread(self._fd, min(1 << 20, start + info.file_size - a),
+                                              a), crc)
+                if crc != info.CRC:
+                    raise ValueError(f"{info.filename}: CRC-32 differs")
+                out[info.filename[:-4]] = (at, dtype, shape[0])
+        missing = {"meta", *Records.DTYPES} - set(out)
+        if missing or len({out[k][2] for k in Records.DTYPES}) != 1:
+            raise ValueError(f"missing or uneven columns ({sorted(missing)})")
+        return out
+
+    def __len__(self) -> int:
+        return self.members["key"][2]
+
+    def read(self, name: str, a: int = 0, b: int | None = None) -> np.ndarray:
+        at, dtype, n = self.members[name]
+        a, b = min(a, n), n if b is None else min(b, n)
+        out = np.empty(max(0, b - a), dtype)
+        view, offset = memoryview(out).cast("B"), at + a * dtype.itemsize
+        while len(view):
+            got = os.preadv(self._fd, [view], offset)
+            if got <= 0:
+                raise OSError(f"{self.path}: ends inside {name}")
+            view, offset = view[got:], offset + got
+        return out
+
+
+class StoredRecords(Records):
+    """The records of a stored index, each column read whole the first time it is used;
+    `block` reads rows of a column not read yet without reading the rest. A start with
+    nothing changed compares the listing with its key and stat columns block by block and
+    then needs only the rows' starts and the digests: ~40 bytes a file held, not ~100."""
+
+    def __init__(self, stored: StoredIndex):  # the dataclass's fields are set on first use
+        self._stored = stored
+
+    def __getattr__(self, name: str) -> np.ndarray:
+        if name not in Records.DTYPES:
+            raise AttributeError(name)
+        value = self._stored.read(name).astype(Records.DTYPES[name], copy=False)
+        setattr(self, name, value)
+        return value
+
+    def __len__(self) -> int:
+        return len(self._stored)
+
+    def block(self, name: str, a: int, b: int) -> np.ndarray:
+        if name in self.__dict__:
+            return getattr(self, name)[a:b]
+        return self._stored.read(name, a, b).astype(Records.DTYPES[name], copy=False)
 
 
 
