@@ -20,6 +20,7 @@ from export.children import die_with_parent
 from export.errors import InputError
 from export.timing import usable_cores
 from trainer.data.cache import FileStat, Records, RowCache, path_key
+from trainer.data.records import READ_ROWS
 from trainer.data.paths import PathList
 
 BLOCK = 512  # files read, hashed and decoded together by the thread pool
@@ -119,6 +120,23 @@ def _stat_all(paths: PathList, index: Records | None = None) -> Records | None:
     return Records.empty(0) if out is None else out
 
 
+def _reuse(index: Records, out: Records, at: np.ndarray) -> np.ndarray:
+    """Which files' stats equal those of their record in `index` (`at`: the record of each
+    file, or -1); the digest and rows of those are copied into `out`. Walked in blocks of
+    the listing, the index's columns gathered where its matches lie (they follow the
+    listing), not read whole."""
+    same = at >= 0
+    for a in range(0, len(at), READ_ROWS):
+        part = slice(a, a + READ_ROWS)
+        mine = a + np.flatnonzero(same[part])
+        for column in ("size", "mtime_ns", "ino"):
+            equal = index.gather(column, at[mine]) == getattr(out, column)[mine]
+            same[mine[~equal]], mine = False, mine[equal]
+        for column in ("digest", "start", "count", "check"):
+            getattr(out, column)[mine] = index.gather(column, at[mine])
+    return same
+
+
 def update(cache: RowCache, root: Path, paths: PathList | list[str | Path],
            decode: Callable[[bytes | None, str], Decoded],
            verify: bool = False, whole_files: bool = True) -> tuple[Records, UpdateReport]:
@@ -137,12 +155,8 @@ def update(cache: RowCache, root: Path, paths: PathList | list[str | Path],
         report.seconds = time.perf_counter() - t0
         return cache.index, report
     at = cache.lookup(out.key)
-    known = at >= 0
-    same = known.copy()
-    for column in ("size", "mtime_ns", "ino"):
-        same[known] &= getattr(cache.index, column)[at[known]] == getattr(out, column)[known]
-    for column in ("digest", "start", "count", "check"):
-        getattr(out, column)[same] = getattr(cache.index, column)[at[same]]
+    known = int((at >= 0).sum())
+    same = _reuse(cache.index, out, at)
     todo = np.arange(len(paths)) if verify else np.flatnonzero(~same)
 
     global _JOB
@@ -159,7 +173,7 @@ def update(cache: RowCache, root: Path, paths: PathList | list[str | Path],
                         cache.commit(out, final=False, done=placed.done)
         finally:  # on an error, the queued files are not decoded for nothing
             pool.shutdown(cancel_futures=True)
-        report.removed = len(cache.index) - int(known.sum())
+        report.removed = len(cache.index) - known
         if len(todo) or report.removed:
             cache.commit(out, final=True)
     except BaseException:
@@ -277,7 +291,7 @@ class _Placed:
         cache, out, old = self.cache, self.out, int(self.at[i])
         if old < 0:
             self.report.new += 1
-        elif cache.index.digest[old:old + 1].tobytes() != digest:
+        elif cache.index.block("digest", old, old + 1).tobytes() != digest:
             self.report.changed += 1
         have = cache.find(digest)
         if have is not None and arrays is None and self.verify and not cache.check_rows(*have):

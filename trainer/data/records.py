@@ -48,6 +48,10 @@ class Records:
         """Rows a..b-1 of column `name`."""
         return getattr(self, name)[a:b]
 
+    def gather(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """The values of column `name` at `rows`."""
+        return getattr(self, name)[rows]
+
     def extent(self) -> int:
         """The end of the rows the records point at (the largest start + count), walked in
         blocks."""
@@ -151,6 +155,18 @@ class StoredRecords(Records):
         if name in self.__dict__:
             return getattr(self, name)[a:b]
         return self._stored.read(name, a, b).astype(Records.DTYPES[name], copy=False)
+
+    def gather(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """Rows that lie close together (an update's matches follow the listing, which
+        follows the index) are read as one span; scattered ones read the column whole."""
+        if name in self.__dict__:
+            return getattr(self, name)[rows]
+        if not len(rows):
+            return self.block(name, 0, 0)
+        lo, hi = int(rows.min()), int(rows.max()) + 1
+        if hi - lo > 4 * len(rows) + 64:
+            return getattr(self, name)[rows]
+        return self.block(name, lo, hi)[rows - lo]
 
 
 
