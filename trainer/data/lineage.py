@@ -34,15 +34,17 @@ def save_snapshot(cache_folder: Path, fp: str, records: Records) -> Path:
         return where
     where.mkdir(exist_ok=True)
     order = np.argsort(records.key)  # 4x faster than sorting the records by a field
-    snap = np.empty(len(records), SNAPSHOT)
-    for a in range(0, len(order), WRITE_ROWS):  # in blocks: no whole gathered column
-        rows = order[a:a + WRITE_ROWS]
-        part = snap[a:a + len(rows)]
-        part["key"], part["digest"], part["rows"] = (records.key[rows], records.digest[rows],
-                                                     records.count[rows])
     try:
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            np.save(f, snap)
+            np.lib.format.write_array_header_1_0(f, {
+                "descr": np.lib.format.dtype_to_descr(SNAPSHOT), "fortran_order": False,
+                "shape": (len(order),)})
+            for a in range(0, len(order), WRITE_ROWS):  # in blocks: no whole snapshot
+                rows = order[a:a + WRITE_ROWS]
+                part = np.empty(len(rows), SNAPSHOT)
+                part["key"], part["digest"], part["rows"] = (
+                    records.key[rows], records.digest[rows], records.count[rows])
+                f.write(part.tobytes())
     except OSError:  # a full disk costs the record of a change, never the run
         return where
     kept = sorted(where.glob("*.npy"), key=lambda p: p.stat().st_mtime_ns)
