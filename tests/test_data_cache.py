@@ -113,7 +113,8 @@ def test_a_damaged_cache_is_repaired_not_trusted(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("damage", ["a byte of a column", "cut short", "compressed",
-                                    "a column of objects"])
+                                    "a column of objects", "meta not an object",
+                                    "meta without its generation"])
 def test_an_index_edited_by_hand_is_rebuilt_not_trusted(tmp_path, capsys, damage):
     """The index's columns are read where they lie in the file (by pread, not np.load), so
     opening it checks what np.load would: each member's CRC-32, its extent, a plain dtype."""
@@ -132,7 +133,12 @@ def test_an_index_edited_by_hand_is_rebuilt_not_trusted(tmp_path, capsys, damage
     else:
         with np.load(index) as z:
             columns = {k: z[k] for k in z.files}
-        if damage == "compressed":
+        meta = json.loads(columns["meta"].tobytes())
+        if damage.startswith("meta"):
+            meta = [meta] if damage == "meta not an object" else {**meta, "gen": None}
+            columns["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+            np.savez(index, **columns)
+        elif damage == "compressed":
             np.savez_compressed(index, **columns)
         else:
             columns["key"] = columns["key"].astype(object)

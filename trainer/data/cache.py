@@ -154,12 +154,16 @@ class RowCache:
                 stored = StoredIndex(index)
                 meta = json.loads(stored.read("meta").tobytes())
                 if {k: meta.get(k) for k in self._meta()} == self._meta():
+                    gen, extra = int(meta["gen"]), meta.get("extra", {})
+                    if not isinstance(extra, dict):
+                        raise TypeError("extra")
                     records = StoredRecords(stored)
-            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            except (OSError, ValueError, KeyError, TypeError, AttributeError, EOFError,
+                    zipfile.BadZipFile) as exc:
                 print(f"cache: {index}: unreadable ({type(exc).__name__}); rebuilding it",
                       file=sys.stderr)
         if records is not None:
-            self.gen, self.extra = int(meta["gen"]), meta.get("extra", {})
+            self.gen, self.extra = gen, extra
             if not meta.get("unique"):
                 # a commit during an ingest appends records: the last one of a key holds
                 _, last = np.unique(records.key[::-1], return_index=True)

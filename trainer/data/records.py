@@ -86,9 +86,11 @@ class StoredIndex:
 
     def _members(self) -> dict[str, tuple[int, np.dtype, int]]:
         """name -> (offset of its values, dtype, length)."""
-        out = {}
+        out, size = {}, os.fstat(self._fd).st_size
         with open(self.path, "rb") as f, zipfile.ZipFile(f) as z:
             for info in z.infolist():
+                if info.header_offset + info.file_size > size:
+                    raise ValueError(f"{info.filename}: past the end of the file")
                 if info.compress_type != zipfile.ZIP_STORED or not info.filename.endswith(".npy"):
                     raise ValueError(f"{info.filename}: not a stored .npy")
                 local = os.pread(self._fd, 30, info.header_offset)
