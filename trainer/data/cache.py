@@ -195,9 +195,7 @@ class RowCache:
 
     def _sorted_column(self, column: str) -> tuple[np.ndarray, np.ndarray]:
         """(order, the first 8 bytes of the column's values in that order, as uint64), kept
-        until the index changes: 16 bytes a file, where the whole sorted values and their
-        order took 24 (keys) or 40 (digests) more than the column itself, which is not read
-        whole for this (its blocks are)."""
+        until the index changes: 16 bytes a file (whole sorted values took 24 or 40 more)."""
         if column not in self._sorted:
             prefix = np.empty(len(self.index), np.uint64)
             for a in range(0, len(prefix), READ_ROWS):
@@ -222,13 +220,20 @@ class RowCache:
             found = np.where(have[at] == want, order[at], -1)
             hit = np.flatnonzero(found >= 0)
             for i in hit[self.index.gather(column, found[hit]) != part[hit]]:
-                j = int(first[i])
-                while j < len(have) and have[j] == want[i] and \
-                        self.index.gather(column, order[j:j + 1])[0] != part[i]:
-                    j += 1
-                found[i] = order[j] if j < len(have) and have[j] == want[i] else -1
+                found[i] = self._walk(column, part[i], int(first[i]))
             out[a:a + len(part)] = found
         return out
+
+    def _walk(self, column: str, value: bytes, j: int) -> int:
+        """The row holding `value` among those that share its first 8 bytes, which start
+        at `j` of the sorted prefixes; -1 when none holds it."""
+        order, have = self._sorted[column]
+        want = _prefix(np.array([value], self.index.DTYPES[column]))[0]
+        while j < len(have) and have[j] == want:
+            if self.index.gather(column, order[j:j + 1])[0] == value:
+                return int(order[j])
+            j += 1
+        return -1
 
     def lookup(self, keys: np.ndarray) -> np.ndarray:
         """The index row of each path key (S16 array), or -1 for a path not in the index.

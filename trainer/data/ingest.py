@@ -105,14 +105,13 @@ def _stat_all(paths: PathList, index: Records | None = None) -> Records | None:
         block = {"key": np.frombuffer(b"".join(map(path_key, rels)), "S16"),
                  "size": [s.st_size for s in stats],
                  "mtime_ns": [s.st_mtime_ns for s in stats], "ino": [s.st_ino for s in stats]}
-        if same:
-            same = all(np.array_equal(index.block(c, b, end), block[c]) for c in STAT_COLUMNS)
-            if same:
-                continue
+        if same and all(np.array_equal(index.block(c, b, end), block[c]) for c in STAT_COLUMNS):
+            continue
+        if out is None:  # the first block that differs: the blocks before are the index's
             out = Records.empty(len(paths))
-            for c in STAT_COLUMNS:
+            for c in STAT_COLUMNS if b else ():
                 getattr(out, c)[:b] = index.block(c, 0, b)
-        out = Records.empty(len(paths)) if out is None else out
+        same = False
         for c in STAT_COLUMNS:
             getattr(out, c)[b:end] = block[c]
     if same:

@@ -19,7 +19,7 @@ import numpy as np
 
 from export.atomic import atomic_path
 from export.card import DatasetChange, DatasetInfo
-from trainer.data.records import WRITE_ROWS, Records
+from trainer.data.records import WRITE_ROWS, Records, write_npy_header
 
 KEEP = 4
 SNAPSHOT = np.dtype([("key", "S16"), ("digest", "S32"), ("rows", "<i8")])
@@ -36,9 +36,7 @@ def save_snapshot(cache_folder: Path, fp: str, records: Records) -> Path:
     order = np.argsort(records.key)  # 4x faster than sorting the records by a field
     try:
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            np.lib.format.write_array_header_1_0(f, {
-                "descr": np.lib.format.dtype_to_descr(SNAPSHOT), "fortran_order": False,
-                "shape": (len(order),)})
+            write_npy_header(f, SNAPSHOT, len(order))
             for a in range(0, len(order), WRITE_ROWS):  # in blocks: no whole snapshot
                 rows = order[a:a + WRITE_ROWS]
                 part = np.empty(len(rows), SNAPSHOT)

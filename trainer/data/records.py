@@ -71,7 +71,7 @@ class StoredIndex:
     that replaces the file later does not change what is read."""
 
     def __init__(self, path: Path):
-        self.path, self._fd = path, None
+        self.path, self._fd = path, None  # __del__ runs even when os.open fails
         self._fd = os.open(path, os.O_RDONLY)
         try:
             self.members = self._members()
@@ -156,14 +156,14 @@ class StoredRecords(Records):
 
     def block(self, name: str, a: int, b: int) -> np.ndarray:
         if name in self.__dict__:
-            return getattr(self, name)[a:b]
+            return super().block(name, a, b)
         return self._stored.read(name, a, b).astype(Records.DTYPES[name], copy=False)
 
     def gather(self, name: str, rows: np.ndarray) -> np.ndarray:
         """Rows that lie close together (an update's matches follow the listing, which
         follows the index) are read as one span; scattered ones read the column whole."""
         if name in self.__dict__:
-            return getattr(self, name)[rows]
+            return super().gather(name, rows)
         if not len(rows):
             return self.block(name, 0, 0)
         lo, hi = int(rows.min()), int(rows.max()) + 1
@@ -176,6 +176,13 @@ class StoredRecords(Records):
 WRITE_ROWS = 1 << 14  # records written to the index (or walked) per block
 
 
+def write_npy_header(f, dtype: np.dtype, n: int) -> None:
+    """The header of a .npy file of `n` values of `dtype`, written before them in blocks."""
+    np.lib.format.write_array_header_2_0(f, {
+        "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+        "shape": (n,)})
+
+
 def write_npy(npz: zipfile.ZipFile, name: str,
                parts: list[tuple[np.ndarray, np.ndarray | None]]) -> None:
     """One .npy member of `npz`: the arrays of `parts` (the rows a mask marks, or all)
@@ -183,9 +190,7 @@ def write_npy(npz: zipfile.ZipFile, name: str,
     dtype = parts[0][0].dtype
     n = sum(len(a) if m is None else int(np.count_nonzero(m)) for a, m in parts)
     with npz.open(f"{name}.npy", "w", force_zip64=True) as out:
-        np.lib.format.write_array_header_2_0(out, {
-            "descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
-            "shape": (n,)})
+        write_npy_header(out, dtype, n)
         for a, m in parts:
             for b in range(0, len(a), WRITE_ROWS):
                 block = a[b:b + WRITE_ROWS]
