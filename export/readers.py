@@ -21,6 +21,7 @@ import numpy as np
 from export.card import InputSpec
 from export.errors import InputError, require_file
 from export.jobstate import name_under
+from export.listing import PackedNames
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 TABLE_SUFFIXES = {".csv", ".parquet", ".pq"}
@@ -144,15 +145,23 @@ def iter_image_files(path: Path, _above: frozenset = frozenset()) -> Iterator[Pa
         return
     st = path.stat()
     above = _above | {(st.st_dev, st.st_ino)}
-    with os.scandir(path) as it:  # sorted by name: the order of sorted(Path) (by parts)
-        entries = sorted((e.name, e.is_dir()) for e in it)
-    for name, is_dir in entries:
-        if is_dir:
-            sub = (path / name).stat()
-            if (sub.st_dev, sub.st_ino) not in above:
-                yield from iter_image_files(path / name, above)
-        elif os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES:
-            yield path / name
+    names, dirs = PackedNames(), bytearray()  # no str per entry: a folder may hold millions
+    with os.scandir(path) as it:
+        for e in it:
+            names.append(os.fsencode(e.name))
+            dirs.append(e.is_dir())
+    for i in names.in_order():  # by name: the order of sorted(Path) (by parts)
+        yield from _image_entry(path, os.fsdecode(names[i]), dirs[i], above)
+
+
+def _image_entry(path: Path, name: str, is_dir: bool, above: frozenset) -> Iterator[Path]:
+    """One entry of a folder that `iter_image_files` walks: its images."""
+    if is_dir:
+        sub = (path / name).stat()
+        if (sub.st_dev, sub.st_ino) not in above:
+            yield from iter_image_files(path / name, above)
+    elif os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES:
+        yield path / name
 
 
 def image_files(path: Path) -> list[Path]:

@@ -18,46 +18,47 @@ from pathlib import Path
 import numpy as np
 
 from export.errors import InputError
+from export.listing import PackedNames
 from trainer.data.cache import RowCache, cache_root
 from trainer.data.dataset import (FixedDataset, SourceOptions, Split, files_fingerprint,
                                   image_spec, make_dataset, require_root)
 from trainer.data.ingest import update
 from trainer.data.lineage import save_snapshot
-from trainer.data.paths import PathList
+from trainer.data.paths import PathList, encode_path
 
 SUFFIXES = (".png", ".jpg", ".jpeg")
 SPLITS = ("train", "val", "test")
 CACHE_VERSION = "3"  # 2: decoded by export/imaging.py; 3: the per-file row cache
 
 
-def _images_under(folder: Path) -> list[str]:
-    """Image files under `folder` (recursively) as sorted path strings: scandir and string
-    sorting, several times faster than pathlib on large folders."""
-    found, todo = [], [str(folder)]
+def _images_under(folder: Path, listing: PathList) -> int:
+    """Add the image files under `folder` (recursively) to `listing` in the order of their
+    paths' strings, and return how many: scandir (several times faster than pathlib on
+    large folders), the names packed and sorted as bytes (export/listing.py: a folder of
+    millions of images holds no str per file)."""
+    found, todo, cut = PackedNames(), [str(folder)], len(listing.prefix)
     while todo:
         with os.scandir(todo.pop()) as it:
             for entry in it:
                 if entry.is_dir():
                     todo.append(entry.path)
                 elif entry.name.lower().endswith(SUFFIXES):
-                    found.append(entry.path)
-    found.sort()
-    return found
+                    found.append(encode_path(entry.path[cut:]))
+    listing.extend_sorted(found)
+    return len(found)
 
 
 def _class_files(folder: Path, listing: PathList) -> dict[str, int]:
     """Add the images of each class folder under `folder` to `listing`; {class: count}.
-    Only one class's path strings are held at a time."""
+    Only one class's names are held packed beside the listing at a time."""
     classes = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise InputError(f"{folder}: no class sub-folders found")
     out = {}
     for cls in classes:
-        files = _images_under(cls)
-        if not files:
+        out[cls.name] = _images_under(cls, listing)
+        if not out[cls.name]:
             raise InputError(f"{cls}: class folder has no PNG or JPEG images")
-        out[cls.name] = len(files)
-        listing.extend(f[len(listing.prefix):] for f in files)
     return out
 
 

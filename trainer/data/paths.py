@@ -6,12 +6,13 @@ folder of millions of images is listed here for its names' bytes plus 8 bytes ea
 from __future__ import annotations
 
 import os
-from array import array
 from collections.abc import Iterable, Sequence
-from itertools import accumulate
+
+from export.listing import PackedNames
 
 
-def _encode(rel: str) -> bytes:
+def encode_path(rel: str) -> bytes:
+    """A path's bytes as stored in a listing."""
     return rel.encode("utf-8", "surrogateescape")  # os.fsencode's bytes, for any name
 
 
@@ -22,8 +23,8 @@ class PathList(Sequence[str]):
     def __init__(self, root: str):
         # Path("wine.csv").parent is ".", and its files are spelled "wine.csv", not "./wine.csv"
         self.prefix = "" if root in ("", ".") else os.path.join(root, "")
-        self._prefix_bytes = _encode(self.prefix)
-        self._blob, self._ends = bytearray(), array("q")
+        self._prefix_bytes = encode_path(self.prefix)
+        self._names = PackedNames()
 
     @classmethod
     def of(cls, root: str, paths: Iterable[str]) -> PathList:
@@ -41,26 +42,27 @@ class PathList(Sequence[str]):
     def extend(self, rels: Iterable[str]) -> None:
         """Add paths given relative to the root, "/"-separated (the project is POSIX-only:
         its cache lock is fcntl's)."""
-        encoded = [_encode(rel) for rel in rels]  # one folder's names at a time
-        ends = accumulate(map(len, encoded), initial=len(self._blob))
-        next(ends)
-        self._ends.extend(ends)
-        self._blob += b"".join(encoded)
+        for rel in rels:
+            self._names.append(encode_path(rel))
+
+    def extend_sorted(self, rels: PackedNames) -> None:
+        """Add paths given relative to the root as UTF-8 bytes, in byte order (the order of
+        their str for UTF-8 names), without one object per path."""
+        for i in rels.in_order():
+            self._names.append(rels[i])
 
     def __len__(self) -> int:
-        return len(self._ends)
-
-    def _start(self, i: int) -> int:
-        return self._ends[i - 1] if i else 0
+        return len(self._names)
 
     def rel(self, i: int) -> str:
-        return self._blob[self._start(i):self._ends[i]].decode("utf-8", "surrogateescape")
+        return self._names[i].decode("utf-8", "surrogateescape")
 
     def block(self, a: int, b: int) -> list[bytes]:
         """The relative paths a..b-1 as UTF-8 bytes."""
-        first = self._start(a)
-        chunk = bytes(self._blob[first:self._ends[b - 1]]) if b > a else b""
-        ends = [e - first for e in self._ends[a:b]]
+        names = self._names
+        first = names.start(a)
+        chunk = bytes(names.blob[first:names.ends[b - 1]]) if b > a else b""
+        ends = [e - first for e in names.ends[a:b]]
         return [chunk[s:e] for s, e in zip([0, *ends[:-1]], ends)]
 
     def full(self, rel: bytes) -> bytes:

@@ -1,0 +1,101 @@
+"""Names of a huge folder held and sorted without one Python object per name.
+
+A folder of millions of files listed as a list of str and sorted with `list.sort` costs ~200
+to ~300 bytes a file while it is sorted (the str objects, the list, the tuples or the
+encoded copies beside them; measured: 280 MiB to list a class folder of 1,000,000 images
+for training, 195 MiB for a batch job). Here the names lie end to end in one buffer with
+one end offset each, and are put in byte order by numpy sorts of their bytes eight at a
+time (`byte_order`): the names' own bytes plus ~70 bytes a file while sorting, none after.
+Python's `sorted` is not used because it needs the objects; for UTF-8 names byte order is
+its order (UTF-8 keeps the order of code points).
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Iterator
+
+import numpy as np
+
+# MASKS[r]: the top r bytes of a big-endian uint64 (the bytes of a name that remain)
+MASKS = np.array([((1 << 64) - 1) ^ ((1 << (64 - 8 * r)) - 1) for r in range(9)], np.uint64)
+
+
+class PackedNames:
+    """Byte strings (file names or relative paths: no NUL bytes) in the order added."""
+
+    def __init__(self):
+        self.blob, self.ends = bytearray(), array("q")
+
+    def append(self, name: bytes) -> None:
+        self.blob += name
+        self.ends.append(len(self.blob))
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    def start(self, i: int) -> int:
+        return self.ends[i - 1] if i else 0
+
+    def __getitem__(self, i: int) -> bytes:
+        return bytes(self.blob[self.start(i):self.ends[i]])
+
+    def order(self) -> np.ndarray:
+        """The indices of the names in byte order (a stable sort)."""
+        if not len(self):
+            return np.zeros(0, np.int64)
+        self.blob += bytes(8)  # every name's window of 8 bytes lies inside the buffer
+        try:
+            return byte_order(np.frombuffer(self.blob, np.uint8),
+                              np.frombuffer(self.ends, np.int64))
+        finally:  # the numpy views are gone: the buffer may be resized again
+            del self.blob[-8:]
+
+    def in_order(self) -> Iterator[int]:
+        """The indices of `order`, as ints made a block at a time (a list of a million
+        ints would cost ~36 bytes each)."""
+        order = self.order()
+        for a in range(0, len(order), 4096):
+            yield from order[a:a + 4096].tolist()
+
+
+def byte_order(buf: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """The order of the strings buf[ends[i-1]:ends[i]] (buf padded with 8 zero bytes past
+    the last end), compared byte by byte. A radix sort from the front: all strings are
+    sorted by their first 8 bytes (as big-endian integers, bytes past a string's end
+    zero), then each run of strings equal so far by their next 8 bytes, and so on; a run
+    stops when its strings end. Only strings still tied are sorted again, so names that
+    share a long prefix cost a few passes more, never a copy of every name."""
+    n = len(ends)
+    windows = np.ndarray((len(buf) - 7,), ">u8", buf, 0, (1,))  # 8 bytes from each offset
+    order, todo, run, depth = np.arange(n), np.arange(n), np.zeros(n, np.int64), 0
+    while len(todo):
+        rows = order[todo]
+        key, remain = _keys(windows, ends, rows, depth)
+        by = np.lexsort((key, run))  # stable: by run (ascending with position), then key
+        order[todo] = rows[by]
+        del rows
+        key, run, remain = key[by], run[by], remain[by]
+        del by
+        tied = (run[1:] == run[:-1]) & (key[1:] == key[:-1]) & (remain[1:] == 8)
+        del key, remain
+        keep = np.zeros(len(run), bool)
+        keep[1:] |= tied
+        keep[:-1] |= tied
+        run = np.cumsum(np.concatenate(([0], ~tied)))[keep]
+        todo, depth = todo[keep], depth + 8
+    return order
+
+
+def _keys(windows: np.ndarray, ends: np.ndarray, rows: np.ndarray,
+          depth: int) -> tuple[np.ndarray, np.ndarray]:
+    """The bytes depth..depth+7 of each string of `rows` as a big-endian integer (bytes
+    past its end zero), and how many of those bytes it has (0 to 8)."""
+    start = ends[rows - 1]
+    start[rows == 0] = 0
+    length = ends[rows] - start
+    remain = np.clip(length - depth, 0, 8).astype(np.uint8)
+    np.minimum(length, depth, out=length)
+    start += length
+    del length
+    return windows[start] & MASKS[remain], remain
