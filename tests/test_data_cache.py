@@ -391,6 +391,35 @@ def test_an_output_over_a_file_of_the_data_folder_is_refused(tmp_path):
     assert victim.read_bytes() == before
 
 
+def test_an_output_over_the_cache_s_own_index_is_refused(tmp_path):
+    """The decoded-row cache is an input of `trainer data`: --out naming its index (the
+    cache folder given by flag, by a config file, or the default one, FROZENFIT_CACHE) is
+    refused (in one line, before any work, where the flags name it), the index's bytes
+    untouched; overwritten, the next run would decode every file again."""
+    from tests.conftest import assert_one_line_error, run_cli
+
+    root = _folder(tmp_path / "imgs", per_class=12)
+    (tmp_path / "cache.yaml").write_text(f"data:\n  cache_dir: {tmp_path / 'cfg-cache'}\n")
+    config = ["--config", str(ROOT / "configs" / "image_folder.yaml")]
+    for folder, flags, env in (
+            ("c", ["--data.cache_dir", str(tmp_path / "c")], {}),
+            ("home-cache", [], {"FROZENFIT_CACHE": str(tmp_path / "home-cache")}),
+            ("cfg-cache", ["--config", str(tmp_path / "cache.yaml")], {})):
+        first = run_cli("data", *config, "--data.root", str(root), *flags,
+                        "--out", str(tmp_path / "test.npz"), env=env)
+        assert first.returncode == 0, first.stderr
+        (index,) = (tmp_path / folder).rglob("index.npz")
+        before = index.read_bytes()
+        proc = run_cli("data", *config, "--data.root", str(root), *flags,
+                       "--out", str(index), env=env)
+        if folder == "cfg-cache":  # known once the config is read: after the log's line
+            assert proc.returncode == 2 and "is a file inside data.cache_dir" in \
+                proc.stderr.strip().splitlines()[-1] and "Traceback" not in proc.stderr
+        else:
+            assert_one_line_error(proc, "is a file inside --data.cache_dir")
+        assert index.read_bytes() == before
+
+
 def _ingest_texts(cache_dir: Path, root: Path, **kw):
     """update() over small text files, each decoded to one row of its first 4 bytes."""
     from trainer.data.ingest import update

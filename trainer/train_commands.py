@@ -82,9 +82,14 @@ def cmd_data(argv: list[str]) -> int:
     args, rest = p.parse_known_args(argv)
     check_paths(rest)
     from export.atomic import check_output
+    from trainer.data.cache import cache_root
 
+    # the decoded-row cache is an input too: its index overwritten, the next run would
+    # decode every file again
+    cache = cache_root(flag_value(rest, "--data.cache_dir"))
     check_output(args.out, "--out", {"--config": flag_value(rest, "--config", "-c"),
-                                     "--data.root": flag_value(rest, "--data.root")})
+                                     "--data.root": flag_value(rest, "--data.root"),
+                                     "--data.cache_dir": cache})
     import zipfile
 
     import numpy as np
@@ -95,6 +100,8 @@ def cmd_data(argv: list[str]) -> int:
     for name in ("lightning.pytorch", "lightning.pytorch.utilities.rank_zero"):
         logging.getLogger(name).setLevel(logging.WARNING)  # no Trainer banner: no training
     cli = build_cli(rest, run=False)
+    if cache_root(cli.datamodule.hparams.cache_dir) != cache:  # set in the config
+        check_output(args.out, "--out", {"data.cache_dir": cli.datamodule.hparams.cache_dir})
     split = cli.datamodule.splits[args.split]
     y = split.y
     try:
