@@ -51,6 +51,21 @@ class PackedNames:
         finally:  # the numpy views are gone: the buffer may be resized again
             del self.blob[-8:]
 
+    def extend(self, other: PackedNames, rows: np.ndarray) -> None:
+        """Append the names of `other` at `rows`, in that order: gathered by numpy a block
+        of names at a time (a Python loop over a million names took ~1 s)."""
+        src, ends = np.frombuffer(other.blob, np.uint8), np.frombuffer(other.ends, np.int64)
+        for a in range(0, len(rows), 4096):  # ~1 MB of byte indices at a time
+            block = rows[a:a + 4096]
+            start = ends[block - 1]
+            start[block == 0] = 0
+            length = ends[block] - start
+            end = np.cumsum(length)
+            at = np.repeat(start - (end - length), length) + np.arange(end[-1] if len(end) else 0)
+            self.ends.frombytes((end + len(self.blob)).tobytes())
+            self.blob += src[at].tobytes()
+        del src, ends  # views of `other`'s buffers: it may be resized again
+
     def in_order(self) -> Iterator[int]:
         """The indices of `order`, as ints made a block at a time (a list of a million
         ints would cost ~36 bytes each)."""

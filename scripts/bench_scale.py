@@ -18,6 +18,9 @@ Parquet table of 16 float features and a class column), median (range) of --repe
   in-memory path over the same rows: the training loader alone (batches/s; streaming
   with 0 and 2 DataLoader workers) and a whole training epoch of a small convnet;
 - tabular ingest of the Parquet folder against `pyarrow.dataset(...).to_table()` alone.
+
+One measurement of a folder of your own, in this process (JSON: seconds, rows, peak RSS
+above base): `--child ingest|fit|listing|job-listing --root FOLDER [--cache CACHE]`.
 """
 
 from __future__ import annotations
@@ -80,6 +83,16 @@ def child(args) -> None:
         from trainer.module import ClassifierModule
     base = _rss("VmRSS")
     t0 = time.perf_counter()
+    if args.child in ("listing", "job-listing"):  # an image folder's listing alone
+        from export.readers import iter_image_files
+        from trainer.data.image_folder import _layout
+
+        root = Path(args.root)
+        rows = len(_layout(root)[0]) if args.child == "listing" else \
+            sum(1 for _ in iter_image_files(root))
+        print(json.dumps({"seconds": time.perf_counter() - t0, "rows": rows,
+                          "peak": _rss("VmHWM") - base}))
+        return
     if args.child == "ingest":
         ds = load_source("image_folder", args.root, SourceOptions(cache_dir=args.cache))
     elif args.child == "fit":  # one epoch from the streaming path, as tests/test_data_streaming.py
@@ -278,7 +291,10 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/bench_scale")
     ap.add_argument("--only", choices=["ingest", "epochs", "tabular"],
                     help="run one group of measurements")
-    ap.add_argument("--child", choices=["ingest", "fit", "tabular"])
+    ap.add_argument("--child", choices=["ingest", "fit", "tabular", "listing", "job-listing"],
+                    help="one measurement in this process (JSON: seconds, rows, peak RSS "
+                         "above base); listing: an image folder's listing for training, "
+                         "job-listing: for a batch job")
     ap.add_argument("--root")
     ap.add_argument("--cache")
     args = ap.parse_args()

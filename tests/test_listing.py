@@ -37,7 +37,15 @@ def test_names_are_put_in_the_order_of_their_strings():
         packed = _packed(names)
         assert [names[i] for i in packed.order()] == sorted(names)
         assert [packed[i] for i in packed.in_order()] == sorted(n.encode() for n in names)
+        copy = PackedNames()  # gathered by numpy, blocks of names at a time
+        copy.append(b"first")
+        copy.extend(packed, packed.order())
+        assert [copy[i] for i in range(len(copy))] == [b"first", *sorted(n.encode() for n in names)]
         assert len(packed.blob) == sum(len(n.encode()) for n in names)  # the padding is gone
+    many = [f"{rng.choice(prefixes)}{rng.randrange(10**6)}.png" for _ in range(10000)]
+    packed, copy = _packed(many), PackedNames()
+    copy.extend(packed, packed.order())  # more than one block of names
+    assert [copy[i] for i in range(len(copy))] == sorted(n.encode() for n in many)
     assert PackedNames().order().tolist() == []
     same = _packed(["b", "a", "b", "a"])
     assert same.order().tolist() == [1, 3, 0, 2]  # stable: equal names keep their order

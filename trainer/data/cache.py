@@ -17,11 +17,11 @@ commit are cut off when the cache is opened. Rows of files that were removed or 
 stay until they are more than half of the cache, then the live rows are copied into the
 next generation of files.
 
-The records (trainer/data/records.py) are held as numpy columns, never as one Python object
-per file, and matching a listing against the index is a sort and a search in C. A column is
-read from the index file (where it lies, by pread) when first used: a start with nothing
-changed compares the listing with the key and stat columns block by block and holds only
-what its caller reads (the rows' starts; the digests a group at a time).
+The records (trainer/data/records.py) are numpy columns, never a Python object per file;
+matching a listing against the index is a sort and a search in C. A column is read from
+the index file (where it lies, by pread) when first used: a start with nothing changed
+compares the listing with the key and stat columns block by block and holds only what its
+caller reads (the rows' starts; the digests a group at a time).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ from export.atomic import atomic_path
 from export.errors import InputError
 from export.timing import cache_folder
 from trainer.data.records import (READ_ROWS, WRITE_ROWS, Records, StoredIndex, StoredRecords,
-                                  write_npy)
+                                  prefix8, write_npy)
 from trainer.data.rowcheck import Prepared, RowChecks
 from trainer.data.rowfile import RowFile
 
@@ -84,12 +84,6 @@ def _count(arrays: dict[str, np.ndarray]) -> int:
 
 def cache_root(cache_dir: str | None) -> Path:
     return Path(cache_dir) if cache_dir else cache_folder()
-
-
-def _prefix(values: np.ndarray) -> np.ndarray:
-    """The first 8 bytes of each value of an S16 or S32 column, as uint64."""
-    width = values.dtype.itemsize // 8
-    return np.ascontiguousarray(values).view(np.uint64).reshape(len(values), width)[:, 0].copy()
 
 
 class RowCache:
@@ -199,7 +193,7 @@ class RowCache:
         if column not in self._sorted:
             prefix = np.empty(len(self.index), np.uint64)
             for a in range(0, len(prefix), READ_ROWS):
-                prefix[a:a + READ_ROWS] = _prefix(self.index.block(column, a, a + READ_ROWS))
+                prefix[a:a + READ_ROWS] = prefix8(self.index.block(column, a, a + READ_ROWS))
             order = np.argsort(prefix, kind="stable")
             self._sorted[column] = (order, prefix[order])
         return self._sorted[column]
@@ -214,7 +208,7 @@ class RowCache:
         out = np.empty(len(values), np.int64)
         for a in range(0, len(values), READ_ROWS):  # in blocks: no whole temporaries
             part = values[a:a + READ_ROWS]
-            want = _prefix(part)
+            want = prefix8(part)
             first = np.searchsorted(have, want)
             at = np.minimum(first, len(have) - 1)
             found = np.where(have[at] == want, order[at], -1)
@@ -224,13 +218,15 @@ class RowCache:
             out[a:a + len(part)] = found
         return out
 
-    def _walk(self, column: str, value: bytes, j: int) -> int:
+    def _walk(self, column: str, value: bytes, j: int | None = None) -> int:
         """The row holding `value` among those that share its first 8 bytes, which start
-        at `j` of the sorted prefixes; -1 when none holds it."""
-        order, have = self._sorted[column]
-        want = _prefix(np.array([value], self.index.DTYPES[column]))[0]
+        at `j` of the sorted prefixes (searched for when None); -1 when none holds it."""
+        order, have = self._sorted_column(column)
+        value = np.array([value], self.index.DTYPES[column])  # compared whole: an element
+        want = prefix8(value)[0]  # of an "S" array drops its trailing NUL bytes
+        j = int(have.searchsorted(want)) if j is None else j
         while j < len(have) and have[j] == want:
-            if self.index.gather(column, order[j:j + 1])[0] == value:
+            if self.index.gather(column, order[j:j + 1]) == value:
                 return int(order[j])
             j += 1
         return -1
@@ -245,9 +241,9 @@ class RowCache:
 
     def find(self, digest: bytes) -> tuple[int, int, bytes] | None:
         """(start, count, check) of indexed rows decoded from content `digest`, if any."""
-        if digest in self._forgotten:
+        if digest in self._forgotten or not len(self.index):
             return None
-        (i,) = self._search("digest", np.array([digest], "S32"))
+        i = self._walk("digest", digest)  # one value: _search's block arrays cost ~4x
         if i < 0:
             return None
         start, count, check = (self.index.block(c, i, i + 1) for c in ("start", "count", "check"))

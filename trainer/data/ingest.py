@@ -161,6 +161,8 @@ def update(cache: RowCache, root: Path, paths: PathList | list[str | Path],
     global _JOB
     _JOB = (cache, paths, out, decode, whole_files)
     placed = _Placed(cache, out, at, verify, report)
+    if len(todo):  # the index's digests sorted here, once: the forked workers share them
+        cache.find(bytes(32))
     try:
         pool = _workers(len(todo), int(out.size[todo].sum()), whole_files)
         try:

@@ -48,8 +48,7 @@ class PathList(Sequence[str]):
     def extend_sorted(self, rels: PackedNames) -> None:
         """Add paths given relative to the root as UTF-8 bytes, in byte order (the order of
         their str for UTF-8 names), without one object per path."""
-        for i in rels.in_order():
-            self._names.append(rels[i])
+        self._names.extend(rels, rels.order())
 
     def __len__(self) -> int:
         return len(self._names)

@@ -63,6 +63,13 @@ class Records:
 READ_ROWS = 1 << 16  # records read from a stored index per block
 
 
+def prefix8(values: np.ndarray) -> np.ndarray:
+    """The first 8 bytes of each value of an S16 or S32 column, as uint64 (what the index
+    is searched by)."""
+    width = values.dtype.itemsize // 8
+    return np.ascontiguousarray(values).view(np.uint64).reshape(len(values), width)[:, 0].copy()
+
+
 class StoredIndex:
     """The columns of an index that `write_npy` wrote (an uncompressed .npz), read where
     they lie in the file with pread: whole, or a block of rows. Opening it checks that each
