@@ -202,8 +202,8 @@ class RowCache:
         """The index row holding each of `values` in `column`, or -1: found by the first 8
         bytes and checked whole (values that share those bytes, 1 in 2**64 a pair, are
         walked)."""
-        if not len(self.index):
-            return np.full(len(values), -1, np.int64)
+        if not len(self.index):  # a first ingest: one -1 seen len(values) times, no memory
+            return np.broadcast_to(np.int64(-1), (len(values),))
         order, have = self._sorted_column(column)
         out = np.empty(len(values), np.int64)
         for a in range(0, len(values), READ_ROWS):  # in blocks: no whole temporaries

@@ -10,7 +10,7 @@ import os
 import stat as stat_module
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,27 +155,28 @@ def update(cache: RowCache, root: Path, paths: PathList | list[str | Path],
         return cache.index, report
     at = cache.lookup(out.key)
     known = int((at >= 0).sum())
-    same = _reuse(cache.index, out, at)
-    todo = np.arange(len(paths)) if verify else np.flatnonzero(~same)
+    redo = ~_reuse(cache.index, out, at)  # the files to read: new or changed, or all
+    if verify:
+        redo[:] = True
+    todo = int(redo.sum())
 
     global _JOB
     _JOB = (cache, paths, out, decode, whole_files)
     placed = _Placed(cache, out, at, verify, report)
-    if len(todo):  # the index's digests sorted here, once: the forked workers share them
+    if todo:  # the index's digests sorted here, once: the forked workers share them
         cache.find(bytes(32))
     try:
-        pool = _workers(len(todo), int(out.size[todo].sum()), whole_files)
+        pool = _workers(todo, int(np.sum(out.size, where=redo)), whole_files)
         try:
-            for b in range(0, len(todo), BLOCK):
-                for i, digest, arrays in pool.map(_work, todo[b:b + BLOCK].tolist(),
-                                                  chunksize=16):
+            for block in _blocks(redo):
+                for i, digest, arrays in pool.map(_work, block, chunksize=16):
                     placed.place(i, digest, arrays)
                     if cache.due():
                         cache.commit(out, final=False, done=placed.done)
         finally:  # on an error, the queued files are not decoded for nothing
             pool.shutdown(cancel_futures=True)
         report.removed = len(cache.index) - known
-        if len(todo) or report.removed:
+        if todo or report.removed:
             cache.commit(out, final=True)
     except BaseException:
         try:  # what was decoded completely stays usable
@@ -187,6 +188,19 @@ def update(cache: RowCache, root: Path, paths: PathList | list[str | Path],
         _JOB = None
     report.seconds = time.perf_counter() - t0
     return out, report
+
+
+def _blocks(redo: np.ndarray) -> Iterator[list[int]]:
+    """The files `redo` marks, BLOCK at a time in listing order, found a stretch of the
+    listing at a time (np.flatnonzero of a first ingest's mask would hold 8 bytes a file)."""
+    held = np.zeros(0, np.int64)
+    for a in range(0, len(redo), READ_ROWS):
+        held = np.concatenate((held, a + np.flatnonzero(redo[a:a + READ_ROWS])))
+        while len(held) >= BLOCK:
+            yield held[:BLOCK].tolist()
+            held = held[BLOCK:]
+    if len(held):
+        yield held.tolist()
 
 
 # What the workers of one update need, set before they start (forked processes inherit
