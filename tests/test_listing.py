@@ -102,3 +102,22 @@ def test_listing_a_huge_folder_holds_no_object_per_file(tmp_path, train):
     large = _listing_peak(tmp_path / "l", 25000, train)
     per_file = (large - small) / 20000
     assert per_file < 120, f"{per_file:.0f} bytes per file ({small=}, {large=})"
+
+
+def test_a_link_back_to_a_folder_above_is_not_walked_again(tmp_path):
+    """A symbolic link inside a class folder that leads back to a folder above it (the
+    class folder, its split, the root) is skipped by training's walk as by the batch job's:
+    it was walked until the OS refused the path ("Too many levels of symbolic links"). A
+    link to a folder beside it is still followed."""
+    for name in ("c0/a.png", "c1/b.png", "c1/sub/c.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "c0" / "self").symlink_to(".")
+    (tmp_path / "c0" / "root").symlink_to("..")
+    (tmp_path / "c1" / "sub" / "up").symlink_to("../..")
+    (tmp_path / "c0" / "beside").symlink_to("../c1/sub")
+    listing, layout = _layout(tmp_path)
+    want = ["c0/a.png", "c0/beside/c.png", "c1/b.png", "c1/sub/c.png"]
+    assert list(listing) == [str(tmp_path / name) for name in want]
+    assert layout == {"train": {"c0": 2, "c1": 2}}
+    assert sorted(map(str, iter_image_files(tmp_path))) == [str(tmp_path / n) for n in want]

@@ -31,24 +31,35 @@ SPLITS = ("train", "val", "test")
 CACHE_VERSION = "3"  # 2: decoded by export/imaging.py; 3: the per-file row cache
 
 
-def _images_under(folder: Path, listing: PathList) -> int:
+def _folder_id(path: str | Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _images_under(folder: Path, listing: PathList, above: frozenset) -> int:
     """Add the image files under `folder` (recursively) to `listing` in the order of their
     paths' strings, and return how many: scandir (several times faster than pathlib on
     large folders), the names packed and sorted as bytes (export/listing.py: a folder of
-    millions of images holds no str per file)."""
-    found, todo, cut = PackedNames(), [str(folder)], len(listing.prefix)
+    millions of images holds no str per file). A link back to a folder above (`above`: the
+    root's and split's, then each walked one's) is not followed again, as the batch job's
+    walk (export/readers.py) does not: a loop was walked until the OS refused the path."""
+    found, cut = PackedNames(), len(listing.prefix)
+    todo = [(str(folder), above | {_folder_id(folder)})]
     while todo:
-        with os.scandir(todo.pop()) as it:
+        where, seen = todo.pop()
+        with os.scandir(where) as it:
             for entry in it:
                 if entry.is_dir():
-                    todo.append(entry.path)
+                    st = entry.stat()  # of the folder a link names
+                    if (st.st_dev, st.st_ino) not in seen:
+                        todo.append((entry.path, seen | {(st.st_dev, st.st_ino)}))
                 elif entry.name.lower().endswith(SUFFIXES):
                     found.append(encode_path(entry.path[cut:]))
     listing.extend_sorted(found)
     return len(found)
 
 
-def _class_files(folder: Path, listing: PathList) -> dict[str, int]:
+def _class_files(folder: Path, listing: PathList, above: frozenset) -> dict[str, int]:
     """Add the images of each class folder under `folder` to `listing`; {class: count}.
     Only one class's names are held packed beside the listing at a time."""
     classes = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -56,7 +67,7 @@ def _class_files(folder: Path, listing: PathList) -> dict[str, int]:
         raise InputError(f"{folder}: no class sub-folders found")
     out = {}
     for cls in classes:
-        out[cls.name] = _images_under(cls, listing)
+        out[cls.name] = _images_under(cls, listing, above)
         if not out[cls.name]:
             raise InputError(f"{cls}: class folder has no PNG or JPEG images")
     return out
@@ -65,10 +76,11 @@ def _class_files(folder: Path, listing: PathList) -> dict[str, int]:
 def _layout(root: Path) -> tuple[PathList, dict[str, dict[str, int]]]:
     """The images in order and {split: {class: count}}; a root without train/ is one train
     split."""
-    listing = PathList(str(root))
+    listing, above = PathList(str(root)), frozenset({_folder_id(root)})
     if not (root / "train").is_dir():
-        return listing, {"train": _class_files(root, listing)}
-    layout = {s: _class_files(root / s, listing) for s in SPLITS if (root / s).is_dir()}
+        return listing, {"train": _class_files(root, listing, above)}
+    layout = {s: _class_files(root / s, listing, above | {_folder_id(root / s)})
+              for s in SPLITS if (root / s).is_dir()}
     names = list(layout["train"])
     for split, classes in layout.items():
         if list(classes) != names:
