@@ -64,7 +64,6 @@ class PackedNames:
             at = np.repeat(start - (end - length), length) + np.arange(end[-1] if len(end) else 0)
             self.ends.frombytes((end + len(self.blob)).tobytes())
             self.blob += src[at].tobytes()
-        del src, ends  # views of `other`'s buffers: it may be resized again
 
     def in_order(self) -> Iterator[int]:
         """The indices of `order`, as ints made a block at a time (a list of a million

@@ -239,6 +239,10 @@ class RowCache:
         finally:
             self._sorted.pop("key", None)
 
+    def sort_digests(self) -> None:
+        """Sort the index's digests for `find` now: decoding workers forked after share them."""
+        self._sorted_column("digest")
+
     def find(self, digest: bytes) -> tuple[int, int, bytes] | None:
         """(start, count, check) of indexed rows decoded from content `digest`, if any."""
         if digest in self._forgotten or not len(self.index):

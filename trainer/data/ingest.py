@@ -163,8 +163,8 @@ def update(cache: RowCache, root: Path, paths: PathList | list[str | Path],
     global _JOB
     _JOB = (cache, paths, out, decode, whole_files)
     placed = _Placed(cache, out, at, verify, report)
-    if todo:  # the index's digests sorted here, once: the forked workers share them
-        cache.find(bytes(32))
+    if todo:
+        cache.sort_digests()  # once, not again in each worker
     try:
         pool = _workers(todo, int(np.sum(out.size, where=redo)), whole_files)
         try:
