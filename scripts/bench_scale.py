@@ -299,7 +299,13 @@ def main() -> None:
     ap.add_argument("--cache")
     args = ap.parse_args()
     if args.child:
-        return child(args)
+        from export.errors import InputError
+
+        try:
+            return child(args)
+        except (InputError, OSError) as exc:  # a folder of one's own: one line, not a traceback
+            print(f"bench_scale: {exc}", file=sys.stderr)
+            sys.exit(2)
     print(describe())
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
