@@ -40,3 +40,7 @@ trainer = L.Trainer(
 trainer.fit(model, data)
 if trainer.is_global_zero:
     print(f"rank 0 of {trainer.world_size}: exported {export.path}")
+if torch.distributed.is_initialized():
+    # Lightning keeps the process group for a later fit; left to the interpreter's exit,
+    # gloo's threads can abort a rank ("terminate called without an active exception")
+    torch.distributed.destroy_process_group()
