@@ -17,11 +17,9 @@ commit are cut off when the cache is opened. Rows of files that were removed or 
 stay until they are more than half of the cache, then the live rows are copied into the
 next generation of files.
 
-The records (trainer/data/records.py) are numpy columns, never a Python object per file;
-matching a listing against the index is a sort and a search in C. A column is read from
-the index file (where it lies, by pread) when first used: a start with nothing changed
-compares the listing with the key and stat columns block by block and holds only what its
-caller reads (the rows' starts; the digests a group at a time).
+The records (trainer/data/records.py) are numpy columns, never a Python object per file,
+read from the index where they lie (pread) when first used, written block by block (an
+update's from its spill file); a listing is matched with the index by a sort and a search.
 """
 
 from __future__ import annotations
@@ -43,8 +41,8 @@ import numpy as np
 from export.atomic import atomic_path
 from export.errors import InputError
 from export.timing import cache_folder
-from trainer.data.records import (READ_ROWS, WRITE_ROWS, Records, StoredIndex, StoredRecords,
-                                  prefix8, write_npy)
+from trainer.data.records import (READ_ROWS, Records, Rows, StoredIndex,
+                                  StoredRecords, joined, live_rows, prefix8, write_npy)
 from trainer.data.rowcheck import Prepared, RowChecks
 from trainer.data.rowfile import RowFile
 
@@ -231,13 +229,14 @@ class RowCache:
             j += 1
         return -1
 
-    def lookup(self, keys: np.ndarray) -> np.ndarray:
+    def lookup(self, keys: np.ndarray, keep: bool = False) -> np.ndarray:
         """The index row of each path key (S16 array), or -1 for a path not in the index.
-        Made once per update: the sorted keys (24 bytes a file) are not kept."""
+        The sorted keys (16 bytes a file) are kept for the next call only with `keep`."""
         try:
             return self._search("key", keys)
         finally:
-            self._sorted.pop("key", None)
+            if not keep:
+                self._sorted.pop("key", None)
 
     def sort_digests(self) -> None:
         """Sort the index's digests for `find` now: decoding workers forked after share them."""
@@ -313,20 +312,22 @@ class RowCache:
         """Whether enough rows were appended since the last commit to commit again."""
         return self._since_commit >= COMMIT_BYTES
 
-    def commit(self, records: Records, final: bool, done: np.ndarray | None = None) -> None:
-        """Make the rows appended so far durable and the index point at them. With
-        `final`, `records` is the whole new index (every file of the source, nothing else;
-        its starts are updated in place when the live rows are compacted); otherwise the
-        records completed so far (those `done` marks, or all) win over older records of
-        the same path, and are written after the index without a copy of either."""
+    def commit(self, parts: list[tuple[Rows, np.ndarray | None]], final: bool) -> None:
+        """Make the rows appended so far durable and the index point at them. `parts` are
+        records one after another (those a part's mask marks, or all), read a block at a
+        time. With `final`, they are the whole new index (every file of the source, once),
+        read back from the file from then on; otherwise the records completed so far, which
+        win over older records of the same path, written after the index without a copy
+        of either."""
         self._sync()
         if not final:
-            self._write_index([(self.index, None), (records, done)])
+            self._write_index([(self.index, None), *parts])
         else:
-            if self.rows > 1024 and self._live_rows(records) < self.rows // 2:
-                self._compact(records)
-            self._write_index([(records, None)])
-            self._set_index(records)
+            if self.rows > 1024 and len(self.index) and live_rows(parts) < self.rows // 2:
+                self._compact(joined(parts))  # rare: a copy of every record, in memory
+            else:
+                self._write_index(parts)
+            self._set_index(StoredRecords(StoredIndex(self.folder / INDEX, check=False)))
             self._forgotten = set()
         self._since_commit = 0
 
@@ -336,7 +337,7 @@ class RowCache:
             f.flush()
             os.fsync(f.fileno())
 
-    def _write_index(self, parts: list[tuple[Records, np.ndarray | None]]) -> None:
+    def _write_index(self, parts: list[tuple[Rows, np.ndarray | None]]) -> None:
         """The index as an uncompressed .npz of columns, each column the records of
         `parts` (those a part's mask marks) one after another, written in blocks: no
         concatenated copy is made. Not Arrow: pyarrow imports pandas on its first array,
@@ -346,31 +347,17 @@ class RowCache:
         meta = {**self._meta(), "gen": self.gen, "extra": self.extra, "unique": len(parts) == 1}
         with atomic_path(self.folder / INDEX) as tmp, open(tmp, "wb") as f:
             with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as npz:
-                meta_bytes = np.frombuffer(json.dumps(meta).encode(), np.uint8)
-                write_npy(npz, "meta", [(meta_bytes, None)])
+                with npz.open("meta.npy", "w") as out:
+                    np.lib.format.write_array(out, np.frombuffer(json.dumps(meta).encode(),
+                                                                 np.uint8))
                 for name in Records.DTYPES:
-                    write_npy(npz, name, [(getattr(r, name), m) for r, m in parts])
+                    write_npy(npz, name, parts)
             f.flush()
             os.fsync(f.fileno())
 
-    @staticmethod
-    def _live_rows(records: Records) -> int:
-        """Rows that records point at. Records of the same content share their rows (the
-        same start and count), so each start with rows counts once; walked in blocks of
-        the start order (8 bytes a file, where np.unique of the digests took ~40)."""
-        order, live, last = np.argsort(records.start, kind="stable"), 0, -1
-        for b in range(0, len(order), WRITE_ROWS):
-            rows = order[b:b + WRITE_ROWS]
-            start, count = records.start[rows], records.count[rows]
-            start, count = start[count > 0], count[count > 0]
-            first = start != np.concatenate(([last], start[:-1]))
-            live += int(count[first].sum())
-            last = int(start[-1]) if len(start) else last
-        return live
-
     def _compact(self, records: Records) -> None:
-        """Copy the live rows into the next generation of column files (in row order) and
-        point `records` at them."""
+        """Copy the live rows into the next generation of column files (in row order),
+        point `records` at them and write them as the index."""
         old = self.arrays()
         self._close()
         self._maps = None

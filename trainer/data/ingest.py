@@ -10,7 +10,7 @@ import os
 import stat as stat_module
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +20,7 @@ from export.children import die_with_parent
 from export.errors import InputError
 from export.timing import usable_cores
 from trainer.data.cache import FileStat, Records, RowCache, path_key
-from trainer.data.records import READ_ROWS
+from trainer.data.records import READ_ROWS, Head, Spill
 from trainer.data.paths import PathList
 
 BLOCK = 512  # files read, hashed and decoded together by the thread pool
@@ -90,49 +90,43 @@ def _stat(path: bytes) -> os.stat_result:
 STAT_COLUMNS = ("key", "size", "mtime_ns", "ino")
 
 
-def _stat_all(paths: PathList, index: Records | None = None) -> Records | None:
-    """Path keys and stats of `paths` as records (digest and rows left empty), block by
-    block so that no per-file Python object outlives its block. None when they are
-    `index`'s files in its order, each with the size, mtime_ns and inode it records (a
-    start after a run): compared block by block as they are made, so such a start holds
-    no second copy of the records (~100 bytes a file) and no sort of the keys; the records
-    are made only from the first block that differs, the index's copied up to it."""
-    out, same = None, index is not None and len(index) == len(paths)
-    for b in range(0, len(paths), STAT_BLOCK):
-        rels = paths.block(b, min(b + STAT_BLOCK, len(paths)))
+def _stat_block(paths: PathList, a: int, e: int, index: Records | None) -> Records | None:
+    """Path keys and stats of files a..e-1 as records (digest and rows left empty), made
+    STAT_BLOCK at a time so that no per-file Python object outlives its block. None when
+    they are `index`'s records a..e-1, each path at its place with the size, mtime_ns and
+    inode it records (a start after a run): compared as they are made, the records are made
+    only from the first STAT_BLOCK that differs, the index's copied up to it."""
+    out, same = None, index is not None and e <= len(index)
+    for b in range(a, e, STAT_BLOCK):
+        end = min(b + STAT_BLOCK, e)
+        rels = paths.block(b, end)
         stats = [_stat(paths.full(rel)) for rel in rels]
-        end = b + len(rels)
         block = {"key": np.frombuffer(b"".join(map(path_key, rels)), "S16"),
                  "size": [s.st_size for s in stats],
                  "mtime_ns": [s.st_mtime_ns for s in stats], "ino": [s.st_ino for s in stats]}
         if same and all(np.array_equal(index.block(c, b, end), block[c]) for c in STAT_COLUMNS):
             continue
         if out is None:  # the first block that differs: the blocks before are the index's
-            out = Records.empty(len(paths))
-            for c in STAT_COLUMNS if b else ():
-                getattr(out, c)[:b] = index.block(c, 0, b)
+            out = Records.empty(e - a)
+            for c in STAT_COLUMNS if b > a else ():
+                getattr(out, c)[:b - a] = index.block(c, a, b)
         same = False
         for c in STAT_COLUMNS:
-            getattr(out, c)[b:end] = block[c]
-    if same:
-        return None
-    return Records.empty(0) if out is None else out
+            getattr(out, c)[b - a:end - a] = block[c]
+    return out
 
 
 def _reuse(index: Records, out: Records, at: np.ndarray) -> np.ndarray:
     """Which files' stats equal those of their record in `index` (`at`: the record of each
-    file, or -1); the digest and rows of those are copied into `out`. Walked in blocks of
-    the listing, the index's columns gathered where its matches lie (they follow the
-    listing), not read whole."""
+    file, or -1); the digest and rows of those are copied into `out`. The index's columns
+    are gathered where the matches lie (they follow the listing), not read whole."""
     same = at >= 0
-    for a in range(0, len(at), READ_ROWS):
-        part = slice(a, a + READ_ROWS)
-        mine = a + np.flatnonzero(same[part])
-        for column in ("size", "mtime_ns", "ino"):
-            equal = index.gather(column, at[mine]) == getattr(out, column)[mine]
-            same[mine[~equal]], mine = False, mine[equal]
-        for column in ("digest", "start", "count", "check"):
-            getattr(out, column)[mine] = index.gather(column, at[mine])
+    mine = np.flatnonzero(same)
+    for column in ("size", "mtime_ns", "ino"):
+        equal = index.gather(column, at[mine]) == getattr(out, column)[mine]
+        same[mine[~equal]], mine = False, mine[equal]
+    for column in ("digest", "start", "count", "check"):
+        getattr(out, column)[mine] = index.gather(column, at[mine])
     return same
 
 
@@ -145,78 +139,44 @@ def update(cache: RowCache, root: Path, paths: PathList | list[str | Path],
     `decode(data, path)` gets the file's bytes (`whole_files`), or None and reads the path
     itself, and returns the rows as a dict of arrays (decoded in a worker) or as an
     iterable of such dicts (consumed batch by batch while appending).
-    On an error the rows complete so far are committed before it is raised."""
+    The listing is walked READ_ROWS files at a time: each block is stat'ed, matched with
+    the index, its new and changed files decoded, and its records written to a spill file,
+    so memory holds one block of records. On an error the rows complete so far are
+    committed before it is raised."""
     t0, report = time.perf_counter(), UpdateReport(files=len(paths))
     if not isinstance(paths, PathList):
         paths = PathList.of(str(root), map(str, paths))
-    out = _stat_all(paths, None if verify else cache.index)
-    if out is None:
-        report.seconds = time.perf_counter() - t0
-        return cache.index, report
-    at = cache.lookup(out.key)
-    known = int((at >= 0).sum())
-    redo = ~_reuse(cache.index, out, at)  # the files to read: new or changed, or all
-    if verify:
-        redo[:] = True
-    todo = int(redo.sum())
-
     global _JOB
-    _JOB = (cache, paths, out, decode, whole_files)
-    placed = _Placed(cache, out, at, verify, report)
-    if todo:
-        cache.sort_digests()  # once, not again in each worker
+    _JOB = (cache, paths, decode, whole_files)
+    run = _Run(cache, verify, whole_files, report)
     try:
-        pool = _workers(todo, int(np.sum(out.size, where=redo)), whole_files)
-        try:
-            for block in _blocks(redo):
-                for i, digest, arrays in pool.map(_work, block, chunksize=16):
-                    placed.place(i, digest, arrays)
-                    if cache.due():
-                        cache.commit(out, final=False, done=placed.done)
-        finally:  # on an error, the queued files are not decoded for nothing
-            pool.shutdown(cancel_futures=True)
-        report.removed = len(cache.index) - known
-        if todo or report.removed:
-            cache.commit(out, final=True)
+        for a in range(0, len(paths), READ_ROWS):
+            e = min(a + READ_ROWS, len(paths))
+            run.block(a, e, _stat_block(paths, a, e, None if verify else cache.index))
+        run.finish()
     except BaseException:
         try:  # what was decoded completely stays usable
-            cache.commit(out, final=False, done=placed.done)
+            run.save()
         except OSError:
             pass
         raise
     finally:
+        run.close()
         _JOB = None
     report.seconds = time.perf_counter() - t0
-    return out, report
-
-
-def _blocks(redo: np.ndarray) -> Iterator[list[int]]:
-    """The files `redo` marks, BLOCK at a time in listing order, found a stretch of the
-    listing at a time (np.flatnonzero of a first ingest's mask would hold 8 bytes a file)."""
-    held = np.zeros(0, np.int64)
-    for a in range(0, len(redo), READ_ROWS):
-        held = np.concatenate((held, a + np.flatnonzero(redo[a:a + READ_ROWS])))
-        while len(held) >= BLOCK:
-            yield held[:BLOCK].tolist()
-            held = held[BLOCK:]
-    if len(held):
-        yield held.tolist()
+    return cache.index, report
 
 
 # What the workers of one update need, set before they start (forked processes inherit
-# it): the cache (its known digests and column layout), the paths and their stats, the
-# decoder.
+# it): the cache (its known digests and column layout), the paths, the decoder.
 _JOB = None
 
 
-def _stat_of(records: Records, i: int) -> FileStat:
-    return FileStat(int(records.size[i]), int(records.mtime_ns[i]), int(records.ino[i]))
-
-
-def _work(i: int):
-    """Read, hash and (for content the cache lacks) decode one file, in a worker."""
-    cache, paths, records, decode, whole_files = _JOB
-    stat = _stat_of(records, i)
+def _work(task: tuple[int, int, int, int]):
+    """Read, hash and (for content the cache lacks) decode one file, in a worker; `task`
+    is the file's place in the listing and its stat."""
+    cache, paths, decode, whole_files = _JOB
+    i, stat = task[0], FileStat(*task[1:])
     data = _read(paths[i], stat) if whole_files else None
     digest = _hash_file(paths[i], stat) if data is None else hashlib.sha256(data).digest()
     if cache.find(digest) is not None:
@@ -227,18 +187,36 @@ def _work(i: int):
 FORK_BYTES = 1 << 20  # less to decode than this: one thread beats starting processes
 
 
-def _workers(files: int, size: int, whole_files: bool):
-    """Decoding many small files is mostly Python holding the GIL (pillow's per-image
-    overhead; measured: threads on 2 cores ran slower than one), so files decoded whole
-    go to forked processes, one per usable core, when there is enough to decode to pay
-    for starting them (FORK_BYTES of encoded images). Tables are
-    decoded batch by batch in this process (pyarrow reads in its own threads); their
-    workers only hash."""
-    cores = usable_cores()
-    if whole_files and files >= 64 and size >= FORK_BYTES and cores > 1:
-        return ProcessPoolExecutor(cores, mp_context=multiprocessing.get_context("fork"),
-                                   initializer=die_with_parent)
-    return ThreadPoolExecutor(cores if not whole_files else 1)
+class _Pool:
+    """The workers of an update. Decoding many small files is mostly Python holding the
+    GIL (pillow's per-image overhead; measured: threads on 2 cores ran slower than one),
+    so files decoded whole go to forked processes, one per usable core, once there is
+    enough to decode to pay for starting them (64 files and FORK_BYTES of encoded images,
+    counted over the blocks so far); before that, one thread. Tables are decoded batch by
+    batch in this process (pyarrow reads in its own threads); their workers only hash."""
+
+    def __init__(self, whole_files: bool):
+        self.whole_files, self.files, self.size = whole_files, 0, 0
+        self.pool, self.forked = None, False
+
+    def get(self, files: int, size: int) -> ProcessPoolExecutor | ThreadPoolExecutor:
+        """The pool for `files` more files of `size` bytes."""
+        self.files, self.size, cores = self.files + files, self.size + size, usable_cores()
+        fork = (self.whole_files and self.files >= 64 and self.size >= FORK_BYTES
+                and cores > 1)
+        if self.pool is None or fork and not self.forked:
+            self.close()
+            self.pool, self.forked = (ProcessPoolExecutor(
+                cores, mp_context=multiprocessing.get_context("fork"),
+                initializer=die_with_parent) if fork else
+                ThreadPoolExecutor(1 if self.whole_files else cores)), fork
+        return self.pool
+
+    def close(self) -> None:
+        """On an error, the queued files are not decoded for nothing."""
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+            self.pool = None
 
 
 def _prepared(cache: RowCache, rows: Decoded):
@@ -272,38 +250,86 @@ class _Appended:
             self.row = np.insert(self.row, at, rows[order])
             self.latest, self.limit = {}, max(self.MERGE, len(self.prefix) >> 5)
 
-    def get(self, digest: bytes, digests: np.ndarray) -> int | None:
-        """The row of `digest`, whose whole digest `digests` (of every file) holds."""
+    def get(self, digest: bytes, digest_of: Callable[[int], bytes]) -> int | None:
+        """The row of `digest`; `digest_of(row)` gives the whole digest of a row."""
         if digest in self.latest:
             return self.latest[digest]
         key = np.frombuffer(digest[:8], np.uint64)[0]
         for j in range(np.searchsorted(self.prefix, key), len(self.prefix)):
             if self.prefix[j] != key:
                 break
-            if digests[self.row[j]:self.row[j] + 1].tobytes() == digest:
+            if digest_of(int(self.row[j])) == digest:
                 return int(self.row[j])
         return None
 
 
-class _Placed:
-    """Records the files of one update as their results come in: rows of content already
-    cached are reused (the index's, or those appended earlier in this update), other
-    content is appended."""
+class _Run:
+    """One update, a block of the listing at a time. The listing's first `head` files are
+    the index's own records in place (nothing changed there); the records of every block
+    after them go to a spill file as each block is completed. Within a block, the rows of
+    content already cached are reused (the index's, or those appended earlier in this
+    update), other content is appended."""
 
-    def __init__(self, cache: RowCache, out: Records, at: np.ndarray, verify: bool,
-                 report: UpdateReport):
-        self.cache, self.out, self.at, self.verify, self.report = cache, out, at, verify, report
-        self.done = np.zeros(len(out), bool)  # records of files placed (so far) that changed
-        self.fresh = _Appended()
+    def __init__(self, cache: RowCache, verify: bool, whole_files: bool, report: UpdateReport):
+        self.cache, self.verify, self.report = cache, verify, report
+        self.head, self.known, self.spill = 0, 0, None
+        self.fresh, self.pool = _Appended(), _Pool(whole_files)
+        # the block being completed: its first file, its records, the index's record of
+        # each of its files (or -1), which of them were placed
+        self.a, self.out, self.at, self.done = 0, None, None, None
+
+    def block(self, a: int, e: int, out: Records | None) -> None:
+        """Complete files a..e-1, whose new records are `out` (None: the index's own)."""
+        cache = self.cache
+        if out is None:
+            self.known += e - a
+            if self.spill is None:
+                self.head = e
+            else:
+                self.spill.append(cache.index, a, e)
+            return
+        self.at = cache.lookup(out.key, keep=True)
+        self.known += int((self.at >= 0).sum())
+        redo = np.flatnonzero(np.ones(len(out), bool) if self.verify
+                              else ~_reuse(cache.index, out, self.at))
+        self.a, self.out, self.done = a, out, np.zeros(len(out), bool)
+        if len(redo):
+            self._decode(redo)
+        if self.spill is None:
+            self.spill = Spill(cache.folder)
+        self.spill.append(out, 0, len(out))
+        self.out = None
+
+    def _decode(self, redo: np.ndarray) -> None:
+        out, cache = self.out, self.cache
+        if self.pool.pool is None:
+            cache.sort_digests()  # once, before any worker is forked
+        pool = self.pool.get(len(redo), int(out.size[redo].sum()))
+        for b in range(0, len(redo), BLOCK):
+            part = redo[b:b + BLOCK]
+            tasks = zip((self.a + part).tolist(), out.size[part].tolist(),
+                        out.mtime_ns[part].tolist(), out.ino[part].tolist())
+            for i, digest, arrays in pool.map(_work, tasks, chunksize=16):
+                self.place(i, digest, arrays)
+                if cache.due():
+                    self.save()
+
+    def _record(self, j: int, column: str) -> np.ndarray:
+        """Column `column` of file j's record (one value), from the block or the spill."""
+        if j >= self.a:
+            return getattr(self.out, column)[j - self.a:j - self.a + 1]
+        return self.spill.block(column, j - self.head, j - self.head + 1)
 
     def _appended(self, digest: bytes) -> tuple[int, int, bytes] | None:
-        j = self.fresh.get(digest, self.out.digest)
+        j = self.fresh.get(digest, lambda j: self._record(j, "digest").tobytes())
         if j is None:
             return None
-        return int(self.out.start[j]), int(self.out.count[j]), self.out.check[j:j + 1].tobytes()
+        return (int(self._record(j, "start")[0]), int(self._record(j, "count")[0]),
+                self._record(j, "check").tobytes())
 
     def place(self, i: int, digest: bytes, arrays: Decoded | None) -> None:
-        cache, out, old = self.cache, self.out, int(self.at[i])
+        cache, out, k = self.cache, self.out, i - self.a
+        old = int(self.at[k])
         if old < 0:
             self.report.new += 1
         elif cache.index.block("digest", old, old + 1).tobytes() != digest:
@@ -315,16 +341,38 @@ class _Placed:
         have = have or self._appended(digest)
         if have is None:
             if arrays is None:  # the worker saw it cached; since found altered
-                arrays = _prepared(cache, _decode_again(i))
+                arrays = _prepared(cache, _decode_again(i, out, k))
             self.report.decoded += 1
             have = cache.append(arrays)
             self.fresh.add(digest, i)
-        out.digest[i] = digest
-        out.start[i], out.count[i], out.check[i] = have
-        self.done[i] = True
+        out.digest[k] = digest
+        out.start[k], out.count[k], out.check[k] = have
+        self.done[k] = True
+
+    def _parts(self) -> list:
+        return ([(Head(self.cache.index, self.head), None)] if self.head else []) + \
+            ([(self.spill, None)] if self.spill is not None else [])
+
+    def save(self) -> None:
+        """Commit the rows appended so far with the records completed so far."""
+        parts = [(self.spill, None)] if self.spill is not None else []
+        if self.out is not None:
+            parts.append((self.out, self.done))
+        self.cache.commit(parts, final=False)
+
+    def finish(self) -> None:
+        """The new index, when anything differs from the one stored."""
+        self.report.removed = len(self.cache.index) - self.known
+        if self.spill is not None or self.head != len(self.cache.index):
+            self.cache.commit(self._parts(), final=True)
+
+    def close(self) -> None:
+        self.pool.close()
+        if self.spill is not None:
+            self.spill.close()
 
 
-def _decode_again(i: int) -> Decoded:
-    _, paths, records, decode, whole_files = _JOB
-    return decode(_read(paths[i], _stat_of(records, i)) if whole_files else None,
-                  paths[i])
+def _decode_again(i: int, out: Records, k: int) -> Decoded:
+    _, paths, decode, whole_files = _JOB
+    stat = FileStat(int(out.size[k]), int(out.mtime_ns[k]), int(out.ino[k]))
+    return decode(_read(paths[i], stat) if whole_files else None, paths[i])

@@ -299,7 +299,7 @@ def load_tabular(root: str | None, opts: SourceOptions) -> FixedDataset:
                                     records, arrays["x"])
         if ranges != cache.extra.get("ranges"):  # kept for the next run
             cache.extra["ranges"] = ranges
-            cache.commit(records, final=True)
+            cache.commit([(records, None)], final=True)
             arrays = cache.arrays()
     print(f"tabular: {root}: {report.line('files')} ({cache.rows:,} rows cached in {where})",
           file=sys.stderr)
