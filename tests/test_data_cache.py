@@ -19,6 +19,7 @@ from PIL import Image
 from export.errors import InputError
 from tests.conftest import ROOT
 from trainer.data.cache import RowCache
+from trainer.data.records import StoredIndex
 from trainer.data.dataset import SourceOptions
 from trainer.data.sources import load_source
 
@@ -492,6 +493,10 @@ def test_a_change_found_past_the_first_blocks_of_stats_is_caught(tmp_path, monke
         "first": (0, 1, 0, 1), "last": (0, 1, 0, 1), "added": (1, 0, 0, 1),
         "removed": (0, 0, 1, 0)}[where]
     assert [bytes(r).decode() for r in rows] == [Path(p).read_text() for p in paths]
+    # The new index, written from the records kept in place and the spilled ones, is
+    # marked as holding each path once: a start does not sort it to find their last ones.
+    meta = StoredIndex(tmp_path / "c" / "index.npz").read("meta")
+    assert json.loads(meta.tobytes())["unique"] is True
     _, _, report, _ = _ingest_texts(tmp_path / "c", root)  # the new index holds every stat
     assert (report.new, report.changed, report.removed, report.decoded) == (0, 0, 0, 0)
 

@@ -321,12 +321,12 @@ class RowCache:
         of either."""
         self._sync()
         if not final:
-            self._write_index([(self.index, None), *parts])
+            self._write_index([(self.index, None), *parts], unique=False)
         else:
             if self.rows > 1024 and len(self.index) and live_rows(parts) < self.rows // 2:
                 self._compact(joined(parts))  # rare: a copy of every record, in memory
             else:
-                self._write_index(parts)
+                self._write_index(parts, unique=True)
             self._set_index(StoredRecords(StoredIndex(self.folder / INDEX, check=False)))
             self._forgotten = set()
         self._since_commit = 0
@@ -337,14 +337,14 @@ class RowCache:
             f.flush()
             os.fsync(f.fileno())
 
-    def _write_index(self, parts: list[tuple[Rows, np.ndarray | None]]) -> None:
+    def _write_index(self, parts: list[tuple[Rows, np.ndarray | None]], unique: bool) -> None:
         """The index as an uncompressed .npz of columns, each column the records of
         `parts` (those a part's mask marks) one after another, written in blocks: no
         concatenated copy is made. Not Arrow: pyarrow imports pandas on its first array,
         which costs an update more than the rest of its work."""
-        # One part is a whole index (a path once): a load needs no pass to find each
-        # path's last record, which sorts every key and copies every record.
-        meta = {**self._meta(), "gen": self.gen, "extra": self.extra, "unique": len(parts) == 1}
+        # `unique`: the parts are a whole index (each path once), so a load needs no pass
+        # to find each path's last record, which sorts every key and copies every record.
+        meta = {**self._meta(), "gen": self.gen, "extra": self.extra, "unique": unique}
         with atomic_path(self.folder / INDEX) as tmp, open(tmp, "wb") as f:
             with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as npz:
                 with npz.open("meta.npy", "w") as out:
@@ -382,6 +382,6 @@ class RowCache:
         new_start[order] = moved
         records.start[:] = new_start[which.reshape(-1)]
         self.gen, self.rows = gen, int(records.count[first].sum())
-        self._write_index([(records, None)])  # the switch to the new generation
+        self._write_index([(records, None)], unique=True)  # the switch to the new generation
         for name in self.columns:
             self._bin(name, gen - 1).unlink(missing_ok=True)
