@@ -2,7 +2,8 @@
 
 A source with a per-file cache (image folders, tables) saves, for each dataset fingerprint
 it produces, a snapshot beside its cache: every file's path key, content digest and row
-count, sorted by key (56 bytes a file; the newest `KEEP` fingerprints are kept). A fit that
+count, sorted by key (56 bytes a file on disk, a few MB of memory whatever the number of
+files; the newest `KEEP` fingerprints are kept). A fit that
 starts from a parent model (`--model.init_from`) compares the snapshot of the parent's
 fingerprint with the current one: files added, removed and changed (same path, other
 content), and the rows that came in and went out with them. Where no snapshot of the
@@ -13,16 +14,21 @@ recorded as not known, with the reason, never guessed.
 from __future__ import annotations
 
 import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from export.atomic import atomic_path
 from export.card import DatasetChange, DatasetInfo
-from trainer.data.records import WRITE_ROWS, Records, write_npy_header
+from trainer.data.records import READ_ROWS, Records, pread_rows, write_npy_header
 
 KEEP = 4
 SNAPSHOT = np.dtype([("key", "S16"), ("digest", "S32"), ("rows", "<i8")])
+
+
+SORT_ROWS = 1 << 15  # records sorted together (a bucket) when a snapshot is written
 
 
 def save_snapshot(cache_folder: Path, fp: str, records: Records) -> Path:
@@ -33,15 +39,10 @@ def save_snapshot(cache_folder: Path, fp: str, records: Records) -> Path:
         os.utime(path)  # the newest again, so eviction keeps it
         return where
     where.mkdir(exist_ok=True)
-    order = np.argsort(records.key)  # 4x faster than sorting the records by a field
     try:
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            write_npy_header(f, SNAPSHOT, len(order))
-            for a in range(0, len(order), WRITE_ROWS):  # in blocks: no whole snapshot
-                rows = order[a:a + WRITE_ROWS]
-                part = np.empty(len(rows), SNAPSHOT)
-                part["key"], part["digest"], part["rows"] = (
-                    records.key[rows], records.digest[rows], records.count[rows])
+            write_npy_header(f, SNAPSHOT, len(records))
+            for part in _by_key(records, where):
                 f.write(part.tobytes())
     except OSError:  # a full disk costs the record of a change, never the run
         return where
@@ -51,12 +52,99 @@ def save_snapshot(cache_folder: Path, fp: str, records: Records) -> Path:
     return where
 
 
-def _load(path: Path) -> np.ndarray | None:
+def _bucket(keys: np.ndarray, bits: int) -> np.ndarray:
+    """The first `bits` bits of each key (S16 values), the bucket it is sorted in."""
+    top = np.ascontiguousarray(keys).view(np.uint8).reshape(-1, 16)[:, :2].astype(np.int64)
+    return (top[:, 0] << 8 | top[:, 1]) >> (16 - bits)
+
+
+def _by_key(records: Records, scratch_folder: Path) -> Iterator[np.ndarray]:
+    """The records as snapshot rows in key order, a bucket at a time. Keys are hashes, so
+    their first bits spread the records evenly over buckets of ~SORT_ROWS: each block of
+    records is laid out by bucket in a scratch file, then each bucket is read back and
+    sorted on its own. Memory holds a block and a bucket (a few MB), where a sort of every
+    key with a gather of every digest held 64 bytes a file."""
+    n = len(records)
+    bits = min(16, max(0, int(np.ceil(np.log2(max(1, n / SORT_ROWS))))))
+    counts = np.zeros(1 << bits, np.int64)
+    for a in range(0, n, READ_ROWS):
+        counts += np.bincount(_bucket(records.block("key", a, a + READ_ROWS), bits),
+                              minlength=len(counts))
+    ends = np.cumsum(counts)
+    at = ends - counts  # where each bucket's next record goes, in records
+    with tempfile.TemporaryFile(dir=scratch_folder) as scratch:
+        for a in range(0, n, READ_ROWS):
+            part = np.empty(min(READ_ROWS, n - a), SNAPSHOT)
+            for field, column in (("key", "key"), ("digest", "digest"), ("rows", "count")):
+                part[field] = records.block(column, a, a + len(part))
+            which = _bucket(part["key"], bits)
+            order = np.argsort(which, kind="stable")
+            part, which = part[order], which[order]
+            for piece in np.split(np.arange(len(part)), np.flatnonzero(np.diff(which)) + 1):
+                w = int(which[piece[0]])
+                scratch.seek(int(at[w]) * SNAPSHOT.itemsize)
+                scratch.write(part[piece].tobytes())
+                at[w] += len(piece)
+        for w in range(len(counts)):
+            scratch.seek(int(ends[w] - counts[w]) * SNAPSHOT.itemsize)
+            rows = np.frombuffer(scratch.read(int(counts[w]) * SNAPSHOT.itemsize), SNAPSHOT)
+            yield rows[np.argsort(rows["key"], kind="stable")]
+
+
+class _Snapshot:
+    """A snapshot file, read a block of rows at a time (never whole). Raises OSError or
+    ValueError for a file that is not one."""
+
+    def __init__(self, path: Path):
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = {(1, 0): np.lib.format.read_array_header_1_0,
+                    (2, 0): np.lib.format.read_array_header_2_0}[version]
+            shape, fortran, dtype = read(f)
+            self.at = f.tell()
+        if dtype != SNAPSHOT or len(shape) != 1 or fortran or \
+                path.stat().st_size != self.at + shape[0] * SNAPSHOT.itemsize:
+            raise ValueError(f"{path}: not a snapshot")
+        self.path, self.n = path, shape[0]
+
+    def rows(self, a: int, b: int) -> np.ndarray:
+        with open(self.path, "rb") as f:
+            return pread_rows(f.fileno(), SNAPSHOT, self.at, min(a, self.n), min(b, self.n),
+                              f"{self.path}: cut short")
+
+
+def _open(path: Path) -> _Snapshot | None:
     try:
-        snap = np.load(path, allow_pickle=False)
-    except (OSError, ValueError):
+        return _Snapshot(path)
+    except (OSError, ValueError, KeyError, EOFError):
         return None
-    return snap if snap.dtype == SNAPSHOT and snap.ndim == 1 else None
+
+
+def _compare(old: _Snapshot, new: _Snapshot) -> dict:
+    """Files added, removed, changed and unchanged, and the rows that came and went, from
+    two snapshots sorted by key, merged a block of each at a time: each step takes the keys
+    of both blocks up to the smaller of their last keys (all of one block at least)."""
+    out = dict.fromkeys(("files_added", "files_removed", "files_changed", "files_unchanged",
+                         "rows_added", "rows_removed"), 0)
+    i = j = 0
+    while i < old.n or j < new.n:
+        a, b = old.rows(i, i + READ_ROWS), new.rows(j, j + READ_ROWS)
+        limit = min(x["key"][-1] for x in (a, b) if len(x))
+        a = a[:np.searchsorted(a["key"], limit, side="right")]
+        b = b[:np.searchsorted(b["key"], limit, side="right")]
+        _, x, y = np.intersect1d(a["key"], b["key"], assume_unique=True, return_indices=True)
+        changed = a["digest"][x] != b["digest"][y]
+        gone, came = np.ones(len(a), bool), np.ones(len(b), bool)
+        gone[x[~changed]], came[y[~changed]] = False, False  # changed files count both ways
+        for name, value in (("files_added", len(b) - len(y)),
+                            ("files_removed", len(a) - len(x)),
+                            ("files_changed", changed.sum()),
+                            ("files_unchanged", (~changed).sum()),
+                            ("rows_added", b["rows"][came].sum()),
+                            ("rows_removed", a["rows"][gone].sum())):
+            out[name] += int(value)
+        i, j = i + len(a), j + len(b)
+    return out
 
 
 def change_since(parent_fp: str | None, fp: str, history: Path | None, source: str) -> dict:
@@ -70,19 +158,11 @@ def change_since(parent_fp: str | None, fp: str, history: Path | None, source: s
             return {**out, "known": True, "rows_added": 0, "rows_removed": 0,
                     "note": "the same dataset fingerprint"}
         return {**out, "note": f"the {source} source keeps no per-file cache to compare with"}
-    old, new = _load(history / f"{parent_fp}.npy"), _load(history / f"{fp}.npy")
+    old, new = _open(history / f"{parent_fp}.npy"), _open(history / f"{fp}.npy")
     if old is None or new is None:
         return {**out, "note": f"no snapshot of the parent's dataset {parent_fp[:12]} in "
                                f"{history} (the newest {KEEP} are kept)"}
-    _, i, j = np.intersect1d(old["key"], new["key"], assume_unique=True, return_indices=True)
-    changed = old["digest"][i] != new["digest"][j]
-    gone, came = np.ones(len(old), bool), np.ones(len(new), bool)
-    gone[i[~changed]], came[j[~changed]] = False, False  # changed files count both ways
-    return {**out, "known": True, "files_added": len(new) - len(j),
-            "files_removed": len(old) - len(i), "files_changed": int(changed.sum()),
-            "files_unchanged": int((~changed).sum()),
-            "rows_added": int(new["rows"][came].sum()),
-            "rows_removed": int(old["rows"][gone].sum())}
+    return {**out, "known": True, **_compare(old, new)}
 
 
 def change_from_parent(parent_ckpt: dict, dataset: DatasetInfo, fixed) -> DatasetChange:

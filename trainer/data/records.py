@@ -1,6 +1,7 @@
-"""The records of a row cache's index: one per source file, held as numpy columns (never
-one Python object per file: a folder of millions of files costs ~100 bytes of memory per
-file here), and written to the index as .npy columns block by block."""
+"""The records of a row cache's index: one per source file, as numpy columns (never one
+Python object per file), read from the stored index where they lie, held by an update a
+block of files at a time (the rest in its spill file), and written to the index as .npy
+columns block by block."""
 
 from __future__ import annotations
 
