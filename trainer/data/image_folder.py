@@ -101,10 +101,6 @@ def load_image_folder(root: str | None, opts: SourceOptions) -> FixedDataset:
     folder = require_root(root, "image_folder", "a folder with one sub-folder per class")
     paths, layout = _layout(folder)
     names = list(layout["train"])
-    sizes = [n for classes in layout.values() for n in classes.values()]
-    y = np.repeat(np.tile(np.arange(len(names)), len(layout)), sizes).astype(np.int64)
-    split_of = np.repeat(np.arange(len(layout), dtype=np.int8),
-                         [sum(c.values()) for c in layout.values()])
     mode, size = _first_image_format(paths[0])
     mode = opts.color_mode or mode
     size = tuple(opts.image_size) if opts.image_size else size
@@ -122,6 +118,11 @@ def load_image_folder(root: str | None, opts: SourceOptions) -> FixedDataset:
         records, report = update(cache, folder, paths, decode_file, opts.verify_cache)
         x = cache.arrays()["x"]
     del paths
+    # labels and splits made after the ingest: 9 bytes a file less at its peak
+    sizes = [n for classes in layout.values() for n in classes.values()]
+    y = np.repeat(np.tile(np.arange(len(names)), len(layout)), sizes).astype(np.int64)
+    split_of = np.repeat(np.arange(len(layout), dtype=np.int8),
+                         [sum(c.values()) for c in layout.values()])
     print(f"image_folder: {folder}: {report.line('images')} ({mode} {size[0]}x{size[1]}, "
           f"cache {where})", file=sys.stderr)
     parts = {s: Split(x, y, records.start).subset(np.flatnonzero(split_of == k))

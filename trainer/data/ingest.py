@@ -40,37 +40,25 @@ class UpdateReport:
                 f"{self.removed:,} removed; decoded {self.decoded:,} in {self.seconds:.1f} s")
 
 
-def _read(path: str, stat: FileStat) -> bytes:
+def _read(path: str, stat: FileStat, keep: bool) -> tuple[bytes | None, bytes]:
+    """The file's bytes (with `keep`: read whole) and their SHA-256; without `keep` it is
+    read in 4 MiB pieces (a table file may be larger than RAM). The file must still be as
+    `stat` says after it was read."""
+    h, data, size = hashlib.sha256(), b"" if keep else None, 0
     try:
         with open(path, "rb") as f:
-            data = f.read(stat.size + 1)
-        after = FileStat.of(path)
-    except FileNotFoundError:
-        raise InputError(f"{path}: disappeared during ingest") from None
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read ({exc.strerror})") from None
-    if len(data) != stat.size or after != stat:
-        raise InputError(f"{path}: changed while it was being read; run again when the "
-                         f"dataset is no longer being written")
-    return data
-
-
-def _hash_file(path: str, stat: FileStat) -> bytes:
-    """SHA-256 of a file read in 4 MiB pieces (a table file may be larger than RAM)."""
-    h = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            while block := f.read(4 << 20):
+            while block := f.read(stat.size + 1 if keep else 4 << 20):
                 h.update(block)
+                data, size = block if keep else None, size + len(block)
         after = FileStat.of(path)
     except FileNotFoundError:
         raise InputError(f"{path}: disappeared during ingest") from None
     except OSError as exc:
         raise InputError(f"{path}: cannot read ({exc.strerror})") from None
-    if after != stat:
+    if size != stat.size or after != stat:
         raise InputError(f"{path}: changed while it was being read; run again when the "
                          f"dataset is no longer being written")
-    return h.digest()
+    return data, h.digest()
 
 
 Decoded = dict[str, np.ndarray] | Iterable[dict[str, np.ndarray]]
@@ -177,8 +165,7 @@ def _work(task: tuple[int, int, int, int]):
     is the file's place in the listing and its stat."""
     cache, paths, decode, whole_files = _JOB
     i, stat = task[0], FileStat(*task[1:])
-    data = _read(paths[i], stat) if whole_files else None
-    digest = _hash_file(paths[i], stat) if data is None else hashlib.sha256(data).digest()
+    data, digest = _read(paths[i], stat, whole_files)
     if cache.find(digest) is not None:
         return i, digest, None
     return i, digest, _prepared(cache, decode(data, paths[i]))
@@ -228,27 +215,54 @@ class _Appended:
     """The content appended during one update: digest -> the record of the file it came
     from. Kept as sorted numpy columns of the digests' first 8 bytes (16 bytes per file,
     where a dict costs ~140); the latest ones sit in a dict, merged in when it holds MERGE
-    files or 1/32 of the columns, whichever is more: each merge copies the columns, so a
-    fixed cadence would copy quadratically (5 s per million files), a growing one linearly
-    (~4 bytes per file more in the dict)."""
+    files or 1/32 of the columns, whichever is more: each merge moves the columns, so a
+    fixed cadence would move them quadratically (5 s per million files), a growing one
+    linearly (~4 bytes per file more in the dict)."""
 
     MERGE = 4096
+    MOVE = 1 << 16  # entries moved together by a merge
 
     def __init__(self):
-        self.prefix, self.row = np.zeros(0, np.uint64), np.zeros(0, np.int64)
+        self._prefix, self._row = np.zeros(0, np.uint64), np.zeros(0, np.int64)
+        self.n = 0
         self.latest: dict[bytes, int] = {}
         self.limit = self.MERGE
+
+    @property
+    def prefix(self) -> np.ndarray:
+        return self._prefix[:self.n]
+
+    @property
+    def row(self) -> np.ndarray:
+        return self._row[:self.n]
 
     def add(self, digest: bytes, row: int) -> None:
         self.latest[digest] = row
         if len(self.latest) >= self.limit:
             new = np.frombuffer(b"".join(d[:8] for d in self.latest), np.uint64)
-            rows = np.fromiter(self.latest.values(), np.int64)
+            rows = np.fromiter(self.latest.values(), np.int64, len(self.latest))
             order = np.argsort(new, kind="stable")
-            at = np.searchsorted(self.prefix, new[order])
-            self.prefix = np.insert(self.prefix, at, new[order])
-            self.row = np.insert(self.row, at, rows[order])
-            self.latest, self.limit = {}, max(self.MERGE, len(self.prefix) >> 5)
+            self._merge(new[order], rows[order])
+            self.latest, self.limit = {}, max(self.MERGE, self.n >> 5)
+
+    def _merge(self, new: np.ndarray, rows: np.ndarray) -> None:
+        """Merge sorted `new` (with their rows) into the columns in place: the entries
+        already there are moved up, from the back, MOVE at a time, each past the new ones
+        that sort before it (np.insert made new columns: twice their size at each merge).
+        The columns grow by 1/8 when full, by realloc (large blocks are remapped, not
+        copied)."""
+        at = np.searchsorted(self.prefix, new)  # new value j goes before old entry at[j]
+        if self.n + len(new) > len(self._prefix):
+            size = max(self.n + len(new), len(self._prefix) * 9 // 8)
+            for column in (self._prefix, self._row):
+                column.resize(size, refcheck=False)  # no view of them outlives a call
+        for b in range(self.n, 0, -self.MOVE):
+            a = max(0, b - self.MOVE)
+            dest = np.arange(a, b) + np.searchsorted(at, np.arange(a, b), side="right")
+            self._prefix[dest], self._row[dest] = self._prefix[a:b].copy(), self._row[a:b].copy()
+        dest = at + np.arange(len(new))
+        self._prefix[dest], self._row[dest] = new, rows
+        self.n += len(new)
 
     def get(self, digest: bytes, digest_of: Callable[[int], bytes]) -> int | None:
         """The row of `digest`; `digest_of(row)` gives the whole digest of a row."""
@@ -375,4 +389,4 @@ class _Run:
 def _decode_again(i: int, out: Records, k: int) -> Decoded:
     _, paths, decode, whole_files = _JOB
     stat = FileStat(int(out.size[k]), int(out.mtime_ns[k]), int(out.ino[k]))
-    return decode(_read(paths[i], stat) if whole_files else None, paths[i])
+    return decode(_read(paths[i], stat, whole_files)[0], paths[i])
