@@ -808,3 +808,18 @@ def test_the_files_fingerprint_depends_on_content_not_on_order():
     with pytest.raises(ValueError, match="listed together"):
         fp(np.concatenate([np.arange(0, 10), np.arange(30, 50), np.arange(10, 30),
                            np.arange(50, 65)]))
+
+
+def test_the_runs_of_a_split_and_label_are_found_across_blocks(monkeypatch):
+    """The fingerprint's groups (runs of files with the same split and label) are found a
+    block of files at a time: the same starts as whole differences of the columns, with
+    runs that start on, before and after a block's edge."""
+    from trainer.data import dataset
+
+    monkeypatch.setattr(dataset, "FINGERPRINT_BLOCK", 1)  # blocks of 8 files
+    rng = np.random.default_rng(3)
+    for n in (0, 1, 8, 9, 17, 500):
+        splits = np.sort(rng.integers(0, 3, n)).astype(np.int8)
+        labels = np.repeat(rng.integers(0, 4, n), rng.integers(1, 9, n))[:n]
+        whole = np.flatnonzero(np.diff(splits, prepend=-1) | np.diff(labels, prepend=-2))
+        assert dataset._group_starts(splits, labels).tolist() == whole.tolist()

@@ -187,7 +187,7 @@ def files_fingerprint(settings: str, class_names: list[str], split_names: list[s
     h.update("\x00".join(class_names).encode())
     names = sorted(split_names)  # files are sorted by split name, then label, then digest
     code = np.array([names.index(n) for n in split_names], np.int8)
-    firsts = np.flatnonzero(np.diff(splits, prepend=-1) | np.diff(labels, prepend=-2))
+    firsts = _group_starts(splits, labels)
     groups = sorted(zip(code[splits[firsts]].tolist(), labels[firsts].tolist(), firsts,
                         [*firsts[1:], len(records)]))
     if len({(c, label) for c, label, _, _ in groups}) < len(groups):
@@ -205,6 +205,17 @@ def files_fingerprint(settings: str, class_names: list[str], split_names: list[s
 
 
 FINGERPRINT_BLOCK = 8192
+
+
+def _group_starts(splits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Where each run of files with the same split and label starts, found a block of
+    files at a time (whole differences of the columns held ~25 bytes a file)."""
+    starts = [np.zeros(min(1, len(labels)), np.int64)]
+    for a in range(1, len(labels), FINGERPRINT_BLOCK * 8):
+        b = min(a + FINGERPRINT_BLOCK * 8, len(labels))
+        change = (splits[a:b] != splits[a - 1:b - 1]) | (labels[a:b] != labels[a - 1:b - 1])
+        starts.append(a + np.flatnonzero(change))
+    return np.concatenate(starts)
 
 
 def _check_split(name: str, split_name: str, split: Split, num_classes: int,
