@@ -823,3 +823,23 @@ def test_the_runs_of_a_split_and_label_are_found_across_blocks(monkeypatch):
         labels = np.repeat(rng.integers(0, 4, n), rng.integers(1, 9, n))[:n]
         whole = np.flatnonzero(np.diff(splits, prepend=-1) | np.diff(labels, prepend=-2))
         assert dataset._group_starts(splits, labels).tolist() == whole.tolist()
+
+
+def test_the_live_rows_count_shared_and_multi_row_records_once(monkeypatch):
+    """Whether a commit compacts is decided by the rows the records point at: rows shared
+    by files of the same content count once, a table file's run of rows all count, a file
+    with no rows none; across blocks of records and parts with masks."""
+    from trainer.data import records as rec
+
+    monkeypatch.setattr(rec, "WRITE_ROWS", 4)
+    rng = np.random.default_rng(8)
+    r = rec.Records.empty(30)
+    r.start[:] = rng.integers(0, 200, 30)
+    r.count[:] = rng.choice([0, 1, 1, 1, 5], 30)
+    r.start[5], r.count[5] = r.start[4], r.count[4]  # the same content twice
+    mask = rng.random(30) < 0.7
+    parts = [(r, None), (r, mask)]
+    expected = {row for i in range(30) for row in range(r.start[i], r.start[i] + r.count[i])}
+    assert rec.live_rows(parts, 220) == len(expected)
+    assert rec.live_rows([(r, mask)], 220) == len(
+        {row for i in np.flatnonzero(mask) for row in range(r.start[i], r.start[i] + r.count[i])})

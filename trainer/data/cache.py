@@ -323,7 +323,9 @@ class RowCache:
         if not final:
             self._write_index([(self.index, None), *parts], unique=False)
         else:
-            if self.rows > 1024 and len(self.index) and live_rows(parts) < self.rows // 2:
+            self._sorted = {}  # the update's searches are over: their columns are let go
+            if self.rows > 1024 and len(self.index) and \
+                    live_rows(parts, self.rows) < self.rows // 2:
                 self._compact(joined(parts))  # rare: a copy of every record, in memory
             else:
                 self._write_index(parts, unique=True)
