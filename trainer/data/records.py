@@ -13,7 +13,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -261,7 +261,7 @@ class Spill:
     index."""
 
     def __init__(self, folder: Path):
-        self._files: dict[str, BinaryIO] = {}
+        self.folder, self._files = folder, {}
         try:
             for name in Records.DTYPES:
                 self._files[name] = tempfile.TemporaryFile(dir=folder)
@@ -287,7 +287,7 @@ class Spill:
         f, dtype = self._files[name], np.dtype(Records.DTYPES[name])
         f.flush()
         return pread_rows(f.fileno(), dtype, 0, min(a, self._n), min(b, self._n),
-                          f"{f.name}: records lost")
+                          f"{self.folder}: the update's spill file of {name} ends early")
 
 
 class Rows(Protocol):
