@@ -843,3 +843,34 @@ def test_the_live_rows_count_shared_and_multi_row_records_once(monkeypatch):
     assert rec.live_rows(parts, 220) == len(expected)
     assert rec.live_rows([(r, mask)], 220) == len(
         {row for i in np.flatnonzero(mask) for row in range(r.start[i], r.start[i] + r.count[i])})
+
+
+def test_an_ingest_that_fails_keeps_the_files_it_completed(tmp_path, monkeypatch):
+    """A disk that fills while an update spills its third block of records: the error is
+    raised, and the records of the files completed so far (the two blocks spilled and the
+    third one's, still held) are committed with their rows: the next run decodes the rest
+    only, and its rows are right."""
+    import errno
+
+    from trainer.data import ingest, records
+
+    monkeypatch.setattr(ingest, "READ_ROWS", 10)
+    root = tmp_path / "texts"
+    root.mkdir()
+    for i in range(45):
+        (root / f"{i:03d}.txt").write_bytes(f"{i:04d}".encode())
+    real, calls = records.Spill.append, [0]
+
+    def filling(self, *args):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *args)
+
+    monkeypatch.setattr(records.Spill, "append", filling)
+    with pytest.raises(OSError, match="No space left"):
+        _ingest_texts(tmp_path / "c", root)
+    monkeypatch.setattr(records.Spill, "append", real)
+    paths, rows, report, _ = _ingest_texts(tmp_path / "c", root)
+    assert (report.new, report.decoded) == (15, 15)
+    assert [bytes(r).decode() for r in rows] == [Path(p).read_text() for p in paths]
