@@ -20,7 +20,7 @@ from export.children import die_with_parent
 from export.errors import InputError
 from export.timing import usable_cores
 from trainer.data.cache import FileStat, Records, RowCache, path_key
-from trainer.data.records import READ_ROWS, Head, Spill
+from trainer.data.records import READ_ROWS, Appended, Head, Spill
 from trainer.data.paths import PathList
 
 BLOCK = 512  # files read, hashed and decoded together by the thread pool
@@ -140,7 +140,10 @@ def update(cache: RowCache, root: Path, paths: PathList | list[str | Path],
     try:
         for a in range(0, len(paths), READ_ROWS):
             e = min(a + READ_ROWS, len(paths))
-            run.block(a, e, _stat_block(paths, a, e, None if verify else cache.index))
+            out = _stat_block(paths, a, e, None if verify else cache.index)
+            run.complete()  # the block before, whose first files were decoded meanwhile
+            run.start(a, e, out)
+        run.complete()
         run.finish()
     except BaseException:
         try:  # what was decoded completely stays usable
@@ -211,72 +214,6 @@ def _prepared(cache: RowCache, rows: Decoded):
     return cache.prepare(rows) if isinstance(rows, dict) else rows
 
 
-class _Appended:
-    """The content appended during one update: digest -> the record of the file it came
-    from. Kept as sorted numpy columns of the digests' first 8 bytes (16 bytes per file,
-    where a dict costs ~140); the latest ones sit in a dict, merged in when it holds MERGE
-    files or 1/32 of the columns, whichever is more: each merge moves the columns, so a
-    fixed cadence would move them quadratically (5 s per million files), a growing one
-    linearly (~4 bytes per file more in the dict)."""
-
-    MERGE = 4096
-    MOVE = 1 << 16  # entries moved together by a merge
-
-    def __init__(self):
-        self._prefix, self._row = np.zeros(0, np.uint64), np.zeros(0, np.int64)
-        self.n = 0
-        self.latest: dict[bytes, int] = {}
-        self.limit = self.MERGE
-
-    @property
-    def prefix(self) -> np.ndarray:
-        return self._prefix[:self.n]
-
-    @property
-    def row(self) -> np.ndarray:
-        return self._row[:self.n]
-
-    def add(self, digest: bytes, row: int) -> None:
-        self.latest[digest] = row
-        if len(self.latest) >= self.limit:
-            new = np.frombuffer(b"".join(d[:8] for d in self.latest), np.uint64)
-            rows = np.fromiter(self.latest.values(), np.int64, len(self.latest))
-            order = np.argsort(new, kind="stable")
-            self._merge(new[order], rows[order])
-            self.latest, self.limit = {}, max(self.MERGE, self.n >> 5)
-
-    def _merge(self, new: np.ndarray, rows: np.ndarray) -> None:
-        """Merge sorted `new` (with their rows) into the columns in place: the entries
-        already there are moved up, from the back, MOVE at a time, each past the new ones
-        that sort before it (np.insert made new columns: twice their size at each merge).
-        The columns grow by 1/8 when full, by realloc (large blocks are remapped, not
-        copied)."""
-        at = np.searchsorted(self.prefix, new)  # new value j goes before old entry at[j]
-        if self.n + len(new) > len(self._prefix):
-            size = max(self.n + len(new), len(self._prefix) * 9 // 8)
-            for column in (self._prefix, self._row):
-                column.resize(size, refcheck=False)  # no view of them outlives a call
-        for b in range(self.n, 0, -self.MOVE):
-            a = max(0, b - self.MOVE)
-            dest = np.arange(a, b) + np.searchsorted(at, np.arange(a, b), side="right")
-            self._prefix[dest], self._row[dest] = self._prefix[a:b].copy(), self._row[a:b].copy()
-        dest = at + np.arange(len(new))
-        self._prefix[dest], self._row[dest] = new, rows
-        self.n += len(new)
-
-    def get(self, digest: bytes, digest_of: Callable[[int], bytes]) -> int | None:
-        """The row of `digest`; `digest_of(row)` gives the whole digest of a row."""
-        if digest in self.latest:
-            return self.latest[digest]
-        key = np.frombuffer(digest[:8], np.uint64)[0]
-        for j in range(np.searchsorted(self.prefix, key), len(self.prefix)):
-            if self.prefix[j] != key:
-                break
-            if digest_of(int(self.row[j])) == digest:
-                return int(self.row[j])
-        return None
-
-
 class _Run:
     """One update, a block of the listing at a time. The listing's first `head` files are
     the index's own records in place (nothing changed there); the records of every block
@@ -287,13 +224,15 @@ class _Run:
     def __init__(self, cache: RowCache, verify: bool, whole_files: bool, report: UpdateReport):
         self.cache, self.verify, self.report = cache, verify, report
         self.head, self.known, self.spill = 0, 0, None
-        self.fresh, self.pool = _Appended(), _Pool(whole_files)
+        self.fresh, self.pool = Appended(), _Pool(whole_files)
         # the block being completed: its first file, its records, the index's record of
-        # each of its files (or -1), which of them were placed
-        self.a, self.out, self.at, self.done = 0, None, None, None
+        # each of its files (or -1), which of them were placed, which to read, the results
+        # of the first BLOCK of those (decoded while the next block is stat'ed)
+        self.a, self.out, self.at, self.done, self.redo, self.first = 0, None, None, None, None, ()
 
-    def block(self, a: int, e: int, out: Records | None) -> None:
-        """Complete files a..e-1, whose new records are `out` (None: the index's own)."""
+    def start(self, a: int, e: int, out: Records | None) -> None:
+        """Start on files a..e-1, whose new records are `out` (None: the index's own, and
+        they are complete)."""
         cache = self.cache
         if out is None:
             self.known += e - a
@@ -306,27 +245,37 @@ class _Run:
         self.known += int((self.at >= 0).sum())
         redo = np.flatnonzero(np.ones(len(out), bool) if self.verify
                               else ~_reuse(cache.index, out, self.at))
-        self.a, self.out, self.done = a, out, np.zeros(len(out), bool)
-        if len(redo):
-            self._decode(redo)
-        if self.spill is None:
-            self.spill = Spill(cache.folder)
-        self.spill.append(out, 0, len(out))
-        self.out = None
+        self.a, self.out, self.done, self.redo = a, out, np.zeros(len(out), bool), redo
+        self.first = self._submit(redo[:BLOCK])
 
-    def _decode(self, redo: np.ndarray) -> None:
+    def _submit(self, part: np.ndarray):
+        """Hand files `part` of the block to the workers; their results, in order."""
         out, cache = self.out, self.cache
+        if not len(part):
+            return ()
         if self.pool.pool is None:
             cache.sort_digests()  # once, before any worker is forked
-        pool = self.pool.get(len(redo), int(out.size[redo].sum()))
-        for b in range(0, len(redo), BLOCK):
-            part = redo[b:b + BLOCK]
-            tasks = zip((self.a + part).tolist(), out.size[part].tolist(),
-                        out.mtime_ns[part].tolist(), out.ino[part].tolist())
-            for i, digest, arrays in pool.map(_work, tasks, chunksize=16):
+        pool = self.pool.get(len(part), int(out.size[part].sum()))
+        tasks = zip((self.a + part).tolist(), out.size[part].tolist(),
+                    out.mtime_ns[part].tolist(), out.ino[part].tolist())
+        return pool.map(_work, tasks, chunksize=16)  # submitted now, read in order later
+
+    def complete(self) -> None:
+        """Place the decoded files of the block started last, BLOCK at a time, and spill
+        its records."""
+        if self.out is None:
+            return
+        results = self.first
+        for b in range(BLOCK, len(self.redo) + BLOCK, BLOCK):
+            for i, digest, arrays in results:
                 self.place(i, digest, arrays)
-                if cache.due():
+                if self.cache.due():
                     self.save()
+            results = self._submit(self.redo[b:b + BLOCK])
+        if self.spill is None:
+            self.spill = Spill(self.cache.folder)
+        self.spill.append(self.out, 0, len(self.out))
+        self.out, self.first = None, ()
 
     def _record(self, j: int, column: str) -> np.ndarray:
         """Column `column` of file j's record (one value), from the block or the spill."""
