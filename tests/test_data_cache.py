@@ -238,6 +238,42 @@ def test_a_folder_of_parquet_files_is_one_table_and_updates_per_file(tmp_path, c
     assert fresh.fingerprint == grown.fingerprint != ds.fingerprint
 
 
+def test_a_table_write_that_fails_behind_the_decode_keeps_the_files_committed(
+        tmp_path, monkeypatch, capsys):
+    """A table's batches are written on a thread while the next is decoded: a write that
+    fails there (a full disk at the fourth file) is raised at the next commit, and what was
+    committed before it stays: the next run decodes the other three files only."""
+    import errno
+
+    from trainer.data import cache, rowfile
+
+    folder = tmp_path / "t"
+    folder.mkdir()
+    for i in range(6):
+        pq.write_table(_table(i), folder / f"part-{i}.parquet")
+    monkeypatch.setattr(cache, "COMMIT_BYTES", 1)  # a commit after every file
+    real, calls = rowfile._write_parts, [0]
+
+    def filling(files):
+        calls[0] += 1
+        if calls[0] == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(files)
+
+    monkeypatch.setattr(rowfile, "_write_parts", filling)
+    opts = SourceOptions(cache_dir=str(tmp_path / "c"))
+    with pytest.raises(OSError, match="No space left"):
+        load_source("tabular", str(folder), opts)
+    monkeypatch.setattr(rowfile, "_write_parts", real)
+    capsys.readouterr()
+    ds = load_source("tabular", str(folder), opts)
+    assert "6 files: 3 new, 0 changed, 0 removed; decoded 3" in capsys.readouterr().err
+    assert ds.fingerprint == load_source("tabular", str(folder), SourceOptions(
+        cache_dir=str(tmp_path / "fresh"))).fingerprint
+    whole = pa.concat_tables([_table(i) for i in range(6)])
+    np.testing.assert_array_equal(ds.train.arrays()[0][:, 0], whole["a"].to_numpy().astype("f4"))
+
+
 def _feature_range(tables) -> tuple[float, float]:
     x = np.concatenate([t.select(["a", "b"]).to_pandas().to_numpy("f4") for t in tables])
     return float(x.min()), float(x.max())

@@ -44,7 +44,7 @@ from export.timing import cache_folder
 from trainer.data.records import (READ_ROWS, Records, Rows, StoredIndex,
                                   StoredRecords, joined, live_rows, prefix8, write_npy)
 from trainer.data.rowcheck import Prepared, RowChecks
-from trainer.data.rowfile import RowFile
+from trainer.data.rowfile import ColumnWriter, RowFile
 
 FORMAT = 4  # 2: CRC-32 row checks; 3: index.npz; 4: path keys, records as columns
 INDEX = "index.npz"
@@ -95,7 +95,7 @@ class RowCache:
         self.index = Records.empty()  # as committed (one record per key)
         self.gen, self.rows, self.extra = 0, 0, {}
         self._since_commit = 0
-        self._files: dict = {}
+        self._out: ColumnWriter | None = None  # the column files, open for appending
         self._maps: dict[str, RowFile] | None = None  # check_rows' readers
         self._sorted: dict[str, tuple] = {}  # index.key / index.digest, sorted
         self._forgotten: set[bytes] = set()
@@ -115,17 +115,16 @@ class RowCache:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def _close(self) -> None:
-        for f in self._files.values():
-            f.close()
-        self._files = {}
+        out, self._out = self._out, None
+        if out is not None:
+            out.close()
 
-    def _file(self, name: str):
-        """The column file, open at its last row for appending (for the whole ingest)."""
-        if name not in self._files:
-            f = open(self._bin(name), "r+b", buffering=1 << 20)
-            f.seek(self.rows * self._row_bytes(name))
-            self._files[name] = f
-        return self._files[name]
+    def _writer(self) -> ColumnWriter:
+        """The column files, open at their last row for appending (for the whole ingest)."""
+        if self._out is None:
+            self._out = ColumnWriter({n: self._bin(n) for n in self.columns},
+                                     {n: self.rows * self._row_bytes(n) for n in self.columns})
+        return self._out
 
     # ---------------------------------------------------------------- reading
     def _row_bytes(self, name: str) -> int:
@@ -254,8 +253,8 @@ class RowCache:
 
     def arrays(self) -> dict[str, RowFile]:
         """Every column's committed rows, read on demand."""
-        for f in self._files.values():
-            f.flush()
+        if self._out is not None:
+            self._out.flush()
         return {name: RowFile(self._bin(name), dtype, shape, self.rows)
                 for name, (shape, dtype) in self.columns.items()}
 
@@ -289,19 +288,20 @@ class RowCache:
         returns (start, count, check) for its record. Uncommitted until `commit`."""
         start = self.rows
         if isinstance(rows, Prepared):
-            self._write(rows.arrays)
+            self._write(rows.arrays, behind=False)
             return start, rows.count, rows.check
         checks = RowChecks(self.columns)
         for arrays in rows:
             batch = self._laid_out(arrays)
-            self._write(batch)
+            self._write(batch, behind=True)
             checks.feed_all(batch)  # the file's check; a batch's own would go unused
         return start, self.rows - start, checks.digest()
 
-    def _write(self, arrays: dict[str, np.ndarray]) -> None:
-        for name, arr in arrays.items():
-            self._file(name).write(memoryview(arr).cast("B"))
-            self._since_commit += arr.nbytes
+    def _write(self, arrays: dict[str, np.ndarray], behind: bool) -> None:
+        # behind: a table's batches, decoded in this process, are written on the writer's
+        # thread while the next one decodes (their writes were ~half a table's ingest)
+        self._writer().write(arrays, behind)
+        self._since_commit += sum(arr.nbytes for arr in arrays.values())
         self.rows += _count(arrays)
 
     def forget(self, digest: bytes) -> None:
@@ -334,10 +334,7 @@ class RowCache:
         self._since_commit = 0
 
     def _sync(self) -> None:
-        for name in self.columns:
-            f = self._file(name)
-            f.flush()
-            os.fsync(f.fileno())
+        self._writer().sync()
 
     def _write_index(self, parts: list[tuple[Rows, np.ndarray | None]], unique: bool) -> None:
         """The index as an uncompressed .npz of columns, each column the records of

@@ -1,8 +1,10 @@
-"""Rows of a raw column file of the row cache, read with pread."""
+"""The raw column files of the row cache: rows read with pread (`RowFile`), appended by
+`ColumnWriter`."""
 
 from __future__ import annotations
 
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -72,3 +74,60 @@ class RowFile:
         out = np.empty_like(ordered)
         out[order] = ordered
         return out
+
+
+class ColumnWriter:
+    """The column files of one generation, open for appending at the given byte offsets.
+    `write(arrays, behind=True)` writes on a thread of its own and returns: the caller
+    decodes the next batch meanwhile. The write before is waited for first, so rows stay in
+    order and at most one batch is held; a write that failed there is raised by the next
+    `write`, `flush`, `sync` or `close`."""
+
+    def __init__(self, paths: dict[str, Path], offsets: dict[str, int]):
+        self.files = {}
+        for name, path in paths.items():
+            self.files[name] = f = open(path, "r+b", buffering=1 << 20)
+            f.seek(offsets[name])
+        self.thread: ThreadPoolExecutor | None = None
+        self.pending: Future | None = None
+
+    def write(self, arrays: dict[str, np.ndarray], behind: bool) -> None:
+        self._wait()
+        parts = [(self.files[name], memoryview(arr).cast("B")) for name, arr in arrays.items()]
+        if not behind:
+            _write_parts(parts)
+            return
+        if self.thread is None:
+            self.thread = ThreadPoolExecutor(1, thread_name_prefix="cache-write")
+        self.pending = self.thread.submit(_write_parts, parts)
+
+    def _wait(self) -> None:
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.result()
+
+    def flush(self) -> None:
+        """Everything written reaches the files (readable by another descriptor)."""
+        self._wait()
+        for f in self.files.values():
+            f.flush()
+
+    def sync(self) -> None:
+        """Everything written is durable."""
+        self.flush()
+        for f in self.files.values():
+            os.fsync(f.fileno())
+
+    def close(self) -> None:
+        try:
+            self._wait()
+        finally:
+            if self.thread is not None:
+                self.thread.shutdown()
+            for f in self.files.values():
+                f.close()
+
+
+def _write_parts(parts: list) -> None:
+    for f, data in parts:
+        f.write(data)
