@@ -22,7 +22,8 @@ import numpy as np
 
 from export.atomic import atomic_path
 from export.card import DatasetChange, DatasetInfo
-from trainer.data.records import READ_ROWS, Records, pread_rows, write_npy_header
+from trainer.data.records import (READ_ROWS, Records, pread_rows, read_npy_header,
+                                  write_npy_header)
 
 KEEP = 4
 SNAPSHOT = np.dtype([("key", "S16"), ("digest", "S32"), ("rows", "<i8")])
@@ -97,11 +98,7 @@ class _Snapshot:
 
     def __init__(self, path: Path):
         with open(path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            read = {(1, 0): np.lib.format.read_array_header_1_0,
-                    (2, 0): np.lib.format.read_array_header_2_0}[version]
-            shape, fortran, dtype = read(f)
-            self.at = f.tell()
+            shape, fortran, dtype, self.at = read_npy_header(f)
         if dtype != SNAPSHOT or len(shape) != 1 or fortran or \
                 path.stat().st_size != self.at + shape[0] * SNAPSHOT.itemsize:
             raise ValueError(f"{path}: not a snapshot")

@@ -110,11 +110,7 @@ class StoredIndex:
                     raise ValueError(f"{info.filename}: no local header")
                 start = info.header_offset + 30 + sum(struct.unpack("<HH", local[26:30]))
                 f.seek(start)
-                version = np.lib.format.read_magic(f)
-                read = {(1, 0): np.lib.format.read_array_header_1_0,
-                        (2, 0): np.lib.format.read_array_header_2_0}[version]
-                shape, _, dtype = read(f)
-                at = f.tell()
+                shape, _, dtype, at = read_npy_header(f)
                 if len(shape) != 1 or dtype.hasobject or \
                         at + shape[0] * dtype.itemsize != start + info.file_size:
                     raise ValueError(f"{info.filename}: not a column of {info.file_size} bytes")
@@ -179,6 +175,16 @@ class StoredRecords(Records):
 
 
 WRITE_ROWS = 1 << 14  # records written to the index (or walked) per block
+
+
+def read_npy_header(f) -> tuple[tuple, bool, np.dtype, int]:
+    """(shape, fortran order, dtype, offset of the values) of the .npy header at the file's
+    position; raises ValueError (or KeyError for a version numpy does not write) if none."""
+    version = np.lib.format.read_magic(f)
+    read = {(1, 0): np.lib.format.read_array_header_1_0,
+            (2, 0): np.lib.format.read_array_header_2_0}[version]
+    shape, fortran, dtype = read(f)
+    return shape, fortran, dtype, f.tell()
 
 
 def write_npy_header(f, dtype: np.dtype, n: int) -> None:
