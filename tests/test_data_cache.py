@@ -230,12 +230,16 @@ def test_a_folder_of_parquet_files_is_one_table_and_updates_per_file(tmp_path, c
     np.testing.assert_array_equal(ds.train.arrays()[0][:, 0], whole["a"].to_numpy().astype("f4"))
     assert "4 files: 4 new" in capsys.readouterr().err
 
-    pq.write_table(_table(9), folder / "part-9.parquet")
+    assert ds.train.rows is None  # the cache's rows are the table's, in order
+
+    pq.write_table(_table(9), folder / "part-1b.parquet")  # between part-1 and part-2
     grown = load_source("tabular", str(folder), SourceOptions(cache_dir=str(tmp_path / "c")))
     assert "5 files: 1 new, 0 changed, 0 removed; decoded 1" in capsys.readouterr().err
-    assert len(grown.train) == 200
+    assert len(grown.train) == 200 and grown.train.rows is not None  # appended last
     fresh = load_source("tabular", str(folder), SourceOptions(cache_dir=str(tmp_path / "c2")))
     assert fresh.fingerprint == grown.fingerprint != ds.fingerprint
+    for got, want in zip(grown.train.arrays(), fresh.train.arrays()):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_a_table_write_that_fails_behind_the_decode_keeps_the_files_committed(

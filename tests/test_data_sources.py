@@ -301,13 +301,15 @@ def test_tabular_classes_are_counted_across_blocks_of_rows(monkeypatch):
     monkeypatch.setattr(tabular, "GATHER_ROWS", 4)
     labels = np.array([1.0, 0, 1, 0, 2, 7, 2, 0, 1, 7], np.float64)
     rows = np.arange(len(labels))[::-1].copy()
-    names, y = tabular._targets(labels, rows, [], "classification", "f8")
+    names, y = tabular._targets(labels, rows, 10, [], "classification", "f8")
     assert names == ["0", "1", "2", "7"] and y.tolist() == [3, 1, 0, 2, 3, 2, 0, 1, 0, 1]
     codes = np.array([2, 0, 2, 1, 0, 1], np.int64)  # into ["z", "a", "m"]
-    names, y = tabular._targets(codes, np.arange(6), ["z", "a", "m"], "classification", "i8")
+    names, y = tabular._targets(codes, None, 6, ["z", "a", "m"], "classification", "i8")
     assert names == ["a", "m", "z"] and y.tolist() == [1, 2, 1, 0, 2, 0]
     labels[-1] = -3
-    names, y = tabular._targets(labels, np.arange(10), [], "classification", "f8")
+    names, y = tabular._targets(labels, None, 10, [], "classification", "f8")
+    assert names == ["-3", "0", "1", "2", "7"] and y.tolist() == [2, 1, 2, 1, 3, 4, 3, 1, 2, 0]
+    names, y = tabular._targets(labels, np.arange(10), 10, [], "classification", "f8")
     assert names == ["-3", "0", "1", "2", "7"] and y.tolist() == [2, 1, 2, 1, 3, 4, 3, 1, 2, 0]
 
 

@@ -47,8 +47,9 @@ class Split:
     def arrays(self, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The samples as in-memory arrays (the first `limit` of them): copies, never views
         of a memory map whose file may change."""
-        if self.rows is None:
-            return np.array(self.x[:len(self.y)][:limit]), np.array(self.y[:limit])
+        if self.rows is None:  # x[:n] of a RowFile reads n rows: the limit goes first
+            end = len(self.y) if limit is None else min(limit, len(self.y))
+            return np.array(self.x[:end]), np.array(self.y[:end])
         rows = self.rows[:limit]
         if len(rows) and np.all(rows[1:] == rows[:-1] + 1):  # contiguous: one sequential read
             return np.array(self.x[rows[0]:rows[-1] + 1]), np.asarray(self.y[:limit])

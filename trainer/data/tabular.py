@@ -207,23 +207,29 @@ def _value_range(ranges: dict, fresh: dict, files: list[Path], base: Path, recor
     return (lo, hi), keep
 
 
-def _row_order(records) -> np.ndarray:
+def _row_order(records, stored: int) -> np.ndarray | None:
     """Each row of the table in file order: its place in the cache (8 bytes a row, the
-    positions added in blocks rather than as a second whole array)."""
+    positions added in blocks rather than as a second whole array), or None when the
+    cache's `stored` rows are the table's in that order (after a first ingest): none to
+    hold, and every read of a range of rows is one read."""
     offsets = records.start - (np.cumsum(records.count) - records.count)
+    if not offsets[records.count > 0].any() and int(records.count.sum()) == stored:
+        return None
     rows = np.repeat(offsets, records.count)
     for a in range(0, len(rows), GATHER_ROWS):
         rows[a:a + GATHER_ROWS] += np.arange(a, min(a + GATHER_ROWS, len(rows)))
     return rows
 
 
-def _blocks(column, rows: np.ndarray):
-    """(first, values) of the cached `column` at `rows`, GATHER_ROWS at a time."""
-    for a in range(0, len(rows), GATHER_ROWS):
-        yield a, np.asarray(column[rows[a:a + GATHER_ROWS]])
+def _blocks(column, rows: np.ndarray | None, n: int):
+    """(first, values) of the cached `column` at `rows` (None: its first `n`), GATHER_ROWS
+    at a time."""
+    for a in range(0, n, GATHER_ROWS):
+        b = min(a + GATHER_ROWS, n)
+        yield a, np.asarray(column[a:b] if rows is None else column[rows[a:b]])
 
 
-def _targets(column, rows: np.ndarray, vocab: list[str], task: str,
+def _targets(column, rows: np.ndarray | None, n: int, vocab: list[str], task: str,
              y_dtype: str) -> tuple[list[str], np.ndarray]:
     """Class names and each row's class index (integers sorted numerically, strings
     alphabetically), or the regression values, from the cached target column read in
@@ -232,17 +238,18 @@ def _targets(column, rows: np.ndarray, vocab: list[str], task: str,
     into the vocabulary and small non-negative integer labels are counted (np.bincount,
     linear; np.unique would sort every row)."""
     if task == "regression":
-        y = np.empty(len(rows), np.float32)
-        for a, v in _blocks(column, rows):
+        y = np.empty(n, np.float32)
+        for a, v in _blocks(column, rows, n):
             y[a:a + len(v)] = v
         return [], y
     counts = np.zeros(0, np.int64)  # of each code, while every block is countable
-    for _, v in _blocks(column, rows):
+    for _, v in _blocks(column, rows, n):
         codes = v.astype(np.int64)
         if y_dtype != "i8" and not ((codes == v).all() and 0 <= codes.min()
                                     and codes.max() < 1 << 20):
-            uniq, y = np.unique(np.asarray(column[rows]), return_inverse=True)  # negative or
-            return [str(int(u)) for u in uniq], y.astype(np.int64)  # fractional labels
+            whole = column[:n] if rows is None else column[rows]  # negative or
+            uniq, y = np.unique(np.asarray(whole), return_inverse=True)  # fractional labels
+            return [str(int(u)) for u in uniq], y.astype(np.int64)
         found = np.bincount(codes)
         if len(found) > len(counts):
             counts = np.pad(counts, (0, len(found) - len(counts)))
@@ -252,8 +259,8 @@ def _targets(column, rows: np.ndarray, vocab: list[str], task: str,
     present = present[np.argsort(keys, kind="stable")]
     rank = np.zeros(int(present.max()) + 1, np.int64)
     rank[present] = np.arange(len(present))
-    y = np.empty(len(rows), np.int64)
-    for a, v in _blocks(column, rows):
+    y = np.empty(n, np.int64)
+    for a, v in _blocks(column, rows, n):
         y[a:a + len(v)] = rank[v.astype(np.int64)]
     return [vocab[c] if y_dtype == "i8" else str(int(c)) for c in present], y
 
@@ -303,10 +310,10 @@ def load_tabular(root: str | None, opts: SourceOptions) -> FixedDataset:
             arrays = cache.arrays()
     print(f"tabular: {root}: {report.line('files')} ({cache.rows:,} rows cached in {where})",
           file=sys.stderr)
-    rows = _row_order(records)
-    if not len(rows):
+    rows, n = _row_order(records, cache.rows), int(records.count.sum())
+    if not n:
         raise InputError(f"{root}: the table has no rows")
-    names, y = _targets(arrays["y"], rows, vocab, task, y_dtype)
+    names, y = _targets(arrays["y"], rows, n, vocab, task, y_dtype)
     train = Split(arrays["x"], y, rows)
     split = np.zeros(len(records), np.int8)  # every file in "train"; no label per file: -1
     fp = files_fingerprint(json.dumps(settings), names, ["train"], split, split - 1, records)
