@@ -80,8 +80,10 @@ class ColumnWriter:
     """The column files of one generation, open for appending at the given byte offsets.
     `write(arrays, behind=True)` writes on a thread of its own and returns: the caller
     decodes the next batch meanwhile. The write before is waited for first, so rows stay in
-    order and at most one batch is held; a write that failed there is raised by the next
-    `write`, `flush`, `sync` or `close`."""
+    order and at most one batch is held. A write that failed there is raised by the next
+    `write`, `flush` or `sync`, and by every one after: rows past it were never written, so
+    nothing may be committed after it (the records of files whose last batch was in flight
+    would point at them)."""
 
     def __init__(self, paths: dict[str, Path], offsets: dict[str, int]):
         self.files = {}
@@ -90,6 +92,7 @@ class ColumnWriter:
             f.seek(offsets[name])
         self.thread: ThreadPoolExecutor | None = None
         self.pending: Future | None = None
+        self.failed: BaseException | None = None
 
     def write(self, arrays: dict[str, np.ndarray], behind: bool) -> None:
         self._wait()
@@ -103,8 +106,10 @@ class ColumnWriter:
 
     def _wait(self) -> None:
         pending, self.pending = self.pending, None
-        if pending is not None:
-            pending.result()
+        if pending is not None and self.failed is None:
+            self.failed = pending.exception()
+        if self.failed is not None:
+            raise self.failed
 
     def flush(self) -> None:
         """Everything written reaches the files (readable by another descriptor)."""
@@ -119,13 +124,15 @@ class ColumnWriter:
             os.fsync(f.fileno())
 
     def close(self) -> None:
-        try:
-            self._wait()
-        finally:
-            if self.thread is not None:
-                self.thread.shutdown()
-            for f in self.files.values():
+        """Closes the files once the write in flight ends (a failure of it is not raised:
+        nothing after it was committed)."""
+        if self.thread is not None:
+            self.thread.shutdown()  # waits for it
+        for f in self.files.values():
+            try:
                 f.close()
+            except OSError:  # the buffer's flush failed likewise
+                pass
 
 
 def _write_parts(parts: list) -> None:
