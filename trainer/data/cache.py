@@ -42,7 +42,7 @@ from export.atomic import atomic_path
 from export.errors import InputError
 from export.timing import cache_folder
 from trainer.data.records import (READ_ROWS, Records, Rows, StoredIndex,
-                                  StoredRecords, joined, live_rows, prefix8, write_npy)
+                                  StoredRecords, joined, live_rows, places, prefix4, write_npy)
 from trainer.data.rowcheck import Prepared, RowChecks
 from trainer.data.rowfile import ColumnWriter, RowFile
 
@@ -185,27 +185,27 @@ class RowCache:
         self.index, self._sorted = records, {}
 
     def _sorted_column(self, column: str) -> tuple[np.ndarray, np.ndarray]:
-        """(order, the first 8 bytes of the column's values in that order, as uint64), kept
-        until the index changes: 16 bytes a file (whole sorted values took 24 or 40 more)."""
+        """(order, the first 4 bytes of the column's values in that order, as uint32), kept
+        until the index changes: 8 bytes a file below 2**31 files (whole sorted values took
+        24 or 40 more; 8-byte prefixes and int64 places 16)."""
         if column not in self._sorted:
-            prefix = np.empty(len(self.index), np.uint64)
+            prefix = np.empty(len(self.index), np.uint32)
             for a in range(0, len(prefix), READ_ROWS):
-                prefix[a:a + READ_ROWS] = prefix8(self.index.block(column, a, a + READ_ROWS))
-            order = np.argsort(prefix, kind="stable")
+                prefix[a:a + READ_ROWS] = prefix4(self.index.block(column, a, a + READ_ROWS))
+            order = np.argsort(prefix, kind="stable").astype(places(len(prefix)))
             self._sorted[column] = (order, prefix[order])
         return self._sorted[column]
 
     def _search(self, column: str, values: np.ndarray) -> np.ndarray:
-        """The index row holding each of `values` in `column`, or -1: found by the first 8
-        bytes and checked whole (values that share those bytes, 1 in 2**64 a pair, are
-        walked)."""
+        """The index row holding each of `values` in `column`, or -1: found by the first 4
+        bytes and checked whole (values that share those bytes are walked)."""
         if not len(self.index):  # a first ingest: one -1 seen len(values) times, no memory
             return np.broadcast_to(np.int64(-1), (len(values),))
         order, have = self._sorted_column(column)
         out = np.empty(len(values), np.int64)
         for a in range(0, len(values), READ_ROWS):  # in blocks: no whole temporaries
             part = values[a:a + READ_ROWS]
-            want = prefix8(part)
+            want = prefix4(part)
             first = np.searchsorted(have, want)
             at = np.minimum(first, len(have) - 1)
             found = np.where(have[at] == want, order[at], -1)
@@ -216,11 +216,11 @@ class RowCache:
         return out
 
     def _walk(self, column: str, value: bytes, j: int | None = None) -> int:
-        """The row holding `value` among those that share its first 8 bytes, which start
+        """The row holding `value` among those that share its first 4 bytes, which start
         at `j` of the sorted prefixes (searched for when None); -1 when none holds it."""
         order, have = self._sorted_column(column)
         value = np.array([value], self.index.DTYPES[column])  # compared whole: an element
-        want = prefix8(value)[0]  # of an "S" array drops its trailing NUL bytes
+        want = prefix4(value)[0]  # of an "S" array drops its trailing NUL bytes
         j = int(have.searchsorted(want)) if j is None else j
         while j < len(have) and have[j] == want:
             if self.index.gather(column, order[j:j + 1]) == value:
@@ -230,7 +230,7 @@ class RowCache:
 
     def lookup(self, keys: np.ndarray, keep: bool = False) -> np.ndarray:
         """The index row of each path key (S16 array), or -1 for a path not in the index.
-        The sorted keys (16 bytes a file) are kept for the next call only with `keep`."""
+        The sorted keys (8 bytes a file) are kept for the next call only with `keep`."""
         try:
             return self._search("key", keys)
         finally:

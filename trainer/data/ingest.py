@@ -224,7 +224,7 @@ class _Run:
     def __init__(self, cache: RowCache, verify: bool, whole_files: bool, report: UpdateReport):
         self.cache, self.verify, self.report = cache, verify, report
         self.head, self.known, self.spill = 0, 0, None
-        self.fresh, self.pool = Appended(), _Pool(whole_files)
+        self.fresh, self.pool = Appended(report.files), _Pool(whole_files)
         # the block being completed: its first file, its records, the index's record of
         # each of its files (or -1), which of them were placed, which to read, the results
         # of the first BLOCK of those (decoded while the next block is stat'ed)
