@@ -168,15 +168,27 @@ class StoredRecords(Records):
 
     def gather(self, name: str, rows: np.ndarray) -> np.ndarray:
         """Rows that lie close together (an update's matches follow the listing, which
-        follows the index) are read as one span; scattered ones read the column whole."""
+        follows the index) are read as one span, or as a few spans apart (with a stray: the
+        index searched by 4-byte prefixes meets another key's record first now and then);
+        scattered ones read the column whole."""
         if name in self.__dict__:
             return super().gather(name, rows)
         if not len(rows):
             return self.block(name, 0, 0)
         lo, hi = int(rows.min()), int(rows.max()) + 1
-        if hi - lo > 4 * len(rows) + 64:
+        if hi - lo <= 4 * len(rows) + 64:
+            return self.block(name, lo, hi)[rows - lo]
+        order = np.argsort(rows, kind="stable")
+        ranked = rows[order]
+        parts = np.split(np.arange(len(rows)), np.flatnonzero(np.diff(ranked) > 4096) + 1)
+        if len(parts) > 64 or any(ranked[p[-1]] - ranked[p[0]] > 4 * len(p) + 4096
+                                  for p in parts):
             return getattr(self, name)[rows]
-        return self.block(name, lo, hi)[rows - lo]
+        out = np.empty(len(rows), Records.DTYPES[name])
+        for p in parts:
+            a = int(ranked[p[0]])
+            out[order[p]] = self.block(name, a, int(ranked[p[-1]]) + 1)[ranked[p] - a]
+        return out
 
 
 
