@@ -53,6 +53,7 @@ def test_adding_removing_and_changing_files_decodes_only_those(tmp_path, capsys)
     first = _load(root, cache)
     assert _cache_rows(cache) == 60
     assert "60 images: 60 new, 0 changed, 0 removed; decoded 60" in capsys.readouterr().err
+    assert first.train.rows is None  # the cache holds the files' rows in order: no map
 
     for i in range(3):
         _png(root / "bee" / f"new{i}.png", 5000 + i)  # 3 new
@@ -68,6 +69,7 @@ def test_adding_removing_and_changing_files_decodes_only_those(tmp_path, capsys)
     np.testing.assert_array_equal(fresh.train.arrays()[0], second.train.arrays()[0])
     np.testing.assert_array_equal(fresh.train.y, second.train.y)
     assert second.train.y[list(second.train.rows).index(second.train.rows[-1])] == 2
+    assert fresh.train.rows is None and second.train.rows is not None
 
 
 def test_a_same_size_same_mtime_change_is_caught_by_verify_cache(tmp_path):

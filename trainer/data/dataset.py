@@ -208,6 +208,21 @@ def files_fingerprint(settings: str, class_names: list[str], split_names: list[s
 FINGERPRINT_BLOCK = 8192
 
 
+def in_file_order(records: Records, stored: int) -> bool:
+    """Whether the cache's `stored` rows are the files' rows, file after file in the
+    records' order, from the first (what a first ingest writes): then a dataset needs no
+    map of its rows. Read a block of records at a time."""
+    at = 0
+    for a in range(0, len(records), FINGERPRINT_BLOCK * 8):
+        start = records.block("start", a, a + FINGERPRINT_BLOCK * 8)
+        count = records.block("count", a, a + FINGERPRINT_BLOCK * 8)
+        ends = at + np.cumsum(count)
+        if np.any((start != ends - count) & (count > 0)):
+            return False
+        at = int(ends[-1])
+    return at == stored
+
+
 def _group_starts(splits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Where each run of files with the same split and label starts, found a block of
     files at a time (whole differences of the columns held ~25 bytes a file)."""

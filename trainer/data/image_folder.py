@@ -21,7 +21,7 @@ from export.errors import InputError
 from export.listing import PackedNames
 from trainer.data.cache import RowCache, cache_root
 from trainer.data.dataset import (FixedDataset, SourceOptions, Split, files_fingerprint,
-                                  image_spec, make_dataset, require_root)
+                                  image_spec, in_file_order, make_dataset, require_root)
 from trainer.data.ingest import update
 from trainer.data.lineage import save_snapshot
 from trainer.data.paths import PathList, encode_path
@@ -117,6 +117,8 @@ def load_image_folder(root: str | None, opts: SourceOptions) -> FixedDataset:
     with RowCache.open(where, {"x": (list(spec.shape), "u1")}, settings) as cache:
         records, report = update(cache, folder, paths, decode_file, opts.verify_cache)
         x = cache.arrays()["x"]
+        # the files' rows: none to hold when the cache has them in order (a first ingest)
+        rows = None if in_file_order(records, cache.rows) else records.start
     del paths
     # labels and splits made after the ingest: 9 bytes a file less at its peak
     sizes = [n for classes in layout.values() for n in classes.values()]
@@ -125,7 +127,8 @@ def load_image_folder(root: str | None, opts: SourceOptions) -> FixedDataset:
                          [sum(c.values()) for c in layout.values()])
     print(f"image_folder: {folder}: {report.line('images')} ({mode} {size[0]}x{size[1]}, "
           f"cache {where})", file=sys.stderr)
-    parts = {s: Split(x, y, records.start).subset(np.flatnonzero(split_of == k))
+    whole = Split(x, y, rows)
+    parts = {s: whole.subset(np.flatnonzero(split_of == k)) if len(layout) > 1 else whole
              for k, s in enumerate(layout)}
     fp = files_fingerprint(json.dumps(settings), names, list(layout), split_of, y, records)
     return make_dataset(folder.name, parts["train"], parts.get("test"), names,

@@ -23,7 +23,8 @@ from export.errors import InputError
 from export.readers import check_column_names, describe_nonfinite, short_reason
 from trainer.data.cache import RowCache, cache_root
 from trainer.data.dataset import (FixedDataset, SourceOptions, Split, feature_spec,
-                                  files_fingerprint, make_dataset, value_range)
+                                  files_fingerprint, in_file_order, make_dataset,
+                                  value_range)
 from trainer.data.ingest import update
 from trainer.data.lineage import save_snapshot
 
@@ -212,9 +213,9 @@ def _row_order(records, stored: int) -> np.ndarray | None:
     positions added in blocks rather than as a second whole array), or None when the
     cache's `stored` rows are the table's in that order (after a first ingest): none to
     hold, and every read of a range of rows is one read."""
-    offsets = records.start - (np.cumsum(records.count) - records.count)
-    if not offsets[records.count > 0].any() and int(records.count.sum()) == stored:
+    if in_file_order(records, stored):
         return None
+    offsets = records.start - (np.cumsum(records.count) - records.count)
     rows = np.repeat(offsets, records.count)
     for a in range(0, len(rows), GATHER_ROWS):
         rows[a:a + GATHER_ROWS] += np.arange(a, min(a + GATHER_ROWS, len(rows)))
