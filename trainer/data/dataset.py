@@ -11,7 +11,7 @@ import numpy as np
 from export.card import InputSpec
 from export.errors import InputError
 from export.imaging import PREPROCESSING
-from trainer.data.records import Records
+from trainer.data.records import READ_ROWS, Records
 
 
 CHUNK_BYTES = 32 << 20  # rows per step of every pass over a whole split: ~32 MiB of x
@@ -213,9 +213,9 @@ def in_file_order(records: Records, stored: int) -> bool:
     records' order, from the first (what a first ingest writes): then a dataset needs no
     map of its rows. Read a block of records at a time."""
     at = 0
-    for a in range(0, len(records), FINGERPRINT_BLOCK * 8):
-        start = records.block("start", a, a + FINGERPRINT_BLOCK * 8)
-        count = records.block("count", a, a + FINGERPRINT_BLOCK * 8)
+    for a in range(0, len(records), READ_ROWS):
+        start = records.block("start", a, a + READ_ROWS)
+        count = records.block("count", a, a + READ_ROWS)
         ends = at + np.cumsum(count)
         if np.any((start != ends - count) & (count > 0)):
             return False

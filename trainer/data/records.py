@@ -180,9 +180,9 @@ class StoredRecords(Records):
             return self.block(name, lo, hi)[rows - lo]
         order = np.argsort(rows, kind="stable")
         ranked = rows[order]
-        parts = np.split(np.arange(len(rows)), np.flatnonzero(np.diff(ranked) > 4096) + 1)
-        if len(parts) > 64 or any(ranked[p[-1]] - ranked[p[0]] > 4 * len(p) + 4096
-                                  for p in parts):
+        cuts = np.flatnonzero(np.diff(ranked) > 4096) + 1
+        parts = np.split(np.arange(len(rows)), cuts) if len(cuts) < 64 else []
+        if not parts or any(ranked[p[-1]] - ranked[p[0]] > 4 * len(p) + 4096 for p in parts):
             return getattr(self, name)[rows]
         out = np.empty(len(rows), Records.DTYPES[name])
         for p in parts:
