@@ -284,6 +284,35 @@ def test_a_table_write_that_fails_behind_the_decode_keeps_the_files_committed(
     np.testing.assert_array_equal(ds.train.arrays()[0][:, 0], whole["a"].to_numpy().astype("f4"))
 
 
+@pytest.mark.parametrize("bad", ["cut short", "empty"])
+def test_a_damaged_parquet_file_among_good_ones_is_named_in_one_line(tmp_path, bad, capsys):
+    """A folder whose later file is cut short or empty (the first file is read to find the
+    schema; the others when each is decoded): one line naming it, exit 2, the good files'
+    rows cached for the next run, nothing in the folder touched."""
+    from tests.conftest import assert_one_line_error, run_cli
+
+    folder = tmp_path / "t"
+    folder.mkdir()
+    for i in range(3):
+        pq.write_table(_table(i), folder / f"part-{i}.parquet")
+    good = {p.name: p.read_bytes() for p in folder.iterdir()}
+    (folder / "part-9.parquet").write_bytes(good["part-1.parquet"][:300] if bad == "cut short"
+                                            else b"")
+    with pytest.raises(InputError, match=r"part-9.parquet: cannot read table"):
+        load_source("tabular", str(folder), SourceOptions(cache_dir=str(tmp_path / "c")))
+    proc = run_cli("data", "--config", str(ROOT / "configs" / "tabular.yaml"), "--data.root",
+                   str(folder), "--data.cache_dir", str(tmp_path / "c"), "--out",
+                   str(tmp_path / "out.npz"))
+    assert proc.returncode == 2
+    assert_one_line_error(proc, "part-9.parquet", "cannot read table")
+    assert not (tmp_path / "out.npz").exists()
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.name in good} == good
+    (folder / "part-9.parquet").unlink()
+    capsys.readouterr()
+    load_source("tabular", str(folder), SourceOptions(cache_dir=str(tmp_path / "c")))
+    assert "3 files: 0 new, 0 changed, 0 removed; decoded 0" in capsys.readouterr().err
+
+
 def _feature_range(tables) -> tuple[float, float]:
     x = np.concatenate([t.select(["a", "b"]).to_pandas().to_numpy("f4") for t in tables])
     return float(x.min()), float(x.max())

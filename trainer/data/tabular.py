@@ -110,7 +110,12 @@ def _dataset(base: Path, files: list[Path], fmt: str):
 
 def _check_schema(fragment, schema, path: str) -> None:
     """A Parquet file must have the first file's columns and types."""
-    physical = fragment.physical_schema
+    import pyarrow as pa
+
+    try:
+        physical = fragment.physical_schema
+    except (pa.ArrowInvalid, OSError) as exc:  # cut short, empty, not Parquet
+        raise InputError(f"{path}: cannot read table ({short_reason(exc)})") from None
     for field in physical:
         if field.name not in schema.names:
             raise InputError(f"{path}: has column {field.name!r}, which the first file lacks; "
