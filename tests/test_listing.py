@@ -127,3 +127,74 @@ def test_a_link_back_to_a_folder_above_is_not_walked_again(tmp_path):
     assert list(listing) == [str(tmp_path / name) for name in want]
     assert layout == {"train": {"c0": 2, "c1": 2}}
     assert sorted(map(str, iter_image_files(tmp_path))) == [str(tmp_path / n) for n in want]
+
+
+def test_a_spilled_listing_reads_back_every_name_in_order(tmp_path, monkeypatch):
+    """A listing given a spill folder keeps its names in files there, a buffer at a time:
+    read back across the buffers' edges, after more names were added to one already read
+    (an update's listing), and from a forked worker (the ingest's decoders read their paths
+    so), every path is the one an in-memory listing gives."""
+    import multiprocessing
+
+    from trainer.data.paths import PathList
+
+    monkeypatch.setattr(PathList, "BUFFER", 100)  # a spill every few names
+    rng = random.Random(1)
+    names = [f"c{rng.randrange(3)}/{rng.randrange(10 ** rng.randrange(1, 9))}.png"
+             for _ in range(500)] + [os.fsdecode(b"c9/\xff\xfe.png"), "c9/\u00e9t\u00e9.png"]
+    spilled, held = PathList("/data", spill=tmp_path), PathList("/data")
+    for listing in (spilled, held):
+        listing.extend(names[:300])
+        listing.extend_sorted(_packed(names[300:450]))
+    assert list(spilled) == list(held) and len(spilled) == 450
+    assert list(tmp_path.iterdir()) == []  # unlinked files: nothing left behind
+    for a, b in ((0, 1), (3, 97), (299, 301), (0, 450), (449, 450), (10, 10)):
+        assert spilled.block(a, b) == held.block(a, b)
+    for listing in (spilled, held):
+        listing.extend(names[450:])
+    assert list(spilled) == list(held) and spilled.rel(501) == "c9/\u00e9t\u00e9.png"
+    global _FORKED
+    _FORKED = spilled  # inherited by the fork, as the ingest's _JOB is
+    try:
+        with multiprocessing.get_context("fork").Pool(1) as pool:
+            assert pool.map(_forked_path, [0, 250, 500]) == [held[0], held[250], held[500]]
+    finally:
+        _FORKED = None
+
+
+_FORKED = None
+
+
+def _forked_path(i: int) -> str:
+    return _FORKED[i]
+
+
+def test_a_spilled_listing_holds_no_memory_per_file(tmp_path, monkeypatch):
+    """An image folder listed for training with a spill folder (as the ingest lists it, in
+    the cache's folder) holds one class's names while they are sorted, never every name:
+    the traced peak grows by ~0 bytes a file from 3 to 15 class folders of 1,000 images
+    (measured: 0.4; held in memory, the same listing grows by 36)."""
+    from trainer.data.paths import PathList
+
+    monkeypatch.setattr(PathList, "BUFFER", 4096)  # its 1 MiB would hold this whole test
+    peaks = {}
+    for classes in (3, 15):
+        folder = tmp_path / f"f{classes}"
+        for c in range(classes):
+            (folder / f"c{c:02d}").mkdir(parents=True)
+            for i in range(1000):
+                os.close(os.open(folder / f"c{c:02d}" / f"n01440764_{i:07d}.JPEG",
+                                 os.O_CREAT | os.O_WRONLY, 0o644))
+        for spill in (tmp_path / "spill", None):
+            tracemalloc.start()
+            try:
+                listing, _ = _layout(folder, spill)
+                assert len(listing) == classes * 1000
+                peaks[classes, spill is None] = tracemalloc.get_traced_memory()[1]
+                del listing
+            finally:
+                tracemalloc.stop()
+    spilled = (peaks[15, False] - peaks[3, False]) / 12000
+    held = (peaks[15, True] - peaks[3, True]) / 12000
+    assert held > 30, f"the in-memory listing: {held:.0f} bytes a file"  # the test can tell
+    assert spilled < 2, f"{spilled:.1f} bytes per file ({peaks})"

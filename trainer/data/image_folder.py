@@ -73,10 +73,11 @@ def _class_files(folder: Path, listing: PathList, above: frozenset) -> dict[str,
     return out
 
 
-def _layout(root: Path) -> tuple[PathList, dict[str, dict[str, int]]]:
+def _layout(root: Path, spill: Path | None = None) -> tuple[PathList, dict[str, dict[str, int]]]:
     """The images in order and {split: {class: count}}; a root without train/ is one train
-    split."""
-    listing, above = PathList(str(root)), frozenset({_folder_id(root)})
+    split. With `spill`, the listing lies in files there (memory holds one class's names
+    while they are sorted, not every name)."""
+    listing, above = PathList(str(root), spill), frozenset({_folder_id(root)})
     if not (root / "train").is_dir():
         return listing, {"train": _class_files(root, listing, above)}
     layout = {s: _class_files(root / s, listing, above | {_folder_id(root / s)})
@@ -99,7 +100,7 @@ def load_image_folder(root: str | None, opts: SourceOptions) -> FixedDataset:
     from export.imaging import decode
 
     folder = require_root(root, "image_folder", "a folder with one sub-folder per class")
-    paths, layout = _layout(folder)
+    paths, layout = _layout(folder, spill=cache_root(opts.cache_dir))
     names = list(layout["train"])
     mode, size = _first_image_format(paths[0])
     mode = opts.color_mode or mode

@@ -1,12 +1,17 @@
 """The files of a dataset as one packed listing: every path relative to the source root,
-UTF-8 bytes end to end in one buffer, and one end offset per path. A list of str costs ~60
-bytes per path more than its characters (the str object and the list's pointer); a
-folder of millions of images is listed here for its names' bytes plus 8 bytes each."""
+UTF-8 bytes end to end, and one end offset per path. A list of str costs ~60 bytes per
+path more than its characters (the str object and the list's pointer); a folder of
+millions of images is listed here for its names' bytes plus 8 bytes each, and with `spill`
+those lie in a file on disk, not in memory: a listing of any length costs the process a
+buffer."""
 
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterable, Sequence
+
+import numpy as np
 
 from export.listing import PackedNames
 
@@ -16,15 +21,49 @@ def encode_path(rel: str) -> bytes:
     return rel.encode("utf-8", "surrogateescape")  # os.fsencode's bytes, for any name
 
 
+class _Spill:
+    """Names and their end offsets (int64) appended to two unlinked files in a folder:
+    gone when closed or when the process dies, read back with pread (so the ingest's
+    forked workers read them through the descriptors they inherit)."""
+
+    def __init__(self, folder: str):
+        os.makedirs(folder, exist_ok=True)
+        # held for the listing's life, closed when it is let go
+        self.blob, self.ends = (tempfile.TemporaryFile(dir=folder)  # noqa: SIM115
+                                for _ in range(2))
+        self.count, self.size = 0, 0  # names and bytes written
+
+    def write(self, names: PackedNames) -> None:
+        self.blob.write(names.blob)
+        self.ends.write((np.frombuffer(names.ends, np.int64) + self.size).tobytes())
+        self.count, self.size = self.count + len(names), self.size + len(names.blob)
+        self.blob.flush()
+        self.ends.flush()
+
+    def span(self, a: int, b: int) -> tuple[bytes, list[int]]:
+        """The bytes of names a..b-1 and their ends counted from the first's start."""
+        raw = os.pread(self.ends.fileno(), 8 * (b - a + (a > 0)), 8 * (a - (a > 0)))
+        ends = np.frombuffer(raw, np.int64)
+        first = int(ends[0]) if a else 0
+        ends = ends[1:] if a else ends
+        last = int(ends[-1]) if len(ends) else first
+        return os.pread(self.blob.fileno(), last - first, first), (ends - first).tolist()
+
+
 class PathList(Sequence[str]):
     """Paths under `root`, in the order added. `paths[i]` is the path to open (root
-    joined), `paths.rel(i)` the path relative to the root with "/" separators."""
+    joined), `paths.rel(i)` the path relative to the root with "/" separators. With
+    `spill` (a folder), the names go to files there every BUFFER bytes (rather than one
+    buffer holding them all: 10 million paths of 30 bytes would be 380 MB)."""
 
-    def __init__(self, root: str):
+    BUFFER = 1 << 20
+
+    def __init__(self, root: str, spill: str | os.PathLike | None = None):
         # Path("wine.csv").parent is ".", and its files are spelled "wine.csv", not "./wine.csv"
         self.prefix = "" if root in ("", ".") else os.path.join(root, "")
         self._prefix_bytes = encode_path(self.prefix)
-        self._names = PackedNames()
+        self._names = PackedNames()  # those not yet spilled
+        self._spill = None if spill is None else _Spill(os.fspath(spill))
 
     @classmethod
     def of(cls, root: str, paths: Iterable[str]) -> PathList:
@@ -44,24 +83,39 @@ class PathList(Sequence[str]):
         its cache lock is fcntl's)."""
         for rel in rels:
             self._names.append(encode_path(rel))
+            if len(self._names.blob) >= self.BUFFER:
+                self._flush()
 
     def extend_sorted(self, rels: PackedNames) -> None:
         """Add paths given relative to the root as UTF-8 bytes, in byte order (the order of
         their str for UTF-8 names), without one object per path."""
         self._names.extend(rels, rels.order())
+        if len(self._names.blob) >= self.BUFFER:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._spill is not None and len(self._names):
+            self._spill.write(self._names)
+            self._names = PackedNames()
 
     def __len__(self) -> int:
-        return len(self._names)
+        return len(self._names) + (self._spill.count if self._spill is not None else 0)
 
     def rel(self, i: int) -> str:
-        return self._names[i].decode("utf-8", "surrogateescape")
+        return self.block(i, i + 1)[0].decode("utf-8", "surrogateescape")
 
     def block(self, a: int, b: int) -> list[bytes]:
         """The relative paths a..b-1 as UTF-8 bytes."""
-        names = self._names
-        first = names.start(a)
-        chunk = bytes(names.blob[first:names.ends[b - 1]]) if b > a else b""
-        ends = [e - first for e in names.ends[a:b]]
+        if b <= a:
+            return []
+        self._flush()
+        if self._spill is not None:
+            chunk, ends = self._spill.span(a, b)
+        else:
+            names = self._names
+            first = names.start(a)
+            chunk = bytes(names.blob[first:names.ends[b - 1]])
+            ends = [e - first for e in names.ends[a:b]]
         return [chunk[s:e] for s, e in zip([0, *ends[:-1]], ends)]
 
     def full(self, rel: bytes) -> bytes:
