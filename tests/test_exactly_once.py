@@ -135,7 +135,7 @@ def small_disk(tmp_path):
     mount = tmp_path / "disk"
     mount.mkdir()
     proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
+                          check=False, capture_output=True, text=True)
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()}); needs root")
     yield mount
@@ -193,6 +193,15 @@ def test_a_full_disk_under_data_fit_and_the_image_cache(small_disk, tmp_path):
     proc = run_cli("fit", "--config", str(ROOT / "configs" / "image_folder.yaml"), "--data.root",
                    str(images), "--data.cache_dir", str(small_disk / "cache"), cwd=tmp_path)
     assert_one_line_error(proc, "No space left on device")
+    with open(small_disk / "filler2", "wb") as f:  # no room left for the listing, which is
+        try:  # written first, in the cache folder
+            f.write(b"\0" * (16 << 10))
+        except OSError:
+            pass
+    proc = run_cli("data", "--config", str(ROOT / "configs" / "image_folder.yaml"),
+                   "--data.root", str(images), "--data.cache_dir", str(small_disk / "cache2"),
+                   "--out", str(tmp_path / "d.npz"), cwd=tmp_path)
+    assert_one_line_error(proc, "No space left on device", str(small_disk / "cache2"))
     after = _hashes(small_disk)
     assert {k: after[k] for k in before} == before  # nothing that was there changed
     assert not [k for k in after if k.endswith(".tmp")]  # no half-written file is left

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -27,18 +28,29 @@ class _Spill:
     forked workers read them through the descriptors they inherit)."""
 
     def __init__(self, folder: str):
-        os.makedirs(folder, exist_ok=True)
-        # held for the listing's life, closed when it is let go
-        self.blob, self.ends = (tempfile.TemporaryFile(dir=folder)  # noqa: SIM115
-                                for _ in range(2))
+        self.folder = folder
+        with self._named():
+            os.makedirs(folder, exist_ok=True)
+            # held for the listing's life, closed when it is let go
+            self.blob, self.ends = (tempfile.TemporaryFile(dir=folder)  # noqa: SIM115
+                                    for _ in range(2))
         self.count, self.size = 0, 0  # names and bytes written
 
+    @contextmanager
+    def _named(self):
+        """An OSError (a full disk) names the folder: the files themselves have no name."""
+        try:
+            yield
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, self.folder) from None
+
     def write(self, names: PackedNames) -> None:
-        self.blob.write(names.blob)
-        self.ends.write((np.frombuffer(names.ends, np.int64) + self.size).tobytes())
+        with self._named():
+            self.blob.write(names.blob)
+            self.ends.write((np.frombuffer(names.ends, np.int64) + self.size).tobytes())
+            self.blob.flush()
+            self.ends.flush()
         self.count, self.size = self.count + len(names), self.size + len(names.blob)
-        self.blob.flush()
-        self.ends.flush()
 
     def span(self, a: int, b: int) -> tuple[bytes, list[int]]:
         """The bytes of names a..b-1 and their ends counted from the first's start."""
