@@ -36,7 +36,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from trainer.callbacks import NonFiniteGuard, RunReport
-from trainer.lightning_cli import tune_cpu_allocator
+from trainer.allocator import tune_cpu_allocator
 from trainer.data.datamodule import FixedDataModule
 from trainer.module import ClassifierModule
 

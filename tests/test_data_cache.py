@@ -978,3 +978,34 @@ def test_an_ingest_that_fails_keeps_the_files_it_completed(tmp_path, monkeypatch
     paths, rows, report, _ = _ingest_texts(tmp_path / "c", root)
     assert (report.new, report.decoded) == (15, 15)
     assert [bytes(r).decode() for r in rows] == [Path(p).read_text() for p in paths]
+
+
+def test_freed_heap_blocks_are_given_back_after_an_ingest_block(tmp_path):
+    """`release_free_memory` (called once a block of the listing is ingested) gives the
+    pages of freed heap blocks back to the OS, those inside the heap too: blocks of 1 MiB
+    taken from the heap (as `trainer fit`'s allocator settings make them), each followed by
+    a small block that stays, then freed, stay resident until it is called. Measured in a
+    fresh process: 200 MiB freed, RSS falls by almost all of it."""
+    import subprocess
+    import sys
+
+    script = """
+import gc, json
+from trainer.allocator import release_free_memory, tune_cpu_allocator
+def rss():
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS:"))
+tune_cpu_allocator()  # blocks up to 32 MiB from the heap, kept when freed
+big, pins = [], []
+for i in range(200):
+    big.append(bytearray(1 << 20))
+    pins.append(bytearray(64))
+del big
+gc.collect()
+before = rss()
+release_free_memory()
+print(json.dumps([before, rss()]))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          check=True, cwd=Path(__file__).resolve().parents[1])
+    before, after = json.loads(proc.stdout)
+    assert before - after > 150 * 1024, f"RSS {before} -> {after} KiB"

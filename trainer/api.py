@@ -50,7 +50,8 @@ def fit(config: str | Path | None = None, *, args: list[str] | tuple[str, ...] =
         (e.g. ["--trainer.callbacks+=EMAWeightAveraging"]).
     """
     from trainer.cli import check_paths
-    from trainer.lightning_cli import build_cli, tune_cpu_allocator
+    from trainer.allocator import tune_cpu_allocator
+    from trainer.lightning_cli import build_cli
 
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:

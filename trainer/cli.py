@@ -86,7 +86,8 @@ def _run(command: str, argv: list[str]) -> int:
         return 0
     if command in LIGHTNING_COMMANDS:
         check_paths(argv[1:])
-        from trainer.lightning_cli import build_cli, tune_cpu_allocator
+        from trainer.allocator import tune_cpu_allocator
+        from trainer.lightning_cli import build_cli
 
         tune_cpu_allocator()
         try:

@@ -24,27 +24,6 @@ from trainer.module import ClassifierModule, check_model_options
 from trainer.stops import Preempted, stop_fit_on_sigterm
 
 
-def tune_cpu_allocator() -> None:
-    """Keep freed activation buffers in glibc's heap instead of returning them to the OS.
-
-    By default glibc serves blocks above 128 KiB-32 MiB with fresh mmaps and trims the heap
-    eagerly, so every training step page-faults its activations in again. Raising both
-    thresholds made MNIST convnet steps on 2 cores ~20% faster and removed the gap between
-    Lightning and a hand-written loop (scripts/bench_train.py). No-op without glibc."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if not name or sys.platform != "linux":
-        return
-    try:
-        libc = ctypes.CDLL(name)
-        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: its maximum, 32 MiB
-        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GiB of free heap
-    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to tune
-        pass
-
-
 def _file_logger(config):
     """The init_args of the logger that writes into `<save_dir>/<name>/<version>` (CSV,
     TensorBoard), so its folder can be pointed at a run; None when there is none."""

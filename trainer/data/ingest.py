@@ -19,6 +19,7 @@ import numpy as np
 from export.children import die_with_parent
 from export.errors import InputError
 from export.timing import usable_cores
+from trainer.allocator import release_free_memory
 from trainer.data.cache import FileStat, Records, RowCache, path_key
 from trainer.data.records import READ_ROWS, Appended, Head, Spill
 from trainer.data.paths import PathList
@@ -276,6 +277,7 @@ class _Run:
             self.spill = Spill(self.cache.folder)
         self.spill.append(self.out, 0, len(self.out))
         self.out, self.first = None, ()
+        release_free_memory()  # the block's freed records and batches: not resident
 
     def _record(self, j: int, column: str) -> np.ndarray:
         """Column `column` of file j's record (one value), from the block or the spill."""
