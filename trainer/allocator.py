@@ -40,9 +40,10 @@ def tune_cpu_allocator() -> None:
 def release_free_memory() -> None:
     """Give the pages of freed heap blocks back to the OS (malloc_trim(0) releases those
     inside the heap too, not only at its top). An ingest's blocks of records, batches and
-    growing columns leave holes in the heap that stay resident: at 1,010,000 images they
-    were ~20 MB of a first ingest's 53 MB peak, growing with the files (docs/benchmarks.md
-    run P). Called once a block of the listing (65,536 files) is done: a few ms."""
+    merges leave holes in the heap that stay resident, the more so under `trainer fit`'s
+    tuning above: a first ingest of 1,010,000 images peaked ~2.5 MB lower with it (43.4 ->
+    40.7 MB, docs/benchmarks.md run P). Called once a block of the listing (65,536 files)
+    is done: a few ms."""
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)
