@@ -1,5 +1,5 @@
-"""Write-then-rename, so a crash leaves the old file or the new one, never half of one; and
-the check that an output path may be written at all."""
+"""Write-then-rename, so a crash leaves the old file or the new one, never half of one; the
+check that an output path may be written at all; and unnamed files' errors named."""
 
 from __future__ import annotations
 
@@ -67,3 +67,15 @@ def check_output(out: str | os.PathLike, flag: str, inputs: dict[str, str | os.P
     if not os.access(existing, os.W_OK | os.X_OK):
         raise InputError(f"{flag} {out}: cannot write into {existing} (read-only or no "
                          f"permission)")
+
+
+@contextlib.contextmanager
+def naming(folder: str | os.PathLike) -> Iterator[None]:
+    """An OSError (a full disk) from an unnamed file names the folder it lies in: the CLI's
+    one line would otherwise say only "output"."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        raise OSError(exc.errno, exc.strerror, str(folder)) from None

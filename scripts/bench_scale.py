@@ -83,7 +83,7 @@ def child(args) -> None:
 
         from trainer.data.datamodule import FixedDataModule
         from trainer.module import ClassifierModule
-    base = _rss("VmRSS")
+    base, extra = _rss("VmRSS"), {}
     t0, c0 = time.perf_counter(), os.times()
     if args.child in ("listing", "job-listing"):  # an image folder's listing alone
         from export.readers import iter_image_files
@@ -125,7 +125,7 @@ def child(args) -> None:
         extra = {"warm": _timed(lambda: load_source("tabular", args.root, SourceOptions(
             cache_dir=args.cache + "-warm", target="label")))}
     print(json.dumps({"seconds": seconds, "rows": rows, "peak": peak, "cpu": cpu,
-                      **(extra if args.child in ("tabular", "to_table") else {})}))
+                      **extra}))
 
 
 def _timed(fn) -> float:

@@ -10,11 +10,12 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
-from contextlib import contextmanager
 
 import numpy as np
 
+from export.atomic import naming
 from export.listing import PackedNames
+from trainer.data.records import pread_rows
 
 
 def encode_path(rel: str) -> bytes:
@@ -29,23 +30,15 @@ class _Spill:
 
     def __init__(self, folder: str):
         self.folder = folder
-        with self._named():
+        with naming(folder):
             os.makedirs(folder, exist_ok=True)
             # held for the listing's life, closed when it is let go
             self.blob, self.ends = (tempfile.TemporaryFile(dir=folder)  # noqa: SIM115
                                     for _ in range(2))
         self.count, self.size = 0, 0  # names and bytes written
 
-    @contextmanager
-    def _named(self):
-        """An OSError (a full disk) names the folder: the files themselves have no name."""
-        try:
-            yield
-        except OSError as exc:
-            raise OSError(exc.errno, exc.strerror, self.folder) from None
-
     def write(self, names: PackedNames) -> None:
-        with self._named():
+        with naming(self.folder):
             self.blob.write(names.blob)
             self.ends.write((np.frombuffer(names.ends, np.int64) + self.size).tobytes())
             self.blob.flush()
@@ -54,12 +47,13 @@ class _Spill:
 
     def span(self, a: int, b: int) -> tuple[bytes, list[int]]:
         """The bytes of names a..b-1 and their ends counted from the first's start."""
-        raw = os.pread(self.ends.fileno(), 8 * (b - a + (a > 0)), 8 * (a - (a > 0)))
-        ends = np.frombuffer(raw, np.int64)
+        short = f"{self.folder}: the listing's spill file ends early"
+        ends = pread_rows(self.ends.fileno(), np.dtype(np.int64), 0, max(a - 1, 0), b, short)
         first = int(ends[0]) if a else 0
         ends = ends[1:] if a else ends
         last = int(ends[-1]) if len(ends) else first
-        return os.pread(self.blob.fileno(), last - first, first), (ends - first).tolist()
+        chunk = pread_rows(self.blob.fileno(), np.dtype(np.uint8), first, 0, last - first, short)
+        return chunk.tobytes(), (ends - first).tolist()
 
 
 class PathList(Sequence[str]):

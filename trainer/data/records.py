@@ -17,6 +17,8 @@ from typing import Protocol
 
 import numpy as np
 
+from export.atomic import naming
+
 
 @dataclass
 class Records:
@@ -287,8 +289,9 @@ class Spill:
     def __init__(self, folder: Path):
         self.folder, self._files = folder, {}
         try:
-            for name in Records.DTYPES:
-                self._files[name] = tempfile.TemporaryFile(dir=folder)
+            with naming(folder):
+                for name in Records.DTYPES:
+                    self._files[name] = tempfile.TemporaryFile(dir=folder)
         except BaseException:
             self.close()
             raise
@@ -303,13 +306,15 @@ class Spill:
 
     def append(self, rows: Rows, a: int, b: int) -> None:
         """Add records a..b-1 of `rows`."""
-        for name, f in self._files.items():
-            f.write(memoryview(np.ascontiguousarray(rows.block(name, a, b))).cast("B"))
+        with naming(self.folder):
+            for name, f in self._files.items():
+                f.write(memoryview(np.ascontiguousarray(rows.block(name, a, b))).cast("B"))
         self._n += b - a
 
     def block(self, name: str, a: int, b: int) -> np.ndarray:
         f, dtype = self._files[name], np.dtype(Records.DTYPES[name])
-        f.flush()
+        with naming(self.folder):
+            f.flush()
         return pread_rows(f.fileno(), dtype, 0, min(a, self._n), min(b, self._n),
                           f"{self.folder}: the update's spill file of {name} ends early")
 
