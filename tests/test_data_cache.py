@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from export.errors import InputError
-from tests.conftest import ROOT
+from tests.conftest import ROOT, assert_one_line_error, run_cli
 from trainer.data.cache import RowCache
 from trainer.data.records import StoredIndex
 from trainer.data.dataset import SourceOptions
@@ -1009,3 +1009,16 @@ print(json.dumps([before, rss()]))
                           check=True, cwd=Path(__file__).resolve().parents[1])
     before, after = json.loads(proc.stdout)
     assert before - after > 150 * 1024, f"RSS {before} -> {after} KiB"
+
+
+def test_a_cache_folder_that_is_a_file_is_one_line_and_the_file_kept(tmp_path):
+    """`--data.cache_dir` naming a file: the listing, written there first, says so in one
+    line (it said "File exists"), exit 2, and the file is not touched."""
+    images = _folder(tmp_path / "imgs", per_class=2)
+    afile = tmp_path / "afile"
+    afile.write_text("a user's file")
+    proc = run_cli("data", "--config", str(ROOT / "configs" / "image_folder.yaml"),
+                   "--data.root", str(images), "--data.cache_dir", str(afile),
+                   "--out", str(tmp_path / "d.npz"))
+    assert_one_line_error(proc, str(afile), "not a folder")
+    assert afile.read_text() == "a user's file" and not (tmp_path / "d.npz").exists()

@@ -7,6 +7,7 @@ buffer."""
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -30,6 +31,9 @@ class _Spill:
 
     def __init__(self, folder: str):
         self.folder = folder
+        if os.path.exists(folder) and not os.path.isdir(folder):  # makedirs: "File exists"
+            raise NotADirectoryError(errno.ENOTDIR, "not a folder; expected the cache folder",
+                                     folder)
         with naming(folder):
             os.makedirs(folder, exist_ok=True)
             # held for the listing's life, closed when it is let go
