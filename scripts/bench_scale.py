@@ -75,8 +75,8 @@ def child(args) -> None:
     from trainer.data.sources import load_source
 
     import export.imaging  # noqa: F401  (imports are process start, not ingest)
-    import pyarrow.dataset  # noqa: F401
-    import pyarrow.ipc  # noqa: F401
+    import pyarrow.dataset
+    import pyarrow.ipc
 
     if args.child == "fit":
         import lightning as L
@@ -102,7 +102,12 @@ def child(args) -> None:
     elif args.child == "sha256":
         import hashlib
 
-        for f in sorted(Path(args.root).glob("*.parquet")):
+        from export.errors import InputError
+
+        files = sorted(Path(args.root).glob("*.parquet"))
+        if not files:
+            raise InputError("no .parquet files to hash")
+        for f in files:
             with open(f, "rb") as file:
                 hashlib.file_digest(file, "sha256")
         rows = 0
@@ -335,8 +340,13 @@ def main() -> None:
 
         try:
             return child(args)
-        except (InputError, OSError) as exc:  # a folder of one's own: one line, not a traceback
-            print(f"bench_scale: {exc}", file=sys.stderr)
+        # a folder of one's own: one line, not a traceback (pyarrow's ArrowInvalid is a
+        # ValueError: a damaged Parquet file given to the to_table child)
+        except (InputError, OSError, ValueError) as exc:
+            reason = ("not found" if isinstance(exc, FileNotFoundError) else
+                      str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            print(f"bench_scale: --child {args.child} --root {args.root}: {reason}",
+                  file=sys.stderr)
             sys.exit(2)
     print(describe())
     work = Path(args.work)
