@@ -51,6 +51,19 @@ class PackedNames:
         finally:  # the numpy views are gone: the buffer may be resized again
             del self.blob[-8:]
 
+    def sorted(self) -> PackedNames:
+        """These names in byte order, as a new PackedNames."""
+        out = PackedNames()
+        out.extend(self, self.order())
+        return out
+
+    def concat(self, other: PackedNames) -> None:
+        """Append every name of `other`, in its order."""
+        if len(other):
+            base = len(self.blob)
+            self.blob += other.blob
+            self.ends.frombytes((np.frombuffer(other.ends, np.int64) + base).tobytes())
+
     def extend(self, other: PackedNames, rows: np.ndarray) -> None:
         """Append the names of `other` at `rows`, in that order: gathered by numpy a block
         of names at a time (a Python loop over a million names took ~1 s)."""

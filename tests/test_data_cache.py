@@ -19,8 +19,8 @@ from PIL import Image
 from export.errors import InputError
 from tests.conftest import ROOT, assert_one_line_error, run_cli
 from trainer.data.cache import RowCache
-from trainer.data.records import StoredIndex
 from trainer.data.dataset import SourceOptions
+from trainer.data.records import StoredIndex
 from trainer.data.sources import load_source
 
 
@@ -196,7 +196,7 @@ def test_a_killed_ingest_resumes_from_its_last_commit(tmp_path, capsys, block):
 
 def test_a_file_that_disappears_is_named(tmp_path, monkeypatch):
     root, cache = _folder(tmp_path / "imgs", per_class=3), tmp_path / "cache"
-    import trainer.data.ingest as ingest
+    from trainer.data import ingest
 
     real = ingest._read
 
@@ -208,6 +208,51 @@ def test_a_file_that_disappears_is_named(tmp_path, monkeypatch):
     monkeypatch.setattr(ingest, "_read", vanishing)
     with pytest.raises(InputError, match=r"bee/001.png: disappeared during ingest"):
         _load(root, cache)
+
+
+def test_listing_and_stat_in_forked_workers_equal_one_process(tmp_path, monkeypatch, capsys):
+    """Past FORK_FILES the class folders are listed, and every file stat'ed, in forked
+    processes (the floor of an update that finds little changed): the same rows, order and
+    fingerprint as one process, a start with nothing changed decodes nothing, and a file
+    removed after the listing is named by the worker that stat'ed it, in one line."""
+    from trainer.data import image_folder, ingest, scan
+
+    root = _folder(tmp_path / "imgs", per_class=12)
+    _png(root / "bee" / "deep" / "er" / "x.png", 77)  # a sub-folder: listed in a worker too
+    alone = _load(root, tmp_path / "alone")
+    forks = {"listing": 0, "stat": 0}
+
+    def counted(what):
+        def fork(workers):
+            forks[what] += 1
+            return scan.fork_pool(workers)
+        return fork
+
+    monkeypatch.setattr(scan, "FORK_FILES", 1)
+    monkeypatch.setattr(scan, "usable_cores", lambda: 2)  # forks on a 1-core machine too
+    monkeypatch.setattr(ingest, "STAT_BLOCK", 5)  # several pieces a worker
+    monkeypatch.setattr(image_folder, "fork_pool", counted("listing"))
+    monkeypatch.setattr(ingest, "fork_pool", counted("stat"))  # decoding 37 tiny files: no fork
+    forked = _load(root, tmp_path / "forked")
+    assert forks == {"listing": 1, "stat": 1}
+    assert forked.fingerprint == alone.fingerprint and len(forked.train) == 37
+    assert np.array_equal(forked.train.x[:], alone.train.x[:])
+    assert np.array_equal(forked.train.y, alone.train.y)
+    capsys.readouterr()
+    assert _load(root, tmp_path / "forked").fingerprint == alone.fingerprint
+    assert "37 images: 0 new, 0 changed, 0 removed; decoded 0" in capsys.readouterr().err
+
+    real = image_folder._layout
+
+    def then_removed(folder, spill=None):
+        out = real(folder, spill)
+        os.unlink(root / "cow" / "011.png")
+        return out
+
+    monkeypatch.setattr(image_folder, "_layout", then_removed)
+    with pytest.raises(InputError, match=r"cow/011.png: disappeared during ingest$"):
+        _load(root, tmp_path / "forked")
+    assert forks == {"listing": 3, "stat": 3}
 
 
 # ---------------------------------------------------------------- tables as they are kept
@@ -320,7 +365,7 @@ def _feature_range(tables) -> tuple[float, float]:
 
 def test_the_value_range_is_composed_from_each_files_and_a_warm_start_reads_no_row(
         tmp_path, monkeypatch):
-    import trainer.data.dataset as dataset
+    from trainer.data import dataset
 
     folder, opts = tmp_path / "t", SourceOptions(cache_dir=str(tmp_path / "c"))
     folder.mkdir()
@@ -821,8 +866,8 @@ def test_an_update_of_a_few_files_costs_a_bounded_number_of_bytes_per_file(tmp_p
 def test_the_packed_listing_gives_back_every_name_and_its_key(tmp_path, monkeypatch):
     """Names that are not UTF-8 (raw bytes, as Linux allows) and roots spelled "." keep
     their exact bytes through the listing: the same path to open, the same path key."""
+    from trainer.data import ingest
     from trainer.data.cache import path_key
-    from trainer.data.ingest import _stat_block
     from trainer.data.paths import PathList
 
     names = ["a/\u00e9t\u00e9.png", os.fsdecode(b"b/\xff\xfe.png"), "c.png"]
@@ -835,7 +880,7 @@ def test_the_packed_listing_gives_back_every_name_and_its_key(tmp_path, monkeypa
     for root, spelled in ((str(tmp_path), [str(tmp_path / n) for n in names]), (".", names)):
         paths = PathList.of(root, spelled)
         assert list(paths) == spelled and [paths.rel(i) for i in range(3)] == names
-        records = _stat_block(paths, 0, len(paths), None)
+        records = ingest._stat_block(ingest._Stats(paths).submit(0, 3), 0, 3, None)
         assert [records.key[i:i + 1].tobytes() for i in range(3)] == [path_key(n) for n in names]
         assert records.size.tolist() == [1, 2, 3]
 

@@ -145,7 +145,7 @@ def test_a_spilled_listing_reads_back_every_name_in_order(tmp_path, monkeypatch)
     spilled, held = PathList("/data", spill=tmp_path), PathList("/data")
     for listing in (spilled, held):
         listing.extend(names[:300])
-        listing.extend_sorted(_packed(names[300:450]))
+        listing.extend_packed(_packed(names[300:450]).sorted())
     assert list(spilled) == list(held) and len(spilled) == 450
     assert list(tmp_path.iterdir()) == []  # unlinked files: nothing left behind
     for a, b in ((0, 1), (3, 97), (299, 301), (0, 450), (449, 450), (10, 10)):

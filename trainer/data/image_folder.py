@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +21,20 @@ import numpy as np
 from export.errors import InputError
 from export.listing import PackedNames
 from trainer.data.cache import RowCache, cache_root
-from trainer.data.dataset import (FixedDataset, SourceOptions, Split, files_fingerprint,
-                                  image_spec, in_file_order, make_dataset, require_root)
+from trainer.data.dataset import (
+    FixedDataset,
+    SourceOptions,
+    Split,
+    files_fingerprint,
+    image_spec,
+    in_file_order,
+    make_dataset,
+    require_root,
+)
 from trainer.data.ingest import update
 from trainer.data.lineage import save_snapshot
 from trainer.data.paths import PathList, encode_path
+from trainer.data.scan import fork_pool, in_order, worth_forking
 
 SUFFIXES = (".png", ".jpg", ".jpeg")
 SPLITS = ("train", "val", "test")
@@ -36,15 +46,16 @@ def _folder_id(path: str | Path) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def _images_under(folder: Path, listing: PathList, above: frozenset) -> int:
-    """Add the image files under `folder` (recursively) to `listing` in the order of their
-    paths' strings, and return how many: scandir (several times faster than pathlib on
-    large folders), the names packed and sorted as bytes (export/listing.py: a folder of
-    millions of images holds no str per file). A link back to a folder above (`above`: the
-    root's and split's, then each walked one's) is not followed again, as the batch job's
-    walk (export/readers.py) does not: a loop was walked until the OS refused the path."""
-    found, cut = PackedNames(), len(listing.prefix)
-    todo = [(str(folder), above | {_folder_id(folder)})]
+def _images_under(folder: str, cut: int, above: frozenset) -> PackedNames:
+    """The image files under `folder` (recursively), their paths less their first `cut`
+    characters, in the order of the paths' strings: scandir (several times faster than
+    pathlib on large folders), the names packed and sorted as bytes (export/listing.py: a
+    folder of millions of images holds no str per file). A link back to a folder above
+    (`above`: the root's and split's, then each walked one's) is not followed again, as the
+    batch job's walk (export/readers.py) does not: a loop was walked until the OS refused
+    the path."""
+    found = PackedNames()
+    todo = [(folder, above | {_folder_id(folder)})]
     while todo:
         where, seen = todo.pop()
         with os.scandir(where) as it:
@@ -55,21 +66,39 @@ def _images_under(folder: Path, listing: PathList, above: frozenset) -> int:
                         todo.append((entry.path, seen | {(st.st_dev, st.st_ino)}))
                 elif entry.name.lower().endswith(SUFFIXES):
                     found.append(encode_path(entry.path[cut:]))
-    listing.extend_sorted(found)
-    return len(found)
+    return found.sorted()
+
+
+def _class_names(classes: list[Path], cut: int, above: frozenset) -> Iterator[PackedNames]:
+    """Each class folder's images (`_images_under`), in order: the first class listed here;
+    when it held FORK_FILES or more, the others in forked processes, one per usable core
+    (listing 1,010,000 images in 10 class folders: 1.2 s in one process)."""
+    first = _images_under(str(classes[0]), cut, above)
+    yield first
+    rest = [(str(c), cut, above) for c in classes[1:]]
+    workers = worth_forking(len(first), len(rest))
+    if not workers:
+        yield from (_images_under(*r) for r in rest)
+        return
+    pool = fork_pool(workers)
+    try:
+        yield from in_order(pool, _images_under, rest, ahead=workers + 1)
+    finally:
+        pool.shutdown(cancel_futures=True)
 
 
 def _class_files(folder: Path, listing: PathList, above: frozenset) -> dict[str, int]:
     """Add the images of each class folder under `folder` to `listing`; {class: count}.
-    Only one class's names are held packed beside the listing at a time."""
+    Only a few classes' names are held packed beside the listing at a time."""
     classes = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise InputError(f"{folder}: no class sub-folders found")
     out = {}
-    for cls in classes:
-        out[cls.name] = _images_under(cls, listing, above)
-        if not out[cls.name]:
+    for cls, names in zip(classes, _class_names(classes, len(listing.prefix), above)):
+        if not len(names):
             raise InputError(f"{cls}: class folder has no PNG or JPEG images")
+        out[cls.name] = len(names)
+        listing.extend_packed(names)
     return out
 
 

@@ -5,24 +5,23 @@ block so memory holds one block of decoded rows."""
 from __future__ import annotations
 
 import hashlib
-import multiprocessing
 import os
 import stat as stat_module
 import time
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from export.children import die_with_parent
 from export.errors import InputError
 from export.timing import usable_cores
 from trainer.allocator import release_free_memory
 from trainer.data.cache import FileStat, Records, RowCache, path_key
-from trainer.data.records import READ_ROWS, Appended, Head, Spill
 from trainer.data.paths import PathList
+from trainer.data.records import READ_ROWS, Appended, Head, Spill
+from trainer.data.scan import fork_pool, worth_forking
 
 BLOCK = 512  # files read, hashed and decoded together by the thread pool
 
@@ -77,25 +76,55 @@ def _stat(path: bytes) -> os.stat_result:
 
 
 STAT_COLUMNS = ("key", "size", "mtime_ns", "ino")
+Stats = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # a piece's STAT_COLUMNS
 
 
-def _stat_block(paths: PathList, a: int, e: int, index: Records | None) -> Records | None:
-    """Path keys and stats of files a..e-1 as records (digest and rows left empty), made
-    STAT_BLOCK at a time so that no per-file Python object outlives its block. None when
-    they are `index`'s records a..e-1, each path at its place with the size, mtime_ns and
-    inode it records (a start after a run): compared as they are made, the records are made
-    only from the first STAT_BLOCK that differs, the index's copied up to it."""
+def _stat_piece(paths: PathList, a: int, e: int) -> Stats:
+    """The path keys and stats of the listing's files a..e-1."""
+    rels = paths.block(a, e)
+    stats = [_stat(paths.full(rel)) for rel in rels]
+    return (np.frombuffer(b"".join(map(path_key, rels)), "S16"),
+            *(np.array([getattr(s, f"st_{c}") for s in stats], Records.DTYPES[c])
+              for c in STAT_COLUMNS[1:]))
+
+
+def _stat_forked(a: int, e: int) -> Stats:
+    return _stat_piece(_JOB[1], a, e)  # the listing of the update that forked this worker
+
+
+class _Stats:
+    """The stats of the listing's files, STAT_BLOCK at a time: in forked processes when
+    there are files enough to pay for them (an update that finds nothing changed is mostly
+    this), else in this one."""
+
+    def __init__(self, paths: PathList):
+        workers = worth_forking(len(paths), -(-len(paths) // STAT_BLOCK))
+        self.paths, self.pool = paths, fork_pool(workers) if workers else None
+
+    def submit(self, a: int, e: int) -> Iterable[Stats]:
+        """The pieces of files a..e-1, stat'ed from now on (here: at once)."""
+        spans = [(b, min(b + STAT_BLOCK, e)) for b in range(a, e, STAT_BLOCK)]
+        if self.pool is None:
+            return [_stat_piece(self.paths, *span) for span in spans]
+        return self.pool.map(_stat_forked, *zip(*spans), chunksize=4)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+
+
+def _stat_block(pieces: Iterable[Stats], a: int, e: int, index: Records | None) -> Records | None:
+    """Records of files a..e-1 from their `pieces` of stats (digest and rows left empty).
+    None when they are `index`'s records a..e-1, each path at its place with the size,
+    mtime_ns and inode it records (a start after a run): compared as they come, the records
+    are made only from the first piece that differs, the index's copied up to it."""
     out, same = None, index is not None and e <= len(index)
-    for b in range(a, e, STAT_BLOCK):
-        end = min(b + STAT_BLOCK, e)
-        rels = paths.block(b, end)
-        stats = [_stat(paths.full(rel)) for rel in rels]
-        block = {"key": np.frombuffer(b"".join(map(path_key, rels)), "S16"),
-                 "size": [s.st_size for s in stats],
-                 "mtime_ns": [s.st_mtime_ns for s in stats], "ino": [s.st_ino for s in stats]}
+    for b, piece in zip(range(a, e, STAT_BLOCK), pieces):
+        end = b + len(piece[0])
+        block = dict(zip(STAT_COLUMNS, piece))
         if same and all(np.array_equal(index.block(c, b, end), block[c]) for c in STAT_COLUMNS):
             continue
-        if out is None:  # the first block that differs: the blocks before are the index's
+        if out is None:  # the first piece that differs: those before are the index's
             out = Records.empty(e - a)
             for c in STAT_COLUMNS if b > a else ():
                 getattr(out, c)[:b - a] = index.block(c, a, b)
@@ -137,13 +166,14 @@ def update(cache: RowCache, root: Path, paths: PathList | list[str | Path],
         paths = PathList.of(str(root), map(str, paths))
     global _JOB
     _JOB = (cache, paths, decode, whole_files)
-    run = _Run(cache, verify, whole_files, report)
+    paths.flush()  # the listing on disk before a worker is forked
+    run, stats = _Run(cache, verify, whole_files, report), _Stats(paths)
     try:
         for a in range(0, len(paths), READ_ROWS):
             e = min(a + READ_ROWS, len(paths))
-            out = _stat_block(paths, a, e, None if verify else cache.index)
+            pieces = stats.submit(a, e)
             run.complete()  # the block before, whose first files were decoded meanwhile
-            run.start(a, e, out)
+            run.start(a, e, _stat_block(pieces, a, e, None if verify else cache.index))
         run.complete()
         run.finish()
     except BaseException:
@@ -153,6 +183,7 @@ def update(cache: RowCache, root: Path, paths: PathList | list[str | Path],
             pass
         raise
     finally:
+        stats.close()
         run.close()
         _JOB = None
     report.seconds = time.perf_counter() - t0
@@ -197,10 +228,8 @@ class _Pool:
                 and cores > 1)
         if self.pool is None or fork and not self.forked:
             self.close()
-            self.pool, self.forked = (ProcessPoolExecutor(
-                cores, mp_context=multiprocessing.get_context("fork"),
-                initializer=die_with_parent) if fork else
-                ThreadPoolExecutor(1 if self.whole_files else cores)), fork
+            self.pool, self.forked = (fork_pool(cores) if fork else
+                                      ThreadPoolExecutor(1 if self.whole_files else cores)), fork
         return self.pool
 
     def close(self) -> None:

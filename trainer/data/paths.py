@@ -94,16 +94,18 @@ class PathList(Sequence[str]):
         for rel in rels:
             self._names.append(encode_path(rel))
             if len(self._names.blob) >= self.BUFFER:
-                self._flush()
+                self.flush()
 
-    def extend_sorted(self, rels: PackedNames) -> None:
-        """Add paths given relative to the root as UTF-8 bytes, in byte order (the order of
-        their str for UTF-8 names), without one object per path."""
-        self._names.extend(rels, rels.order())
+    def extend_packed(self, rels: PackedNames) -> None:
+        """Add paths given relative to the root as UTF-8 bytes, in their order, without one
+        object per path."""
+        self._names.concat(rels)
         if len(self._names.blob) >= self.BUFFER:
-            self._flush()
+            self.flush()
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """The names added so far to the spill files (before forking workers that read
+        them: a worker's block() then finds nothing of its own to write)."""
         if self._spill is not None and len(self._names):
             self._spill.write(self._names)
             self._names = PackedNames()
@@ -118,7 +120,7 @@ class PathList(Sequence[str]):
         """The relative paths a..b-1 as UTF-8 bytes."""
         if b <= a:
             return []
-        self._flush()
+        self.flush()
         if self._spill is not None:
             chunk, ends = self._spill.span(a, b)
         else:

@@ -1,0 +1,46 @@
+"""A dataset's files worked on in forked processes, one per usable core: listing class
+folders and stat'ing every file are the floor of an update that finds little changed
+(measured at 1,010,000 images on 2 cores: the stat of every file 3.0 s in one process, 1.6 s
+over two; listing the class folders 1.2 s), and decoding is most of a first ingest.
+Forked, not spawned: the workers inherit the job (the listing's spill files, the cache's
+digests, the decoder) instead of having it pickled."""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+
+from export.children import die_with_parent
+from export.timing import usable_cores
+
+# fewer files than this to list or stat: one process beats starting others (a fork of a
+# process that imported torch takes ~10-30 ms; a stat ~3 us, a listed name ~1 us)
+FORK_FILES = 1 << 14
+
+
+def fork_pool(workers: int) -> ProcessPoolExecutor:
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                               initializer=die_with_parent)
+
+
+def worth_forking(files: int, tasks: int) -> int:
+    """How many processes to fork for `tasks` pieces of work over `files` files: one per
+    usable core, or 0 where one process does as well (one core, one piece, few files)."""
+    workers = min(usable_cores(), tasks)
+    return workers if workers > 1 and files >= FORK_FILES else 0
+
+
+def in_order(pool: ProcessPoolExecutor, fn: Callable, items: Iterable[tuple],
+             ahead: int) -> Iterator:
+    """fn(*item) for each item, done by `pool`, yielded in order, with at most `ahead`
+    submitted and not yet taken: a consumer slower than the workers does not make their
+    results pile up in memory."""
+    pending: deque = deque()
+    for item in items:
+        if len(pending) >= ahead:
+            yield pending.popleft().result()
+        pending.append(pool.submit(fn, *item))
+    while pending:
+        yield pending.popleft().result()
