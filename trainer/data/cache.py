@@ -215,7 +215,9 @@ class RowCache:
         for a in range(0, len(values), READ_ROWS):  # in blocks: no whole temporaries
             part = values[a:a + READ_ROWS]
             want = prefix4(part)
-            first = np.searchsorted(have, want)
+            by = np.argsort(want)  # searched in order: ~3x faster than keys at random
+            first = np.empty(len(want), np.int64)
+            first[by] = np.searchsorted(have, want[by])
             at = np.minimum(first, len(have) - 1)
             found = np.where(have[at] == want, order[at], -1)
             hit = np.flatnonzero(found >= 0)
