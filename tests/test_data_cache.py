@@ -255,6 +255,51 @@ def test_listing_and_stat_in_forked_workers_equal_one_process(tmp_path, monkeypa
     assert forks == {"listing": 3, "stat": 3}
 
 
+def test_a_decoding_worker_that_dies_is_one_line_and_the_cache_stays_usable(tmp_path,
+                                                                           monkeypatch):
+    """A forked decoder killed mid-ingest (SIGKILL, as the kernel's out-of-memory killer
+    does) is one line naming the folder, not concurrent.futures' BrokenProcessPool
+    traceback; the next run completes with a fresh ingest's fingerprint."""
+    import signal
+
+    import export.imaging
+    from trainer.data import ingest
+
+    root = _folder(tmp_path / "imgs", per_class=30)
+    real = export.imaging.decode
+
+    def dies_on_one(data, spec, path):
+        if path.endswith("bee/005.png"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(data, spec, path)
+
+    monkeypatch.setattr(ingest, "FORK_BYTES", 0)  # 90 tiny files: decoded in forked workers
+    monkeypatch.setattr(ingest, "usable_cores", lambda: 2)
+    monkeypatch.setattr(export.imaging, "decode", dies_on_one)
+    with pytest.raises(InputError, match=r"imgs: a worker process of the ingest died "
+                                         r"\(killed, or out of memory\)"):
+        _load(root, tmp_path / "cache")
+    monkeypatch.setattr(export.imaging, "decode", real)
+    assert _load(root, tmp_path / "cache").fingerprint == _load(root, tmp_path / "fresh").fingerprint
+
+
+def _dies(_: int) -> None:
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_listing_worker_that_dies_is_one_line():
+    from trainer.data.scan import fork_pool, in_order
+
+    pool = fork_pool(2)
+    try:
+        with pytest.raises(InputError, match=r"^/data: a worker process of the ingest died"):
+            list(in_order(pool, _dies, [(i,) for i in range(4)], 3, "/data"))
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
 # ---------------------------------------------------------------- tables as they are kept
 
 def _table(seed: int, n: int = 40, extra: dict | None = None) -> pa.Table:

@@ -82,7 +82,7 @@ def _class_names(classes: list[Path], cut: int, above: frozenset) -> Iterator[Pa
         return
     pool = fork_pool(workers)
     try:
-        yield from in_order(pool, _images_under, rest, ahead=workers + 1)
+        yield from in_order(pool, _images_under, rest, workers + 1, classes[0].parent)
     finally:
         pool.shutdown(cancel_futures=True)
 

@@ -10,6 +10,7 @@ import stat as stat_module
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from trainer.allocator import release_free_memory
 from trainer.data.cache import FileStat, Records, RowCache, path_key
 from trainer.data.paths import PathList
 from trainer.data.records import READ_ROWS, Appended, Head, Spill
-from trainer.data.scan import fork_pool, worth_forking
+from trainer.data.scan import died, fork_pool, worth_forking
 
 BLOCK = 512  # files read, hashed and decoded together by the thread pool
 
@@ -176,11 +177,13 @@ def update(cache: RowCache, root: Path, paths: PathList | list[str | Path],
             run.start(a, e, _stat_block(pieces, a, e, None if verify else cache.index))
         run.complete()
         run.finish()
-    except BaseException:
+    except BaseException as exc:
         try:  # what was decoded completely stays usable
             run.save()
         except OSError:
             pass
+        if isinstance(exc, BrokenProcessPool):
+            raise died(root) from None
         raise
     finally:
         stats.close()

@@ -11,8 +11,10 @@ import multiprocessing
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 from export.children import die_with_parent
+from export.errors import InputError
 from export.timing import usable_cores
 
 # fewer files than this to list or stat: one process beats starting others (a fork of a
@@ -32,15 +34,25 @@ def worth_forking(files: int, tasks: int) -> int:
     return workers if workers > 1 and files >= FORK_FILES else 0
 
 
+def died(where: object) -> InputError:
+    """The one line for a worker process that died under an ingest of `where` (killed, or
+    out of memory): concurrent.futures says only that the pool is broken."""
+    return InputError(f"{where}: a worker process of the ingest died (killed, or out of "
+                      "memory); what was complete is kept: run the command again")
+
+
 def in_order(pool: ProcessPoolExecutor, fn: Callable, items: Iterable[tuple],
-             ahead: int) -> Iterator:
+             ahead: int, where: object) -> Iterator:
     """fn(*item) for each item, done by `pool`, yielded in order, with at most `ahead`
     submitted and not yet taken: a consumer slower than the workers does not make their
-    results pile up in memory."""
+    results pile up in memory. A worker that dies is `died(where)`."""
     pending: deque = deque()
-    for item in items:
-        if len(pending) >= ahead:
+    try:
+        for item in items:
+            if len(pending) >= ahead:
+                yield pending.popleft().result()
+            pending.append(pool.submit(fn, *item))
+        while pending:
             yield pending.popleft().result()
-        pending.append(pool.submit(fn, *item))
-    while pending:
-        yield pending.popleft().result()
+    except BrokenProcessPool:
+        raise died(where) from None
