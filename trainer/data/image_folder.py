@@ -21,16 +21,8 @@ import numpy as np
 from export.errors import InputError
 from export.listing import PackedNames
 from trainer.data.cache import RowCache, cache_root
-from trainer.data.dataset import (
-    FixedDataset,
-    SourceOptions,
-    Split,
-    files_fingerprint,
-    image_spec,
-    in_file_order,
-    make_dataset,
-    require_root,
-)
+from trainer.data.dataset import (FixedDataset, SourceOptions, Split, files_fingerprint,
+                                  image_spec, in_file_order, make_dataset, require_root)
 from trainer.data.ingest import update
 from trainer.data.lineage import save_snapshot
 from trainer.data.paths import PathList, encode_path
