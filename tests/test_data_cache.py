@@ -255,6 +255,20 @@ def test_listing_and_stat_in_forked_workers_equal_one_process(tmp_path, monkeypa
     assert forks == {"listing": 3, "stat": 3}
 
 
+def test_workers_are_forked_for_enough_files_each(monkeypatch):
+    """One worker per usable core, per piece of work and per FORK_FILES files; none where
+    one process does as well."""
+    from trainer.data import scan
+
+    monkeypatch.setattr(scan, "usable_cores", lambda: 64)
+    assert scan.worth_forking(1_010_000, 987) == 61
+    assert scan.worth_forking(1_010_000, 9) == 9  # one per class folder left
+    assert scan.worth_forking(20_000, 20) == 0  # 20,000 files: not worth a second process
+    assert scan.worth_forking(40_000, 40) == 2
+    monkeypatch.setattr(scan, "usable_cores", lambda: 1)
+    assert scan.worth_forking(1_010_000, 987) == 0
+
+
 def test_a_decoding_worker_that_dies_is_one_line_and_the_cache_stays_usable(tmp_path,
                                                                            monkeypatch):
     """A forked decoder killed mid-ingest (SIGKILL, as the kernel's out-of-memory killer
