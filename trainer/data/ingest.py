@@ -103,10 +103,12 @@ class _Stats:
         self.paths, self.pool = paths, fork_pool(workers) if workers else None
 
     def submit(self, a: int, e: int) -> Iterable[Stats]:
-        """The pieces of files a..e-1, stat'ed from now on (here: at once)."""
+        """The pieces of files a..e-1: stat'ed by the workers from now on, or here as they
+        are taken (one piece held at a time; such a listing is one block, with no block
+        before it to overlap)."""
         spans = [(b, min(b + STAT_BLOCK, e)) for b in range(a, e, STAT_BLOCK)]
         if self.pool is None:
-            return [_stat_piece(self.paths, *span) for span in spans]
+            return (_stat_piece(self.paths, *span) for span in spans)
         return self.pool.map(_stat_forked, *zip(*spans), chunksize=4)
 
     def close(self) -> None:
