@@ -84,9 +84,11 @@ def _stat_piece(paths: PathList, a: int, e: int) -> Stats:
     """The path keys and stats of the listing's files a..e-1."""
     rels = paths.block(a, e)
     stats = [_stat(paths.full(rel)) for rel in rels]
+    dtypes = Records.DTYPES
     return (np.frombuffer(b"".join(map(path_key, rels)), "S16"),
-            *(np.array([getattr(s, f"st_{c}") for s in stats], Records.DTYPES[c])
-              for c in STAT_COLUMNS[1:]))
+            np.array([s.st_size for s in stats], dtypes["size"]),
+            np.array([s.st_mtime_ns for s in stats], dtypes["mtime_ns"]),
+            np.array([s.st_ino for s in stats], dtypes["ino"]))
 
 
 def _stat_forked(a: int, e: int) -> Stats:
