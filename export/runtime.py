@@ -6,8 +6,10 @@ against it before it reaches the session, and the error names the expected spec.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +41,19 @@ _ORT_TYPES = {"tensor(uint8)": "uint8", "tensor(float)": "float32",
               "tensor(float16)": "float16", "tensor(double)": "float64"}
 
 
+@functools.cache
+def _load_cuda_libraries() -> None:
+    """onnxruntime-gpu from pip finds the CUDA and cuDNN libraries of the nvidia-* wheels only
+    once they are loaded (torch loads them on import; the deploy side imports no torch), so
+    load them the way onnxruntime documents. Its notes go to stderr: stdout may be the job's
+    output."""
+    if hasattr(ort, "preload_dlls"):
+        with contextlib.redirect_stdout(sys.stderr):
+            ort.preload_dlls()
+
+
 def _providers(provider: str) -> list[str]:
+    """The onnxruntime providers `provider` (auto, cpu or cuda) names, best first."""
     available = ort.get_available_providers()
     if provider == "auto":
         return [p for p in (PROVIDERS["cuda"], PROVIDERS["cpu"]) if p in available]
@@ -48,6 +62,25 @@ def _providers(provider: str) -> list[str]:
     if PROVIDERS[provider] not in available:
         raise InputError(f"--provider {provider}: onnxruntime offers only {available}")
     return [PROVIDERS[provider]]
+
+
+def uses_cuda(provider: str) -> bool:
+    """Whether a session asked for `provider` runs on CUDA (if its provider starts)."""
+    return _providers(provider)[0] == PROVIDERS["cuda"]
+
+
+# The CUDA provider's default runs float32 convolutions and matrix products in TF32 (10-bit
+# mantissa): on an H200 the speedrun model's confidences moved by 5.5e-4 from the CPU's
+# (scripts/gpu_check.sh), past what the export's parity gate measured. A float32 graph is
+# run in float32; an fp16 export is the fast path on a GPU (`trainer export --precision fp16`).
+CUDA_OPTIONS = {"use_tf32": "0"}
+
+
+def _session_providers(provider: str) -> list:
+    chosen = _providers(provider)
+    if PROVIDERS["cuda"] in chosen:
+        _load_cuda_libraries()
+    return [(p, CUDA_OPTIONS) if p == PROVIDERS["cuda"] else p for p in chosen]
 
 
 def _graph_failure(exc: Exception) -> str:
@@ -140,7 +173,8 @@ class Predictor:
         if not spin:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            self.session = ort.InferenceSession(model, options, providers=_providers(provider))
+            self.session = ort.InferenceSession(model, options,
+                                                providers=_session_providers(provider))
         except InputError:
             raise
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf types
@@ -155,6 +189,12 @@ class Predictor:
         self.spec = self.card.input
         self.class_names: tuple[str, ...] = self.card.class_names
         self.provider = self.session.get_providers()[0]
+        if provider == "cuda" and self.provider != PROVIDERS["cuda"]:
+            # onnxruntime falls back to the CPU when its CUDA provider cannot start (a missing
+            # CUDA or cuDNN library, no GPU): asked for cuda, that is an error, not a slow job
+            raise InputError(f"{self.path}: --provider cuda: onnxruntime could not start its "
+                             "CUDA provider (its log above says why: the CUDA and cuDNN "
+                             "libraries it was built for, a visible GPU); use --provider cpu or auto")
 
     def require(self, sha256: str) -> None:
         """Refuse to serve a job that started with another model at this path: a worker

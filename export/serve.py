@@ -235,11 +235,12 @@ class Supervisor:
 
     def _reload(self, path: str, version: str, why: str = "SIGHUP") -> None:
         """`path` as `version` on new API servers; see the module docstring."""
-        from export.runtime import Predictor
+        from export.runtime import Predictor, uses_cuda
 
         gate, served = self.gate, self.gate.model[2]
         try:
-            new = Predictor(path, self.options.provider, gate.runner_args["threads"])
+            new = Predictor(path, "cpu" if uses_cuda(self.options.provider) else  # as serve()
+                            self.options.provider, gate.runner_args["threads"])
             problem = incompatible(gate.card, new.card)
         except InputError as exc:
             problem = str(exc)
@@ -302,13 +303,22 @@ class Supervisor:
 def serve(model: str, options: ServeOptions, version: str = "1") -> int:
     """Serve `model` (a local file; `version`: its registry version) until SIGTERM/SIGINT;
     then refuse new requests, finish those in flight, exit 0."""
-    from export.runtime import predictor_for_job
+    from export.runtime import PROVIDERS, Predictor, predictor_for_job, uses_cuda
 
     limits = options.limits
-    # one-line errors before any process; the API servers' thread count
-    loaded, chosen = predictor_for_job(model, options.provider, batch_size=options.max_batch_size,
-                                       server_threads=_threads_per_worker(options.workers))
-    card, provider, sha256 = loaded.card, loaded.provider, loaded.sha256
+    # one-line errors before any process; the API servers' thread count. With CUDA this process
+    # checks the model on the CPU: a CUDA context made here does not survive the fork, and the
+    # servers could not start theirs (seen on an H200, scripts/gpu_check.sh)
+    server_threads = _threads_per_worker(options.workers)
+    on_cuda = uses_cuda(options.provider)
+    if on_cuda:
+        loaded = Predictor(model, "cpu", 1, spin=False)
+        chosen = {"threads": server_threads, "reason": "CUDA in each API server"}
+    else:
+        loaded, chosen = predictor_for_job(model, options.provider, server_threads=server_threads,
+                                           batch_size=options.max_batch_size)
+    card, sha256 = loaded.card, loaded.sha256
+    provider = PROVIDERS["cuda"] if on_cuda else loaded.provider
     threads = chosen["threads"]
     del loaded
     limits.check_model(card.input)

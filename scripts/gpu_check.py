@@ -36,6 +36,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 
+def _env(**extra: str) -> dict:
+    """This checkout first on PYTHONPATH, keeping what was there (a GPU box's own packages,
+    or wheels unpacked into a folder, reach the checks' subprocesses through it)."""
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, **extra}
+
+
 class Run:
     """The checks' shared state: the output folder, the budget, the results."""
 
@@ -50,9 +57,9 @@ class Run:
         return max(1.0, min(cap, self.deadline - time.monotonic()))
 
     def trainer(self, *args: str, cap: float = 180) -> subprocess.CompletedProcess:
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
         return subprocess.run([sys.executable, "-m", "trainer", *args], cwd=self.out,
-                              env=env, capture_output=True, text=True, timeout=self.left(cap))
+                              env=_env(PYTHONUNBUFFERED="1"), capture_output=True, text=True,
+                              timeout=self.left(cap))
 
     def record(self, name: str, ok: bool | None, **figures) -> None:
         status = "PASS" if ok else "SKIP" if ok is None else "FAIL"
@@ -84,9 +91,8 @@ def check_machine(run: Run) -> None:
 
 
 def check_cuda_tests(run: Run) -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider",
-                           str(ROOT / "tests" / "test_cuda.py")], cwd=ROOT, env=env,
+                           str(ROOT / "tests" / "test_cuda.py")], cwd=ROOT, env=_env(),
                           capture_output=True, text=True, timeout=run.left(240))
     summary = (proc.stdout.strip().splitlines() or [""])[-1]
     skipped_all = "passed" not in summary and "skipped" in summary
@@ -253,9 +259,9 @@ def main() -> int:
         print("gpu_check: no CUDA GPU here (torch.cuda.is_available() is False); nothing to "
               "check", flush=True)
         return 0
-    mnist = args.mnist or next((d for d in (ROOT / "shared" / "data" / "mnist",
-                                            ROOT.parent / "shared" / "data" / "mnist")
-                                if d.is_dir()), None)
+    found = (d for d in (ROOT / "shared" / "data" / "mnist", ROOT.parent / "shared" / "data" / "mnist")
+             if d.is_dir())
+    mnist = args.mnist.resolve() if args.mnist else next(found, None)  # the checks run elsewhere
     args.out.mkdir(parents=True, exist_ok=True)
     run = Run(args.out.resolve(), args.budget_s, args.rehearse_on_cpu,
               None if args.rehearse_on_cpu else mnist)

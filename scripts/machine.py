@@ -31,8 +31,11 @@ def describe() -> str:
     model, flags = _cpu()
     versions = []
     for name in ("numpy", "onnxruntime", "torch", "lightning", "scipy"):
+        # the module's own version where it is imported: onnxruntime-gpu (or a copy ahead on
+        # PYTHONPATH) ships the module `onnxruntime` beside another distribution of that name
+        version = getattr(sys.modules.get(name), "__version__", None)
         try:
-            versions.append(f"{name} {md.version(name)}")
+            versions.append(f"{name} {version or md.version(name)}")
         except md.PackageNotFoundError:
             pass
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

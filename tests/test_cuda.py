@@ -79,3 +79,15 @@ def test_a_gpu_fit_freezes_a_graph_that_scores_the_same_on_the_cpu(tmp_path, dig
     y = np.load(digits_test_npz)["y"]
     assert (labels == y).mean() == pytest.approx(card.metrics["test/acc_onnx"], abs=1e-6)
     assert card.metrics["test/acc_onnx"] >= 0.95
+    import onnxruntime as ort
+
+    from export.runtime import Predictor
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():  # onnxruntime-gpu installed
+        # float32 on CUDA as on the CPU: onnxruntime's default TF32 moved confidences by 5e-4
+        x = np.load(digits_test_npz)["x"]
+        on_gpu = Predictor(run / "model.onnx", "cuda")
+        assert on_gpu.provider == "CUDAExecutionProvider"
+        np.testing.assert_allclose(on_gpu.predict(x).probabilities,
+                                   Predictor(run / "model.onnx", "cpu").predict(x).probabilities,
+                                   atol=1e-5)
