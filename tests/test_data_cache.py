@@ -532,6 +532,14 @@ def test_a_file_that_is_not_a_regular_file_is_refused_not_read(tmp_path, kind):
         _load(root, tmp_path / "cache")
 
 
+def test_a_broken_link_is_named_as_one(tmp_path):
+    root = _folder(tmp_path / "imgs", per_class=2)
+    (root / "bee" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    with pytest.raises(InputError, match=r"bee/gone.png: a broken link \(its target .*"
+                                         r"nowhere.png does not exist\)$"):
+        _load(root, tmp_path / "cache")
+
+
 def test_a_cache_folder_that_cannot_be_written_is_one_line(tmp_path):
     from tests.conftest import assert_one_line_error, run_cli
 

@@ -41,6 +41,16 @@ class UpdateReport:
                 f"{self.removed:,} removed; decoded {self.decoded:,} in {self.seconds:.1f} s")
 
 
+def _missing(path: str) -> InputError:
+    """The error for a listed file that cannot be found now: a link whose target does not
+    exist says so (os.stat follows it), else the file went away after it was listed."""
+    try:
+        target = os.readlink(path)
+    except OSError:
+        return InputError(f"{path}: disappeared during ingest")
+    return InputError(f"{path}: a broken link (its target {target} does not exist)")
+
+
 def _read(path: str, stat: FileStat, keep: bool) -> tuple[bytes | None, bytes]:
     """The file's bytes (with `keep`: read whole) and their SHA-256; without `keep` it is
     read in 4 MiB pieces (a table file may be larger than RAM). The file must still be as
@@ -53,7 +63,7 @@ def _read(path: str, stat: FileStat, keep: bool) -> tuple[bytes | None, bytes]:
                 data, size = block if keep else None, size + len(block)
         after = FileStat.of(path)
     except FileNotFoundError:
-        raise InputError(f"{path}: disappeared during ingest") from None
+        raise _missing(path) from None
     except OSError as exc:
         raise InputError(f"{path}: cannot read ({exc.strerror})") from None
     if size != stat.size or after != stat:
@@ -69,8 +79,10 @@ STAT_BLOCK = 1024  # files stat'ed (and their path keys made) together
 def _stat(path: bytes) -> os.stat_result:
     try:
         st = os.stat(path)
-    except OSError:
-        raise InputError(f"{os.fsdecode(path)}: disappeared during ingest") from None
+    except FileNotFoundError:
+        raise _missing(os.fsdecode(path)) from None
+    except OSError as exc:
+        raise InputError(f"{os.fsdecode(path)}: cannot read ({exc.strerror})") from None
     if not stat_module.S_ISREG(st.st_mode):
         FileStat.of(os.fsdecode(path))  # names the path and what it is
     return st
