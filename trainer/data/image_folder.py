@@ -46,18 +46,24 @@ def _images_under(folder: str, cut: int, above: frozenset) -> PackedNames:
     (`above`: the root's and split's, then each walked one's) is not followed again, as the
     batch job's walk (export/readers.py) does not: a loop was walked until the OS refused
     the path."""
-    found = PackedNames()
-    todo = [(folder, above | {_folder_id(folder)})]
+    found, cut = PackedNames(), len(encode_path(folder[:cut]))  # bytes from here on
+    todo = [(os.fsencode(folder), above | {_folder_id(folder)})]
+    suffixes = tuple(encode_path(s) for s in SUFFIXES)
     while todo:
         where, seen = todo.pop()
+        names, prefix = [], where[cut:] + b"/"
         with os.scandir(where) as it:
             for entry in it:
                 if entry.is_dir():
                     st = entry.stat()  # of the folder a link names
                     if (st.st_dev, st.st_ino) not in seen:
                         todo.append((entry.path, seen | {(st.st_dev, st.st_ino)}))
-                elif entry.name.lower().endswith(SUFFIXES):
-                    found.append(encode_path(entry.path[cut:]))
+                elif len(names) < 4096:  # packed a few thousand at a time: no object a file
+                    names.append(entry.name)
+                else:
+                    found.add(prefix, [n for n in names if n.lower().endswith(suffixes)])
+                    names = [entry.name]
+        found.add(prefix, [n for n in names if n.lower().endswith(suffixes)])
     return found.sorted()
 
 
