@@ -650,16 +650,26 @@ def test_compaction_moves_the_rows_the_returned_records_point_at(tmp_path):
 
 
 @pytest.mark.parametrize("block", [1 << 16, 8])
-@pytest.mark.parametrize("where", ["first", "last", "added", "removed"])
+@pytest.mark.parametrize("where", ["first", "last", "added", "inserted", "removed"])
 def test_a_change_found_past_the_first_blocks_of_stats_is_caught(tmp_path, monkeypatch, where,
                                                                  block):
     """A start compares the listing's stats with the index block by block and makes the
     records only from the first block that differs: a change in any block (or a file added
     or removed) is found, and the records of the blocks before it are the index's own.
     With blocks of 8 files completed at a time, the blocks after a change are spilled
-    (copied from the index where they are unchanged), those before it kept in place."""
+    (copied from the index where they are unchanged), those before it kept in place, and
+    the blocks after a file added or removed are matched with the index's records shifted
+    by it, not looked up by key (counted)."""
     from trainer.data import ingest
+    from trainer.data.cache import RowCache
 
+    looked_up, lookup = [], RowCache.lookup
+
+    def counting(self, keys, **kw):
+        looked_up.append(len(keys))
+        return lookup(self, keys, **kw)
+
+    monkeypatch.setattr(RowCache, "lookup", counting)
     monkeypatch.setattr(ingest, "STAT_BLOCK", 4)
     monkeypatch.setattr(ingest, "READ_ROWS", block)
     root = tmp_path / "texts"
@@ -670,15 +680,19 @@ def test_a_change_found_past_the_first_blocks_of_stats_is_caught(tmp_path, monke
     assert report.decoded == 30
     _, _, report, _ = _ingest_texts(tmp_path / "c", root)
     assert (report.new, report.changed, report.decoded) == (0, 0, 0)
-    changed = {"first": "001", "last": "029", "added": "030", "removed": "017"}[where]
+    changed = {"first": "001", "last": "029", "added": "030", "inserted": "0015",
+               "removed": "017"}[where]
     if where == "removed":
         (root / f"{changed}.txt").unlink()
     else:
-        (root / f"{changed}.txt").write_bytes(b"new!")
+        (root / f"{changed}.txt").write_bytes(b"new!")  # 0015.txt lies between 001 and 002
+    looked_up.clear()
     paths, rows, report, _ = _ingest_texts(tmp_path / "c", root)
     assert (report.new, report.changed, report.removed, report.decoded) == {
         "first": (0, 1, 0, 1), "last": (0, 1, 0, 1), "added": (1, 0, 0, 1),
-        "removed": (0, 0, 1, 0)}[where]
+        "inserted": (1, 0, 0, 1), "removed": (0, 0, 1, 0)}[where]
+    if block == 8:  # the block holding the change, not the 22-31 files after it
+        assert sum(looked_up) <= 8, looked_up
     assert [bytes(r).decode() for r in rows] == [Path(p).read_text() for p in paths]
     # The new index, written from the records kept in place and the spilled ones, is
     # marked as holding each path once: a start does not sort it to find their last ones.
@@ -947,9 +961,11 @@ def test_the_packed_listing_gives_back_every_name_and_its_key(tmp_path, monkeypa
     for root, spelled in ((str(tmp_path), [str(tmp_path / n) for n in names]), (".", names)):
         paths = PathList.of(root, spelled)
         assert list(paths) == spelled and [paths.rel(i) for i in range(3)] == names
-        records = ingest._stat_block(ingest._Stats(paths).submit(0, 3), 0, 3, None)
+        with RowCache.open(tmp_path / "cache", {"x": ((1,), "u1")}, {}) as empty:
+            records, at, _ = ingest._stat_block(ingest._Stats(paths).submit(0, 3), 0, 3, empty,
+                                                verify=False, shift=0)
         assert [records.key[i:i + 1].tobytes() for i in range(3)] == [path_key(n) for n in names]
-        assert records.size.tolist() == [1, 2, 3]
+        assert records.size.tolist() == [1, 2, 3] and at.tolist() == [-1, -1, -1]
 
 
 def test_an_image_with_a_name_that_is_not_utf8_is_ingested(tmp_path):

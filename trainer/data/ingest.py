@@ -42,8 +42,8 @@ class UpdateReport:
 
 
 def _missing(path: str) -> InputError:
-    """The error for a listed file that cannot be found now: a link whose target does not
-    exist says so (os.stat follows it), else the file went away after it was listed."""
+    """A listed file not found now: a link whose target is gone (os.stat follows it), or
+    a file gone since it was listed."""
     try:
         target = os.readlink(path)
     except OSError:
@@ -130,25 +130,35 @@ class _Stats:
             self.pool.shutdown(cancel_futures=True)
 
 
-def _stat_block(pieces: Iterable[Stats], a: int, e: int, index: Records | None) -> Records | None:
-    """Records of files a..e-1 from their `pieces` of stats (digest and rows left empty).
-    None when they are `index`'s records a..e-1, each path at its place with the size,
-    mtime_ns and inode it records (a start after a run): compared as they come, the records
-    are made only from the first piece that differs, the index's copied up to it."""
-    out, same = None, index is not None and e <= len(index)
+def _stat_block(pieces: Iterable[Stats], a: int, e: int, cache: RowCache, verify: bool,
+                shift: int) -> tuple[Records | None, np.ndarray | None, int]:
+    """Records of files a..e-1 from their `pieces` of stats (digest and rows empty), the
+    index's record of each (or -1) and the shift after them; (None, None, shift) when they
+    are the index's records a-shift..e-shift-1 with the sizes, mtime_ns and inodes recorded.
+    `shift` (files added less files removed before them) lets the files after one added or
+    removed match the index a piece at a time without a lookup; a piece that differs is
+    looked up, and its last file found sets the shift after it."""
+    index, out, at = cache.index, None, None
     for b, piece in zip(range(a, e, STAT_BLOCK), pieces):
-        end = b + len(piece[0])
+        end, p, q = b + len(piece[0]), b - shift, b + len(piece[0]) - shift
         block = dict(zip(STAT_COLUMNS, piece))
-        if same and all(np.array_equal(index.block(c, b, end), block[c]) for c in STAT_COLUMNS):
+        same = not verify and 0 <= p and q <= len(index) and all(
+            np.array_equal(index.block(c, p, q), block[c]) for c in STAT_COLUMNS)
+        if same and out is None:
             continue
         if out is None:  # the first piece that differs: those before are the index's
-            out = Records.empty(e - a)
+            out, at = Records.empty(e - a), np.arange(a - shift, e - shift)
             for c in STAT_COLUMNS if b > a else ():
-                getattr(out, c)[:b - a] = index.block(c, a, b)
-        same = False
+                getattr(out, c)[:b - a] = index.block(c, a - shift, p)
         for c in STAT_COLUMNS:
             getattr(out, c)[b - a:end - a] = block[c]
-    return out
+        if same:
+            at[b - a:end - a] = np.arange(p, q)
+        else:
+            found = at[b - a:end - a] = cache.lookup(block["key"], keep=True)
+            if found[-1] >= 0:
+                shift = end - 1 - int(found[-1])
+    return out, at, shift
 
 
 def _reuse(index: Records, out: Records, at: np.ndarray) -> np.ndarray:
@@ -190,7 +200,8 @@ def update(cache: RowCache, root: Path, paths: PathList | list[str | Path],
             e = min(a + READ_ROWS, len(paths))
             pieces = stats.submit(a, e)
             run.complete()  # the block before, whose first files were decoded meanwhile
-            run.start(a, e, _stat_block(pieces, a, e, None if verify else cache.index))
+            out, at, run.shift = _stat_block(pieces, a, e, cache, verify, run.shift)
+            run.start(a, e, out, at)
         run.complete()
         run.finish()
     except BaseException as exc:
@@ -243,8 +254,7 @@ class _Pool:
     def get(self, files: int, size: int) -> ProcessPoolExecutor | ThreadPoolExecutor:
         """The pool for `files` more files of `size` bytes."""
         self.files, self.size, cores = self.files + files, self.size + size, usable_cores()
-        fork = (self.whole_files and self.files >= 64 and self.size >= FORK_BYTES
-                and cores > 1)
+        fork = self.whole_files and self.files >= 64 and self.size >= FORK_BYTES and cores > 1
         if self.pool is None or fork and not self.forked:
             self.close()
             self.pool, self.forked = (fork_pool(cores) if fork else
@@ -265,32 +275,31 @@ def _prepared(cache: RowCache, rows: Decoded):
 
 class _Run:
     """One update, a block of the listing at a time. The listing's first `head` files are
-    the index's own records in place (nothing changed there); the records of every block
-    after them go to a spill file as each block is completed. Within a block, the rows of
-    content already cached are reused (the index's, or those appended earlier in this
-    update), other content is appended."""
+    the index's own records in place; the records of every block after them go to a spill
+    file as each block is completed. Within a block, the rows of content already cached are
+    reused (the index's, or those appended earlier in this update), other content appended."""
 
     def __init__(self, cache: RowCache, verify: bool, whole_files: bool, report: UpdateReport):
         self.cache, self.verify, self.report = cache, verify, report
-        self.head, self.known, self.spill = 0, 0, None
+        self.head, self.known, self.spill, self.shift = 0, 0, None, 0
         self.fresh, self.pool = Appended(report.files), _Pool(whole_files)
         # the block being completed: its first file, its records, the index's record of
         # each of its files (or -1), which of them were placed, which to read, the results
         # of the first BLOCK of those (decoded while the next block is stat'ed)
         self.a, self.out, self.at, self.done, self.redo, self.first = 0, None, None, None, None, ()
 
-    def start(self, a: int, e: int, out: Records | None) -> None:
+    def start(self, a: int, e: int, out: Records | None, at: np.ndarray | None) -> None:
         """Start on files a..e-1, whose new records are `out` (None: the index's own, and
-        they are complete)."""
+        they are complete) and whose records in the index are `at` (or -1)."""
         cache = self.cache
         if out is None:
             self.known += e - a
             if self.spill is None:
                 self.head = e
             else:
-                self.spill.append(cache.index, a, e)
+                self.spill.append(cache.index, a - self.shift, e - self.shift)
             return
-        self.at = cache.lookup(out.key, keep=True)
+        self.at = at
         self.known += int((self.at >= 0).sum())
         redo = np.flatnonzero(np.ones(len(out), bool) if self.verify
                               else ~_reuse(cache.index, out, self.at))
