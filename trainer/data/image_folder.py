@@ -58,12 +58,12 @@ def _images_under(folder: str, cut: int, above: frozenset) -> PackedNames:
                     st = entry.stat()  # of the folder a link names
                     if (st.st_dev, st.st_ino) not in seen:
                         todo.append((entry.path, seen | {(st.st_dev, st.st_ino)}))
-                elif len(names) < 4096:  # packed a few thousand at a time: no object a file
+                elif entry.name.lower().endswith(suffixes):
                     names.append(entry.name)
-                else:
-                    found.add(prefix, [n for n in names if n.lower().endswith(suffixes)])
-                    names = [entry.name]
-        found.add(prefix, [n for n in names if n.lower().endswith(suffixes)])
+                    if len(names) == 4096:  # packed a few thousand at a time: no object a file
+                        found.add(prefix, names)
+                        names = []
+        found.add(prefix, names)
     return found.sorted()
 
 

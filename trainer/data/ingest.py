@@ -96,11 +96,10 @@ def _stat_piece(paths: PathList, a: int, e: int) -> Stats:
     """The path keys and stats of the listing's files a..e-1."""
     rels = paths.block(a, e)
     stats = [_stat(paths.full(rel)) for rel in rels]
-    dtypes = Records.DTYPES
     return (np.frombuffer(b"".join(map(path_key, rels)), "S16"),
-            np.array([s.st_size for s in stats], dtypes["size"]),
-            np.array([s.st_mtime_ns for s in stats], dtypes["mtime_ns"]),
-            np.array([s.st_ino for s in stats], dtypes["ino"]))
+            np.array([s.st_size for s in stats], Records.DTYPES["size"]),
+            np.array([s.st_mtime_ns for s in stats], Records.DTYPES["mtime_ns"]),
+            np.array([s.st_ino for s in stats], Records.DTYPES["ino"]))
 
 
 def _stat_forked(a: int, e: int) -> Stats:
@@ -140,7 +139,8 @@ def _stat_block(pieces: Iterable[Stats], a: int, e: int, cache: RowCache, verify
     looked up, and its last file found sets the shift after it."""
     index, out, at = cache.index, None, None
     for b, piece in zip(range(a, e, STAT_BLOCK), pieces):
-        end, p, q = b + len(piece[0]), b - shift, b + len(piece[0]) - shift
+        end = b + len(piece[0])
+        p, q = b - shift, end - shift  # where these files' records lie in the index
         block = dict(zip(STAT_COLUMNS, piece))
         same = not verify and 0 <= p and q <= len(index) and all(
             np.array_equal(index.block(c, p, q), block[c]) for c in STAT_COLUMNS)
