@@ -44,7 +44,7 @@ from export.card import Card, jsonable
 from export.errors import InputError
 from export.serve_app import Gate
 from export.serve_metrics import write_supervisor_counts
-from export.serve_options import ServeOptions, key_warning
+from export.serve_options import ServeOptions, auto_workers, key_warning
 
 EXTRA = "pip install '.[serve]' from a checkout, or 'frozenfit[serve]' from a wheel"
 MAX_DEATHS, DEATH_WINDOW_S = 5, 60.0
@@ -305,12 +305,12 @@ def serve(model: str, options: ServeOptions, version: str = "1") -> int:
     then refuse new requests, finish those in flight, exit 0."""
     from export.runtime import PROVIDERS, Predictor, predictor_for_job, uses_cuda
 
-    limits = options.limits
     # one-line errors before any process; the API servers' thread count. With CUDA this process
     # checks the model on the CPU: a CUDA context made here does not survive the fork, and the
     # servers could not start theirs (seen on an H200, scripts/gpu_check.sh)
-    server_threads = _threads_per_worker(options.workers)
     on_cuda = uses_cuda(options.provider)
+    options.workers, how_many = auto_workers(on_cuda, options.workers)
+    server_threads = _threads_per_worker(options.workers)
     if on_cuda:
         loaded = Predictor(model, "cpu", 1, spin=False)
         chosen = {"threads": server_threads, "reason": "CUDA in each API server"}
@@ -321,7 +321,7 @@ def serve(model: str, options: ServeOptions, version: str = "1") -> int:
     provider = PROVIDERS["cuda"] if on_cuda else loaded.provider
     threads = chosen["threads"]
     del loaded
-    limits.check_model(card.input)
+    options.limits.check_model(card.input)
     metrics_dir = tempfile.mkdtemp(prefix="frozenfit-serve-")  # each process's counts
     try:
         import prometheus_client  # noqa: F401
@@ -339,7 +339,7 @@ def serve(model: str, options: ServeOptions, version: str = "1") -> int:
         print(warning, file=sys.stderr, flush=True)
     shared = {"inflight": mp.Value("i", 0), "draining": mp.Value("i", 0)}
     name = options.name or Path(model).stem
-    gate = Gate(card=card, card_json=json.dumps(jsonable(card)).encode(), limits=limits,
+    gate = Gate(card=card, card_json=json.dumps(jsonable(card)).encode(), limits=options.limits,
                 shared=shared, metrics_dir=metrics_dir, max_batch_size=options.max_batch_size,
                 batch_timeout=options.batch_timeout_ms / 1000, model=(name, version, sha256),
                 runner_args={"model": str(model), "provider": options.provider,
@@ -350,7 +350,7 @@ def serve(model: str, options: ServeOptions, version: str = "1") -> int:
                 else "no batching")
     print(f"serving {model} (sha256 {sha256[:12]}) at http://{options.host}:{options.port}: "
           f"POST /predict and /v2/models/{name}/infer, GET /card /health /metrics /v2; "
-          f"{options.workers} API server(s) x {threads} thread(s) on {provider} "
+          f"{options.workers} API server(s) ({how_many}) x {threads} thread(s) on {provider} "
           f"({chosen['reason']}), {batching}",
           flush=True)
     try:

@@ -50,7 +50,7 @@ class Limits:
 class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 8000
-    workers: int = 1
+    workers: int | None = None  # None: auto_workers()
     max_batch_size: int = 64
     batch_timeout_ms: float = 5.0
     provider: str = "auto"
@@ -69,7 +69,9 @@ class ServeOptions:
         if self.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", self.name):
             raise InputError(f"--name {self.name!r}: expected letters, digits, '.', '_' and "
                              f"'-' (a URL path segment)")
-        for flag, value in (("--workers", self.workers), ("--max-batch-size", self.max_batch_size)):
+        workers = 1 if self.workers is None else self.workers  # None: chosen by serve()
+        for flag, value in (("--workers", workers),
+                            ("--max-batch-size", self.max_batch_size)):
             if value < 1:
                 raise InputError(f"{flag} must be >= 1")
         if not 1024 <= self.port <= 65535:
@@ -84,9 +86,29 @@ class ServeOptions:
         # A batch gathers requests in flight, of which there are at most max_queue.
         self.max_batch_size = min(self.max_batch_size, self.limits.max_queue)
         cores = usable_cores()
-        if self.workers > 4 * cores:
+        if workers > 4 * cores:
             raise InputError(f"--workers {self.workers}: at most {4 * cores} (4 per core of the "
                              f"{cores} this process may use); each holds a session")
+
+
+CORES_PER_SERVER = 8  # the default: one API server per 8 cores (auto_workers)
+
+
+def auto_workers(on_cuda: bool, asked: int | None = None) -> tuple[int, str]:
+    """How many API servers (`asked`, or the default), and why. One server's event loop
+    is one core's work: a small model's requests are bound by it (on a 16-core Xeon, one
+    server answered 5,814 req/s at concurrency 64, two 11,435; docs/benchmarks.md), and
+    onnxruntime's threads get the rest of each server's share. One per CUDA device: each
+    server opens its own CUDA context and copy of the model."""
+    from export.timing import usable_cores
+
+    if asked is not None:
+        return asked, "--workers"
+    if on_cuda:
+        return 1, "one API server on CUDA"
+    cores = usable_cores()
+    return (max(1, cores // CORES_PER_SERVER),
+            f"one API server per {CORES_PER_SERVER} of the {cores} usable cores")
 
 
 API_KEY_ENV = "FROZENFIT_API_KEY"

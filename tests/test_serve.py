@@ -544,6 +544,21 @@ def _api_servers(server: Server) -> list[int]:
     return server.pids()[1:]  # the supervisor's children
 
 
+def test_the_default_is_one_api_server_per_8_cores_and_one_on_cuda(image_server, monkeypatch):
+    """The server started without --workers runs as many API servers as the rule gives for
+    this machine's cores (here, in CI: one), and the rule itself at other core counts."""
+    from export import timing
+    from export.serve_options import auto_workers
+
+    assert len(_api_servers(image_server)) == auto_workers(on_cuda=False)[0]
+    for cores, servers in ((1, 1), (2, 1), (15, 1), (16, 2), (64, 8)):
+        monkeypatch.setattr(timing, "usable_cores", lambda c=cores: c)
+        assert auto_workers(on_cuda=False) == (
+            servers, f"one API server per 8 of the {cores} usable cores")
+        assert auto_workers(on_cuda=True) == (1, "one API server on CUDA")
+        assert auto_workers(on_cuda=False, asked=3) == (3, "--workers")
+
+
 def test_a_killed_api_server_is_replaced_and_no_request_hangs(digits_run, digits_x, tmp_path):
     server = Server(digits_run / "model.onnx", tmp_path, "--workers", "2")
     try:

@@ -125,9 +125,10 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", choices=["127.0.0.1", "0.0.0.0", "::"],
                    help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--workers", type=int, default=1,
+    p.add_argument("--workers", type=int, default=None,
                    help="API server processes (uvicorn, sharing the port), each with its "
-                   "own onnxruntime session; the cores are shared out between them")
+                   "own onnxruntime session; the cores are shared out between them "
+                   "(default: one per 8 usable cores, one on CUDA)")
     p.add_argument("--max-batch-size", type=int, default=64,
                    help="requests stacked into one onnxruntime call (1: no batching)")
     p.add_argument("--batch-timeout-ms", type=float, default=5.0,
