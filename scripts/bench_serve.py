@@ -1,5 +1,7 @@
 """`trainer serve` under load from a compiled load generator (`hey`), against a bare ASGI app
-on the same server stack parsing the same body (scripts/bare_asgi.py), in one invocation.
+on the same server stack parsing the same body (scripts/bare_asgi.py), and against that app
+doing only what any server of the model must (parse, one onnxruntime call, reply), in one
+invocation.
 
     .venv/bin/python scripts/bench_serve.py [--model MODEL.onnx] [--requests 3000] [--repeats 3]
 
@@ -149,21 +151,26 @@ def main() -> None:
         body = Path(work) / "body.json"
         body.write_text(json.dumps({"instances": [x[0].tolist()]}))
         model = args.model or _model(Path(work))
-        port = _port()
-        bare = measure("bare uvicorn app", start(
-            [sys.executable, str(ROOT / "scripts" / "bare_asgi.py"), str(port)], port, "/"),
-            port, body, args)
+        bare = {}
+        for label, extra in (("bare uvicorn app", []), ("bare app + model", [str(model)])):
+            port = _port()
+            bare[label] = measure(label, start([sys.executable, str(ROOT / "scripts" /
+                                                                "bare_asgi.py"), str(port),
+                                                *extra], port, "/"), port, body, args)
         served = {}
         for label, size in (("serve, batching on", "64"), ("serve, batching off", "1")):
             proc, port = start_serve(model, "--workers", str(args.workers),
                                      "--max-batch-size", size)
             served[label] = measure(label, proc, port, body, args)
     for c in args.concurrency:
-        base = [r for r, _, _ in bare[c]]
+        base, floor = ([r for r, _, _ in runs[c]] for runs in bare.values())
         on, off = ([r for r, _, _ in served[k][c]] for k in served)
         print(f"c={c:3}: serve / bare app {ratio_of_medians(on, base):.2f}x (batching on), "
               f"{ratio_of_medians(off, base):.2f}x (off); batching on / off "
-              f"{ratio_of_medians(on, off):.2f}x")
+              f"{ratio_of_medians(on, off):.2f}x; the bare app + model / bare app "
+              f"{ratio_of_medians(floor, base):.2f}x (what any server of this model on this "
+              f"stack is held to), serve / it {ratio_of_medians(on, floor):.2f}x (on), "
+              f"{ratio_of_medians(off, floor):.2f}x (off)")
 
 
 if __name__ == "__main__":
