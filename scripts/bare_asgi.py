@@ -6,7 +6,7 @@ on this machine.
 
 With MODEL, the same app also does what any server of that model must: the body read into
 the checked input array, one onnxruntime call (one thread), the reply's columns as JSON,
-with the server's own functions (export/serve_payloads.py, export/runtime.Predictor) and
+with the server's own functions (export/serve/payloads.py, export/runtime.Predictor) and
 nothing else (no batching, metrics, drift counts or admission): the floor of a Python
 server of this model on this stack.
 
@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from export.serve_payloads import dumps, encode_rows, loads, parse_request  # noqa: E402
+from export.serve.payloads import dumps, encode_rows, loads, parse_request  # noqa: E402
 
 
 def reply_for(model: str | None):
@@ -28,7 +28,7 @@ def reply_for(model: str | None):
         return lambda body: dumps({"instances": len((loads(body) if body else {}).get(
             "instances", []))})
     from export.runtime import Predictor
-    from export.serve_options import Limits
+    from export.serve.options import Limits
 
     predictor, limits = Predictor(model, "cpu", 1, spin=False), Limits()
 

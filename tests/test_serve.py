@@ -24,7 +24,7 @@ import pytest
 
 from export.card import jsonable, read_card
 from export.runtime import Predictor
-from export.serve_payloads import encode_rows
+from export.serve.payloads import encode_rows
 from tests.conftest import assert_one_line_error, poisoned_env, run_cli
 from tests.helpers import looping_model
 
@@ -212,7 +212,7 @@ def test_the_batched_counts_render_as_prometheus_clients_own_would(digits_run, t
     Counter fed the same observations (bucket edges included: `le` holds its bound)."""
     from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-    from export.serve_metrics import BATCH_BUCKETS, LATENCY_BUCKETS, Tally, metrics_text
+    from export.serve.metrics import BATCH_BUCKETS, LATENCY_BUCKETS, Tally, metrics_text
 
     registry = CollectorRegistry()
     rows = Histogram("frozenfit_batch_rows", "x", buckets=BATCH_BUCKETS, registry=registry)
@@ -472,7 +472,7 @@ def _batcher_run(max_requests, timeout, service_s, arrivals, fail=False):
     whose batches take `service_s`; returns the batches sent and each request's answer."""
     import asyncio
 
-    from export.serve_batching import Batcher
+    from export.serve.batching import Batcher
 
     sent, sent_at = [], []
 
@@ -513,7 +513,7 @@ def test_batcher_runs_the_requests_of_one_loop_turn_as_one_batch_on_the_loop():
     no thread); the requests read in the same turn of the loop leave together."""
     import asyncio
 
-    from export.serve_batching import Batcher
+    from export.serve.batching import Batcher
 
     sent = []
 
@@ -548,7 +548,7 @@ def test_the_default_is_one_api_server_per_8_cores_and_one_on_cuda(image_server,
     """The server started without --workers runs as many API servers as the rule gives for
     this machine's cores (here, in CI: one), and the rule itself at other core counts."""
     from export import timing
-    from export.serve_options import auto_workers
+    from export.serve.options import auto_workers
 
     assert len(_api_servers(image_server)) == auto_workers(on_cuda=False)[0]
     for cores, servers in ((1, 1), (2, 1), (15, 1), (16, 2), (64, 8)):

@@ -186,7 +186,7 @@ def test_key_files_that_are_not_one_key_are_one_line(tmp_path, monkeypatch):
     import os
 
     from export.errors import InputError
-    from export.serve_options import key_warning, read_api_key
+    from export.serve.options import key_warning, read_api_key
 
     cases = {"empty": b"", "short": b"abc\n", "huge": b"x" * 10_000}
     for name, data in cases.items():

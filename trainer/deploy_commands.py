@@ -154,9 +154,8 @@ def serve_parser() -> argparse.ArgumentParser:
 def cmd_serve(argv: list[str]) -> int:
     args = serve_parser().parse_args(argv)
     from export.model_uri import registry_alias, resolve_model_uri, served_version
-    from export.serve import serve
-    from export.serve_options import Limits, ServeOptions
-    from export.serve_options import read_api_key
+    from export.serve.options import Limits, ServeOptions, read_api_key
+    from export.serve.supervisor import serve
 
     options = ServeOptions(
         host=args.host, port=args.port, workers=args.workers, max_batch_size=args.max_batch_size,

@@ -16,7 +16,7 @@ from export.card import Card, InputSpec
 from export.conformal import threshold
 from export.errors import InputError
 from export.runtime import Prediction, check_input, describe_input
-from export.serve_options import Limits
+from export.serve.options import Limits
 
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/jpg")
 

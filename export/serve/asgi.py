@@ -3,8 +3,7 @@ error, and the scope and receive of a request the gate makes itself. No framewor
 
 from __future__ import annotations
 
-
-from export.serve_payloads import RequestError, dumps
+from export.serve.payloads import RequestError, dumps
 
 
 async def read_body(receive, headers: dict, limit: int) -> bytes:

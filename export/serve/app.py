@@ -15,7 +15,7 @@ raw tensors that the protocol encodes. A batch expected to take less than INLINE
 a one-row call timed at start) runs on the event loop itself: for a small model the hop to the
 thread cost more than the inference. The rows and predictions are added to this process's
 drift counts by a background thread every FLUSH_S, in one pass, and written with the
-request counts (export/serve_metrics.Tally) for /metrics.
+request counts (export/serve/metrics.Tally) for /metrics.
 """
 
 from __future__ import annotations
@@ -35,12 +35,12 @@ import numpy as np
 from export.card import Card
 from export.errors import InputError
 from export.runtime import Prediction
-from export.serve_batching import Batcher
-from export.serve_http import error, read_body, respond
-from export.serve_metrics import Tally, metrics_text
-from export.serve_options import Limits
-from export.serve_oip import encode_infer, model_metadata, parse_infer, route, server_metadata
-from export.serve_payloads import (INLINE_PARSE_BYTES, RequestError, dumps, encode_rows,
+from export.serve.asgi import error, read_body, respond
+from export.serve.batching import Batcher
+from export.serve.metrics import Tally, metrics_text
+from export.serve.oip import encode_infer, model_metadata, parse_infer, route, server_metadata
+from export.serve.options import Limits
+from export.serve.payloads import (INLINE_PARSE_BYTES, RequestError, dumps, encode_rows,
                                    parse_query, parse_request, rows_of)
 
 log = logging.getLogger(__name__)
@@ -242,7 +242,7 @@ class Gate:
         return hmac.compare_digest(given, self.key)
 
     async def _protocol(self, scope, receive, send):
-        """The Open Inference Protocol's routes (export/serve_oip.py)."""
+        """The Open Inference Protocol's routes (export/serve/oip.py)."""
         found, (name, version, _) = route(scope["path"]), self.model
         if found is None:
             return await error(send, 404, f"{scope['path']}: no such inference protocol route")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 
-
 # What a request asked for: top_k, its conformal threshold, raw tensors (the inference protocol)
 Answer = tuple[int, "float | None", bool]
 

@@ -2,7 +2,7 @@
 
 This process supervises; `--workers` API server processes, forked from it, each run
 uvicorn (uvloop and httptools where installed) on the one listening socket with the `Gate`
-app and their own `Predictor` (export/serve_app.py): a request is read, checked, batched
+app and their own `Predictor` (export/serve/app.py): a request is read, checked, batched
 with its concurrent neighbours and predicted in the process that accepted it. LitServe ran
 the model in separate worker processes behind multiprocessing queues, whose hops cost a lone
 request more than its prediction (docs/benchmarks.md has the comparison).
@@ -19,11 +19,7 @@ SIGTERM/SIGINT: new requests get
 503, the ones in flight finish (at most --drain-timeout-s), then the API servers stop and
 the command exits 0.
 
-The pieces: export/serve_app.py (the ASGI app and the model), export/serve_options.py (the
-settings, checked when made), export/serve_payloads.py (request -> checked array,
-prediction -> response rows), export/serve_oip.py (the Open Inference Protocol),
-export/serve_batching.py (`Batcher`), export/serve_metrics.py (Prometheus and drift),
-export/serve_http.py (body reads, replies, errors).
+The other pieces, one module each: export/serve/__init__.py.
 """
 
 from __future__ import annotations
@@ -42,9 +38,9 @@ from pathlib import Path
 
 from export.card import Card, jsonable
 from export.errors import InputError
-from export.serve_app import Gate
-from export.serve_metrics import write_supervisor_counts
-from export.serve_options import ServeOptions, auto_workers, key_warning
+from export.serve.app import Gate
+from export.serve.metrics import write_supervisor_counts
+from export.serve.options import ServeOptions, auto_workers, key_warning
 
 EXTRA = "pip install '.[serve]' from a checkout, or 'frozenfit[serve]' from a wheel"
 MAX_DEATHS, DEATH_WINDOW_S = 5, 60.0
@@ -229,7 +225,7 @@ class Supervisor:
         self._reload(path, version, f"{uri} moved to version {version}")
 
     def _count(self, what: str) -> None:
-        """The supervisor's own counters (export/serve_metrics.SUPERVISOR) for /metrics."""
+        """The supervisor's own counters (export/serve/metrics.SUPERVISOR) for /metrics."""
         self.counts[what] = self.counts.get(what, 0) + 1
         write_supervisor_counts(Path(self.gate.metrics_dir), self.counts)
 

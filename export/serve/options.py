@@ -4,8 +4,8 @@ naming the flag and what this machine allows."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from export.card import InputSpec
 from export.errors import InputError

@@ -25,7 +25,7 @@ from export.card import Card
 from export.conformal import set_columns, threshold
 from export.errors import InputError
 from export.runtime import Prediction, check_input
-from export.serve_payloads import RequestError, dumps, loads
+from export.serve.payloads import RequestError, dumps, loads
 
 DATATYPES = {"uint8": "UINT8", "float32": "FP32", "float16": "FP16", "int32": "INT32",
              "float64": "FP64", "int64": "INT64"}
