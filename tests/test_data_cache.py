@@ -255,6 +255,37 @@ def test_listing_and_stat_in_forked_workers_equal_one_process(tmp_path, monkeypa
     assert forks == {"listing": 3, "stat": 3}
 
 
+def test_images_decoded_in_forked_workers_come_back_through_shared_memory(tmp_path,
+                                                                           monkeypatch):
+    """Once the decoding is forked, each image's rows come back in a slot of a shared slab
+    (trainer/data/workers.py), not through the pool's pipe: the same cache files, byte for
+    byte, as decoding in this process; and with slots as few as the files in flight allow
+    (their reuse), still the same."""
+    from trainer.data import ingest, workers
+
+    root = _folder(tmp_path / "imgs", per_class=40)  # 120 files: enough to fork
+    monkeypatch.setattr(workers, "FORK_BYTES", 1)
+    monkeypatch.setattr(workers, "usable_cores", lambda: 2)
+    taken = []
+    real_take = workers.Slab.take
+    monkeypatch.setattr(workers.Slab, "take", lambda self, rows: taken.append(rows.slot) or
+                        real_take(self, rows))
+    forked = _load(root, tmp_path / "forked")
+    assert len(taken) == 120 and len(set(taken)) == 120  # each in its own slot
+    monkeypatch.setattr(ingest, "BLOCK", 8)  # 16 files in flight at most: 32 slots, reused
+    taken.clear()  # (the first 64 files are decoded before the pool forks)
+    reused = _load(root, tmp_path / "reused")
+    assert len(taken) > 32 and set(taken) == set(range(32))
+    monkeypatch.setattr(workers, "SLAB_BYTES", 0)  # no slab: through the pipe, as before
+    piped = _load(root, tmp_path / "piped")
+    for a, b in ((forked, piped), (reused, piped)):
+        assert a.fingerprint == b.fingerprint
+        assert np.array_equal(a.train.x[:], b.train.x[:])
+    (one,) = (tmp_path / "forked").glob("image_folder-*/x.*.bin")
+    (two,) = (tmp_path / "piped").glob("image_folder-*/x.*.bin")
+    assert one.read_bytes() == two.read_bytes()
+
+
 def test_workers_are_forked_for_enough_files_each(monkeypatch):
     """One worker per usable core, per piece of work and per FORK_FILES files; none where
     one process does as well."""
@@ -277,7 +308,7 @@ def test_a_decoding_worker_that_dies_is_one_line_and_the_cache_stays_usable(tmp_
     import signal
 
     import export.imaging
-    from trainer.data import ingest
+    from trainer.data import workers
 
     root = _folder(tmp_path / "imgs", per_class=30)
     real = export.imaging.decode
@@ -287,8 +318,8 @@ def test_a_decoding_worker_that_dies_is_one_line_and_the_cache_stays_usable(tmp_
             os.kill(os.getpid(), signal.SIGKILL)
         return real(data, spec, path)
 
-    monkeypatch.setattr(ingest, "FORK_BYTES", 0)  # 90 tiny files: decoded in forked workers
-    monkeypatch.setattr(ingest, "usable_cores", lambda: 2)
+    monkeypatch.setattr(workers, "FORK_BYTES", 0)  # 90 tiny files: decoded in forked workers
+    monkeypatch.setattr(workers, "usable_cores", lambda: 2)
     monkeypatch.setattr(export.imaging, "decode", dies_on_one)
     with pytest.raises(InputError, match=r"imgs: a worker process of the ingest died "
                                          r"\(killed, or out of memory\)"):

@@ -9,7 +9,7 @@ import os
 import stat as stat_module
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from export.errors import InputError
-from export.timing import usable_cores
 from trainer.allocator import release_free_memory
 from trainer.data.cache import FileStat, Records, RowCache, path_key
 from trainer.data.paths import PathList
 from trainer.data.records import READ_ROWS, Appended, Head, Spill
 from trainer.data.scan import died, fork_pool, worth_forking
+from trainer.data.workers import Pool, hand, take
 
 BLOCK = 512  # files read, hashed and decoded together by the thread pool
 
@@ -225,47 +225,15 @@ def update(cache: RowCache, root: Path, paths: PathList | list[str | Path],
 _JOB = None
 
 
-def _work(task: tuple[int, int, int, int]):
+def _work(task: tuple[int, int, int, int, int]):
     """Read, hash and (for content the cache lacks) decode one file, in a worker; `task`
-    is the file's place in the listing and its stat."""
+    is the file's place in the listing, its stat and its slot in the slab."""
     cache, paths, decode, whole_files = _JOB
-    i, stat = task[0], FileStat(*task[1:])
+    i, stat = task[0], FileStat(*task[1:4])
     data, digest = _read(paths[i], stat, whole_files)
     if cache.find(digest) is not None:
         return i, digest, None
-    return i, digest, _prepared(cache, decode(data, paths[i]))
-
-
-FORK_BYTES = 1 << 20  # less to decode than this: one thread beats starting processes
-
-
-class _Pool:
-    """The workers of an update. Decoding many small files is mostly Python holding the
-    GIL (pillow's per-image overhead; measured: threads on 2 cores ran slower than one),
-    so files decoded whole go to forked processes, one per usable core, once there is
-    enough to decode to pay for starting them (64 files and FORK_BYTES of encoded images,
-    counted over the blocks so far); before that, one thread. Tables are decoded batch by
-    batch in this process (pyarrow reads in its own threads); their workers only hash."""
-
-    def __init__(self, whole_files: bool):
-        self.whole_files, self.files, self.size = whole_files, 0, 0
-        self.pool, self.forked = None, False
-
-    def get(self, files: int, size: int) -> ProcessPoolExecutor | ThreadPoolExecutor:
-        """The pool for `files` more files of `size` bytes."""
-        self.files, self.size, cores = self.files + files, self.size + size, usable_cores()
-        fork = self.whole_files and self.files >= 64 and self.size >= FORK_BYTES and cores > 1
-        if self.pool is None or fork and not self.forked:
-            self.close()
-            self.pool, self.forked = (fork_pool(cores) if fork else
-                                      ThreadPoolExecutor(1 if self.whole_files else cores)), fork
-        return self.pool
-
-    def close(self) -> None:
-        """On an error, the queued files are not decoded for nothing."""
-        if self.pool is not None:
-            self.pool.shutdown(cancel_futures=True)
-            self.pool = None
+    return i, digest, hand(task[4], _prepared(cache, decode(data, paths[i])))
 
 
 def _prepared(cache: RowCache, rows: Decoded):
@@ -282,11 +250,13 @@ class _Run:
     def __init__(self, cache: RowCache, verify: bool, whole_files: bool, report: UpdateReport):
         self.cache, self.verify, self.report = cache, verify, report
         self.head, self.known, self.spill, self.shift = 0, 0, None, 0
-        self.fresh, self.pool = Appended(report.files), _Pool(whole_files)
+        row = sum(int(np.prod(shape)) * dtype.itemsize for shape, dtype in cache.columns.values())
+        self.fresh, self.pool = Appended(report.files), Pool(whole_files, row, 2 * BLOCK)
         # the block being completed: its first file, its records, the index's record of
         # each of its files (or -1), which of them were placed, which to read, the results
         # of the first BLOCK of those (decoded while the next block is stat'ed)
         self.a, self.out, self.at, self.done, self.redo, self.first = 0, None, None, None, None, ()
+        self.sent = 0  # tasks submitted: each one's slot in the slab
 
     def start(self, a: int, e: int, out: Records | None, at: np.ndarray | None) -> None:
         """Start on files a..e-1, whose new records are `out` (None: the index's own, and
@@ -314,8 +284,10 @@ class _Run:
         if self.pool.pool is None:
             cache.sort_digests()  # once, before any worker is forked
         pool = self.pool.get(len(part), int(out.size[part].sum()))
+        slots = range(self.sent, self.sent + len(part))
+        self.sent += len(part)
         tasks = zip((self.a + part).tolist(), out.size[part].tolist(),
-                    out.mtime_ns[part].tolist(), out.ino[part].tolist())
+                    out.mtime_ns[part].tolist(), out.ino[part].tolist(), slots)
         return pool.map(_work, tasks, chunksize=16)  # submitted now, read in order later
 
     def complete(self) -> None:
@@ -351,6 +323,7 @@ class _Run:
 
     def place(self, i: int, digest: bytes, arrays: Decoded | None) -> None:
         cache, out, k = self.cache, self.out, i - self.a
+        arrays = take(arrays)  # (rows a forked worker handed through shared memory)
         old = int(self.at[k])
         if old < 0:
             self.report.new += 1
