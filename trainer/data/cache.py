@@ -123,11 +123,11 @@ class RowCache:
         """The column files, open at their last row for appending (for the whole ingest)."""
         if self._out is None:
             self._out = ColumnWriter({n: self._bin(n) for n in self.columns},
-                                     {n: self.rows * self._row_bytes(n) for n in self.columns})
+                                     {n: self.rows * self.row_bytes(n) for n in self.columns})
         return self._out
 
     # ---------------------------------------------------------------- reading
-    def _row_bytes(self, name: str) -> int:
+    def row_bytes(self, name: str) -> int:
         shape, dtype = self.columns[name]
         return int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
 
@@ -168,7 +168,7 @@ class RowCache:
     def _truncate_to_index(self) -> None:
         """Drop records whose rows a column file no longer holds (a truncated file), and
         cut bytes past the last committed row (a killed ingest)."""
-        have = min((self._bin(n).stat().st_size // self._row_bytes(n)
+        have = min((self._bin(n).stat().st_size // self.row_bytes(n)
                     if self._bin(n).is_file() else 0) for n in self.columns)
         self.rows = self.index.extent()
         if self.rows > have:
@@ -179,7 +179,7 @@ class RowCache:
             self.rows = self.index.extent()
         for name in self.columns:
             with open(self._bin(name), "ab") as f:
-                f.truncate(self.rows * self._row_bytes(name))
+                f.truncate(self.rows * self.row_bytes(name))
 
     def _set_index(self, records: Records) -> None:
         self.index, self._sorted = records, {}
@@ -275,7 +275,7 @@ class RowCache:
             self._maps = self.arrays()
         checks = RowChecks(self.columns)
         for name in self.columns:
-            step = max(1, (32 << 20) // self._row_bytes(name))
+            step = max(1, (32 << 20) // self.row_bytes(name))
             for a in range(start, start + count, step):
                 checks.feed(name, self._maps[name][a:min(a + step, start + count)])
         return checks.digest() == check

@@ -9,7 +9,6 @@ import os
 import stat as stat_module
 import time
 from collections.abc import Callable, Iterable
-
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
@@ -250,8 +249,8 @@ class _Run:
     def __init__(self, cache: RowCache, verify: bool, whole_files: bool, report: UpdateReport):
         self.cache, self.verify, self.report = cache, verify, report
         self.head, self.known, self.spill, self.shift = 0, 0, None, 0
-        row = sum(int(np.prod(shape)) * dtype.itemsize for shape, dtype in cache.columns.values())
-        self.fresh, self.pool = Appended(report.files), Pool(whole_files, row, 2 * BLOCK)
+        self.fresh = Appended(report.files)
+        self.pool = Pool(whole_files, sum(map(cache.row_bytes, cache.columns)), 2 * BLOCK)
         # the block being completed: its first file, its records, the index's record of
         # each of its files (or -1), which of them were placed, which to read, the results
         # of the first BLOCK of those (decoded while the next block is stat'ed)

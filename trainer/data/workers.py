@@ -67,12 +67,13 @@ class Slab:
         """In a worker: `rows` copied into `slot` (or returned as they are when too large)."""
         if sum(a.nbytes for a in rows.arrays.values()) > self.slot_bytes:
             return rows
-        at, layout = (slot % self.slots) * self.slot_bytes, []
+        slot %= self.slots
+        at, layout = slot * self.slot_bytes, []
         for name, arr in rows.arrays.items():
             self.view[at:at + arr.nbytes] = arr.reshape(-1).view(np.uint8)
             layout.append((name, arr.dtype.str, arr.shape))
             at += arr.nbytes
-        return Slotted(slot % self.slots, layout, rows.count, rows.check)
+        return Slotted(slot, layout, rows.count, rows.check)
 
     def take(self, rows: Slotted) -> Prepared:
         """In the parent: the rows as views of their slot, valid until the slot is given
