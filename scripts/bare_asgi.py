@@ -61,6 +61,12 @@ def app_for(reply):
 if __name__ == "__main__":
     import uvicorn
 
-    uvicorn.run(app_for(reply_for(sys.argv[2] if len(sys.argv) > 2 else None)),
-                host="127.0.0.1", port=int(sys.argv[1]), log_level="warning",
+    from export.errors import InputError
+
+    try:
+        reply = reply_for(sys.argv[2] if len(sys.argv) > 2 else None)
+    except InputError as exc:  # a model that is not one: one line, as the commands say it
+        print(f"bare_asgi: {exc}", file=sys.stderr)
+        sys.exit(2)
+    uvicorn.run(app_for(reply), host="127.0.0.1", port=int(sys.argv[1]), log_level="warning",
                 access_log=False, lifespan="off")
