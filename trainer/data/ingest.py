@@ -41,8 +41,7 @@ class UpdateReport:
 
 
 def _missing(path: str) -> InputError:
-    """A listed file not found now: a link whose target is gone (os.stat follows it), or
-    a file gone since it was listed."""
+    """A listed file not found now: a link to nothing (os.stat follows it) or one gone."""
     try:
         target = os.readlink(path)
     except OSError:
@@ -67,7 +66,7 @@ def _read(path: str, stat: FileStat, keep: bool) -> tuple[bytes | None, bytes]:
         raise InputError(f"{path}: cannot read ({exc.strerror})") from None
     if size != stat.size or after != stat:
         raise InputError(f"{path}: changed while it was being read; run again when the "
-                         f"dataset is no longer being written")
+                         "dataset is no longer being written")
     return data, h.digest()
 
 
@@ -106,9 +105,8 @@ def _stat_forked(a: int, e: int) -> Stats:
 
 
 class _Stats:
-    """The stats of the listing's files, STAT_BLOCK at a time: in forked processes when
-    there are files enough to pay for them (an update that finds nothing changed is mostly
-    this), else in this one."""
+    """The listing's stats, STAT_BLOCK files at a time: in forked processes when there are
+    enough files to pay for them (most of an update that finds nothing changed), else here."""
 
     def __init__(self, paths: PathList):
         workers = worth_forking(len(paths), -(-len(paths) // STAT_BLOCK))
@@ -339,6 +337,8 @@ class _Run:
             self.report.decoded += 1
             have = cache.append(arrays)
             self.fresh.add(digest, i)
+        elif hasattr(arrays, "close"):  # decoded ahead (ahead.py) for content found cached
+            arrays.close()
         out.digest[k] = digest
         out.start[k], out.count[k], out.check[k] = have
         self.done[k] = True

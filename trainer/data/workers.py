@@ -94,8 +94,8 @@ class Pool:
     GIL (pillow's per-image overhead; measured: threads on 2 cores ran slower than one),
     so files decoded whole go to forked processes, one per usable core, once there is
     enough to decode to pay for starting them (64 files and FORK_BYTES of encoded images,
-    counted over the blocks so far); before that, one thread. Tables are decoded batch by
-    batch in this process (pyarrow reads in its own threads); their workers only hash."""
+    counted over the blocks so far); before that, one thread. A table's threads only hash:
+    its batches are decoded ahead of their writing on threads of their own (ahead.py)."""
 
     def __init__(self, whole_files: bool, row_bytes: int, in_flight: int):
         self.whole_files, self.files, self.size = whole_files, 0, 0
