@@ -110,12 +110,13 @@ def _parquet_folder(root, files: int, rows: int, duplicates: int = 0):
 
 def test_a_many_file_table_decoded_ahead_is_the_table_read_whole(tmp_path, monkeypatch):
     """Files decoded on threads of their own, two at a time, duplicates among them: every
-    row in file order with its own label, and a second cache gives the same dataset."""
+    row in file order with its own label, and a second cache gives the same dataset. The
+    number at once: one core left for the writer, and what fits in the byte budget."""
     import pyarrow.dataset as pads
 
     from trainer.data import tabular
 
-    monkeypatch.setattr(tabular, "usable_cores", lambda: 2)
+    monkeypatch.setattr(tabular, "usable_cores", lambda: 3)  # two files decoded at once
     root = _parquet_folder(tmp_path / "t", files=9, rows=3000, duplicates=3)
     opts = SourceOptions(target="kind", cache_dir=str(tmp_path / "c1"))
     ds = _joined([load_source("tabular", str(root), opts)], timeout=120)[0]
@@ -126,6 +127,10 @@ def test_a_many_file_table_decoded_ahead_is_the_table_read_whole(tmp_path, monke
     x, y = ds.train.arrays()
     np.testing.assert_array_equal(x, expected_x.astype(np.float32))
     assert y.tolist() == [names.index(v) for v in whole.column("kind").to_pylist()]
+    fragments = list(pads.dataset(sorted(root.iterdir()), format="parquet").get_fragments())
+    assert tabular._ahead_width(fragments, 2) == 2
+    monkeypatch.setattr(tabular, "AHEAD_BYTES", 1)
+    assert tabular._ahead_width(fragments, 2) == 1
     again = load_source("tabular", str(root), SourceOptions(target="kind",
                                                              cache_dir=str(tmp_path / "c2")))
     assert again.fingerprint == ds.fingerprint and again.train.y.tolist() == ds.train.y.tolist()

@@ -36,10 +36,10 @@ CONVERT_ROWS = 4096  # rows of features converted to float32 together
 GATHER_ROWS = 1 << 18  # rows of the cached target read together
 VOCAB_LOCK = threading.Lock()  # the string labels' codes, assigned as files are decoded
 BATCH_ROWS = 1 << 16  # rows of a file decoded together
-# Files decoded ahead of their writing (ahead.py): one per usable core, as many as fit in
-# AHEAD_BYTES, each holding at most DEPTH decoded batches (measured on a 16-core Xeon, a
-# 20-file table of 16 features: 2.95 -> 4.95 cores busy, +28% rows/s; docs/benchmarks.md)
-AHEAD_BYTES, DEPTH = 128 << 20, 1
+# Files decoded ahead of their writing (ahead.py, _ahead_width), each holding at most DEPTH
+# decoded batches (measured on a 16-core Xeon, 16 files at once, a 20-file table of 16
+# features: 2.95 -> 4.95 cores busy, +28% rows/s; not yet with this budget)
+AHEAD_BYTES, DEPTH = 256 << 20, 1
 
 
 def feature_matrix(table, columns: list[str], source: str) -> tuple[np.ndarray, float, float]:
@@ -198,6 +198,21 @@ def _batches(fragment, schema, columns, target, path, vocab: list[str], ranges: 
         ranges[path] = (lo, hi)
 
 
+def _ahead_width(fragments, features: int) -> int:
+    """How many files are decoded at once (ahead.py): one core is the writer's, and the
+    files in flight fit in AHEAD_BYTES. A file being read holds about twice its largest
+    row group in Arrow's buffers (measured: 57 MiB of Arrow's pool for a 27 MB row group)
+    besides its decoded batches; a CSV file, Arrow's blocks of a few MiB."""
+    group = 0
+    for fragment in fragments:
+        meta = getattr(fragment, "metadata", None)  # Parquet only
+        if meta is not None:
+            group = max([group, *(meta.row_group(i).total_byte_size
+                                  for i in range(meta.num_row_groups))])
+    per_file = 2 * group + BATCH_ROWS * (8 * features + (DEPTH + 1) * (4 * features + 8))
+    return max(1, min(usable_cores() - 1, AHEAD_BYTES // per_file))
+
+
 def _value_range(ranges: dict, fresh: dict, files: list[Path], base: Path, records,
                  x) -> tuple[tuple[float, float], dict]:
     """(min, max) of the table's features, composed from each file's, and the entries for
@@ -312,8 +327,7 @@ def load_tabular(root: str | None, opts: SourceOptions) -> FixedDataset:
         vocab, fresh = cache.extra.setdefault("vocab", []), {}
         # a file decoding ahead holds its batch's Arrow columns (8 bytes a value at most)
         # and (depth + 1) float32 batches and targets
-        per_file = BATCH_ROWS * (8 * len(columns) + (DEPTH + 1) * (4 * len(columns) + 8))
-        ahead = Ahead(min(usable_cores(), AHEAD_BYTES // per_file), DEPTH)
+        ahead = Ahead(_ahead_width(fragments.values(), len(columns)), DEPTH)
 
         def decode(_, path: str):
             if fmt == "parquet":
