@@ -325,8 +325,6 @@ def load_tabular(root: str | None, opts: SourceOptions) -> FixedDataset:
     with RowCache.open(where, {"x": ((len(columns),), "f4"), "y": ((), y_dtype)},
                        settings) as cache:
         vocab, fresh = cache.extra.setdefault("vocab", []), {}
-        # a file decoding ahead holds its batch's Arrow columns (8 bytes a value at most)
-        # and (depth + 1) float32 batches and targets
         ahead = Ahead(_ahead_width(fragments.values(), len(columns)), DEPTH)
 
         def decode(_, path: str):
