@@ -198,17 +198,18 @@ def _batches(fragment, schema, columns, target, path, vocab: list[str], ranges: 
         ranges[path] = (lo, hi)
 
 
-def _ahead_width(fragments, features: int) -> int:
-    """How many files are decoded at once (ahead.py): one core is the writer's, and the
-    files in flight fit in AHEAD_BYTES. A file being read holds about twice its largest
-    row group in Arrow's buffers (measured: 57 MiB of Arrow's pool for a 27 MB row group)
-    besides its decoded batches; a CSV file, Arrow's blocks of a few MiB."""
-    group = 0
-    for fragment in fragments:
+def _ahead_width(fragment, features: int) -> int:
+    """How many files are decoded at once (ahead.py), from the first file to decode (the
+    files of one table are alike; a warm start reads no footer for this): one core is the
+    writer's, and the files in flight fit in AHEAD_BYTES. A file being read holds about
+    twice its largest row group in Arrow's buffers (measured: 57 MiB of Arrow's pool for a
+    27 MB row group) besides its decoded batches; a CSV file, Arrow's blocks of a few MiB."""
+    try:
         meta = getattr(fragment, "metadata", None)  # Parquet only
-        if meta is not None:
-            group = max([group, *(meta.row_group(i).total_byte_size
-                                  for i in range(meta.num_row_groups))])
+    except (pa.ArrowInvalid, OSError):  # a damaged file: its reading names it
+        meta = None
+    group = 0 if meta is None else max(meta.row_group(i).total_byte_size
+                                       for i in range(meta.num_row_groups))
     per_file = 2 * group + BATCH_ROWS * (8 * features + (DEPTH + 1) * (4 * features + 8))
     return max(1, min(usable_cores() - 1, AHEAD_BYTES // per_file))
 
@@ -297,24 +298,30 @@ def _targets(column, rows: np.ndarray | None, n: int, vocab: list[str], task: st
     return [vocab[c] if y_dtype == "i8" else str(int(c)) for c in present], y
 
 
-def load_tabular(root: str | None, opts: SourceOptions) -> FixedDataset:
+def _feature_columns(schema, first: Path, target: str) -> list[str]:
+    """The table's feature columns (all but the target), each of numbers."""
     import pyarrow.types as pat
 
+    check_column_names(schema.names, first)
+    if target not in schema.names:
+        raise InputError(f"{first}: missing target column {target!r} (data.target); "
+                         f"found {schema.names}")
+    columns = [c for c in schema.names if c != target]
+    for name in columns:
+        t = schema.field(name).type
+        if not (pat.is_integer(t) or pat.is_floating(t) or pat.is_boolean(t) or pat.is_null(t)):
+            raise InputError(f"{first}: feature column {name!r} is {t}, expected numbers")
+    return columns
+
+
+def load_tabular(root: str | None, opts: SourceOptions) -> FixedDataset:
     if not root:
         raise InputError("data.root: the tabular source needs a .csv or .parquet file, a "
                          "folder of them or a glob")
     base, files, fmt = table_files(root)
     dataset = _dataset(base, files, fmt)
     schema, origin = dataset.schema, Path(root)
-    check_column_names(schema.names, files[0])
-    if opts.target not in schema.names:
-        raise InputError(f"{files[0]}: missing target column {opts.target!r} (data.target); "
-                         f"found {schema.names}")
-    columns = [c for c in schema.names if c != opts.target]
-    for name in columns:
-        t = schema.field(name).type
-        if not (pat.is_integer(t) or pat.is_floating(t) or pat.is_boolean(t) or pat.is_null(t)):
-            raise InputError(f"{files[0]}: feature column {name!r} is {t}, expected numbers")
+    columns = _feature_columns(schema, files[0], opts.target)
     task, y_dtype = _target_kind(schema.field(opts.target).type, opts.task)
     settings = {"reader": "1", "format": fmt, "schema": str(schema), "target": opts.target,
                 "task": task}
@@ -325,11 +332,14 @@ def load_tabular(root: str | None, opts: SourceOptions) -> FixedDataset:
     with RowCache.open(where, {"x": ((len(columns),), "f4"), "y": ((), y_dtype)},
                        settings) as cache:
         vocab, fresh = cache.extra.setdefault("vocab", []), {}
-        ahead = Ahead(_ahead_width(fragments.values(), len(columns)), DEPTH)
+        ahead, sized = Ahead(1, DEPTH), []
 
         def decode(_, path: str):
             if fmt == "parquet":
                 _check_schema(fragments[path], schema, path)
+            if not sized:  # the first file to decode
+                ahead.width = _ahead_width(fragments[path], len(columns))
+                sized.append(path)
             return ahead(order[path], _batches(fragments[path], schema, columns, opts.target,
                                                Path(path), vocab, fresh))
 
