@@ -7,16 +7,25 @@ for training, 195 MiB for a batch job). Here the names lie end to end in one buf
 one end offset each, and are put in byte order by numpy sorts of their bytes eight at a
 time (`byte_order`): the names' own bytes plus ~70 bytes a file while sorting, none after.
 Python's `sorted` is not used because it needs the objects; for UTF-8 names byte order is
-its order (UTF-8 keeps the order of code points).
+its order (UTF-8 keeps the order of code points). A folder of more than RUN names is sorted
+in runs written to disk and merged as it is read (`SortedNames`), so memory is bounded by
+RUN, not by the folder.
 """
 
 from __future__ import annotations
 
+import heapq
+import os
+import tempfile
 from array import array
 from collections.abc import Iterator
 
 import numpy as np
 
+from export.errors import InputError
+
+RUN = 1 << 18  # names sorted in memory at once (~25 MB while sorted); more: sorted runs on disk
+BLOCK = 4096  # names handed on together
 # MASKS[r]: the top r bytes of a big-endian uint64 (the bytes of a name that remain)
 MASKS = np.array([((1 << 64) - 1) ^ ((1 << (64 - 8 * r)) - 1) for r in range(9)], np.uint64)
 
@@ -94,6 +103,82 @@ class PackedNames:
         order = self.order()
         for a in range(0, len(order), 4096):
             yield from order[a:a + 4096].tolist()
+
+
+class SortedNames:
+    """Names added in any order, read back in byte order a block at a time, holding at most
+    RUN of them: past that, each RUN names are sorted and written to an unnamed file in
+    `folder` (a sorted run; the system's temporary folder when None), and the runs are
+    merged as they are read back. The merge is heapq's (~1 us a name), paid only by a
+    folder of more than RUN names; below that it is one in-memory sort, as before."""
+
+    def __init__(self, folder: str | None = None):
+        self.folder, self.names, self.runs, self.count = folder, PackedNames(), [], 0
+
+    def add(self, prefix: bytes, names: list[bytes]) -> None:
+        """Add prefix + name for each of `names`."""
+        self.names.add(prefix, names)
+        self.count += len(names)
+        if len(self.names) >= RUN:
+            self._spill()
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getstate__(self):  # sent from a forked lister: only names held in memory travel
+        if self.runs:
+            raise TypeError("SortedNames with runs on disk stay in their process")
+        return self.__dict__
+
+    def _spill(self) -> None:
+        run = self.names.sorted()
+        try:
+            f = tempfile.TemporaryFile(dir=self.folder)  # noqa: SIM115 (closed by close())
+            self.runs.append((f, len(run)))
+            f.write(np.frombuffer(run.ends, np.int64).tobytes())
+            f.write(run.blob)
+            f.flush()
+        except OSError as exc:
+            raise InputError(f"{self.folder or tempfile.gettempdir()}: cannot write the sorted "
+                             f"names of a large folder ({exc.strerror})") from None
+        self.names = PackedNames()
+
+    def blocks(self) -> Iterator[PackedNames]:
+        """The names in byte order, BLOCK at a time (in memory: one block of them all)."""
+        if not self.runs:
+            if len(self.names):
+                yield self.names.sorted()
+            return
+        if len(self.names):
+            self._spill()
+        out = PackedNames()
+        for name in heapq.merge(*(_run_names(f.fileno(), n) for f, n in self.runs)):
+            out.append(name)
+            if len(out) == BLOCK:
+                yield out
+                out = PackedNames()
+        if len(out):
+            yield out
+
+    def __iter__(self) -> Iterator[bytes]:
+        for block in self.blocks():
+            yield from (block[i] for i in range(len(block)))
+
+    def close(self) -> None:
+        for f, _ in self.runs:
+            f.close()
+        self.runs, self.names = [], PackedNames()
+
+
+def _run_names(fd: int, n: int) -> Iterator[bytes]:
+    """The names of a sorted run (its n ends, then its bytes), BLOCK at a time by pread."""
+    done = 0
+    for a in range(0, n, BLOCK):
+        ends = np.frombuffer(os.pread(fd, 8 * min(BLOCK, n - a), 8 * a), np.int64)
+        chunk = os.pread(fd, int(ends[-1]) - done, 8 * n + done)
+        starts = [0, *(ends[:-1] - done).tolist()]
+        yield from (chunk[s:e] for s, e in zip(starts, (ends - done).tolist()))
+        done = int(ends[-1])
 
 
 def byte_order(buf: np.ndarray, ends: np.ndarray) -> np.ndarray:

@@ -21,7 +21,7 @@ import numpy as np
 from export.card import InputSpec
 from export.errors import InputError, require_file
 from export.jobstate import name_under
-from export.listing import PackedNames
+from export.listing import BLOCK, SortedNames
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 TABLE_SUFFIXES = {".csv", ".parquet", ".pq"}
@@ -145,13 +145,22 @@ def iter_image_files(path: Path, _above: frozenset = frozenset()) -> Iterator[Pa
         return
     st = path.stat()
     above = _above | {(st.st_dev, st.st_ino)}
-    names, dirs = PackedNames(), bytearray()  # no str per entry: a folder may hold millions
-    with os.scandir(path) as it:
-        for e in it:
-            names.append(os.fsencode(e.name))
-            dirs.append(e.is_dir())
-    for i in names.in_order():  # by name: the order of sorted(Path) (by parts)
-        yield from _image_entry(path, os.fsdecode(names[i]), dirs[i], above)
+    # No str per entry (a folder may hold millions), sorted in runs on disk past RUN: each
+    # name ends in NUL and whether it is a folder. A name has no NUL, so the mark keeps the
+    # names' order (a name that is a prefix of another still sorts first).
+    names, batch = SortedNames(), []
+    try:
+        with os.scandir(path) as it:
+            for e in it:
+                batch.append(os.fsencode(e.name) + (b"\0d" if e.is_dir() else b"\0f"))
+                if len(batch) == BLOCK:
+                    names.add(b"", batch)
+                    batch = []
+        names.add(b"", batch)
+        for entry in names:  # by name: the order of sorted(Path) (by parts)
+            yield from _image_entry(path, os.fsdecode(entry[:-2]), entry[-1:] == b"d", above)
+    finally:
+        names.close()
 
 
 def _image_entry(path: Path, name: str, is_dir: bool, above: frozenset) -> Iterator[Path]:

@@ -12,6 +12,7 @@ import pytest
 
 from export.listing import PackedNames
 from export.readers import iter_image_files
+from trainer.data.image_folder import _images_under as _RELIST
 from trainer.data.image_folder import _layout
 
 
@@ -73,7 +74,7 @@ def test_a_folder_is_listed_in_the_order_it_always_was(tmp_path):
     assert list(iter_image_files(tmp_path)) == by_parts
 
 
-def _listing_peak(folder: Path, n: int, train: bool) -> int:
+def _listing_peak(folder: Path, n: int, train: bool, spill: Path | None = None) -> int:
     """Traced peak memory (bytes) of listing a class folder of n empty image files: the
     lower of two listings (an unrelated allocation of the test process, seen once in a full
     run of this file, then counts in one of them only)."""
@@ -86,7 +87,7 @@ def _listing_peak(folder: Path, n: int, train: bool) -> int:
         tracemalloc.start()
         try:
             if train:
-                listing, _ = _layout(folder)
+                listing, _ = _layout(folder, spill)
                 assert len(listing) == n
                 del listing
             else:
@@ -198,3 +199,89 @@ def test_a_spilled_listing_holds_no_memory_per_file(tmp_path, monkeypatch):
     held = (peaks[15, True] - peaks[3, True]) / 12000
     assert held > 30, f"the in-memory listing: {held:.0f} bytes a file"  # the test can tell
     assert spilled < 2, f"{spilled:.1f} bytes per file ({peaks})"
+
+
+def test_names_past_a_run_are_sorted_on_disk_and_merged_in_order(tmp_path, monkeypatch):
+    """More than RUN names are sorted in runs written to unnamed files and merged as they
+    are read back, BLOCK at a time: the order of `sorted` whatever the run and block sizes,
+    the runs' files gone after close; a folder that cannot take a run is one line."""
+    import export.listing as listing_module
+    from export.errors import InputError
+    from export.listing import SortedNames
+
+    rng = random.Random(1)
+    names = [f"{rng.choice(['', 'n0144_', 'abcdefgh', '日'])}{rng.randrange(10**5)}.png"
+             for _ in range(3000)]
+    for run, block in ((7, 3), (100, 64), (5000, 4096)):
+        monkeypatch.setattr(listing_module, "RUN", run)
+        monkeypatch.setattr(listing_module, "BLOCK", block)
+        out = SortedNames(str(tmp_path))
+        for a in range(0, len(names), 50):
+            out.add(b"p/", [n.encode() for n in names[a:a + 50]])
+        assert len(out) == len(names) and bool(out.runs) == (run < len(names))
+        assert all(len(b) <= max(block, len(names) * (run >= len(names)))
+                   for b in out.blocks())
+        assert list(out) == sorted(f"p/{n}".encode() for n in names)
+        out.close()
+    assert os.listdir(tmp_path) == []  # unnamed files: nothing left behind
+    monkeypatch.setattr(listing_module, "RUN", 10)
+    gone = SortedNames(str(tmp_path / "gone"))
+    with pytest.raises(InputError, match=r"gone: cannot write the sorted names of a large "
+                                         r"folder \(No such file or directory\)"):
+        gone.add(b"", [b"%d" % i for i in range(20)])
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["training", "batch job"])
+def test_a_folder_larger_than_a_run_is_listed_in_bounded_memory(tmp_path, monkeypatch, train):
+    """A class folder of more than RUN images is listed in the same order, and the memory
+    of listing it no longer grows with it but for a read buffer per run (BLOCK names): with
+    RUN = 2,000 and BLOCK = 256, the traced peak grows by under 12 bytes a file from 5,000
+    to 25,000 files (~100 with the folder sorted in memory, the test above). The training
+    listing here spills its paths, as the ingest's does."""
+    import export.listing as listing_module
+    from trainer.data import image_folder
+
+    monkeypatch.setattr(listing_module, "RUN", 2000)
+    monkeypatch.setattr(image_folder, "RUN", 2000)
+    monkeypatch.setattr(listing_module, "BLOCK", 256)  # each run is read BLOCK names at a time
+    small = _listing_peak(tmp_path / "s", 5000, train, spill=tmp_path / "spill")
+    large = _listing_peak(tmp_path / "l", 25000, train, spill=tmp_path / "spill")
+    per_file = (large - small) / 20000
+    assert per_file < 12, f"{per_file:.0f} bytes per file ({small=}, {large=})"
+    listing, _ = _layout(tmp_path / "l", tmp_path / "spill")
+    want = sorted(f"{tmp_path}/l/c0/n01440764_{i:07d}.JPEG" for i in range(25000))
+    assert list(listing) == want
+    assert list(map(str, iter_image_files(tmp_path / "l"))) == want
+
+
+def test_a_class_too_large_for_a_forked_lister_is_listed_again_here(tmp_path, monkeypatch):
+    """Classes listed in forked processes come back through a pipe, so only those of at most
+    RUN names do: a lister that finds more gives up, and the class is listed again in the
+    ingest's process, its runs on disk there. The listing is the one a single process makes."""
+    import export.listing as listing_module
+    from trainer.data import image_folder
+    from trainer.data import scan
+
+    for c, n in (("a", 30), ("b", 5), ("c", 40), ("d", 12)):
+        (tmp_path / "f" / c).mkdir(parents=True)
+        for i in range(n):
+            (tmp_path / "f" / c / f"{(i * 7919) % 1000:04d}.png").write_bytes(b"")
+    alone, layout = _layout(tmp_path / "f")
+    monkeypatch.setattr(listing_module, "RUN", 10)
+    monkeypatch.setattr(image_folder, "RUN", 10)
+    monkeypatch.setattr(scan, "FORK_FILES", 1)
+    monkeypatch.setattr(scan, "usable_cores", lambda: 2)
+    monkeypatch.setattr(image_folder, "_images_under", _recording)
+    _recording.calls = []
+    forked, again = _layout(tmp_path / "f", tmp_path / "spill")
+    assert list(forked) == list(alone) and again == layout
+    # those listed in this process (the forked listers' calls are theirs): the first class
+    # and the two that were too large for a lister
+    assert sorted(_recording.calls) == [str(tmp_path / "f" / c) for c in ("a", "c", "d")]
+
+
+def _recording(*args):
+    """`_images_under`, noting the folders listed in this process (a forked lister's notes
+    stay in its own)."""
+    _recording.calls.append(args[0])
+    return _RELIST(*args)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from export.errors import InputError
-from export.listing import PackedNames
+from export.listing import RUN, SortedNames
 from trainer.data.cache import RowCache, cache_root
 from trainer.data.dataset import (FixedDataset, SourceOptions, Split, files_fingerprint,
                                   image_spec, in_file_order, make_dataset, require_root)
@@ -38,15 +38,17 @@ def _folder_id(path: str | Path) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def _images_under(folder: str, cut: int, above: frozenset) -> PackedNames:
+def _images_under(folder: str, cut: int, above: frozenset, spill: str | None = None,
+                  bail: bool = False) -> SortedNames | None:
     """The image files under `folder` (recursively), their paths less their first `cut`
     characters, in the order of the paths' strings: scandir (several times faster than
     pathlib on large folders), the names packed and sorted as bytes (export/listing.py: a
-    folder of millions of images holds no str per file). A link back to a folder above
-    (`above`: the root's and split's, then each walked one's) is not followed again, as the
-    batch job's walk (export/readers.py) does not: a loop was walked until the OS refused
-    the path."""
-    found, cut = PackedNames(), len(encode_path(folder[:cut]))  # bytes from here on
+    folder of millions of images holds no str per file, and past RUN names is sorted in
+    runs in `spill`). With `bail` (a forked lister), None past RUN names: such a folder is
+    listed again where its runs can be read. A link back to a folder above (`above`: the
+    root's and split's, then each walked one's) is not followed again, as the batch job's
+    walk (export/readers.py) does not: a loop was walked until the OS refused the path."""
+    found, cut = SortedNames(spill), len(encode_path(folder[:cut]))  # bytes from here on
     todo = [(os.fsencode(folder), above | {_folder_id(folder)})]
     suffixes = tuple(encode_path(s) for s in SUFFIXES)
     while todo:
@@ -61,54 +63,63 @@ def _images_under(folder: str, cut: int, above: frozenset) -> PackedNames:
                 elif entry.name.lower().endswith(suffixes):
                     names.append(entry.name)
                     if len(names) == 4096:  # packed a few thousand at a time: no object a file
+                        if bail and len(found) + len(names) >= RUN:
+                            return None
                         found.add(prefix, names)
                         names = []
         found.add(prefix, names)
-    return found.sorted()
+    return None if bail and found.runs else found
 
 
-def _class_names(classes: list[Path], cut: int, above: frozenset) -> Iterator[PackedNames]:
+def _class_names(classes: list[Path], cut: int, above: frozenset,
+                 spill: str | None) -> Iterator[SortedNames]:
     """Each class folder's images (`_images_under`), in order: the first class listed here;
     the others, when as many as it held each are enough (scan.worth_forking), in forked
     processes, one per usable core (listing 1,010,000 images in 10 class folders: 1.2 s in
-    one process)."""
-    first = _images_under(str(classes[0]), cut, above)
+    one process); a class a forked lister found too large is listed here again."""
+    first = _images_under(str(classes[0]), cut, above, spill)
     yield first
-    rest = [(str(c), cut, above) for c in classes[1:]]
+    rest = [(str(c), cut, above, spill, True) for c in classes[1:]]
     workers = worth_forking(len(first) * len(rest), len(rest))
     if not workers:
-        yield from (_images_under(*r) for r in rest)
+        yield from (_images_under(*r[:4]) for r in rest)
         return
     pool = fork_pool(workers)
     try:
-        yield from in_order(pool, _images_under, rest, workers + 1, classes[0].parent)
+        for r, names in zip(rest, in_order(pool, _images_under, rest, workers + 1,
+                                           classes[0].parent)):
+            yield _images_under(*r[:4]) if names is None else names
     finally:
         pool.shutdown(cancel_futures=True)
 
 
-def _class_files(folder: Path, listing: PathList, above: frozenset) -> dict[str, int]:
+def _class_files(folder: Path, listing: PathList, above: frozenset,
+                 spill: str | None) -> dict[str, int]:
     """Add the images of each class folder under `folder` to `listing`; {class: count}.
     Only a few classes' names are held packed beside the listing at a time."""
     classes = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise InputError(f"{folder}: no class sub-folders found")
     out = {}
-    for cls, names in zip(classes, _class_names(classes, len(listing.prefix), above)):
+    for cls, names in zip(classes, _class_names(classes, len(listing.prefix), above, spill)):
         if not len(names):
             raise InputError(f"{cls}: class folder has no PNG or JPEG images")
         out[cls.name] = len(names)
-        listing.extend_packed(names)
+        for block in names.blocks():
+            listing.extend_packed(block)
+        names.close()
     return out
 
 
 def _layout(root: Path, spill: Path | None = None) -> tuple[PathList, dict[str, dict[str, int]]]:
     """The images in order and {split: {class: count}}; a root without train/ is one train
-    split. With `spill`, the listing lies in files there (memory holds one class's names
-    while they are sorted, not every name)."""
+    split. With `spill`, the listing lies in files there (memory holds at most RUN names
+    of a class while they are sorted, not every name), and so do a huge class's sorted runs."""
     listing, above = PathList(str(root), spill), frozenset({_folder_id(root)})
+    runs = None if spill is None else str(spill)  # a huge folder's sorted runs
     if not (root / "train").is_dir():
-        return listing, {"train": _class_files(root, listing, above)}
-    layout = {s: _class_files(root / s, listing, above | {_folder_id(root / s)})
+        return listing, {"train": _class_files(root, listing, above, runs)}
+    layout = {s: _class_files(root / s, listing, above | {_folder_id(root / s)}, runs)
               for s in SPLITS if (root / s).is_dir()}
     names = list(layout["train"])
     for split, classes in layout.items():
