@@ -286,6 +286,30 @@ def test_images_decoded_in_forked_workers_come_back_through_shared_memory(tmp_pa
     assert one.read_bytes() == two.read_bytes()
 
 
+def test_an_update_forks_as_many_decoders_as_its_files_need(tmp_path, monkeypatch):
+    """A forked decoding pool has one worker per usable core, but at most one per
+    WORKER_FILES files known to need decoding: a first ingest of 360 files on 8 cores forks
+    5 (360 // 64), an update of 130 new files 2, and the cache is the same as one made
+    by one process."""
+    from trainer.data import workers
+
+    root = _folder(tmp_path / "imgs", per_class=120)
+    monkeypatch.setattr(workers, "FORK_BYTES", 1)
+    monkeypatch.setattr(workers, "usable_cores", lambda: 8)
+    forked, real = [], workers.fork_pool
+    monkeypatch.setattr(workers, "fork_pool", lambda n: forked.append(n) or real(n))
+    first = _load(root, tmp_path / "c")
+    assert forked == [5]
+    for i in range(130):
+        _png(root / "cow" / f"new{i:03d}.png", 9000 + i)
+    forked.clear()
+    again = _load(root, tmp_path / "c")
+    assert forked == [2] and len(again.train.y) == len(first.train.y) + 130
+    monkeypatch.setattr(workers, "usable_cores", lambda: 1)  # no worker: one process
+    alone = _load(root, tmp_path / "alone")
+    assert alone.fingerprint == again.fingerprint
+
+
 def test_workers_are_forked_for_enough_files_each(monkeypatch):
     """One worker per usable core, per piece of work and per FORK_FILES files; none where
     one process does as well."""

@@ -280,7 +280,7 @@ class _Run:
             return ()
         if self.pool.pool is None:
             cache.sort_digests()  # once, before any worker is forked
-        pool = self.pool.get(len(part), int(out.size[part].sum()))
+        pool = self.pool.get(len(part), int(out.size[part].sum()), len(self.redo))
         slots = range(self.sent, self.sent + len(part))
         self.sent += len(part)
         tasks = zip((self.a + part).tolist(), out.size[part].tolist(),

@@ -87,6 +87,7 @@ class Slab:
 
 
 FORK_BYTES = 1 << 20  # less to decode than this: one thread beats starting processes
+WORKER_FILES = 64  # files to decode that pay for forking one more worker
 
 
 class Pool:
@@ -102,8 +103,13 @@ class Pool:
         self.pool, self.forked = None, False
         self.row_bytes, self.in_flight = row_bytes, in_flight  # for the slab
 
-    def get(self, files: int, size: int) -> ProcessPoolExecutor | ThreadPoolExecutor:
-        """The pool for `files` more files of `size` bytes."""
+    def get(self, files: int, size: int,
+            known: int) -> ProcessPoolExecutor | ThreadPoolExecutor:
+        """The pool for `files` more files of `size` bytes, of `known` files known now to
+        need decoding (the listing's block's): a forked pool has one worker per usable core
+        but at most one per WORKER_FILES of those, since forking a process of a few hundred
+        MB costs milliseconds (16 on 2 cores: 0.4 s) and an update of a few hundred files
+        needs few workers."""
         self.files, self.size, cores = self.files + files, self.size + size, usable_cores()
         fork = self.whole_files and self.files >= 64 and self.size >= FORK_BYTES and cores > 1
         if self.pool is None or fork and not self.forked:
@@ -112,7 +118,8 @@ class Pool:
             if fork:  # made before the workers are forked: they share it
                 slab = Slab.for_rows(self.row_bytes, self.in_flight)
                 _SLAB = None if slab is None else (os.getpid(), slab)
-            self.pool, self.forked = (fork_pool(cores) if fork else
+            self.pool, self.forked = (fork_pool(min(cores, max(2, known // WORKER_FILES)))
+                                      if fork else
                                       ThreadPoolExecutor(1 if self.whole_files else cores)), fork
         return self.pool
 
