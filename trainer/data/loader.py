@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -58,32 +59,66 @@ class EpochSampler:
         return self.n // self.world_size if self.world_size > 1 else self.n
 
     def indices(self) -> torch.Tensor:
+        """This rank's rows of the epoch, in order (all of `chunks` at once)."""
+        chunks = list(self.chunks())
+        return torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.long)
+
+    def chunks(self) -> Iterator[torch.Tensor]:
+        """This rank's rows of the epoch, in order, a piece at a time. A block shuffle
+        (the streaming path, for datasets beyond memory) is made a shuffle window at a
+        time: only the block order is held whole (8 bytes a block, where a permutation of
+        every row cost 8 bytes a row, ~32 while it was made). Same generator draws in the
+        same order as the whole permutation (the block order, then each window's), so the
+        rows are the same."""
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        if self.shuffle and self.block_rows:
-            blocks = torch.arange(self.n).split(self.block_rows)
-            order = torch.cat([blocks[b] for b in torch.randperm(len(blocks), generator=gen)])
-        elif self.shuffle:
-            order = torch.randperm(self.n, generator=gen)
-        else:
-            order = torch.arange(self.n)
+        if self.block_rows:
+            yield from self._block_chunks(gen)
+            return
+        order = torch.randperm(self.n, generator=gen) if self.shuffle else torch.arange(self.n)
         # Trim the tail so every rank gets exactly len(self) rows.
-        order = order[: len(self) * self.world_size]
-        if not self.block_rows:
-            return order[self.rank:: self.world_size]
-        mine = order[self.rank * len(self): (self.rank + 1) * len(self)]  # its own blocks
+        yield order[: len(self) * self.world_size][self.rank:: self.world_size]
+
+    def _block_chunks(self, gen: torch.Generator) -> Iterator[torch.Tensor]:
+        """Blocks of `block_rows` consecutive rows in a random order, this rank's contiguous
+        slice of them (its own blocks), rows shuffled within each window of
+        `window_blocks` blocks."""
+        size, first = self.block_rows, self.rank * len(self)
+        last = first + len(self)
         if not self.shuffle:
-            return mine
-        window = self.block_rows * self.window_blocks
-        return torch.cat([w[torch.randperm(len(w), generator=gen)] for w in mine.split(window)])
+            yield torch.arange(first, last)
+            return
+        window, pos, parts, held = size * self.window_blocks, 0, [], 0
+        for b in torch.randperm(-(-self.n // size), generator=gen).tolist():
+            a, e = b * size, min(b * size + size, self.n)  # at pos..pos+e-a of the order
+            lo, hi = max(a, a + first - pos), min(e, e + last - (pos + e - a))
+            pos += e - a
+            if lo < hi:
+                parts.append(torch.arange(lo, hi))
+                held += hi - lo
+            while held >= window or (held and pos >= last):
+                rows = torch.cat(parts)
+                w, rest = rows[:window], rows[window:]
+                yield w[torch.randperm(len(w), generator=gen)]
+                parts, held = [rest] if len(rest) else [], len(rest)
+            if pos >= last:
+                return
 
     def num_batches(self, batch_size: int, drop_last: bool) -> int:
         return len(self) // batch_size if drop_last else math.ceil(len(self) / batch_size)
 
-    def batches(self, batch_size: int, drop_last: bool):
-        idx = self.indices()
-        skip = self.resume_skip()
-        for b in range(skip, self.num_batches(batch_size, drop_last)):
-            yield idx[b * batch_size: (b + 1) * batch_size]
+    def batches(self, batch_size: int, drop_last: bool) -> Iterator[torch.Tensor]:
+        """The epoch's batches from the `resume_skip()`-th on (those before are drawn,
+        not yielded: the rows after them are the same as in an unbroken epoch)."""
+        skip, total, b = self.resume_skip(), self.num_batches(batch_size, drop_last), 0
+        carry = torch.zeros(0, dtype=torch.long)
+        for chunk in self.chunks():
+            carry = torch.cat([carry, chunk]) if len(carry) else chunk
+            while b < total and len(carry) >= batch_size:
+                if b >= skip:
+                    yield carry[:batch_size]
+                carry, b = carry[batch_size:], b + 1
+        if b < total and len(carry) and b >= skip:  # the last, short batch (not drop_last)
+            yield carry
 
 
 class InMemoryLoader:
