@@ -158,6 +158,32 @@ def test_block_shuffled_shards_are_disjoint_and_contiguous_per_rank():
     assert len(blocks[0] & blocks[1]) <= 1  # each rank reads its own blocks (one may split)
 
 
+def test_the_split_noted_a_byte_a_row_is_the_split_it_always_was():
+    """Runs resume and compare onto the same rows: the split made from one byte of notes a
+    row equals, for labels of any count and balance and float strata, the one made from
+    lists of every class's shuffled rows (the code before), seed for seed."""
+    def lists(y, fractions, seed):
+        rng = np.random.default_rng(seed)
+        parts = [[] for _ in range(len(fractions) + 1)]
+        for cls in np.unique(y):
+            rows = rng.permutation(np.flatnonzero(y == cls))
+            start = 0
+            for k, frac in enumerate(fractions):
+                take = round(frac * len(rows))
+                parts[k].append(rows[start:start + take])
+                start += take
+            parts[-1].append(rows[start:])
+        return [np.sort(np.concatenate(p)) for p in parts]
+
+    rng = np.random.default_rng(1)
+    for t in range(150):
+        n, classes = int(rng.integers(1, 3000)), int(rng.integers(1, 12))
+        y = rng.integers(0, classes, n) if t % 3 else rng.normal(size=n).round(1)
+        fractions = [[0.1], [0.1, 0.1], [0.5, 0.25], [0.0], [0.33, 0.0]][t % 5]
+        want, got = lists(y, fractions, t), stratified_split(y, fractions, t)
+        assert len(got) == len(want) and all(map(np.array_equal, got, want))
+
+
 def _whole_permutation(s: EpochSampler) -> torch.Tensor:
     """The epoch's rows as the sampler made them before it made them a window at a time:
     the whole permutation at once (checkpoints of runs made then resume onto these rows)."""

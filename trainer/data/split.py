@@ -7,15 +7,20 @@ import numpy as np
 
 def stratified_split(y: np.ndarray, fractions: list[float], seed: int) -> list[np.ndarray]:
     """Split row indices into len(fractions)+1 parts; part k gets fractions[k] of every
-    class, the last part gets the rest. Each part is sorted, so it is a set, not an order."""
+    class, the last part gets the rest. Each part is sorted, so it is a set, not an order.
+    Each row's part is noted in one byte, a class at a time (a shuffle of the class's rows
+    decides which go where), then each part is read from those notes: ~3 bytes a row while
+    it runs where lists of every class's rows and their sort took ~24 (10 million rows: 230
+    MB above the labels). The rows are those of that way, draw for draw."""
     rng = np.random.default_rng(seed)
-    parts: list[list[np.ndarray]] = [[] for _ in range(len(fractions) + 1)]
+    part = np.full(len(y), len(fractions), np.int8)
     for cls in np.unique(y):
-        rows = rng.permutation(np.flatnonzero(y == cls))
+        rows = np.flatnonzero(y == cls)
+        rows = rows[rng.permutation(len(rows))]  # the draws of rng.permutation(rows)
         start = 0
         for k, frac in enumerate(fractions):
             take = int(round(frac * len(rows)))
-            parts[k].append(rows[start:start + take])
+            part[rows[start:start + take]] = k
             start += take
-        parts[-1].append(rows[start:])
-    return [np.sort(np.concatenate(p)) for p in parts]
+        del rows
+    return [np.flatnonzero(part == k) for k in range(len(fractions) + 1)]
