@@ -134,3 +134,32 @@ def test_a_many_file_table_decoded_ahead_is_the_table_read_whole(tmp_path, monke
     again = load_source("tabular", str(root), SourceOptions(target="kind",
                                                              cache_dir=str(tmp_path / "c2")))
     assert again.fingerprint == ds.fingerprint and again.train.y.tolist() == ds.train.y.tolist()
+
+
+def test_how_many_files_at_once_comes_from_the_first_files_row_groups(tmp_path, monkeypatch):
+    """The files in flight fit the byte budget from the first file's largest row group
+    (its Parquet footer) and leave a core to the writer; a file without row groups, or
+    whose footer is damaged by the time it is looked at (its reading names it), counts as
+    a small one."""
+    import pyarrow.dataset as ds
+
+    from trainer.data import tabular
+
+    def fragment(name: str, rows: int):
+        path = tmp_path / name
+        pq.write_table(pa.table({f"f{j}": np.arange(rows, dtype=np.float64) for j in range(8)}),
+                       path, row_group_size=max(rows, 1))
+        return next(iter(ds.dataset(path, format="parquet").get_fragments())), path
+
+    monkeypatch.setattr(tabular, "usable_cores", lambda: 16)
+    small, _ = fragment("small.parquet", 20_000)  # a row group of ~1.6 MB
+    assert tabular._ahead_width(small, 8) == 15  # 256 MiB would hold 21: the cores decide
+    big, _ = fragment("big.parquet", 200_000)  # one row group of ~15 MB
+    assert tabular._ahead_width(big, 8) == 6  # 256 MiB / (2 x 15 MB + 9.4 MB of batches)
+    empty, _ = fragment("empty.parquet", 0)
+    damaged, path = fragment("damaged.parquet", 10)
+    path.write_bytes(b"PAR1 not a footer")
+    for tiny in (empty, damaged):
+        assert tabular._ahead_width(tiny, 8) == 15
+    monkeypatch.setattr(tabular, "usable_cores", lambda: 2)
+    assert tabular._ahead_width(big, 8) == 1  # one core decodes, one writes

@@ -284,11 +284,11 @@ class RowCache:
     def prepare(self, arrays: dict[str, np.ndarray]) -> Prepared:
         """One file's decoded rows made contiguous and checked: the part of appending that
         can run in a decoding worker."""
-        laid, checks = self._laid_out(arrays), RowChecks(self.columns)
+        laid, checks = self.laid_out(arrays), RowChecks(self.columns)
         checks.feed_all(laid)
         return Prepared(laid, _count(laid), checks.digest())
 
-    def _laid_out(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def laid_out(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The rows contiguous in the cache's dtypes and shapes."""
         count = _count(arrays)
         return {name: np.ascontiguousarray(arrays[name], dtype=dtype).reshape(count, *shape)
@@ -301,11 +301,13 @@ class RowCache:
         if isinstance(rows, Prepared):
             self._write(rows.arrays, behind=False)
             return start, rows.count, rows.check
-        checks = RowChecks(self.columns)
+        own = getattr(rows, "checks", None) is None  # else checked where decoded
+        checks = RowChecks(self.columns) if own else rows.checks
         for arrays in rows:
-            batch = self._laid_out(arrays)
+            batch = self.laid_out(arrays)  # no copy when laid out already
             self._write(batch, behind=True)
-            checks.feed_all(batch)  # the file's check; a batch's own would go unused
+            if own:
+                checks.feed_all(batch)  # the file's check; a batch's own would go unused
         return start, self.rows - start, checks.digest()
 
     def _write(self, arrays: dict[str, np.ndarray], behind: bool) -> None:

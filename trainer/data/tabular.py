@@ -30,6 +30,7 @@ from trainer.data.dataset import (FixedDataset, SourceOptions, Split, feature_sp
                                   value_range)
 from trainer.data.ingest import update
 from trainer.data.lineage import save_snapshot
+from trainer.data.rowcheck import CheckedBatches
 
 FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 CONVERT_ROWS = 4096  # rows of features converted to float32 together
@@ -204,12 +205,14 @@ def _ahead_width(fragment, features: int) -> int:
     writer's, and the files in flight fit in AHEAD_BYTES. A file being read holds about
     twice its largest row group in Arrow's buffers (measured: 57 MiB of Arrow's pool for a
     27 MB row group) besides its decoded batches; a CSV file, Arrow's blocks of a few MiB."""
+    import pyarrow as pa
+
     try:
         meta = getattr(fragment, "metadata", None)  # Parquet only
     except (pa.ArrowInvalid, OSError):  # a damaged file: its reading names it
         meta = None
-    group = 0 if meta is None else max(meta.row_group(i).total_byte_size
-                                       for i in range(meta.num_row_groups))
+    group = 0 if meta is None else max((meta.row_group(i).total_byte_size
+                                        for i in range(meta.num_row_groups)), default=0)
     per_file = 2 * group + BATCH_ROWS * (8 * features + (DEPTH + 1) * (4 * features + 8))
     return max(1, min(usable_cores() - 1, AHEAD_BYTES // per_file))
 
@@ -340,8 +343,9 @@ def load_tabular(root: str | None, opts: SourceOptions) -> FixedDataset:
             if not sized:  # the first file to decode
                 ahead.width = _ahead_width(fragments[path], len(columns))
                 sized.append(path)
-            return ahead(order[path], _batches(fragments[path], schema, columns, opts.target,
-                                               Path(path), vocab, fresh))
+            return ahead(order[path], CheckedBatches(_batches(
+                fragments[path], schema, columns, opts.target, Path(path), vocab, fresh),
+                cache.laid_out, cache.columns))
 
         try:
             records, report = update(cache, base, files, decode, opts.verify_cache,
