@@ -112,11 +112,6 @@ class _File:
         finally:
             self.close()
 
-    @property
-    def checks(self):
-        """The file's row checks, when its batches make them (rowcheck.CheckedBatches)."""
-        return getattr(self.batches, "checks", None)
-
     def close(self) -> None:
         self.stopped = True
         self.ahead._done(self.key)

@@ -284,11 +284,11 @@ class RowCache:
     def prepare(self, arrays: dict[str, np.ndarray]) -> Prepared:
         """One file's decoded rows made contiguous and checked: the part of appending that
         can run in a decoding worker."""
-        laid, checks = self.laid_out(arrays), RowChecks(self.columns)
+        laid, checks = self._laid_out(arrays), RowChecks(self.columns)
         checks.feed_all(laid)
         return Prepared(laid, _count(laid), checks.digest())
 
-    def laid_out(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _laid_out(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The rows contiguous in the cache's dtypes and shapes."""
         count = _count(arrays)
         return {name: np.ascontiguousarray(arrays[name], dtype=dtype).reshape(count, *shape)
@@ -301,13 +301,11 @@ class RowCache:
         if isinstance(rows, Prepared):
             self._write(rows.arrays, behind=False)
             return start, rows.count, rows.check
-        own = getattr(rows, "checks", None) is None  # else checked where decoded
-        checks = RowChecks(self.columns) if own else rows.checks
+        checks = RowChecks(self.columns)
         for arrays in rows:
-            batch = self.laid_out(arrays)  # no copy when laid out already
+            batch = self._laid_out(arrays)
             self._write(batch, behind=True)
-            if own:
-                checks.feed_all(batch)  # the file's check; a batch's own would go unused
+            checks.feed_all(batch)  # the file's check; a batch's own would go unused
         return start, self.rows - start, checks.digest()
 
     def _write(self, arrays: dict[str, np.ndarray], behind: bool) -> None:

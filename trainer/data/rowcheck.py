@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import zlib
-from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,22 +38,3 @@ class RowChecks:
     def digest(self) -> bytes:
         return hashlib.blake2b(b"".join(self.crc[n].to_bytes(4, "big") for n in sorted(self.crc)),
                                digest_size=8).digest()
-
-
-class CheckedBatches:
-    """A file's batches laid out in the cache's dtypes and checked as they are made, on the
-    thread that makes them (a table's files are decoded ahead on threads of their own:
-    ahead.py), so the one thread that writes every file does not also checksum them.
-    `checks` is complete once the batches are exhausted."""
-
-    def __init__(self, batches: Iterable[dict], lay_out: Callable[[dict], dict], columns):
-        self.batches, self.lay_out, self.checks = batches, lay_out, RowChecks(columns)
-
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        for arrays in self.batches:
-            batch = self.lay_out(arrays)
-            self.checks.feed_all(batch)
-            yield batch
-
-    def close(self) -> None:  # the file's reader let go (ahead.py calls it when done)
-        getattr(self.batches, "close", lambda: None)()

@@ -30,7 +30,6 @@ from trainer.data.dataset import (FixedDataset, SourceOptions, Split, feature_sp
                                   value_range)
 from trainer.data.ingest import update
 from trainer.data.lineage import save_snapshot
-from trainer.data.rowcheck import CheckedBatches
 
 FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 CONVERT_ROWS = 4096  # rows of features converted to float32 together
@@ -343,9 +342,8 @@ def load_tabular(root: str | None, opts: SourceOptions) -> FixedDataset:
             if not sized:  # the first file to decode
                 ahead.width = _ahead_width(fragments[path], len(columns))
                 sized.append(path)
-            return ahead(order[path], CheckedBatches(_batches(
-                fragments[path], schema, columns, opts.target, Path(path), vocab, fresh),
-                cache.laid_out, cache.columns))
+            return ahead(order[path], _batches(fragments[path], schema, columns, opts.target,
+                                               Path(path), vocab, fresh))
 
         try:
             records, report = update(cache, base, files, decode, opts.verify_cache,
