@@ -234,8 +234,8 @@ def test_names_past_a_run_are_sorted_on_disk_and_merged_in_order(tmp_path, monke
 @pytest.mark.parametrize("train", [True, False], ids=["training", "batch job"])
 def test_a_folder_larger_than_a_run_is_listed_in_bounded_memory(tmp_path, monkeypatch, train):
     """A class folder of more than RUN images is listed in the same order, and the memory
-    of listing it no longer grows with it but for a read buffer per run (BLOCK names): with
-    RUN = 2,000 and BLOCK = 256, the traced peak grows by under 12 bytes a file from 5,000
+    of listing it no longer grows with it but for a read buffer per run (RUN_READ names): with
+    RUN = 2,000 and RUN_READ = 256, the traced peak grows by under 12 bytes a file from 5,000
     to 25,000 files (~100 with the folder sorted in memory, the test above). The training
     listing here spills its paths, as the ingest's does."""
     import export.listing as listing_module
@@ -243,7 +243,7 @@ def test_a_folder_larger_than_a_run_is_listed_in_bounded_memory(tmp_path, monkey
 
     monkeypatch.setattr(listing_module, "RUN", 2000)
     monkeypatch.setattr(image_folder, "RUN", 2000)
-    monkeypatch.setattr(listing_module, "BLOCK", 256)  # each run is read BLOCK names at a time
+    monkeypatch.setattr(listing_module, "RUN_READ", 256)  # names read from each run at a time
     small = _listing_peak(tmp_path / "s", 5000, train, spill=tmp_path / "spill")
     large = _listing_peak(tmp_path / "l", 25000, train, spill=tmp_path / "spill")
     per_file = (large - small) / 20000
