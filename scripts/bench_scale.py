@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/bench_scale.py [--images 20000] [--size 32] [--repeats 3]
                                             [--table-rows 2000000] [--work /tmp/bench_scale]
-                                            [--only ingest|epochs|tabular]
+                                            [--only ingest|update|epochs|tabular]
 
 In one invocation, on generated data (random RGB PNGs in 10 class folders; a 20-file
 Parquet table of 16 float features and a class column), median (range) of --repeats:
@@ -10,7 +10,8 @@ Parquet table of 16 float features and a class column), median (range) of --repe
   subprocess) in images/s, against a plain thread-pool pillow decode of the same files
   (open, convert, resize, np.asarray; one thread per core) in the same run;
 - re-ingest after adding 1% new images, as a share of the first ingest (in-process, the
-  imports excluded);
+  imports excluded), with the listing and stat of every file alone beside it (`--only
+  update`: these two groups alone, without the 4x folder the memory runs need);
 - peak RSS above the process's own base (VmHWM minus RSS after imports) at 1x and 4x the
   images of: an ingest, a start with nothing changed, and a one-epoch fit from the
   streaming path (MLP, batch 256): flat means bounded;
@@ -214,7 +215,7 @@ def quiet():
     return contextlib.redirect_stderr(io.StringIO())
 
 
-def bench_ingest(args, work: Path, small: Path, big: Path) -> None:
+def bench_ingest(args, work: Path, small: Path) -> None:
     from trainer.data.dataset import SourceOptions
     from trainer.data.sources import load_source
 
@@ -249,6 +250,8 @@ def bench_ingest(args, work: Path, small: Path, big: Path) -> None:
     print(f"re-ingest after adding 1%: {spread(again, '{:.2f}')} s = {spread(share)}% of the "
           f"first ingest (goal <= 3%); listing and stat of every file alone: {spread(floor)}%")
 
+
+def bench_memory(args, work: Path, small: Path, big: Path) -> None:
     peaks = {}
     for name, root in (("1x", small), ("4x", big)):
         cache = work / f"cache-{name}"
@@ -329,8 +332,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--table-rows", type=int, default=2_000_000)
     ap.add_argument("--work", default="/tmp/bench_scale")
-    ap.add_argument("--only", choices=["ingest", "epochs", "tabular"],
-                    help="run one group of measurements")
+    ap.add_argument("--only", choices=["ingest", "update", "epochs", "tabular"],
+                    help="run one group of measurements (update: the ingest and the 1%% "
+                         "update without the memory runs and their 4x folder)")
     ap.add_argument("--child", choices=["ingest", "fit", "tabular", "listing", "job-listing",
                                         "to_table", "sha256"],
                     help="one measurement in this process (JSON: seconds, rows, peak RSS "
@@ -358,9 +362,12 @@ def main() -> None:
     small, big = work / "x1", work / "x4"
     if args.only != "tabular":
         make_images(small, args.images, args.size)
+    if args.only not in ("tabular", "update"):
         make_images(big, 4 * args.images, args.size)
+    if args.only in (None, "ingest", "update"):
+        bench_ingest(args, work, small)
     if args.only in (None, "ingest"):
-        bench_ingest(args, work, small, big)
+        bench_memory(args, work, small, big)
     if args.only in (None, "epochs"):
         bench_epochs(args, work / "cache-4x", big)
     if args.only in (None, "tabular"):
