@@ -110,13 +110,22 @@ class EpochSampler:
         """The epoch's batches from the `resume_skip()`-th on (those before are drawn,
         not yielded: the rows after them are the same as in an unbroken epoch)."""
         skip, total, b = self.resume_skip(), self.num_batches(batch_size, drop_last), 0
-        carry = torch.zeros(0, dtype=torch.long)
+        carry = torch.zeros(0, dtype=torch.long)  # rows of a batch that spans two chunks
         for chunk in self.chunks():
-            carry = torch.cat([carry, chunk]) if len(carry) else chunk
-            while b < total and len(carry) >= batch_size:
+            if len(carry):  # only the spanning batch is copied, not the chunk
+                need = batch_size - len(carry)
+                carry, chunk = torch.cat([carry, chunk[:need]]), chunk[need:]
+                if len(carry) < batch_size:
+                    continue
+                if b < total and b >= skip:
+                    yield carry
+                carry, b = carry[:0], b + 1
+            whole = min(len(chunk) // batch_size, max(total - b, 0))
+            for k in range(whole):
                 if b >= skip:
-                    yield carry[:batch_size]
-                carry, b = carry[batch_size:], b + 1
+                    yield chunk[k * batch_size:(k + 1) * batch_size]
+                b += 1
+            carry = chunk[whole * batch_size:] if b < total else carry[:0]
         if b < total and len(carry) and b >= skip:  # the last, short batch (not drop_last)
             yield carry
 

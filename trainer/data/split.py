@@ -11,7 +11,8 @@ def stratified_split(y: np.ndarray, fractions: list[float], seed: int) -> list[n
     Each row's part is noted in one byte, a class at a time (a shuffle of the class's rows
     decides which go where), then each part is read from those notes: ~3 bytes a row while
     it runs where lists of every class's rows and their sort took ~24 (10 million rows: 230
-    MB above the labels). The rows are those of that way, draw for draw."""
+    MB above the labels). The rows are those of that way, draw for draw, as int32 indices
+    below 2**31 rows."""
     rng = np.random.default_rng(seed)
     part = np.full(len(y), len(fractions), np.int8)
     for cls in np.unique(y):
@@ -23,4 +24,5 @@ def stratified_split(y: np.ndarray, fractions: list[float], seed: int) -> list[n
             part[rows[start:start + take]] = k
             start += take
         del rows
-    return [np.flatnonzero(part == k) for k in range(len(fractions) + 1)]
+    index = np.int32 if len(y) < 2**31 else np.int64  # 4 bytes a row where they suffice
+    return [np.flatnonzero(part == k).astype(index) for k in range(len(fractions) + 1)]
