@@ -113,7 +113,7 @@ class SortedNames:
     merged as they are read back. The merge is heapq's (~1 us a name), paid only by a
     folder of more than RUN names; below that it is one in-memory sort, as before."""
 
-    def __init__(self, folder: str | None = None):
+    def __init__(self, folder: str | os.PathLike | None = None):
         self.folder, self.names, self.runs, self.count = folder, PackedNames(), [], 0
 
     def add(self, prefix: bytes, names: list[bytes]) -> None:

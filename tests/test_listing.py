@@ -280,8 +280,8 @@ def test_a_class_too_large_for_a_forked_lister_is_listed_again_here(tmp_path, mo
     assert sorted(_recording.calls) == [str(tmp_path / "f" / c) for c in ("a", "c", "d")]
 
 
-def _recording(*args):
+def _recording(*args, **kwargs):
     """`_images_under`, noting the folders listed in this process (a forked lister's notes
     stay in its own)."""
     _recording.calls.append(args[0])
-    return _RELIST(*args)
+    return _RELIST(*args, **kwargs)

@@ -24,8 +24,10 @@ class Ahead:
     iterator the writer reads them from, in their order; `key` is the file's place in the
     writer's order. `close()` stops every producer (the update ended or failed)."""
 
-    def __init__(self, width: int, depth: int = 2):
-        self.width, self.depth = max(1, width), max(1, depth)
+    def __init__(self, width: int | None, depth: int = 2):
+        # None: set before the first file (from what that file holds: tabular.py)
+        self.width = None if width is None else max(1, width)
+        self.depth = max(1, depth)
         self.cond = threading.Condition()
         self.open: list[int] = []  # keys of the files not yet written nor abandoned, sorted
         self.closed = False

@@ -9,6 +9,7 @@ that are new or changed and memory never holds the whole folder.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -38,7 +39,7 @@ def _folder_id(path: str | Path) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def _images_under(folder: str, cut: int, above: frozenset, spill: str | None = None,
+def _images_under(folder: str, cut: int, above: frozenset, spill: Path | None = None,
                   bail: bool = False) -> SortedNames | None:
     """The image files under `folder` (recursively), their paths less their first `cut`
     characters, in the order of the paths' strings: scandir (several times faster than
@@ -72,29 +73,29 @@ def _images_under(folder: str, cut: int, above: frozenset, spill: str | None = N
 
 
 def _class_names(classes: list[Path], cut: int, above: frozenset,
-                 spill: str | None) -> Iterator[SortedNames]:
+                 spill: Path | None) -> Iterator[SortedNames]:
     """Each class folder's images (`_images_under`), in order: the first class listed here;
     the others, when as many as it held each are enough (scan.worth_forking), in forked
     processes, one per usable core (listing 1,010,000 images in 10 class folders: 1.2 s in
     one process); a class a forked lister found too large is listed here again."""
     first = _images_under(str(classes[0]), cut, above, spill)
     yield first
-    rest = [(str(c), cut, above, spill, True) for c in classes[1:]]
+    rest = [(str(c), cut, above, spill) for c in classes[1:]]
     workers = worth_forking(len(first) * len(rest), len(rest))
     if not workers:
-        yield from (_images_under(*r[:4]) for r in rest)
+        yield from (_images_under(*r) for r in rest)
         return
     pool = fork_pool(workers)
     try:
-        for r, names in zip(rest, in_order(pool, _images_under, rest, workers + 1,
-                                           classes[0].parent)):
-            yield _images_under(*r[:4]) if names is None else names
+        lister = functools.partial(_images_under, bail=True)
+        for r, names in zip(rest, in_order(pool, lister, rest, workers + 1, classes[0].parent)):
+            yield _images_under(*r) if names is None else names
     finally:
         pool.shutdown(cancel_futures=True)
 
 
 def _class_files(folder: Path, listing: PathList, above: frozenset,
-                 spill: str | None) -> dict[str, int]:
+                 spill: Path | None) -> dict[str, int]:
     """Add the images of each class folder under `folder` to `listing`; {class: count}.
     Only a few classes' names are held packed beside the listing at a time."""
     classes = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -116,10 +117,9 @@ def _layout(root: Path, spill: Path | None = None) -> tuple[PathList, dict[str, 
     split. With `spill`, the listing lies in files there (memory holds at most RUN names
     of a class while they are sorted, not every name), and so do a huge class's sorted runs."""
     listing, above = PathList(str(root), spill), frozenset({_folder_id(root)})
-    runs = None if spill is None else str(spill)  # a huge folder's sorted runs
     if not (root / "train").is_dir():
-        return listing, {"train": _class_files(root, listing, above, runs)}
-    layout = {s: _class_files(root / s, listing, above | {_folder_id(root / s)}, runs)
+        return listing, {"train": _class_files(root, listing, above, spill)}
+    layout = {s: _class_files(root / s, listing, above | {_folder_id(root / s)}, spill)
               for s in SPLITS if (root / s).is_dir()}
     names = list(layout["train"])
     for split, classes in layout.items():

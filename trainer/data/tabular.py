@@ -37,8 +37,8 @@ GATHER_ROWS = 1 << 18  # rows of the cached target read together
 VOCAB_LOCK = threading.Lock()  # the string labels' codes, assigned as files are decoded
 BATCH_ROWS = 1 << 16  # rows of a file decoded together
 # Files decoded ahead of their writing (ahead.py, _ahead_width), each holding at most DEPTH
-# decoded batches (measured on a 16-core Xeon, 16 files at once, a 20-file table of 16
-# features: 2.95 -> 4.95 cores busy, +28% rows/s; not yet with this budget)
+# decoded batches (measured on a 16-core Xeon, a 20-file table of 16 features: 2.7 -> 5.1
+# cores busy, +70-77% rows/s; docs/benchmarks.md run W)
 AHEAD_BYTES, DEPTH = 256 << 20, 1
 
 
@@ -334,14 +334,13 @@ def load_tabular(root: str | None, opts: SourceOptions) -> FixedDataset:
     with RowCache.open(where, {"x": ((len(columns),), "f4"), "y": ((), y_dtype)},
                        settings) as cache:
         vocab, fresh = cache.extra.setdefault("vocab", []), {}
-        ahead, sized = Ahead(1, DEPTH), []
+        ahead = Ahead(None, DEPTH)
 
         def decode(_, path: str):
             if fmt == "parquet":
                 _check_schema(fragments[path], schema, path)
-            if not sized:  # the first file to decode
+            if ahead.width is None:  # the first file to decode
                 ahead.width = _ahead_width(fragments[path], len(columns))
-                sized.append(path)
             return ahead(order[path], _batches(fragments[path], schema, columns, opts.target,
                                                Path(path), vocab, fresh))
 
