@@ -325,6 +325,9 @@ def bench_tabular(args, work: Path) -> None:
           f"ceiling {ratio_of_medians(floor_warm, arrow_warm):.2f}x")
 
 
+MARK = ".bench_scale"  # in a --work folder this script made
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--images", type=int, default=20000)
@@ -356,9 +359,17 @@ def main() -> None:
             print(f"bench_scale: --child {args.child} --root {args.root}: {reason}",
                   file=sys.stderr)
             sys.exit(2)
-    print(describe())
+    if args.images < 100 or args.repeats < 1:  # 1% of the images is the update
+        ap.error("--images must be at least 100 and --repeats at least 1")
     work = Path(args.work)
+    # the folder is emptied first: only one this script made (its mark inside), never a
+    # folder of the user's given by mistake
+    if work.exists() and any(work.iterdir()) and not (work / MARK).is_file():
+        ap.error(f"--work {work}: not empty and not made by bench_scale; give a new folder")
+    print(describe())
     shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    (work / MARK).touch()
     small, big = work / "x1", work / "x4"
     if args.only != "tabular":
         make_images(small, args.images, args.size)
