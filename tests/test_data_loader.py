@@ -136,6 +136,8 @@ def test_streaming_fallback_reads_block_shuffled_rows_exactly(tmp_path):
     for b, (gx, gy) in enumerate(got):
         rows = order[b * 100:(b + 1) * 100]
         assert torch.equal(gx, x_all[rows]) and torch.equal(gy, y_all[rows])
+        assert gy.dtype == y_all.dtype == torch.int64  # the split keeps them as int8
+    assert fast.splits["train"].y.dtype == slow.splits["train"].y.dtype == np.int8
     # ... a permutation whose rows stay within windows of consecutive blocks (long reads),
     # and another permutation next epoch.
     assert sorted(order.tolist()) == list(range(len(order)))

@@ -258,6 +258,28 @@ def test_tabular_class_names_and_indices(tmp_path, labels, names, y):
     assert ds.class_names == names and ds.train.y.tolist() == y
 
 
+def test_labels_are_kept_in_the_narrowest_type_and_hashed_as_before(tmp_path):
+    from dataclasses import replace
+
+    from trainer.data.dataset import fingerprint, label_dtype, wide
+    assert [label_dtype(n) for n in (2, 128, 129, 32768, 32769)] == [
+        np.int8, np.int8, np.int16, np.int16, np.int32]
+    # 300 string classes from a table: int16, each row its class's index
+    labels = [f"c{i % 300:03d}" for i in range(900)]
+    rows = "".join(f"{i},{label}\n" for i, label in enumerate(labels))
+    ds = load_source("tabular", _csv(tmp_path / "t.csv", "a,kind\n" + rows),
+                     SourceOptions(target="kind", cache_dir=str(tmp_path / "cache")))
+    assert ds.train.y.dtype == np.int16 and ds.train.y.tolist() == [i % 300 for i in range(900)]
+    # an in-memory source: int8, the fingerprint that of int64 labels (runs and cards agree
+    # across the change), samples handed out as int64
+    digits = load_source("digits", None)
+    assert digits.train.y.dtype == np.int8 and wide(digits.train.y).dtype == np.int64
+    as_before = [None if s is None else replace(s, y=s.y.astype(np.int64))
+                 for s in (digits.train, digits.val, digits.test)]
+    assert fingerprint(digits.class_names, as_before) == digits.fingerprint
+    assert digits.train.arrays(5)[1].dtype == np.int64
+
+
 def test_tabular_parquet_regression(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -29,7 +29,7 @@ from export.errors import InputError
 from export.runtime import Predictor
 from trainer import variants
 from trainer.calibration import calibrate, softmax, with_test
-from trainer.data.dataset import SplitRows
+from trainer.data.dataset import SplitRows, wide
 from trainer.gates import (DEFAULT_ATOL, DEFAULT_MAX_ACCURACY_DROP, HeldOut, ParityError,
                            baseline_check, consistency_check, metric_margin, test_metrics,
                            parity_check, quantization_check, score)
@@ -47,8 +47,8 @@ def held_out(dm, parity: int = 512, calibration: int = 512, test: int = 20000) -
     train, val, tests = dm.splits["train"], dm.splits["val"], dm.splits["test"]
     pick = np.random.default_rng(0).choice(len(train), min(calibration, len(train)), False)
     tests = tests.subset(np.arange(min(test, len(tests))))
-    return HeldOut(tests.arrays(parity)[0], SplitRows(val), val.y,
-                   train.subset(np.sort(pick)).arrays()[0], SplitRows(tests), tests.y,
+    return HeldOut(tests.arrays(parity)[0], SplitRows(val), wide(val.y),
+                   train.subset(np.sort(pick)).arrays()[0], SplitRows(tests), wide(tests.y),
                    val_is_split=True)
 
 

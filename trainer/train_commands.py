@@ -83,6 +83,7 @@ def cmd_data(argv: list[str]) -> int:
     check_paths(rest)
     from export.atomic import check_output
     from trainer.data.cache import cache_root
+    from trainer.data.dataset import wide
 
     # the decoded-row cache is an input too: its index overwritten, the next run would
     # decode every file again
@@ -103,7 +104,7 @@ def cmd_data(argv: list[str]) -> int:
     if cache_root(cli.datamodule.hparams.cache_dir) != cache:  # set in the config
         check_output(args.out, "--out", {"data.cache_dir": cli.datamodule.hparams.cache_dir})
     split = cli.datamodule.splits[args.split]
-    y = split.y
+    y = wide(split.y)  # written as int64, as before labels were kept narrow
     try:
         # np.savez's own archive, written with the zip closed on every path: numpy < 2
         # leaves it open when a write fails (a full disk), and its finaliser then prints a

@@ -110,7 +110,7 @@ class FixedDataModule(L.LightningDataModule):
         # Regression has no classes to stratify by: one stratum is a seeded random split.
         strata = ds.train.y
         if not ds.num_classes:
-            strata = np.zeros(len(ds.train), np.int64)
+            strata = np.zeros(len(ds.train), np.int8)
         fracs = []
         if ds.val is None:
             fracs.append(hp.val_fraction)

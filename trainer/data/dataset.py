@@ -24,7 +24,7 @@ class Split:
     `x`, so a subset or a cache shared by duplicate files costs no copy of `x`."""
 
     x: np.ndarray  # (R, C, H, W) uint8 images, or (R, F) float32 features (or a RowFile)
-    y: np.ndarray  # (N,) int64 class indices, or float32 regression targets
+    y: np.ndarray  # (N,) class indices (label_dtype), or float regression targets
     rows: np.ndarray | None = None  # (N,) int64 rows of x; None = the first N rows
 
     def __len__(self) -> int:
@@ -45,15 +45,15 @@ class Split:
         return replace(self, y=self.y[samples], rows=rows)
 
     def arrays(self, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """The samples as in-memory arrays (the first `limit` of them): copies, never views
-        of a memory map whose file may change."""
+        """The samples as in-memory arrays (the first `limit` of them), class labels as
+        int64: copies, never views of a memory map whose file may change."""
         if self.rows is None:  # x[:n] of a RowFile reads n rows: the limit goes first
             end = len(self.y) if limit is None else min(limit, len(self.y))
-            return np.array(self.x[:end]), np.array(self.y[:end])
+            return np.array(self.x[:end]), wide(np.array(self.y[:end]))
         rows = self.rows[:limit]
         if len(rows) and np.all(rows[1:] == rows[:-1] + 1):  # contiguous: one sequential read
-            return np.array(self.x[rows[0]:rows[-1] + 1]), np.asarray(self.y[:limit])
-        return np.asarray(self.x[rows]), np.asarray(self.y[:limit])
+            return np.array(self.x[rows[0]:rows[-1] + 1]), wide(np.asarray(self.y[:limit]))
+        return np.asarray(self.x[rows]), wide(np.asarray(self.y[:limit]))
 
     def chunks(self, limit: int | None = None, rows: int | None = None):
         """(x, y) in consecutive pieces of `rows` samples (default ~CHUNK_BYTES): a pass
@@ -61,6 +61,22 @@ class Split:
         n, step = len(self) if limit is None else min(limit, len(self)), rows or self.chunk_rows
         for start in range(0, n, step):
             yield self.subset(np.arange(start, min(n, start + step))).arrays()
+
+
+def label_dtype(num_classes: int) -> np.dtype:
+    """The narrowest signed integer that holds `num_classes` class indices. A dataset keeps
+    one label a row, and each split a copy of its own: 10 million rows hold 20 MB as int8
+    where int64 held 160. Labels are widened to int64 (`wide`) where they leave the data:
+    a batch, an array of samples, the gates' held-out rows."""
+    for kind in (np.int8, np.int16, np.int32):
+        if num_classes <= int(np.iinfo(kind).max) + 1:
+            return np.dtype(kind)
+    return np.dtype(np.int64)
+
+
+def wide(y: np.ndarray) -> np.ndarray:
+    """Class labels as int64 (what torch's losses and the metrics take); targets as they are."""
+    return y.astype(np.int64) if y.dtype.kind in "iu" and y.dtype != np.int64 else y
 
 
 class SplitRows:
@@ -165,7 +181,8 @@ def fingerprint(class_names: list[str], splits: list[Split | None]) -> str:
         if split is None:
             h.update(b"<none>")
             continue
-        h.update(f"{split.x.dtype.str}{split.x.shape[1:]}{len(split)}{split.y.dtype.str}".encode())
+        y_type = wide(split.y[:0]).dtype.str  # labels hashed as int64 whatever they are kept as
+        h.update(f"{split.x.dtype.str}{split.x.shape[1:]}{len(split)}{y_type}".encode())
         for x, y in split.chunks():
             h.update(memoryview(np.ascontiguousarray(x)).cast("B"))
             h.update(memoryview(np.ascontiguousarray(y)).cast("B"))
@@ -272,4 +289,7 @@ def make_dataset(name: str, train: Split, test: Split | None, class_names: list[
         if split is not None:
             _check_split(str(origin or name), split_name, split, len(class_names), checked)
     fp = fp or fingerprint(class_names, [train, val, test])
+    if class_names:  # the labels are in range: they fit the narrow type
+        train, val, test = (s if s is None else replace(s, y=s.y.astype(
+            label_dtype(len(class_names)), copy=False)) for s in (train, val, test))
     return FixedDataset(name, train, val, test, class_names, input_spec, task, fp, history)

@@ -23,7 +23,8 @@ from export.errors import InputError
 from export.listing import RUN, SortedNames
 from trainer.data.cache import RowCache, cache_root
 from trainer.data.dataset import (FixedDataset, SourceOptions, Split, files_fingerprint,
-                                  image_spec, in_file_order, make_dataset, require_root)
+                                  image_spec, in_file_order, label_dtype, make_dataset,
+                                  require_root)
 from trainer.data.ingest import update
 from trainer.data.lineage import save_snapshot
 from trainer.data.paths import PathList, encode_path
@@ -162,7 +163,7 @@ def load_image_folder(root: str | None, opts: SourceOptions) -> FixedDataset:
     del paths
     # labels and splits made after the ingest: 9 bytes a file less at its peak
     sizes = [n for classes in layout.values() for n in classes.values()]
-    y = np.repeat(np.tile(np.arange(len(names)), len(layout)), sizes).astype(np.int64)
+    y = np.repeat(np.tile(np.arange(len(names), dtype=label_dtype(len(names))), len(layout)), sizes)
     split_of = np.repeat(np.arange(len(layout), dtype=np.int8),
                          [sum(c.values()) for c in layout.values()])
     print(f"image_folder: {folder}: {report.line('images')} ({mode} {size[0]}x{size[1]}, "

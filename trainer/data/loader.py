@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from trainer.data.dataset import Split
+from trainer.data.dataset import Split, wide
 
 
 class EpochSampler:
@@ -200,7 +200,7 @@ class _Rows(torch.utils.data.Dataset):
 
     def __getitems__(self, rows: list[int]):
         rows = np.asarray(rows)
-        y = self.split.y[rows]
+        y = wide(self.split.y[rows])
         if self.block_rows:
             x = np.empty((len(rows), *self.split.x.shape[1:]), self.split.x.dtype)
             blocks = rows // self.block_rows
@@ -211,7 +211,7 @@ class _Rows(torch.utils.data.Dataset):
             order = np.argsort(rows)  # sorted reads are sequential on disk
             x = np.empty((len(rows), *self.split.x.shape[1:]), self.split.x.dtype)
             x[order] = self.split.subset(rows[order]).arrays()[0]
-        return torch.from_numpy(x), torch.from_numpy(np.ascontiguousarray(y))
+        return torch.from_numpy(x), torch.from_numpy(y)
 
 
 def _keep(batch):

@@ -26,7 +26,7 @@ from export.readers import check_column_names, describe_nonfinite, short_reason
 from trainer.data.ahead import Ahead
 from trainer.data.cache import RowCache, cache_root
 from trainer.data.dataset import (FixedDataset, SourceOptions, Split, feature_spec,
-                                  files_fingerprint, in_file_order, make_dataset,
+                                  files_fingerprint, in_file_order, label_dtype, make_dataset,
                                   value_range)
 from trainer.data.ingest import update
 from trainer.data.lineage import save_snapshot
@@ -284,7 +284,7 @@ def _targets(column, rows: np.ndarray | None, n: int, vocab: list[str], task: st
                                     and codes.max() < 1 << 20):
             whole = column[:n] if rows is None else column[rows]  # negative or
             uniq, y = np.unique(np.asarray(whole), return_inverse=True)  # fractional labels
-            return [str(int(u)) for u in uniq], y.astype(np.int64)
+            return [str(int(u)) for u in uniq], y.astype(label_dtype(len(uniq)))
         found = np.bincount(codes)
         if len(found) > len(counts):
             counts = np.pad(counts, (0, len(found) - len(counts)))
@@ -292,9 +292,9 @@ def _targets(column, rows: np.ndarray | None, n: int, vocab: list[str], task: st
     present = np.flatnonzero(counts)
     keys = np.array(vocab, dtype=str)[present] if y_dtype == "i8" else present
     present = present[np.argsort(keys, kind="stable")]
-    rank = np.zeros(int(present.max()) + 1, np.int64)
+    rank = np.zeros(int(present.max()) + 1, label_dtype(len(present)))
     rank[present] = np.arange(len(present))
-    y = np.empty(n, np.int64)
+    y = np.empty(n, rank.dtype)
     for a, v in _blocks(column, rows, n):
         y[a:a + len(v)] = rank[v.astype(np.int64)]
     return [vocab[c] if y_dtype == "i8" else str(int(c)) for c in present], y
