@@ -1097,6 +1097,51 @@ def test_the_files_fingerprint_depends_on_content_not_on_order():
                            np.arange(50, 65)]))
 
 
+def test_a_large_groups_digests_are_sorted_a_bucket_at_a_time(tmp_path, monkeypatch):
+    """A (split, label) group larger than a bucket is sorted through a scratch file, a
+    bucket at a time: the same fingerprint as one sort in memory (uniform digests, and
+    digests of few distinct first bytes, whose buckets are uneven), and memory that does not
+    grow with the group (the traced peak grows < 4 bytes a file from 20,000 to 80,000 files;
+    a whole sort held 40)."""
+    import tracemalloc
+
+    from trainer.data import bucketsort
+    from trainer.data.dataset import files_fingerprint
+    from trainer.data.records import Records
+
+    rng = np.random.default_rng(5)
+
+    def records_of(digests):
+        records = Records.empty(len(digests))
+        records.digest[:] = digests
+        return records
+
+    def fp(records, n):
+        split, label = np.zeros(n, np.int8), np.repeat(np.array([0, 1], np.int8), [n - 3, 3])
+        return files_fingerprint("{}", ["a", "b"], ["train"], split, label, records, tmp_path)
+
+    uniform = rng.integers(0, 256, (5000, 32), dtype=np.uint8).view("S32").reshape(-1)
+    few = rng.integers(0, 3, (5000, 32), dtype=np.uint8).view("S32").reshape(-1)
+    whole = [fp(records_of(d), 5000) for d in (uniform, few)]
+    monkeypatch.setattr(bucketsort, "SORT_ROWS", 64)
+    monkeypatch.setattr(bucketsort, "READ_ROWS", 700)
+    assert [fp(records_of(d), 5000) for d in (uniform, few)] == whole
+    assert not list(tmp_path.iterdir())  # the scratch file was unnamed
+    monkeypatch.setattr(bucketsort, "SORT_ROWS", 1024)
+    monkeypatch.setattr(bucketsort, "READ_ROWS", 4096)
+    peaks = []
+    for n in (20_000, 80_000):
+        records = records_of(rng.integers(0, 256, (n, 32), dtype=np.uint8).view("S32").reshape(-1))
+        tracemalloc.start()
+        try:
+            fp(records, n)
+            peaks.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+    per_file = (peaks[1] - peaks[0]) / 60_000
+    assert per_file < 4, f"{per_file:.1f} bytes a file ({peaks})"
+
+
 def test_the_runs_of_a_split_and_label_are_found_across_blocks(monkeypatch):
     """The fingerprint's groups (runs of files with the same split and label) are found a
     block of files at a time: the same starts as whole differences of the columns, with

@@ -128,10 +128,12 @@ def test_snapshots_are_sorted_and_compared_in_blocks(tmp_path, monkeypatch, smal
     """A snapshot is written in key order a bucket at a time (with small buckets, 64 of
     them) and two are compared a block of each at a time; the counts are those of a whole
     comparison in memory."""
+    from trainer.data import bucketsort
     from trainer.data import lineage as lin
 
     if small:
-        monkeypatch.setattr(lin, "SORT_ROWS", 32)
+        monkeypatch.setattr(bucketsort, "SORT_ROWS", 32)
+        monkeypatch.setattr(bucketsort, "READ_ROWS", 50)
         monkeypatch.setattr(lin, "READ_ROWS", 50)
     old = _records(2000, 1)
     new = _changed(old, 2)
@@ -151,9 +153,11 @@ def test_snapshots_hold_no_memory_per_file(tmp_path, monkeypatch):
     the traced peak grows by under 4 bytes a file from 3,000 to 15,000 files."""
     import tracemalloc
 
+    from trainer.data import bucketsort
     from trainer.data import lineage as lin
 
-    monkeypatch.setattr(lin, "SORT_ROWS", 256)
+    monkeypatch.setattr(bucketsort, "SORT_ROWS", 256)
+    monkeypatch.setattr(bucketsort, "READ_ROWS", 512)
     monkeypatch.setattr(lin, "READ_ROWS", 512)
     peaks = []
     for n in (3000, 15000):

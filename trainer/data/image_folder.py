@@ -171,7 +171,8 @@ def load_image_folder(root: str | None, opts: SourceOptions) -> FixedDataset:
     whole = Split(x, y, rows)
     parts = {s: whole.subset(np.flatnonzero(split_of == k)) if len(layout) > 1 else whole
              for k, s in enumerate(layout)}
-    fp = files_fingerprint(json.dumps(settings), names, list(layout), split_of, y, records)
+    fp = files_fingerprint(json.dumps(settings), names, list(layout), split_of, y, records,
+                           where)
     return make_dataset(folder.name, parts["train"], parts.get("test"), names,
                         spec, val=parts.get("val"), origin=folder, fp=fp,
                         history=save_snapshot(where, fp, records))

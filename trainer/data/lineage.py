@@ -14,7 +14,6 @@ recorded as not known, with the reason, never guessed.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,14 +21,12 @@ import numpy as np
 
 from export.atomic import atomic_path
 from export.card import DatasetChange, DatasetInfo
+from trainer.data.bucketsort import bucket_sorted
 from trainer.data.records import (READ_ROWS, Records, pread_rows, read_npy_header,
                                   write_npy_header)
 
 KEEP = 4
 SNAPSHOT = np.dtype([("key", "S16"), ("digest", "S32"), ("rows", "<i8")])
-
-
-SORT_ROWS = 1 << 15  # records sorted together (a bucket) when a snapshot is written
 
 
 def save_snapshot(cache_folder: Path, fp: str, records: Records) -> Path:
@@ -53,43 +50,19 @@ def save_snapshot(cache_folder: Path, fp: str, records: Records) -> Path:
     return where
 
 
-def _bucket(keys: np.ndarray, bits: int) -> np.ndarray:
-    """The first `bits` bits of each key (S16 values), the bucket it is sorted in."""
-    top = np.ascontiguousarray(keys).view(np.uint8).reshape(-1, 16)[:, :2].astype(np.int64)
-    return (top[:, 0] << 8 | top[:, 1]) >> (16 - bits)
-
-
 def _by_key(records: Records, scratch_folder: Path) -> Iterator[np.ndarray]:
-    """The records as snapshot rows in key order, a bucket at a time. Keys are hashes, so
-    their first bits spread the records evenly over buckets of ~SORT_ROWS: each block of
-    records is laid out by bucket in a scratch file, then each bucket is read back and
-    sorted on its own. Memory holds a block and a bucket (a few MB), where a sort of every
-    key with a gather of every digest held 64 bytes a file."""
-    n = len(records)
-    bits = min(16, max(0, int(np.ceil(np.log2(max(1, n / SORT_ROWS))))))
-    counts = np.zeros(1 << bits, np.int64)
-    for a in range(0, n, READ_ROWS):
-        counts += np.bincount(_bucket(records.block("key", a, a + READ_ROWS), bits),
-                              minlength=len(counts))
-    ends = np.cumsum(counts)
-    at = ends - counts  # where each bucket's next record goes, in records
-    with tempfile.TemporaryFile(dir=scratch_folder) as scratch:
-        for a in range(0, n, READ_ROWS):
-            part = np.empty(min(READ_ROWS, n - a), SNAPSHOT)
-            for field, column in (("key", "key"), ("digest", "digest"), ("rows", "count")):
-                part[field] = records.block(column, a, a + len(part))
-            which = _bucket(part["key"], bits)
-            order = np.argsort(which, kind="stable")
-            part, which = part[order], which[order]
-            for piece in np.split(np.arange(len(part)), np.flatnonzero(np.diff(which)) + 1):
-                w = int(which[piece[0]])
-                scratch.seek(int(at[w]) * SNAPSHOT.itemsize)
-                scratch.write(part[piece].tobytes())
-                at[w] += len(piece)
-        for w in range(len(counts)):
-            scratch.seek(int(ends[w] - counts[w]) * SNAPSHOT.itemsize)
-            rows = np.frombuffer(scratch.read(int(counts[w]) * SNAPSHOT.itemsize), SNAPSHOT)
-            yield rows[np.argsort(rows["key"], kind="stable")]
+    """The records as snapshot rows in key order, a bucket at a time (bucketsort): memory
+    holds a block and a bucket, where a sort of every key with a gather of every digest held
+    64 bytes a file."""
+
+    def rows(a: int, b: int) -> np.ndarray:
+        part = np.empty(b - a, SNAPSHOT)
+        for field, column in (("key", "key"), ("digest", "digest"), ("rows", "count")):
+            part[field] = records.block(column, a, b)
+        return part
+
+    return bucket_sorted(len(records), lambda a, b: records.block("key", a, b), rows,
+                         lambda part: part["key"], scratch_folder)
 
 
 class _Snapshot:

@@ -364,7 +364,8 @@ def load_tabular(root: str | None, opts: SourceOptions) -> FixedDataset:
     names, y = _targets(arrays["y"], rows, n, vocab, task, y_dtype)
     train = Split(arrays["x"], y, rows)
     split = np.zeros(len(records), np.int8)  # every file in "train"; no label per file: -1
-    fp = files_fingerprint(json.dumps(settings), names, ["train"], split, split - 1, records)
+    fp = files_fingerprint(json.dumps(settings), names, ["train"], split, split - 1, records,
+                           where)
     return make_dataset(origin.stem or origin.name, train, None, names,
                         feature_spec(columns, span), task=task, origin=origin, fp=fp,
                         history=save_snapshot(where, fp, records), checked=True)
