@@ -70,6 +70,7 @@ def test_adding_removing_and_changing_files_decodes_only_those(tmp_path, capsys)
     np.testing.assert_array_equal(fresh.train.y, second.train.y)
     assert second.train.y[list(second.train.rows).index(second.train.rows[-1])] == 2
     assert fresh.train.rows is None and second.train.rows is not None
+    assert second.train.rows.dtype == np.int32  # 4 bytes a file below 2**31 rows
 
 
 def test_a_same_size_same_mtime_change_is_caught_by_verify_cache(tmp_path):
@@ -397,6 +398,7 @@ def test_a_folder_of_parquet_files_is_one_table_and_updates_per_file(tmp_path, c
     grown = load_source("tabular", str(folder), SourceOptions(cache_dir=str(tmp_path / "c")))
     assert "5 files: 1 new, 0 changed, 0 removed; decoded 1" in capsys.readouterr().err
     assert len(grown.train) == 200 and grown.train.rows is not None  # appended last
+    assert grown.train.rows.dtype == np.int32  # 4 bytes a row below 2**31 rows
     fresh = load_source("tabular", str(folder), SourceOptions(cache_dir=str(tmp_path / "c2")))
     assert fresh.fingerprint == grown.fingerprint != ds.fingerprint
     for got, want in zip(grown.train.arrays(), fresh.train.arrays()):

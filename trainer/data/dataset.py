@@ -13,7 +13,7 @@ from export.card import InputSpec
 from export.errors import InputError
 from export.imaging import PREPROCESSING
 from trainer.data.bucketsort import bucket_sorted
-from trainer.data.records import READ_ROWS, Records
+from trainer.data.records import READ_ROWS, Records, places
 
 
 CHUNK_BYTES = 32 << 20  # rows per step of every pass over a whole split: ~32 MiB of x
@@ -27,7 +27,7 @@ class Split:
 
     x: np.ndarray  # (R, C, H, W) uint8 images, or (R, F) float32 features (or a RowFile)
     y: np.ndarray  # (N,) class indices (label_dtype), or float regression targets
-    rows: np.ndarray | None = None  # (N,) int64 rows of x; None = the first N rows
+    rows: np.ndarray | None = None  # (N,) rows of x (int32 or int64); None = the first N rows
 
     def __len__(self) -> int:
         return len(self.y)
@@ -250,6 +250,19 @@ def in_file_order(records: Records, stored: int) -> bool:
             return False
         at = int(ends[-1])
     return at == stored
+
+
+def file_rows(records: Records, stored: int) -> np.ndarray | None:
+    """Each file's row in the cache (a source of one row a file), or None when the cache's
+    `stored` rows are the files' own in order (a first ingest): read a block at a time into
+    the narrowest places, 4 bytes a file below 2**31 rows (the records' whole int64 column,
+    kept by them, held 8)."""
+    if in_file_order(records, stored):
+        return None
+    out = np.empty(len(records), places(stored))
+    for a in range(0, len(records), READ_ROWS):
+        out[a:a + READ_ROWS] = records.block("start", a, a + READ_ROWS)
+    return out
 
 
 def _group_starts(splits: np.ndarray, labels: np.ndarray) -> np.ndarray:

@@ -23,11 +23,12 @@ from export.errors import InputError
 from export.listing import RUN, SortedNames
 from trainer.data.cache import RowCache, cache_root
 from trainer.data.dataset import (FixedDataset, SourceOptions, Split, files_fingerprint,
-                                  image_spec, in_file_order, label_dtype, make_dataset,
+                                  file_rows, image_spec, label_dtype, make_dataset,
                                   require_root)
 from trainer.data.ingest import update
 from trainer.data.lineage import save_snapshot
 from trainer.data.paths import PathList, encode_path
+from trainer.data.records import places
 from trainer.data.scan import fork_pool, in_order, worth_forking
 
 SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -158,8 +159,7 @@ def load_image_folder(root: str | None, opts: SourceOptions) -> FixedDataset:
     with RowCache.open(where, {"x": (list(spec.shape), "u1")}, settings) as cache:
         records, report = update(cache, folder, paths, decode_file, opts.verify_cache)
         x = cache.arrays()["x"]
-        # the files' rows: none to hold when the cache has them in order (a first ingest)
-        rows = None if in_file_order(records, cache.rows) else records.start
+        rows = file_rows(records, cache.rows)  # None when in order (a first ingest)
     del paths
     # labels and splits made after the ingest: 9 bytes a file less at its peak
     sizes = [n for classes in layout.values() for n in classes.values()]
@@ -169,7 +169,8 @@ def load_image_folder(root: str | None, opts: SourceOptions) -> FixedDataset:
     print(f"image_folder: {folder}: {report.line('images')} ({mode} {size[0]}x{size[1]}, "
           f"cache {where})", file=sys.stderr)
     whole = Split(x, y, rows)
-    parts = {s: whole.subset(np.flatnonzero(split_of == k)) if len(layout) > 1 else whole
+    parts = {s: whole.subset(np.flatnonzero(split_of == k).astype(places(len(y))))
+             if len(layout) > 1 else whole
              for k, s in enumerate(layout)}
     fp = files_fingerprint(json.dumps(settings), names, list(layout), split_of, y, records,
                            where)

@@ -30,6 +30,7 @@ from trainer.data.dataset import (FixedDataset, SourceOptions, Split, feature_sp
                                   value_range)
 from trainer.data.ingest import update
 from trainer.data.lineage import save_snapshot
+from trainer.data.records import places
 
 FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 CONVERT_ROWS = 4096  # rows of features converted to float32 together
@@ -243,14 +244,15 @@ def _value_range(ranges: dict, fresh: dict, files: list[Path], base: Path, recor
 
 
 def _row_order(records, stored: int) -> np.ndarray | None:
-    """Each row of the table in file order: its place in the cache (8 bytes a row, the
-    positions added in blocks rather than as a second whole array), or None when the
+    """Each row of the table in file order: its place in the cache (4 bytes a row below
+    2**31 rows, 8 above; the positions added in blocks rather than as a second whole
+    array), or None when the
     cache's `stored` rows are the table's in that order (after a first ingest): none to
     hold, and every read of a range of rows is one read."""
     if in_file_order(records, stored):
         return None
     offsets = records.start - (np.cumsum(records.count) - records.count)
-    rows = np.repeat(offsets, records.count)
+    rows = np.repeat(offsets.astype(places(stored)), records.count)
     for a in range(0, len(rows), GATHER_ROWS):
         rows[a:a + GATHER_ROWS] += np.arange(a, min(a + GATHER_ROWS, len(rows)))
     return rows
