@@ -41,6 +41,7 @@ import numpy as np
 from export.atomic import atomic_path
 from export.errors import InputError
 from export.timing import cache_folder
+from trainer.data.prefixfile import PrefixFile
 from trainer.data.records import (READ_ROWS, Records, Rows, StoredIndex,
                                   StoredRecords, joined, live_rows, places, prefix4, write_npy)
 from trainer.data.rowcheck import Prepared, RowChecks
@@ -97,7 +98,7 @@ class RowCache:
         self._since_commit = 0
         self._out: ColumnWriter | None = None  # the column files, open for appending
         self._maps: dict[str, RowFile] | None = None  # check_rows' readers
-        self._sorted: dict[str, tuple] = {}  # index.key / index.digest, sorted
+        self._sorted: dict = {}  # index.key (in memory), index.digest (PrefixFile), sorted
         self._forgotten: set[bytes] = set()
 
     @classmethod
@@ -186,8 +187,7 @@ class RowCache:
 
     def _sorted_column(self, column: str) -> tuple[np.ndarray, np.ndarray]:
         """(order, the first 4 bytes of the column's values in that order, as uint32), kept
-        until the index changes: 8 bytes a file below 2**31 files (whole sorted values took
-        24 or 40 more; 8-byte prefixes and int64 places 16)."""
+        until the index changes: 8 bytes a file below 2**31 files (whole values: 24-40)."""
         # Sorted as one uint64 a file, the prefix above the place, in place: an argsort's
         # int64 result and a gather beside it held 24 bytes a file (and left RSS behind).
         if column not in self._sorted:
@@ -226,13 +226,12 @@ class RowCache:
             out[a:a + len(part)] = found
         return out
 
-    def _walk(self, column: str, value: bytes, j: int | None = None) -> int:
+    def _walk(self, column: str, value: bytes, j: int) -> int:
         """The row holding `value` among those that share its first 4 bytes, which start
-        at `j` of the sorted prefixes (searched for when None); -1 when none holds it."""
+        at `j` of the sorted prefixes; -1 when none holds it."""
         order, have = self._sorted_column(column)
         value = np.array([value], self.index.DTYPES[column])  # compared whole: an element
         want = prefix4(value)[0]  # of an "S" array drops its trailing NUL bytes
-        j = int(have.searchsorted(want)) if j is None else j
         while j < len(have) and have[j] == want:
             if self.index.gather(column, order[j:j + 1]) == value:
                 return int(order[j])
@@ -249,14 +248,18 @@ class RowCache:
                 self._sorted.pop("key", None)
 
     def sort_digests(self) -> None:
-        """Sort the index's digests for `find` now: decoding workers forked after share them."""
-        self._sorted_column("digest")
+        """Sort the index's digests for `find` now, on disk: workers forked after share them."""
+        if "digest" not in self._sorted:
+            self._sorted["digest"] = PrefixFile(
+                len(self.index), lambda a, b: self.index.block("digest", a, b), self.folder)
 
     def find(self, digest: bytes) -> tuple[int, int, bytes] | None:
         """(start, count, check) of indexed rows decoded from content `digest`, if any."""
         if digest in self._forgotten or not len(self.index):
             return None
-        i = self._walk("digest", digest)  # one value: _search's block arrays cost ~4x
+        self.sort_digests()
+        i = self._sorted["digest"].find(digest, lambda j: self.index.block(
+            "digest", j, j + 1).tobytes())
         if i < 0:
             return None
         start, count, check = (self.index.block(c, i, i + 1) for c in ("start", "count", "check"))
