@@ -6,6 +6,7 @@ prefixes and places in memory held 8 (80 MB at ten million files)."""
 
 from __future__ import annotations
 
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +18,7 @@ from trainer.data.bucketsort import bucket_sorted
 from trainer.data.records import pread_rows, prefix4
 
 PAGE = 256  # entries read together (2 KiB): one pread finds a value's place
-ENTRY = np.dtype(">u8")  # prefix above place, big-endian: its bytes sort as its value
+SORTED = np.dtype(">u8")  # prefix above place, big-endian while sorted: bytes in value order
 
 
 class PrefixFile:
@@ -26,33 +27,32 @@ class PrefixFile:
         def entries(a: int, b: int) -> np.ndarray:
             out = prefix4(values(a, b)).astype(np.uint64) << np.uint64(32)
             out |= np.arange(a, b, dtype=np.uint64)
-            return out.astype(ENTRY)
+            return out.astype(SORTED)
 
         self.n, firsts, at = n, [], 0
         with naming(folder):  # a full disk names the cache folder
             self.file = tempfile.TemporaryFile(dir=folder)  # noqa: SIM115 (let go with self)
             for part in bucket_sorted(n, entries, entries, lambda e: e, folder):
+                part = part.astype(np.uint64)  # stored native: searched without a conversion
                 self.file.write(part.tobytes())
-                # the entries at multiples of PAGE, copied: a view would keep the bucket
-                firsts.append(part[(-at) % PAGE::PAGE].copy())
+                firsts.append(part[(-at) % PAGE::PAGE] >> np.uint64(32))  # at multiples of PAGE
                 at += len(part)
             self.file.flush()
-        self.firsts = (np.concatenate(firsts or [np.zeros(0, ENTRY)]) >> 32).astype(np.uint32)
+        self.firsts = np.concatenate(firsts or [np.zeros(0, np.uint64)]).astype(np.uint32)
 
     def find(self, value: bytes, whole: Callable[[int], bytes]) -> int:
         """The place of `value` (-1 if none): among the places whose values share its first
-        4 bytes, the first whose `whole(place)` is `value`."""
-        want = prefix4(np.frombuffer(value, f"S{len(value)}"))[0]
-        at = max(0, int(np.searchsorted(self.firsts, want)) - 1) * PAGE  # its page or the next
+        4 bytes, the first whose `whole(place)` is `value`. ~6 us (pages in the page cache)."""
+        want = int.from_bytes(value[:4], sys.byteorder)  # prefix4's uint32
+        at = max(0, int(self.firsts.searchsorted(want)) - 1) * PAGE  # its page or the next
         while at < self.n:
-            page = pread_rows(self.file.fileno(), ENTRY, 0, at, min(at + PAGE, self.n),
-                              "the sorted prefixes' file ends early")
-            prefixes = (page >> 32).astype(np.uint32)
-            lo, hi = np.searchsorted(prefixes, want), np.searchsorted(prefixes, want, "right")
-            for entry in page[lo:hi]:
-                if whole(int(entry & 0xFFFFFFFF)) == value:
-                    return int(entry & 0xFFFFFFFF)
-            if hi < len(page):
-                return -1
+            page = pread_rows(self.file.fileno(), np.dtype(np.uint64), 0, at,
+                              min(at + PAGE, self.n), "the sorted prefixes' file ends early")
+            for i in range(int(page.searchsorted(np.uint64(want << 32))), len(page)):
+                entry = int(page[i])
+                if entry >> 32 != want:
+                    return -1
+                if whole(entry & 0xFFFFFFFF) == value:
+                    return entry & 0xFFFFFFFF
             at += PAGE
         return -1
