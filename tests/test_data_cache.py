@@ -759,12 +759,17 @@ def test_a_change_found_past_the_first_blocks_of_stats_is_caught(tmp_path, monke
     assert (report.new, report.changed, report.removed, report.decoded) == (0, 0, 0, 0)
 
 
-@pytest.mark.parametrize("block", [1 << 16, 16])
-def test_duplicate_files_in_one_ingest_share_their_rows(tmp_path, monkeypatch, block):
-    """With blocks of 16 files, most duplicates are of files spilled in earlier blocks."""
+@pytest.mark.parametrize("block, on_disk", [(1 << 16, False), (16, False), (16, True)])
+def test_duplicate_files_in_one_ingest_share_their_rows(tmp_path, monkeypatch, block, on_disk):
+    """With blocks of 16 files, most duplicates are of files spilled in earlier blocks;
+    `on_disk`: past 8 contents the appended digests lie in a table on disk."""
     from trainer.data import ingest
+    from trainer.data.appended import Appended
 
     monkeypatch.setattr(ingest, "READ_ROWS", block)
+    if on_disk:
+        monkeypatch.setattr(Appended, "MERGE", 4)
+        monkeypatch.setattr(Appended, "HELD", 8)
     root = tmp_path / "texts"
     root.mkdir()
     for i in range(100):
@@ -782,11 +787,11 @@ def test_the_appended_digests_stay_findable_across_merges(monkeypatch, move):
     here: every tenth) each find their own row, and one absent finds none."""
     import hashlib
 
-    from trainer.data import records
+    from trainer.data.appended import Appended
 
-    monkeypatch.setattr(records.Appended, "MERGE", 7)
-    monkeypatch.setattr(records.Appended, "MOVE", move)
-    appended = records.Appended()
+    monkeypatch.setattr(Appended, "MERGE", 7)
+    monkeypatch.setattr(Appended, "MOVE", move)
+    appended = Appended()
     digests = [hashlib.sha256(str(i).encode()).digest() for i in range(100)]
     digests = [b"\x01\x02\x03\x04" + d[4:] if i % 10 == 0 else d for i, d in enumerate(digests)]
     column = np.frombuffer(b"".join(digests), "S32")
@@ -865,11 +870,11 @@ def test_the_appended_digests_merge_ever_less_often(monkeypatch):
     quadratically; past 32 * MERGE files a merge waits for 1/32 of the columns."""
     import hashlib
 
-    from trainer.data import records
+    from trainer.data.appended import Appended
 
-    monkeypatch.setattr(records.Appended, "MERGE", 7)
-    monkeypatch.setattr(records.Appended, "MOVE", 100)
-    appended = records.Appended()
+    monkeypatch.setattr(Appended, "MERGE", 7)
+    monkeypatch.setattr(Appended, "MOVE", 100)
+    appended = Appended()
     digests = [hashlib.sha256(str(i).encode()).digest() for i in range(5000)]
     column = np.frombuffer(b"".join(digests), "S32")
     merges, size = 0, 0
@@ -947,10 +952,11 @@ def test_an_ingest_costs_a_bounded_number_of_bytes_per_file(tmp_path, monkeypatc
     at scale, where a block is a small part of the files; blocks larger than the test's
     files would count as growth)."""
     from trainer.data import cache, ingest, records
+    from trainer.data.appended import Appended
 
     monkeypatch.setattr(cache, "COMMIT_BYTES", 4000)  # a commit every 1,000 files
-    monkeypatch.setattr(records.Appended, "MERGE", 256)  # its dict of the latest: small
-    monkeypatch.setattr(records.Appended, "MOVE", 1024)
+    monkeypatch.setattr(Appended, "MERGE", 256)  # its dict of the latest: small
+    monkeypatch.setattr(Appended, "MOVE", 1024)
     monkeypatch.setattr(ingest, "BLOCK", 32)  # results decoded ahead: few (their number
     # when the peak is reached depends on the threads' timing)
     for module in (cache, records, ingest):

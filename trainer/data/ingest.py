@@ -19,7 +19,8 @@ from export.errors import InputError
 from trainer.allocator import release_free_memory
 from trainer.data.cache import FileStat, Records, RowCache, path_key
 from trainer.data.paths import PathList
-from trainer.data.records import READ_ROWS, Appended, Head, Spill
+from trainer.data.appended import Appended
+from trainer.data.records import READ_ROWS, Head, Spill
 from trainer.data.scan import died, fork_pool, worth_forking
 from trainer.data.workers import Pool, hand, take
 
@@ -247,7 +248,7 @@ class _Run:
     def __init__(self, cache: RowCache, verify: bool, whole_files: bool, report: UpdateReport):
         self.cache, self.verify, self.report = cache, verify, report
         self.head, self.known, self.spill, self.shift = 0, 0, None, 0
-        self.fresh = Appended(report.files)
+        self.fresh = Appended(report.files, cache.folder)
         self.pool = Pool(whole_files, sum(map(cache.row_bytes, cache.columns)), 2 * BLOCK)
         # the block being completed: its first file, its records, the index's record of
         # each of its files (or -1), which of them were placed, which to read, the results

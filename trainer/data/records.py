@@ -10,7 +10,7 @@ import struct
 import tempfile
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Protocol
@@ -325,70 +325,3 @@ class Rows(Protocol):
     def __len__(self) -> int: ...
 
     def block(self, name: str, a: int, b: int) -> np.ndarray: ...
-
-
-class Appended:
-    """The content appended during one update: digest -> the record of the file it came
-    from. Kept as sorted numpy columns of the digests' first 4 bytes and the places (8 bytes
-    per file, where a dict costs ~140); the latest ones sit in a dict, merged in when it holds MERGE
-    files or 1/32 of the columns, whichever is more: each merge moves the columns, so a
-    fixed cadence would move them quadratically (5 s per million files), a growing one
-    linearly (~4 bytes per file more in the dict)."""
-
-    MERGE = 4096
-    MOVE = 1 << 16  # entries moved together by a merge
-
-    def __init__(self, files: int = 0):
-        """`files`: how many there may be (the listing's length)."""
-        self._prefix, self._row = np.zeros(0, np.uint32), np.zeros(0, places(files))
-        self.n = 0
-        self.latest: dict[bytes, int] = {}
-        self.limit = self.MERGE
-
-    @property
-    def prefix(self) -> np.ndarray:
-        return self._prefix[:self.n]
-
-    @property
-    def row(self) -> np.ndarray:
-        return self._row[:self.n]
-
-    def add(self, digest: bytes, row: int) -> None:
-        self.latest[digest] = row
-        if len(self.latest) >= self.limit:
-            new = np.frombuffer(b"".join(d[:4] for d in self.latest), np.uint32)
-            rows = np.fromiter(self.latest.values(), self._row.dtype, len(self.latest))
-            order = np.argsort(new, kind="stable")
-            self._merge(new[order], rows[order])
-            self.latest, self.limit = {}, max(self.MERGE, self.n >> 5)
-
-    def _merge(self, new: np.ndarray, rows: np.ndarray) -> None:
-        """Merge sorted `new` (with their rows) into the columns in place: the entries
-        already there are moved up, from the back, MOVE at a time, each past the new ones
-        that sort before it (np.insert made new columns: twice their size at each merge).
-        The columns grow by 1/8 when full, by realloc (large blocks are remapped, not
-        copied)."""
-        at = np.searchsorted(self.prefix, new)  # new value j goes before old entry at[j]
-        if self.n + len(new) > len(self._prefix):
-            size = max(self.n + len(new), len(self._prefix) * 9 // 8)
-            for column in (self._prefix, self._row):
-                column.resize(size, refcheck=False)  # no view of them outlives a call
-        for b in range(self.n, 0, -self.MOVE):
-            a = max(0, b - self.MOVE)
-            dest = np.arange(a, b) + np.searchsorted(at, np.arange(a, b), side="right")
-            self._prefix[dest], self._row[dest] = self._prefix[a:b].copy(), self._row[a:b].copy()
-        dest = at + np.arange(len(new))
-        self._prefix[dest], self._row[dest] = new, rows
-        self.n += len(new)
-
-    def get(self, digest: bytes, digest_of: Callable[[int], bytes]) -> int | None:
-        """The row of `digest`; `digest_of(row)` gives the whole digest of a row."""
-        if digest in self.latest:
-            return self.latest[digest]
-        key = np.frombuffer(digest[:4], np.uint32)[0]
-        for j in range(np.searchsorted(self.prefix, key), len(self.prefix)):
-            if self.prefix[j] != key:
-                break
-            if digest_of(int(self.row[j])) == digest:
-                return int(self.row[j])
-        return None
