@@ -7,6 +7,7 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
+import pytest
 import torch
 
 from tests.conftest import MNIST, requires_mnist
@@ -160,10 +161,15 @@ def test_block_shuffled_shards_are_disjoint_and_contiguous_per_rank():
     assert len(blocks[0] & blocks[1]) <= 1  # each rank reads its own blocks (one may split)
 
 
-def test_the_split_noted_a_byte_a_row_is_the_split_it_always_was():
+@pytest.mark.parametrize("block", [1 << 20, 97])
+def test_the_split_noted_a_byte_a_row_is_the_split_it_always_was(monkeypatch, block):
     """Runs resume and compare onto the same rows: the split made from one byte of notes a
     row equals, for labels of any count and balance and float strata, the one made from
-    lists of every class's shuffled rows (the code before), seed for seed."""
+    lists of every class's shuffled rows (the code before), seed for seed; with the notes
+    read into the parts a block at a time too."""
+    from trainer.data import split
+
+    monkeypatch.setattr(split, "BLOCK", block)
     def lists(y, fractions, seed):
         rng = np.random.default_rng(seed)
         parts = [[] for _ in range(len(fractions) + 1)]

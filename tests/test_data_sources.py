@@ -351,3 +351,22 @@ def test_tabular_bad_input(tmp_path, text, message):
 def test_unknown_source():
     with pytest.raises(InputError, match="data.source: unknown source 'imagenet'"):
         load_source("imagenet", None)
+
+
+def test_a_bad_label_or_target_is_named_by_its_row_across_blocks(tmp_path, monkeypatch):
+    """Labels and targets are checked a block at a time (blocks of 16 rows here): the first
+    bad one is named with its row, wherever it lies."""
+    from trainer.data import dataset
+
+    monkeypatch.setattr(dataset, "READ_ROWS", 1)
+    target = np.arange(50, dtype=np.float32)
+    target[37] = np.inf
+    with pytest.raises(InputError, match=r"t: train target at row 37 is NaN or infinite"):
+        dataset.make_dataset("t", dataset.Split(np.zeros((50, 1), np.float32), target), None,
+                             [], dataset.feature_spec(["a"], (0.0, 1.0)), task="regression")
+    y = np.array([i % 3 for i in range(40)])
+    y[33] = 7
+    np.savez(tmp_path / "a.npz", x=np.zeros((40, 3), np.float32), y=y,
+             class_names=np.array(["a", "b", "c"]))
+    with pytest.raises(InputError, match=r"train label 7 at row 33 is outside the 3"):
+        load_source("arrays", str(tmp_path / "a.npz"))

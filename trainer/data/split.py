@@ -25,4 +25,15 @@ def stratified_split(y: np.ndarray, fractions: list[float], seed: int) -> list[n
             start += take
         del rows
     index = np.int32 if len(y) < 2**31 else np.int64  # 4 bytes a row where they suffice
-    return [np.flatnonzero(part == k).astype(index) for k in range(len(fractions) + 1)]
+    out = [np.empty(c, index) for c in np.bincount(part, minlength=len(fractions) + 1)]
+    at = [0] * len(out)
+    for a in range(0, len(y), BLOCK):  # a block at a time: no int64 rows or masks of all
+        block = part[a:a + BLOCK]
+        for k, rows in enumerate(out):
+            mine = np.flatnonzero(block == k)
+            rows[at[k]:at[k] + len(mine)] = mine + a
+            at[k] += len(mine)
+    return out
+
+
+BLOCK = 1 << 20  # rows of the notes read together
