@@ -6,6 +6,7 @@ import hashlib
 import tracemalloc
 
 import numpy as np
+import pytest
 
 from trainer.data.appended import Appended, DiskTable
 
@@ -65,3 +66,40 @@ def test_past_held_entries_memory_does_not_grow(tmp_path, monkeypatch):
             tracemalloc.stop()
     per_entry = (peaks[1] - peaks[0]) / 30_000
     assert per_entry < 1, f"{per_entry:.2f} bytes an entry ({peaks})"
+
+
+def test_a_full_disk_under_the_table_is_one_error_naming_the_cache_and_resumes(tmp_path,
+                                                                                monkeypatch):
+    """The table's write failing (a full disk) in a first ingest raises an OSError that
+    names the cache folder (the table's file is unnamed); what was complete stays committed
+    and the next run decodes only the rest, its rows right."""
+    import errno
+    import os
+    from pathlib import Path
+
+    from tests.test_data_cache import _ingest_texts
+    from trainer.data import appended, ingest
+
+    monkeypatch.setattr(ingest, "READ_ROWS", 10)
+    monkeypatch.setattr(Appended, "MERGE", 4)
+    monkeypatch.setattr(Appended, "HELD", 8)
+    root = tmp_path / "texts"
+    root.mkdir()
+    for i in range(45):
+        (root / f"{i:03d}.txt").write_bytes(f"{i:04d}".encode())
+    real, calls = os.pwrite, [0]
+
+    def filling(*args):
+        calls[0] += 1
+        if calls[0] == 10:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args)
+
+    monkeypatch.setattr(appended.os, "pwrite", filling)
+    with pytest.raises(OSError, match="No space left") as raised:
+        _ingest_texts(tmp_path / "c", root)
+    assert raised.value.filename == str(tmp_path / "c")
+    monkeypatch.setattr(appended.os, "pwrite", real)
+    paths, rows, report, _ = _ingest_texts(tmp_path / "c", root)
+    assert 0 < report.decoded < 45 and report.new == report.decoded
+    assert [bytes(r).decode() for r in rows] == [Path(p).read_text() for p in paths]
