@@ -5,19 +5,13 @@ from __future__ import annotations
 
 import os
 import struct
-import sys
 import tempfile
 from collections.abc import Callable, Iterator
 
 import numpy as np
 
 from export.atomic import naming
-from trainer.data.records import places
-
-
-def _prefix(digest: bytes) -> int:
-    """A digest's first 4 bytes as the uint32 that `records.prefix4` makes of them."""
-    return int.from_bytes(digest[:4], sys.byteorder)
+from trainer.data.records import places, prefix_of
 
 
 class Appended:
@@ -52,7 +46,7 @@ class Appended:
 
     def add(self, digest: bytes, row: int) -> None:
         if self.disk is not None:
-            self.disk.add(_prefix(digest), row)
+            self.disk.add(prefix_of(digest), row)
             return
         self.latest[digest] = row
         if len(self.latest) >= self.limit:
@@ -87,7 +81,7 @@ class Appended:
         """The row of `digest`; `digest_of(row)` gives the whole digest of a row."""
         if digest in self.latest:
             return self.latest[digest]
-        key = _prefix(digest)
+        key = prefix_of(digest)
         for j in range(np.searchsorted(self.prefix, key), len(self.prefix)):
             if self.prefix[j] != key:
                 break

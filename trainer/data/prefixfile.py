@@ -6,7 +6,6 @@ prefixes and places in memory held 8 (80 MB at ten million files)."""
 
 from __future__ import annotations
 
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +14,7 @@ import numpy as np
 
 from export.atomic import naming
 from trainer.data.bucketsort import bucket_sorted
-from trainer.data.records import pread_rows, prefix4
+from trainer.data.records import pread_rows, prefix4, prefix_of
 
 PAGE = 256  # entries read together (2 KiB): one pread finds a value's place
 SORTED = np.dtype(">u8")  # prefix above place, big-endian while sorted: bytes in value order
@@ -43,7 +42,7 @@ class PrefixFile:
     def find(self, value: bytes, whole: Callable[[int], bytes]) -> int:
         """The place of `value` (-1 if none): among the places whose values share its first
         4 bytes, the first whose `whole(place)` is `value`. ~6 us (pages in the page cache)."""
-        want = int.from_bytes(value[:4], sys.byteorder)  # prefix4's uint32
+        want = prefix_of(value)
         at = max(0, int(self.firsts.searchsorted(want)) - 1) * PAGE  # its page or the next
         while at < self.n:
             page = pread_rows(self.file.fileno(), np.dtype(np.uint64), 0, at,

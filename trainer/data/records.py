@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import struct
+import sys
 import tempfile
 import zipfile
 import zlib
@@ -75,6 +76,11 @@ def prefix4(values: np.ndarray) -> np.ndarray:
     that share them (a pair in 2**32; one lookup in ~400 at ten million files) are walked."""
     width = values.dtype.itemsize // 4
     return np.ascontiguousarray(values).view(np.uint32).reshape(len(values), width)[:, 0].copy()
+
+
+def prefix_of(value: bytes) -> int:
+    """One value's first 4 bytes as the uint32 that `prefix4` makes of them."""
+    return int.from_bytes(value[:4], sys.byteorder)
 
 
 def places(n: int) -> np.dtype:

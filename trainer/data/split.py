@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from trainer.data.records import places
+
 
 def stratified_split(y: np.ndarray, fractions: list[float], seed: int) -> list[np.ndarray]:
     """Split row indices into len(fractions)+1 parts; part k gets fractions[k] of every
@@ -24,7 +26,7 @@ def stratified_split(y: np.ndarray, fractions: list[float], seed: int) -> list[n
             part[rows[start:start + take]] = k
             start += take
         del rows
-    index = np.int32 if len(y) < 2**31 else np.int64  # 4 bytes a row where they suffice
+    index = places(len(y))  # int32, 4 bytes a row, below 2**31 rows
     out = [np.empty(c, index) for c in np.bincount(part, minlength=len(fractions) + 1)]
     at = [0] * len(out)
     for a in range(0, len(y), BLOCK):  # a block at a time: no int64 rows or masks of all

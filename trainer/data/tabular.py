@@ -246,9 +246,8 @@ def _value_range(ranges: dict, fresh: dict, files: list[Path], base: Path, recor
 def _row_order(records, stored: int) -> np.ndarray | None:
     """Each row of the table in file order: its place in the cache (4 bytes a row below
     2**31 rows, 8 above; the positions added in blocks rather than as a second whole
-    array), or None when the
-    cache's `stored` rows are the table's in that order (after a first ingest): none to
-    hold, and every read of a range of rows is one read."""
+    array), or None when the cache's `stored` rows are the table's in that order (after a
+    first ingest): none to hold, and every read of a range of rows is one read."""
     if in_file_order(records, stored):
         return None
     offsets = records.start - (np.cumsum(records.count) - records.count)
