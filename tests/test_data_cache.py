@@ -256,6 +256,31 @@ def test_listing_and_stat_in_forked_workers_equal_one_process(tmp_path, monkeypa
     assert forks == {"listing": 3, "stat": 3}
 
 
+def test_a_class_folder_removed_after_the_listing_is_named_in_one_line(tmp_path, monkeypatch):
+    """Files are stat'ed by name in their open folder: a folder gone between the listing and
+    the stat falls back to the whole path, which names its first file, and the cache of the
+    run before stays whole."""
+    import shutil
+
+    from trainer.data import image_folder
+
+    root, cache = _folder(tmp_path / "imgs", per_class=3), tmp_path / "cache"
+    before = _load(root, cache).fingerprint
+    real = image_folder._layout
+
+    def then_removed(folder, spill=None):
+        out = real(folder, spill)
+        shutil.move(root / "cow", tmp_path / "cow-elsewhere")
+        return out
+
+    monkeypatch.setattr(image_folder, "_layout", then_removed)
+    with pytest.raises(InputError, match=r"cow/000.png: disappeared during ingest$"):
+        _load(root, cache)
+    monkeypatch.undo()
+    shutil.move(tmp_path / "cow-elsewhere", root / "cow")
+    assert _load(root, cache).fingerprint == before
+
+
 def test_images_decoded_in_forked_workers_come_back_through_shared_memory(tmp_path,
                                                                            monkeypatch):
     """Once the decoding is forked, each image's rows come back in a slot of a shared slab

