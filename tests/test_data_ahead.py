@@ -111,12 +111,12 @@ def _parquet_folder(root, files: int, rows: int, duplicates: int = 0):
 def test_a_many_file_table_decoded_ahead_is_the_table_read_whole(tmp_path, monkeypatch):
     """Files decoded on threads of their own, two at a time, duplicates among them: every
     row in file order with its own label, and a second cache gives the same dataset. The
-    number at once: one core left for the writer, and what fits in the byte budget."""
+    number at once: one a core, and what fits in the byte budget."""
     import pyarrow.dataset as pads
 
     from trainer.data import tabular
 
-    monkeypatch.setattr(tabular, "usable_cores", lambda: 3)  # two files decoded at once
+    monkeypatch.setattr(tabular, "usable_cores", lambda: 2)  # two files decoded at once
     root = _parquet_folder(tmp_path / "t", files=9, rows=3000, duplicates=3)
     opts = SourceOptions(target="kind", cache_dir=str(tmp_path / "c1"))
     ds = _joined([load_source("tabular", str(root), opts)], timeout=120)[0]
@@ -138,9 +138,9 @@ def test_a_many_file_table_decoded_ahead_is_the_table_read_whole(tmp_path, monke
 
 def test_how_many_files_at_once_comes_from_the_first_files_row_groups(tmp_path, monkeypatch):
     """The files in flight fit the byte budget from the first file's largest row group
-    (its Parquet footer) and leave a core to the writer; a file without row groups, or
-    whose footer is damaged by the time it is looked at (its reading names it), counts as
-    a small one."""
+    (its Parquet footer), one a core (the writer mostly waits on them); a file without row
+    groups, or whose footer is damaged by the time it is looked at (its reading names it),
+    counts as a small one."""
     import pyarrow.dataset as ds
 
     from trainer.data import tabular
@@ -153,13 +153,15 @@ def test_how_many_files_at_once_comes_from_the_first_files_row_groups(tmp_path, 
 
     monkeypatch.setattr(tabular, "usable_cores", lambda: 16)
     small, _ = fragment("small.parquet", 20_000)  # a row group of ~1.6 MB
-    assert tabular._ahead_width(small, 8) == 15  # 256 MiB would hold 21: the cores decide
+    assert tabular._ahead_width(small, 8) == 16  # 256 MiB would hold 21: the cores decide
     big, _ = fragment("big.parquet", 200_000)  # one row group of ~15 MB
     assert tabular._ahead_width(big, 8) == 6  # 256 MiB / (2 x 15 MB + 9.4 MB of batches)
     empty, _ = fragment("empty.parquet", 0)
     damaged, path = fragment("damaged.parquet", 10)
     path.write_bytes(b"PAR1 not a footer")
     for tiny in (empty, damaged):
-        assert tabular._ahead_width(tiny, 8) == 15
+        assert tabular._ahead_width(tiny, 8) == 16
     monkeypatch.setattr(tabular, "usable_cores", lambda: 2)
-    assert tabular._ahead_width(big, 8) == 1  # one core decodes, one writes
+    assert tabular._ahead_width(big, 8) == 2  # two cores, two files
+    monkeypatch.setattr(tabular, "usable_cores", lambda: 1)
+    assert tabular._ahead_width(big, 8) == 1
