@@ -348,8 +348,10 @@ class _Run:
             self.report.new += 1
         elif cache.index.block("digest", old, old + 1).tobytes() != digest:
             self.report.changed += 1
-        have = cache.find(digest)
-        if have is not None and arrays is None and self.verify and not cache.check_rows(*have):
+        # content a worker decoded was absent from the index when it looked (an update
+        # only ever forgets digests there): not searched again, a pread a file saved
+        have = cache.find(digest) if arrays is None else None
+        if have is not None and self.verify and not cache.check_rows(*have):
             cache.forget(digest)  # the cached rows were altered: decode the file again
             have = None
         have = have or self._appended(digest)
