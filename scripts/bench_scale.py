@@ -339,8 +339,8 @@ def write_synced(path: Path, size: int) -> None:
     block = np.ones(64 << 20, np.uint8)  # not zeros: no filesystem skips them
     try:
         with open(path, "wb") as out:
-            for a in range(0, size, len(block)):
-                out.write(block[:min(len(block), size - a)].data)
+            out.writelines(block[:min(len(block), size - a)].data
+                           for a in range(0, size, len(block)))
             out.flush()
             os.fsync(out.fileno())
     finally:
