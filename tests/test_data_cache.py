@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -73,25 +74,71 @@ def test_adding_removing_and_changing_files_decodes_only_those(tmp_path, capsys)
     assert second.train.rows.dtype == np.int32  # 4 bytes a file below 2**31 rows
 
 
-def test_a_same_size_same_mtime_change_is_caught_by_verify_cache(tmp_path):
-    root, cache = _folder(tmp_path / "imgs", per_class=4), tmp_path / "cache"
-    before = _load(root, cache)
-    path = root / "bee" / "002.png"
-    st = path.stat()
-    data = bytearray(path.read_bytes())
+def _aged(root: Path) -> None:
+    """Every file's mtime an hour back: its record is not racily clean (filestat.py)."""
+    hour_ago = time.time_ns() - 3600 * 10**9
+    for path in root.rglob("*"):
+        if path.is_file():
+            os.utime(path, ns=(hour_ago, hour_ago))
+
+
+def _rewritten_in_place(path: Path) -> None:
+    """Another image of the same size (PNG ignores the tail), with the same mtime and inode:
+    what a rewrite within one tick of the filesystem's timestamps leaves."""
+    import io
+
+    st, data = path.stat(), path.read_bytes()
     img = np.asarray(Image.open(path)).copy()
     img[0, 0] = 255 - img[0, 0]
-    import io
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="PNG", compress_level=9)
     new = buf.getvalue()
     assert len(new) <= len(data)
-    path.write_bytes(new + b"\0" * (len(data) - len(new)))  # same size (PNG ignores the tail)
+    with open(path, "r+b") as f:  # in place: the same inode
+        f.write(new + b"\0" * (len(data) - len(new)))
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_ino) == (st.st_size, st.st_ino)
+
+
+def test_a_same_size_same_mtime_change_is_caught_by_verify_cache(tmp_path):
+    root, cache = _folder(tmp_path / "imgs", per_class=4), tmp_path / "cache"
+    _aged(root)
+    before = _load(root, cache)
+    _rewritten_in_place(root / "bee" / "002.png")
     assert _load(root, cache).fingerprint == before.fingerprint  # trusted by stat
     verified = _load(root, cache, verify_cache=True)
     assert verified.fingerprint != before.fingerprint and _cache_rows(cache) == 13
     assert verified.fingerprint == _load(root, tmp_path / "fresh").fingerprint
+
+
+def test_a_file_rewritten_within_its_timestamps_tick_is_read_again(tmp_path, monkeypatch,
+                                                                   capsys):
+    """A record made within seconds of its file's mtime is racily clean (git's term): a
+    rewrite in the same tick of the filesystem's timestamps keeps size, mtime and inode, so
+    the next update reads such a file again, without --data.verify_cache, and only it; its
+    content found cached is not decoded, and once its record is older it is trusted."""
+    from trainer.data import filestat, ingest
+
+    root, cache = _folder(tmp_path / "imgs", per_class=4), tmp_path / "cache"
+    _aged(root)
+    path = root / "bee" / "002.png"
+    os.utime(path)  # written just now, as the ingest begins
+    before = _load(root, cache)
+    _rewritten_in_place(path)
+    reads, real = [], ingest._read
+    monkeypatch.setattr(ingest, "_read", lambda p, *a: (reads.append(str(p)), real(p, *a))[1])
+    capsys.readouterr()
+    after = _load(root, cache)
+    assert reads == [str(path)]
+    assert "0 new, 1 changed, 0 removed; decoded 1" in capsys.readouterr().err
+    assert after.fingerprint != before.fingerprint
+    assert after.fingerprint == _load(root, tmp_path / "fresh").fingerprint
+    reads.clear()
+    monkeypatch.setattr(filestat, "RACY_NS", 0)  # as if seconds had passed since
+    again = _load(root, cache)
+    assert reads == [str(path)] and again.fingerprint == after.fingerprint  # read once more,
+    reads.clear()  # its record now made long after its mtime
+    assert _load(root, cache).fingerprint == after.fingerprint and reads == []
 
 
 def test_a_damaged_cache_is_repaired_not_trusted(tmp_path, capsys):
@@ -320,6 +367,7 @@ def test_an_update_forks_as_many_decoders_as_its_files_need(tmp_path, monkeypatc
     from trainer.data import workers
 
     root = _folder(tmp_path / "imgs", per_class=120)
+    _aged(root)  # else the update reads the 360 again (racily clean: filestat.py)
     monkeypatch.setattr(workers, "FORK_BYTES", 1)
     monkeypatch.setattr(workers, "usable_cores", lambda: 8)
     forked, real = [], workers.fork_pool
@@ -758,6 +806,7 @@ def test_a_change_found_past_the_first_blocks_of_stats_is_caught(tmp_path, monke
     root.mkdir()
     for i in range(30):
         (root / f"{i:03d}.txt").write_bytes(f"{i:04d}".encode())
+    _aged(root)  # records the index can vouch for: only the change is looked up
     _, _, report, _ = _ingest_texts(tmp_path / "c", root)
     assert report.decoded == 30
     _, _, report, _ = _ingest_texts(tmp_path / "c", root)
@@ -938,6 +987,7 @@ def _update_peak(tmp_path: Path, n: int, again: bool = False, change: bool = Fal
     root.mkdir()
     for i in range(n):
         (root / f"{i:06d}.txt").write_bytes(i.to_bytes(4, "little"))
+    _aged(root)  # records the next update can trust: not read again
     paths = PathList(str(root))
     paths.extend(f"{i:06d}.txt" for i in range(n))
     for run in ((0, 1) if again or change else (1,)):

@@ -9,7 +9,7 @@ One folder per (source root, decode settings):
     lock               held while an ingest runs (DDP ranks and parallel runs queue on it)
 
 A file whose (size, mtime_ns, inode) match its record is not read again (as git and rsync
-decide); `verify=True` re-hashes every file and re-checks every row. A file with content
+decide; unless racily clean: filestat.py); `verify=True` re-hashes and re-checks all. A file with content
 already in the cache (renamed, moved to another class) reuses its rows. New rows are
 appended and committed every ~64 MiB by rewriting the index atomically, so a killed
 ingest keeps what it committed and the next run resumes from there; bytes past the last
