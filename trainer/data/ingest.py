@@ -97,15 +97,19 @@ def _stat_block(pieces: Iterable[Stats], a: int, e: int, cache: RowCache, verify
     index's record of each (or -1) and the shift after them; (None, None, shift) when they
     are the index's records a-shift..e-shift-1 with the sizes, mtime_ns and inodes recorded.
     `shift` (files added less files removed before them) lets the files after one added or
-    removed match the index a piece at a time without a lookup; a piece that differs is
-    looked up, and its last file found sets the shift after it."""
+    removed match the index a piece at a time without a lookup; a piece whose paths differ
+    is looked up, and its last file found sets the shift after it."""
     index, out, at = cache.index, None, None
     for b, piece in zip(range(a, e, STAT_BLOCK), pieces):
         end = b + len(piece[0])
         p, q = b - shift, end - shift  # where these files' records lie in the index
         block = dict(zip(STAT_COLUMNS, piece))
-        same = not verify and 0 <= p and q <= len(index) and all(
-            np.array_equal(index.block(c, p, q), block[c]) for c in STAT_COLUMNS)
+        # the same paths in place (changed files among them, or racily clean records: their
+        # stats differ) need no lookup by key; the same stats too: the index's records
+        placed = 0 <= p and q <= len(index) and np.array_equal(index.block("key", p, q),
+                                                                block["key"])
+        same = not verify and placed and all(
+            np.array_equal(index.block(c, p, q), block[c]) for c in STAT_COLUMNS[1:])
         if same and out is None:
             continue
         if out is None:  # the first piece that differs: those before are the index's
@@ -114,7 +118,7 @@ def _stat_block(pieces: Iterable[Stats], a: int, e: int, cache: RowCache, verify
                 getattr(out, c)[:b - a] = index.block(c, a - shift, p)
         for c in STAT_COLUMNS:
             getattr(out, c)[b - a:end - a] = block[c]
-        if same:
+        if placed:
             at[b - a:end - a] = np.arange(p, q)
         else:
             found = at[b - a:end - a] = cache.lookup(block["key"], keep=True)
