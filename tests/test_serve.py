@@ -532,6 +532,39 @@ def test_batcher_runs_the_requests_of_one_loop_turn_as_one_batch_on_the_loop():
     assert answers == [(200, str(i).encode()) for i in range(11)]
 
 
+def test_a_request_alone_in_its_process_runs_at_once_and_concurrent_ones_still_gather():
+    """With `alone()` true (uvicorn has begun no other request in this process) and no batch
+    in flight, a request is sent without waiting for a turn of the loop: its submit returns
+    without suspending once. Requests begun together still leave as one batch."""
+    import asyncio
+
+    from export.serve.batching import Batcher
+
+    sent, begun = [], set()
+
+    def send_batch(x, parts):
+        sent.append([int(v) for v in x[:, 0]])
+        return [(200, str(int(v)).encode()) for v in x[:, 0]]
+
+    async def main():
+        batcher = Batcher(send_batch, 4, 1.0, slots=1, alone=lambda: len(begun) <= 1)
+        begun.add(0)
+        step = batcher.submit(np.array([[0]]), 1)
+        try:
+            step.send(None)
+        except StopIteration as done:
+            first = done.value
+        else:
+            raise AssertionError("a lone request waited for a turn of the event loop")
+        begun.update(range(1, 4))  # three requests begun in one turn: they gather
+        return [first, *await asyncio.gather(
+            *(batcher.submit(np.array([[i]]), 1) for i in range(1, 4)))]
+
+    answers = asyncio.run(main())
+    assert sent == [[0], [1, 2, 3]]
+    assert answers == [(200, str(i).encode()) for i in range(4)]
+
+
 def test_batcher_waits_at_most_the_batch_timeout_and_fails_a_batch_together():
     # The worker is busy for 1 s; the second request leaves after the 50 ms timeout.
     sent, sent_at, _ = _batcher_run(64, 0.05, 1.0, [0, 0.01])

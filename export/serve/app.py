@@ -173,9 +173,13 @@ class Gate:
         self.model = model  # name and version (inference protocol), SHA-256
         self.key = None if key is None else key.encode()
         self.inflight, self.draining = shared["inflight"], shared["draining"]
+        # their ctypes values, read and written under the one lock below (each `.value` of
+        # the synchronized wrapper takes the lock again: six semaphore calls a request)
+        self.in_flight, self.drain = self.inflight.get_obj(), self.draining.get_obj()
         self.metrics_dir, self.runner_args = Path(metrics_dir), runner_args
         self.batching = (max_batch_size, batch_timeout, 1)  # one batch on the thread at a time
         self.runner = self.batcher = None
+        self.begun: set | None = None  # the requests this process has begun (uvicorn's tasks)
 
     def start(self) -> None:
         self.runner = Runner(**self.runner_args)
@@ -283,9 +287,9 @@ class Gate:
         start = time.perf_counter()
         status, rows = 500, 0
         with self.inflight.get_lock():
-            admitted = not self.draining.value and self.inflight.value < self.limits.max_queue
+            admitted = not self.drain.value and self.in_flight.value < self.limits.max_queue
             if admitted:
-                self.inflight.value += 1
+                self.in_flight.value += 1
         try:
             if not admitted:
                 status = 503
@@ -300,7 +304,9 @@ class Gate:
                 status = exc.status
                 return await error(send, exc.status, str(exc))
             if self.batcher is None:  # made in this process's event loop
-                self.batcher = Batcher(self._send_batch, *self.batching)
+                begun = self.begun
+                self.batcher = Batcher(self._send_batch, *self.batching, alone=None if begun
+                                       is None else lambda: len(begun) <= 1)
             status, reply = await self.batcher.submit(x, asked)
             kind, extra = "application/json", None
             if protocol and status == 200:
@@ -310,5 +316,5 @@ class Gate:
         finally:
             if admitted:
                 with self.inflight.get_lock():
-                    self.inflight.value -= 1
+                    self.in_flight.value -= 1
             self.runner.tally.request(status, time.perf_counter() - start, rows)

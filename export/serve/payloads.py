@@ -146,6 +146,8 @@ def parse_request(body: bytes, content_type: str, card: Card, limits: Limits) ->
 
 def parse_query(query: str, card: Card) -> tuple[int, float | None]:
     """The request's top_k and, for `coverage`, its conformal threshold."""
+    if not query:  # most requests: the defaults, without parse_qs
+        return 1, None
     fields = parse_qs(query)
     return _top_k(fields.get("top_k"), card), _threshold(fields.get("coverage"), card)
 
@@ -179,6 +181,8 @@ def _top_k(values: list[str] | None, card: Card) -> int:
 
 
 def rows_of(pred: Prediction, a: int, b: int) -> Prediction:
+    if a == 0 and b == len(pred.labels if pred.labels is not None else pred.values):
+        return pred  # the whole batch is one request's
     return Prediction(*(None if v is None else v[a:b] for v in
                         (pred.labels, pred.probabilities, pred.logits, pred.values)))
 

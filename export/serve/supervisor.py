@@ -105,6 +105,10 @@ def _api_server(gate: Gate, sock: socket.socket, log_level: str, drain_s: float,
 
     server = Server(uvicorn.Config(gate, log_level=log_level, lifespan="off",
                                    access_log=False, timeout_graceful_shutdown=drain_s))
+    # uvicorn's set of the requests it has begun (each a task, made as its headers are read,
+    # the same set its --limit-concurrency counts): one alone in it cannot be batched with
+    # another, so it runs without gathering
+    gate.begun = getattr(getattr(server, "server_state", None), "tasks", None)
     ready, go, closed = events
     ready.set()
     go.wait()  # after a reload: once the old model's API servers no longer accept
