@@ -1,6 +1,5 @@
-"""glibc's allocator, tuned for training steps and trimmed after an ingest's blocks.
-
-Both are no-ops without glibc (musl, macOS)."""
+"""glibc's allocator, tuned for training steps and trimmed after an ingest's blocks (no-ops
+without glibc: musl, macOS); Arrow's, trimmed after a table's ingest."""
 
 from __future__ import annotations
 
@@ -47,3 +46,14 @@ def release_free_memory() -> None:
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+def release_arrow_memory() -> None:
+    """Arrow's allocator (mimalloc or jemalloc) keeps the memory a table's decoding freed, up
+    to what the files in flight held (AHEAD_BYTES; 173 MB for two 2M-row files), for the
+    life of the process, and a fit after the ingest ran on top of it (a first fit of 8M rows
+    peaked at 475 MB, now 267-273: docs/benchmarks.md run AN). Handed back to the OS once
+    a table's files are written."""
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()

@@ -23,6 +23,7 @@ import numpy as np
 from export.errors import InputError
 from export.timing import usable_cores
 from export.readers import check_column_names, describe_nonfinite, short_reason
+from trainer.allocator import release_arrow_memory
 from trainer.data.ahead import Ahead
 from trainer.data.cache import RowCache, cache_root
 from trainer.data.dataset import (FixedDataset, SourceOptions, Split, feature_spec,
@@ -113,7 +114,7 @@ def _dataset(base: Path, files: list[Path], fmt: str):
 
     if fmt == "parquet":  # column chunks read as decoded, not all of a row group first
         # (pyarrow's pre_buffer, made for object stores): local files, 2M-row files of 5
-        # columns, 2 decoded at once: Arrow's pool at most 173 -> 106 MB, 10-15% faster
+        # columns, 2 decoded at once: Arrow's pool at most 173 -> 106 MB, no slower (run AN)
         form = pads.ParquetFileFormat(default_fragment_scan_options=pads.
                                       ParquetFragmentScanOptions(pre_buffer=False))
     else:
@@ -308,16 +309,6 @@ def _targets(column, rows: np.ndarray | None, n: int, vocab: list[str], task: st
     for a, v in _blocks(column, rows, n):
         y[a:a + len(v)] = rank[v.astype(np.int64)]
     return [vocab[c] if y_dtype == "i8" else str(int(c)) for c in present], y
-
-
-def release_arrow_memory() -> None:
-    """Arrow's allocator (mimalloc or jemalloc) keeps the memory the decoding freed, up to
-    what the files in flight held (AHEAD_BYTES: 170 MB for a table of 2M-row files), for
-    the life of the process: a fit after the ingest ran on top of it. Handed back to the
-    OS once the files are written."""
-    import pyarrow as pa
-
-    pa.default_memory_pool().release_unused()
 
 
 def _feature_columns(schema, first: Path, target: str) -> list[str]:
