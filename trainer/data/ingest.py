@@ -24,6 +24,7 @@ from trainer.data.scan import died, fork_pool, worth_forking
 from trainer.data.workers import Pool, hand, take
 
 BLOCK = 512  # files read, hashed and decoded together by the thread pool
+TRIM_BYTES = 16 << 20  # rows appended between two trims of the heap (a few ms each)
 
 
 @dataclass
@@ -217,7 +218,8 @@ class _Run:
         self.cache, self.verify, self.report = cache, verify, report
         self.head, self.known, self.spill, self.shift = 0, 0, None, 0
         self.fresh = Appended(report.files, cache.folder)
-        self.pool = Pool(whole_files, sum(map(cache.row_bytes, cache.columns)), 2 * BLOCK)
+        self.row_bytes = sum(map(cache.row_bytes, cache.columns))
+        self.pool, self.untrimmed = Pool(whole_files, self.row_bytes, 2 * BLOCK), 0
         # the block being completed: its first file, its records, the index's record of
         # each of its files (or -1), which of them were placed, which to read, the results
         # of the first BLOCK of those (decoded while the next block is stat'ed)
@@ -309,6 +311,10 @@ class _Run:
             self.report.decoded += 1
             have = cache.append(arrays)
             self.fresh.add(digest, i)
+            self.untrimmed += have[1] * self.row_bytes
+            if self.untrimmed >= TRIM_BYTES:  # the freed batches of files decoded on other
+                release_free_memory()  # threads: glibc keeps them in those threads' heaps
+                self.untrimmed = 0
         elif hasattr(arrays, "close"):  # decoded ahead (ahead.py) for content found cached
             arrays.close()
         out.digest[k] = digest
