@@ -154,6 +154,9 @@ def test_a_spilled_listing_reads_back_every_name_in_order(tmp_path, monkeypatch)
     for listing in (spilled, held):
         listing.extend(names[450:])
     assert list(spilled) == list(held) and spilled.rel(501) == "c9/\u00e9t\u00e9.png"
+    for places in ([], [0], [5, 6, 7], [2, 99, 300, 301, 500, 501], list(range(502))):
+        # the paths an update hands its workers, read as one span of the listing
+        assert spilled.at(places) == held.at(places) == [held[i] for i in places]
     global _FORKED
     _FORKED = spilled  # inherited by the fork, as the ingest's _JOB is
     try:

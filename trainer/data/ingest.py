@@ -192,15 +192,15 @@ def update(cache: RowCache, root: Path, paths: PathList | list[str | Path],
 _JOB = None
 
 
-def _work(task: tuple[int, int, int, int, int]):
+def _work(task: tuple[int, str, int, int, int, int]):
     """Read, hash and (for content the cache lacks) decode one file, in a worker; `task`
-    is the file's place in the listing, its stat and its slot in the slab."""
-    cache, paths, decode, whole_files = _JOB
-    i, stat = task[0], FileStat(*task[1:4])
-    data, digest = _read(paths[i], stat, whole_files)
+    is the file's place in the listing, its path, its stat and its slot in the slab."""
+    cache, _, decode, whole_files = _JOB
+    i, path, stat = task[0], task[1], FileStat(*task[2:5])
+    data, digest = _read(path, stat, whole_files)
     if cache.find(digest) is not None:
         return i, digest, None
-    return i, digest, hand(task[4], _prepared(cache, decode(data, paths[i])))
+    return i, digest, hand(task[5], _prepared(cache, decode(data, path)))
 
 
 def _prepared(cache: RowCache, rows: Decoded):
@@ -255,7 +255,8 @@ class _Run:
         pool = self.pool.get(len(part), int(out.size[part].sum()), len(self.redo))
         slots = range(self.sent, self.sent + len(part))
         self.sent += len(part)
-        tasks = zip((self.a + part).tolist(), out.size[part].tolist(),
+        places = (self.a + part).tolist()
+        tasks = zip(places, _JOB[1].at(places), out.size[part].tolist(),
                     out.mtime_ns[part].tolist(), out.ino[part].tolist(), slots)
         return pool.map(_work, tasks, chunksize=16)  # submitted now, read in order later
 

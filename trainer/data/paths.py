@@ -130,6 +130,16 @@ class PathList(Sequence[str]):
             ends = [e - first for e in names.ends[a:b]]
         return [chunk[s:e] for s, e in zip([0, *ends[:-1]], ends)]
 
+    def at(self, places: list[int]) -> list[str]:
+        """The paths to open of `places` (ascending), read as one span of the listing: one
+        pair of preads for them all (`paths[i]` reads a pair for each: in a forked worker,
+        twice a file, it was 11% of a first ingest's CPU)."""
+        if not places:
+            return []
+        names = self.block(places[0], places[-1] + 1)
+        return [self.prefix + names[i - places[0]].decode("utf-8", "surrogateescape")
+                for i in places]
+
     def full(self, rel: bytes) -> bytes:
         """The path to open, as bytes, of a relative path from `block`."""
         return self._prefix_bytes + rel
