@@ -172,10 +172,10 @@ class Gate:
         self.card, self.card_json, self.limits = card, card_json, limits
         self.model = model  # name and version (inference protocol), SHA-256
         self.key = None if key is None else key.encode()
-        self.inflight, self.draining = shared["inflight"], shared["draining"]
-        # their ctypes values, read and written under the one lock below (each `.value` of
-        # the synchronized wrapper takes the lock again: six semaphore calls a request)
-        self.in_flight, self.drain = self.inflight.get_obj(), self.draining.get_obj()
+        # the shared counts' ctypes values, changed under the one lock (each `.value` of the
+        # synchronized wrapper takes the lock again: six semaphore calls a request)
+        self.admission = shared["inflight"].get_lock()
+        self.inflight, self.draining = shared["inflight"].get_obj(), shared["draining"].get_obj()
         self.metrics_dir, self.runner_args = Path(metrics_dir), runner_args
         self.batching = (max_batch_size, batch_timeout, 1)  # one batch on the thread at a time
         self.runner = self.batcher = None
@@ -286,10 +286,10 @@ class Gate:
     async def _predict(self, scope, receive, send, protocol: bool = False):
         start = time.perf_counter()
         status, rows = 500, 0
-        with self.inflight.get_lock():
-            admitted = not self.drain.value and self.in_flight.value < self.limits.max_queue
+        with self.admission:
+            admitted = not self.draining.value and self.inflight.value < self.limits.max_queue
             if admitted:
-                self.in_flight.value += 1
+                self.inflight.value += 1
         try:
             if not admitted:
                 status = 503
@@ -315,6 +315,6 @@ class Gate:
             rows = len(x) if status == 200 else 0
         finally:
             if admitted:
-                with self.inflight.get_lock():
-                    self.in_flight.value -= 1
+                with self.admission:
+                    self.inflight.value -= 1
             self.runner.tally.request(status, time.perf_counter() - start, rows)

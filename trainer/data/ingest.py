@@ -161,7 +161,7 @@ def update(cache: RowCache, root: Path, paths: PathList | list[str | Path],
     global _JOB
     _JOB = (cache, paths, decode, whole_files)
     paths.flush()  # the listing on disk before a worker is forked
-    run, stats = _Run(cache, verify, whole_files, report), _Stats(paths)
+    run, stats = _Run(cache, paths, verify, whole_files, report), _Stats(paths)
     try:
         for a in range(0, len(paths), READ_ROWS):
             e = min(a + READ_ROWS, len(paths))
@@ -214,8 +214,9 @@ class _Run:
     file as each block is completed. Within a block, the rows of content already cached are
     reused (the index's, or those appended earlier in this update), other content appended."""
 
-    def __init__(self, cache: RowCache, verify: bool, whole_files: bool, report: UpdateReport):
-        self.cache, self.verify, self.report = cache, verify, report
+    def __init__(self, cache: RowCache, paths: PathList, verify: bool, whole_files: bool,
+                 report: UpdateReport):
+        self.cache, self.paths, self.verify, self.report = cache, paths, verify, report
         self.head, self.known, self.spill, self.shift = 0, 0, None, 0
         self.fresh = Appended(report.files, cache.folder)
         self.row_bytes = sum(map(cache.row_bytes, cache.columns))
@@ -256,7 +257,7 @@ class _Run:
         slots = range(self.sent, self.sent + len(part))
         self.sent += len(part)
         places = (self.a + part).tolist()
-        tasks = zip(places, _JOB[1].at(places), out.size[part].tolist(),
+        tasks = zip(places, self.paths.at(places), out.size[part].tolist(),
                     out.mtime_ns[part].tolist(), out.ino[part].tolist(), slots)
         return pool.map(_work, tasks, chunksize=16)  # submitted now, read in order later
 
