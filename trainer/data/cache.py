@@ -9,13 +9,13 @@ One folder per (source root, decode settings):
     lock               held while an ingest runs (DDP ranks and parallel runs queue on it)
 
 A file whose (size, mtime_ns, inode) match its record is not read again (as git and rsync
-decide; unless racily clean: filestat.py); `verify=True` re-hashes and re-checks all. A file with content
-already in the cache (renamed, moved to another class) reuses its rows. New rows are
-appended and committed every ~64 MiB by rewriting the index atomically, so a killed
-ingest keeps what it committed and the next run resumes from there; bytes past the last
-commit are cut off when the cache is opened. Rows of files that were removed or changed
-stay until they are more than half of the cache, then the live rows are copied into the
-next generation of files.
+decide; unless racily clean: filestat.py); `verify=True` re-hashes and re-checks all. A
+file with content already in the cache (renamed, moved to another class) reuses its rows.
+New rows are appended and committed every ~64 MiB by rewriting the index atomically, so
+a killed ingest keeps what it committed and the next run resumes from there; bytes past
+the last commit are cut off when the cache is opened. Rows of files that were removed or
+changed stay until they are more than half of the cache, then the live rows are copied
+into the next generation of files.
 
 The records (trainer/data/records.py) are numpy columns, never a Python object per file,
 read from the index where they lie (pread) when first used, written block by block (an
