@@ -252,6 +252,19 @@ def test_batches_made_a_window_at_a_time_are_those_of_the_whole_permutation():
                 assert len(got) == len(want) and all(map(torch.equal, got, want))
 
 
+def test_a_streamed_epoch_is_made_of_int32_windows_not_of_every_row():
+    """The streaming path's order comes as windows of int32 rows (half the bytes of int64;
+    the same permutation, test above), and an unshuffled epoch (validation, test) as
+    pieces of at most a window or 65,536 rows, not one arange of every row."""
+    shuffled = EpochSampler(300_000, True, 3, block_rows=1000, window_blocks=16)
+    pieces = list(shuffled.chunks())
+    assert {p.dtype for p in pieces} == {torch.int32}
+    assert max(map(len, pieces)) == 16_000 and sum(map(len, pieces)) == 300_000
+    in_order = list(EpochSampler(300_000, False, 3, block_rows=1000).chunks())
+    assert [len(p) for p in in_order] == [65_536] * 4 + [300_000 - 4 * 65_536]
+    assert torch.equal(torch.cat(in_order), torch.arange(300_000))
+
+
 def test_a_block_shuffled_epoch_of_ten_million_rows_holds_no_permutation_of_them():
     """The streaming path's epoch order is made a window at a time: drawing every batch of
     a 10,000,000-row epoch raises this process's peak RSS by under 64 MB (the whole
