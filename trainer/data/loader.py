@@ -247,7 +247,8 @@ class _StreamingLoader(torch.utils.data.DataLoader):
 def streaming_loader(split: Split, batch_size: int, sampler: EpochSampler, drop_last: bool,
                      num_workers: int) -> torch.utils.data.DataLoader:
     return _StreamingLoader(
-        _Rows(split, sampler.block_rows if sampler.shuffle else 0), batch_sampler=_BatchSampler(sampler, batch_size, drop_last),
+        _Rows(split, sampler.block_rows if sampler.shuffle else 0),
+        batch_sampler=_BatchSampler(sampler, batch_size, drop_last),
         collate_fn=_keep, num_workers=num_workers, persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),
         # Its own generator: each iterator draws a worker seed, which from the global RNG
