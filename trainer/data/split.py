@@ -30,12 +30,12 @@ def stratified_split(y: np.ndarray, fractions: list[float], seed: int) -> list[n
             mine[order[start:start + take]] = k
             start += take
         del order
-        at = 0
+        j = 0
         for a in range(0, len(y), BLOCK):  # the class's j-th row gets mine[j]
             rows = y[a:a + BLOCK] == cls
             got = int(np.count_nonzero(rows))
-            part[a:a + BLOCK][rows] = mine[at:at + got]
-            at += got
+            part[a:a + BLOCK][rows] = mine[j:j + got]
+            j += got
         del mine
     sizes = np.zeros(len(fractions) + 1, np.int64)  # (a bincount of all: 8 bytes a row)
     for a in range(0, len(y), BLOCK):
