@@ -24,6 +24,11 @@ def encode_path(rel: str) -> bytes:
     return rel.encode("utf-8", "surrogateescape")  # os.fsencode's bytes, for any name
 
 
+def decode_path(rel: bytes) -> str:
+    """A path relative to the root as str, from its bytes in a listing (`encode_path` back)."""
+    return rel.decode("utf-8", "surrogateescape")
+
+
 class _Spill:
     """Names and their end offsets (int64) appended to two unlinked files in a folder:
     gone when closed or when the process dies, read back with pread (so the ingest's
@@ -114,7 +119,7 @@ class PathList(Sequence[str]):
         return len(self._names) + (self._spill.count if self._spill is not None else 0)
 
     def rel(self, i: int) -> str:
-        return self.block(i, i + 1)[0].decode("utf-8", "surrogateescape")
+        return decode_path(self.block(i, i + 1)[0])
 
     def block(self, a: int, b: int) -> list[bytes]:
         """The relative paths a..b-1 as UTF-8 bytes."""
@@ -137,8 +142,7 @@ class PathList(Sequence[str]):
         if not places:
             return []
         names = self.block(places[0], places[-1] + 1)
-        return [self.prefix + names[i - places[0]].decode("utf-8", "surrogateescape")
-                for i in places]
+        return [self.prefix + decode_path(names[i - places[0]]) for i in places]
 
     def full(self, rel: bytes) -> bytes:
         """The path to open, as bytes, of a relative path from `block`."""
