@@ -97,8 +97,8 @@ def test_each_source_streams_and_learns(tmp_path, kind):
 
 def test_the_streaming_reader_keeps_a_bounded_number_of_bytes_for_large_rows(tmp_path):
     """Blocks are ~1 MiB of rows however large a row is, so the 32 blocks the reader keeps
-    stay ~32 MiB: with a floor of 64 rows a block of 224x224 RGB rows was 9.6 MB and the
-    reader held 300 MB. An epoch still reads each row of the split at most once."""
+    (with their labels) stay ~32 MiB: with a floor of 64 rows a block of 224x224 RGB rows
+    was 9.6 MB and the reader held 300 MB. An epoch still reads each row of the split at most once."""
     x = np.random.default_rng(0).integers(0, 256, (600, 3, 224, 224), dtype=np.uint8)
     y = np.arange(600) % 4
     np.savez(tmp_path / "big.npz", x=x, y=y)
@@ -109,7 +109,7 @@ def test_the_streaming_reader_keeps_a_bounded_number_of_bytes_for_large_rows(tmp
     loader, seen, kept = dm.train_dataloader(), [], 0
     for xb, yb in loader:
         seen.append(xb.reshape(len(xb), -1)[:, :16].clone())
-        kept = max(kept, sum(b.nbytes for b in loader.dataset.blocks.values()))
+        kept = max(kept, sum(b.nbytes + c.nbytes for b, c in loader.dataset.blocks.values()))
     assert kept <= 33 << 20, f"the reader kept {kept / 2**20:.0f} MiB"
     got = {r.tobytes() for r in torch.cat(seen).numpy()}  # random rows: distinct prefixes
     assert len(got) == sum(len(b) for b in seen) >= len(dm.splits["train"]) - 32

@@ -17,7 +17,7 @@ from trainer.data.dataset import FixedDataset, SourceOptions, Split
 from trainer.data.info import DataInfo, Normalization
 from trainer.data.loader import EpochSampler, InMemoryLoader, block_rows, streaming_loader
 from trainer.data.sources import load_source
-from trainer.data.split import stratified_split
+from trainer.data.split import split_notes
 from trainer.data.stats import training_stats
 
 
@@ -107,18 +107,19 @@ class FixedDataModule(L.LightningDataModule):
         if ds.num_classes == 1:
             raise InputError(f"{ds.name}: one class ({ds.class_names[0]}); a classifier needs "
                              "at least two (for a numeric target, --data.task regression)")
-        # Regression has no classes to stratify by: one stratum is a seeded random split.
-        strata = ds.train.y
-        if not ds.num_classes:
-            strata = np.zeros(len(ds.train), np.int8)
+        # Regression has no classes to stratify by: one stratum (no array: a broadcast zero)
+        # is a seeded random split.
+        strata = ds.train.y if ds.num_classes else np.broadcast_to(np.int8(0), len(ds.train))
         fracs = []
         if ds.val is None:
             fracs.append(hp.val_fraction)
         if ds.test is None:
             fracs.append(hp.test_fraction)
-        parts = stratified_split(strata, fracs, hp.seed)
-        held = iter(ds.train.subset(p) for p in parts[:-1])
-        out = {"train": ds.train.subset(parts[-1]),
+        # each row's part in a byte; the parts read through it (no rows or labels of their own)
+        notes = split_notes(strata, fracs, hp.seed) if fracs else None
+        parts = [ds.train.pick(notes, k) for k in range(len(fracs) + 1)] if fracs else [ds.train]
+        held = iter(parts[:-1])
+        out = {"train": parts[-1],
                "val": ds.val if ds.val is not None else next(held),
                "test": ds.test if ds.test is not None else next(held)}
         for name, split in out.items():

@@ -14,7 +14,7 @@ from export.errors import InputError
 from export.imaging import PREPROCESSING
 from trainer.data.bucketsort import bucket_sorted
 from trainer.data.records import READ_ROWS, Records, places
-
+from trainer.data.split import Picked
 
 CHUNK_BYTES = 32 << 20  # rows per step of every pass over a whole split: ~32 MiB of x
 
@@ -23,7 +23,9 @@ CHUNK_BYTES = 32 << 20  # rows per step of every pass over a whole split: ~32 Mi
 class Split:
     """Samples of a dataset. `x` is the storage, possibly a read-only np.memmap larger than
     RAM; `y` holds one label per sample; `rows` (when given) maps each sample to its row of
-    `x`, so a subset or a cache shared by duplicate files costs no copy of `x`."""
+    `x`, so a subset or a cache shared by duplicate files costs no copy of `x`. A fit's
+    train/val/test read both through the split's notes (`pick`, split.Picked): a byte a
+    row for all three, where arrays of their own took 5."""
 
     x: np.ndarray  # (R, C, H, W) uint8 images, or (R, F) float32 features (or a RowFile)
     y: np.ndarray  # (N,) class indices (label_dtype), or float regression targets
@@ -45,6 +47,13 @@ class Split:
     def subset(self, samples: np.ndarray) -> Split:
         rows = samples if self.rows is None else self.rows[samples]
         return replace(self, y=self.y[samples], rows=rows)
+
+    def pick(self, notes: np.ndarray, code: int) -> Split:
+        """The samples whose note is `code` (split.split_notes), read through the notes:
+        no array of their rows or labels is made (split.Picked)."""
+        picked = Picked(notes, code)
+        return replace(self, y=picked.through(self.y),
+                       rows=picked if self.rows is None else picked.through(self.rows))
 
     def arrays(self, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The samples as in-memory arrays (the first `limit` of them), class labels as
@@ -78,6 +87,7 @@ def label_dtype(num_classes: int) -> np.dtype:
 
 def wide(y: np.ndarray) -> np.ndarray:
     """Class labels as int64 (what torch's losses and the metrics take); targets as they are."""
+    y = np.asarray(y)  # (a split's labels may be read through its notes: split.Picked)
     return y.astype(np.int64) if y.dtype.kind in "iu" and y.dtype != np.int64 else y
 
 
@@ -322,7 +332,8 @@ def make_dataset(name: str, train: Split, test: Split | None, class_names: list[
         if split is not None:
             _check_split(str(origin or name), split_name, split, len(class_names), checked)
     fp = fp or fingerprint(class_names, [train, val, test])
+    narrow = label_dtype(len(class_names))
     if class_names:  # the labels are in range: they fit the narrow type
-        train, val, test = (s if s is None else replace(s, y=s.y.astype(
-            label_dtype(len(class_names)), copy=False)) for s in (train, val, test))
+        train, val, test = (s if s is None or s.y.dtype == narrow else
+                            replace(s, y=np.asarray(s.y).astype(narrow)) for s in (train, val, test))
     return FixedDataset(name, train, val, test, class_names, input_spec, task, fp, history)

@@ -22,13 +22,12 @@ import numpy as np
 from export.errors import InputError
 from export.listing import RUN, SortedNames
 from trainer.data.cache import RowCache, cache_root
-from trainer.data.dataset import (FixedDataset, SourceOptions, Split, files_fingerprint,
-                                  file_rows, image_spec, label_dtype, make_dataset,
+from trainer.data.dataset import (FixedDataset, SourceOptions, Split, file_rows,
+                                  files_fingerprint, image_spec, label_dtype, make_dataset,
                                   require_root)
 from trainer.data.ingest import update
 from trainer.data.lineage import save_snapshot
 from trainer.data.paths import PathList, encode_path
-from trainer.data.records import places
 from trainer.data.scan import fork_pool, in_order, worth_forking
 
 SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -169,8 +168,7 @@ def load_image_folder(root: str | None, opts: SourceOptions) -> FixedDataset:
     print(f"image_folder: {folder}: {report.line('images')} ({mode} {size[0]}x{size[1]}, "
           f"cache {where})", file=sys.stderr)
     whole = Split(x, y, rows)
-    parts = {s: whole.subset(np.flatnonzero(split_of == k).astype(places(len(y))))
-             if len(layout) > 1 else whole
+    parts = {s: whole.pick(split_of, k) if len(layout) > 1 else whole  # no rows of their own
              for k, s in enumerate(layout)}
     fp = files_fingerprint(json.dumps(settings), names, list(layout), split_of, y, records,
                            where)

@@ -11,6 +11,7 @@ Both draw the same batches from the same `EpochSampler`, and Lightning calls
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -194,31 +195,39 @@ class _Rows(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.split)
 
-    def _block(self, b: int) -> np.ndarray:
+    def _block(self, b: int) -> tuple[np.ndarray, np.ndarray]:
+        """Block b's inputs and labels (the labels kept with them: a split read through
+        its notes finds a batch's labels there, not a row at a time)."""
         if b in self.blocks:
             self.blocks.move_to_end(b)
         else:
             first = b * self.block_rows
-            rows = np.arange(first, min(len(self.split), first + self.block_rows))
-            self.blocks[b] = self.split.subset(rows).arrays()[0]
+            part = self.split.subset(np.arange(first, min(len(self.split), first + self.block_rows)))
+            self.blocks[b] = part.arrays()[0], np.asarray(part.y)
             if len(self.blocks) > self.keep:
                 self.blocks.popitem(last=False)
         return self.blocks[b]
 
     def __getitems__(self, rows: list[int]):
         rows = np.asarray(rows)
-        y = wide(self.split.y[rows])
-        if self.block_rows:
-            x = np.empty((len(rows), *self.split.x.shape[1:]), self.split.x.dtype)
-            blocks = rows // self.block_rows
-            for b in np.unique(blocks):
-                mine = blocks == b
-                x[mine] = self._block(int(b))[rows[mine] - b * self.block_rows]
+        x = np.empty((len(rows), *self.split.x.shape[1:]), self.split.x.dtype)
+        y = np.empty(len(rows), self.split.y.dtype)
+        order = np.argsort(rows)  # by block (sorted reads are sequential on disk)
+        if self.block_rows:  # gathered a block's rows at a time in row order, then placed
+            ordered = rows[order]
+            blocks = ordered // self.block_rows
+            cuts = [0, *(np.flatnonzero(blocks[1:] != blocks[:-1]) + 1).tolist(), len(rows)]
+            xs, ys = np.empty_like(x), np.empty_like(y)
+            for a, e in itertools.pairwise(cuts):
+                b = int(blocks[a])
+                (bx, by), at = self._block(b), ordered[a:e] - b * self.block_rows
+                np.take(bx, at, axis=0, out=xs[a:e])
+                np.take(by, at, out=ys[a:e])
+            x[order], y[order] = xs, ys
         else:
-            order = np.argsort(rows)  # sorted reads are sequential on disk
-            x = np.empty((len(rows), *self.split.x.shape[1:]), self.split.x.dtype)
-            x[order] = self.split.subset(rows[order]).arrays()[0]
-        return torch.from_numpy(x), torch.from_numpy(y)
+            part = self.split.subset(rows[order])
+            x[order], y[order] = part.arrays()[0], np.asarray(part.y)
+        return torch.from_numpy(x), torch.from_numpy(wide(y))
 
 
 def _keep(batch):

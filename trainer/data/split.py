@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+import itertools
+import operator
+from collections import OrderedDict
+
 import numpy as np
 
 from trainer.data.records import places
@@ -10,14 +15,21 @@ from trainer.data.records import places
 def stratified_split(y: np.ndarray, fractions: list[float], seed: int) -> list[np.ndarray]:
     """Split row indices into len(fractions)+1 parts; part k gets fractions[k] of every
     class, the last part gets the rest. Each part is sorted, so it is a set, not an order.
-    Each row's part is noted in one byte, a class at a time: a shuffle of the positions of
-    the class's rows decides which position goes where (noted a byte a position), and those
-    notes are laid onto the class's rows a block of labels at a time. Then each part is
-    read from the notes. The rows are those of lists of every class's shuffled rows (~24
-    bytes a row, 230 MB above the labels at 10 million rows), draw for draw, as int32
-    indices below 2**31 rows; a class takes 5 bytes a row of it while it is drawn (its
-    int32 order and its notes; a two-class or regression table's largest moment), where
-    its int64 rows, permutation and gather took 24 and int32 rows and order 8."""
+    The parts as arrays of rows (int32 below 2**31 rows), read from `split_notes`; a fit
+    reads them through the notes instead (`Picked`), without these arrays."""
+    notes = split_notes(y, fractions, seed)
+    return [np.asarray(Picked(notes, k)) for k in range(len(fractions) + 1)]
+
+
+def split_notes(y: np.ndarray, fractions: list[float], seed: int) -> np.ndarray:
+    """Each row's part of `stratified_split` noted in one byte (int8: k for part k).
+    Noted a class at a time: a shuffle of the positions of the class's rows decides which
+    position goes where (noted a byte a position), and those notes are laid onto the class's
+    rows a block of labels at a time. The rows are those of lists of every class's shuffled
+    rows (~24 bytes a row, 230 MB above the labels at 10 million rows), draw for draw; a
+    class takes 5 bytes a row of it while it is drawn (its int32 order and its notes; a
+    two-class or regression table's largest moment), where its int64 rows, permutation and
+    gather took 24 and int32 rows and order 8."""
     rng = np.random.default_rng(seed)
     part = np.full(len(y), len(fractions), np.int8)
     index = places(len(y))  # int32, 4 bytes a row, below 2**31 rows
@@ -37,18 +49,7 @@ def stratified_split(y: np.ndarray, fractions: list[float], seed: int) -> list[n
             part[a:a + BLOCK][rows] = mine[j:j + got]
             j += got
         del mine
-    sizes = np.zeros(len(fractions) + 1, np.int64)  # (a bincount of all: 8 bytes a row)
-    for a in range(0, len(y), BLOCK):
-        sizes += np.bincount(part[a:a + BLOCK], minlength=len(sizes))
-    out = [np.empty(c, index) for c in sizes]
-    at = [0] * len(out)
-    for a in range(0, len(y), BLOCK):  # a block at a time: no int64 rows or masks of all
-        block = part[a:a + BLOCK]
-        for k, rows in enumerate(out):
-            mine = np.flatnonzero(block == k)
-            rows[at[k]:at[k] + len(mine)] = mine + a
-            at[k] += len(mine)
-    return out
+    return part
 
 
 def _classes(y: np.ndarray) -> list[tuple]:
@@ -66,4 +67,121 @@ def _classes(y: np.ndarray) -> list[tuple]:
     return list(zip(classes, totals.astype(np.int64).tolist()))
 
 
-BLOCK = 1 << 16  # rows of the notes read together (an int64 row number each at most)
+BLOCK = 1 << 16  # rows of the notes read together (at most 2**16: Picked keeps uint16 offsets)
+
+
+class Picked:
+    """The rows of one part of a split, read from the split's notes (`split_notes`):
+    picked[i] is the i-th row noted `code`, or then[that row] with `then` (the dataset's
+    labels, or its map from samples to rows of x). An int array for reading (len, slices,
+    integer arrays, np.asarray): one byte a row shared by every part (the notes) where a
+    part's int32 rows took 4 and its labels 1 more (5 bytes a row of every fit's dataset,
+    40 MB at 8 million rows). Rows are found a block of notes at a time: how many of each
+    block's rows are picked is counted once (8 bytes a block), which they are is kept for
+    the last KEEP blocks read (2 bytes a row of them, ~4 MiB)."""
+
+    KEEP = 32
+
+    def __init__(self, notes: np.ndarray, code: int, then: np.ndarray | None = None):
+        self.notes, self.code, self.then = notes, code, then
+        counts = [np.count_nonzero(notes[a:a + BLOCK] == code)
+                  for a in range(0, len(notes), BLOCK)]
+        self._before = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+        self._index = places(len(notes))
+        self._kept: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._last: list = []  # the last positions read and their rows (Split.subset reads
+        # a part's labels and its rows for the same samples: the rows are found once)
+
+    def through(self, then: np.ndarray | None) -> Picked:
+        """The same rows read through `then` (sharing the counts and the blocks kept)."""
+        out = copy.copy(self)
+        out.then = then
+        return out
+
+    def __len__(self) -> int:
+        return int(self._before[-1])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._index if self.then is None else self.then.dtype
+
+    @property
+    def itemsize(self) -> int:
+        return self.dtype.itemsize
+
+    @property
+    def shape(self) -> tuple[int]:
+        return (len(self),)
+
+    ndim = 1
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = self[:]
+        return out if dtype is None else out.astype(dtype)
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            start, stop, step = key.indices(len(self))
+            rows = self._span(start, stop) if step == 1 else \
+                self._at(np.arange(start, stop, step))
+        elif np.ndim(key) == 0:
+            rows = self._at(np.array([operator.index(key)]))[0]
+        else:
+            rows = self._at(np.asarray(key))
+        return rows if self.then is None else self.then[rows]
+
+    def _offsets(self, b: int) -> np.ndarray:
+        """Where block b's picked rows lie in it (uint16: a block is 2**16 rows)."""
+        kept = self._kept.get(b)
+        if kept is None:
+            notes = self.notes[b * BLOCK:(b + 1) * BLOCK]
+            kept = self._kept[b] = np.flatnonzero(notes == self.code).astype(np.uint16)
+            if len(self._kept) > self.KEEP:
+                self._kept.popitem(last=False)
+        else:
+            self._kept.move_to_end(b)
+        return kept
+
+    def _span(self, start: int, stop: int) -> np.ndarray:
+        """The rows of positions start..stop-1, block after block."""
+        if not 0 <= start <= stop <= len(self):
+            raise IndexError(f"positions {start}..{stop - 1} beyond the part's {len(self)} rows")
+        out, at = np.empty(stop - start, self._index), 0
+        b = int(np.searchsorted(self._before, start, "right")) - 1
+        while at < len(out):
+            first = int(self._before[b])
+            offsets = self._offsets(b)
+            lo, hi = max(start - first, 0), min(stop - first, len(offsets))
+            out[at:at + hi - lo] = offsets[lo:hi]
+            out[at:at + hi - lo] += b * BLOCK
+            at, b = at + hi - lo, b + 1
+        return out
+
+    def _at(self, positions: np.ndarray) -> np.ndarray:
+        """The rows of `positions` (any order, negative ones counted from the end), a new
+        array: a range is read as a span, others grouped by their block of notes."""
+        if positions.dtype.kind not in "iu":
+            raise IndexError(f"Picked takes integer positions, not {positions.dtype}")
+        n = len(positions)
+        if not n:
+            return np.empty(0, self._index)
+        first = int(positions[0])
+        if first >= 0 and int(positions[-1]) - first == n - 1 and (np.diff(positions) == 1).all():
+            return self._span(first, first + n)  # a range (a block, a chunk): no search
+        positions = np.where(positions < 0, positions + len(self), positions)
+        if positions.min() < 0 or positions.max() >= len(self):
+            raise IndexError(f"positions beyond the part's {len(self)} rows")
+        last = self._last
+        if last and np.array_equal(last[0], positions):
+            return last[1].copy()
+        out = np.empty(n, self._index)
+        blocks = np.searchsorted(self._before, positions, "right") - 1
+        order = np.argsort(blocks, kind="stable") if (blocks[1:] < blocks[:-1]).any() else None
+        ordered = blocks if order is None else blocks[order]
+        cuts = [0, *(np.flatnonzero(ordered[1:] != ordered[:-1]) + 1).tolist(), n]
+        for s, e in itertools.pairwise(cuts):
+            b, mine = int(ordered[s]), slice(s, e) if order is None else order[s:e]
+            out[mine] = self._offsets(b)[positions[mine] - self._before[b]]
+            out[mine] += b * BLOCK
+        last[:] = positions, out.copy()
+        return out

@@ -80,7 +80,7 @@ def training_stats(split: Split, num_classes: int, value_range: tuple[float, flo
     if len(split) > MAX_ROWS:
         rows = np.sort(np.random.default_rng(seed).choice(len(split), MAX_ROWS, replace=False))
         split = split.subset(rows)
-    y = split.y
+    y = np.asarray(split.y)  # at most MAX_ROWS
     lo, hi = float(value_range[0]), float(value_range[1])
     hi = hi if hi > lo else lo + 1.0
     mean, std, hist = _channel_moments(split, lo, hi)
