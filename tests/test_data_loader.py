@@ -192,23 +192,25 @@ def test_the_split_noted_a_byte_a_row_is_the_split_it_always_was(monkeypatch, bl
         assert len(got) == len(want) and all(map(np.array_equal, got, want))
 
 
-def test_a_split_holds_its_parts_and_its_notes_and_little_more():
-    """The split's peak (traced) above its labels is the parts' int32 rows (4 bytes a row)
-    and one byte of notes a row, plus what a class takes while it is drawn (5 bytes a row
-    of it): two balanced classes of 2,000,000 rows stay under 4 + 1 + 2.5 + 0.5 bytes a
-    row. Counting the parts with one bincount of every note (8 bytes a row as intp) and
-    drawing a class as int32 rows and order (8 bytes a row of it) took ~9."""
+def test_a_splits_notes_take_a_byte_a_row_and_one_class_order_at_a_time():
+    """The split's notes peak (traced) at the notes drawn so far (a byte a row) and the
+    int32 order of one class while it is drawn: two balanced classes of 2,000,000 rows
+    under 3.5 bytes a row, one stratum (regression) under 5.5. With the rows' notes made
+    first and a class's notes laid onto them as it was drawn: 3.55 and 6.0."""
     import tracemalloc
 
-    y = np.random.default_rng(0).integers(0, 2, 2_000_000).astype(np.int8)
-    tracemalloc.start()
-    try:
-        parts = stratified_split(y, [0.1, 0.1], seed=0)
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert sum(map(len, parts)) == len(y)
-    assert peak < 8 * len(y), f"{peak / len(y):.1f} bytes a row"
+    from trainer.data.split import split_notes
+
+    for classes, limit in ((2, 3.5), (1, 5.5)):
+        y = np.random.default_rng(0).integers(0, classes, 2_000_000).astype(np.int8)
+        tracemalloc.start()
+        try:
+            notes = split_notes(y, [0.1, 0.1], seed=0)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert np.bincount(notes).tolist() == [200_000, 200_000, 1_600_000] or classes == 2
+        assert peak < limit * len(y), f"{classes} classes: {peak / len(y):.2f} bytes a row"
 
 
 @pytest.mark.parametrize("block", [1 << 16, 97])
@@ -248,7 +250,7 @@ def test_a_part_read_through_its_notes_is_the_array_of_its_rows(monkeypatch, blo
 
 def test_a_fits_splits_hold_a_byte_a_row_not_their_rows(tmp_path):
     """The DataModule's train/val/test of 2,000,000 rows are read through one byte of
-    notes a row (traced: 1.0 bytes a row held; 3.55 at the peak, while the larger of two
+    notes a row (traced: 1.0 bytes a row held; 3.2 at the peak, while the larger of two
     classes is drawn); as arrays of rows and labels they held 5.0 and peaked at 5.4. They
     still read the rows the arrays named."""
     import tracemalloc
