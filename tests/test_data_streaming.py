@@ -116,6 +116,34 @@ def test_the_streaming_reader_keeps_a_bounded_number_of_bytes_for_large_rows(tmp
     assert got <= {r.tobytes() for r in x.reshape(len(x), -1)[:, :16]}
 
 
+@pytest.mark.parametrize("row_shape", [(), (3, 5, 5)])
+def test_rows_gathered_from_a_column_file_are_those_asked_in_few_reads(tmp_path, monkeypatch,
+                                                                      row_shape):
+    """A column file's rows read at any positions (scattered, unsorted, repeated, negative,
+    runs, a sample of a long column) are the rows asked, and rows under 8 KB apart are read
+    as stretches: a sample of 2,000 of 200,000 labels takes a handful of reads, where it
+    took one a row."""
+    from trainer.data import rowfile
+
+    rng = np.random.default_rng(3)
+    data = rng.integers(0, 2**62, (200_000, *row_shape)).astype(np.int64)
+    data.tofile(tmp_path / "col.bin")
+    col = rowfile.RowFile(tmp_path / "col.bin", np.int64, row_shape, len(data))
+    reads = []
+    real = os.preadv
+    monkeypatch.setattr(rowfile.os, "preadv", lambda *a: reads.append(1) or real(*a))
+    sample = np.sort(rng.choice(len(data), 2_000, replace=False))
+    for rows in (sample, rng.permutation(sample), np.array([7, 7, 3, 199_999, -1, 8, 9, 10]),
+                 np.arange(100, 40_000, 3), np.r_[np.arange(500, 900), [5, 150_000]],
+                 np.array([], np.int64), rng.integers(0, len(data), 5_000)):
+        reads.clear()
+        assert np.array_equal(col[rows], data[rows]), rows[:8]
+    reads.clear()
+    col[sample]
+    # 8-byte rows ~100 apart: stretches of 1 MiB; 600-byte rows as far apart: a read a row
+    assert len(reads) <= (len(sample) if row_shape else 20), len(reads)
+
+
 FIT_PEAK = """
 import sys, json
 from pathlib import Path

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import copy
 import itertools
-import operator
 from collections import OrderedDict
 
 import numpy as np
 
+from trainer.data.lazy import LazyArray
 from trainer.data.records import places
 
 
@@ -78,7 +78,7 @@ def _classes(y: np.ndarray) -> list[tuple]:
 BLOCK = 1 << 16  # rows of the notes read together (at most 2**16: Picked keeps uint16 offsets)
 
 
-class Picked:
+class Picked(LazyArray):
     """The rows of one part of a split, read from the split's notes (`split_notes`):
     picked[i] is the i-th row noted `code`, or then[that row] with `then` (the dataset's
     labels, or its map from samples to rows of x). An int array for reading (len, slices,
@@ -113,29 +113,12 @@ class Picked:
     def dtype(self) -> np.dtype:
         return self._index if self.then is None else self.then.dtype
 
-    @property
-    def itemsize(self) -> int:
-        return self.dtype.itemsize
+    def _span(self, start: int, stop: int) -> np.ndarray:
+        rows = self._rows_span(start, stop)
+        return rows if self.then is None else self.then[rows]
 
-    @property
-    def shape(self) -> tuple[int]:
-        return (len(self),)
-
-    ndim = 1
-
-    def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        out = self[:]
-        return out if dtype is None else out.astype(dtype)
-
-    def __getitem__(self, key):
-        if isinstance(key, slice):
-            start, stop, step = key.indices(len(self))
-            rows = self._span(start, stop) if step == 1 else \
-                self._at(np.arange(start, stop, step))
-        elif np.ndim(key) == 0:
-            rows = self._at(np.array([operator.index(key)]))[0]
-        else:
-            rows = self._at(np.asarray(key))
+    def _at(self, positions: np.ndarray) -> np.ndarray:
+        rows = self._rows_at(positions)
         return rows if self.then is None else self.then[rows]
 
     def _offsets(self, b: int, keep: bool = True) -> np.ndarray:
@@ -154,7 +137,7 @@ class Picked:
             self._kept.move_to_end(b)
         return kept
 
-    def _span(self, start: int, stop: int) -> np.ndarray:
+    def _rows_span(self, start: int, stop: int) -> np.ndarray:
         """The rows of positions start..stop-1, block after block (kept when the span is
         a reader's block or a batch, not a chunk of a pass or the whole part)."""
         if not 0 <= start <= stop <= len(self):
@@ -170,24 +153,15 @@ class Picked:
             at, b = at + hi - lo, b + 1
         return out
 
-    def _at(self, positions: np.ndarray) -> np.ndarray:
-        """The rows of `positions` (any order, negative ones counted from the end), a new
-        array: a range is read as a span, others grouped by their block of notes."""
-        if positions.dtype.kind not in "iu":
-            raise IndexError(f"Picked takes integer positions, not {positions.dtype}")
-        n = len(positions)
-        if not n:
-            return np.empty(0, self._index)
-        first = int(positions[0])
-        if first >= 0 and int(positions[-1]) - first == n - 1 and (np.diff(positions) == 1).all():
-            return self._span(first, first + n)  # a range (a block, a chunk): no search
-        positions = np.where(positions < 0, positions + len(self), positions)
-        if positions.min() < 0 or positions.max() >= len(self):
-            raise IndexError(f"positions beyond the part's {len(self)} rows")
+    def _rows_at(self, positions: np.ndarray) -> np.ndarray:
+        """The rows of `positions` (checked, any order), grouped by their block of notes."""
         last = self._last
         if last and np.array_equal(last[0], positions):
             return last[1].copy()
+        n = len(positions)
         out = np.empty(n, self._index)
+        if not n:
+            return out
         blocks = np.searchsorted(self._before, positions, "right") - 1
         order = np.argsort(blocks, kind="stable") if (blocks[1:] < blocks[:-1]).any() else None
         ordered = blocks if order is None else blocks[order]

@@ -30,6 +30,7 @@ from trainer.data.dataset import (FixedDataset, SourceOptions, Split, feature_sp
                                   files_fingerprint, in_file_order, label_dtype, make_dataset,
                                   value_range)
 from trainer.data.ingest import update
+from trainer.data.lazy import Labels
 from trainer.data.lineage import save_snapshot
 from trainer.data.records import places
 
@@ -278,16 +279,13 @@ def _blocks(column, rows: np.ndarray | None, n: int):
 def _targets(column, rows: np.ndarray | None, n: int, vocab: list[str], task: str,
              y_dtype: str) -> tuple[list[str], np.ndarray]:
     """Class names and each row's class index (integers sorted numerically, strings
-    alphabetically), or the regression values, from the cached target column read in
-    blocks (twice: counted, then ranked): memory holds the result, never a whole copy of
-    the column beside it. Codes
-    into the vocabulary and small non-negative integer labels are counted (np.bincount,
-    linear; np.unique would sort every row)."""
+    alphabetically), or the regression values, read from the cached target column when
+    used (lazy.Labels: no array of them, a byte a row, 4 for regression targets). Codes
+    into the vocabulary and small non-negative integer labels are counted in blocks
+    (np.bincount, linear; np.unique would sort every row); other labels (negative or
+    fractional) are ranked by np.unique of the whole column and held."""
     if task == "regression":
-        y = np.empty(n, np.float32)
-        for a, v in _blocks(column, rows, n):
-            y[a:a + len(v)] = v
-        return [], y
+        return [], Labels(column, rows, n, np.dtype(np.float32))
     counts = np.zeros(0, np.int64)  # of each code, while every block is countable
     for _, v in _blocks(column, rows, n):
         codes = v.astype(np.int64)
@@ -305,10 +303,8 @@ def _targets(column, rows: np.ndarray | None, n: int, vocab: list[str], task: st
     present = present[np.argsort(keys, kind="stable")]
     rank = np.zeros(int(present.max()) + 1, label_dtype(len(present)))
     rank[present] = np.arange(len(present))
-    y = np.empty(n, rank.dtype)
-    for a, v in _blocks(column, rows, n):
-        y[a:a + len(v)] = rank[v.astype(np.int64)]
-    return [vocab[c] if y_dtype == "i8" else str(int(c)) for c in present], y
+    names = [vocab[c] if y_dtype == "i8" else str(int(c)) for c in present]
+    return names, Labels(column, rows, n, rank.dtype, rank)
 
 
 def _feature_columns(schema, first: Path, target: str) -> list[str]:
