@@ -7,6 +7,7 @@ import pickle
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from export.errors import InputError
@@ -203,6 +204,43 @@ def test_image_folder_split_dirs_and_size_option(tmp_path):
     assert len(ds.train) == 8 and len(ds.test) == 2 and ds.val is None
     assert ds.train.arrays()[0].shape == (8, 1, 4, 6)
     assert ds.input_spec.shape == (1, 4, 6) and ds.input_spec.color_mode == "L"
+
+
+def test_an_image_folders_own_test_and_a_drawn_val_read_the_files_they_name(tmp_path):
+    """An image folder with train/ and test/ (no val/): test is test/'s files, train and val
+    are drawn from train/'s. Each part reads its rows through notes (the folder's parts,
+    then the drawn val's) and, after an update that leaves the cache's rows out of the
+    listing's order, through the map to them too: whole, and batch by batch from the
+    streaming path, each part's pixels and labels are those of the files it names."""
+    from trainer.data.datamodule import FixedDataModule
+    from trainer.data.split import stratified_split
+
+    root, value = tmp_path / "imgs", {}
+    for split, n in (("train", 30), ("test", 6)):
+        for cls in ("a", "b"):
+            for i in range(n):
+                value[f"{split}/{cls}/{i:02d}.png"] = v = len(value) + 10
+                _png(root / split / cls / f"{i:02d}.png", value=v)
+    for added in (False, True):
+        if added:  # appended to the cache last: its rows are mapped now
+            value["train/a/99.png"] = 250
+            _png(root / "train" / "a" / "99.png", value=250)
+        train = sorted(p for p in value if p.startswith("train/"))
+        labels = np.array([int(p.split("/")[1] == "b") for p in train])
+        val, rest = stratified_split(labels, [0.2], seed=0)
+        want = {"train": [train[i] for i in rest], "val": [train[i] for i in val],
+                "test": sorted(p for p in value if p.startswith("test/"))}
+        for budget in (8.0, 1e-9):
+            dm = FixedDataModule(source="image_folder", root=str(root), val_fraction=0.2,
+                                 cache_dir=str(tmp_path / "cache"), memory_budget_gb=budget,
+                                 num_workers=0, eval_batch_size=7)
+            dm.setup("fit")
+            for name, files in want.items():
+                x, y = dm.splits[name].arrays()
+                assert x[:, 0, 0, 0].tolist() == [value[f] for f in files], (name, added)
+                assert y.tolist() == [int(f.split("/")[1] == "b") for f in files]
+            got = torch.cat([xb[:, 0, 0, 0] for xb, _ in dm.val_dataloader()])
+            assert got.tolist() == [value[f] for f in want["val"]], budget
 
 
 def test_image_folder_corrupt_image_names_file_and_keeps_the_complete_rows(tmp_path):
