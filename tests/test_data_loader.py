@@ -213,6 +213,37 @@ def test_a_splits_notes_take_a_byte_a_row_and_one_class_order_at_a_time():
         assert peak < limit * len(y), f"{classes} classes: {peak / len(y):.2f} bytes a row"
 
 
+def test_a_class_beyond_large_is_drawn_a_block_at_a_time_in_little_memory(monkeypatch):
+    """A class of more than LARGE rows gets its notes a block at a time: each part still
+    takes exactly its share of the class, spread evenly over its rows (every block holds
+    about its share), the same for a seed and another for another; the peak (traced) of a
+    2,000,000-row regression table's split is then the two bytes a row of notes and a
+    pass's block (~4 MiB), where the shuffled order of its one stratum made it 5 bytes a row."""
+    import tracemalloc
+
+    from trainer.data import split
+
+    monkeypatch.setattr(split, "LARGE", 1 << 14)
+    y = np.repeat(np.arange(3), [100_000, 20_000, 5_000])  # two classes beyond LARGE
+    notes = split.split_notes(y, [0.1, 0.2], seed=5)
+    for cls, count in ((0, 100_000), (1, 20_000), (2, 5_000)):
+        mine = notes[y == cls]
+        assert np.bincount(mine, minlength=3).tolist() == \
+            [round(0.1 * count), round(0.2 * count), count - round(0.1 * count) - round(0.2 * count)]
+    shares = [np.mean(notes[a:a + 10_000] == 0) for a in range(0, 100_000, 10_000)]
+    assert all(0.08 < share < 0.12 for share in shares), shares
+    assert np.array_equal(notes, split.split_notes(y, [0.1, 0.2], seed=5))
+    assert not np.array_equal(notes, split.split_notes(y, [0.1, 0.2], seed=6))
+    stratum = np.broadcast_to(np.int8(0), 2_000_000)
+    tracemalloc.start()
+    try:
+        split.split_notes(stratum, [0.15, 0.15], seed=0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * len(stratum) + (4 << 20), f"{peak / len(stratum):.2f} bytes a row"
+
+
 @pytest.mark.parametrize("block", [1 << 16, 97])
 def test_a_part_read_through_its_notes_is_the_array_of_its_rows(monkeypatch, block):
     """A fit's parts are read through the split's notes (Picked), not held as arrays of

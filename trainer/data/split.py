@@ -24,28 +24,22 @@ def stratified_split(y: np.ndarray, fractions: list[float], seed: int) -> list[n
 def split_notes(y: np.ndarray, fractions: list[float], seed: int) -> np.ndarray:
     """Each row's part of `stratified_split` noted in one byte (int8: k for part k).
     Each class's notes are drawn in turn, a byte a row of it: a shuffle of the positions of
-    its rows decides which position goes where. Then one pass over the labels lays them
-    onto the rows, a block at a time, the block's rows grouped by class with a stable sort
-    (a pass per class took 2.9 s for 1,000 classes at 8 million rows). The rows are those
-    of lists of every class's shuffled rows (~24 bytes a row, 230 MB above the labels at 10
-    million rows), draw for draw; the peak is the notes drawn so far and the shuffled
-    int32 order of one class (at most 5 bytes a row: a regression table's one stratum),
-    then 2 (the drawn notes and the rows' notes)."""
+    its rows decides which position goes where (`_shuffled`), or, for a class of more than
+    LARGE rows, a block of positions at a time (`_in_blocks`). Then one pass over the labels
+    lays them onto the rows, a block at a time, the block's rows grouped by class with a
+    stable sort (a pass per class took 2.9 s for 1,000 classes at 8 million rows). The rows
+    are those of lists of every class's shuffled rows (~24 bytes a row, 230 MB above the
+    labels at 10 million rows), draw for draw, for classes up to LARGE rows; the peak is the
+    notes drawn so far and one such class's shuffled int32 order (4 bytes a row of it, at
+    most 64 MiB), then 2 bytes a row (the drawn notes and the rows' notes)."""
     rng = np.random.default_rng(seed)
-    index = places(len(y))  # int32, 4 bytes a row, below 2**31 rows
     classes = _classes(y)
     counts = np.array([count for _, count in classes], np.int64)
     drawn, first = np.empty(len(y), np.int8), np.cumsum(counts) - counts  # class c's notes
     for c, count in enumerate(counts.tolist()):  # at drawn[first[c]:][:count]
-        order = np.arange(count, dtype=index)
-        rng.shuffle(order)  # rng.permutation(count): the same draws, in 4 bytes a row
-        mine, start = drawn[first[c]:first[c] + count], 0
-        mine[:] = len(fractions)
-        for k, frac in enumerate(fractions):
-            take = int(round(frac * count))
-            mine[order[start:start + take]] = k
-            start += take
-        del order
+        takes = [int(round(frac * count)) for frac in fractions]
+        draw = _shuffled if count <= LARGE else _in_blocks
+        draw(drawn[first[c]:first[c] + count], [*takes, count - sum(takes)], rng)
     values = np.array([value for value, _ in classes])
     part, taken = np.empty(len(y), np.int8), first.copy()  # class c: its notes taken so far
     narrow = np.int16 if len(classes) <= 1 << 15 else np.int64  # int16 sorts by radix
@@ -58,6 +52,29 @@ def split_notes(y: np.ndarray, fractions: list[float], seed: int) -> np.ndarray:
         part[a + order] = drawn[taken[which] + within]
         taken += here
     return part
+
+
+def _shuffled(mine: np.ndarray, takes: list[int], rng: np.random.Generator) -> None:
+    """Note takes[k] of the positions for part k: a shuffle of the positions (the first
+    takes[0] go to part 0, ...; rng.permutation's draws, in an int32 order)."""
+    order = np.arange(len(mine), dtype=places(len(mine)))
+    rng.shuffle(order)  # rng.permutation(count): the same draws, in 4 bytes a position
+    for k, start in enumerate(np.cumsum([0, *takes[:-1]]).tolist()):
+        mine[order[start:start + takes[k]]] = k
+
+
+def _in_blocks(mine: np.ndarray, takes: list[int], rng: np.random.Generator) -> None:
+    """The same as `_shuffled` in distribution (every placing of takes[k] notes k equally
+    likely), a block of positions at a time: how many of each part fall in a block is a
+    multivariate hypergeometric draw from what is left, then the block's notes are shuffled.
+    No order of every position: a stratum of 100 million rows took 400 MB for it."""
+    left = np.array(takes, np.int64)
+    for a in range(0, len(mine), LARGE):
+        here = rng.multivariate_hypergeometric(left, min(LARGE, len(mine) - a))
+        block = np.repeat(np.arange(len(left), dtype=np.int8), here)
+        rng.shuffle(block)
+        mine[a:a + len(block)] = block
+        left -= here
 
 
 def _classes(y: np.ndarray) -> list[tuple]:
@@ -75,6 +92,7 @@ def _classes(y: np.ndarray) -> list[tuple]:
     return list(zip(classes, totals.astype(np.int64).tolist()))
 
 
+LARGE = 1 << 24  # a class's rows beyond which its notes are drawn a block at a time
 BLOCK = 1 << 16  # rows of the notes read together (at most 2**16: Picked keeps uint16 offsets)
 
 
