@@ -4,14 +4,15 @@
         [--work /tmp/bench_fit_memory] [--baseline CHECKOUT]
 
 Generates two 4-file Parquet tables (4 float32 features, an integer class of 10; --rows
-and 4x --rows) and ingests each into the row cache once. Then, in a fresh process per
-measurement, a streamed fit's data side as `trainer fit` builds it (its allocator tuning,
-`FixedDataModule(..., memory_budget_gb=1e-9)`: its dataset, splits, statistics and every
-batch of one epoch's order) for three targets: the 10 classes, 2 classes (the class's parity), and regression
-(feature f0 as the target). Prints the peak RSS above the process's base after its imports
-(VmHWM less VmRSS) after each step, median (range) of --repeats (after a first round that
-ingests each table), and the bytes a row the 4x table adds. With --baseline (another checkout of this project), the same measurement of
-that code in the same invocation, alternating with this one.
+and 4x --rows). Then, in a fresh process per measurement, a streamed fit's data side as
+`trainer fit` builds it (its allocator tuning, `FixedDataModule(...,
+memory_budget_gb=1e-9)`: its dataset, splits, statistics and every batch of one epoch's
+order) for three targets: the 10 classes, 2 classes (the class's parity), and regression
+(feature f0 as the target). Prints the peak RSS above the process's base after its
+imports (VmHWM less VmRSS) after each step, median (range) of --repeats (after a first
+round that ingests each table into the row cache), and the bytes a row the 4x table adds.
+With --baseline (another checkout of this project), the same measurement of that code in
+the same invocation, alternating with this one (each code with caches of its own).
 """
 
 from __future__ import annotations

@@ -228,8 +228,8 @@ def test_a_class_beyond_large_is_drawn_a_block_at_a_time_in_little_memory(monkey
     notes = split.split_notes(y, [0.1, 0.2], seed=5)
     for cls, count in ((0, 100_000), (1, 20_000), (2, 5_000)):
         mine = notes[y == cls]
-        assert np.bincount(mine, minlength=3).tolist() == \
-            [round(0.1 * count), round(0.2 * count), count - round(0.1 * count) - round(0.2 * count)]
+        val, test = round(0.1 * count), round(0.2 * count)
+        assert np.bincount(mine, minlength=3).tolist() == [val, test, count - val - test]
     shares = [np.mean(notes[a:a + 10_000] == 0) for a in range(0, 100_000, 10_000)]
     assert all(0.08 < share < 0.12 for share in shares), shares
     assert np.array_equal(notes, split.split_notes(y, [0.1, 0.2], seed=5))
@@ -304,7 +304,8 @@ def test_a_fits_splits_hold_a_byte_a_row_not_their_rows(tmp_path):
         assert len(got) == len(rows)
         for a in (0, len(rows) // 2, len(rows) - 1000):
             x, labels = got.subset(np.arange(a, a + 1000)).arrays()
-            assert np.array_equal(x[:, 0], rows[a:a + 1000]) and np.array_equal(labels, y[rows[a:a + 1000]])
+            want = rows[a:a + 1000]
+            assert np.array_equal(x[:, 0], want) and np.array_equal(labels, y[want])
 
 
 def _whole_permutation(s: EpochSampler) -> torch.Tensor:

@@ -98,7 +98,8 @@ def test_each_source_streams_and_learns(tmp_path, kind):
 def test_the_streaming_reader_keeps_a_bounded_number_of_bytes_for_large_rows(tmp_path):
     """Blocks are ~1 MiB of rows however large a row is, so the 32 blocks the reader keeps
     (with their labels) stay ~32 MiB: with a floor of 64 rows a block of 224x224 RGB rows
-    was 9.6 MB and the reader held 300 MB. An epoch still reads each row of the split at most once."""
+    was 9.6 MB and the reader held 300 MB. An epoch still reads each row of the split at most
+    once."""
     x = np.random.default_rng(0).integers(0, 256, (600, 3, 224, 224), dtype=np.uint8)
     y = np.arange(600) % 4
     np.savez(tmp_path / "big.npz", x=x, y=y)

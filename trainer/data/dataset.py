@@ -334,6 +334,6 @@ def make_dataset(name: str, train: Split, test: Split | None, class_names: list[
     fp = fp or fingerprint(class_names, [train, val, test])
     narrow = label_dtype(len(class_names))
     if class_names:  # the labels are in range: they fit the narrow type
-        train, val, test = (s if s is None or s.y.dtype == narrow else
-                            replace(s, y=np.asarray(s.y).astype(narrow)) for s in (train, val, test))
+        train, val, test = (s if s is None or s.y.dtype == narrow else replace(
+            s, y=np.asarray(s.y).astype(narrow)) for s in (train, val, test))
     return FixedDataset(name, train, val, test, class_names, input_spec, task, fp, history)

@@ -48,9 +48,9 @@ class LazyArray:
         elif np.ndim(key) == 0:
             return self._at(self._checked(np.array([operator.index(key)])))[0]
         positions = self._checked(np.asarray(key))
-        n = len(positions)
-        if n and int(positions[-1]) - int(positions[0]) == n - 1 and (np.diff(positions) == 1).all():
-            return self._span(int(positions[0]), int(positions[-1]) + 1)  # a range: no search
+        n, first = len(positions), int(positions[0]) if len(positions) else 0
+        if n and int(positions[-1]) - first == n - 1 and (np.diff(positions) == 1).all():
+            return self._span(first, first + n)  # a range: no search
         return self._at(positions)
 
     def _checked(self, positions: np.ndarray) -> np.ndarray:

@@ -202,7 +202,8 @@ class _Rows(torch.utils.data.Dataset):
             self.blocks.move_to_end(b)
         else:
             first = b * self.block_rows
-            part = self.split.subset(np.arange(first, min(len(self.split), first + self.block_rows)))
+            last = min(len(self.split), first + self.block_rows)
+            part = self.split.subset(np.arange(first, last))
             self.blocks[b] = part.arrays()[0], np.asarray(part.y)
             if len(self.blocks) > self.keep:
                 self.blocks.popitem(last=False)
