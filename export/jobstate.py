@@ -28,6 +28,19 @@ HEAD_TAIL = 1 << 20  # bytes of a file's head and tail hashed into its identity
 log = logging.getLogger(__name__)
 
 
+TABLE_SUFFIXES = {".csv", ".parquet", ".pq"}
+
+
+def no_images(path: Path) -> InputError:
+    """The one line for an image input that holds no image; a folder of tables is told how
+    tables are read (one file by the local engine, a folder of them by the Ray engine)."""
+    table = next((p for p in path.rglob("*") if p.suffix.lower() in TABLE_SUFFIXES), None) \
+        if path.is_dir() else None
+    hint = (f"; it holds tables ({table.name}, ...): give one .csv/.parquet file, or a folder "
+            "of them with --engine ray") if table else ""
+    return InputError(f"{path}: no PNG or JPEG images found{hint}")
+
+
 def name_under(path: Path, root: Path) -> str:
     """A file's name in a job's listing and outputs: its path under `root`, else whole."""
     return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
@@ -85,7 +98,7 @@ def write_listing(path: Path, files: Iterable[Path], out: Path,
             count += 1
             labelled = labelled and image.parent.name in class_names
     if not count:
-        raise InputError(f"{path}: no PNG or JPEG images found")
+        raise no_images(path)
     return {"count": count, "sha256": h.hexdigest(), "labelled": labelled}
 
 

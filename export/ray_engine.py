@@ -31,6 +31,7 @@ from pathlib import Path
 
 from export.atomic import atomic_path
 from export.errors import InputError
+from export.jobstate import no_images
 from export.ray_cluster import import_ray, join_cluster
 
 FILE_SUFFIXES = (".parquet", ".pq", ".csv", ".npy", ".npz")
@@ -72,7 +73,7 @@ def _image_units(path: Path, block: int, folder: Path) -> list[dict]:
                           "path": str(path.resolve()),
                           "images": {k: listed[k] for k in ("count", "sha256")}}})
     if not units:
-        raise InputError(f"{path}: no PNG or JPEG images found")
+        raise no_images(path)
     return units
 
 

@@ -20,11 +20,10 @@ import numpy as np
 
 from export.card import InputSpec
 from export.errors import InputError, require_file
-from export.jobstate import name_under
+from export.jobstate import TABLE_SUFFIXES, name_under, no_images
 from export.listing import BLOCK, SortedNames
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
-TABLE_SUFFIXES = {".csv", ".parquet", ".pq"}
 
 
 @dataclass
@@ -177,7 +176,7 @@ def image_files(path: Path) -> list[Path]:
     """A folder (searched recursively) or a .txt list of image paths, as a list."""
     files = list(iter_image_files(path))
     if not files:
-        raise InputError(f"{path}: no PNG or JPEG images found")
+        raise no_images(path)
     return files
 
 

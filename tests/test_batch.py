@@ -133,10 +133,21 @@ def test_image_folder_on_error_fail_and_skip(digits_run, tmp_path):
     assert len(summary["skipped"]) == 1 and "broken.png" in summary["skipped"][0]
 
 
+def _tables(folder):
+    """A folder of Parquet files (the way tables are kept), given where images go."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (folder / "sub").mkdir(parents=True)
+    pq.write_table(pa.table({"f0": [1.0, 2.0]}), folder / "sub" / "part-0.parquet")
+
+
 @pytest.mark.parametrize("make,needle", [
     (lambda d: np.savez(d / "in.npz", x=np.zeros((4, 3, 8, 8), np.uint8)), "got shape (4, 3, 8, 8)"),
     (lambda d: np.savez(d / "in.npz", x=np.zeros((4, 1, 8, 8), np.int32)), "got dtype int32"),
     (lambda d: (d / "in").mkdir(), "no PNG or JPEG images found"),
+    (lambda d: _tables(d / "in"), "in: no PNG or JPEG images found; it holds tables "
+     "(part-0.parquet, ...): give one .csv/.parquet file, or a folder of them with --engine ray"),
     (lambda d: (d / "in.npz").write_bytes(b"garbage"), "cannot read arrays"),
 ])
 def test_bad_inputs_leave_no_output(digits_run, tmp_path, make, needle):

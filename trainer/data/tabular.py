@@ -187,8 +187,8 @@ def _batches(fragment, schema, columns, target, path, vocab: list[str], ranges: 
                 empty |= np.char.strip(values) == ""  # CSV reads an empty cell as ""
             if empty.any():
                 bad = row + int(np.flatnonzero(empty)[0])
-                raise InputError(f"{path}: row {bad}, target column {target!r} is empty "
-                                 "; fill or remove such rows")
+                raise InputError(f"{path}: row {bad}, target column {target!r} is empty; "
+                                 "fill or remove such rows")
             if pat.is_string(t.type) or pat.is_large_string(t.type):
                 with VOCAB_LOCK:  # files are decoded on threads of their own (ahead.py)
                     known = {v: i for i, v in enumerate(vocab)}
