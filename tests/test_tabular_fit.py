@@ -66,3 +66,47 @@ def test_diabetes_regression_from_csv(tmp_path):
     baseline = np.abs(y - y.mean()).mean()  # predicting the mean: about 64
     mae = float(re.search(r"mae: ([0-9.]+)", out).group(1))
     assert mae < 0.8 * baseline, (mae, baseline)
+
+
+@pytest.mark.parametrize("target", ["label", "value"])
+def test_trainer_data_writes_a_split_a_chunk_at_a_time(tmp_path, monkeypatch, target):
+    """`trainer data` writes x and y a chunk at a time (a split's labels are read through
+    its notes, never read whole: 800 MB as int64 at 100 million rows); the archive is the same whatever the chunk, and each
+    row's y is its own x's (the label is a function of the features)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from trainer.data import dataset, stats
+    from trainer.data.lazy import LazyArray
+    from trainer.train_commands import cmd_data
+
+    def whole(self, dtype=None, copy=None):
+        raise AssertionError(f"{type(self).__name__} of {len(self)} read whole")
+
+    monkeypatch.setattr(LazyArray, "__array__", whole)
+    monkeypatch.setattr(stats, "MAX_ROWS", 1000)  # (its sample of the split is read whole)
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=3000).astype("f4"), rng.normal(size=3000).astype("f4")
+    targets = {"label": np.where(a > 0, "pos", "neg"), "value": a * 2 + b}
+    pq.write_table(pa.table({"a": a, "b": b, target: targets[target]}), tmp_path / "t.parquet")
+    flags = ["--config", str(ROOT / "configs" / "tabular.yaml"), "--data.root",
+             str(tmp_path / "t.parquet"), "--data.target", target, "--data.cache_dir",
+             str(tmp_path / "c"), "--data.memory_budget_gb", "0.000001", "--split", "train"]
+    written = []
+    for chunk in (1 << 30, 8 * 97):  # one chunk; chunks of 97 rows
+        monkeypatch.setattr(dataset, "CHUNK_BYTES", chunk)
+        out = tmp_path / f"{chunk}.npz"
+        assert cmd_data([*flags, "--out", str(out)]) == 0
+        with np.load(out) as z:
+            written.append({k: z[k] for k in z.files})
+    assert written[0].keys() == written[1].keys() == {"x", "y", "class_names"}
+    for k in written[0]:
+        np.testing.assert_array_equal(written[0][k], written[1][k])
+    x, y = written[1]["x"], written[1]["y"]
+    assert len(x) == len(y) > 1500
+    if target == "label":
+        assert y.dtype == np.int64 and written[1]["class_names"].tolist() == ["neg", "pos"]
+        np.testing.assert_array_equal(y, (x[:, 0] > 0).astype(np.int64))
+    else:
+        np.testing.assert_allclose(y, x[:, 0] * 2 + x[:, 1], rtol=1e-5, atol=1e-5)

@@ -104,23 +104,35 @@ def cmd_data(argv: list[str]) -> int:
     if cache_root(cli.datamodule.hparams.cache_dir) != cache:  # set in the config
         check_output(args.out, "--out", {"data.cache_dir": cli.datamodule.hparams.cache_dir})
     split = cli.datamodule.splits[args.split]
-    y = wide(split.y)  # written as int64, as before labels were kept narrow
+    n, step = len(split), split.chunk_rows
+    # y written as int64 (as before labels were kept narrow), a chunk at a time like x: a
+    # split's labels are read through its notes, and 100 million of them are 800 MB wide
+    ys = (wide(split.y[a:a + step]) for a in range(0, n, step))
+    y_dtype = wide(split.y[:0]).dtype
     try:
         # np.savez's own archive, written with the zip closed on every path: numpy < 2
         # leaves it open when a write fails (a full disk), and its finaliser then prints a
-        # traceback at exit. x is written chunk by chunk: the split may exceed RAM.
+        # traceback at exit. Each array is written chunk by chunk: the split may exceed RAM.
         with atomic_path(args.out) as tmp, zipfile.ZipFile(tmp, "w", allowZip64=True) as zf:
-            with zf.open("x.npy", "w", force_zip64=True) as f:
-                np.lib.format.write_array_header_2_0(f, {
-                    "descr": np.lib.format.dtype_to_descr(split.x.dtype),
-                    "fortran_order": False, "shape": (len(split), *split.x.shape[1:])})
-                for x, _ in split.chunks():
-                    f.write(np.ascontiguousarray(x).tobytes())
-            for name, array in (("y", y), ("class_names",
-                                           np.array(cli.datamodule.dataset.class_names))):
-                with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
-                    np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)
+            _npy_member(zf, "x", split.x.dtype, (n, *split.x.shape[1:]),
+                        (x for x, _ in split.chunks()))
+            _npy_member(zf, "y", y_dtype, (n,), ys)
+            names = np.array(cli.datamodule.dataset.class_names)
+            _npy_member(zf, "class_names", names.dtype, names.shape, [names])
     except OSError as exc:
         raise OSError(exc.errno, exc.strerror, str(args.out)) from None
-    print(f"wrote {args.out}: {len(y)} rows of the {args.split} split")
+    print(f"wrote {args.out}: {n} rows of the {args.split} split")
     return 0
+
+
+def _npy_member(zf, name: str, dtype, shape: tuple, pieces) -> None:
+    """`name`.npy in the open archive `zf`, its rows written a piece at a time (what
+    np.load reads back; np.savez would need the whole array)."""
+    import numpy as np
+
+    with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
+        np.lib.format.write_array_header_2_0(f, {
+            "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+            "shape": shape})
+        for piece in pieces:
+            f.write(np.ascontiguousarray(piece, dtype=dtype).tobytes())
