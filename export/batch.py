@@ -26,7 +26,8 @@ from export.conformal import (check_coverage, coverage_metrics, coverage_sums, i
                               set_columns, threshold)
 from export.drift import DriftAccumulator, format_report
 from export.errors import InputError, require_file
-from export.jobstate import JobState, input_identity, read_listing, write_listing
+from export.jobstate import (JobState, input_identity, read_listing, tables_identity,
+                             write_listing)
 from export.readers import is_image_input, iter_chunks, iter_image_files
 from export.runtime import Prediction, Predictor, predictor_for_job
 from export.summary import JobSummary, write_reports
@@ -263,6 +264,8 @@ def _identity(source: Path, images: list[Path] | None, state: JobState,
             listed = write_listing(source, iter_image_files(source), state.new_listing,
                                    class_names)
             return {**input_identity(source, None), "images": listed}, listed
+        if images is None and source.is_dir():  # a folder of tables
+            return tables_identity(source), None
         return input_identity(source, images), None
     except BaseException:
         state.new_listing.unlink(missing_ok=True)

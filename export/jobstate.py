@@ -28,17 +28,9 @@ HEAD_TAIL = 1 << 20  # bytes of a file's head and tail hashed into its identity
 log = logging.getLogger(__name__)
 
 
-TABLE_SUFFIXES = {".csv", ".parquet", ".pq"}
-
-
 def no_images(path: Path) -> InputError:
-    """The one line for an image input that holds no image; a folder of tables is told how
-    tables are read (one file by the local engine, a folder of them by the Ray engine)."""
-    table = next((p for p in path.rglob("*") if p.suffix.lower() in TABLE_SUFFIXES), None) \
-        if path.is_dir() else None
-    hint = (f"; it holds tables ({table.name}, ...): give one .csv/.parquet file, or a folder "
-            "of them with --engine ray") if table else ""
-    return InputError(f"{path}: no PNG or JPEG images found{hint}")
+    """The one line for an image input that holds no image."""
+    return InputError(f"{path}: no PNG or JPEG images found")
 
 
 def name_under(path: Path, root: Path) -> str:
@@ -77,6 +69,15 @@ def input_identity(path: Path, image_files: list[Path] | None) -> dict:
         root = path if path.is_dir() else path.parent
         ident["images"] = [[name_under(f, root), *_size_mtime(f)] for f in image_files]
     return ident
+
+
+def tables_identity(path: Path) -> dict:
+    """What a folder of tables is: each table's path under it and its identity."""
+    from export.tables import table_files
+
+    base, files, _ = table_files(str(path), "--input")
+    return {"path": str(path.resolve()),
+            "tables": [[name_under(f, base), file_identity(f)] for f in files]}
 
 
 def write_listing(path: Path, files: Iterable[Path], out: Path,
@@ -162,15 +163,16 @@ def describe_change(old: dict, new: dict) -> str:
         return (f"its images changed: {old['images'].get('count')} listed when its output "
                 f"was written, {new['images'].get('count')} now, with other names, sizes or "
                 f"modification times")
-    if "images" in old and "images" in new:
-        before = {p: (s, m) for p, s, m in old["images"]}
-        after = {p: (s, m) for p, s, m in new["images"]}
-        added, removed = after.keys() - before.keys(), before.keys() - after.keys()
-        changed = [p for p in after.keys() & before.keys() if after[p] != before[p]]
-        parts = [f"{len(added)} images added", f"{len(removed)} removed",
-                 f"{len(changed)} modified"]
-        example = sorted(added or removed or changed)
-        return ", ".join(parts) + (f" (e.g. {example[0]})" if example else "")
+    for kind in ("images", "tables"):  # lists of [name, what identifies it...]
+        if kind in old and kind in new:
+            before = {e[0]: e[1:] for e in old[kind]}
+            after = {e[0]: e[1:] for e in new[kind]}
+            added, removed = after.keys() - before.keys(), before.keys() - after.keys()
+            changed = [p for p in after.keys() & before.keys() if after[p] != before[p]]
+            parts = [f"{len(added)} {kind} added", f"{len(removed)} removed",
+                     f"{len(changed)} modified"]
+            example = sorted(added or removed or changed)
+            return ", ".join(parts) + (f" (e.g. {example[0]})" if example else "")
     a, b = old.get("file", {}), new.get("file", {})
     if a.get("size") != b.get("size"):
         return f"its size changed from {a.get('size')} to {b.get('size')} bytes"

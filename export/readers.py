@@ -20,7 +20,7 @@ import numpy as np
 
 from export.card import InputSpec
 from export.errors import InputError, require_file
-from export.jobstate import TABLE_SUFFIXES, name_under, no_images
+from export.jobstate import name_under, no_images
 from export.listing import BLOCK, SortedNames
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
@@ -121,8 +121,11 @@ def _idx_chunks(path: Path, class_names, rows: int, first: int) -> Iterator[Chun
 
 
 def is_image_input(path: Path) -> bool:
-    """A folder of images or a .txt list of them (the other inputs are single files)."""
-    return path.is_dir() or path.suffix.lower() == ".txt"
+    """A folder of images or a .txt list of them (the other inputs are single files, or a
+    folder of tables: export/tables.py)."""
+    from export.tables import holds_tables
+
+    return path.suffix.lower() == ".txt" if not path.is_dir() else not holds_tables(path)
 
 
 def iter_image_files(path: Path, _above: frozenset = frozenset()) -> Iterator[Path]:
@@ -229,128 +232,10 @@ def _image_chunks(path: Path, spec: InputSpec, class_names, rows: int, first: in
                     skipped=[str(im) for im in images if isinstance(im, InputError)])
 
 
-# CSV read block sizes: a block must hold the longest row, and pyarrow's streaming reader
-# reads ~32 blocks ahead, so the block bounds memory: 4 MiB blocks held ~130 MB more at
-# 3 million rows than at 100,000; 1 MiB keeps it flat (scripts/soak.py). Longer rows (a
-# document in a pass-through cell) are read again with the next size.
-CSV_BLOCKS = (1 << 20, 8 << 20, 64 << 20)
-
-
-class _RowTooLong(Exception):
-    pass
-
-
-def _table_chunks(path: Path, spec: InputSpec, class_names, rows: int, first: int,
-                  target: str | None) -> Iterator[Chunk]:
-    """The table's chunks from chunk `first` on. A CSV row longer than the read block (a
-    document or a base64 blob in a pass-through column) is read again with the next block
-    size, from the first chunk not yet given out; past the last, one line."""
-    for block in CSV_BLOCKS:
-        try:
-            for chunk in _table_chunks_in(path, spec, class_names, rows, first, target, block):
-                yield chunk
-                first += 1
-            return
-        except _RowTooLong:
-            continue
-    raise InputError(f"{path}: a row near chunk {first} is longer than {CSV_BLOCKS[-1] >> 20} "
-                     f"MiB; expected CSV rows of at most that size (a larger cell belongs in a "
-                     f"Parquet file)")
-
-
-def _table_chunks_in(path: Path, spec: InputSpec, class_names, rows: int, first: int,
-                     target: str | None, block: int) -> Iterator[Chunk]:
-    try:
-        import pyarrow.csv as pacsv
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise InputError(f"{path}: reading CSV/Parquet needs pyarrow (pip install pyarrow)") from None
-    columns = list(spec.columns or ())
-    done, pending = 0, None
-    try:
-        if path.suffix.lower() == ".csv":
-            batches = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=block))
-        else:
-            batches = pq.ParquetFile(path).iter_batches(batch_size=rows)
-        for batch in batches:  # re-cut the reader's batches into chunks of exactly `rows`
-            if done == 0 and pending is None:
-                check_column_names(batch.schema.names, path)
-            pending = batch if pending is None else _concat(pending, batch)
-            while pending.num_rows >= rows:
-                part, pending = pending.slice(0, rows), pending.slice(rows)
-                if done >= first * rows:
-                    yield _table_chunk(path, part, columns, class_names, target, done)
-                done += rows
-        if pending is not None and pending.num_rows and done >= first * rows:
-            yield _table_chunk(path, pending, columns, class_names, target, done)
-    except InputError:
-        raise
-    except Exception as exc:  # pyarrow parse errors (bad rows, mixed types, not a table)
-        if "straddl" in str(exc):  # a row longer than the block
-            raise _RowTooLong() from None
-        raise InputError(f"{path}: cannot read table near row {done} ({short_reason(exc)})") from None
-
-
-def describe_nonfinite(value) -> str:
-    """Why a feature value cannot be fed to a float32 graph."""
-    if value is None:
-        return "is empty"
-    if isinstance(value, (int, float)) and np.isfinite(float(value)):
-        return f"is {value:g}, which overflows float32 (largest {np.finfo(np.float32).max:.4g})"
-    return "is NaN or infinite"
-
-
 def short_reason(exc: BaseException, limit: int = 160) -> str:
     """The first line of a library's error, cut short: pyarrow quotes whole input lines."""
     text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     return text if len(text) <= limit else text[:limit] + "..."
-
-
-def check_column_names(names: list[str], source) -> None:
-    """A table's header must name each column once."""
-    seen = set()
-    for name in names:
-        if name in seen:
-            raise InputError(f"{source}: column name {name!r} appears more than once in the "
-                             f"header")
-        seen.add(name)
-
-
-def _table_chunk(path: Path, batch, columns, class_names, target, offset: int) -> Chunk:
-    import pyarrow.types as pat
-
-    names = batch.schema.names
-    missing = [c for c in columns if c not in names]
-    if missing:
-        raise InputError(f"{path}: missing feature column {missing[0]!r}; the model expects "
-                         f"{columns}, found {names}")
-    cols = []
-    for name in columns:
-        col = batch.column(names.index(name))
-        if not (pat.is_integer(col.type) or pat.is_floating(col.type) or pat.is_boolean(col.type)):
-            raise InputError(f"{path}: feature column {name!r} is {col.type}, expected numbers")
-        cols.append(col.to_numpy(zero_copy_only=False).astype(np.float32))
-    x = np.stack(cols, axis=1) if cols else np.zeros((batch.num_rows, 0), np.float32)
-    bad = ~np.isfinite(x)
-    if bad.any():
-        row, col = (int(v[0]) for v in np.nonzero(bad))
-        value = batch.column(names.index(columns[col]))[row].as_py()
-        raise InputError(f"{path}: row {offset + row}, column {columns[col]!r} "
-                         f"{describe_nonfinite(value)}")
-    extra = {n: batch.column(i).to_pylist() for i, n in enumerate(names)
-             if n not in columns and n != target}
-    y = None
-    if target and target in names:
-        raw = batch.column(names.index(target)).to_numpy(zero_copy_only=False)
-        y = labels_to_index(raw, class_names, f"{path}:{target}", by_name=True)
-    ids = [str(offset + i) for i in range(batch.num_rows)]
-    return Chunk(ids, x, y, extra)
-
-
-def _concat(a, b):
-    import pyarrow as pa
-
-    return pa.Table.from_batches([a, b]).combine_chunks().to_batches()[0] if a.num_rows else b
 
 
 def iter_chunks(path: str | Path, spec: InputSpec, class_names: list[str], rows: int = 1024,
@@ -361,6 +246,8 @@ def iter_chunks(path: str | Path, spec: InputSpec, class_names: list[str], rows:
     starting at chunk `start_chunk` (a resumed job skips what it has done). `files`: the
     images of an image input, when the caller has listed them already (a stream of them
     with `labelled`: whether every image's folder names a class)."""
+    from export.tables import FORMATS, folder_chunks, table_chunks
+
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: input not found")
@@ -371,10 +258,12 @@ def iter_chunks(path: str | Path, spec: InputSpec, class_names: list[str], rows:
                                      files, labelled)
     elif suffix in (".npz", ".npy"):
         yield from _array_chunks(path, *read_arrays(path), class_names, rows, start_chunk)
-    elif suffix in TABLE_SUFFIXES:
-        yield from _table_chunks(path, spec, class_names, rows, start_chunk, target)
+    elif path.is_dir() or suffix in FORMATS:
+        reader = folder_chunks if path.is_dir() else table_chunks
+        yield from reader(path, spec, class_names, rows, start_chunk, target)
     elif "idx3-ubyte" in path.name:
         yield from _idx_chunks(path, class_names, rows, start_chunk)
     else:
         raise InputError(f"{path}: unsupported input; expected a folder or .txt list of "
-                         "images, .csv, .parquet, .npz, .npy or an IDX images file")
+                         "images, .csv or .parquet (or a folder of them), .npz, .npy or an "
+                         "IDX images file")

@@ -134,7 +134,8 @@ def test_image_folder_on_error_fail_and_skip(digits_run, tmp_path):
 
 
 def _tables(folder):
-    """A folder of Parquet files (the way tables are kept), given where images go."""
+    """A folder of Parquet files (the way tables are kept, read as one table), given to a
+    model of images."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -146,8 +147,8 @@ def _tables(folder):
     (lambda d: np.savez(d / "in.npz", x=np.zeros((4, 3, 8, 8), np.uint8)), "got shape (4, 3, 8, 8)"),
     (lambda d: np.savez(d / "in.npz", x=np.zeros((4, 1, 8, 8), np.int32)), "got dtype int32"),
     (lambda d: (d / "in").mkdir(), "no PNG or JPEG images found"),
-    (lambda d: _tables(d / "in"), "in: no PNG or JPEG images found; it holds tables "
-     "(part-0.parquet, ...): give one .csv/.parquet file, or a folder of them with --engine ray"),
+    (lambda d: _tables(d / "in"), "in (chunk 0): the model takes images and this input is a "
+     "table (2 rows x 0 numeric columns)"),
     (lambda d: (d / "in.npz").write_bytes(b"garbage"), "cannot read arrays"),
 ])
 def test_bad_inputs_leave_no_output(digits_run, tmp_path, make, needle):

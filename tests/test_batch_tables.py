@@ -157,10 +157,10 @@ def test_a_huge_pass_through_cell_is_predicted_and_kept(table_model, tmp_path, f
 
 def test_a_row_past_the_largest_read_block_is_one_line(table_model, tmp_path, monkeypatch):
     """The blocks made small (in-process) so that a 100 KB row is past the largest."""
-    from export import readers
+    from export import tables
     from export.batch import JobOptions, run_batch
 
-    monkeypatch.setattr(readers, "CSV_BLOCKS", (16 << 10, 32 << 10))
+    monkeypatch.setattr(tables, "CSV_BLOCKS", (16 << 10, 32 << 10))
     table = _table(3, 5).drop(["label"])
     docs = ["a", "b" * (20 << 10), "c" * (100 << 10)]  # the second needs the 32 KiB block
     pacsv.write_csv(table.append_column("doc", pa.array(docs)), tmp_path / "in.csv")
@@ -184,3 +184,111 @@ def test_the_python_api_refuses_an_output_that_is_an_input(table_model, tmp_path
         run_batch(table_model, tmp_path / "in.csv", tmp_path / "in.parquet",
                   JobOptions(progress=False))
     assert (tmp_path / "in.csv").read_bytes() == before and not (tmp_path / "in.parquet").exists()
+
+
+def _partitioned(folder, fmt: str, sizes=(700, 0, 1301, 999)) -> list[pa.Table]:
+    """Tables as they are kept: a hive-partitioned folder of files of different sizes (one
+    empty), with Spark's marker files beside them."""
+    import pyarrow.parquet as pq
+
+    tables = []
+    for i, n in enumerate(sizes):
+        part = folder / f"day=2026-01-0{1 + i // 2}" / f"part-{i}.{fmt}"
+        part.parent.mkdir(parents=True, exist_ok=True)
+        tables.append(_table(max(n, 1), 10 + i).slice(0, n))  # an empty one keeps its types
+        if fmt == "csv":
+            pacsv.write_csv(tables[-1], part)
+        else:
+            pq.write_table(tables[-1], part)
+    (folder / "_SUCCESS").write_text("")
+    return tables
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_a_folder_of_tables_is_predicted_as_one_table_and_resumes(table_model, tmp_path, fmt,
+                                                                  monkeypatch):
+    """The local engine reads a (hive-partitioned) folder of tables as one table in chunks
+    that span files; each row's id is its file and row, the partition a column; a job
+    stopped after some parts resumes from them (skipping whole files) to the same output;
+    a file changed since makes --resume refuse, naming it. No input is touched."""
+    import pyarrow.parquet as pq
+
+    from export import batch
+    from export.batch import JobOptions, run_batch
+
+    folder = tmp_path / "tables"
+    tables = _partitioned(folder, fmt)
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    summary = run_batch(table_model, folder, tmp_path / "p.parquet",
+                        JobOptions(progress=False, chunk_rows=500))
+    got = pq.read_table(tmp_path / "p.parquet").to_pylist()
+    want = [(f"day=2026-01-0{1 + i // 2}/part-{i}.{fmt}:{r}", k)
+            for i, t in enumerate(tables) for r, k in enumerate(t.column("key").to_pylist())]
+    assert [(g["id"], g["key"]) for g in got] == want and summary.rows == len(want) == 3000
+    assert summary.metrics["accuracy"] > 0.9
+    assert [g["day"] for g in got] == ["2026-01-01"] * 700 + ["2026-01-02"] * 2300
+
+    write_part, written = batch.write_part, []
+
+    def stop_after_three(path, columns):
+        if len(written) == 3:  # parts 0-2: the third holds rows of the third and fourth files
+            raise KeyboardInterrupt
+        written.append(path)
+        write_part(path, columns)
+
+    monkeypatch.setattr(batch, "write_part", stop_after_three)
+    out = tmp_path / "q.parquet"
+    with pytest.raises(KeyboardInterrupt):
+        run_batch(table_model, folder, out, JobOptions(progress=False, chunk_rows=500))
+    monkeypatch.setattr(batch, "write_part", write_part)
+    resumed = run_batch(table_model, folder, out,
+                        JobOptions(progress=False, chunk_rows=500, resume=True))
+    assert resumed.resumed_after_rows == 1500 and pq.read_table(out).to_pylist() == got
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+
+    with pytest.raises(KeyboardInterrupt):
+        monkeypatch.setattr(batch, "write_part", stop_after_three)
+        run_batch(table_model, folder, tmp_path / "r.parquet",
+                  JobOptions(progress=False, chunk_rows=500))
+    changed = folder / "day=2026-01-02" / f"part-3.{fmt}"
+    changed.write_bytes(changed.read_bytes() + b"\n" if fmt == "csv" else
+                        (tmp_path / "q.parquet").read_bytes())
+    with pytest.raises(InputError, match=r"cannot --resume: the input changed .*: 0 tables "
+                                         r"added, 0 removed, 1 modified \(e.g. day=2026-01-02/"
+                                         rf"part-3.{fmt}\)"):
+        run_batch(table_model, folder, tmp_path / "r.parquet",
+                  JobOptions(progress=False, chunk_rows=500, resume=True))
+
+
+@pytest.mark.parametrize("bad,needle", [
+    ("extra", "part-2.parquet: has column 'extra', which the first file lacks"),
+    ("retyped", "part-2.parquet: column 'a' is string, expected float as in the first file"),
+    ("cut short", "part-2.parquet: cannot read table"),
+    ("not a table", "notes.txt: expected .csv or .parquet files (--input)"),
+    ("mixed", "mixes CSV and Parquet files; expected one format (--input)"),
+])
+def test_a_bad_file_in_a_folder_of_tables_is_named(table_model, tmp_path, bad, needle):
+    """One line naming the file and what was expected, exit 2, no output, nothing touched."""
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "tables"
+    folder.mkdir()
+    for i in range(2):
+        pq.write_table(_table(50, i), folder / f"part-{i}.parquet")
+    t = _table(50, 2)
+    if bad == "extra":
+        pq.write_table(t.append_column("extra", pa.array([1] * 50)), folder / "part-2.parquet")
+    elif bad == "retyped":
+        pq.write_table(t.set_column(1, "a", pa.array(["x"] * 50)), folder / "part-2.parquet")
+    elif bad == "cut short":
+        (folder / "part-2.parquet").write_bytes((folder / "part-1.parquet").read_bytes()[:300])
+    elif bad == "not a table":
+        (folder / "notes.txt").write_text("read me")
+    else:
+        pacsv.write_csv(t, folder / "part-2.csv")
+    before = {p: p.read_bytes() for p in folder.iterdir()}
+    proc = run_cli("predict", "--model", str(table_model), "--input", str(folder),
+                   "--output", str(tmp_path / "p.csv"))
+    assert_one_line_error(proc, needle)
+    assert {p: p.read_bytes() for p in folder.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tables"]

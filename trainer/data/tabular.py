@@ -10,7 +10,6 @@ holds floats (or as `data.task` says).
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
@@ -22,7 +21,9 @@ import numpy as np
 
 from export.errors import InputError
 from export.timing import usable_cores
-from export.readers import check_column_names, describe_nonfinite, short_reason
+from export.readers import short_reason
+from export.tables import (check_column_names, check_schema, describe_nonfinite,
+                           table_dataset, table_files)
 from trainer.allocator import release_arrow_memory
 from trainer.data.ahead import Ahead
 from trainer.data.cache import RowCache, cache_root
@@ -34,7 +35,6 @@ from trainer.data.lazy import Labels
 from trainer.data.lineage import save_snapshot
 from trainer.data.records import places
 
-FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 CONVERT_ROWS = 4096  # rows of features converted to float32 together
 GATHER_ROWS = 1 << 18  # rows of the cached target read together
 VOCAB_LOCK = threading.Lock()  # the string labels' codes, assigned as files are decoded
@@ -83,69 +83,6 @@ def feature_matrix(table, columns: list[str], source: str) -> tuple[np.ndarray, 
         raise InputError(f"{source}: row {row}, column {columns[col]!r} "
                          f"{describe_nonfinite(value)}")
     return x, lo, hi
-
-
-def table_files(root: str) -> tuple[Path, list[Path], str]:
-    """(base folder, files, format) of `root`: one file, a folder (searched recursively,
-    hive-partitioned or not; names starting with . or _ are skipped, as Spark and Hive
-    write them) or a glob pattern."""
-    path = Path(root)
-    if path.is_file():
-        base, files = path.parent, [path]
-    elif path.is_dir():
-        base, files = path, sorted(p for p in path.rglob("*") if p.is_file() and not any(
-            part.startswith((".", "_")) for part in p.relative_to(path).parts))
-    elif any(c in root for c in "*?["):
-        files = sorted(Path(p) for p in glob.glob(root, recursive=True) if Path(p).is_file())
-        base = Path(os.path.commonpath([str(p.parent) for p in files])) if files else path.parent
-    else:
-        raise InputError(f"{path}: not found (data.root)")
-    formats = {FORMATS.get(p.suffix.lower()) for p in files}
-    if not files or None in formats:
-        odd = next((p for p in files if p.suffix.lower() not in FORMATS), None)
-        raise InputError(f"{odd or root}: expected .csv or .parquet files (data.root)")
-    if len(formats) > 1:
-        raise InputError(f"{root}: mixes CSV and Parquet files; expected one format (data.root)")
-    return base, files, formats.pop()
-
-
-def _dataset(base: Path, files: list[Path], fmt: str):
-    import pyarrow as pa
-    import pyarrow.dataset as pads
-
-    if fmt == "parquet":  # column chunks read as decoded, not all of a row group first
-        # (pyarrow's pre_buffer, made for object stores): local files, 2M-row files of 5
-        # columns, 2 decoded at once: Arrow's pool at most 173 -> 106 MB, no slower (run AN)
-        form = pads.ParquetFileFormat(default_fragment_scan_options=pads.
-                                      ParquetFragmentScanOptions(pre_buffer=False))
-    else:
-        form = fmt
-    try:
-        return pads.dataset([str(f) for f in files], format=form, partitioning="hive",
-                            partition_base_dir=str(base))
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise InputError(f"{files[0]}: cannot read table ({short_reason(exc)})") from None
-
-
-def _check_schema(fragment, schema, path: str) -> None:
-    """A Parquet file must have the first file's columns and types."""
-    import pyarrow as pa
-
-    try:
-        physical = fragment.physical_schema
-    except (pa.ArrowInvalid, OSError) as exc:  # cut short, empty, not Parquet
-        raise InputError(f"{path}: cannot read table ({short_reason(exc)})") from None
-    for field in physical:
-        if field.name not in schema.names:
-            raise InputError(f"{path}: has column {field.name!r}, which the first file lacks; "
-                             f"expected the columns {schema.names}")
-        if schema.field(field.name).type != field.type:
-            raise InputError(f"{path}: column {field.name!r} is {field.type}, expected "
-                             f"{schema.field(field.name).type} as in the first file")
-    partition_keys = len(schema) - len(physical)
-    missing = [n for n in schema.names[:len(schema) - partition_keys] if n not in physical.names]
-    if missing:
-        raise InputError(f"{path}: missing column {missing[0]!r}")
 
 
 def _target_kind(target_type, task: str) -> tuple[str, str]:
@@ -328,7 +265,7 @@ def load_tabular(root: str | None, opts: SourceOptions) -> FixedDataset:
         raise InputError("data.root: the tabular source needs a .csv or .parquet file, a "
                          "folder of them or a glob")
     base, files, fmt = table_files(root)
-    dataset = _dataset(base, files, fmt)
+    dataset = table_dataset(base, files, fmt)
     schema, origin = dataset.schema, Path(root)
     columns = _feature_columns(schema, files[0], opts.target)
     task, y_dtype = _target_kind(schema.field(opts.target).type, opts.task)
@@ -345,7 +282,7 @@ def load_tabular(root: str | None, opts: SourceOptions) -> FixedDataset:
 
         def decode(_, path: str):
             if fmt == "parquet":
-                _check_schema(fragments[path], schema, path)
+                check_schema(fragments[path], schema, path)
             if ahead.width is None:  # the first file to decode
                 ahead.width = _ahead_width(fragments[path], len(columns))
             return ahead(order[path], _batches(fragments[path], schema, columns, opts.target,

@@ -1,0 +1,286 @@
+"""Tables as they are kept: one CSV or Parquet file, a folder of them (hive-partitioned or
+not) or a glob, read as one table with `pyarrow.dataset`, record batch by record batch.
+Shared by training (trainer/data/tabular.py, into the row cache) and the batch job (a table
+file or a folder of them given to `trainer predict`, in chunks of exactly `rows`); no torch.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from export.card import InputSpec
+from export.errors import InputError
+from export.jobstate import name_under
+from export.readers import IMAGE_SUFFIXES, Chunk, labels_to_index, short_reason
+
+FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+
+
+def table_files(root: str, flag: str = "data.root") -> tuple[Path, list[Path], str]:
+    """(base folder, files, format) of `root`: one file, a folder (searched recursively,
+    hive-partitioned or not; names starting with . or _ are skipped, as Spark and Hive
+    write them) or a glob pattern. `flag`: the option that gave it, for the messages."""
+    path = Path(root)
+    if path.is_file():
+        base, files = path.parent, [path]
+    elif path.is_dir():
+        base, files = path, sorted(p for p in path.rglob("*") if p.is_file() and not any(
+            part.startswith((".", "_")) for part in p.relative_to(path).parts))
+    elif any(c in root for c in "*?["):
+        files = sorted(Path(p) for p in glob.glob(root, recursive=True) if Path(p).is_file())
+        base = Path(os.path.commonpath([str(p.parent) for p in files])) if files else path.parent
+    else:
+        raise InputError(f"{path}: not found ({flag})")
+    formats = {FORMATS.get(p.suffix.lower()) for p in files}
+    if not files or None in formats:
+        odd = next((p for p in files if p.suffix.lower() not in FORMATS), None)
+        raise InputError(f"{odd or root}: expected .csv or .parquet files ({flag})")
+    if len(formats) > 1:
+        raise InputError(f"{root}: mixes CSV and Parquet files; expected one format ({flag})")
+    return base, files, formats.pop()
+
+
+def holds_tables(folder: Path) -> bool:
+    """Whether a folder given as an input is a table (it holds .csv/.parquet files and no
+    image): walked only until its first image, so an image folder of millions costs one
+    listing of its first folder."""
+    tables = False
+    for _, _, names in os.walk(folder):
+        for name in names:
+            suffix = os.path.splitext(name)[1].lower()
+            if suffix in IMAGE_SUFFIXES:
+                return False
+            tables = tables or (suffix in FORMATS and not name.startswith((".", "_")))
+    return tables
+
+
+def table_dataset(base: Path, files: list[Path], fmt: str):
+    """`files` as one pyarrow dataset (hive partitions under `base` are columns)."""
+    import pyarrow as pa
+    import pyarrow.dataset as pads
+
+    if fmt == "parquet":  # column chunks read as decoded, not all of a row group first
+        # (pyarrow's pre_buffer, made for object stores): local files, 2M-row files of 5
+        # columns, 2 decoded at once: Arrow's pool at most 173 -> 106 MB, no slower (run AN)
+        form = pads.ParquetFileFormat(default_fragment_scan_options=pads.
+                                      ParquetFragmentScanOptions(pre_buffer=False))
+    else:
+        form = fmt
+    try:
+        return pads.dataset([str(f) for f in files], format=form, partitioning="hive",
+                            partition_base_dir=str(base))
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise InputError(f"{files[0]}: cannot read table ({short_reason(exc)})") from None
+
+
+def check_schema(fragment, schema, path) -> None:
+    """A Parquet file must have the first file's columns and types."""
+    import pyarrow as pa
+
+    try:
+        physical = fragment.physical_schema
+    except (pa.ArrowInvalid, OSError) as exc:  # cut short, empty, not Parquet
+        raise InputError(f"{path}: cannot read table ({short_reason(exc)})") from None
+    for field in physical:
+        if field.name not in schema.names:
+            raise InputError(f"{path}: has column {field.name!r}, which the first file lacks; "
+                             f"expected the columns {schema.names}")
+        if schema.field(field.name).type != field.type:
+            raise InputError(f"{path}: column {field.name!r} is {field.type}, expected "
+                             f"{schema.field(field.name).type} as in the first file")
+    partition_keys = len(schema) - len(physical)
+    missing = [n for n in schema.names[:len(schema) - partition_keys] if n not in physical.names]
+    if missing:
+        raise InputError(f"{path}: missing column {missing[0]!r}")
+
+
+def folder_chunks(path: Path, spec: InputSpec, class_names, rows: int, first: int,
+                  target: str | None) -> Iterator[Chunk]:
+    """A folder of tables read as one table, from chunk `first` on, in chunks of exactly
+    `rows` (the last may be shorter) that may span files; a row's id is its file's path
+    under the folder and its row number in that file ("part-1.parquet:12"). Every Parquet
+    file must have the first one's columns and types; a resumed job skips whole files by
+    their row counts (Parquet's from its footer)."""
+    base, files, fmt = table_files(str(path), "--input")
+    dataset = table_dataset(base, files, fmt)
+    schema, columns, skip = dataset.schema, list(spec.columns or ()), first * rows
+    check_column_names(schema.names, files[0])
+    fragments = {os.path.normpath(f.path): f for f in dataset.get_fragments()}
+    pending: list[Chunk] = []
+    for f in files:
+        fragment, done = fragments[os.path.normpath(str(f))], 0
+        try:
+            if fmt == "parquet":
+                check_schema(fragment, schema, f)
+            if skip and (n := fragment.count_rows()) <= skip:
+                skip -= n
+                continue
+            for batch in fragment.to_batches(schema=schema, batch_size=rows, batch_readahead=1):
+                start, skip = min(skip, batch.num_rows), skip - min(skip, batch.num_rows)
+                if start < batch.num_rows:
+                    pending.append(table_chunk(f, batch.slice(start), columns, class_names,
+                                               target, done + start, name_under(f, base)))
+                done += batch.num_rows
+                while sum(len(c.ids) for c in pending) >= rows:
+                    chunk, pending = _cut(pending, rows)
+                    yield chunk
+        except InputError:
+            raise
+        except Exception as exc:  # pyarrow parse errors (bad rows, mixed types, not a table)
+            raise InputError(f"{f}: cannot read table near row {done} "
+                             f"({short_reason(exc)})") from None
+    if pending:
+        yield _cut(pending, sum(len(c.ids) for c in pending))[0]
+
+
+def _cut(chunks: list[Chunk], rows: int) -> tuple[Chunk, list[Chunk]]:
+    """The first `rows` rows of `chunks` as one chunk, and the chunks of the rest."""
+    taken, rest, need = [], [], rows
+    for c in chunks:
+        n = min(need, len(c.ids))
+        if n:
+            taken.append(_rows(c, 0, n))
+        if n < len(c.ids):
+            rest.append(_rows(c, n, len(c.ids)))
+        need -= n
+    if len(taken) == 1:
+        return taken[0], rest
+    ys = [c.y for c in taken]
+    return Chunk([i for c in taken for i in c.ids], np.concatenate([c.x for c in taken]),
+                 None if ys[0] is None else np.concatenate(ys),
+                 {k: [v for c in taken for v in c.extra[k]] for k in taken[0].extra}), rest
+
+
+def _rows(c: Chunk, a: int, b: int) -> Chunk:
+    if (a, b) == (0, len(c.ids)):
+        return c
+    return Chunk(c.ids[a:b], c.x[a:b], None if c.y is None else c.y[a:b],
+                 {k: v[a:b] for k, v in c.extra.items()})
+
+
+# CSV read block sizes: a block must hold the longest row, and pyarrow's streaming reader
+# reads ~32 blocks ahead, so the block bounds memory: 4 MiB blocks held ~130 MB more at
+# 3 million rows than at 100,000; 1 MiB keeps it flat (scripts/soak.py). Longer rows (a
+# document in a pass-through cell) are read again with the next size.
+CSV_BLOCKS = (1 << 20, 8 << 20, 64 << 20)
+
+
+class _RowTooLong(Exception):
+    pass
+
+
+def table_chunks(path: Path, spec: InputSpec, class_names, rows: int, first: int,
+                  target: str | None) -> Iterator[Chunk]:
+    """The table's chunks from chunk `first` on. A CSV row longer than the read block (a
+    document or a base64 blob in a pass-through column) is read again with the next block
+    size, from the first chunk not yet given out; past the last, one line."""
+    for block in CSV_BLOCKS:
+        try:
+            for chunk in _table_chunks_in(path, spec, class_names, rows, first, target, block):
+                yield chunk
+                first += 1
+            return
+        except _RowTooLong:
+            continue
+    raise InputError(f"{path}: a row near chunk {first} is longer than {CSV_BLOCKS[-1] >> 20} "
+                     f"MiB; expected CSV rows of at most that size (a larger cell belongs in a "
+                     f"Parquet file)")
+
+
+def _table_chunks_in(path: Path, spec: InputSpec, class_names, rows: int, first: int,
+                     target: str | None, block: int) -> Iterator[Chunk]:
+    try:
+        import pyarrow.csv as pacsv
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise InputError(f"{path}: reading CSV/Parquet needs pyarrow (pip install pyarrow)") from None
+    columns = list(spec.columns or ())
+    done, pending = 0, None
+    try:
+        if path.suffix.lower() == ".csv":
+            batches = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=block))
+        else:
+            batches = pq.ParquetFile(path).iter_batches(batch_size=rows)
+        for batch in batches:  # re-cut the reader's batches into chunks of exactly `rows`
+            if done == 0 and pending is None:
+                check_column_names(batch.schema.names, path)
+            pending = batch if pending is None else _concat(pending, batch)
+            while pending.num_rows >= rows:
+                part, pending = pending.slice(0, rows), pending.slice(rows)
+                if done >= first * rows:
+                    yield table_chunk(path, part, columns, class_names, target, done)
+                done += rows
+        if pending is not None and pending.num_rows and done >= first * rows:
+            yield table_chunk(path, pending, columns, class_names, target, done)
+    except InputError:
+        raise
+    except Exception as exc:  # pyarrow parse errors (bad rows, mixed types, not a table)
+        if "straddl" in str(exc):  # a row longer than the block
+            raise _RowTooLong() from None
+        raise InputError(f"{path}: cannot read table near row {done} ({short_reason(exc)})") from None
+
+
+def describe_nonfinite(value) -> str:
+    """Why a feature value cannot be fed to a float32 graph."""
+    if value is None:
+        return "is empty"
+    if isinstance(value, (int, float)) and np.isfinite(float(value)):
+        return f"is {value:g}, which overflows float32 (largest {np.finfo(np.float32).max:.4g})"
+    return "is NaN or infinite"
+
+
+def check_column_names(names: list[str], source) -> None:
+    """A table's header must name each column once."""
+    seen = set()
+    for name in names:
+        if name in seen:
+            raise InputError(f"{source}: column name {name!r} appears more than once in the "
+                             f"header")
+        seen.add(name)
+
+
+def table_chunk(path: Path, batch, columns, class_names, target, offset: int,
+                under: str | None = None) -> Chunk:
+    """A batch of rows as a chunk (ids: their row numbers, after `under:`, the file's name
+    in its folder, for a file of a folder); a bad value is named by file, row and column."""
+    import pyarrow.types as pat
+
+    names = batch.schema.names
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise InputError(f"{path}: missing feature column {missing[0]!r}; the model expects "
+                         f"{columns}, found {names}")
+    cols = []
+    for name in columns:
+        col = batch.column(names.index(name))
+        if not (pat.is_integer(col.type) or pat.is_floating(col.type) or pat.is_boolean(col.type)):
+            raise InputError(f"{path}: feature column {name!r} is {col.type}, expected numbers")
+        cols.append(col.to_numpy(zero_copy_only=False).astype(np.float32))
+    x = np.stack(cols, axis=1) if cols else np.zeros((batch.num_rows, 0), np.float32)
+    bad = ~np.isfinite(x)
+    if bad.any():
+        row, col = (int(v[0]) for v in np.nonzero(bad))
+        value = batch.column(names.index(columns[col]))[row].as_py()
+        raise InputError(f"{path}: row {offset + row}, column {columns[col]!r} "
+                         f"{describe_nonfinite(value)}")
+    extra = {n: batch.column(i).to_pylist() for i, n in enumerate(names)
+             if n not in columns and n != target}
+    y = None
+    if target and target in names:
+        raw = batch.column(names.index(target)).to_numpy(zero_copy_only=False)
+        y = labels_to_index(raw, class_names, f"{path}:{target}", by_name=True)
+    ids = [f"{under}:{offset + i}" if under else str(offset + i) for i in range(batch.num_rows)]
+    return Chunk(ids, x, y, extra)
+
+
+def _concat(a, b):
+    import pyarrow as pa
+
+    return pa.Table.from_batches([a, b]).combine_chunks().to_batches()[0] if a.num_rows else b
+
+
