@@ -197,3 +197,30 @@ def test_peak_memory_of_a_fit_does_not_grow_with_the_dataset(tmp_path):
         peaks[n] = min(runs)
     grew = (peaks[6000] - peaks[1500]) / 2**20
     assert grew < 40, f"peak RSS grew by {grew:.0f} MiB: {peaks}"
+
+
+def test_a_chunked_pass_over_narrow_rows_holds_about_a_chunk(tmp_path, monkeypatch):
+    """A pass over a split in chunks (the value check, the gates, `trainer data`) holds
+    ~CHUNK_BYTES: a chunk is counted with what reading it makes of each row (positions, row
+    numbers, the span read), not by x alone: a table's 3 features are 12 bytes a row, and
+    chunks of CHUNK_BYTES / 12 rows held ~7x CHUNK_BYTES."""
+    import tracemalloc
+
+    from trainer.data import dataset
+
+    pq.write_table(_table(600_000, 0), tmp_path / "t.parquet")
+    dm = FixedDataModule(source="tabular", root=str(tmp_path / "t.parquet"), target="target",
+                         memory_budget_gb=1e-9, cache_dir=str(tmp_path / "c"))
+    dm.setup("fit")
+    split = dm.splits["train"]
+    monkeypatch.setattr(dataset, "CHUNK_BYTES", 2 << 20)
+    tracemalloc.start()
+    rows = 0
+    try:
+        for x, y in split.chunks():
+            rows += len(x)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert rows == len(split) > 400_000
+    assert peak <= 5 << 19, f"a pass of 2 MiB chunks held {peak / 2**20:.1f} MiB"

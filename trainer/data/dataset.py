@@ -17,6 +17,10 @@ from trainer.data.records import READ_ROWS, Records, places
 from trainer.data.split import Picked
 
 CHUNK_BYTES = 32 << 20  # rows per step of every pass over a whole split: ~32 MiB of x
+# and of what reading them makes a row: a chunk's positions, its row numbers and labels'
+# (int64 on the way), the span of rows read around them, masks (traced: ~110 bytes a row,
+# where a table's 3 features are 12; chunks of x alone held ~7x CHUNK_BYTES)
+GATHER_BYTES = 128
 
 
 @dataclass(frozen=True)
@@ -41,8 +45,8 @@ class Split:
 
     @property
     def chunk_rows(self) -> int:
-        """Samples per step of a chunked pass (~CHUNK_BYTES of x)."""
-        return max(1, CHUNK_BYTES // max(1, self.x[:1].nbytes))
+        """Samples per step of a chunked pass (~CHUNK_BYTES of x and of reading it)."""
+        return max(1, CHUNK_BYTES // (self.x[:1].nbytes + GATHER_BYTES))
 
     def subset(self, samples: np.ndarray) -> Split:
         rows = samples if self.rows is None else self.rows[samples]
