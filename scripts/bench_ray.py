@@ -1,6 +1,7 @@
 """Batch inference past one process, in one invocation: rows/s of the local engine
 (`trainer predict`, one onnxruntime thread and all threads) against `--engine ray` with 1 and
-2 workers (one thread each) on the same 200,000-row table, Ray's start-up on its own, and
+2 workers (one thread each) on the same 200,000-row table, the local engine on the folder
+of files Ray reads (as one table) against it on one file, Ray's start-up on its own, and
 the machine's own ceiling: the same files through the local engine in 1 and 2 plain
 processes (no Ray), so the Ray ratio can be read against what the cores allow.
 
@@ -81,11 +82,10 @@ def main() -> None:
         for i in range(args.files):
             pq.write_table(table.slice(i * step, step), work / "many" / f"part-{i:03d}.parquet")
 
-        def local(threads: int) -> float:
+        def local(threads: int, source: str = "one.parquet") -> float:
             out = work / "local.parquet"
             t = time.perf_counter()
-            run_batch(model, work / "one.parquet", out,
-                      JobOptions(progress=False, threads=threads))
+            run_batch(model, work / source, out, JobOptions(progress=False, threads=threads))
             elapsed = time.perf_counter() - t
             out.unlink()
             return args.rows / elapsed
@@ -123,11 +123,13 @@ def main() -> None:
                 return args.rows / (time.perf_counter() - t)
 
             local(1), on_ray(1), plain(one), plain(two)  # warm-up: page cache, code paths
-            results = {"local, 1 thread": [], "local, all threads": [], "ray, 1 worker": [],
+            results = {"local, 1 thread": [], "local, all threads": [],
+                       "local, 1 thread, folder": [], "ray, 1 worker": [],
                        "ray, 2 workers": [], "plain, 1 process": [], "plain, 2 processes": []}
             for _ in range(args.repeats):  # interleaved: drift in the machine hits all sides
                 results["local, 1 thread"].append(local(1))
                 results["local, all threads"].append(local(0))
+                results["local, 1 thread, folder"].append(local(1, "many"))
                 results["ray, 1 worker"].append(on_ray(1))
                 results["ray, 2 workers"].append(on_ray(2))
                 results["plain, 1 process"].append(plain(one))
@@ -139,6 +141,9 @@ def main() -> None:
         overhead = 1 - ratio_of_medians(results["ray, 1 worker"], results["local, 1 thread"])
         print(f"ray 2 workers / 1 worker: {two_vs_one:.2f}x (goal >= 1.6x); the same files in "
               f"2 plain processes / 1, no Ray: {ceiling:.2f}x")
+        folder = ratio_of_medians(results["local, 1 thread, folder"], results["local, 1 thread"])
+        print(f"the local engine on the {args.files}-file folder (read as one table) / on one "
+              f"file, 1 thread: {folder:.2f}x")
         print(f"ray overhead vs the local engine at equal parallelism (1 worker vs 1 thread): "
               f"{overhead:.1%} (goal < 25%)")
         ray.shutdown()
