@@ -135,7 +135,7 @@ def main() -> None:
                 results["plain, 1 process"].append(plain(one))
                 results["plain, 2 processes"].append(plain(two))
         for name, rates in results.items():
-            print(f"{name:20} {spread(rates, '{:,.0f}')} rows/s")
+            print(f"{name:24} {spread(rates, '{:,.0f}')} rows/s")
         two_vs_one = ratio_of_medians(results["ray, 2 workers"], results["ray, 1 worker"])
         ceiling = ratio_of_medians(results["plain, 2 processes"], results["plain, 1 process"])
         overhead = 1 - ratio_of_medians(results["ray, 1 worker"], results["local, 1 thread"])
