@@ -31,6 +31,7 @@ from export.jobstate import (JobState, input_identity, read_listing, tables_iden
 from export.readers import is_image_input, iter_chunks, iter_image_files
 from export.runtime import Prediction, Predictor, predictor_for_job
 from export.summary import JobSummary, write_reports
+from export.tables import check_not_read_back, holds_tables, is_table_glob
 from export.writers import check_format, join_parts, write_part
 
 log = logging.getLogger(__name__)
@@ -255,17 +256,18 @@ def check_chunk_memory(spec: InputSpec, chunk_rows: int) -> None:
 
 
 def _identity(source: Path, images: list[Path] | None, state: JobState,
-              class_names: list[str]) -> tuple[dict, dict | None]:
+              class_names: list[str], tables: bool) -> tuple[dict, dict | None]:
     """The input's identity, and for an image input the listing's summary: its images are
     listed into the state folder as a stream (write_listing), nothing held per image. A bad
-    listing leaves no state behind for a job that never began."""
+    listing leaves no state behind for a job that never began. `tables`: a folder or glob
+    of tables, identified by each table's identity."""
     try:
+        if tables:
+            return tables_identity(source), None
         if images is None and is_image_input(source):
             listed = write_listing(source, iter_image_files(source), state.new_listing,
                                    class_names)
             return {**input_identity(source, None), "images": listed}, listed
-        if images is None and source.is_dir():  # a folder of tables
-            return tables_identity(source), None
         return input_identity(source, images), None
     except BaseException:
         state.new_listing.unlink(missing_ok=True)
@@ -296,11 +298,15 @@ def run_batch(model: str | Path, input_path: str | Path, output: str | Path,
     log.info("%s on %s, threads %s", predictor.path, predictor.provider, threads)
     check_chunk_memory(predictor.spec, opts.chunk_rows)
     qhat = coverage_threshold(predictor, opts.coverage)
-    if not (source := Path(input_path)).is_dir():
+    tables = is_table_glob(input_path) or Path(input_path).is_dir() and \
+        holds_tables(Path(input_path))
+    if tables and reports:
+        check_not_read_back([output, *_report_paths(output)], input_path)
+    if not (source := Path(input_path)).is_dir() and not tables:
         require_file(source, "an input file or folder")
     state, finished = JobState(output), False
     state.lock()
-    identity, listed = _identity(source, images, state, predictor.class_names)
+    identity, listed = _identity(source, images, state, predictor.class_names, tables)
     job = {"model": predictor.sha256, "input": identity,
            "format": fmt, "chunk_rows": opts.chunk_rows, "top_k": opts.top_k,
            "on_error": opts.on_error, "coverage": opts.coverage}

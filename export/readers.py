@@ -246,8 +246,11 @@ def iter_chunks(path: str | Path, spec: InputSpec, class_names: list[str], rows:
     starting at chunk `start_chunk` (a resumed job skips what it has done). `files`: the
     images of an image input, when the caller has listed them already (a stream of them
     with `labelled`: whether every image's folder names a class)."""
-    from export.tables import FORMATS, folder_chunks, table_chunks
+    from export.tables import FORMATS, folder_chunks, is_table_glob, table_chunks
 
+    if is_table_glob(path):  # data/*.parquet: the tables it names, as one
+        yield from folder_chunks(Path(path), spec, class_names, rows, start_chunk, target)
+        return
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: input not found")

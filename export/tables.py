@@ -6,6 +6,7 @@ file or a folder of them given to `trainer predict`, in chunks of exactly `rows`
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import os
 from collections.abc import Iterator
@@ -43,6 +44,25 @@ def table_files(root: str, flag: str = "data.root") -> tuple[Path, list[Path], s
     if len(formats) > 1:
         raise InputError(f"{root}: mixes CSV and Parquet files; expected one format ({flag})")
     return base, files, formats.pop()
+
+
+def is_table_glob(path: str | os.PathLike) -> bool:
+    """An input that names tables by a glob pattern (`data/*.parquet`), not by a path."""
+    return any(c in str(path) for c in "*?[") and not os.path.exists(path)
+
+
+def check_not_read_back(outputs: list[Path], source: str | os.PathLike) -> None:
+    """A job's outputs must not lie where its folder or glob of tables would read them as
+    tables the next time (one file that is not a table there fails every later job)."""
+    tables_glob = is_table_glob(source)
+    folder = None if tables_glob else os.path.realpath(source)
+    for out in outputs:
+        inside = fnmatch.fnmatch(os.path.abspath(out), os.path.abspath(source)) if tables_glob \
+            else Path(folder) in Path(os.path.realpath(out)).parents
+        if inside:
+            raise InputError(f"--output {out}: lies among the tables of --input {source}, "
+                             "which would read it as one of them the next time; write it "
+                             "elsewhere")
 
 
 def holds_tables(folder: Path) -> bool:

@@ -208,7 +208,8 @@ def _partitioned(folder, fmt: str, sizes=(700, 0, 1301, 999)) -> list[pa.Table]:
 def test_a_folder_of_tables_is_predicted_as_one_table_and_resumes(table_model, tmp_path, fmt,
                                                                   monkeypatch):
     """The local engine reads a (hive-partitioned) folder of tables as one table in chunks
-    that span files; each row's id is its file and row, the partition a column; a job
+    that span files; each row's id is its file and row, the partition a column (a glob of
+    the same tables gives the same rows); a job
     stopped after some parts resumes from them (skipping whole files) to the same output;
     a file changed since makes --resume refuse, naming it. No input is touched."""
     import pyarrow.parquet as pq
@@ -227,6 +228,9 @@ def test_a_folder_of_tables_is_predicted_as_one_table_and_resumes(table_model, t
     assert [(g["id"], g["key"]) for g in got] == want and summary.rows == len(want) == 3000
     assert summary.metrics["accuracy"] > 0.9
     assert [g["day"] for g in got] == ["2026-01-01"] * 700 + ["2026-01-02"] * 2300
+    glob = run_batch(table_model, folder / "*" / f"*.{fmt}", tmp_path / "g.parquet",
+                     JobOptions(progress=False, chunk_rows=700))  # the same tables by a glob
+    assert glob.rows == 3000 and pq.read_table(tmp_path / "g.parquet").to_pylist() == got
 
     write_part, written = batch.write_part, []
 
@@ -292,3 +296,25 @@ def test_a_bad_file_in_a_folder_of_tables_is_named(table_model, tmp_path, bad, n
     assert_one_line_error(proc, needle)
     assert {p: p.read_bytes() for p in folder.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tables"]
+
+
+def test_an_output_among_the_input_tables_is_refused(table_model, tmp_path):
+    """An output (or its reports) where the folder or glob of tables would read it as a
+    table next time is refused in one line before any work; beside them it is written."""
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "tables"
+    folder.mkdir()
+    pq.write_table(_table(40, 1), folder / "part-0.parquet")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    for source, out in ((folder, folder / "preds.csv"), (folder, folder / "sub" / "p.jsonl"),
+                        (f"{folder}/*.parquet", folder / "preds.parquet")):
+        proc = run_cli("predict", "--model", str(table_model), "--input", str(source),
+                       "--output", str(out))
+        assert_one_line_error(proc, f"--output {out}: lies among the tables of --input "
+                                    f"{source}, which would read it as one of them")
+        assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    proc = run_cli("predict", "--model", str(table_model), "--input", f"{folder}/*.parquet",
+                   "--output", str(tmp_path / "p.csv"))
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "p.csv").read_text().splitlines()[1].startswith("part-0.parquet:0,")

@@ -22,9 +22,9 @@ def predict_parser() -> argparse.ArgumentParser:
                    "or an MLflow URI: models:/NAME/VERSION, runs:/RUN_ID/model (store from "
                    "MLFLOW_TRACKING_URI; extra: tracking)")
     p.add_argument("--input", required=True, help="a folder (recursive) or .txt list of "
-                   "PNG/JPEG images, .csv/.parquet (or a folder of them, read as one table) "
-                   "with the model's feature columns, .npz with 'x' (and 'y'), .npy, or an "
-                   "IDX images file")
+                   "PNG/JPEG images, .csv/.parquet (or a folder or glob of them, read as one "
+                   "table) with the model's feature columns, .npz with 'x' (and 'y'), .npy, "
+                   "or an IDX images file")
     p.add_argument("--output", required=True, help="predictions .csv, .jsonl or .parquet "
                    "(written atomically); also writes <stem>.summary.json and <stem>.drift.json")
     p.add_argument("--top-k", type=int, default=1, help="also list the k most likely classes")
