@@ -610,6 +610,32 @@ def test_a_hive_partitioned_folder_and_a_csv_glob(tmp_path):
     assert len(ds.train) == 120 and ds.class_names == ["down", "up"]
 
 
+def test_a_date_partition_and_an_id_column_are_left_out_by_name(tmp_path):
+    """Tables as they are kept: a hive folder partitioned by date (a string key) with an id
+    column. Both are refused as features in one line that says how to leave them out;
+    `exclude_columns` leaves them out of the features (and of the cache's rows), a name
+    that is no column or is the target is one line too."""
+    for day in ("2026-01-01", "2026-01-02"):
+        part = tmp_path / "hive" / f"day={day}"
+        part.mkdir(parents=True)
+        t = _table(int(day[-1]))
+        pq.write_table(t.append_column("id", pa.array([f"{day}-{i}" for i in range(40)])),
+                       part / "part-0.parquet")
+    root, opts = str(tmp_path / "hive"), {"cache_dir": str(tmp_path / "c")}
+    with pytest.raises(InputError, match=r"feature column 'id' is string, expected numbers "
+                                         r"\(a column that is not a feature: "
+                                         r"--data.exclude_columns \[id\]\)$"):
+        load_source("tabular", root, SourceOptions(**opts))
+    with pytest.raises(InputError, match=r"feature column 'day' is string"):
+        load_source("tabular", root, SourceOptions(exclude_columns=("id",), **opts))
+    ds = load_source("tabular", root, SourceOptions(exclude_columns=("id", "day"), **opts))
+    assert ds.input_spec.columns == ("a", "b") and len(ds.train) == 80
+    assert ds.train.arrays()[0].shape == (80, 2)
+    for name, what in (("target", "is the target"), ("zone", "is not a column of")):
+        with pytest.raises(InputError, match=rf"data.exclude_columns: '{name}' {what}"):
+            load_source("tabular", root, SourceOptions(exclude_columns=(name,), **opts))
+
+
 @pytest.mark.parametrize("extra,message", [
     ({"c": np.zeros(40)}, r"part-2.parquet: has column 'c', which the first file lacks"),
     ({"b": np.array(["x"] * 40)}, r"part-2.parquet: column 'b' is string, expected double"),

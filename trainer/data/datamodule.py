@@ -55,6 +55,7 @@ class FixedDataModule(L.LightningDataModule):
         color_mode: Literal["L", "RGB"] | None = None,
         target: str = "target",
         task: Literal["auto", "classification", "regression"] = "auto",
+        exclude_columns: list[str] | None = None,
         cache_dir: str | None = None,
         verify_cache: bool = False,
         memory_budget_gb: float = 8.0,
@@ -78,6 +79,8 @@ class FixedDataModule(L.LightningDataModule):
             color_mode: image_folder: L or RGB; default: the first image's mode.
             target: tabular: name of the target column.
             task: tabular: classification or regression; auto = floats are regression.
+            exclude_columns: tabular: columns that are neither features nor the target (ids,
+                hive partition keys); `trainer predict` passes them through.
             cache_dir: image_folder, tabular: where decoded rows are cached (default
                 $FROZENFIT_CACHE or ~/.cache/frozenfit), per file and keyed by content.
             verify_cache: Re-hash every file (and re-check every cached row) instead of
@@ -96,8 +99,9 @@ class FixedDataModule(L.LightningDataModule):
     def dataset(self) -> FixedDataset:
         hp = self.hparams
         opts = SourceOptions(image_size=hp.image_size, color_mode=hp.color_mode,
-                             target=hp.target, task=hp.task, cache_dir=hp.cache_dir,
-                             verify_cache=hp.verify_cache)
+                             target=hp.target, task=hp.task,
+                             exclude_columns=tuple(hp.exclude_columns or ()),
+                             cache_dir=hp.cache_dir, verify_cache=hp.verify_cache)
         return load_source(hp.source, hp.root, opts)
 
     @cached_property

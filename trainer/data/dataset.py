@@ -122,6 +122,7 @@ class SourceOptions:
     color_mode: str | None = None  # image_folder: "L" or "RGB"; None = first image's
     target: str = "target"  # tabular: the target column
     task: str = "auto"  # tabular: classification, regression or auto
+    exclude_columns: tuple[str, ...] = ()  # tabular: columns that are not features
     cache_dir: str | None = None  # image_folder, tabular: the decoded-row cache
     verify_cache: bool = False  # re-hash every file instead of trusting size, mtime, inode
 

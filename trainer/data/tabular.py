@@ -244,19 +244,27 @@ def _targets(column, rows: np.ndarray | None, n: int, vocab: list[str], task: st
     return names, Labels(column, rows, n, rank.dtype, rank)
 
 
-def _feature_columns(schema, first: Path, target: str) -> list[str]:
-    """The table's feature columns (all but the target), each of numbers."""
+def _feature_columns(schema, first: Path, target: str, exclude: tuple[str, ...]) -> list[str]:
+    """The table's feature columns (all but the target and `exclude`), each of numbers."""
     import pyarrow.types as pat
 
     check_column_names(schema.names, first)
     if target not in schema.names:
         raise InputError(f"{first}: missing target column {target!r} (data.target); "
                          f"found {schema.names}")
-    columns = [c for c in schema.names if c != target]
+    for name in exclude:
+        if name not in schema.names or name == target:
+            what = "is the target" if name == target else f"is not a column of {first}"
+            raise InputError(f"data.exclude_columns: {name!r} {what}; expected some of "
+                             f"{[c for c in schema.names if c != target]}")
+    columns = [c for c in schema.names if c != target and c not in exclude]
     for name in columns:
         t = schema.field(name).type
         if not (pat.is_integer(t) or pat.is_floating(t) or pat.is_boolean(t) or pat.is_null(t)):
-            raise InputError(f"{first}: feature column {name!r} is {t}, expected numbers")
+            raise InputError(f"{first}: feature column {name!r} is {t}, expected numbers (a "
+                             f"column that is not a feature: --data.exclude_columns [{name}])")
+    if not columns:
+        raise InputError(f"{first}: no feature column left; the table has {schema.names}")
     return columns
 
 
@@ -267,10 +275,10 @@ def load_tabular(root: str | None, opts: SourceOptions) -> FixedDataset:
     base, files, fmt = table_files(root)
     dataset = table_dataset(base, files, fmt)
     schema, origin = dataset.schema, Path(root)
-    columns = _feature_columns(schema, files[0], opts.target)
+    columns = _feature_columns(schema, files[0], opts.target, opts.exclude_columns)
     task, y_dtype = _target_kind(schema.field(opts.target).type, opts.task)
     settings = {"reader": "1", "format": fmt, "schema": str(schema), "target": opts.target,
-                "task": task}
+                "task": task, **({"features": columns} if opts.exclude_columns else {})}
     key = hashlib.sha256(f"{os.path.realpath(base)}|{json.dumps(settings)}".encode())
     where = cache_root(opts.cache_dir) / f"tabular-{key.hexdigest()[:20]}"
     fragments = {str(Path(f.path)): f for f in dataset.get_fragments()}
