@@ -67,15 +67,19 @@ def check_not_read_back(outputs: list[Path], source: str | os.PathLike) -> None:
 
 def holds_tables(folder: Path) -> bool:
     """Whether a folder given as an input is a table (it holds .csv/.parquet files and no
-    image): walked only until its first image, so an image folder of millions costs one
-    listing of its first folder."""
-    tables = False
-    for _, _, names in os.walk(folder):
-        for name in names:
-            suffix = os.path.splitext(name)[1].lower()
-            if suffix in IMAGE_SUFFIXES:
-                return False
-            tables = tables or (suffix in FORMATS and not name.startswith((".", "_")))
+    image): walked entry by entry only until its first image, so an image folder of
+    millions costs a few entries, not a listing of its first class folder."""
+    tables, todo = False, [folder]
+    while todo:
+        with os.scandir(todo.pop()) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):  # not a linked one, as table_files'
+                    todo.append(entry.path)  # rglob does not follow them (nor loops)
+                    continue
+                suffix = os.path.splitext(entry.name)[1].lower()
+                if suffix in IMAGE_SUFFIXES:
+                    return False
+                tables = tables or (suffix in FORMATS and not entry.name.startswith((".", "_")))
     return tables
 
 

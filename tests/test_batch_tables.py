@@ -318,3 +318,22 @@ def test_an_output_among_the_input_tables_is_refused(table_model, tmp_path):
                    "--output", str(tmp_path / "p.csv"))
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "p.csv").read_text().splitlines()[1].startswith("part-0.parquet:0,")
+
+
+def test_which_folders_are_tables(tmp_path):
+    """A folder is a table when it holds tables and no image (linked folders are not
+    walked, as the table reader's rglob does not: a link back above is no loop); images
+    anywhere in it make it an image folder, as before."""
+    import pyarrow.parquet as pq
+
+    from export.tables import holds_tables
+
+    (tmp_path / "t" / "day=1").mkdir(parents=True)
+    pq.write_table(_table(3, 0), tmp_path / "t" / "day=1" / "part-0.parquet")
+    (tmp_path / "t" / "day=1" / "back").symlink_to(tmp_path / "t")
+    (tmp_path / "t" / "_SUCCESS").write_text("")
+    assert holds_tables(tmp_path / "t")
+    (tmp_path / "t" / "day=1" / "cat.png").write_bytes(b"")
+    assert not holds_tables(tmp_path / "t")
+    (tmp_path / "empty").mkdir()
+    assert not holds_tables(tmp_path / "empty")
