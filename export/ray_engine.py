@@ -82,8 +82,9 @@ def list_units(source: str, block: int, folder: Path) -> list[dict]:
     of an image folder, whose block listings go to `folder`."""
     from export.jobstate import input_identity
     from export.readers import IMAGE_SUFFIXES
+    from export.tables import is_table_glob
 
-    if any(c in source for c in "*?["):
+    if is_table_glob(source):
         files = sorted(Path(p) for p in glob.glob(source, recursive=True) if Path(p).is_file())
         if not files:
             raise InputError(f"{source}: the pattern matches no files")

@@ -32,7 +32,7 @@ def table_files(root: str, flag: str = "data.root") -> tuple[Path, list[Path], s
     elif path.is_dir():
         base, files = path, sorted(p for p in path.rglob("*") if p.is_file() and not any(
             part.startswith((".", "_")) for part in p.relative_to(path).parts))
-    elif any(c in root for c in "*?["):
+    elif is_table_glob(root):
         files = sorted(Path(p) for p in glob.glob(root, recursive=True) if Path(p).is_file())
         base = Path(os.path.commonpath([str(p.parent) for p in files])) if files else path.parent
     else:
