@@ -34,7 +34,9 @@ def table_files(root: str, flag: str = "data.root") -> tuple[Path, list[Path], s
             part.startswith((".", "_")) for part in p.relative_to(path).parts))
     elif is_table_glob(root):
         files = sorted(Path(p) for p in glob.glob(root, recursive=True) if Path(p).is_file())
-        base = Path(os.path.commonpath([str(p.parent) for p in files])) if files else path.parent
+        if not files:
+            raise InputError(f"{root}: the pattern matches no files ({flag})")
+        base = Path(os.path.commonpath([str(p.parent) for p in files]))
     else:
         raise InputError(f"{path}: not found ({flag})")
     formats = {FORMATS.get(p.suffix.lower()) for p in files}

@@ -270,6 +270,7 @@ def test_a_folder_of_tables_is_predicted_as_one_table_and_resumes(table_model, t
     ("cut short", "part-2.parquet: cannot read table"),
     ("not a table", "notes.txt: expected .csv or .parquet files (--input)"),
     ("mixed", "mixes CSV and Parquet files; expected one format (--input)"),
+    ("no match", "*.csv: the pattern matches no files (--input)"),
 ])
 def test_a_bad_file_in_a_folder_of_tables_is_named(table_model, tmp_path, bad, needle):
     """One line naming the file and what was expected, exit 2, no output, nothing touched."""
@@ -286,12 +287,13 @@ def test_a_bad_file_in_a_folder_of_tables_is_named(table_model, tmp_path, bad, n
         pq.write_table(t.set_column(1, "a", pa.array(["x"] * 50)), folder / "part-2.parquet")
     elif bad == "cut short":
         (folder / "part-2.parquet").write_bytes((folder / "part-1.parquet").read_bytes()[:300])
-    elif bad == "not a table":
+    elif bad in ("not a table", "no match"):
         (folder / "notes.txt").write_text("read me")
     else:
         pacsv.write_csv(t, folder / "part-2.csv")
     before = {p: p.read_bytes() for p in folder.iterdir()}
-    proc = run_cli("predict", "--model", str(table_model), "--input", str(folder),
+    source = f"{folder}/*.csv" if bad == "no match" else str(folder)
+    proc = run_cli("predict", "--model", str(table_model), "--input", source,
                    "--output", str(tmp_path / "p.csv"))
     assert_one_line_error(proc, needle)
     assert {p: p.read_bytes() for p in folder.iterdir()} == before

@@ -624,9 +624,11 @@ def test_a_date_partition_and_an_id_column_are_left_out_by_name(tmp_path):
     root, opts = str(tmp_path / "hive"), {"cache_dir": str(tmp_path / "c")}
     with pytest.raises(InputError, match=r"feature column 'id' is string, expected numbers "
                                          r"\(a column that is not a feature: "
-                                         r"--data.exclude_columns \[id\]\)$"):
+                                         r"--data.exclude_columns '\[id\]'\)$"):
         load_source("tabular", root, SourceOptions(**opts))
-    with pytest.raises(InputError, match=r"feature column 'day' is string"):
+    with pytest.raises(InputError, match=r"feature column 'day' is string, expected numbers "
+                                         r"\(a column that is not a feature: "
+                                         r"--data.exclude_columns '\[id, day\]'\)$"):
         load_source("tabular", root, SourceOptions(exclude_columns=("id",), **opts))
     ds = load_source("tabular", root, SourceOptions(exclude_columns=("id", "day"), **opts))
     assert ds.input_spec.columns == ("a", "b") and len(ds.train) == 80
@@ -658,7 +660,7 @@ def test_table_roots_that_hold_no_table(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(InputError, match=r"notes.txt: expected .csv or .parquet files"):
         load_source("tabular", str(tmp_path), SourceOptions())
-    with pytest.raises(InputError, match=r"nothing\*.csv: expected .csv or .parquet files"):
+    with pytest.raises(InputError, match=r"nothing\*.csv: the pattern matches no files"):
         load_source("tabular", str(tmp_path / "nothing*.csv"), SourceOptions())
     with pytest.raises(InputError, match=r"absent: not found \(data.root\)"):
         load_source("tabular", str(tmp_path / "absent"), SourceOptions())

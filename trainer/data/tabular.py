@@ -261,8 +261,9 @@ def _feature_columns(schema, first: Path, target: str, exclude: tuple[str, ...])
     for name in columns:
         t = schema.field(name).type
         if not (pat.is_integer(t) or pat.is_floating(t) or pat.is_boolean(t) or pat.is_null(t)):
+            leave = ", ".join([*exclude, name])
             raise InputError(f"{first}: feature column {name!r} is {t}, expected numbers (a "
-                             f"column that is not a feature: --data.exclude_columns [{name}])")
+                             f"column that is not a feature: --data.exclude_columns '[{leave}]')")
     if not columns:
         raise InputError(f"{first}: no feature column left; the table has {schema.names}")
     return columns
