@@ -94,8 +94,9 @@ def list_units(source: str, block: int, folder: Path) -> list[dict]:
         if not path.exists():
             raise InputError(f"{source}: input not found")
         root = path if path.is_dir() else path.parent
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in FILE_SUFFIXES) \
-            if path.is_dir() else [path]
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in FILE_SUFFIXES and not
+                       any(part.startswith((".", "_")) for part in p.relative_to(path).parts)) \
+            if path.is_dir() else [path]  # hidden and _ names skipped, as tables.table_files does
         if path.is_dir() and not files:  # a folder of images, labelled by class folder
             return _image_units(path, block, folder)
     bad = [f for f in files if f.suffix.lower() not in FILE_SUFFIXES]
@@ -103,15 +104,30 @@ def list_units(source: str, block: int, folder: Path) -> list[dict]:
         kind = "an image" if bad[0].suffix.lower() in IMAGE_SUFFIXES else "not an input"
         raise InputError(f"{bad[0]}: {kind} file; --engine ray takes a folder or glob of "
                          f"{', '.join(FILE_SUFFIXES)} files, or a folder of images")
-    units, taken = [], set()
+    units, taken, partitions = [], set(), _partitions(root, files)
     for f in files:
         name = str(f.relative_to(root).with_suffix("")).replace(os.sep, "__")
         while name in taken:  # a.csv and a.parquet side by side
             name += "_"
         taken.add(name)
         units.append({"input": str(f), "listing": None, "output": f"{name}.parquet",
-                      "identity": input_identity(f, None)})
+                      "identity": input_identity(f, None),
+                      "partitions": partitions.get(f.suffix.lower())})
     return units
+
+
+def _partitions(root: Path, files: list[Path]) -> dict[str, dict | None]:
+    """The hive partition columns of the table files under `root`, by suffix (as JSON): a
+    unit reads one file, and gives its rows the columns, typed alike, that the folder read as
+    one table (the local engine) gives them."""
+    from export.tables import FORMATS, Partitions
+
+    out = {}
+    for fmt in set(FORMATS.values()):
+        mine = [f for f in files if FORMATS.get(f.suffix.lower()) == fmt]
+        found = Partitions.of(root, mine, fmt) if mine else None
+        out.update({s: found and asdict(found) for s, f in FORMATS.items() if f == fmt})
+    return out
 
 
 def manifest_path(out: Path, unit: dict) -> Path:
@@ -122,6 +138,7 @@ def run_unit(predictor, unit: dict, out: Path, job_options: dict) -> dict:
     """One unit, as the local engine's job; then its manifest, written atomically."""
     from export.batch import JobOptions, run_batch
     from export.jobstate import read_listing, sha256_file
+    from export.tables import Partitions
 
     started = time.perf_counter()
     opts = JobOptions(**{**job_options, "resume": True, "progress": False})
@@ -129,7 +146,8 @@ def run_unit(predictor, unit: dict, out: Path, job_options: dict) -> dict:
     images = (list(read_listing(Path(unit["input"]), Path(unit["listing"])))
               if unit["listing"] is not None else None)  # one block's images
     summary = run_batch(predictor.path, unit["input"], output, opts, predictor=predictor,
-                        images=images, reports=False)
+                        images=images, reports=False,
+                        partitions=Partitions.from_json(unit.get("partitions")))
     manifest = {"input": unit["input"], "identity": unit["identity"],
                 "output": unit["output"], "output_sha256": sha256_file(output),
                 "model_sha256": summary.model_sha256, "top_k": opts.top_k,

@@ -10,6 +10,7 @@ import fnmatch
 import glob
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -85,8 +86,9 @@ def holds_tables(folder: Path) -> bool:
     return tables
 
 
-def table_dataset(base: Path, files: list[Path], fmt: str):
-    """`files` as one pyarrow dataset (hive partitions under `base` are columns)."""
+def table_dataset(base: Path, files: list[Path], fmt: str, partitioning="hive"):
+    """`files` as one pyarrow dataset (hive partitions under `base` are columns, typed as
+    `partitioning` says, by default from the files' own paths)."""
     import pyarrow as pa
     import pyarrow.dataset as pads
 
@@ -98,10 +100,40 @@ def table_dataset(base: Path, files: list[Path], fmt: str):
     else:
         form = fmt
     try:
-        return pads.dataset([str(f) for f in files], format=form, partitioning="hive",
+        return pads.dataset([str(f) for f in files], format=form, partitioning=partitioning,
                             partition_base_dir=str(base))
     except (pa.ArrowInvalid, OSError) as exc:
         raise InputError(f"{files[0]}: cannot read table ({short_reason(exc)})") from None
+
+
+@dataclass(frozen=True)
+class Partitions:
+    """The hive partition columns of a folder of tables (`day=2026-01-01/part-0.parquet`),
+    typed as the whole folder types them (a key whose every value is an integer is int32,
+    else string): what one file of it read alone (a Ray engine's work unit) needs to give
+    its rows the columns the folder read as one table gives them."""
+
+    base: str
+    columns: tuple[tuple[str, str], ...]  # (name, Arrow type) of each key, outermost first
+
+    @classmethod
+    def of(cls, base: Path, files: list[Path], fmt: str) -> Partitions | None:
+        """Those of `files` under `base`; None when no file lies in a key=value folder."""
+        if not any("=" in part for f in files for part in f.relative_to(base).parts[:-1]):
+            return None
+        schema = table_dataset(base, files, fmt).partitioning.schema
+        return cls(str(base), tuple((f.name, str(f.type)) for f in schema))
+
+    @classmethod
+    def from_json(cls, value: dict | None) -> Partitions | None:
+        return None if value is None else cls(value["base"], tuple(map(tuple, value["columns"])))
+
+    def partitioning(self):
+        import pyarrow as pa
+        import pyarrow.dataset as pads
+
+        return pads.partitioning(pa.schema([(n, pa.type_for_alias(t)) for n, t in self.columns]),
+                                 flavor="hive")
 
 
 def check_schema(fragment, schema, path) -> None:
@@ -126,14 +158,20 @@ def check_schema(fragment, schema, path) -> None:
 
 
 def folder_chunks(path: Path, spec: InputSpec, class_names, rows: int, first: int,
-                  target: str | None) -> Iterator[Chunk]:
+                  target: str | None, partitions: Partitions | None = None) -> Iterator[Chunk]:
     """A folder of tables read as one table, from chunk `first` on, in chunks of exactly
     `rows` (the last may be shorter) that may span files; a row's id is its file's path
     under the folder and its row number in that file ("part-1.parquet:12"). Every Parquet
     file must have the first one's columns and types; a resumed job skips whole files by
-    their row counts (Parquet's from its footer)."""
-    base, files, fmt = table_files(str(path), "--input")
-    dataset = table_dataset(base, files, fmt)
+    their row counts (Parquet's from its footer). With `partitions`, `path` is one file of
+    their folder (a Ray engine's unit), read with its partition columns; its rows' ids are
+    their row numbers, as any one file's are."""
+    if partitions is None:
+        base, files, fmt = table_files(str(path), "--input")
+        dataset = table_dataset(base, files, fmt)
+    else:
+        base, files, fmt = Path(partitions.base), [path], FORMATS[path.suffix.lower()]
+        dataset = table_dataset(base, files, fmt, partitions.partitioning())
     schema, columns, skip = dataset.schema, list(spec.columns or ()), first * rows
     check_column_names(schema.names, files[0])
     fragments = {os.path.normpath(f.path): f for f in dataset.get_fragments()}
@@ -150,7 +188,8 @@ def folder_chunks(path: Path, spec: InputSpec, class_names, rows: int, first: in
                 start, skip = min(skip, batch.num_rows), skip - min(skip, batch.num_rows)
                 if start < batch.num_rows:
                     pending.append(table_chunk(f, batch.slice(start), columns, class_names,
-                                               target, done + start, name_under(f, base)))
+                                               target, done + start,
+                                               None if partitions else name_under(f, base)))
                 done += batch.num_rows
                 while sum(len(c.ids) for c in pending) >= rows:
                     chunk, pending = _cut(pending, rows)

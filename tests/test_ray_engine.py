@@ -181,6 +181,63 @@ def test_multi_file_parquet_and_npy_shards_equal_the_local_engine(cluster, table
         _same_rows(_rows(tmp_path / "ray_npy" / f"x{i}.parquet"), _rows(local))
 
 
+def _hive(folder: Path) -> list[Path]:
+    """A hive-partitioned folder whose key `c` is the model's third feature (no file holds
+    it) and `day` a string passed through; a `_temporary` file Spark leaves is not a table."""
+    from tests.test_batch_tables import _table
+
+    files = []
+    for i, (day, c) in enumerate([("2026-01-01", 0), ("2026-01-01", 1), ("2026-01-02", -1)]):
+        path = folder / f"day={day}" / f"c={c}" / "part-0.parquet"
+        path.parent.mkdir(parents=True)
+        pq.write_table(_table(300 + i, i).drop(["c"]), path)
+        files.append(path)
+    (folder / "_temporary").mkdir()
+    (folder / "_temporary" / "part-9.parquet").write_bytes(b"half written")
+    return files
+
+
+def _same_as_local(out: Path, units: list[dict], local: Path, root: Path) -> None:
+    """Each unit's rows are the local engine's rows of its file (ids: row numbers there)."""
+    by_file: dict[str, list[dict]] = {}
+    for row in _rows(local):
+        name, _, number = row["id"].rpartition(":")
+        by_file.setdefault(name, []).append({**row, "id": number})
+    assert len(units) == len(by_file)
+    for unit in units:
+        _same_rows(_rows(out / unit["output"]),
+                   by_file[str(Path(unit["input"]).relative_to(root))])
+
+
+def test_a_hive_folders_units_read_their_partition_columns(table_model, tmp_path):
+    """A unit is one file of the folder: it reads the partition keys from its path, typed as
+    the whole folder types them, so a key that is a feature is one there too (it was
+    "missing feature column 'c'") and its rows equal the local engine's."""
+    from export.batch import JobOptions, run_batch
+    from export.ray_engine import list_units, run_unit
+    from export.runtime import Predictor
+    from export.tables import Partitions
+
+    folder = tmp_path / "events"
+    _hive(folder)
+    units = list_units(str(folder), 100, tmp_path / "listings")
+    units = json.loads(json.dumps(units))  # as they travel to the workers
+    assert {Partitions.from_json(u["partitions"]) for u in units} == {
+        Partitions(str(folder), (("day", "string"), ("c", "int32")))}
+    out, predictor = tmp_path / "ray", Predictor(str(table_model))
+    out.mkdir()
+    for unit in units:
+        run_unit(predictor, unit, out, {"top_k": 1, "on_error": "fail", "coverage": None})
+    run_batch(table_model, folder, tmp_path / "local.parquet", JobOptions(progress=False))
+    _same_as_local(out, units, tmp_path / "local.parquet", folder)
+    assert _rows(out / units[2]["output"])[0]["day"] == "2026-01-02"
+    # a key typed by all its values: one that is not an integer makes it a string everywhere
+    (folder / "day=2026-01-02" / "c=-1").rename(folder / "day=2026-01-02" / "c=x")
+    files = sorted(folder.glob("day=*/c=*/*.parquet"))
+    assert Partitions.of(folder, files, "parquet").columns == (("day", "string"), ("c", "string"))
+    assert Partitions.of(folder / "day=2026-01-01" / "c=0", files[:1], "parquet") is None
+
+
 @pytest.mark.slow
 def test_a_bad_file_fails_the_job_in_one_line_and_leaves_no_folder(cluster, digits_run,
                                                                    digits_images, tmp_path):
@@ -197,6 +254,22 @@ def test_a_bad_file_fails_the_job_in_one_line_and_leaves_no_folder(cluster, digi
     assert "broken.png" in last and "cannot decode image" in last, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_a_hive_folder_through_the_cluster_equals_the_local_engine(cluster, table_model,
+                                                                  tmp_path):
+    from export.ray_engine import list_units
+
+    folder = tmp_path / "events"
+    _hive(folder)
+    proc = predict("--model", str(table_model), "--input", str(folder), "--output",
+                   str(tmp_path / "ray"), address=cluster)
+    assert proc.returncode == 0, proc.stderr
+    assert predict("--model", str(table_model), "--input", str(folder), "--output",
+                   str(tmp_path / "local.parquet")).returncode == 0
+    _same_as_local(tmp_path / "ray", list_units(str(folder), 100, tmp_path / "l"),
+                   tmp_path / "local.parquet", folder)
 
 
 def _exactly_once(out: Path, files: list[Path], root: Path) -> None:
