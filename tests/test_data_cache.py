@@ -1255,6 +1255,24 @@ def test_a_large_groups_digests_are_sorted_a_bucket_at_a_time(tmp_path, monkeypa
     assert per_file < 4, f"{per_file:.1f} bytes a file ({peaks})"
 
 
+def test_hash_values_are_ordered_as_numpys_stable_sort_orders_them():
+    """bucketsort.stable_order sorts by the first 8 bytes, then the tied rows by their whole
+    bytes and place: the same order as np.argsort(kind="stable"), so fingerprints and
+    snapshots are those earlier versions wrote, for values with many ties in their first 8
+    bytes (the same content) and zero bytes, as for uniform ones."""
+    from trainer.data.bucketsort import stable_order
+
+    rng = np.random.default_rng(11)
+    for dtype in ("S16", "S32", ">u8"):
+        width = np.dtype(dtype).itemsize
+        for n, high in ((0, 256), (1, 256), (5000, 256), (5000, 3), (5000, 2)):
+            raw = rng.integers(0, high, (n, width), dtype=np.uint8)
+            raw[: n // 2, :8] = 0  # half share their first 8 bytes
+            values = raw.view(dtype).reshape(-1)
+            assert np.array_equal(stable_order(values), np.argsort(values, kind="stable")), \
+                (dtype, n, high)
+
+
 def test_the_runs_of_a_split_and_label_are_found_across_blocks(monkeypatch):
     """The fingerprint's groups (runs of files with the same split and label) are found a
     block of files at a time: the same starts as whole differences of the columns, with
