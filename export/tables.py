@@ -136,9 +136,13 @@ class Partitions:
                                  flavor="hive")
 
 
-def check_schema(fragment, schema, path) -> None:
-    """A Parquet file must have the first file's columns and types."""
+def check_schema(fragment, schema, path, fmt: str) -> None:
+    """A file must have the first file's columns (less the partition keys its path gives
+    it), by name; a Parquet file their types too (a CSV file's are inferred from its own
+    rows, so a column of whole numbers is not refused beside one of decimals: the first
+    file's types are what it is read as, and a value that is not one fails there)."""
     import pyarrow as pa
+    import pyarrow.dataset as pads
 
     try:
         physical = fragment.physical_schema
@@ -148,13 +152,14 @@ def check_schema(fragment, schema, path) -> None:
         if field.name not in schema.names:
             raise InputError(f"{path}: has column {field.name!r}, which the first file lacks; "
                              f"expected the columns {schema.names}")
-        if schema.field(field.name).type != field.type:
+        if fmt == "parquet" and schema.field(field.name).type != field.type:
             raise InputError(f"{path}: column {field.name!r} is {field.type}, expected "
                              f"{schema.field(field.name).type} as in the first file")
-    partition_keys = len(schema) - len(physical)
-    missing = [n for n in schema.names[:len(schema) - partition_keys] if n not in physical.names]
+    keys = pads.get_partition_keys(fragment.partition_expression)
+    missing = [n for n in schema.names if n not in physical.names and n not in keys]
     if missing:
-        raise InputError(f"{path}: missing column {missing[0]!r}")
+        raise InputError(f"{path}: missing column {missing[0]!r}; expected the columns "
+                         f"{schema.names}")
 
 
 def folder_chunks(path: Path, spec: InputSpec, class_names, rows: int, first: int,
@@ -179,8 +184,7 @@ def folder_chunks(path: Path, spec: InputSpec, class_names, rows: int, first: in
     for f in files:
         fragment, done = fragments[os.path.normpath(str(f))], 0
         try:
-            if fmt == "parquet":
-                check_schema(fragment, schema, f)
+            check_schema(fragment, schema, f, fmt)
             if skip and (n := fragment.count_rows()) <= skip:
                 skip -= n
                 continue

@@ -267,6 +267,11 @@ def test_a_folder_of_tables_is_predicted_as_one_table_and_resumes(table_model, t
 @pytest.mark.parametrize("bad,needle", [
     ("extra", "part-2.parquet: has column 'extra', which the first file lacks"),
     ("retyped", "part-2.parquet: column 'a' is string, expected float as in the first file"),
+    ("no label", "part-2.parquet: missing column 'label'; expected the columns"),
+    ("csv extra", "part-2.csv: has column 'extra', which the first file lacks"),
+    ("csv renamed", "part-2.csv: has column 'bb', which the first file lacks"),
+    ("csv no b", "part-2.csv: missing column 'b'; expected the columns"),
+    ("csv retyped", "part-2.csv: cannot read table near row 0"),
     ("cut short", "part-2.parquet: cannot read table"),
     ("not a table", "notes.txt: expected .csv or .parquet files (--input)"),
     ("mixed", "mixes CSV and Parquet files; expected one format (--input)"),
@@ -278,10 +283,20 @@ def test_a_bad_file_in_a_folder_of_tables_is_named(table_model, tmp_path, bad, n
 
     folder = tmp_path / "tables"
     folder.mkdir()
-    for i in range(2):
-        pq.write_table(_table(50, i), folder / f"part-{i}.parquet")
+    csv = bad.startswith("csv")  # a CSV file's columns are checked by name (their types
+    write, suffix = (pacsv.write_csv, "csv") if csv else (pq.write_table, "parquet")
+    for i in range(2):  # are inferred from its own rows): a file that differs is named
+        write(_table(50, i), folder / f"part-{i}.{suffix}")
     t = _table(50, 2)
-    if bad == "extra":
+    if csv:
+        t = {"csv extra": t.append_column("extra", pa.array([1] * 50)),
+             "csv renamed": t.rename_columns(["key", "a", "bb", "c", "label"]),
+             "csv no b": t.drop(["b"]),
+             "csv retyped": t.set_column(1, "a", pa.array(["x"] * 50))}[bad]
+        pacsv.write_csv(t, folder / "part-2.csv")
+    elif bad == "no label":
+        pq.write_table(t.drop(["label"]), folder / "part-2.parquet")
+    elif bad == "extra":
         pq.write_table(t.append_column("extra", pa.array([1] * 50)), folder / "part-2.parquet")
     elif bad == "retyped":
         pq.write_table(t.set_column(1, "a", pa.array(["x"] * 50)), folder / "part-2.parquet")

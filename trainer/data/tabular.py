@@ -290,8 +290,7 @@ def load_tabular(root: str | None, opts: SourceOptions) -> FixedDataset:
         ahead = Ahead(None, DEPTH)
 
         def decode(_, path: str):
-            if fmt == "parquet":
-                check_schema(fragments[path], schema, path)
+            check_schema(fragments[path], schema, path, fmt)
             if ahead.width is None:  # the first file to decode
                 ahead.width = _ahead_width(fragments[path], len(columns))
             return ahead(order[path], _batches(fragments[path], schema, columns, opts.target,
