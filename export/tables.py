@@ -166,8 +166,8 @@ def folder_chunks(path: Path, spec: InputSpec, class_names, rows: int, first: in
                   target: str | None, partitions: Partitions | None = None) -> Iterator[Chunk]:
     """A folder of tables read as one table, from chunk `first` on, in chunks of exactly
     `rows` (the last may be shorter) that may span files; a row's id is its file's path
-    under the folder and its row number in that file ("part-1.parquet:12"). Every Parquet
-    file must have the first one's columns and types; a resumed job skips whole files by
+    under the folder and its row number in that file ("part-1.parquet:12"). Every file must
+    have the first one's columns (check_schema); a resumed job skips whole files by
     their row counts (Parquet's from its footer). With `partitions`, `path` is one file of
     their folder (a Ray engine's unit), read with its partition columns; its rows' ids are
     their row numbers, as any one file's are."""
