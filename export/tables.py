@@ -148,18 +148,19 @@ def check_schema(fragment, schema, path, fmt: str) -> None:
         physical = fragment.physical_schema
     except (pa.ArrowInvalid, OSError) as exc:  # cut short, empty, not Parquet
         raise InputError(f"{path}: cannot read table ({short_reason(exc)})") from None
+    keys = pads.get_partition_keys(fragment.partition_expression)  # columns of its path
+    expected = [n for n in schema.names if n not in keys]
     for field in physical:
-        if field.name not in schema.names:
+        if field.name not in schema.names:  # (a key the file holds too is read as before)
             raise InputError(f"{path}: has column {field.name!r}, which the first file lacks; "
-                             f"expected the columns {schema.names}")
+                             f"expected the columns {expected}")
         if fmt == "parquet" and schema.field(field.name).type != field.type:
             raise InputError(f"{path}: column {field.name!r} is {field.type}, expected "
                              f"{schema.field(field.name).type} as in the first file")
-    keys = pads.get_partition_keys(fragment.partition_expression)
-    missing = [n for n in schema.names if n not in physical.names and n not in keys]
+    missing = [n for n in expected if n not in physical.names]
     if missing:
         raise InputError(f"{path}: missing column {missing[0]!r}; expected the columns "
-                         f"{schema.names}")
+                         f"{expected}")
 
 
 def folder_chunks(path: Path, spec: InputSpec, class_names, rows: int, first: int,
