@@ -31,7 +31,7 @@ from export.jobstate import (JobState, input_identity, read_listing, tables_iden
 from export.readers import is_image_input, iter_chunks, iter_image_files
 from export.runtime import Prediction, Predictor, predictor_for_job
 from export.summary import JobSummary, write_reports
-from export.tables import Partitions, check_not_read_back, holds_tables, is_table_glob
+from export.tables import FolderSchema, check_not_read_back, holds_tables, is_table_glob
 from export.writers import check_format, join_parts, write_part
 
 log = logging.getLogger(__name__)
@@ -187,7 +187,7 @@ class Totals:
 def _predict_parts(predictor: Predictor, input_path, images: Iterable[Path] | None,
                    state: JobState, done: int, fmt: str, opts: JobOptions,
                    qhat: float | None, labelled: bool | None,
-                   partitions: Partitions | None) -> tuple[Totals, int]:
+                   folder: FolderSchema | None) -> tuple[Totals, int]:
     """Write a part file and its record per chunk after the `done` complete ones; return
     the totals and the rows that were already done."""
     card, totals = predictor.card, Totals(predictor.card)
@@ -196,7 +196,7 @@ def _predict_parts(predictor: Predictor, input_path, images: Iterable[Path] | No
     resumed_after, progress = totals.rows, _Progress(opts.progress)
     chunks = iter_chunks(input_path, predictor.spec, predictor.class_names, opts.chunk_rows,
                          opts.on_error, card.dataset.target, start_chunk=done,
-                         files=images, labelled=labelled, partitions=partitions)
+                         files=images, labelled=labelled, folder=folder)
     for i, chunk in enumerate(chunks, start=done):
         pred = predictor.predict(chunk.x, opts.batch_size, source=f"{input_path} (chunk {i})",
                                  timeout=opts.timeout_per_batch)
@@ -284,10 +284,10 @@ def _report_paths(output: Path) -> tuple[Path, Path]:
 def run_batch(model: str | Path, input_path: str | Path, output: str | Path,
               options: JobOptions | None = None, *, predictor: Predictor | None = None,
               images: list[Path] | None = None, reports: bool = True,
-              partitions: Partitions | None = None) -> JobSummary:
+              folder: FolderSchema | None = None) -> JobSummary:
     """Predict every input, write `output` + `<stem>.summary.json` + `<stem>.drift.json`.
     The Ray engine runs one per work unit, with its worker's `predictor`, an image folder's
-    block of `images` or a table's hive `partitions`, and `reports=False` (one report a job)."""
+    block of `images` or a table of a `folder` of them, and `reports=False` (one report a job)."""
     opts, output, start = options or JobOptions(), Path(output), time.perf_counter()
     fmt = check_format(output)
     if reports:  # the whole job's files; a Ray unit's folder was checked by its driver
@@ -318,7 +318,7 @@ def run_batch(model: str | Path, input_path: str | Path, output: str | Path,
         try:
             totals, resumed_after = _predict_parts(predictor, input_path, images, state, done,
                                                    fmt, opts, qhat, listed and listed["labelled"],
-                                                   partitions)
+                                                   folder)
         except InputError:
             finished = True  # bad input: leave nothing behind
             raise

@@ -104,7 +104,8 @@ def list_units(source: str, block: int, folder: Path) -> list[dict]:
         kind = "an image" if bad[0].suffix.lower() in IMAGE_SUFFIXES else "not an input"
         raise InputError(f"{bad[0]}: {kind} file; --engine ray takes a folder or glob of "
                          f"{', '.join(FILE_SUFFIXES)} files, or a folder of images")
-    units, taken, partitions = [], set(), _partitions(root, files)
+    one_file = not is_table_glob(source) and Path(source).is_file()  # read as it is alone
+    units, taken, folders = [], set(), {} if one_file else _folder_schemas(root, files)
     for f in files:
         name = str(f.relative_to(root).with_suffix("")).replace(os.sep, "__")
         while name in taken:  # a.csv and a.parquet side by side
@@ -112,21 +113,21 @@ def list_units(source: str, block: int, folder: Path) -> list[dict]:
         taken.add(name)
         units.append({"input": str(f), "listing": None, "output": f"{name}.parquet",
                       "identity": input_identity(f, None),
-                      "partitions": partitions.get(f.suffix.lower())})
+                      "folder": folders.get(f.suffix.lower())})
     return units
 
 
-def _partitions(root: Path, files: list[Path]) -> dict[str, dict | None]:
-    """The hive partition columns of the table files under `root`, by suffix (as JSON): a
-    unit reads one file, and gives its rows the columns, typed alike, that the folder read as
-    one table (the local engine) gives them."""
-    from export.tables import FORMATS, Partitions
+def _folder_schemas(root: Path, files: list[Path]) -> dict[str, dict]:
+    """How the table files under `root` read as one table, by suffix (as JSON): a unit reads
+    one file, as the folder read as one table (the local engine) reads it: its columns and
+    partition keys, typed alike, and a file whose columns differ from the first's refused."""
+    from export.tables import FORMATS, FolderSchema
 
     out = {}
     for fmt in set(FORMATS.values()):
-        mine = [f for f in files if FORMATS.get(f.suffix.lower()) == fmt]
-        found = Partitions.of(root, mine, fmt) if mine else None
-        out.update({s: found and asdict(found) for s, f in FORMATS.items() if f == fmt})
+        if mine := [f for f in files if FORMATS.get(f.suffix.lower()) == fmt]:
+            found = asdict(FolderSchema.of(root, mine, fmt))
+            out.update({s: found for s, f in FORMATS.items() if f == fmt})
     return out
 
 
@@ -138,7 +139,7 @@ def run_unit(predictor, unit: dict, out: Path, job_options: dict) -> dict:
     """One unit, as the local engine's job; then its manifest, written atomically."""
     from export.batch import JobOptions, run_batch
     from export.jobstate import read_listing, sha256_file
-    from export.tables import Partitions
+    from export.tables import FolderSchema
 
     started = time.perf_counter()
     opts = JobOptions(**{**job_options, "resume": True, "progress": False})
@@ -147,7 +148,7 @@ def run_unit(predictor, unit: dict, out: Path, job_options: dict) -> dict:
               if unit["listing"] is not None else None)  # one block's images
     summary = run_batch(predictor.path, unit["input"], output, opts, predictor=predictor,
                         images=images, reports=False,
-                        partitions=Partitions.from_json(unit.get("partitions")))
+                        folder=FolderSchema.from_json(unit.get("folder")))
     manifest = {"input": unit["input"], "identity": unit["identity"],
                 "output": unit["output"], "output_sha256": sha256_file(output),
                 "model_sha256": summary.model_sha256, "top_k": opts.top_k,

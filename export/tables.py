@@ -86,9 +86,10 @@ def holds_tables(folder: Path) -> bool:
     return tables
 
 
-def table_dataset(base: Path, files: list[Path], fmt: str, partitioning="hive"):
+def table_dataset(base: Path, files: list[Path], fmt: str, partitioning="hive", schema=None):
     """`files` as one pyarrow dataset (hive partitions under `base` are columns, typed as
-    `partitioning` says, by default from the files' own paths)."""
+    `partitioning` says, by default from the files' own paths; its schema `schema`, by
+    default the first file's)."""
     import pyarrow as pa
     import pyarrow.dataset as pads
 
@@ -101,39 +102,47 @@ def table_dataset(base: Path, files: list[Path], fmt: str, partitioning="hive"):
         form = fmt
     try:
         return pads.dataset([str(f) for f in files], format=form, partitioning=partitioning,
-                            partition_base_dir=str(base))
+                            partition_base_dir=str(base), schema=schema)
     except (pa.ArrowInvalid, OSError) as exc:
         raise InputError(f"{files[0]}: cannot read table ({short_reason(exc)})") from None
 
 
 @dataclass(frozen=True)
-class Partitions:
-    """The hive partition columns of a folder of tables (`day=2026-01-01/part-0.parquet`),
-    typed as the whole folder types them (a key whose every value is an integer is int32,
-    else string): what one file of it read alone (a Ray engine's work unit) needs to give
-    its rows the columns the folder read as one table gives them."""
+class FolderSchema:
+    """How a folder (or glob) of tables reads as one table: its `base`, the schema it has
+    (the first file's columns, then its hive partition keys typed as the whole folder types
+    them: int32 where every value of a key is an integer, else string), as Arrow IPC bytes in
+    base64, and which of its columns are `keys`. What one file of it read alone (a Ray
+    engine's work unit) needs to be read as the folder is: the same columns and types, and a
+    file whose columns differ refused as the folder refuses it."""
 
     base: str
-    columns: tuple[tuple[str, str], ...]  # (name, Arrow type) of each key, outermost first
+    schema: str
+    keys: tuple[str, ...]
 
     @classmethod
-    def of(cls, base: Path, files: list[Path], fmt: str) -> Partitions | None:
-        """Those of `files` under `base`; None when no file lies in a key=value folder."""
-        if not any("=" in part for f in files for part in f.relative_to(base).parts[:-1]):
-            return None
-        schema = table_dataset(base, files, fmt).partitioning.schema
-        return cls(str(base), tuple((f.name, str(f.type)) for f in schema))
+    def of(cls, base: Path, files: list[Path], fmt: str) -> FolderSchema:
+        import base64
+
+        dataset = table_dataset(base, files, fmt)
+        keys = tuple(dataset.partitioning.schema.names) if dataset.partitioning else ()
+        return cls(str(base), base64.b64encode(dataset.schema.serialize().to_pybytes()).decode(),
+                   keys)
 
     @classmethod
-    def from_json(cls, value: dict | None) -> Partitions | None:
-        return None if value is None else cls(value["base"], tuple(map(tuple, value["columns"])))
+    def from_json(cls, value: dict | None) -> FolderSchema | None:
+        return None if value is None else cls(value["base"], value["schema"], tuple(value["keys"]))
 
-    def partitioning(self):
+    def dataset(self, path: Path, fmt: str):
+        """File `path` of the folder as a dataset of the folder's schema."""
+        import base64
+
         import pyarrow as pa
         import pyarrow.dataset as pads
 
-        return pads.partitioning(pa.schema([(n, pa.type_for_alias(t)) for n, t in self.columns]),
-                                 flavor="hive")
+        schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(self.schema)))
+        keys = pads.partitioning(pa.schema([schema.field(k) for k in self.keys]), flavor="hive")
+        return table_dataset(Path(self.base), [path], fmt, keys, schema)
 
 
 def check_schema(fragment, schema, path, fmt: str) -> None:
@@ -164,20 +173,20 @@ def check_schema(fragment, schema, path, fmt: str) -> None:
 
 
 def folder_chunks(path: Path, spec: InputSpec, class_names, rows: int, first: int,
-                  target: str | None, partitions: Partitions | None = None) -> Iterator[Chunk]:
+                  target: str | None, folder: FolderSchema | None = None) -> Iterator[Chunk]:
     """A folder of tables read as one table, from chunk `first` on, in chunks of exactly
     `rows` (the last may be shorter) that may span files; a row's id is its file's path
     under the folder and its row number in that file ("part-1.parquet:12"). Every file must
     have the first one's columns (check_schema); a resumed job skips whole files by
-    their row counts (Parquet's from its footer). With `partitions`, `path` is one file of
-    their folder (a Ray engine's unit), read with its partition columns; its rows' ids are
-    their row numbers, as any one file's are."""
-    if partitions is None:
+    their row counts (Parquet's from its footer). With `folder`, `path` is one file of that
+    folder (a Ray engine's unit), read as the folder reads it; its rows' ids are their row
+    numbers, as any one file's are."""
+    if folder is None:
         base, files, fmt = table_files(str(path), "--input")
         dataset = table_dataset(base, files, fmt)
     else:
-        base, files, fmt = Path(partitions.base), [path], FORMATS[path.suffix.lower()]
-        dataset = table_dataset(base, files, fmt, partitions.partitioning())
+        base, files, fmt = Path(folder.base), [path], FORMATS[path.suffix.lower()]
+        dataset = folder.dataset(path, fmt)
     schema, columns, skip = dataset.schema, list(spec.columns or ()), first * rows
     check_column_names(schema.names, files[0])
     fragments = {os.path.normpath(f.path): f for f in dataset.get_fragments()}
@@ -194,7 +203,7 @@ def folder_chunks(path: Path, spec: InputSpec, class_names, rows: int, first: in
                 if start < batch.num_rows:
                     pending.append(table_chunk(f, batch.slice(start), columns, class_names,
                                                target, done + start,
-                                               None if partitions else name_under(f, base)))
+                                               None if folder else name_under(f, base)))
                 done += batch.num_rows
                 while sum(len(c.ids) for c in pending) >= rows:
                     chunk, pending = _cut(pending, rows)

@@ -209,33 +209,75 @@ def _same_as_local(out: Path, units: list[dict], local: Path, root: Path) -> Non
                    by_file[str(Path(unit["input"]).relative_to(root))])
 
 
+def _run_units(units: list[dict], model: Path, out: Path) -> None:
+    """Each unit as a Ray worker runs it, in this process."""
+    from export.ray_engine import run_unit
+    from export.runtime import Predictor
+
+    out.mkdir()
+    predictor = Predictor(str(model))
+    for unit in json.loads(json.dumps(units)):  # as they travel to the workers
+        run_unit(predictor, unit, out, {"top_k": 1, "on_error": "fail", "coverage": None})
+
+
 def test_a_hive_folders_units_read_their_partition_columns(table_model, tmp_path):
     """A unit is one file of the folder: it reads the partition keys from its path, typed as
     the whole folder types them, so a key that is a feature is one there too (it was
     "missing feature column 'c'") and its rows equal the local engine's."""
     from export.batch import JobOptions, run_batch
-    from export.ray_engine import list_units, run_unit
-    from export.runtime import Predictor
-    from export.tables import Partitions
+    from export.ray_engine import list_units
+    from export.tables import FolderSchema
 
     folder = tmp_path / "events"
-    _hive(folder)
+    files = _hive(folder)
     units = list_units(str(folder), 100, tmp_path / "listings")
-    units = json.loads(json.dumps(units))  # as they travel to the workers
-    assert {Partitions.from_json(u["partitions"]) for u in units} == {
-        Partitions(str(folder), (("day", "string"), ("c", "int32")))}
-    out, predictor = tmp_path / "ray", Predictor(str(table_model))
-    out.mkdir()
-    for unit in units:
-        run_unit(predictor, unit, out, {"top_k": 1, "on_error": "fail", "coverage": None})
+    schemas = {FolderSchema.from_json(u["folder"]) for u in json.loads(json.dumps(units))}
+    assert len(schemas) == 1 and schemas.pop().keys == ("day", "c")
+    _run_units(units, table_model, tmp_path / "ray")
     run_batch(table_model, folder, tmp_path / "local.parquet", JobOptions(progress=False))
-    _same_as_local(out, units, tmp_path / "local.parquet", folder)
-    assert _rows(out / units[2]["output"])[0]["day"] == "2026-01-02"
+    _same_as_local(tmp_path / "ray", units, tmp_path / "local.parquet", folder)
+    assert _rows(tmp_path / "ray" / units[2]["output"])[0]["day"] == "2026-01-02"
     # a key typed by all its values: one that is not an integer makes it a string everywhere
-    (folder / "day=2026-01-02" / "c=-1").rename(folder / "day=2026-01-02" / "c=x")
+    schema = FolderSchema.of(folder, files, "parquet").dataset(files[0], "parquet").schema
+    assert (str(schema.field("day").type), str(schema.field("c").type)) == ("string", "int32")
+    files[2].parent.rename(files[2].parent.with_name("c=x"))
     files = sorted(folder.glob("day=*/c=*/*.parquet"))
-    assert Partitions.of(folder, files, "parquet").columns == (("day", "string"), ("c", "string"))
-    assert Partitions.of(folder / "day=2026-01-01" / "c=0", files[:1], "parquet") is None
+    schema = FolderSchema.of(folder, files, "parquet").dataset(files[0], "parquet").schema
+    assert str(schema.field("c").type) == "string"
+    assert list_units(str(files[0]), 100, tmp_path / "l")[0]["folder"] is None  # one file
+
+
+def test_a_units_file_is_read_and_checked_as_its_folder_reads_it(table_model, tmp_path):
+    """A unit's file has the folder's columns and types: a CSV file whose column holds whole
+    numbers is read as the first file's decimals (the same rows as the local engine), and a
+    file with a column the first lacks is refused as the local engine refuses it (its output
+    had a column the others lacked)."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    from export.batch import JobOptions, run_batch
+    from export.errors import InputError
+    from export.ray_engine import list_units
+    from tests.test_batch_tables import _table
+
+    folder = tmp_path / "csv"
+    folder.mkdir()
+    pacsv.write_csv(_table(40, 0), folder / "part-0.csv")
+    whole = _table(40, 1)
+    whole = whole.set_column(1, "a", pa.array(np.round(whole["a"].to_numpy() * 3)))
+    pacsv.write_csv(whole, folder / "part-1.csv")
+    assert "." not in (folder / "part-1.csv").read_text().splitlines()[1].split(",")[1]
+    units = list_units(str(folder), 100, tmp_path / "l")
+    _run_units(units, table_model, tmp_path / "ray")
+    run_batch(table_model, folder, tmp_path / "local.parquet", JobOptions(progress=False))
+    _same_as_local(tmp_path / "ray", units, tmp_path / "local.parquet", folder)
+
+    tables = tmp_path / "parquet"
+    files = _tables(tables, 3, 50)
+    pq.write_table(_table(50, 7).append_column("extra", pa.array([1] * 50)), files[2])
+    with pytest.raises(InputError, match=r"part-2.parquet: has column 'extra', which the "
+                                         r"first file lacks"):
+        _run_units(list_units(str(tables), 100, tmp_path / "l2"), table_model, tmp_path / "r2")
 
 
 @pytest.mark.slow
