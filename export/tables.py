@@ -101,10 +101,37 @@ def table_dataset(base: Path, files: list[Path], fmt: str, partitioning="hive", 
     else:
         form = fmt
     try:
-        return pads.dataset([str(f) for f in files], format=form, partitioning=partitioning,
-                            partition_base_dir=str(base), schema=schema)
+        dataset = pads.dataset([str(f) for f in files], format=form, partitioning=partitioning,
+                               partition_base_dir=str(base), schema=schema)
     except (pa.ArrowInvalid, OSError) as exc:
         raise InputError(f"{files[0]}: cannot read table ({short_reason(exc)})") from None
+    if schema is None and fmt == "csv" and _untyped(dataset.schema):
+        return table_dataset(base, files, fmt, partitioning, _csv_schema(dataset))
+    return dataset
+
+
+def _untyped(schema) -> bool:
+    import pyarrow.types as pat
+
+    return any(pat.is_null(field.type) for field in schema)
+
+
+def _csv_schema(dataset):
+    """The schema of a folder of CSV files whose first file leaves a column untyped (null: a
+    header and no rows, as an empty partition is written, or a column empty throughout): each
+    such column typed by the next files that hold values in it (their first blocks). Read as
+    null, every value of the other files failed to convert ("conversion error to null")."""
+    import pyarrow as pa
+
+    schema = dataset.schema
+    for fragment in dataset.get_fragments():
+        try:
+            schema = pa.unify_schemas([schema, fragment.physical_schema])
+        except (pa.ArrowInvalid, OSError) as exc:  # not a table; or a column typed otherwise
+            raise InputError(f"{fragment.path}: cannot read table ({short_reason(exc)})") from None
+        if not _untyped(schema):
+            break
+    return schema
 
 
 @dataclass(frozen=True)

@@ -315,6 +315,28 @@ def test_a_bad_file_in_a_folder_of_tables_is_named(table_model, tmp_path, bad, n
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tables"]
 
 
+def test_a_csv_folder_whose_first_file_has_no_rows_is_read(table_model, tmp_path):
+    """A CSV file of a header and no rows (an empty partition) types its columns null; first
+    in the folder, every value of the others failed to convert ("conversion error to null").
+    Each column is typed by the next file that holds values in it."""
+    import pyarrow.parquet as pq
+
+    from export.batch import JobOptions, run_batch
+
+    folder = tmp_path / "t"
+    folder.mkdir()
+    (folder / "part-0.csv").write_text("key,a,b,c,label\n")
+    pacsv.write_csv(_table(60, 1), folder / "part-1.csv")
+    pacsv.write_csv(_table(40, 2), folder / "part-2.csv")
+    run_batch(table_model, folder, tmp_path / "p.parquet", JobOptions(progress=False))
+    run_batch(table_model, folder / "part-1.csv", tmp_path / "one.parquet",
+              JobOptions(progress=False))
+    rows = pq.read_table(tmp_path / "p.parquet").to_pylist()
+    assert len(rows) == 100 and rows[0]["id"] == "part-1.csv:0"
+    one = pq.read_table(tmp_path / "one.parquet").to_pylist()
+    assert [r["label"] for r in rows[:60]] == [r["label"] for r in one]
+
+
 def test_an_output_among_the_input_tables_is_refused(table_model, tmp_path):
     """An output (or its reports) where the folder or glob of tables would read it as a
     table next time is refused in one line before any work; beside them it is written."""

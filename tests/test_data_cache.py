@@ -664,6 +664,22 @@ def test_a_table_file_that_differs_is_named(tmp_path, fmt, extra, message):
         load_source("tabular", str(folder), SourceOptions())
 
 
+def test_a_csv_folder_whose_first_file_has_no_rows_is_trained_on(tmp_path):
+    """A header-only CSV file first in the folder (an empty partition) leaves its columns
+    untyped: they are typed by the next files, which are read whole."""
+    import pyarrow.csv as pacsv
+
+    folder = tmp_path / "t"
+    (folder / "day=1").mkdir(parents=True)
+    (folder / "day=1" / "part-0.csv").write_text("a,b,target\n")
+    for i in (2, 3):
+        (folder / f"day={i}").mkdir()
+        pacsv.write_csv(_table(i), folder / f"day={i}" / "part-0.csv")
+    ds = load_source("tabular", str(folder), SourceOptions(cache_dir=str(tmp_path / "c")))
+    assert len(ds.train) == 80 and ds.input_spec.columns == ("a", "b", "day")
+    assert sorted(ds.class_names) == ["down", "up"]
+
+
 def test_table_roots_that_hold_no_table(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(InputError, match=r"notes.txt: expected .csv or .parquet files"):
