@@ -127,7 +127,7 @@ def _csv_schema(dataset):
     for fragment in dataset.get_fragments():
         try:
             schema = pa.unify_schemas([schema, fragment.physical_schema])
-        except (pa.ArrowInvalid, OSError) as exc:  # not a table; or a column typed otherwise
+        except (pa.ArrowException, OSError) as exc:  # not a table; a column typed otherwise
             raise InputError(f"{fragment.path}: cannot read table ({short_reason(exc)})") from None
         if not _untyped(schema):
             break

@@ -335,6 +335,13 @@ def test_a_csv_folder_whose_first_file_has_no_rows_is_read(table_model, tmp_path
     assert len(rows) == 100 and rows[0]["id"] == "part-1.csv:0"
     one = pq.read_table(tmp_path / "one.parquet").to_pylist()
     assert [r["label"] for r in rows[:60]] == [r["label"] for r in one]
+    # a column left untyped by the next file too, and one the file after types otherwise
+    (folder / "part-1.csv").write_text("key,a,b,c,label\nk0,1,,3,up\n")
+    (folder / "part-2.csv").write_text("key,a,b,c,label\nk1,x,2,3,up\n")
+    with pytest.raises(InputError, match=r"part-2.csv: cannot read table \(Unable to merge: "
+                                         r"Field a has incompatible types: int64 vs string"):
+        run_batch(table_model, folder, tmp_path / "q.parquet", JobOptions(progress=False))
+    assert not (tmp_path / "q.parquet").exists()
 
 
 def test_an_output_among_the_input_tables_is_refused(table_model, tmp_path):
