@@ -11,6 +11,7 @@ import gzip
 import itertools
 import math
 import os
+import re
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -233,8 +234,12 @@ def _image_chunks(path: Path, spec: InputSpec, class_names, rows: int, first: in
 
 
 def short_reason(exc: BaseException, limit: int = 160) -> str:
-    """The first line of a library's error, cut short: pyarrow quotes whole input lines."""
+    """The first line of a library's error, cut short: pyarrow quotes whole input lines. The
+    file pyarrow names first is the one the message names already: left out, so the cut keeps
+    what is wrong ("Could not open CSV input source '/a/long/path': Invalid: In CSV column
+    #1: ...")."""
     text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    text = re.sub(r"^Could not open \w+ input source '[^']*': (Invalid: )?", "", text)
     return text if len(text) <= limit else text[:limit] + "..."
 
 

@@ -88,8 +88,7 @@ def holds_tables(folder: Path) -> bool:
 
 def table_dataset(base: Path, files: list[Path], fmt: str, partitioning="hive", schema=None):
     """`files` as one pyarrow dataset (hive partitions under `base` are columns, typed as
-    `partitioning` says, by default from the files' own paths; its schema `schema`, by
-    default the first file's)."""
+    `partitioning` says, by default from their paths), of `schema` (by default the first's)."""
     import pyarrow as pa
     import pyarrow.dataset as pads
 
@@ -238,8 +237,7 @@ def folder_chunks(path: Path, spec: InputSpec, class_names, rows: int, first: in
         except InputError:
             raise
         except Exception as exc:  # pyarrow parse errors (bad rows, mixed types, not a table)
-            raise InputError(f"{f}: cannot read table near row {done} "
-                             f"({short_reason(exc)})") from None
+            raise unreadable(f, exc, done) from None
     if pending:
         yield _cut(pending, sum(len(c.ids) for c in pending))[0]
 
@@ -328,7 +326,17 @@ def _table_chunks_in(path: Path, spec: InputSpec, class_names, rows: int, first:
     except Exception as exc:  # pyarrow parse errors (bad rows, mixed types, not a table)
         if "straddl" in str(exc):  # a row longer than the block
             raise _RowTooLong() from None
-        raise InputError(f"{path}: cannot read table near row {done} ({short_reason(exc)})") from None
+        raise unreadable(path, exc, done) from None
+
+
+def unreadable(path, exc: BaseException, row: int | None = None) -> InputError:
+    """The one line for a table file pyarrow could not read (near `row`); a CSV value that is
+    not its integer column's says why the column is one (pyarrow types it from its first rows)."""
+    hint = ("; a CSV column's type is what its first rows hold (the first file's, in a folder "
+            "or glob): whole numbers there make it integers; write them as decimals (1.0) or "
+            "use Parquet") if "CSV conversion error to int" in str(exc) else ""
+    return InputError(f"{path}: cannot read table{'' if row is None else f' near row {row}'} "
+                      f"({short_reason(exc)}){hint}")
 
 
 def describe_nonfinite(value) -> str:

@@ -342,6 +342,19 @@ def test_a_csv_folder_whose_first_file_has_no_rows_is_read(table_model, tmp_path
                                          r"Field a has incompatible types: int64 vs string"):
         run_batch(table_model, folder, tmp_path / "q.parquet", JobOptions(progress=False))
     assert not (tmp_path / "q.parquet").exists()
+    # whole numbers first, decimals after: why the column is integers, for predict and fit
+    (folder / "part-1.csv").write_text("key,a,b,c,label\nk0,1,2,3,up\n")
+    (folder / "part-2.csv").write_text("key,a,b,c,label\nk1,1.5,2,3,up\n")
+    hint = (r"part-2.csv: cannot read table near row 0 \(.*CSV conversion.*\); a CSV "
+            r"column's type is what its first rows hold \(the first file's")
+    with pytest.raises(InputError, match=hint):
+        run_batch(table_model, folder, tmp_path / "q.parquet", JobOptions(progress=False))
+    from trainer.data.dataset import SourceOptions
+    from trainer.data.sources import load_source
+
+    with pytest.raises(InputError, match=hint):
+        load_source("tabular", str(folder), SourceOptions(target="label", cache_dir=str(
+            tmp_path / "cache"), exclude_columns=("key",)))
 
 
 def test_an_output_among_the_input_tables_is_refused(table_model, tmp_path):

@@ -21,8 +21,7 @@ import numpy as np
 
 from export.errors import InputError
 from export.timing import usable_cores
-from export.readers import short_reason
-from export.tables import (check_column_names, check_schema, describe_nonfinite,
+from export.tables import (check_column_names, check_schema, describe_nonfinite, unreadable,
                            table_dataset, table_files)
 from trainer.allocator import release_arrow_memory
 from trainer.data.ahead import Ahead
@@ -140,7 +139,7 @@ def _batches(fragment, schema, columns, target, path, vocab: list[str], ranges: 
             batch = table = t = values = None  # not held while the batch waits to be written
             yield {"x": x, "y": y}
     except (pa.ArrowInvalid, OSError) as exc:
-        raise InputError(f"{path}: cannot read table ({short_reason(exc)})") from None
+        raise unreadable(path, exc, row) from None
     if row:
         ranges[path] = (lo, hi)
 
