@@ -103,7 +103,7 @@ def table_dataset(base: Path, files: list[Path], fmt: str, partitioning="hive", 
         dataset = pads.dataset([str(f) for f in files], format=form, partitioning=partitioning,
                                partition_base_dir=str(base), schema=schema)
     except (pa.ArrowInvalid, OSError) as exc:
-        raise InputError(f"{files[0]}: cannot read table ({short_reason(exc)})") from None
+        raise unreadable(files[0], exc) from None
     if schema is None and fmt == "csv" and _untyped(dataset.schema):
         return table_dataset(base, files, fmt, partitioning, _csv_schema(dataset))
     return dataset
@@ -127,7 +127,7 @@ def _csv_schema(dataset):
         try:
             schema = pa.unify_schemas([schema, fragment.physical_schema])
         except (pa.ArrowException, OSError) as exc:  # not a table; a column typed otherwise
-            raise InputError(f"{fragment.path}: cannot read table ({short_reason(exc)})") from None
+            raise unreadable(fragment.path, exc) from None
         if not _untyped(schema):
             break
     return schema
@@ -182,7 +182,7 @@ def check_schema(fragment, schema, path, fmt: str) -> None:
     try:
         physical = fragment.physical_schema
     except (pa.ArrowInvalid, OSError) as exc:  # cut short, empty, not Parquet
-        raise InputError(f"{path}: cannot read table ({short_reason(exc)})") from None
+        raise unreadable(path, exc) from None
     keys = pads.get_partition_keys(fragment.partition_expression)  # columns of its path
     expected = [n for n in schema.names if n not in keys]
     for field in physical:
