@@ -150,7 +150,7 @@ def run_unit(predictor, unit: dict, out: Path, job_options: dict) -> dict:
                         images=images, reports=False,
                         folder=FolderSchema.from_json(unit.get("folder")))
     manifest = {"input": unit["input"], "identity": unit["identity"],
-                "output": unit["output"], "output_sha256": sha256_file(output),
+                "folder": unit.get("folder"), "output": unit["output"], "output_sha256": sha256_file(output),
                 "model_sha256": summary.model_sha256, "top_k": opts.top_k,
                 "on_error": opts.on_error, "coverage": opts.coverage, "worker_pid": os.getpid(),
                 "seconds": round(time.perf_counter() - started, 3), **summary.totals}
@@ -219,6 +219,10 @@ def _complete(out: Path, unit: dict, model_sha: str, job_options: dict) -> bool:
         raise InputError(f"{unit['input']}: cannot --resume: the input changed since its "
                          f"output was written: {describe_change(manifest.get('identity', {}), unit['identity'])}"
                          f"; run the job again without --resume into an empty --output")
+    if "folder" in manifest and (change := _folder_change(manifest["folder"], unit["folder"])):
+        raise InputError(f"{unit['input']}: cannot --resume: its folder reads as another table "
+                         f"since its output was written ({change}); run the job again without "
+                         f"--resume into an empty --output")
     for key, want in (("model_sha256", model_sha), ("top_k", job_options["top_k"]),
                       ("on_error", job_options["on_error"]),
                       ("coverage", job_options.get("coverage"))):
@@ -227,6 +231,30 @@ def _complete(out: Path, unit: dict, model_sha: str, job_options: dict) -> bool:
                              f"{'model' if key == 'model_sha256' else 'option ' + key}; run it "
                              f"again without --resume into an empty --output")
     return output.is_file() and sha256_file(output) == manifest.get("output_sha256")
+
+
+def _folder_change(was: dict | None, now: dict | None) -> str | None:
+    """How the folder a unit was read as differs from how it reads now (a file added,
+    removed or replaced elsewhere in it can retype a partition key or change the columns the
+    units are read with), or None: the units done before would not match those still to do."""
+    import base64
+
+    import pyarrow as pa
+
+    from export.tables import FolderSchema
+
+    if FolderSchema.from_json(was) == FolderSchema.from_json(now):  # keys: a list in JSON
+        return None
+    if was is None or now is None:
+        return "it was read " + ("as one file alone" if was is None else "as a folder")
+    a, b = ({f.name: str(f.type) for f in pa.ipc.read_schema(pa.py_buffer(
+        base64.b64decode(s["schema"])))} for s in (was, now))
+    for name in [*a, *(n for n in b if n not in a)]:
+        if a.get(name) != b.get(name):
+            return f"column {name!r} was {a.get(name, 'absent')}, is now {b.get(name, 'absent')}"
+    if was["keys"] != now["keys"]:
+        return f"its partition keys were {list(was['keys'])}, are now {list(now['keys'])}"
+    return f"its folder was {was['base']}, is now {now['base']}"
 
 
 def _quiet(ctx) -> None:

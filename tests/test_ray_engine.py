@@ -507,3 +507,35 @@ def test_an_address_nothing_answers_at_fails_at_once_and_leaves_nothing(table_mo
         assert_one_line_error(proc, f"--address {address}", "nothing answers")
         assert time.monotonic() - started < 60  # Ray alone retries for minutes
         assert not (tmp_path / "out").exists()
+
+
+def test_resume_refuses_a_folder_that_reads_as_another_table_since(table_model, tmp_path):
+    """A unit done before is skipped by --resume only where its folder still reads as the
+    same table: a partition renamed (`run=2` -> `run=late`) turns the key `run`, passed
+    through as int32 by the done units, into a string for the unit still to do, so the job's
+    outputs would differ in type; it is refused in one line before any cluster starts (the
+    done units' own files are unchanged, which is all --resume compared)."""
+    from export.batch import JobOptions
+    from export.errors import InputError
+    from export.ray_engine import RayOptions, _complete, list_units, run_ray
+    from export.runtime import Predictor
+    from tests.test_batch_tables import _table
+
+    folder, out = tmp_path / "runs", tmp_path / "out"
+    for i in range(3):
+        (folder / f"run={i}").mkdir(parents=True)
+        pq.write_table(_table(50, i), folder / f"run={i}" / "part-0.parquet")
+    _run_units(list_units(str(folder), 100, tmp_path / "l")[:2], table_model, out)
+    assert str(pq.read_schema(out / "run=0__part-0.parquet").field("run").type) == "int64"
+    manifests = {p: p.read_bytes() for p in out.iterdir()}
+    (folder / "run=2").rename(folder / "run=late")
+    with pytest.raises(InputError, match=r"run=0/part-0.parquet: cannot --resume: its folder "
+                                         r"reads as another table since its output was "
+                                         r"written \(column 'run' was int32, is now string\)"):
+        run_ray(str(table_model), str(folder), str(out), JobOptions(resume=True, progress=False),
+                RayOptions())
+    assert {p: p.read_bytes() for p in out.iterdir()} == manifests  # nothing touched
+    (folder / "run=late").rename(folder / "run=2")  # as it was: the two are done
+    units, sha = list_units(str(folder), 100, tmp_path / "l"), Predictor(str(table_model)).sha256
+    job = {"top_k": 1, "on_error": "fail", "coverage": None}
+    assert [_complete(out, u, sha, job) for u in units] == [True, True, False]
