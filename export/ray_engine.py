@@ -18,7 +18,6 @@ replaced by Ray and its task retried, continuing after the parts it had verified
 
 from __future__ import annotations
 
-import glob
 import itertools
 import json
 import os
@@ -34,7 +33,8 @@ from export.errors import InputError
 from export.jobstate import no_images
 from export.ray_cluster import import_ray, join_cluster
 
-FILE_SUFFIXES = (".parquet", ".pq", ".csv", ".npy", ".npz")
+ARRAY_SUFFIXES = (".npy", ".npz")  # a folder or glob of them: one unit a shard (Ray only)
+FILE_SUFFIXES = (".parquet", ".pq", ".csv", *ARRAY_SUFFIXES)
 LOCK_NAME = ".ray-job"  # the output folder's job state: holds the job's lock while it runs
 LISTINGS = ".ray-listings"  # an image folder's block listings, while the job runs
 
@@ -79,56 +79,45 @@ def _image_units(path: Path, block: int, folder: Path) -> list[dict]:
 
 def list_units(source: str, block: int, folder: Path) -> list[dict]:
     """The work units of `source`: a folder, a glob or one file; `block` images per unit
-    of an image folder, whose block listings go to `folder`."""
+    of an image folder, whose block listings go to `folder`. A folder or glob of tables is
+    listed and checked as the local engine lists it (tables.table_files: names starting
+    with . or _ skipped, one format, a stray file refused)."""
     from export.jobstate import input_identity
     from export.readers import IMAGE_SUFFIXES
-    from export.tables import is_table_glob
+    from export.tables import FORMATS, holds_tables, input_files, table_files
 
-    if is_table_glob(source):
-        files = sorted(Path(p) for p in glob.glob(source, recursive=True) if Path(p).is_file())
-        if not files:
-            raise InputError(f"{source}: the pattern matches no files")
-        root = Path(os.path.commonpath([f.parent for f in files]))
-    else:
-        path = Path(source)
-        if not path.exists():
-            raise InputError(f"{source}: input not found")
-        root = path if path.is_dir() else path.parent
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in FILE_SUFFIXES and not
-                       any(part.startswith((".", "_")) for part in p.relative_to(path).parts)) \
-            if path.is_dir() else [path]  # hidden and _ names skipped, as tables.table_files does
-        if path.is_dir() and not files:  # a folder of images, labelled by class folder
-            return _image_units(path, block, folder)
+    path = Path(source)
+    if path.is_dir() and not any(holds_tables(path, s) for s in (FORMATS, ARRAY_SUFFIXES)):
+        return _image_units(path, block, folder)  # a folder of images, labelled by class folder
+    root, files = input_files(source, "--input")
     bad = [f for f in files if f.suffix.lower() not in FILE_SUFFIXES]
     if bad:
         kind = "an image" if bad[0].suffix.lower() in IMAGE_SUFFIXES else "not an input"
         raise InputError(f"{bad[0]}: {kind} file; --engine ray takes a folder or glob of "
                          f"{', '.join(FILE_SUFFIXES)} files, or a folder of images")
-    one_file = not is_table_glob(source) and Path(source).is_file()  # read as it is alone
-    units, taken, folders = [], set(), {} if one_file else _folder_schemas(root, files)
+    if not path.is_file() and any(f.suffix.lower() in FORMATS for f in files):
+        root, files, _ = table_files(source, "--input")  # one table, of one format
+    units, taken = [], set()
+    schema = None if path.is_file() else _folder_schema(root, files)  # one file: read alone
     for f in files:
         name = str(f.relative_to(root).with_suffix("")).replace(os.sep, "__")
-        while name in taken:  # a.csv and a.parquet side by side
+        while name in taken:  # a.npy and a.npz side by side
             name += "_"
         taken.add(name)
         units.append({"input": str(f), "listing": None, "output": f"{name}.parquet",
                       "identity": input_identity(f, None),
-                      "folder": folders.get(f.suffix.lower())})
+                      "folder": schema})
     return units
 
 
-def _folder_schemas(root: Path, files: list[Path]) -> dict[str, dict]:
-    """How the table files under `root` read as one table, by suffix (as JSON): a unit reads
-    one file, as the folder read as one table (the local engine) reads it: its columns and
-    partition keys, typed alike, and a file whose columns differ from the first's refused."""
+def _folder_schema(root: Path, files: list[Path]) -> dict | None:
+    """How the tables under `root` read as one table (as JSON; None for array shards): a
+    unit reads one file as the folder read as one table (the local engine) reads it: its
+    columns and partition keys, typed alike, and a file whose columns differ refused."""
     from export.tables import FORMATS, FolderSchema
 
-    out = {}
-    for fmt in set(FORMATS.values()):
-        if mine := [f for f in files if FORMATS.get(f.suffix.lower()) == fmt]:
-            found = asdict(FolderSchema.of(root, mine, fmt))
-            out.update({s: found for s, f in FORMATS.items() if f == fmt})
-    return out
+    fmt = FORMATS.get(files[0].suffix.lower())
+    return None if fmt is None else asdict(FolderSchema.of(root, files, fmt))
 
 
 def manifest_path(out: Path, unit: dict) -> Path:

@@ -237,9 +237,11 @@ def short_reason(exc: BaseException, limit: int = 160) -> str:
     """The first line of a library's error, cut short: pyarrow quotes whole input lines. The
     file pyarrow names first is the one the message names already: left out, so the cut keeps
     what is wrong ("Could not open CSV input source '/a/long/path': Invalid: In CSV column
-    #1: ...")."""
+    #1: ...", after "Could not read schema from '/a/long/path'" where it made a dataset)."""
     text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    text = re.sub(r"^Could not open \w+ input source '[^']*': (Invalid: )?", "", text)
+    text = re.sub(r"^(Error creating dataset\. Could not read schema from '[^']*'\. Is this a "
+                  r"'\w+' file\?: )?(Could not open \w+ input source '[^']*': )?(Invalid: )?",
+                  "", text)
     return text if len(text) <= limit else text[:limit] + "..."
 
 

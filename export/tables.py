@@ -9,6 +9,7 @@ from __future__ import annotations
 import fnmatch
 import glob
 import os
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,23 +24,27 @@ from export.readers import IMAGE_SUFFIXES, Chunk, labels_to_index, short_reason
 FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 
 
-def table_files(root: str, flag: str = "data.root") -> tuple[Path, list[Path], str]:
-    """(base folder, files, format) of `root`: one file, a folder (searched recursively,
-    hive-partitioned or not; names starting with . or _ are skipped, as Spark and Hive
-    write them) or a glob pattern. `flag`: the option that gave it, for the messages."""
+def input_files(root: str, flag: str) -> tuple[Path, list[Path]]:
+    """(base folder, files) of `root`: one file, a folder (searched recursively; names
+    starting with . or _ are skipped, as Spark and Hive write them) or a glob pattern."""
     path = Path(root)
     if path.is_file():
-        base, files = path.parent, [path]
-    elif path.is_dir():
-        base, files = path, sorted(p for p in path.rglob("*") if p.is_file() and not any(
+        return path.parent, [path]
+    if path.is_dir():
+        return path, sorted(p for p in path.rglob("*") if p.is_file() and not any(
             part.startswith((".", "_")) for part in p.relative_to(path).parts))
-    elif is_table_glob(root):
-        files = sorted(Path(p) for p in glob.glob(root, recursive=True) if Path(p).is_file())
-        if not files:
-            raise InputError(f"{root}: the pattern matches no files ({flag})")
-        base = Path(os.path.commonpath([str(p.parent) for p in files]))
-    else:
+    if not is_table_glob(root):
         raise InputError(f"{path}: not found ({flag})")
+    files = sorted(Path(p) for p in glob.glob(root, recursive=True) if Path(p).is_file())
+    if not files:
+        raise InputError(f"{root}: the pattern matches no files ({flag})")
+    return Path(os.path.commonpath([str(p.parent) for p in files])), files
+
+
+def table_files(root: str, flag: str = "data.root") -> tuple[Path, list[Path], str]:
+    """(base folder, files, format) of `root` (`input_files`), one table: every file .csv,
+    or every one .parquet. `flag`: the option that gave it, for the messages."""
+    base, files = input_files(root, flag)
     formats = {FORMATS.get(p.suffix.lower()) for p in files}
     if not files or None in formats:
         odd = next((p for p in files if p.suffix.lower() not in FORMATS), None)
@@ -68,9 +73,9 @@ def check_not_read_back(outputs: list[Path], source: str | os.PathLike) -> None:
                              "elsewhere")
 
 
-def holds_tables(folder: Path) -> bool:
-    """Whether a folder given as an input is a table (it holds .csv/.parquet files and no
-    image): walked entry by entry only until its first image, so an image folder of
+def holds_tables(folder: Path, suffixes=FORMATS) -> bool:
+    """Whether a folder given as an input is a table (it holds .csv/.parquet files, or
+    files of other `suffixes`, and no image): walked entry by entry only until its first image, so an image folder of
     millions costs a few entries, not a listing of its first class folder."""
     tables, todo = False, [folder]
     while todo:
@@ -82,7 +87,7 @@ def holds_tables(folder: Path) -> bool:
                 suffix = os.path.splitext(entry.name)[1].lower()
                 if suffix in IMAGE_SUFFIXES:
                     return False
-                tables = tables or (suffix in FORMATS and not entry.name.startswith((".", "_")))
+                tables = tables or (suffix in suffixes and not entry.name.startswith((".", "_")))
     return tables
 
 
@@ -298,11 +303,9 @@ def table_chunks(path: Path, spec: InputSpec, class_names, rows: int, first: int
 
 def _table_chunks_in(path: Path, spec: InputSpec, class_names, rows: int, first: int,
                      target: str | None, block: int) -> Iterator[Chunk]:
-    try:
-        import pyarrow.csv as pacsv
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise InputError(f"{path}: reading CSV/Parquet needs pyarrow (pip install pyarrow)") from None
+    import pyarrow.csv as pacsv  # a base dependency
+    import pyarrow.parquet as pq
+
     columns = list(spec.columns or ())
     done, pending = 0, None
     try:
@@ -350,12 +353,8 @@ def describe_nonfinite(value) -> str:
 
 def check_column_names(names: list[str], source) -> None:
     """A table's header must name each column once."""
-    seen = set()
-    for name in names:
-        if name in seen:
-            raise InputError(f"{source}: column name {name!r} appears more than once in the "
-                             f"header")
-        seen.add(name)
+    if twice := next((n for n, k in Counter(names).items() if k > 1), None):
+        raise InputError(f"{source}: column name {twice!r} appears more than once in the header")
 
 
 def table_chunk(path: Path, batch, columns, class_names, target, offset: int,

@@ -315,6 +315,27 @@ def test_a_bad_file_in_a_folder_of_tables_is_named(table_model, tmp_path, bad, n
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tables"]
 
 
+def test_a_header_naming_a_column_twice_is_named(table_model, tmp_path):
+    """A table whose header names a column twice is one line saying which: a file alone (a
+    CSV or a Parquet file) and a folder's first file, where pyarrow's own reason came cut
+    short behind the paths it quotes ("Could not read schema from '...'")."""
+    import pyarrow.parquet as pq
+
+    (tmp_path / "f").mkdir()
+    for path in (tmp_path / "one.csv", tmp_path / "f" / "part-0.csv"):
+        path.write_text("key,a,b,b,label\nk0,1,2,3,up\n")
+    pq.write_table(pa.Table.from_arrays([pa.array([1.0])] * 2, names=["a", "a"]),
+                   tmp_path / "one.parquet")
+    for source, needle in (
+            ("one.csv", "one.csv: column name 'b' appears more than once in the header"),
+            ("one.parquet", "one.parquet: column name 'a' appears more than once in the header"),
+            ("f", "part-0.csv: cannot read table (CSV file contained multiple columns named b)")):
+        proc = run_cli("predict", "--model", str(table_model), "--input", str(tmp_path / source),
+                       "--output", str(tmp_path / "p.csv"))
+        assert_one_line_error(proc, needle)
+        assert not (tmp_path / "p.csv").exists()
+
+
 def test_a_csv_folder_whose_first_file_has_no_rows_is_read(table_model, tmp_path):
     """A CSV file of a header and no rows (an empty partition) types its columns null; first
     in the folder, every value of the others failed to convert ("conversion error to null").

@@ -280,6 +280,54 @@ def test_a_units_file_is_read_and_checked_as_its_folder_reads_it(table_model, tm
         _run_units(list_units(str(tables), 100, tmp_path / "l2"), table_model, tmp_path / "r2")
 
 
+def test_a_folder_of_tables_is_listed_as_the_local_engine_lists_it(table_model, tmp_path):
+    """The driver lists a folder or glob of tables as the local engine does: a stray file is
+    refused (it was left out, while the local engine refused the folder), CSV beside Parquet
+    is refused (each format was read as a table of its own, their outputs' columns could
+    differ), and a CSV among an image folder's images does not turn it into one table (the
+    images were left out); .npy shards are still one unit each."""
+    import pyarrow.csv as pacsv
+
+    from export.batch import JobOptions, run_batch
+    from export.errors import InputError
+    from export.ray_engine import list_units
+    from tests.test_batch_tables import _table
+
+    tables = tmp_path / "tables"
+    _tables(tables, 2, 30)
+    (tables / "README.md").write_text("notes")
+    for engine in (lambda: list_units(str(tables), 100, tmp_path / "l"),
+                   lambda: run_batch(table_model, tables, tmp_path / "p.parquet",
+                                     JobOptions(progress=False))):
+        with pytest.raises(InputError, match=r"README.md: "):
+            engine()
+    (tables / "README.md").unlink()
+    pacsv.write_csv(_table(30, 9), tables / "part-9.csv")
+    with pytest.raises(InputError, match=r"tables: mixes CSV and Parquet files"):
+        list_units(str(tables), 100, tmp_path / "l")
+    with pytest.raises(InputError, match=r"tables/\*: mixes CSV and Parquet files"):
+        list_units(str(tables / "*"), 100, tmp_path / "l")
+    (tables / "part-9.csv").unlink()
+    assert len(list_units(str(tables / "**" / "*.parquet"), 100, tmp_path / "l")) == 2
+
+    images = tmp_path / "images"
+    (images / "cat").mkdir(parents=True)
+    (images / "cat" / "a.png").write_bytes(b"\x89PNG")
+    pacsv.write_csv(_table(5, 0), images / "labels.csv")
+    units = list_units(str(images), 100, tmp_path / "l3")
+    assert [u["identity"]["images"]["count"] for u in units] == [1]
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for i in range(2):
+        np.save(shards / f"x{i}.npy", np.zeros((3, 4), np.float32))
+    units = list_units(str(shards), 100, tmp_path / "l4")
+    assert [(u["output"], u["folder"]) for u in units] == [("x0.parquet", None),
+                                                            ("x1.parquet", None)]
+    (shards / "notes.txt").write_text("x")
+    with pytest.raises(InputError, match=r"notes.txt: not an input file; --engine ray takes"):
+        list_units(str(shards), 100, tmp_path / "l5")
+
+
 @pytest.mark.slow
 def test_a_bad_file_fails_the_job_in_one_line_and_leaves_no_folder(cluster, digits_run,
                                                                    digits_images, tmp_path):
