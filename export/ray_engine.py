@@ -139,9 +139,10 @@ def run_unit(predictor, unit: dict, out: Path, job_options: dict) -> dict:
                         images=images, reports=False,
                         folder=FolderSchema.from_json(unit.get("folder")))
     manifest = {"input": unit["input"], "identity": unit["identity"],
-                "folder": unit.get("folder"), "output": unit["output"], "output_sha256": sha256_file(output),
-                "model_sha256": summary.model_sha256, "top_k": opts.top_k,
-                "on_error": opts.on_error, "coverage": opts.coverage, "worker_pid": os.getpid(),
+                "folder": unit.get("folder"), "output": unit["output"],
+                "output_sha256": sha256_file(output), "model_sha256": summary.model_sha256,
+                "top_k": opts.top_k, "on_error": opts.on_error, "coverage": opts.coverage,
+                "worker_pid": os.getpid(),
                 "seconds": round(time.perf_counter() - started, 3), **summary.totals}
     with atomic_path(manifest_path(out, unit)) as tmp:
         tmp.write_text(json.dumps(manifest))

@@ -74,9 +74,9 @@ def check_not_read_back(outputs: list[Path], source: str | os.PathLike) -> None:
 
 
 def holds_tables(folder: Path, suffixes=FORMATS) -> bool:
-    """Whether a folder given as an input is a table (it holds .csv/.parquet files, or
-    files of other `suffixes`, and no image): walked entry by entry only until its first image, so an image folder of
-    millions costs a few entries, not a listing of its first class folder."""
+    """Whether a folder given as an input is a table (it holds .csv/.parquet files, or files
+    of other `suffixes`, and no image): walked entry by entry only until its first image, so
+    an image folder of millions costs a few entries, not a listing of its first class folder."""
     tables, todo = False, [folder]
     while todo:
         with os.scandir(todo.pop()) as entries:
