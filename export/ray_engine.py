@@ -196,20 +196,22 @@ def predict_units(batch: dict, **job) -> dict:
 
 def _complete(out: Path, unit: dict, model_sha: str, job_options: dict) -> bool:
     """A unit whose manifest matches its output, the model and the options is done; one
-    whose input changed since is refused, as the local engine refuses it."""
+    whose input changed since, or whose folder now reads as another table, is refused, as
+    the local engine refuses it; one whose manifest is damaged is done again."""
     from export.jobstate import describe_change, sha256_file
 
     path = manifest_path(out, unit)
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError):
+        manifest = json.loads(path.read_text())  # one written before it kept "folder": as now
+        change = _folder_change(manifest.get("folder", unit["folder"]), unit["folder"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # damaged: redone
         return False
     output = out / unit["output"]
     if manifest.get("identity") != unit["identity"]:
         raise InputError(f"{unit['input']}: cannot --resume: the input changed since its "
                          f"output was written: {describe_change(manifest.get('identity', {}), unit['identity'])}"
                          f"; run the job again without --resume into an empty --output")
-    if "folder" in manifest and (change := _folder_change(manifest["folder"], unit["folder"])):
+    if change:
         raise InputError(f"{unit['input']}: cannot --resume: its folder reads as another table "
                          f"since its output was written ({change}); run the job again without "
                          f"--resume into an empty --output")

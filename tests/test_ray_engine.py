@@ -587,3 +587,7 @@ def test_resume_refuses_a_folder_that_reads_as_another_table_since(table_model, 
     units, sha = list_units(str(folder), 100, tmp_path / "l"), Predictor(str(table_model)).sha256
     job = {"top_k": 1, "on_error": "fail", "coverage": None}
     assert [_complete(out, u, sha, job) for u in units] == [True, True, False]
+    first, second = sorted(out.glob("*.manifest.json"))  # damaged by hand: done again
+    first.write_text(json.dumps({**json.loads(first.read_text()), "folder": {"schema": "?"}}))
+    second.write_text("[]")
+    assert [_complete(out, u, sha, job) for u in units] == [False, False, False]
