@@ -887,6 +887,59 @@ def test_a_change_found_past_the_first_blocks_of_stats_is_caught(tmp_path, monke
     assert (report.new, report.changed, report.removed, report.decoded) == (0, 0, 0, 0)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_seeded_rounds_of_changes_agree_with_the_files_and_a_fresh_ingest(tmp_path, monkeypatch,
+                                                                         seed):
+    """Rounds of files added, removed, rewritten (same size or not), renamed and copied
+    (content the cache holds), drawn from a seed, with pieces of 1-7 files and blocks of
+    4-16, so changes land at piece and block edges and shift the files after them: after
+    each update its rows are the files' contents, it counts exactly the files added, removed
+    and rewritten, the next update finds nothing to do, and a fresh ingest has the same rows."""
+    import random
+
+    from trainer.data import ingest
+
+    rng = random.Random(seed)
+    monkeypatch.setattr(ingest, "STAT_BLOCK", rng.choice([1, 2, 3, 7]))
+    monkeypatch.setattr(ingest, "READ_ROWS", rng.choice([4, 5, 8, 16]))
+    root = tmp_path / "texts"
+    root.mkdir()
+    for _ in range(rng.randrange(20, 80)):
+        (root / f"{rng.randrange(1000):03d}.txt").write_bytes(f"{rng.randrange(50):04d}".encode())
+    _aged(root)
+    _ingest_texts(tmp_path / "c", root)
+    for r in range(8):
+        before, written = {p.name for p in root.iterdir()}, set()
+        for _ in range(rng.randrange(1, 10)):
+            names = sorted(p.name for p in root.iterdir())
+            op, name = rng.choice(["add", "remove", "rewrite", "rename", "copy"]), \
+                f"{rng.randrange(1000):03d}.txt"
+            if op == "remove" and len(names) > 1:
+                (root / rng.choice(names)).unlink()
+            elif op in ("rename", "copy") and not (root / name).exists():
+                source = root / rng.choice(names)
+                if op == "rename":
+                    source.rename(root / name)
+                else:
+                    (root / name).write_bytes(source.read_bytes())
+                written.add(name)
+            elif op in ("add", "rewrite"):
+                name = name if op == "add" else rng.choice(names)
+                (root / name).write_bytes(f"{rng.randrange(50):04d}".encode() + b"+" * rng.randrange(2))
+                written.add(name)
+        now, hour_ago = {p.name for p in root.iterdir()}, time.time_ns() - 3600 * 10**9
+        for name in written & now:  # not racily clean (filestat.py): their stats are trusted
+            os.utime(root / name, ns=(hour_ago, hour_ago))
+        paths, rows, report, _ = _ingest_texts(tmp_path / "c", root)
+        assert [bytes(x) for x in rows] == [Path(p).read_bytes()[:4] for p in paths], r
+        assert (report.new, report.removed, report.changed) == (
+            len(now - before), len(before - now), len(written & now & before)), r
+        _, _, again, _ = _ingest_texts(tmp_path / "c", root)
+        assert (again.new, again.changed, again.removed, again.decoded) == (0, 0, 0, 0), r
+        _, fresh, _, _ = _ingest_texts(tmp_path / f"fresh{r}", root)
+        np.testing.assert_array_equal(fresh, rows)
+
+
 @pytest.mark.parametrize("block, on_disk", [(1 << 16, False), (16, False), (16, True)])
 def test_duplicate_files_in_one_ingest_share_their_rows(tmp_path, monkeypatch, block, on_disk):
     """With blocks of 16 files, most duplicates are of files spilled in earlier blocks;
