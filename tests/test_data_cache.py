@@ -925,7 +925,8 @@ def test_seeded_rounds_of_changes_agree_with_the_files_and_a_fresh_ingest(tmp_pa
                 written.add(name)
             elif op in ("add", "rewrite"):
                 name = name if op == "add" else rng.choice(names)
-                (root / name).write_bytes(f"{rng.randrange(50):04d}".encode() + b"+" * rng.randrange(2))
+                text = f"{rng.randrange(50):04d}" + "+" * rng.randrange(2)  # size kept or not
+                (root / name).write_text(text)
                 written.add(name)
         now, hour_ago = {p.name for p in root.iterdir()}, time.time_ns() - 3600 * 10**9
         for name in written & now:  # not racily clean (filestat.py): their stats are trusted
