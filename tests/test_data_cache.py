@@ -610,6 +610,37 @@ def test_a_hive_partitioned_folder_and_a_csv_glob(tmp_path):
     assert len(ds.train) == 120 and ds.class_names == ["down", "up"]
 
 
+def test_the_same_bytes_under_two_partitions_are_two_files_rows(tmp_path):
+    """A partition key is a column of the rows a file gives: the cache keyed files by their
+    bytes alone, so a file copied into another partition shared the first one's rows (its
+    key column held the other partition's value) and a file moved to another partition kept
+    its old key, in an update and in a fresh ingest alike. A file's digest now holds the
+    partition values its path gives it; a key left out of the rows changes nothing."""
+    hive, opts = tmp_path / "hive", SourceOptions(cache_dir=str(tmp_path / "c"))
+    for zone in (1, 2):
+        (hive / f"zone={zone}").mkdir(parents=True)
+    pq.write_table(_table(1), hive / "zone=1" / "a.parquet")
+    (hive / "zone=2" / "a.parquet").write_bytes((hive / "zone=1" / "a.parquet").read_bytes())
+
+    def zones(ds) -> list[float]:
+        return sorted(set(ds.train.arrays()[0][:, 2].tolist()))
+
+    first = load_source("tabular", str(hive), opts)
+    assert zones(first) == [1.0, 2.0] and len(first.train) == 80
+    (hive / "zone=3").mkdir()
+    (hive / "zone=2" / "a.parquet").rename(hive / "zone=3" / "a.parquet")
+    moved = load_source("tabular", str(hive), opts)
+    assert zones(moved) == [1.0, 3.0]
+    fresh = load_source("tabular", str(hive), SourceOptions(cache_dir=str(tmp_path / "f")))
+    assert moved.fingerprint == fresh.fingerprint != first.fingerprint
+    np.testing.assert_array_equal(moved.train.arrays()[0], fresh.train.arrays()[0])
+    # left out of the rows, the key does not make the copies two contents
+    left_out = load_source("tabular", str(hive), SourceOptions(
+        cache_dir=str(tmp_path / "l"), exclude_columns=("zone",)))
+    (x,) = (tmp_path / "l").glob("tabular-*/x.*.bin")
+    assert left_out.train.arrays()[0].shape == (80, 2) and x.stat().st_size == 40 * 2 * 4
+
+
 def test_a_date_partition_and_an_id_column_are_left_out_by_name(tmp_path):
     """Tables as they are kept: a hive folder partitioned by date (a string key) with an id
     column. Both are refused as features in one line that says how to leave them out;

@@ -41,11 +41,11 @@ class UpdateReport:
                 f"{self.removed:,} removed; decoded {self.decoded:,} in {self.seconds:.1f} s")
 
 
-def _read(path: str, stat: FileStat, keep: bool) -> tuple[bytes | None, bytes]:
-    """The file's bytes (with `keep`: read whole) and their SHA-256; without `keep` it is
-    read in 4 MiB pieces (a table file may be larger than RAM). The file must still be as
-    `stat` says after it was read."""
-    h, data, size = hashlib.sha256(), b"" if keep else None, 0
+def _read(path: str, stat: FileStat, keep: bool, head: bytes = b"") -> tuple[bytes | None, bytes]:
+    """The file's bytes (with `keep`: read whole) and the SHA-256 of `head` and them;
+    without `keep` it is read in 4 MiB pieces (a table file may be larger than RAM). The
+    file must still be as `stat` says after it was read."""
+    h, data, size = hashlib.sha256(head), b"" if keep else None, 0
     try:
         with open(path, "rb") as f:
             while block := f.read(stat.size + 1 if keep else 4 << 20):
@@ -143,14 +143,17 @@ def _reuse(index: Records, out: Records, at: np.ndarray) -> np.ndarray:
 
 
 def update(cache: RowCache, root: Path, paths: PathList | list[str | Path],
-           decode: Callable[[bytes | None, str], Decoded],
-           verify: bool = False, whole_files: bool = True) -> tuple[Records, UpdateReport]:
+           decode: Callable[[bytes | None, str], Decoded], verify: bool = False,
+           whole_files: bool = True, path_values: Callable[[str], bytes] | None = None,
+           ) -> tuple[Records, UpdateReport]:
     """Bring `cache` up to date with `paths` (files under `root`) and return each file's
     record, in the order given. Only files that are new or changed, by (size, mtime_ns,
     inode) or with `verify` by content, are read; only content the cache lacks is decoded.
     `decode(data, path)` gets the file's bytes (`whole_files`), or None and reads the path
     itself, and returns the rows as a dict of arrays (decoded in a worker) or as an
-    iterable of such dicts (consumed batch by batch while appending).
+    iterable of such dicts (consumed batch by batch while appending). `path_values(path)`:
+    what a file's path puts in its rows (a hive partition's key values), hashed with its
+    bytes: the same bytes under another partition are other rows.
     The listing is walked READ_ROWS files at a time: each block is stat'ed, matched with
     the index, its new and changed files decoded, and its records written to a spill file,
     so memory holds one block of records. On an error the rows complete so far are
@@ -159,7 +162,7 @@ def update(cache: RowCache, root: Path, paths: PathList | list[str | Path],
     if not isinstance(paths, PathList):
         paths = PathList.of(str(root), map(str, paths))
     global _JOB
-    _JOB = (cache, paths, decode, whole_files)
+    _JOB = (cache, paths, decode, whole_files, path_values or (lambda _: b""))
     paths.flush()  # the listing on disk before a worker is forked
     run, stats = _Run(cache, paths, verify, whole_files, report), _Stats(paths)
     try:
@@ -195,9 +198,9 @@ _JOB = None
 def _work(task: tuple[int, str, int, int, int, int]):
     """Read, hash and (for content the cache lacks) decode one file, in a worker; `task`
     is the file's place in the listing, its path, its stat and its slot in the slab."""
-    cache, _, decode, whole_files = _JOB
+    cache, _, decode, whole_files, path_values = _JOB
     i, path, stat = task[0], task[1], FileStat(*task[2:5])
-    data, digest = _read(path, stat, whole_files)
+    data, digest = _read(path, stat, whole_files, path_values(path))
     if cache.find(digest) is not None:
         return i, digest, None
     return i, digest, hand(task[5], _prepared(cache, decode(data, path)))
@@ -347,6 +350,6 @@ class _Run:
 
 
 def _decode_again(i: int, out: Records, k: int) -> Decoded:
-    _, paths, decode, whole_files = _JOB
+    _, paths, decode, whole_files, _ = _JOB
     stat = FileStat(int(out.size[k]), int(out.mtime_ns[k]), int(out.ino[k]))
     return decode(_read(paths[i], stat, whole_files)[0], paths[i])

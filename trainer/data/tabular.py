@@ -268,6 +268,23 @@ def _feature_columns(schema, first: Path, target: str, exclude: tuple[str, ...])
     return columns
 
 
+def _path_values(dataset, fragments: dict, columns: list[str], target: str):
+    """What a file's path puts in its rows (ingest.update's `path_values`): the values of the
+    hive partition keys that are features or the target, hashed with the file's bytes, so the
+    same bytes under another partition are other rows; None when no key is in the rows (a
+    file's digest is then of its bytes alone, as reader "1" made every one)."""
+    import pyarrow.dataset as pads
+
+    keys = [k for k in (dataset.partitioning.schema.names if dataset.partitioning else ())
+            if k in columns or k == target]
+
+    def values(path: str) -> bytes:
+        found = pads.get_partition_keys(fragments[path].partition_expression)
+        return json.dumps([[k, found.get(k)] for k in keys]).encode()
+
+    return values if keys else None
+
+
 def load_tabular(root: str | None, opts: SourceOptions) -> FixedDataset:
     if not root:
         raise InputError("data.root: the tabular source needs a .csv or .parquet file, a "
@@ -277,11 +294,12 @@ def load_tabular(root: str | None, opts: SourceOptions) -> FixedDataset:
     schema, origin = dataset.schema, Path(root)
     columns = _feature_columns(schema, files[0], opts.target, opts.exclude_columns)
     task, y_dtype = _target_kind(schema.field(opts.target).type, opts.task)
-    settings = {"reader": "1", "format": fmt, "schema": str(schema), "target": opts.target,
+    fragments = {str(Path(f.path)): f for f in dataset.get_fragments()}
+    path_values = _path_values(dataset, fragments, columns, opts.target)
+    settings = {"reader": "1" if path_values is None else "2", "format": fmt, "schema": str(schema), "target": opts.target,
                 "task": task, **({"features": columns} if opts.exclude_columns else {})}
     key = hashlib.sha256(f"{os.path.realpath(base)}|{json.dumps(settings)}".encode())
     where = cache_root(opts.cache_dir) / f"tabular-{key.hexdigest()[:20]}"
-    fragments = {str(Path(f.path)): f for f in dataset.get_fragments()}
     order = {str(path): i for i, path in enumerate(files)}  # the order they are written in
     with RowCache.open(where, {"x": ((len(columns),), "f4"), "y": ((), y_dtype)},
                        settings) as cache:
@@ -297,7 +315,7 @@ def load_tabular(root: str | None, opts: SourceOptions) -> FixedDataset:
 
         try:
             records, report = update(cache, base, files, decode, opts.verify_cache,
-                                     whole_files=False)
+                                     whole_files=False, path_values=path_values)
         finally:
             ahead.close()
             release_arrow_memory()
