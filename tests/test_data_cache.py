@@ -641,6 +641,52 @@ def test_the_same_bytes_under_two_partitions_are_two_files_rows(tmp_path):
     assert left_out.train.arrays()[0].shape == (80, 2) and x.stat().st_size == 40 * 2 * 4
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_seeded_rounds_over_a_hive_folder_agree_with_a_fresh_ingest(tmp_path, monkeypatch,
+                                                                    seed):
+    """Rounds of table files added, removed, rewritten, moved and copied between partitions
+    (whose key is a feature), drawn from a seed, with pieces and blocks of a few files: each
+    update's rows, labels and fingerprint are a fresh ingest's (this found the rows a copy
+    under another partition shared)."""
+    import random
+
+    from trainer.data import ingest
+
+    rng = random.Random(seed)
+    monkeypatch.setattr(ingest, "STAT_BLOCK", rng.choice([1, 3]))
+    monkeypatch.setattr(ingest, "READ_ROWS", rng.choice([2, 4]))
+    hive = tmp_path / "hive"
+
+    def place() -> Path:
+        return hive / f"zone={rng.randrange(3)}" / f"part-{rng.randrange(20):02d}.parquet"
+
+    def write(path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(_table(rng.randrange(6), n=rng.randrange(1, 20)), path)
+
+    for _ in range(rng.randrange(3, 8)):
+        write(place())
+    load_source("tabular", str(hive), SourceOptions(cache_dir=str(tmp_path / "c")))
+    for r in range(5):
+        for _ in range(rng.randrange(1, 5)):
+            files, op, to = sorted(hive.rglob("*.parquet")), rng.randrange(5), place()
+            if op == 0 or (op == 1 and len(files) > 1):
+                write(to) if op == 0 else rng.choice(files).unlink()
+            elif op == 2:
+                write(rng.choice(files))
+            elif not to.exists():
+                to.parent.mkdir(exist_ok=True)
+                source = rng.choice(files)
+                source.rename(to) if op == 3 else to.write_bytes(source.read_bytes())
+        up = load_source("tabular", str(hive), SourceOptions(cache_dir=str(tmp_path / "c")))
+        fresh = load_source("tabular", str(hive), SourceOptions(cache_dir=str(tmp_path / f"f{r}")))
+        assert up.fingerprint == fresh.fingerprint, r
+        np.testing.assert_array_equal(up.train.arrays()[0], fresh.train.arrays()[0])
+        np.testing.assert_array_equal(up.train.y, fresh.train.y)
+        assert sorted(set(up.train.arrays()[0][:, 2].tolist())) == sorted(
+            {float(f.parent.name[5:]) for f in hive.rglob("*.parquet")}), r
+
+
 def test_a_date_partition_and_an_id_column_are_left_out_by_name(tmp_path):
     """Tables as they are kept: a hive folder partitioned by date (a string key) with an id
     column. Both are refused as features in one line that says how to leave them out;
