@@ -109,8 +109,8 @@ def table_dataset(base: Path, files: list[Path], fmt: str, partitioning="hive", 
                                partition_base_dir=str(base), schema=schema)
     except (pa.ArrowInvalid, OSError) as exc:
         raise unreadable(files[0], exc) from None
-    if schema is None and fmt == "csv" and _untyped(dataset.schema):
-        return table_dataset(base, files, fmt, partitioning, _csv_schema(dataset))
+    if schema is None and _untyped(dataset.schema):
+        return table_dataset(base, files, fmt, partitioning, _typed_schema(dataset))
     return dataset
 
 
@@ -120,11 +120,11 @@ def _untyped(schema) -> bool:
     return any(pat.is_null(field.type) for field in schema)
 
 
-def _csv_schema(dataset):
-    """The schema of a folder of CSV files whose first file leaves a column untyped (null: a
-    header and no rows, as an empty partition is written, or a column empty throughout): each
-    such column typed by the next files that hold values in it (their first blocks). Read as
-    null, every value of the other files failed to convert ("conversion error to null")."""
+def _typed_schema(dataset):
+    """The schema of a folder of tables whose first file leaves a column untyped (null: a CSV
+    header and no rows, a Parquet file written from an empty frame, a column empty
+    throughout): each typed by the next files that hold values in it. Read as null, the other
+    files' values failed to convert ("conversion error to null") or were refused as typed."""
     import pyarrow as pa
 
     schema = dataset.schema
@@ -194,7 +194,8 @@ def check_schema(fragment, schema, path, fmt: str) -> None:
         if field.name not in schema.names:  # (a key the file holds too is read as before)
             raise InputError(f"{path}: has column {field.name!r}, which the first file lacks; "
                              f"expected the columns {expected}")
-        if fmt == "parquet" and schema.field(field.name).type != field.type:
+        if fmt == "parquet" and schema.field(field.name).type != field.type and \
+                not pa.types.is_null(field.type):  # untyped (an empty file's): read as any
             raise InputError(f"{path}: column {field.name!r} is {field.type}, expected "
                              f"{schema.field(field.name).type} as in the first file")
     missing = [n for n in expected if n not in physical.names]

@@ -378,6 +378,35 @@ def test_a_csv_folder_whose_first_file_has_no_rows_is_read(table_model, tmp_path
             tmp_path / "cache"), exclude_columns=("key",)))
 
 
+def test_a_parquet_folder_with_empty_files_of_untyped_columns_is_read(table_model, tmp_path):
+    """A Parquet file written from an empty frame types its string columns null (pyarrow
+    infers null from no values). First in the folder it was the folder's schema, and every
+    other file was refused ("column 'label' is string, expected null"); elsewhere it was
+    refused itself ("is null, expected string"). Now the untyped columns are typed by the
+    next files, and an untyped column of a file reads as the folder's type."""
+    import pyarrow.parquet as pq
+
+    from export.batch import JobOptions, run_batch
+    from trainer.data.dataset import SourceOptions
+    from trainer.data.sources import load_source
+
+    empty = pa.table({"key": [], **{c: pa.array([], pa.float32()) for c in "abc"}, "label": []})
+    assert str(empty.schema.field("label").type) == "null"
+    folder = tmp_path / "t"
+    folder.mkdir()
+    for name, table in (("part-0", empty), ("part-1", _table(60, 1)), ("part-2", empty),
+                        ("part-3", _table(40, 2))):
+        pq.write_table(table, folder / f"{name}.parquet")
+    run_batch(table_model, folder, tmp_path / "p.parquet", JobOptions(progress=False))
+    rows = pq.read_table(tmp_path / "p.parquet").to_pylist()
+    assert [r["id"] for r in rows] == [f"part-{f}.parquet:{i}" for f, n in ((1, 60), (3, 40))
+                                       for i in range(n)]
+    assert {type(r["label"]) for r in rows} == {str}
+    ds = load_source("tabular", str(folder), SourceOptions(
+        target="label", cache_dir=str(tmp_path / "c"), exclude_columns=("key",)))
+    assert len(ds.train) == 100 and ds.class_names == ["down", "up"]
+
+
 def test_an_output_among_the_input_tables_is_refused(table_model, tmp_path):
     """An output (or its reports) where the folder or glob of tables would read it as a
     table next time is refused in one line before any work; beside them it is written."""
