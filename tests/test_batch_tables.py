@@ -407,6 +407,42 @@ def test_a_parquet_folder_with_empty_files_of_untyped_columns_is_read(table_mode
     assert len(ds.train) == 100 and ds.class_names == ["down", "up"]
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_seeded_folders_read_from_any_chunk_give_the_rest_of_the_rows(tmp_path, seed):
+    """A resumed job starts at a chunk: over folders drawn from a seed (1-6 files of 0-24
+    rows, Parquet or CSV, hive-partitioned or not, given as the folder or a glob, chunks of
+    1-64 rows), reading from chunk k gives exactly the whole read's rows from k * rows on,
+    and every chunk but the last holds `rows`."""
+    import random
+
+    import pyarrow.parquet as pq
+
+    from export.card import InputSpec
+    from export.readers import iter_chunks
+
+    rng = random.Random(seed)
+    fmt, hive, rows = rng.choice(["parquet", "csv"]), rng.random() < 0.5, rng.choice([1, 3, 8, 64])
+    for i in range(rng.randrange(1, 7)):
+        n = rng.randrange(0 if fmt == "parquet" else 1, 25)
+        (tmp_path / (f"k={i % 2}" if hive else "")).mkdir(exist_ok=True)
+        (pq.write_table if fmt == "parquet" else pacsv.write_csv)(
+            _table(n, i), tmp_path / (f"k={i % 2}" if hive else "") / f"p{i}.{fmt}")
+    source = str(tmp_path if rng.random() < 0.5 else tmp_path / "**" / f"*.{fmt}")
+    spec = InputSpec(name="x", kind="tabular", dtype="float32", shape=(3,),
+                     value_range=(-9.0, 9.0), columns=("a", "b", "c"))
+
+    def read(k: int) -> list[tuple[str, list[float]]]:
+        return [(i, x.tolist()) for c in iter_chunks(source, spec, ["down", "up"], rows=rows,
+                                                     target="label", start_chunk=k)
+                for i, x in zip(c.ids, c.x)]
+
+    chunks = list(iter_chunks(source, spec, ["down", "up"], rows=rows, target="label"))
+    assert all(len(c.ids) == rows for c in chunks[:-1])
+    whole = read(0)
+    for k in range(len(chunks) + 1):
+        assert read(k) == whole[k * rows:], k
+
+
 def test_an_output_among_the_input_tables_is_refused(table_model, tmp_path):
     """An output (or its reports) where the folder or glob of tables would read it as a
     table next time is refused in one line before any work; beside them it is written."""
