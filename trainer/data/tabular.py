@@ -296,8 +296,9 @@ def load_tabular(root: str | None, opts: SourceOptions) -> FixedDataset:
     task, y_dtype = _target_kind(schema.field(opts.target).type, opts.task)
     fragments = {str(Path(f.path)): f for f in dataset.get_fragments()}
     path_values = _path_values(dataset, fragments, columns, opts.target)
-    settings = {"reader": "1" if path_values is None else "2", "format": fmt, "schema": str(schema), "target": opts.target,
-                "task": task, **({"features": columns} if opts.exclude_columns else {})}
+    settings = {"reader": "1" if path_values is None else "2", "format": fmt,
+                "schema": str(schema), "target": opts.target, "task": task,
+                **({"features": columns} if opts.exclude_columns else {})}
     key = hashlib.sha256(f"{os.path.realpath(base)}|{json.dumps(settings)}".encode())
     where = cache_root(opts.cache_dir) / f"tabular-{key.hexdigest()[:20]}"
     order = {str(path): i for i, path in enumerate(files)}  # the order they are written in
