@@ -639,6 +639,14 @@ def test_the_same_bytes_under_two_partitions_are_two_files_rows(tmp_path):
         cache_dir=str(tmp_path / "l"), exclude_columns=("zone",)))
     (x,) = (tmp_path / "l").glob("tabular-*/x.*.bin")
     assert left_out.train.arrays()[0].shape == (80, 2) and x.stat().st_size == 40 * 2 * 4
+    # the key as the target: the same bytes under label=up and label=down were one class
+    labels = tmp_path / "labels"
+    for label in ("up", "down"):
+        (labels / f"label={label}").mkdir(parents=True)
+        pq.write_table(_table(1).drop(["target"]), labels / f"label={label}" / "a.parquet")
+    ds = load_source("tabular", str(labels), SourceOptions(cache_dir=str(tmp_path / "c"),
+                                                           target="label"))
+    assert ds.class_names == ["down", "up"] and np.bincount(ds.train.y).tolist() == [40, 40]
 
 
 @pytest.mark.parametrize("seed", range(3))
