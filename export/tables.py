@@ -107,7 +107,8 @@ def table_dataset(base: Path, files: list[Path], fmt: str, partitioning="hive", 
     try:
         dataset = pads.dataset([str(f) for f in files], format=form, partitioning=partitioning,
                                partition_base_dir=str(base), schema=schema)
-    except (pa.ArrowInvalid, OSError) as exc:
+        check_column_names(dataset.schema.names, files[0])  # pyarrow decodes the names here
+    except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as exc:  # a header not UTF-8
         raise unreadable(files[0], exc) from None
     if schema is None and _untyped(dataset.schema):
         return table_dataset(base, files, fmt, partitioning, _typed_schema(dataset))
@@ -115,9 +116,7 @@ def table_dataset(base: Path, files: list[Path], fmt: str, partitioning="hive", 
 
 
 def _untyped(schema) -> bool:
-    import pyarrow.types as pat
-
-    return any(pat.is_null(field.type) for field in schema)
+    return any(str(field.type) == "null" for field in schema)
 
 
 def _typed_schema(dataset):
@@ -186,7 +185,8 @@ def check_schema(fragment, schema, path, fmt: str) -> None:
 
     try:
         physical = fragment.physical_schema
-    except (pa.ArrowInvalid, OSError) as exc:  # cut short, empty, not Parquet
+        check_column_names(physical.names, path)  # (pyarrow decodes a header's names here)
+    except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as exc:  # cut short, not a table
         raise unreadable(path, exc) from None
     keys = pads.get_partition_keys(fragment.partition_expression)  # columns of its path
     expected = [n for n in schema.names if n not in keys]
@@ -220,7 +220,6 @@ def folder_chunks(path: Path, spec: InputSpec, class_names, rows: int, first: in
         base, files, fmt = Path(folder.base), [path], FORMATS[path.suffix.lower()]
         dataset = folder.dataset(path, fmt)
     schema, columns, skip = dataset.schema, list(spec.columns or ()), first * rows
-    check_column_names(schema.names, files[0])
     fragments = {os.path.normpath(f.path): f for f in dataset.get_fragments()}
     pending: list[Chunk] = []
     for f in files:

@@ -695,6 +695,21 @@ def test_seeded_rounds_over_a_hive_folder_agree_with_a_fresh_ingest(tmp_path, mo
             {float(f.parent.name[5:]) for f in hive.rglob("*.parquet")}), r
 
 
+@pytest.mark.parametrize("bad", ["a.csv", "b.csv"])
+def test_a_csv_header_that_is_not_utf8_is_named(tmp_path, bad):
+    """A header pyarrow cannot decode as UTF-8 (a binary file named .csv) was a
+    UnicodeDecodeError traceback where its names were first used: the folder's schema (the
+    first file) or a later file's column check (found by corrupting random tables)."""
+    folder = tmp_path / "t"
+    folder.mkdir()
+    for name in ("a.csv", "b.csv"):
+        head = b"\xa6\xff" if name == bad else b""  # bytes that are no UTF-8 text
+        (folder / name).write_bytes(head + b"a,b,target\n1,2,up\n")
+    with pytest.raises(InputError, match=rf"t/{bad}: cannot read table .*'utf-8' codec can't "
+                                         r"decode byte 0xa6"):
+        load_source("tabular", str(folder), SourceOptions(cache_dir=str(tmp_path / "c")))
+
+
 def test_a_date_partition_and_an_id_column_are_left_out_by_name(tmp_path):
     """Tables as they are kept: a hive folder partitioned by date (a string key) with an id
     column. Both are refused as features in one line that says how to leave them out;

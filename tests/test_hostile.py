@@ -121,6 +121,8 @@ TABLES = {
     "empty feature cell": lambda h, r: (",".join(h) + "\n" + "," +
                                         ",".join(r.split(",")[1:-1]) + "\n").encode(),
     "NUL bytes": lambda h, r: b"\x00" * 5000,
+    "header not UTF-8": lambda h, r: b"\xa6" + (",".join(h) + "\n" + r.rsplit(",", 1)[0] +
+                                                "\n").encode(),
 }
 for label, make in TABLES.items():
     @case("tables", f"csv: {label}")
@@ -128,6 +130,18 @@ for label, make in TABLES.items():
         (tmp / "t.csv").write_bytes(make(m["header"], m["row"]))
         return ["predict", "--model", str(m["table"]), "--input", "t.csv", "--output",
                 "p.csv"], "t.csv"
+
+    for where in ("first", "second") if label != "header only" else ():  # (an empty
+        # partition, read: tests/test_batch_tables.py) a folder's first file gives its columns
+        @case("tables", f"csv folder, {where} file: {label}")
+        def _(tmp, m, make=make, where=where):
+            good = (",".join(m["header"]) + "\n" + m["row"].rsplit(",", 1)[0] + "\n").encode()
+            (tmp / "t").mkdir()
+            bad, other = ("a.csv", "b.csv") if where == "first" else ("b.csv", "a.csv")
+            (tmp / "t" / bad).write_bytes(make(m["header"], m["row"]))
+            (tmp / "t" / other).write_bytes(good)
+            return ["predict", "--model", str(m["table"]), "--input", "t", "--output",
+                    "p.csv"], f"t/{bad}"
 
 @case("tables", "csv: a value that overflows float32")
 def _(tmp, m):

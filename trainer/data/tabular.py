@@ -21,8 +21,8 @@ import numpy as np
 
 from export.errors import InputError
 from export.timing import usable_cores
-from export.tables import (check_column_names, check_schema, describe_nonfinite, unreadable,
-                           table_dataset, table_files)
+from export.tables import (check_schema, describe_nonfinite, table_dataset, table_files,
+                           unreadable)
 from trainer.allocator import release_arrow_memory
 from trainer.data.ahead import Ahead
 from trainer.data.cache import RowCache, cache_root
@@ -247,8 +247,7 @@ def _feature_columns(schema, first: Path, target: str, exclude: tuple[str, ...])
     """The table's feature columns (all but the target and `exclude`), each of numbers."""
     import pyarrow.types as pat
 
-    check_column_names(schema.names, first)
-    if target not in schema.names:
+    if target not in schema.names:  # (its names were checked by tables.table_dataset)
         raise InputError(f"{first}: missing target column {target!r} (data.target); "
                          f"found {schema.names}")
     for name in exclude:
