@@ -69,8 +69,7 @@ def check_not_read_back(outputs: list[Path], source: str | os.PathLike) -> None:
             else Path(folder) in Path(os.path.realpath(out)).parents
         if inside:
             raise InputError(f"--output {out}: lies among the tables of --input {source}, "
-                             "which would read it as one of them the next time; write it "
-                             "elsewhere")
+                             "which would read it as one of them next time; write it elsewhere")
 
 
 def holds_tables(folder: Path, suffixes=FORMATS) -> bool:
@@ -110,20 +109,21 @@ def table_dataset(base: Path, files: list[Path], fmt: str, partitioning="hive", 
         check_column_names(dataset.schema.names, files[0])  # pyarrow decodes the names here
     except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as exc:  # a header not UTF-8
         raise unreadable(files[0], exc) from None
-    if schema is None and _untyped(dataset.schema):
+    if schema is None and any(str(field.type) == "null" for field in dataset.schema):
         return table_dataset(base, files, fmt, partitioning, _typed_schema(dataset))
     return dataset
 
 
-def _untyped(schema) -> bool:
-    return any(str(field.type) == "null" for field in schema)
+def partition_keys(dataset) -> tuple[str, ...]:
+    """The hive keys of its paths (pyarrow's partitioning schema is the whole one without any)."""
+    found = dataset.partitioning.schema if dataset.partitioning else dataset.schema
+    return () if found == dataset.schema else tuple(found.names)
 
 
 def _typed_schema(dataset):
-    """The schema of a folder of tables whose first file leaves a column untyped (null: a CSV
-    header and no rows, a Parquet file written from an empty frame, a column empty
-    throughout): each typed by the next files that hold values in it. Read as null, the other
-    files' values failed to convert ("conversion error to null") or were refused as typed."""
+    """The folder's schema with each column its first file leaves untyped (null: a header-only
+    CSV, a Parquet file written from an empty frame) typed by the next files that hold values
+    in it (read as null, their values failed to convert or were refused as another type)."""
     import pyarrow as pa
 
     schema = dataset.schema
@@ -132,7 +132,7 @@ def _typed_schema(dataset):
             schema = pa.unify_schemas([schema, fragment.physical_schema])
         except (pa.ArrowException, OSError) as exc:  # not a table; a column typed otherwise
             raise unreadable(fragment.path, exc) from None
-        if not _untyped(schema):
+        if all(str(field.type) != "null" for field in schema):
             break
     return schema
 
@@ -155,9 +155,8 @@ class FolderSchema:
         import base64
 
         dataset = table_dataset(base, files, fmt)
-        keys = tuple(dataset.partitioning.schema.names) if dataset.partitioning else ()
         return cls(str(base), base64.b64encode(dataset.schema.serialize().to_pybytes()).decode(),
-                   keys)
+                   partition_keys(dataset))
 
     @classmethod
     def from_json(cls, value: dict | None) -> FolderSchema | None:
@@ -175,13 +174,14 @@ class FolderSchema:
         return table_dataset(Path(self.base), [path], fmt, keys, schema)
 
 
-def check_schema(fragment, schema, path, fmt: str) -> None:
-    """A file must have the first file's columns (less the partition keys its path gives
-    it), by name; a Parquet file their types too (a CSV file's are inferred from its own
-    rows, so a column of whole numbers is not refused beside one of decimals: the first
-    file's types are what it is read as, and a value that is not one fails there)."""
+def check_schema(fragment, dataset, path, fmt: str) -> None:
+    """A file of `dataset` must have its columns (the first file's, less the partition keys
+    its path gives it), by name; a Parquet file their types too (a CSV file's are inferred
+    from its own rows: a value that is not the first file's type fails its read)."""
     import pyarrow as pa
     import pyarrow.dataset as pads
+
+    schema = dataset.schema
 
     try:
         physical = fragment.physical_schema
@@ -200,8 +200,10 @@ def check_schema(fragment, schema, path, fmt: str) -> None:
                              f"{schema.field(field.name).type} as in the first file")
     missing = [n for n in expected if n not in physical.names]
     if missing:
-        raise InputError(f"{path}: missing column {missing[0]!r}; expected the columns "
-                         f"{expected}")
+        keyed = missing[0] in partition_keys(dataset)
+        raise InputError(f"{path}: missing column {missing[0]!r}" + (
+            f" (its path holds no {missing[0]}=<value> folder, as the others do)" if keyed
+            else "") + f"; expected the columns {expected}")
 
 
 def folder_chunks(path: Path, spec: InputSpec, class_names, rows: int, first: int,
@@ -225,7 +227,7 @@ def folder_chunks(path: Path, spec: InputSpec, class_names, rows: int, first: in
     for f in files:
         fragment, done = fragments[os.path.normpath(str(f))], 0
         try:
-            check_schema(fragment, schema, f, fmt)
+            check_schema(fragment, dataset, f, fmt)
             if skip and (n := fragment.count_rows()) <= skip:
                 skip -= n
                 continue
@@ -272,10 +274,9 @@ def _rows(c: Chunk, a: int, b: int) -> Chunk:
                  {k: v[a:b] for k, v in c.extra.items()})
 
 
-# CSV read block sizes: a block must hold the longest row, and pyarrow's streaming reader
-# reads ~32 blocks ahead, so the block bounds memory: 4 MiB blocks held ~130 MB more at
-# 3 million rows than at 100,000; 1 MiB keeps it flat (scripts/soak.py). Longer rows (a
-# document in a pass-through cell) are read again with the next size.
+# CSV read block sizes: a block must hold the longest row, and pyarrow's streaming reader reads
+# ~32 blocks ahead, so the block bounds memory: 4 MiB blocks held ~130 MB more at 3 million rows
+# than at 100,000; 1 MiB keeps it flat (scripts/soak.py). Longer rows: read with the next size.
 CSV_BLOCKS = (1 << 20, 8 << 20, 64 << 20)
 
 

@@ -647,6 +647,19 @@ def test_the_same_bytes_under_two_partitions_are_two_files_rows(tmp_path):
     ds = load_source("tabular", str(labels), SourceOptions(cache_dir=str(tmp_path / "c"),
                                                            target="label"))
     assert ds.class_names == ["down", "up"] and np.bincount(ds.train.y).tolist() == [40, 40]
+    # pyarrow's partitioning of a folder without keys names every column: no keys here, so
+    # such a folder's cache (reader "1", digests of bytes alone) is the one it was
+    from export.tables import partition_keys, table_dataset, table_files
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    pq.write_table(_table(3), plain / "a.parquet")
+    assert partition_keys(table_dataset(*table_files(str(plain)))) == ()
+    assert partition_keys(table_dataset(*table_files(str(hive)))) == ("zone",)
+    load_source("tabular", str(plain), SourceOptions(cache_dir=str(tmp_path / "p")))
+    (index,) = (tmp_path / "p").glob("tabular-*/index.npz")
+    with np.load(index) as z:
+        assert json.loads(z["meta"].tobytes())["settings"]["reader"] == "1"
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -693,6 +706,26 @@ def test_seeded_rounds_over_a_hive_folder_agree_with_a_fresh_ingest(tmp_path, mo
         np.testing.assert_array_equal(up.train.y, fresh.train.y)
         assert sorted(set(up.train.arrays()[0][:, 2].tolist())) == sorted(
             {float(f.parent.name[5:]) for f in hive.rglob("*.parquet")}), r
+
+
+def test_a_file_outside_a_hive_folders_partitions_is_named_with_the_key(tmp_path):
+    """A file beside the partition folders (written before the table was partitioned) lacks
+    the key the others' paths give them: the message says so, for training and predict."""
+    from export.card import InputSpec
+    from export.readers import iter_chunks
+
+    hive = tmp_path / "hive"
+    (hive / "zone=1").mkdir(parents=True)
+    pq.write_table(_table(1), hive / "zone=1" / "a.parquet")
+    pq.write_table(_table(2), hive / "old.parquet")
+    needle = (r"hive/old.parquet: missing column 'zone' \(its path holds no zone=<value> "
+              r"folder, as the others do\); expected the columns")
+    with pytest.raises(InputError, match=needle):
+        load_source("tabular", str(hive), SourceOptions(cache_dir=str(tmp_path / "c")))
+    spec = InputSpec(name="x", kind="tabular", dtype="float32", shape=(3,),
+                     value_range=(-9.0, 9.0), columns=("a", "b", "zone"))
+    with pytest.raises(InputError, match=needle):  # as `trainer predict` reads it
+        list(iter_chunks(str(hive), spec, ["down", "up"], target="target"))
 
 
 @pytest.mark.parametrize("bad", ["a.csv", "b.csv"])

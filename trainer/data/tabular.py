@@ -21,8 +21,8 @@ import numpy as np
 
 from export.errors import InputError
 from export.timing import usable_cores
-from export.tables import (check_schema, describe_nonfinite, table_dataset, table_files,
-                           unreadable)
+from export.tables import (check_schema, describe_nonfinite, partition_keys, table_dataset,
+                           table_files, unreadable)
 from trainer.allocator import release_arrow_memory
 from trainer.data.ahead import Ahead
 from trainer.data.cache import RowCache, cache_root
@@ -274,8 +274,7 @@ def _path_values(dataset, fragments: dict, columns: list[str], target: str):
     file's digest is then of its bytes alone, as reader "1" made every one)."""
     import pyarrow.dataset as pads
 
-    keys = [k for k in (dataset.partitioning.schema.names if dataset.partitioning else ())
-            if k in columns or k == target]
+    keys = [k for k in partition_keys(dataset) if k in columns or k == target]
 
     def values(path: str) -> bytes:
         found = pads.get_partition_keys(fragments[path].partition_expression)
@@ -307,7 +306,7 @@ def load_tabular(root: str | None, opts: SourceOptions) -> FixedDataset:
         ahead = Ahead(None, DEPTH)
 
         def decode(_, path: str):
-            check_schema(fragments[path], schema, path, fmt)
+            check_schema(fragments[path], dataset, path, fmt)
             if ahead.width is None:  # the first file to decode
                 ahead.width = _ahead_width(fragments[path], len(columns))
             return ahead(order[path], _batches(fragments[path], schema, columns, opts.target,
