@@ -109,7 +109,7 @@ def table_dataset(base: Path, files: list[Path], fmt: str, partitioning="hive", 
         check_column_names(dataset.schema.names, files[0])  # pyarrow decodes the names here
     except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as exc:  # a header not UTF-8
         raise unreadable(files[0], exc) from None
-    if schema is None and any(str(field.type) == "null" for field in dataset.schema):
+    if schema is None and any(pa.types.is_null(field.type) for field in dataset.schema):
         return table_dataset(base, files, fmt, partitioning, _typed_schema(dataset))
     return dataset
 
@@ -132,7 +132,7 @@ def _typed_schema(dataset):
             schema = pa.unify_schemas([schema, fragment.physical_schema])
         except (pa.ArrowException, OSError) as exc:  # not a table; a column typed otherwise
             raise unreadable(fragment.path, exc) from None
-        if all(str(field.type) != "null" for field in schema):
+        if not any(pa.types.is_null(field.type) for field in schema):
             break
     return schema
 
