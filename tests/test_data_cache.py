@@ -163,7 +163,8 @@ def test_a_damaged_cache_is_repaired_not_trusted(tmp_path, capsys):
     assert "index.npz: unreadable" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("damage", ["a byte of a column", "cut short", "compressed",
+@pytest.mark.parametrize("damage", ["a byte of a column", "cut short", "a header zeroed",
+                                    "compressed",
                                     "a column of objects", "meta not an object",
                                     "meta without its generation"])
 def test_an_index_edited_by_hand_is_rebuilt_not_trusted(tmp_path, capsys, damage):
@@ -181,6 +182,11 @@ def test_an_index_edited_by_hand_is_rebuilt_not_trusted(tmp_path, capsys, damage
         index.write_bytes(raw)
     elif damage == "cut short":
         index.write_bytes(index.read_bytes()[:-40])
+    elif damage == "a header zeroed":  # numpy's parser raised tokenize's TokenError
+        raw = bytearray(index.read_bytes())
+        at = raw.find(b"\x93NUMPY")
+        raw[at + 10:at + 40] = bytes(30)
+        index.write_bytes(raw)
     else:
         with np.load(index) as z:
             columns = {k: z[k] for k in z.files}

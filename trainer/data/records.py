@@ -9,6 +9,7 @@ import os
 import struct
 import sys
 import tempfile
+import tokenize
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -209,7 +210,10 @@ def read_npy_header(f) -> tuple[tuple, bool, np.dtype, int]:
     version = np.lib.format.read_magic(f)
     read = {(1, 0): np.lib.format.read_array_header_1_0,
             (2, 0): np.lib.format.read_array_header_2_0}[version]
-    shape, fortran, dtype = read(f)
+    try:
+        shape, fortran, dtype = read(f)
+    except (SyntaxError, tokenize.TokenError) as exc:  # numpy retries a header that does not
+        raise ValueError(f"not a .npy header ({exc})") from None  # parse as Python 2's
     return shape, fortran, dtype, f.tell()
 
 
