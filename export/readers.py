@@ -7,6 +7,7 @@ Parquet need pyarrow. The IDX reader is shared with the training side.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import itertools
 import math
@@ -91,22 +92,43 @@ def _array_chunks(path: Path, x, y, class_names, rows: int, first: int) -> Itera
                     None if y is None else y[start:stop])
 
 
+@contextlib.contextmanager
+def _reading_arrays(path: Path) -> Iterator[None]:
+    """np.load's errors on `path` (zipfile's and the format's, pickled objects refused) as one
+    InputError naming it."""
+    try:
+        yield
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - numpy and zipfile raise a dozen kinds
+        raise InputError(f"{path}: cannot read arrays ({type(exc).__name__}: "
+                         f"{short_reason(exc)})") from None
+
+
+def read_npz(path: Path, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The arrays `names` of an .npz that holds them (`x` at least), read whole; a damaged
+    or foreign file (not a zip, cut short, a bad CRC, an .npy) is one InputError naming it.
+    Nothing is ever unpickled."""
+    with _reading_arrays(path):
+        npz = np.load(path, allow_pickle=False)
+        if not isinstance(npz, np.lib.npyio.NpzFile):
+            raise InputError(f"{path}: an .npy file named .npz; expected an .npz of arrays x "
+                             "(and y)")
+    with _reading_arrays(path), npz:
+        if "x" not in npz.files:
+            raise InputError(f"{path}: missing array 'x' (found {sorted(npz.files)})")
+        return {name: npz[name] for name in names if name in npz.files}
+
+
 def read_arrays(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     """`x` (and `y`) of an .npz, or an .npy (memory-mapped, so it may exceed RAM). Nothing
     is ever unpickled."""
-    try:
-        if path.suffix == ".npy":
+    if path.suffix == ".npy":
+        with _reading_arrays(path):
             x, y = np.load(path, mmap_mode="r", allow_pickle=False), None
-        else:
-            with np.load(path, allow_pickle=False) as npz:
-                if "x" not in npz:
-                    raise InputError(f"{path}: missing array 'x' (found {sorted(npz.files)})")
-                x, y = npz["x"], (npz["y"] if "y" in npz else None)
-    except InputError:
-        raise
-    except Exception as exc:  # zipfile/format errors, pickled objects refused
-        raise InputError(f"{path}: cannot read arrays ({type(exc).__name__}: "
-                         f"{short_reason(exc)})") from None
+    else:
+        arrays = read_npz(path, ("x", "y"))
+        x, y = arrays["x"], arrays.get("y")
     for name, arr in (("x", x), ("y", y)):
         if arr is not None and arr.ndim == 0:
             raise InputError(f"{path}: array {name!r} is a single value; expected one row "

@@ -331,6 +331,50 @@ for label, make in ARRAYS.items():
         return ["predict", "--model", str(m["image"]), "--input", name, "--output", "p.csv"], name
 
 
+
+def _good_npz(t: Path, **extra) -> Path:
+    arrays = {"x": np.zeros((4, 1, 8, 8), np.uint8), "y": np.array([0, 1, 0, 1]), **extra}
+    np.savez(t / "a.npz", **{k: v for k, v in arrays.items() if v is not None})
+    return t / "a.npz"
+
+
+def _damaged(t: Path, edit) -> None:
+    raw = bytearray(_good_npz(t).read_bytes())
+    (t / "a.npz").write_bytes(edit(raw))
+
+
+def _zero_header(raw: bytearray) -> bytearray:
+    at = raw.find(b"\x93NUMPY")
+    raw[at + 10:at + 40] = bytes(30)
+    return raw
+
+
+TRAINING_ARRAYS = {  # the `arrays` training source (load_arrays), read by `trainer data`
+    "cut short": (lambda t: _damaged(t, lambda raw: raw[:len(raw) // 2]),
+                  "a.npz: cannot read arrays (BadZipFile"),
+    "a header zeroed": (lambda t: _damaged(t, _zero_header), "a.npz: cannot read arrays"),
+    "an npy named npz": (lambda t: np.save(t / "a.npy", np.zeros((4, 8), np.float32)) or
+                         (t / "a.npy").rename(t / "a.npz"), "a.npz: an .npy file named .npz"),
+    "2-d labels": (lambda t: _good_npz(t, y=np.zeros((4, 1, 8, 8), np.uint8)),
+                   "a.npz: 'y' must hold one integer class label a row"),
+    "0-d labels": (lambda t: _good_npz(t, y=np.array(1)),
+                   "a.npz: 'y' must hold one integer class label a row"),
+    "no labels": (lambda t: _good_npz(t, y=None), "a.npz: missing array 'y'"),
+    "fewer labels than rows": (lambda t: _good_npz(t, y=np.array([0, 1])),
+                               "a.npz: 'x' has 4 rows but 'y' has 2"),
+    "0-d class names": (lambda t: _good_npz(t, class_names=np.array("ant")),
+                        "a.npz: 'class_names' must be a list of names"),
+    "rows of no features": (lambda t: _good_npz(t, x=np.zeros((4, 0), np.float32)),
+                            "a.npz: 'x' has no values a row"),
+}
+for label, (make, needle) in TRAINING_ARRAYS.items():
+    @case("arrays", f"training: {label}")
+    def _(tmp, m, make=make, needle=needle):
+        make(tmp)
+        return ["data", "--config", str(ROOT / "configs" / "digits.yaml"), "--data.source",
+                "arrays", "--data.root", "a.npz", "--split", "train", "--out", "o.npz"], needle
+
+
 # ------------------------------------------------------------------- model files
 def _with_card(m, tmp: Path, edit) -> str:
     model = onnx.load(str(m["image"]))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from export.errors import InputError
+from export.readers import read_npz
 from trainer.data.cifar import load_cifar10
 from trainer.data.dataset import (FixedDataset, SourceOptions, Split, feature_spec, image_spec,
                                   make_dataset, require_root, value_range)
@@ -35,18 +36,22 @@ def load_arrays(root: str | None, opts: SourceOptions) -> FixedDataset:
     """An .npz with `x` (uint8 images N,C,H,W or N,H,W; or numeric features N,F), `y`
     (integer class labels) and optionally `class_names`."""
     path = require_root(root, "arrays", "the path of an .npz file", file=True)
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            for key in ("x", "y"):
-                if key not in npz:
-                    raise InputError(f"{path}: missing array '{key}' (found {sorted(npz.files)})")
-            x, y = npz["x"], npz["y"]
-            names = [str(n) for n in npz["class_names"]] if "class_names" in npz else None
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path}: cannot read .npz ({exc})") from None
-    if y.dtype.kind not in "iu":
-        raise InputError(f"{path}: 'y' must hold integer class labels, got dtype {y.dtype}")
-    names = names or [str(i) for i in range(int(y.max()) + 1 if len(y) else 0)]
+    arrays = read_npz(path, ("x", "y", "class_names"))
+    if "y" not in arrays:
+        raise InputError(f"{path}: missing array 'y' (the class labels)")
+    x, y, names = arrays["x"], arrays["y"], arrays.get("class_names")
+    if y.ndim != 1 or y.dtype.kind not in "iu":
+        raise InputError(f"{path}: 'y' must hold one integer class label a row (N,), got "
+                         f"{y.dtype} {y.shape}")
+    if x.ndim == 0 or len(x) != len(y):
+        raise InputError(f"{path}: 'x' has {len(x) if x.ndim else 'no'} rows but 'y' has "
+                         f"{len(y)}; expected one label a row")
+    if names is not None and names.ndim != 1:
+        raise InputError(f"{path}: 'class_names' must be a list of names (K,), got {names.shape}")
+    names = [str(n) for n in names] if names is not None else \
+        [str(i) for i in range(int(y.max()) + 1 if len(y) else 0)]
+    if 0 in x.shape[1:]:
+        raise InputError(f"{path}: 'x' has no values a row ({x.shape})")
     if x.dtype == np.uint8 and x.ndim in (3, 4):
         x = x[:, None] if x.ndim == 3 else x
         spec = image_spec(*x.shape[1:])
