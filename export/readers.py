@@ -13,6 +13,7 @@ import itertools
 import math
 import os
 import re
+import zlib
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -43,7 +44,7 @@ def read_idx(path: Path, expected_magic: int | None = None) -> np.ndarray:
     try:
         with opener(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, zlib.error) as exc:  # zlib's: a damaged .gz
         raise InputError(f"{path}: cannot read IDX file ({exc})") from None
     if len(raw) < 8:
         raise InputError(f"{path}: IDX file is truncated ({len(raw)} bytes)")

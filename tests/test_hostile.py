@@ -299,6 +299,13 @@ def _idx(path: Path, magic: int, dims: list[int], payload: bytes) -> None:
     path.write_bytes(head + payload)
 
 
+def _flipped_gz() -> bytes:
+    """An IDX file gzip'ed, a bit of its deflate stream flipped: zlib's error, not OSError."""
+    raw = bytearray(gzip.compress(bytes(range(256)) * 40))
+    raw[40] ^= 0x10
+    return bytes(raw)
+
+
 ARRAYS = {
     "0-d x": lambda t: np.savez(t / "a.npz", x=np.array(5)),
     "0-d y": lambda t: np.savez(t / "a.npz", x=np.zeros((2, 1, 8, 8), np.uint8), y=np.array(1)),
@@ -322,6 +329,7 @@ ARRAYS = {
     "idx bad magic": lambda t: _idx(t / "t-idx3-ubyte", 1234, [1, 8, 8], b"\0" * 64),
     "idx gz corrupt": lambda t: (t / "t-idx3-ubyte.gz").write_bytes(
         gzip.compress(b"\0" * 100)[:20]),
+    "idx gz body damaged": lambda t: (t / "t-idx3-ubyte.gz").write_bytes(_flipped_gz()),
 }
 for label, make in ARRAYS.items():
     @case("arrays", label)
@@ -373,6 +381,35 @@ for label, (make, needle) in TRAINING_ARRAYS.items():
         make(tmp)
         return ["data", "--config", str(ROOT / "configs" / "digits.yaml"), "--data.source",
                 "arrays", "--data.root", "a.npz", "--split", "train", "--out", "o.npz"], needle
+
+
+
+def _mnist(t: Path, test_size: int = 4, size: int = 4, gz_damaged: bool = False) -> None:
+    """The four IDX files of a small MNIST-format folder `m` (train size x size, test
+    test_size x test_size), the train images' .gz damaged if asked."""
+    (t / "m").mkdir()
+    for split, side in (("train", size), ("t10k", test_size)):
+        _idx(t / "m" / f"{split}-images-idx3-ubyte", 2051, [20, side, side], bytes(20 * side * side))
+        _idx(t / "m" / f"{split}-labels-idx1-ubyte", 2049, [20], bytes(range(10)) * 2)
+    if gz_damaged:
+        (t / "m" / "train-images-idx3-ubyte").unlink()
+        (t / "m" / "train-images-idx3-ubyte.gz").write_bytes(_flipped_gz())
+
+
+MNIST = {  # the mnist training source (load_mnist), read by `trainer data`
+    "gz body damaged": (lambda t: _mnist(t, gz_damaged=True),
+                        "train-images-idx3-ubyte.gz: cannot read IDX file"),
+    "images of no pixels": (lambda t: _mnist(t, size=0, test_size=0),
+                            "m: train images are 0x0; expected at least 1x1"),
+    "test images of another size": (lambda t: _mnist(t, test_size=28),
+                                    "m: test images are 28x28; expected those of train, 4x4"),
+}
+for label, (make, needle) in MNIST.items():
+    @case("arrays", f"mnist training: {label}")
+    def _(tmp, m, make=make, needle=needle):
+        make(tmp)
+        return ["data", "--config", str(ROOT / "configs" / "mnist.yaml"), "--data.root", "m",
+                "--split", "test", "--out", "o.npz"], needle
 
 
 # ------------------------------------------------------------------- model files
