@@ -36,10 +36,11 @@ def load_mnist(root: str | None, opts: SourceOptions) -> FixedDataset:
         y = read_idx(find_idx(folder, lbl_stem), LABELS_MAGIC).astype(np.int64)
         if len(x) != len(y):
             raise InputError(f"{folder}: {split} has {len(x)} images but {len(y)} labels")
-        if 0 in x.shape[1:] or split == "test" and x.shape[1:] != splits["train"].x.shape[2:]:
+        first = splits["train"].x.shape[2:] if splits else None
+        if 0 in x.shape[1:] or first is not None and x.shape[1:] != first:
             raise InputError(f"{folder}: {split} images are {x.shape[1]}x{x.shape[2]}; expected "
-                             + ("at least 1x1" if split == "train" else "those of train, "
-                                "{0}x{1}".format(*splits["train"].x.shape[2:])))
+                             + (f"those of train, {first[0]}x{first[1]}" if first else
+                                "at least 1x1"))
         splits[split] = Split(np.ascontiguousarray(x[:, None]), y)  # (N, 1, 28, 28)
     names = [str(i) for i in range(10)]
     return make_dataset(folder.name or "mnist", splits["train"], splits["test"], names,
