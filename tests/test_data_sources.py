@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -153,6 +154,32 @@ def test_cifar10_refuses_code_in_pickles(tmp_path):
     folder = _cifar_folder(tmp_path / "c")
     pickle.dump({b"data": _Evil(), b"labels": []}, open(folder / "data_batch_3", "wb"))
     with pytest.raises(InputError, match=r"data_batch_3: not a CIFAR-10 batch .*refusing"):
+        load_source("cifar10", str(folder))
+
+
+
+@pytest.mark.parametrize("labels,needle", [
+    (["1x"] * 6, "'labels' must be one integer class a row, got <U2 (6,)"),
+    ([[1, 2]] * 6, "got int64 (6, 2)"),
+    ([1.5] * 6, "got float64 (6,)"),
+    ([2 ** 70] * 6, "got object (6,)"),
+    (None, "got object ()"),
+    ([[1], [1, 2]] * 3, "got object (0,)"),  # lists of several lengths
+])
+def test_cifar10_labels_that_are_not_classes_are_named(tmp_path, labels, needle):
+    """np.asarray(labels, dtype=np.int64) raised ValueError, TypeError or OverflowError."""
+    folder = _cifar_folder(tmp_path / "c")
+    data = np.zeros((6, 3072), np.uint8)
+    pickle.dump({b"data": data, b"labels": labels}, open(folder / "data_batch_2", "wb"))
+    with pytest.raises(InputError, match=r"data_batch_2: .*" + re.escape(needle)):
+        load_source("cifar10", str(folder))
+
+
+@pytest.mark.parametrize("names", [None, 5, np.array("ant"), "airplane", []])
+def test_cifar10_label_names_not_a_list_are_named(tmp_path, names):
+    folder = _cifar_folder(tmp_path / "c")
+    pickle.dump({b"label_names": names}, open(folder / "batches.meta", "wb"))
+    with pytest.raises(InputError, match=r"batches.meta: no 'label_names' \(a list of the "):
         load_source("cifar10", str(folder))
 
 

@@ -48,18 +48,26 @@ def _images(path: Path) -> Split:
     data = np.asarray(batch["data"])
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         raise InputError(f"{path}: 'data' must be uint8 (N, 3072), got {data.dtype} {data.shape}")
-    y = np.asarray(batch["labels"], dtype=np.int64)
+    try:
+        y = np.asarray(batch["labels"])
+    except ValueError:  # lists of several lengths
+        y = np.empty(0, object)
+    if y.ndim != 1 or y.dtype.kind not in "iu":
+        raise InputError(f"{path}: 'labels' must be one integer class a row, got {y.dtype} "
+                         f"{y.shape}")
     if len(y) != len(data):
         raise InputError(f"{path}: {len(data)} images but {len(y)} labels")
-    return Split(data.reshape(-1, 3, 32, 32), y)  # rows are stored R, G, B planes
+    return Split(data.reshape(-1, 3, 32, 32), y.astype(np.int64))  # rows: R, G, B planes
 
 
 def load_cifar10(root: str | None, opts: SourceOptions) -> FixedDataset:
     folder = require_root(root, "cifar10", "the folder of CIFAR-10 python batches")
     meta = read_batch(folder / "batches.meta")
-    names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta.get("label_names", [])]
-    if not names:
-        raise InputError(f"{folder / 'batches.meta'}: no 'label_names'")
+    names = meta.get("label_names")
+    if not isinstance(names, (list, tuple, np.ndarray)) or np.ndim(names) != 1 or not len(names):
+        raise InputError(f"{folder / 'batches.meta'}: no 'label_names' (a list of the class "
+                         "names)")
+    names = [n.decode(errors="replace") if isinstance(n, bytes) else str(n) for n in names]
     parts = [_images(folder / b) for b in TRAIN_BATCHES]
     train = Split(np.concatenate([p.x for p in parts]), np.concatenate([p.y for p in parts]))
     test = _images(folder / "test_batch")
