@@ -170,7 +170,7 @@ def test_cifar10_labels_that_are_not_classes_are_named(tmp_path, labels, needle)
     """np.asarray(labels, dtype=np.int64) raised ValueError, TypeError or OverflowError."""
     folder = _cifar_folder(tmp_path / "c")
     data = np.zeros((6, 3072), np.uint8)
-    pickle.dump({b"data": data, b"labels": labels}, open(folder / "data_batch_2", "wb"))
+    (folder / "data_batch_2").write_bytes(pickle.dumps({b"data": data, b"labels": labels}))
     with pytest.raises(InputError, match=r"data_batch_2: .*" + re.escape(needle)):
         load_source("cifar10", str(folder))
 
@@ -178,7 +178,7 @@ def test_cifar10_labels_that_are_not_classes_are_named(tmp_path, labels, needle)
 @pytest.mark.parametrize("names", [None, 5, np.array("ant"), "airplane", []])
 def test_cifar10_label_names_not_a_list_are_named(tmp_path, names):
     folder = _cifar_folder(tmp_path / "c")
-    pickle.dump({b"label_names": names}, open(folder / "batches.meta", "wb"))
+    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": names}))
     with pytest.raises(InputError, match=r"batches.meta: no 'label_names' \(a list of the "):
         load_source("cifar10", str(folder))
 
