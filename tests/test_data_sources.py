@@ -356,6 +356,45 @@ def test_tabular_parquet_regression(tmp_path):
     assert ds.train.y.dtype == np.float32 and ds.train.y.tolist() == [1.5, 2.5, 9.0]
 
 
+
+def test_a_pandas_category_or_string_view_target_is_classes(tmp_path):
+    """Parquet keeps a pandas category as a dictionary column: its values are the classes.
+    It was cast to float64 ("could not convert string to float: 'bee'")."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    names = ["cow", "ant", "bee", "ant", "cow", "bee"] * 5
+    for label in (pa.array(names).dictionary_encode(), pa.array(names, pa.string_view())):
+        pq.write_table(pa.table({"x": np.arange(30.0), "label": label}), tmp_path / "t.parquet")
+        ds = load_source("tabular", str(tmp_path / "t.parquet"),
+                         SourceOptions(target="label", cache_dir=str(tmp_path / "c")))
+        assert ds.task == "classification" and ds.class_names == ["ant", "bee", "cow"]
+        got = np.concatenate([s.arrays()[1] for s in (ds.train, ds.val, ds.test) if s])
+        assert sorted(got.tolist()) == sorted(["ant", "bee", "cow"].index(n) for n in names)
+
+
+@pytest.mark.parametrize("label", ["date", "timestamp", "decimal", "binary", "list", "struct"])
+def test_a_target_of_no_numbers_nor_names_is_named(tmp_path, label):
+    """Dates, times, decimals, bytes and nested values were cast to float64: a TypeError,
+    ValueError, IndexError or an allocation of petabytes."""
+    import datetime
+    import decimal
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    values = {"date": [datetime.date(2020, 1, 1 + i % 3) for i in range(30)],
+              "timestamp": [datetime.datetime(2020, 1, 1 + i % 3) for i in range(30)],
+              "decimal": [decimal.Decimal(i % 3) for i in range(30)],
+              "binary": [b"a", b"b", b"c"] * 10, "list": [[i % 3] for i in range(30)],
+              "struct": [{"a": i % 3} for i in range(30)]}[label]
+    pq.write_table(pa.table({"x": np.arange(30.0), "y": values}), tmp_path / "t.parquet")
+    with pytest.raises(InputError, match=r"t.parquet: target column 'y' \(data.target\) is "
+                                         r".*; expected numbers, booleans or strings"):
+        load_source("tabular", str(tmp_path / "t.parquet"),
+                    SourceOptions(target="y", cache_dir=str(tmp_path / "c")))
+
+
 ARROW_HELD = """
 import json, sys
 def rss(field):

@@ -4,8 +4,8 @@ a folder of them (hive-partitioned or not) or a glob, read as one table with
 per file and keyed by content, so memory never holds the table and a later run reads only
 files that are new or changed.
 
-Classification when the target holds strings, booleans or integers, regression when it
-holds floats (or as `data.task` says).
+Classification when the target holds strings (or a pandas category), booleans or integers,
+regression when it holds floats (or as `data.task` says).
 """
 
 from __future__ import annotations
@@ -84,10 +84,28 @@ def feature_matrix(table, columns: list[str], source: str) -> tuple[np.ndarray, 
     return x, lo, hi
 
 
-def _target_kind(target_type, task: str) -> tuple[str, str]:
-    """(task, dtype of the cached target) from the target column's type."""
+def _plain(column_type):
+    """A column's type as its values are: a dictionary's (a pandas category written to
+    Parquet) or a string view's as a plain string."""
+    import pyarrow as pa
     import pyarrow.types as pat
 
+    if pat.is_dictionary(column_type):
+        column_type = column_type.value_type
+    return pa.string() if pat.is_string_view(column_type) else column_type
+
+
+def _target_kind(target_type, task: str, what: str) -> tuple[str, str]:
+    """(task, dtype of the cached target) from the target column's type; `what` names the
+    column in errors."""
+    import pyarrow.types as pat
+
+    target_type = _plain(target_type)
+    if not (pat.is_floating(target_type) or pat.is_integer(target_type) or
+            pat.is_null(target_type) or pat.is_boolean(target_type) or
+            pat.is_string(target_type) or pat.is_large_string(target_type)):
+        raise InputError(f"{what} is {target_type}; expected numbers, booleans or strings "
+                         "(class names)")
     if task == "auto":
         task = "regression" if pat.is_floating(target_type) else "classification"
     if task not in ("classification", "regression"):
@@ -95,7 +113,8 @@ def _target_kind(target_type, task: str) -> tuple[str, str]:
     numeric = (pat.is_floating(target_type) or pat.is_integer(target_type)
                or pat.is_null(target_type))  # null: a header without rows
     if task == "regression" and not numeric:
-        raise InputError(f"data.target: regression target is {target_type}, expected numbers")
+        raise InputError(f"{what} is {target_type}; a regression target (data.task) must "
+                         "hold numbers")
     if numeric or pat.is_boolean(target_type):
         return task, "f8"  # integer labels are exact in float64 up to 2**53
     return task, "i8"  # codes into the cache's vocabulary of string labels
@@ -117,6 +136,7 @@ def _batches(fragment, schema, columns, target, path, vocab: list[str], ranges: 
             source = f"{path}: rows from {row}" if row else str(path)
             x, batch_lo, batch_hi = feature_matrix(table, columns, source)
             t = table.column(target)
+            t = t.cast(_plain(t.type))  # (no copy where it is plain already)
             empty = t.is_null().to_numpy(zero_copy_only=False)
             if pat.is_string(t.type) or pat.is_large_string(t.type):
                 values = t.to_numpy(zero_copy_only=False).astype(str)
@@ -291,7 +311,8 @@ def load_tabular(root: str | None, opts: SourceOptions) -> FixedDataset:
     dataset = table_dataset(base, files, fmt)
     schema, origin = dataset.schema, Path(root)
     columns = _feature_columns(schema, files[0], opts.target, opts.exclude_columns)
-    task, y_dtype = _target_kind(schema.field(opts.target).type, opts.task)
+    task, y_dtype = _target_kind(schema.field(opts.target).type, opts.task,
+                                 f"{files[0]}: target column {opts.target!r} (data.target)")
     fragments = {str(Path(f.path)): f for f in dataset.get_fragments()}
     path_values = _path_values(dataset, fragments, columns, opts.target)
     settings = {"reader": "1" if path_values is None else "2", "format": fmt,
