@@ -21,7 +21,7 @@ from trainer.data.split import split_notes
 from trainer.data.stats import training_stats
 
 
-def check_data_options(*, val_fraction, test_fraction, batch_size, eval_batch_size,
+def check_data_options(*, val_fraction, test_fraction, batch_size, eval_batch_size, seed,
                        crop_padding, image_size, memory_budget_gb, gpu_memory_budget_gb,
                        num_workers, **_) -> None:
     """The ranges of the numeric options, checked by the CLI before any data is read and
@@ -30,6 +30,7 @@ def check_data_options(*, val_fraction, test_fraction, batch_size, eval_batch_si
                   ("data.test_fraction", test_fraction, 0 <= test_fraction < 1, "in [0, 1)"),
                   ("data.batch_size", batch_size, batch_size >= 1, ">= 1"),
                   ("data.eval_batch_size", eval_batch_size, eval_batch_size >= 1, ">= 1"),
+                  ("data.seed", seed, seed >= 0, ">= 0"),  # numpy's generators take no other
                   ("data.crop_padding", crop_padding, crop_padding >= 0, ">= 0"),
                   ("data.image_size", image_size, image_size is None or (
                       len(image_size) == 2 and min(image_size) >= 1), "two sizes >= 1"),
