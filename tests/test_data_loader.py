@@ -53,6 +53,20 @@ def test_each_epoch_has_its_own_reproducible_permutation():
     assert sorted(e1.tolist()) == list(range(50))
 
 
+
+@pytest.mark.parametrize("block_rows", [0, 8])
+def test_any_seed_the_options_take_shuffles(block_rows):
+    """data.seed up to 2**63-1: seed * 1_000_003 + epoch overflowed torch's seed (a
+    traceback at the first batch); a seed below ~9e12 orders the rows as it did."""
+    for seed in (2 ** 63 - 1, 10 ** 13):
+        s = EpochSampler(50, shuffle=True, seed=seed, block_rows=block_rows)
+        assert sorted(s.indices().tolist()) == list(range(50))
+    small = EpochSampler(50, shuffle=True, seed=12345, block_rows=block_rows)
+    small.set_epoch(3)
+    gen = torch.Generator().manual_seed(12345 * 1_000_003 + 3)
+    if not block_rows:
+        assert torch.equal(small.indices(), torch.randperm(50, generator=gen))
+
 def test_in_memory_loader_batches_and_length():
     x, y = torch.arange(10)[:, None], torch.arange(10)
     loader = InMemoryLoader(x, y, 4, EpochSampler(10, shuffle=False, seed=0))

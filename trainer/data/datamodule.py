@@ -30,7 +30,8 @@ def check_data_options(*, val_fraction, test_fraction, batch_size, eval_batch_si
                   ("data.test_fraction", test_fraction, 0 <= test_fraction < 1, "in [0, 1)"),
                   ("data.batch_size", batch_size, batch_size >= 1, ">= 1"),
                   ("data.eval_batch_size", eval_batch_size, eval_batch_size >= 1, ">= 1"),
-                  ("data.seed", seed, seed >= 0, ">= 0"),  # numpy's generators take no other
+                  ("data.seed", seed, 0 <= seed < 2 ** 63, "in [0, 2**63)"),  # as numpy's
+                  # generators and torch's take it
                   ("data.crop_padding", crop_padding, crop_padding >= 0, ">= 0"),
                   ("data.image_size", image_size, image_size is None or (
                       len(image_size) == 2 and min(image_size) >= 1), "two sizes >= 1"),

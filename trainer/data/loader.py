@@ -71,7 +71,8 @@ class EpochSampler:
         every row cost 8 bytes a row, ~32 while it was made). Same generator draws in the
         same order as the whole permutation (the block order, then each window's), so the
         rows are the same."""
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        # (mod 2**63: torch takes no larger seed; the same seed as before below ~9e12)
+        gen = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2 ** 63)
         if self.block_rows:
             yield from self._block_chunks(gen)
             return
