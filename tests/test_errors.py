@@ -15,6 +15,19 @@ def test_missing_config(tmp_path):
     assert_one_line_error(proc, "nope.yaml", "config file not found")
 
 
+
+def test_a_config_that_is_not_text_is_named(tmp_path, capfd):
+    """jsonargparse decodes a config file as UTF-8: a binary file was a UnicodeDecodeError
+    traceback, whether given as --config or as a group's file (--model F)."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(b"\x9d\x01model: [")
+    digits = str(ROOT / "configs" / "digits.yaml")
+    for argv in (["fit", "--config", str(bad)], ["fit", "--config", digits, "--model", str(bad)]):
+        rc, err = cli_in_process(argv, tmp_path, capfd)
+        assert rc == 2 and len(err.strip().splitlines()) == 1, err
+        assert f"{bad}: not UTF-8 text (invalid start byte at byte 0); expected a YAML" in err
+    assert not (tmp_path / "runs").exists()
+
 def test_missing_checkpoint_for_export(tmp_path):
     out = tmp_path / "m.onnx"
     proc = run_cli("export", "--ckpt", str(tmp_path / "gone.ckpt"), "--out", str(out))

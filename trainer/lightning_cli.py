@@ -5,6 +5,7 @@ Lightning, so `trainer/cli.py` loads it only for those commands."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -68,6 +69,22 @@ def _report(trainer):
     return next(cb for cb in trainer.callbacks if isinstance(cb, RunReport))
 
 
+def _undecodable(args: list[str]) -> str:
+    """The config file among `args` (a flag's value: --config F, --model F.yaml, ...) that is
+    not UTF-8 text, or --config when none of them can be named."""
+    for arg in args:
+        path = arg.split("=", 1)[-1]
+        try:
+            if os.path.isfile(path):
+                with open(path, encoding="utf-8") as f:
+                    f.read()
+        except UnicodeDecodeError:
+            return path
+        except OSError:
+            continue
+    return "--config"
+
+
 class TrainerCLI(LightningCLI):
     """LightningCLI with the product's rules; each hook hands its work to the module that
     owns it (run folders: runs.py, hardware: hardware.py, tracking: tracking.py)."""
@@ -87,6 +104,9 @@ class TrainerCLI(LightningCLI):
         except ArgumentError as exc:
             sub = self._subcommand_parsers.get(args[0]) if args else None
             raise InputError(explain(str(exc), list(args), sub or parser)) from None
+        except UnicodeDecodeError as exc:  # jsonargparse reads a config file as UTF-8 text
+            raise InputError(f"{_undecodable(args or [])}: not UTF-8 text ({exc.reason} at byte "
+                             f"{exc.start}); expected a YAML config") from None
 
     def add_arguments_to_parser(self, parser):
         # The model learns its input spec, classes and normalisation from the data.
