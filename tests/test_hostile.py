@@ -374,6 +374,11 @@ TRAINING_ARRAYS = {  # the `arrays` training source (load_arrays), read by `trai
                         "a.npz: 'class_names' must be a list of names"),
     "rows of no features": (lambda t: _good_npz(t, x=np.zeros((4, 0), np.float32)),
                             "a.npz: 'x' has no values a row"),
+    "images channels last": (lambda t: _good_npz(t, x=np.zeros((4, 8, 8, 3), np.uint8)),
+                             "a.npz: 'x' images have 8 channels (shape (4, 8, 8, 3)); expected "
+                             "1 or 3, as (N, C, H, W); an (N, H, W, C) array is x.transpose"),
+    "images of 4 channels": (lambda t: _good_npz(t, x=np.zeros((4, 4, 8, 8), np.uint8)),
+                             "a.npz: 'x' images have 4 channels"),
 }
 for label, (make, needle) in TRAINING_ARRAYS.items():
     @case("arrays", f"training: {label}")

@@ -45,6 +45,31 @@ def test_torchvision_model_adapts_channels_and_classes():
         build_backbone("convnet", [13], 3)
 
 
+
+@pytest.mark.parametrize("arch,shape,side", [("convnet", [1, 1, 1], 4), ("convnet", [3, 64, 2], 4),
+                                             ("resnet9", [3, 4, 4], 8)])
+def test_images_too_small_for_an_architecture_are_named(arch, shape, side):
+    """Its 2x2 pools made a 0x0 map: torch's 'Output size is too small' at the first step."""
+    with pytest.raises(InputError, match=rf"model.arch: {arch} halves its images .* takes "
+                                         rf"{side}x{side} or larger; got {shape[1]}x{shape[2]}"):
+        build_backbone(arch, shape, 3)
+    for ok in ([3, side, side], [1, side, 3 * side]):  # the smallest it takes runs
+        build_backbone(arch, ok, 3).train()(torch.zeros(2, *ok))
+    build_backbone("stridenet", shape, 3).train()(torch.zeros(2, *shape))  # no pools: any size
+
+
+def test_a_training_batch_of_one_row_is_named(tmp_path, capfd):
+    """Batch normalisation cannot train on one row: torch's ValueError was a traceback."""
+    from tests.conftest import ROOT, cli_in_process
+
+    rc, err = cli_in_process(["fit", "--config", str(ROOT / "configs" / "digits.yaml"),
+                              "--model.arch", "mlp", "--data.batch_size", "1",
+                              "--trainer.max_epochs", "1"], tmp_path, capfd)
+    assert rc == 2 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].endswith(
+        "a training batch of 1 row: the model's batch normalisation needs 2 or more "
+        "(--data.batch_size, or more training rows)"), err
+
 def test_backbone_weights_from_a_local_file(tmp_path):
     source = build_backbone("torchvision.resnet18", [1, 8, 8], 10)
     torch.save(source.state_dict(), tmp_path / "resnet18.pth")

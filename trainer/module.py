@@ -19,7 +19,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 from export.errors import check_options
 from trainer.data import lineage
 from trainer.data.info import DataInfo
-from trainer.models import build_backbone, custom
+from trainer.models import build_backbone, custom, forward_checked
 from trainer.models.nets import Normalize
 
 
@@ -202,7 +202,7 @@ class ClassifierModule(L.LightningModule):
         if self._channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         net = self.__dict__.get("_compiled", self.net) if self.training else self.net
-        out = net(x)
+        out = forward_checked(net, x)
         if self.regression:  # (N, 1) from the built-in nets, (N, 1) or (N,) from a backbone
             return (out.squeeze(-1) if out.ndim == 2 else out) * self.target_std + self.target_mean
         return out

@@ -54,6 +54,11 @@ def load_arrays(root: str | None, opts: SourceOptions) -> FixedDataset:
         raise InputError(f"{path}: 'x' has no values a row ({x.shape})")
     if x.dtype == np.uint8 and x.ndim in (3, 4):
         x = x[:, None] if x.ndim == 3 else x
+        if x.shape[1] not in (1, 3):  # an image model takes grey or RGB
+            hint = "; an (N, H, W, C) array is x.transpose(0, 3, 1, 2)" \
+                if x.shape[3] in (1, 3) else ""
+            raise InputError(f"{path}: 'x' images have {x.shape[1]} channels (shape {x.shape}); "
+                             f"expected 1 or 3, as (N, C, H, W){hint}")
         spec = image_spec(*x.shape[1:])
     elif x.ndim == 2 and x.dtype.kind in "fiu":
         x = x.astype(np.float32)

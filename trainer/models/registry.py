@@ -25,4 +25,25 @@ def build_backbone(arch: str, in_shape: list[int], num_classes: int, width: int 
             return torchvision_classifier(arch[len(TORCHVISION):], in_shape, num_classes)
         except ValueError as exc:
             raise InputError(str(exc)) from None
-    return ARCHS[arch](in_shape, num_classes, width, dropout)
+    net = ARCHS[arch](in_shape, num_classes, width, dropout)
+    halvings = sum(isinstance(m, nn.MaxPool2d) for m in net.modules())  # 2x2, unpadded
+    if len(in_shape) == 3 and min(in_shape[1:]) < 2 ** halvings:  # (a pool of 0x0 fails)
+        side = 2 ** halvings
+        raise InputError(f"model.arch: {arch} halves its images {halvings} times, so it takes "
+                         f"{side}x{side} or larger; got {in_shape[1]}x{in_shape[2]} (resize "
+                         "with --data.image_size, or --model.arch stridenet or mlp)")
+    return net
+
+
+def forward_checked(net: nn.Module, x):
+    """`net(x)`; a training batch of one row, which batch normalisation cannot normalise,
+    is one line saying so, not torch's ValueError from inside the model."""
+    try:
+        return net(x)
+    except ValueError as exc:
+        if len(x) != 1 or "more than 1 value per channel" not in str(exc):
+            raise
+        from export.errors import InputError
+
+        raise InputError("a training batch of 1 row: the model's batch normalisation needs "
+                         "2 or more (--data.batch_size, or more training rows)") from None
