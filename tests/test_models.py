@@ -47,11 +47,12 @@ def test_torchvision_model_adapts_channels_and_classes():
 
 
 @pytest.mark.parametrize("arch,shape,side", [("convnet", [1, 1, 1], 4), ("convnet", [3, 64, 2], 4),
-                                             ("resnet9", [3, 4, 4], 8)])
+                                             ("resnet9", [3, 4, 4], 8),
+                                             ("torchvision.vgg11", [3, 16, 16], 32)])
 def test_images_too_small_for_an_architecture_are_named(arch, shape, side):
-    """Its 2x2 pools made a 0x0 map: torch's 'Output size is too small' at the first step."""
-    with pytest.raises(InputError, match=rf"model.arch: {arch} halves its images .* takes "
-                                         rf"{side}x{side} or larger; got {shape[1]}x{shape[2]}"):
+    """Their pools made a 0x0 map: torch's 'Output size is too small' at the first step."""
+    with pytest.raises(InputError, match=rf"model.arch: {arch} cannot take {shape[1]}x{shape[2]} "
+                                         r"images \(.*too small\); resize them with"):
         build_backbone(arch, shape, 3)
     for ok in ([3, side, side], [1, side, 3 * side]):  # the smallest it takes runs
         build_backbone(arch, ok, 3).train()(torch.zeros(2, *ok))

@@ -22,17 +22,35 @@ def build_backbone(arch: str, in_shape: list[int], num_classes: int, width: int 
         raise InputError(f"model.arch: {arch} needs image input (C, H, W), got shape {in_shape}")
     if arch.startswith(TORCHVISION):
         try:
-            return torchvision_classifier(arch[len(TORCHVISION):], in_shape, num_classes)
+            net = torchvision_classifier(arch[len(TORCHVISION):], in_shape, num_classes)
         except ValueError as exc:
             raise InputError(str(exc)) from None
-    net = ARCHS[arch](in_shape, num_classes, width, dropout)
-    halvings = sum(isinstance(m, nn.MaxPool2d) for m in net.modules())  # 2x2, unpadded
-    if len(in_shape) == 3 and min(in_shape[1:]) < 2 ** halvings:  # (a pool of 0x0 fails)
-        side = 2 ** halvings
-        raise InputError(f"model.arch: {arch} halves its images {halvings} times, so it takes "
-                         f"{side}x{side} or larger; got {in_shape[1]}x{in_shape[2]} (resize "
-                         "with --data.image_size, or --model.arch stridenet or mlp)")
+    else:
+        net = ARCHS[arch](in_shape, num_classes, width, dropout)
+    if len(in_shape) == 3:
+        _takes(net, arch, in_shape)
     return net
+
+
+def _takes(net: nn.Module, arch: str, in_shape: list[int]) -> None:
+    """One image through `net` (eval mode, no gradient: a few ms at 32x32): images too
+    small for its pools (convnet's 2x2 twice, VGG's five times, a ViT's fixed size) made a
+    0x0 map, a traceback at the first training step."""
+    import torch
+
+    from export.errors import InputError
+    from export.readers import short_reason
+
+    mode = net.training
+    try:
+        with torch.no_grad():
+            net.eval()(torch.zeros(1, *in_shape))
+    except (RuntimeError, AssertionError, ValueError) as exc:
+        raise InputError(f"model.arch: {arch} cannot take {in_shape[1]}x{in_shape[2]} images "
+                         f"({short_reason(exc)}); resize them with --data.image_size, or "
+                         "choose another --model.arch") from None
+    finally:
+        net.train(mode)
 
 
 def forward_checked(net: nn.Module, x):
