@@ -513,6 +513,40 @@ def _(tmp, m):
             "p.xlsx"], "p.xlsx"
 
 
+SAMPLES = {  # trainer export --samples F: held-out rows checked against the checkpoint's card
+    "images of 3 channels": ({"x": np.zeros((5, 3, 8, 8), np.uint8), "y": np.arange(5)},
+                             "s.npz: expected uint8 array of shape (N, 1, 8, 8)"),
+    "a table for an image model": ({"x": np.zeros((5, 64), np.float32), "y": np.arange(5)},
+                                   "s.npz: the model takes images and this input is a table"),
+    "float images": ({"x": np.zeros((5, 1, 8, 8)), "y": np.arange(5)}, "got dtype float64"),
+    "no rows": ({"x": np.zeros((0, 1, 8, 8), np.uint8), "y": np.zeros(0, int)},
+                "s.npz: no rows; expected held-out samples"),
+    "labels not class names": ({"x": np.zeros((5, 8, 8), np.uint8), "y": np.array(["a"] * 5)},
+                               "s.npz:y: label 'a' is not one of the classes"),
+    "labels out of range": ({"x": np.zeros((5, 8, 8), np.uint8), "y": np.arange(5) * 7},
+                            "s.npz:y: label 14 at row 2 is outside the 10 classes"),
+    "fewer labels than rows": ({"x": np.zeros((5, 8, 8), np.uint8), "y": np.arange(3)},
+                               "s.npz: 'y' has shape (3,); expected one label a row of 'x' (5)"),
+    "2-d labels": ({"x": np.zeros((5, 8, 8), np.uint8), "y": np.zeros((5, 2), int)},
+                   "s.npz: 'y' has shape (5, 2)"),
+    "quantize without labels": ({"x": np.zeros((5, 8, 8), np.uint8)},
+                                "s.npz: --quantize needs labels 'y'"),
+}
+for label, (arrays, needle) in SAMPLES.items():
+    @case("outputs", f"export --samples: {label}")
+    def _(tmp, m, arrays=arrays, needle=needle):
+        np.savez(tmp / "s.npz", **arrays)
+        return ["export", "--ckpt", str(m["ckpt"]), "--out", "e.onnx", "--samples", "s.npz",
+                "--quantize", "int8"], needle
+
+
+@case("outputs", "export --samples: class names as labels", expect="ok")
+def _(tmp, m):
+    np.savez(tmp / "s.npz", x=np.zeros((5, 8, 8), np.uint8), y=np.array(list("01234")))
+    return ["export", "--ckpt", str(m["ckpt"]), "--out", "e.onnx", "--samples", "s.npz"], \
+        lambda t: (t / "e.onnx").stat().st_size > 0
+
+
 @case("outputs", "export into a folder")
 def _(tmp, m):
     (tmp / "out").mkdir()

@@ -178,6 +178,29 @@ def _variant(model: onnx.ModelProto, variant: str, data: HeldOut) -> onnx.ModelP
     return variants.to_int8(model, data.calibration_x)
 
 
+def _samples(data: HeldOut | Path | None, card: Card, quantize: str | None) -> HeldOut | None:
+    """`data` as it is, or the held-out rows of an .npz/.npy given with --samples, checked
+    as trainer predict checks its inputs (the card's input, one label a row of its classes):
+    a file of other shapes or labels was a traceback from the ONNX export or the gates."""
+    if not isinstance(data, Path):
+        return data
+    from export.readers import labels_to_index, read_arrays
+    from export.runtime import check_input
+
+    x, y = read_arrays(data)
+    x = check_input(card.input, np.asarray(x), str(data))
+    if not len(x):
+        raise InputError(f"{data}: no rows; expected held-out samples to check the export with")
+    if y is None:
+        if quantize:
+            raise InputError(f"{data}: --quantize needs labels 'y' to measure accuracy")
+        return HeldOut(x, x, np.zeros(len(x), np.int64), x, val_labelled=False)
+    if y.ndim != 1 or len(y) != len(x):
+        raise InputError(f"{data}: 'y' has shape {y.shape}; expected one label a row of 'x' "
+                         f"({len(x)})")
+    return HeldOut(x, x, labels_to_index(np.asarray(y), list(card.class_names), f"{data}:y"), x)
+
+
 def _cast(data: HeldOut, dtype: str) -> HeldOut:
     def cast(a):  # SplitRows already read as the spec's dtype (uint8 or float32)
         return a if a is None or isinstance(a, SplitRows) else np.ascontiguousarray(
@@ -195,7 +218,7 @@ def _variant_name(precision: str, quantize: str | None) -> str:
     return "int8" if quantize == "int8" else precision
 
 
-def export_checkpoint(ckpt_path: str | Path, out: str | Path, data: HeldOut | None = None,
+def export_checkpoint(ckpt_path: str | Path, out: str | Path, data: HeldOut | Path | None = None,
                       opset: int = DEFAULT_OPSET, atol: float | None = None,
                       precision: str = "fp32", quantize: str | None = None,
                       max_accuracy_drop: float = DEFAULT_MAX_ACCURACY_DROP,
@@ -203,11 +226,11 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path, data: HeldOut | No
                       backbone: nn.Module | None = None) -> Card:
     """Export `ckpt_path` to `out` (atomically) and return the model card written into it.
 
-    precision: fp32 or fp16; quantize: None or "int8" (static QDQ, calibrated on training
-    samples, refused if validation accuracy drops by more than `max_accuracy_drop` points);
-    allow_trivial: export a model no better than a constant answer (see baseline_check);
-    calibrate_t: temperature-scale a classifier's probabilities (trainer/calibration.py;
-    the conformal scores are stored either way); backbone: see module_from_checkpoint."""
+    data: held-out rows, an .npz/.npy (--samples) or None (the checkpoint's split); precision:
+    fp32 or fp16; quantize: None or "int8" (static QDQ calibrated on training samples, refused
+    if validation accuracy drops by over `max_accuracy_drop` points); allow_trivial: export a
+    model no better than a constant answer (baseline_check); calibrate_t: temperature-scale a
+    classifier (the conformal scores are stored either way); backbone: module_from_checkpoint."""
     ckpt_path, out, source = Path(ckpt_path), Path(out), str(ckpt_path)
     variant = _variant_name(precision, quantize)
     ckpt = load_checkpoint(ckpt_path)
@@ -216,7 +239,7 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path, data: HeldOut | No
         raise InputError("--quantize int8 is for classifiers; its gate is accuracy")
     frozen = Frozen(module).eval()
     card = build_card(ckpt, ckpt_path).replace(opset=opset, precision=variant)
-    data = _cast(data or held_out_from_checkpoint(ckpt), card.input.dtype)
+    data = _cast(_samples(data, card, quantize) or held_out_from_checkpoint(ckpt), card.input.dtype)
     model = to_onnx(frozen, card, data.parity_x[:2], opset)
     graph = deployed(model, card, source)  # one session per graph, the validation split
     val = score(graph, data.val_x)         # scored once by it

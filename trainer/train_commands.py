@@ -48,19 +48,9 @@ def cmd_export(argv: list[str]) -> int:
     from export.atomic import check_output
 
     check_output(args.out, "--out", {"--ckpt": args.ckpt, "--samples": args.samples})
-    import numpy as np
+    from trainer.freeze import export_checkpoint
 
-    from export.readers import read_arrays
-    from trainer.freeze import HeldOut, export_checkpoint
-
-    data = None
-    if args.samples:
-        x, y = read_arrays(Path(args.samples))
-        if y is None and args.quantize:
-            raise InputError(f"{args.samples}: --quantize needs labels 'y' to measure accuracy")
-        x = np.asarray(x)
-        data = HeldOut(x, x, np.zeros(len(x), np.int64) if y is None else y, x,
-                       val_labelled=y is not None)
+    data = Path(args.samples) if args.samples else None  # checked against the card
     card = export_checkpoint(args.ckpt, args.out, data=data, opset=args.opset, atol=args.atol,
                              precision=args.precision, quantize=args.quantize,
                              max_accuracy_drop=args.max_accuracy_drop,
