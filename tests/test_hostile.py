@@ -394,7 +394,8 @@ def _mnist(t: Path, test_size: int = 4, size: int = 4, gz_damaged: bool = False)
     test_size x test_size), the train images' .gz damaged if asked."""
     (t / "m").mkdir()
     for split, side in (("train", size), ("t10k", test_size)):
-        _idx(t / "m" / f"{split}-images-idx3-ubyte", 2051, [20, side, side], bytes(20 * side * side))
+        _idx(t / "m" / f"{split}-images-idx3-ubyte", 2051, [20, side, side],
+             bytes(20 * side * side))
         _idx(t / "m" / f"{split}-labels-idx1-ubyte", 2049, [20], bytes(range(10)) * 2)
     if gz_damaged:
         (t / "m" / "train-images-idx3-ubyte").unlink()
