@@ -28,6 +28,19 @@ def test_a_config_that_is_not_text_is_named(tmp_path, capfd):
         assert f"{bad}: not UTF-8 text (invalid start byte at byte 0); expected a YAML" in err
     assert not (tmp_path / "runs").exists()
 
+
+def test_trainer_data_names_a_bad_option_in_one_line(tmp_path, capfd):
+    """`trainer data` parses with no subcommand: its option errors were an AttributeError
+    (the CLI looked up the subcommand's parser) instead of the option's one line."""
+    digits = str(ROOT / "configs" / "digits.yaml")
+    for flag, value, needle in (("--data.batch_size", "x", "--data.batch_size (from the command "
+                                                          "line): expected int"),
+                                ("--data.batchsize", "3", "did you mean --data.batch_size")):
+        rc, err = cli_in_process(["data", "--config", digits, flag, value, "--out", "o.npz"],
+                                 tmp_path, capfd)
+        assert rc == 2 and len(err.strip().splitlines()) == 1 and needle in err, err
+    assert not (tmp_path / "o.npz").exists()
+
 def test_missing_checkpoint_for_export(tmp_path):
     out = tmp_path / "m.onnx"
     proc = run_cli("export", "--ckpt", str(tmp_path / "gone.ckpt"), "--out", str(out))

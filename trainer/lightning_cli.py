@@ -102,7 +102,7 @@ class TrainerCLI(LightningCLI):
         try:
             super().parse_arguments(parser, args)
         except ArgumentError as exc:
-            sub = self._subcommand_parsers.get(args[0]) if args else None
+            sub = getattr(self, "_subcommand_parsers", {}).get(args[0]) if args else None
             raise InputError(explain(str(exc), list(args), sub or parser)) from None
         except UnicodeDecodeError as exc:  # jsonargparse reads a config file as UTF-8 text
             raise InputError(f"{_undecodable(args or [])}: not UTF-8 text ({exc.reason} at byte "
