@@ -245,8 +245,11 @@ class JobState:
             if isinstance(saved, dict):
                 try:
                     self._check_same(saved, job)
-                finally:  # the job's own listing stays; the new one was only to compare
+                except BaseException:  # the job's own listing stays
                     self.new_listing.unlink(missing_ok=True)
+                    raise
+                if self.new_listing.exists():  # the job's listing's very lines (its identity
+                    os.replace(self.new_listing, self.listing)  # is their SHA-256), undamaged
                 done = self._complete_parts(fmt)
                 self._remove_parts_from(done)
                 log.info("%s: resuming after %d verified parts", self.folder, done)
@@ -262,8 +265,11 @@ class JobState:
         old, new = saved.get("input", {}), job["input"]
         if old != new:
             listed = isinstance(new.get("images"), dict) and isinstance(old.get("images"), dict)
-            change = describe_listing_change(self.listing, self.new_listing) if listed and \
-                self.listing.is_file() else describe_change(old, new)
+            try:
+                change = describe_listing_change(self.listing, self.new_listing) if listed and \
+                    self.listing.is_file() else describe_change(old, new)
+            except ValueError:  # the job's listing was damaged: its identity says what it was
+                change = describe_change(old, new)
             raise InputError(f"{self.output}: cannot --resume: the input changed since the "
                              f"interrupted job: {change}; run it again without --resume")
         for key in sorted(job):

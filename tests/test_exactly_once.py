@@ -104,6 +104,35 @@ def test_resume_refuses_an_image_folder_that_changed(digits_run, tmp_path):
     assert sorted(_ids(out)) == [f"{i:04d}.png" for i in range(650)]
 
 
+@pytest.mark.parametrize("added", [False, True])
+def test_a_resume_does_not_trust_a_damaged_image_listing(digits_run, tmp_path, added):
+    """The job's own list of its images (images.tsv) was read as it lay: emptied, the resumed
+    job wrote an output missing the rest of the images; a byte changed, a JSONDecodeError
+    traceback. When the folder is unchanged, the new listing (the same lines: the identity is
+    their SHA-256) is read; when it changed, the identity says how."""
+    images = tmp_path / "imgs"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(400):
+        Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(images / f"{i:04d}.png")
+    reference, out = tmp_path / "ref.csv", tmp_path / "p.csv"
+    args = _predict_args(digits_run / "model.onnx", images, out, "--chunk-rows", "10",
+                         "--batch-size", "10")
+    assert run_cli(*_predict_args(digits_run / "model.onnx", images, reference, "--chunk-rows",
+                                  "10", "--batch-size", "10")).returncode == 0
+    _kill_after_parts(args, tmp_path / ".p.csv.partial", 3)
+    listing = tmp_path / ".p.csv.partial" / "images.tsv"
+    listing.write_bytes(b"" if not added else b"\x00" + listing.read_bytes()[1:])
+    if added:
+        Image.new("L", (8, 8)).save(images / "9999.png")
+    proc = run_cli(*args, "--resume")
+    if added:
+        assert_one_line_error(proc, "cannot --resume", "its images changed: 400 listed when "
+                              "its output was written, 401 now")
+        return
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes() == reference.read_bytes()
+
 @pytest.mark.parametrize("damage", ["part deleted", pytest.param("record deleted", marks=pytest.mark.slow),
                                     pytest.param("part changed", marks=pytest.mark.slow)])
 def test_a_damaged_partial_state_is_redone(digits_run, big_input, tmp_path, damage):
