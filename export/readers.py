@@ -134,6 +134,8 @@ def read_arrays(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
         if arr is not None and arr.ndim == 0:
             raise InputError(f"{path}: array {name!r} is a single value; expected one row "
                              f"per input")
+    if y is not None and y.ndim != 1:  # a label a row (compare and export score them)
+        raise InputError(f"{path}: array 'y' has shape {y.shape}; expected one label a row")
     return x, y
 
 

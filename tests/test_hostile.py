@@ -315,6 +315,8 @@ ARRAYS = {
                                            y=np.zeros(2, np.int64)),
     "label out of range": lambda t: np.savez(t / "a.npz", x=np.zeros((2, 1, 8, 8), np.uint8),
                                              y=np.array([0, 99])),
+    "2-d labels": lambda t: np.savez(t / "a.npz", x=np.zeros((2, 1, 8, 8), np.uint8),
+                                     y=np.zeros((2, 2), int)),
     "no x": lambda t: np.savez(t / "a.npz", images=np.zeros((2, 1, 8, 8), np.uint8)),
     "pickled objects": lambda t: np.savez(t / "a.npz", x=np.array([{"a": 1}], dtype=object)),
     "not a zip": lambda t: (t / "a.npz").write_bytes(b"PK\x03\x04 broken"),
@@ -529,7 +531,7 @@ SAMPLES = {  # trainer export --samples F: held-out rows checked against the che
     "fewer labels than rows": ({"x": np.zeros((5, 8, 8), np.uint8), "y": np.arange(3)},
                                "s.npz: 'y' has shape (3,); expected one label a row of 'x' (5)"),
     "2-d labels": ({"x": np.zeros((5, 8, 8), np.uint8), "y": np.zeros((5, 2), int)},
-                   "s.npz: 'y' has shape (5, 2)"),
+                   "s.npz: array 'y' has shape (5, 2); expected one label a row"),
     "quantize without labels": ({"x": np.zeros((5, 8, 8), np.uint8)},
                                 "s.npz: --quantize needs labels 'y'"),
 }

@@ -195,7 +195,7 @@ def _samples(data: HeldOut | Path | None, card: Card, quantize: str | None) -> H
         if quantize:
             raise InputError(f"{data}: --quantize needs labels 'y' to measure accuracy")
         return HeldOut(x, x, np.zeros(len(x), np.int64), x, val_labelled=False)
-    if y.ndim != 1 or len(y) != len(x):
+    if len(y) != len(x):  # (read_arrays checked one label a row)
         raise InputError(f"{data}: 'y' has shape {y.shape}; expected one label a row of 'x' "
                          f"({len(x)})")
     return HeldOut(x, x, labels_to_index(np.asarray(y), list(card.class_names), f"{data}:y"), x)
