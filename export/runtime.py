@@ -287,9 +287,11 @@ def predictor_for_job(path: str | Path, provider: str = "auto", threads: int = 0
     remembered per machine, onnxruntime, model and batch: the check cost more than a small job."""
     from export.timing import CHECKS, CLEARLY_FASTER, cpu_model, medians, remembered, usable_cores
 
-    serving = server_threads > 0
+    serving, cores = server_threads > 0, usable_cores()
+    if threads > 4 * cores:  # onnxruntime starts them all: 100,000 took 16 GB and hung
+        raise InputError(f"--threads {threads}: at most {4 * cores} (4 per core of the {cores} "
+                         f"this process may use)")
     pool = Predictor(path, provider, threads or server_threads, spin=not serving)
-    cores = usable_cores()
     if threads:
         return pool, {"threads": threads, "reason": "set by --threads"}
     many = server_threads or "auto"

@@ -163,7 +163,9 @@ def test_training_options_out_of_range_are_one_line_before_any_data(tmp_path, ca
                                 ("--model.dropout", "1", "--model.dropout must be in [0, 1)"),
                                 ("--data.batch_size", "0", "--data.batch_size must be >= 1"),
                                 ("--data.seed", "-1", "--data.seed must be in [0, 2**63), got -1"),
-                                ("--data.seed", str(2 ** 70), "--data.seed must be in [0, 2**63)")):
+                                ("--data.seed", str(2 ** 70), "--data.seed must be in [0, 2**63)"),
+                                ("--data.num_workers", "100000",
+                                 "--data.num_workers must be 0 to ")):
         rc, err = cli_in_process(["fit", "--config", digits, flag, value], tmp_path, capfd)
         assert len(err.strip().splitlines()) == 1, err
         _one_line(rc, err, needle)

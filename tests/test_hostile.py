@@ -550,6 +550,17 @@ def _(tmp, m):
         lambda t: (t / "e.onnx").stat().st_size > 0
 
 
+@case("outputs", "predict with more threads than 4 a core")
+def _(tmp, m):
+    """onnxruntime starts every thread asked for: --threads 100000 took 16 GB and hung. One
+    over the limit here, so a regression costs a few threads, not the machine."""
+    from export.timing import usable_cores
+
+    over = 4 * usable_cores() + 1
+    return ["predict", "--model", str(m["image"]), "--input", str(_npz(tmp)), "--output",
+            "p.csv", "--threads", str(over)], f"--threads {over}: at most {over - 1} (4 per core"
+
+
 @case("outputs", "export into a folder")
 def _(tmp, m):
     (tmp / "out").mkdir()

@@ -12,6 +12,7 @@ import torch
 
 from export.card import DatasetInfo
 from export.errors import InputError, check_options
+from export.timing import usable_cores
 from trainer.data.augment import augment_batch, augmentation_seed
 from trainer.data.dataset import FixedDataset, SourceOptions, Split
 from trainer.data.info import DataInfo, Normalization
@@ -38,7 +39,9 @@ def check_data_options(*, val_fraction, test_fraction, batch_size, eval_batch_si
                   ("data.memory_budget_gb", memory_budget_gb, memory_budget_gb > 0, "> 0"),
                   ("data.gpu_memory_budget_gb", gpu_memory_budget_gb,
                    gpu_memory_budget_gb >= 0, ">= 0"),
-                  ("data.num_workers", num_workers, num_workers >= 0, ">= 0"))
+                  ("data.num_workers", num_workers, 0 <= num_workers <= 4 * usable_cores(),
+                   f"0 to {4 * usable_cores()} (each is a process: 4 per core of the "
+                   f"{usable_cores()} this process may use)"))
 
 
 class FixedDataModule(L.LightningDataModule):
