@@ -110,8 +110,8 @@ def read_npz(path: Path, names: tuple[str, ...]) -> dict[str, np.ndarray]:
     """The arrays `names` of an .npz that holds them (`x` at least), read whole; a damaged
     or foreign file (not a zip, cut short, a bad CRC, an .npy) is one InputError naming it.
     Nothing is ever unpickled."""
-    with _reading_arrays(path):
-        npz = np.load(path, allow_pickle=False)
+    with _reading_arrays(path):  # (mmap_mode: an .npy named .npz is refused unread)
+        npz = np.load(path, mmap_mode="r", allow_pickle=False)
         if not isinstance(npz, np.lib.npyio.NpzFile):
             raise InputError(f"{path}: an .npy file named .npz; expected an .npz of arrays x "
                              "(and y)")
