@@ -561,6 +561,17 @@ def _(tmp, m):
             "p.csv", "--threads", str(over)], f"--threads {over}: at most {over - 1} (4 per core"
 
 
+for spelling in ("up", "absolute", "sub", "suffix"):
+    @case("outputs", f"fit --export.filename out of the run folder: {spelling}")
+    def _(tmp, m, spelling=spelling):
+        """The model was written wherever the name pointed: over /etc/passwd, as root."""
+        (tmp / "victim.onnx").write_bytes(b"a user's file")
+        name = {"up": "../victim.onnx", "absolute": str(tmp / "victim.onnx"),
+                "sub": "models/m.onnx", "suffix": "model.txt"}[spelling]
+        return ["fit", "--config", str(ROOT / "configs" / "digits.yaml"), "--export.filename",
+                name], f"--export.filename {name!r}: expected a file name inside the run folder"
+
+
 @case("outputs", "export into a folder")
 def _(tmp, m):
     (tmp / "out").mkdir()

@@ -11,6 +11,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info
 
+from export.errors import InputError
+
 
 class RunCheckpoint(ModelCheckpoint):
     """Lightning's ModelCheckpoint with epochs counted from 1 in file names, as the progress
@@ -36,6 +38,15 @@ class EpochProgressBar(TQDMProgressBar):
         self.train_progress_bar.set_description(f"Epoch {trainer.current_epoch + 1}{total}")
 
 
+def check_export_filename(filename: str) -> None:
+    """--export.filename names a file in the run folder: a path (`../x.onnx`, `/etc/x`)
+    wrote the model wherever it pointed, over any file there."""
+    if not isinstance(filename, str) or Path(filename).name != filename or \
+            filename in (".", "..") or not filename.endswith(".onnx"):
+        raise InputError(f"--export.filename {filename!r}: expected a file name inside the run "
+                         "folder ending in .onnx, such as model.onnx")
+
+
 class ExportOnnx(L.Callback):
     """At the end of fit, export the best checkpoint to `<run dir>/<filename>`, through the
     same parity-gated path as `trainer export`, using the run's held-out test samples."""
@@ -57,6 +68,7 @@ class ExportOnnx(L.Callback):
                 validation rows (the conformal scores for prediction sets are stored either
                 way); writes calibration.png, the reliability diagram, beside the model.
         """
+        check_export_filename(filename)
         self.enabled, self.filename, self.atol, self.opset = enabled, filename, atol, opset
         self.register_as, self.allow_trivial = register_as, allow_trivial
         self.calibrate = calibrate
@@ -114,8 +126,6 @@ def check_averaging_horizon(trainer) -> None:
     run shorter than that exports weights close to their random start (decay 0.999 over a
     300-step digits run: 10% accuracy). Refused before the first step, naming both."""
     from lightning.pytorch.callbacks import EMAWeightAveraging
-
-    from export.errors import InputError
 
     steps = int(trainer.estimated_stepping_batches)
     for cb in trainer.callbacks:

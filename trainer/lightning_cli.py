@@ -18,7 +18,7 @@ from export.card import HardwareChoice
 from export.errors import InputError
 from trainer import phases, runs, tracking
 from trainer.callbacks import (CheckpointOnSigterm, ExportOnnx, NonFiniteGuard, RunCheckpoint,
-                               RunReport)
+                               RunReport, check_export_filename)
 from trainer.data.datamodule import FixedDataModule, check_data_options
 from trainer.hardware import AutoTrainer, choose, pinned_choice
 from trainer.module import ClassifierModule, check_model_options
@@ -147,6 +147,8 @@ class TrainerCLI(LightningCLI):
         config = self.config[self.subcommand]
         check_data_options(**config.data)  # before any data is read
         check_model_options(**config.model)
+        if config.get("export") is not None:
+            check_export_filename(config.export.filename)
         # Lightning unpickles checkpoints fully unless told otherwise; ours hold only
         # tensors and plain values. A config file cannot turn this off.
         config.weights_only = True
