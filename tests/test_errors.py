@@ -41,6 +41,19 @@ def test_trainer_data_names_a_bad_option_in_one_line(tmp_path, capfd):
         assert rc == 2 and len(err.strip().splitlines()) == 1 and needle in err, err
     assert not (tmp_path / "o.npz").exists()
 
+
+def test_lightnings_own_option_checks_are_one_line(tmp_path, capfd):
+    """Lightning's Trainer refuses these itself (MisconfigurationException, ValueError):
+    they were tracebacks. The precision and layout choice is logged before them."""
+    digits = str(ROOT / "configs" / "digits.yaml")
+    for flag, value, needle in (("--trainer.max_epochs", "-2", "`max_epochs` must be a non-"),
+                                ("--trainer.strategy", "nope", "invalid strategy name")):
+        rc, err = cli_in_process(["fit", "--config", digits, flag, value], tmp_path, capfd)
+        assert rc == 2 and "Traceback" not in err, err
+        assert err.strip().splitlines()[-1].startswith("trainer fit: error: --trainer: ") and \
+            needle in err.strip().splitlines()[-1], err
+    assert not (tmp_path / "runs").exists()
+
 def test_missing_checkpoint_for_export(tmp_path):
     out = tmp_path / "m.onnx"
     proc = run_cli("export", "--ckpt", str(tmp_path / "gone.ckpt"), "--out", str(out))

@@ -187,7 +187,12 @@ class TrainerCLI(LightningCLI):
             rank_zero_info(f"precision: {settings.precision} ({settings.device}: "
                            f"{settings.reason}); channels_last: {settings.channels_last} "
                            f"({settings.layout_reason or 'set by the configuration'})")
-        trainer = super().instantiate_trainer(**kwargs)
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except (MisconfigurationException, ValueError) as exc:  # Lightning's own checks of
+            raise InputError(f"--trainer: {str(exc).splitlines()[0]}") from None  # its options
         if settings:
             trainer.hardware = settings
         return trainer
