@@ -59,6 +59,14 @@ def test_images_too_small_for_an_architecture_are_named(arch, shape, side):
     build_backbone("stridenet", shape, 3).train()(torch.zeros(2, *shape))  # no pools: any size
 
 
+
+def test_a_width_beyond_the_machines_memory_is_named():
+    """torch's allocator refused 720 GB of weights with a RuntimeError traceback. (convnet's
+    first layer takes 36 MB at this width; its second asks for 72 TB and fails at once.)"""
+    with pytest.raises(InputError, match=r"model.width 1000000: convnet's weights need more "
+                                         r"memory than this machine can give"):
+        build_backbone("convnet", [1, 8, 8], 3, width=10 ** 6)
+
 def test_a_training_batch_of_one_row_is_named(tmp_path, capfd):
     """Batch normalisation cannot train on one row: torch's ValueError was a traceback."""
     from tests.conftest import ROOT, cli_in_process

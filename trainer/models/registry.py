@@ -26,7 +26,13 @@ def build_backbone(arch: str, in_shape: list[int], num_classes: int, width: int 
         except ValueError as exc:
             raise InputError(str(exc)) from None
     else:
-        net = ARCHS[arch](in_shape, num_classes, width, dropout)
+        try:
+            net = ARCHS[arch](in_shape, num_classes, width, dropout)
+        except RuntimeError as exc:  # torch's allocator: --model.width 100000 asked for 720 GB
+            if "can't allocate memory" not in str(exc):
+                raise
+            raise InputError(f"model.width {width}: {arch}'s weights need more memory than "
+                             "this machine can give; choose a smaller --model.width") from None
     if len(in_shape) == 3:
         _takes(net, arch, in_shape)
     return net
