@@ -875,7 +875,8 @@ def test_a_cache_folder_that_cannot_be_written_is_one_line(tmp_path):
 
 
 def test_the_index_keeps_every_byte_of_a_digest(tmp_path):
-    from trainer.data.cache import Records, path_key
+    from trainer.data.cache import Records
+    from trainer.data.filestat import path_key
 
     columns, settings = {"x": ((2,), "u1")}, {"s": 1}
     digest = b"\x07" * 30 + b"\x00\x00"  # trailing NULs: numpy "S" strings would drop them
@@ -1333,7 +1334,7 @@ def test_the_packed_listing_gives_back_every_name_and_its_key(tmp_path, monkeypa
     """Names that are not UTF-8 (raw bytes, as Linux allows) and roots spelled "." keep
     their exact bytes through the listing: the same path to open, the same path key."""
     from trainer.data import ingest
-    from trainer.data.cache import path_key
+    from trainer.data.filestat import path_key
     from trainer.data.paths import PathList
 
     names = ["a/\u00e9t\u00e9.png", os.fsdecode(b"b/\xff\xfe.png"), "c.png"]

@@ -25,7 +25,6 @@ update's from its spill file); a listing is matched with the index by a sort and
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import stat as stat_module
@@ -66,15 +65,6 @@ class FileStat:
             raise InputError(f"{path}: not a regular file (a pipe, device or socket); "
                              "expected an image or table file")
         return cls(st.st_size, st.st_mtime_ns, st.st_ino)
-
-
-def path_key(rel: str | bytes) -> bytes:
-    """The 16-byte key of a path relative to the source root, "/"-separated (BLAKE2b: fixed
-    width, so a whole index is matched against a listing with one sort, whatever the paths'
-    lengths). Bytes are the path's UTF-8 (with surrogateescape) encoding."""
-    if isinstance(rel, str):
-        rel = rel.encode("utf-8", "surrogateescape")
-    return hashlib.blake2b(rel, digest_size=16).digest()
 
 
 def _count(arrays: dict[str, np.ndarray]) -> int:

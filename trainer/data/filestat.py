@@ -4,6 +4,7 @@ file's mtime from vouching for the content."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat as stat_module
 from dataclasses import replace
@@ -11,12 +12,32 @@ from dataclasses import replace
 import numpy as np
 
 from export.errors import InputError
-from trainer.data.cache import FileStat, path_key
+from trainer.data.cache import FileStat
 from trainer.data.paths import PathList
 from trainer.data.records import Records
 
 STAT_COLUMNS = ("key", "size", "mtime_ns", "ino")
 Stats = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # a piece's STAT_COLUMNS
+
+
+def path_key(rel: str | bytes) -> bytes:
+    """The 16-byte key of a path relative to the source root, "/"-separated (BLAKE2b: fixed
+    width, so a whole index is matched against a listing with one sort, whatever the paths'
+    lengths). Bytes are the path's UTF-8 (with surrogateescape) encoding."""
+    if isinstance(rel, str):
+        rel = rel.encode("utf-8", "surrogateescape")
+    return hashlib.blake2b(rel, digest_size=16).digest()
+
+
+def path_keys(rels: list[bytes]) -> np.ndarray:
+    """`path_key` of each of `rels` (bytes), as S16: one hasher's state copied for each
+    (0.27 against 0.37 us a path for a new hasher each: a key a file is the update's floor)."""
+    start, keys = hashlib.blake2b(digest_size=16), []
+    for rel in rels:
+        h = start.copy()
+        h.update(rel)
+        keys.append(h.digest())
+    return np.frombuffer(b"".join(keys), "S16")
 
 
 def missing_file(path: str) -> InputError:
@@ -28,17 +49,13 @@ def missing_file(path: str) -> InputError:
     return InputError(f"{path}: a broken link (its target {target} does not exist)")
 
 
-def _stat(path: bytes, name: bytes, folder: int | None) -> os.stat_result:
-    """The stat of `path`, found by its `name` in the open `folder` when there is one."""
-    try:
-        st = os.stat(path) if folder is None else os.stat(name, dir_fd=folder)
-    except FileNotFoundError:
-        raise missing_file(os.fsdecode(path)) from None
-    except OSError as exc:
-        raise InputError(f"{os.fsdecode(path)}: cannot read ({exc.strerror})") from None
-    if not stat_module.S_ISREG(st.st_mode):
-        FileStat.of(os.fsdecode(path))  # names the path and what it is
-    return st
+S_IFMT = 0o170000  # POSIX's mask of a mode's file type (the stat module has it as a function)
+
+
+def _unreadable(path: bytes, exc: OSError) -> InputError:
+    if isinstance(exc, FileNotFoundError):
+        return missing_file(os.fsdecode(path))
+    return InputError(f"{os.fsdecode(path)}: cannot read ({exc.strerror})")
 
 
 def _open_folder(path: bytes) -> int | None:
@@ -53,7 +70,12 @@ def stat_piece(paths: PathList, a: int, e: int) -> Stats:
     rels = paths.block(a, e)
     # Each file by its name in its open folder: the kernel resolves the folder's path once
     # a folder, not once a file (measured: 0.24 vs 0.34 s for 101,000 files in 10 folders).
-    stats, here, fd = [], None, None
+    # The loop is the floor of an update that finds little changed, so it does nothing
+    # else a file: the whole path is made for an error only, the mode checked after it
+    # (measured: 2.4 against 3.4 us a file with a call, a joined path and a check each).
+    columns: tuple[list[int], ...] = ([], [], [], [])
+    size, mtime, ino, mode = (c.append for c in columns)
+    stat, here, fd = os.stat, None, None
     try:
         for rel in rels:
             parent, _, name = rel.rpartition(b"/")
@@ -61,14 +83,25 @@ def stat_piece(paths: PathList, a: int, e: int) -> Stats:
                 if fd is not None:
                     os.close(fd)
                 here, fd = parent, _open_folder(paths.full(parent))
-            stats.append(_stat(paths.full(rel), name, fd))
+            try:
+                st = stat(paths.full(rel)) if fd is None else stat(name, dir_fd=fd)
+            except OSError as exc:
+                raise _unreadable(paths.full(rel), exc) from None
+            size(st.st_size)
+            mtime(st.st_mtime_ns)
+            ino(st.st_ino)
+            mode(st.st_mode)
     finally:
         if fd is not None:
             os.close(fd)
-    return (np.frombuffer(b"".join(map(path_key, rels)), "S16"),
-            np.array([s.st_size for s in stats], Records.DTYPES["size"]),
-            np.array([s.st_mtime_ns for s in stats], Records.DTYPES["mtime_ns"]),
-            np.array([s.st_ino for s in stats], Records.DTYPES["ino"]))
+    odd = np.flatnonzero((np.array(columns[3], np.int64) & S_IFMT) != stat_module.S_IFREG)
+    if len(odd):  # a folder, pipe, device or socket where a file was listed
+        path = os.fsdecode(paths.full(rels[odd[0]]))
+        FileStat.of(path)  # names what it is
+        raise InputError(f"{path}: changed while it was being listed; run again when the "
+                         "dataset is no longer being written")
+    return (path_keys(rels), *(np.array(c, Records.DTYPES[n])
+                               for c, n in zip(columns, STAT_COLUMNS[1:])))
 
 
 # A file written again within its filesystem's timestamp granularity keeps its mtime_ns

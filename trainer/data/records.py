@@ -27,7 +27,7 @@ class Records:
     """One record per source file, as columns (numpy "S" columns hold raw bytes; read an
     element back with `.tobytes()` of a one-row slice: indexing drops trailing NULs)."""
 
-    key: np.ndarray  # S16, path_key of the relative path
+    key: np.ndarray  # S16, filestat.path_key of the relative path
     size: np.ndarray  # int64
     mtime_ns: np.ndarray  # int64
     ino: np.ndarray  # uint64
