@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from export.conformal import Calibration
+from export.driftref import DriftReference, summary_names
 from export.errors import InputError, require_file
-from export.records import Record, is_dict, is_num, is_str, list_of, one_of, entry, fail
+from export.records import Record, entry, fail, is_count, is_dict, is_num, is_str, list_of, one_of
 
 CARD_KEY = "frozenfit.card"
 CARD_VERSION = 2  # 2: training.epochs split into run_epochs and weights_epoch
@@ -87,6 +88,11 @@ class Baseline(Record):
     constant: float | None = entry(is_num, "a number", None)
     constant_answer: str | None = entry(is_str, "what the constant answer is", None)
     better: bool | None = entry(lambda v: isinstance(v, bool), "true or false", None)
+
+    def validate(self, source: str) -> None:
+        if self.checked and None in (self.metric, self.model, self.constant, self.constant_answer):
+            fail(source, "baseline", self.to_json(),
+                 "an object with checked, metric, model, constant, constant_answer")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -174,8 +180,9 @@ class DatasetInfo(Record):
 
     name: str = entry(is_str, "a name")
     fingerprint: str = entry(is_str, "a SHA-256 hex string")
-    split_sizes: dict | None = entry(is_dict, "an object", None)
-    class_counts: tuple[int, ...] | None = entry(list_of(is_num), "a list of counts", None)
+    split_sizes: dict | None = entry(lambda v: is_dict(v) and all(map(is_count, v.values())),
+                                     "an object of row counts", None)
+    class_counts: tuple[int, ...] | None = entry(list_of(is_count), "a list of counts", None)
     source: str | None = entry(is_str, "a source name", None)
     target: str | None = entry(is_str, "a column name", None)
     split_seed: int | None = entry(is_num, "a number", None)
@@ -226,10 +233,6 @@ class Training(Record):
     config_yaml: str | None = entry(is_str, "the run's YAML", None)
 
 
-def _is_reference(v) -> bool:
-    return is_dict(v) and isinstance(v.get("rows"), int) and isinstance(v.get("continuous"), list)
-
-
 @dataclass(frozen=True, kw_only=True)
 class Card(Record):
     """The whole card, stored as one JSON document in the ONNX graph's metadata."""
@@ -250,7 +253,8 @@ class Card(Record):
     parity: Parity | None = entry(None, "an object", None, record=Parity)
     quantization: Quantization | None = entry(None, "an object", None, record=Quantization)
     calibration: Calibration | None = entry(None, "an object", None, record=Calibration)
-    drift_reference: dict | None = entry(_is_reference, "an object with rows and checks", None)
+    drift_reference: DriftReference | None = entry(None, "an object", None,
+                                                   record=DriftReference)
     normalization: dict | None = entry(is_dict, "an object", None)
     training_stats: dict | None = entry(is_dict, "an object", None)
     training: Training | None = entry(None, "an object", None, record=Training)
@@ -267,6 +271,17 @@ class Card(Record):
         if self.outputs != want:
             raise InputError(f"{source}: model card field 'outputs' is {list(self.outputs)}; a "
                              f"{self.task} model has {list(want)}")
+        if ref := self.drift_reference:
+            names = summary_names(self)
+            if len(ref.continuous) != len(names):
+                raise InputError(f"{source}: model card field 'drift_reference.continuous' "
+                                 f"has {len(ref.continuous)} checks; this model's input has "
+                                 f"{len(names)} ({', '.join(names)})")
+            classes = 0 if self.regression else len(self.class_names)
+            if ref.classes is not None and len(ref.classes) != classes:
+                raise InputError(f"{source}: model card field 'drift_reference.classes' has "
+                                 f"{len(ref.classes)} counts; the model has {classes or 'no'} "
+                                 "classes")
 
     def replace(self, **changes) -> Card:
         return dataclasses.replace(self, **changes)

@@ -31,7 +31,7 @@ def format_card(card: Card) -> str:
     if card.drift_reference:
         from export.drift import small_reference
 
-        lines.append(f"drift ref:   {card.drift_reference['rows']} validation rows"
+        lines.append(f"drift ref:   {card.drift_reference.rows} validation rows"
                      + (f": {note}" if (note := small_reference(card)) else ""))
     if t := card.training:
         epochs = (f"{t.run_epochs} epochs, exported weights from epoch {t.weights_epoch}"

@@ -27,9 +27,12 @@ the rows it would need: a test without power must not read as a clean bill of he
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from export.card import Card
+from export.driftref import DriftBins, DriftReference, summary_names
 
 ALPHA = 0.01  # family-wise false-alarm rate of one report
 PSI_WARN, PSI_DRIFT = 0.1, 0.25  # effect sizes of a significant shift: warn, drift
@@ -61,19 +64,6 @@ def psi(expected: np.ndarray, actual: np.ndarray) -> float:
     return float(((a - e) * np.log(a / e)).sum())
 
 
-def summary_names(card: Card) -> list[str]:
-    """Names of the continuous per-row checks of a model, in the order `_summaries` makes them."""
-    spec = card.input
-    if spec.image:
-        channels = spec.shape[0]
-        label = (lambda c: "") if channels == 1 else (lambda c: f" {'RGB'[c] if channels == 3 else c}")
-        names = [f"pixel mean{label(c)}" for c in range(channels)]
-        names += [f"pixel std{label(c)}" for c in range(channels)]
-    else:
-        names = [f"feature {c}" for c in spec.columns or range(spec.shape[0])]
-    return names + (["predicted value"] if card.regression else ["confidence"])
-
-
 def _summaries(x, pred, image: bool, chunk: int = 4096) -> list[np.ndarray]:
     """The per-row values of every continuous check, (N,) each. `x` is an array or any
     sequence whose slices are arrays (rows read from a memory map), taken `chunk` rows at
@@ -100,12 +90,14 @@ def reference(card: Card, x: np.ndarray, pred) -> dict:
         edges = np.unique(inner)  # ties (a constant feature, confidence 1.0) merge bins
         counts = np.bincount(np.searchsorted(edges, values, side="right"),
                              minlength=len(edges) + 1)
-        checks.append({"name": name, "edges": edges.tolist(), "counts": counts.tolist()})
-    ref = {"rows": int(len(x)), "split": "validation", "continuous": checks}
-    if pred.labels is not None:
-        ref["classes"] = np.bincount(pred.labels, minlength=len(card.class_names)).tolist()
-    ref["rows_needed"] = _batch_rows_needed(ref)  # kept: reading the card needs no scipy.stats
-    return ref
+        checks.append(DriftBins(name=name, edges=tuple(edges.tolist()),
+                                counts=tuple(counts.tolist())))
+    classes = (None if pred.labels is None else
+               tuple(np.bincount(pred.labels, minlength=len(card.class_names)).tolist()))
+    ref = DriftReference(rows=int(len(x)), split="validation", continuous=tuple(checks),
+                         classes=classes)
+    # kept: reading the card needs no scipy.stats
+    return dataclasses.replace(ref, rows_needed=tuple(_batch_rows_needed(ref)))
 
 
 def holm(p_values: list[float]) -> list[float]:
@@ -182,15 +174,16 @@ def _status(p_adjusted: float, effect: float, rows: int, needed: int | None) -> 
     return "ok" if needed is not None and rows >= needed else "inconclusive"
 
 
-def _needed(ref: dict, check: dict, checks: int) -> int | None:
-    df = int(np.count_nonzero(ref.get("classes", []))) - 1
-    return rows_needed(needed_effective_rows(check["test"], checks, df), ref["rows"])
+def _needed(ref: DriftReference, check: dict, checks: int) -> int | None:
+    df = int(np.count_nonzero(ref.classes or [])) - 1
+    return rows_needed(needed_effective_rows(check["test"], checks, df), ref.rows)
 
 
-def _batch_rows_needed(ref: dict) -> list[int | None]:
+def _batch_rows_needed(ref: DriftReference) -> list[int | None]:
     """Batch rows each kind of test needs to tell a PSI_WARN shift at the strictest level."""
-    checks = len(ref["continuous"]) + ("classes" in ref)
-    return [_needed(ref, {"test": t}, checks) for t in ("ks", "chi2")[:1 + ("classes" in ref)]]
+    has_classes = ref.classes is not None
+    checks = len(ref.continuous) + has_classes
+    return [_needed(ref, {"test": t}, checks) for t in ("ks", "chi2")[:1 + has_classes]]
 
 
 def small_reference(card: Card) -> str | None:
@@ -199,8 +192,8 @@ def small_reference(card: Card) -> str | None:
     ref = card.drift_reference
     if not ref:
         return None
-    worst = ref.get("rows_needed") or _batch_rows_needed(ref)  # cards before it was kept
-    if all(n is not None and n <= ref["rows"] for n in worst):
+    worst = ref.rows_needed or _batch_rows_needed(ref)  # cards before it was kept
+    if all(n is not None and n <= ref.rows for n in worst):
         return None
     return (f"too few for its tests to tell a shift of PSI {PSI_WARN:g} from chance on a "
             f"batch of its size; reports will read inconclusive (validate on more rows)")
@@ -216,21 +209,21 @@ class DriftAccumulator:
         self.image = card.input.image
         self.counts = {"rows": 0}
         if self.ref:
-            self.counts["continuous"] = [np.zeros(len(c["counts"]), np.int64)
-                                         for c in self.ref["continuous"]]
-            if "classes" in self.ref:
-                self.counts["classes"] = np.zeros(len(self.ref["classes"]), np.int64)
+            self.counts["continuous"] = [np.zeros(len(c.counts), np.int64)
+                                         for c in self.ref.continuous]
+            if self.ref.classes is not None:
+                self.counts["classes"] = np.zeros(len(self.ref.classes), np.int64)
 
     def update(self, x: np.ndarray, pred) -> None:
         self.counts["rows"] += len(x)
         if not self.ref or not len(x):
             return
         for i, values in enumerate(_summaries(x, pred, self.image)):
-            edges = self.ref["continuous"][i]["edges"]
+            edges = self.ref.continuous[i].edges
             self.counts["continuous"][i] += np.bincount(
                 np.searchsorted(edges, values, side="right"), minlength=len(edges) + 1)
         if "classes" in self.counts:
-            self.counts["classes"] += np.bincount(pred.labels, minlength=len(self.ref["classes"]))
+            self.counts["classes"] += np.bincount(pred.labels, minlength=len(self.ref.classes))
 
     def state(self) -> dict:
         return {"rows": self.counts["rows"],
@@ -249,11 +242,11 @@ class DriftAccumulator:
             return {"status": "unavailable", "rows": self.counts["rows"], "checks": [],
                     "reason": "the model card has no drift reference; re-export the model "
                               "with this version to get drift tests"}
-        checks = [{"name": ref["name"], **ks_check(np.asarray(ref["counts"]), counts)}
-                  for ref, counts in zip(self.ref["continuous"], self.counts["continuous"])]
+        checks = [{"name": ref.name, **ks_check(np.asarray(ref.counts), counts)}
+                  for ref, counts in zip(self.ref.continuous, self.counts["continuous"])]
         if "classes" in self.counts:
             checks.append({"name": "predicted classes",
-                           **chi2_check(np.asarray(self.ref["classes"]), self.counts["classes"])})
+                           **chi2_check(np.asarray(self.ref.classes), self.counts["classes"])})
         rows = self.counts["rows"]
         for check, adjusted in zip(checks, holm([c["p"] for c in checks])):
             check["p_adjusted"] = adjusted
@@ -261,7 +254,7 @@ class DriftAccumulator:
             check["status"] = _status(adjusted, check["psi"], rows, check["rows_needed"])
         status = max((c["status"] for c in checks), key=STATUSES.index, default="inconclusive")
         needed = [c["rows_needed"] for c in checks if c["status"] == "inconclusive"]
-        return {"status": status, "rows": rows, "reference_rows": self.ref["rows"],
+        return {"status": status, "rows": rows, "reference_rows": self.ref.rows,
                 "rows_needed": None if None in needed else max(needed, default=None),
                 "alpha": ALPHA, "psi_warn": PSI_WARN, "psi_drift": PSI_DRIFT,
                 "correction": "holm", "checks": checks}

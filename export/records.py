@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -21,6 +22,14 @@ _MISSING = object()
 
 def is_num(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def is_finite(v) -> bool:
+    return is_num(v) and math.isfinite(v)
 
 
 def is_str(v) -> bool:
@@ -41,10 +50,11 @@ def one_of(*allowed) -> Callable[[Any], bool]:
 
 
 def entry(check: Callable[[Any], bool] | None, expected: str, default: Any = _MISSING,
-          record: type | None = None) -> Any:
+          record: type | None = None, many: bool = False) -> Any:
     """A field read from JSON: `check` its value (lists become tuples) or read it as a
-    nested `record`; without `default` the field is required."""
-    meta = {"check": check, "expected": expected, "record": record}
+    nested `record` (with `many`, a list of them, read as a tuple); without `default` the
+    field is required."""
+    meta = {"check": check, "expected": expected, "record": record, "many": many}
     if default is _MISSING:
         return field(metadata=meta)
     if isinstance(default, (dict, list)):
@@ -79,7 +89,12 @@ class Record:
                 if required:
                     fail(source, dotted, value, meta["expected"])
                 continue
-            if meta["record"] is not None:
+            if meta["record"] is not None and meta["many"]:
+                if not isinstance(value, list):
+                    fail(source, dotted, value, meta["expected"])
+                value = [meta["record"].from_json(v, source, f"{dotted}[{i}].")
+                         for i, v in enumerate(value)]
+            elif meta["record"] is not None:
                 value = meta["record"].from_json(value, source, dotted + ".")
             elif not meta["check"](value):
                 fail(source, dotted, value, meta["expected"])
@@ -98,5 +113,6 @@ class Record:
             if f.name == "extra" or (value is None and f.default is None):
                 continue
             out[f.name] = (value.to_json() if isinstance(value, Record)
-                           else list(value) if isinstance(value, tuple) else value)
+                           else [v.to_json() if isinstance(v, Record) else v for v in value]
+                           if isinstance(value, tuple) else value)
         return out

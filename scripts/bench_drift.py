@@ -145,7 +145,7 @@ def main() -> None:
         predictor, cases, y = mnist_cases(work, args.ckpt)
         preds = {name: predictor.predict(x, 1024) for name, x in cases.items()}
         card, x0, everyone = predictor.card, cases["in distribution"], np.arange(len(y))
-        print(f"MNIST convnet, reference: {card.drift_reference['rows']} validation rows; "
+        print(f"MNIST convnet, reference: {card.drift_reference.rows} validation rows; "
               f"test accuracy {(preds['in distribution'].labels == y).mean():.4f}")
         print("false alarms (status warn or drift) on in-distribution test batches:")
         for size in (30, 100, 300, 1000, 10_000):
@@ -166,7 +166,7 @@ def main() -> None:
         card = predictor.card
         wine_preds = {name: predictor.predict(x) for name, x in cases.items()}
         pool = np.arange(len(cases["in distribution"]))
-        print(f"wine MLP, reference: {card.drift_reference['rows']} rows drawn from the table")
+        print(f"wine MLP, reference: {card.drift_reference.rows} rows drawn from the table")
         for size in (30, 100, 300, 1000, 10_000):
             k, n = rate(card, cases["in distribution"], wine_preds["in distribution"], pool,
                         size, args.batches, rng, {"warn", "drift"}, replace=True)

@@ -40,10 +40,10 @@ def card():
 def test_reference_names_and_bins(card):
     ref = card.drift_reference
     assert summary_names(CARD) == ["feature u", "feature v", "confidence"]
-    assert [c["name"] for c in ref["continuous"]] == summary_names(CARD)
-    for check in ref["continuous"]:
-        assert sum(check["counts"]) == 3000 and len(check["counts"]) == len(check["edges"]) + 1
-    assert sum(ref["classes"]) == 3000
+    assert [c.name for c in ref.continuous] == summary_names(CARD)
+    for check in ref.continuous:
+        assert sum(check.counts) == 3000 and len(check.counts) == len(check.edges) + 1
+    assert sum(ref.classes) == 3000
     assert small_reference(card) is None
 
 

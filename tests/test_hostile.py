@@ -453,6 +453,13 @@ def _set(dotted: str, value):
     return edit
 
 
+def _ref(edit):
+    def change(card):
+        edit(card["drift_reference"])  # the validation split's bins and classes
+        return card
+    return change
+
+
 CARDS = {
     "card is not JSON": ("{not json", "not valid JSON"),
     "card is a list": ("[1, 2]", "not a JSON object"),
@@ -471,6 +478,21 @@ CARDS = {
     "outputs renamed": (_set("outputs", ["scores", "probabilities"]), "'outputs'"),
     "metrics not numbers": (_set("metrics", {"val/acc": "high"}), "'metrics'"),
     "parity without fields": (_set("parity", {"samples": 3}), "'parity.max_abs_diff'"),
+    "baseline without its figures": (_drop("baseline.constant"), "'baseline'"),
+    "split sizes not counts": (_set("dataset.split_sizes", {"test": [None]}),
+                               "'dataset.split_sizes'"),
+    "drift counts not a list": (_ref(lambda r: r["continuous"][0].update(counts=1.5)),
+                                "'drift_reference.continuous[0].counts' is 1.5"),
+    "drift edges out of order": (_ref(lambda r: r["continuous"][1]["edges"].reverse()),
+                                 "'drift_reference.continuous[1].edges' is not in increasing"),
+    "drift counts one short": (_ref(lambda r: r["continuous"][0]["counts"].pop()),
+                               "'drift_reference.continuous[0].counts' has"),
+    "drift check missing": (_ref(lambda r: r["continuous"].pop()),
+                            "'drift_reference.continuous' has 2 checks"),
+    "drift check not an object": (_ref(lambda r: r["continuous"].__setitem__(2, 1)),
+                                  "'drift_reference.continuous[2]' is 1; expected an object"),
+    "drift classes one short": (_ref(lambda r: r["classes"].pop()),
+                                "'drift_reference.classes' has 9 counts; the model has 10"),
 }
 for label, (edit, needle) in CARDS.items():
     for command in ("predict", "inspect"):
