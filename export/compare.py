@@ -217,6 +217,9 @@ def run_compare(champion: str, challenger: str, data: str, *, alpha: float = 0.0
     names = names or (champion, challenger)
     a, b = Predictor(champion, provider=provider), Predictor(challenger, provider=provider)
     check_same_problem(a.card, b.card, names)
+    if not a.card.regression and margin >= 1:  # "--margin 5" meant as points
+        raise InputError(f"--margin {margin:g}: accuracy is a fraction here (0.01 is one "
+                         "point); a margin of 1 or more would pass any challenger")
     out_a, out_b = score_rows(a, b, data)
     if a.card.regression:
         return compare_regressors(out_a, out_b, alpha, margin)

@@ -103,6 +103,9 @@ def test_compare_refusals_are_one_line(digits_run, digits_test_npz, tmp_path):
                           "--alpha 0.7")
     assert_one_line_error(_compare(strong, strong, digits_test_npz, "--margin", "-1"),
                           "--margin -1")
+    # points where a fraction is meant: a margin that every challenger meets is no gate
+    assert_one_line_error(_compare(strong, strong, digits_test_npz, "--margin", "5"),
+                          "--margin 5", "0.01 is one point")
     assert_one_line_error(_compare(strong, strong, digits_test_npz, "--json",
                                    str(digits_test_npz)), "--json")
     from sklearn.datasets import load_wine
