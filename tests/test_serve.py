@@ -455,6 +455,8 @@ def test_serve_needs_its_extra_and_refuses_bad_settings_in_one_line(digits_run, 
     assert_one_line_error(run_cli("serve", "--model", model, "--poll-s", "-1"), "--poll-s -1")
     assert_one_line_error(run_cli("serve", "--model", model, "--poll-s", "nan"), "--poll-s nan",
                           "finite")
+    for flag in ("--max-body-mb", "--batch-timeout-ms"):  # NaN passed every comparison
+        assert_one_line_error(run_cli("serve", "--model", model, flag, "nan"), flag, "finite")
     assert_one_line_error(run_cli("serve", "--model", model, "--max-queue", "100000",
                                   "--max-body-mb", "100000"),
                           "--max-queue 100000 x --max-body-mb 100000", "half of the memory")

@@ -163,7 +163,7 @@ def cmd_serve(argv: list[str]) -> int:
         batch_timeout_ms=args.batch_timeout_ms, provider=args.provider, log_level=args.log_level,
         name=args.name, api_key=read_api_key(args.api_key_file), uri=args.model,
         poll_s=args.poll_s,
-        limits=Limits(max_body_bytes=int(args.max_body_mb * (1 << 20)),
+        limits=Limits(max_body_bytes=args.max_body_mb * (1 << 20),
                       max_instances=args.max_instances, max_queue=args.max_queue))
     version = served_version(args.model)  # an alias pinned first: it may move meanwhile
     alias = registry_alias(args.model)

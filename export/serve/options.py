@@ -25,8 +25,9 @@ class Limits:
                             ("--max-queue", self.max_queue)):
             if value < 1:
                 raise InputError(f"{flag} must be >= 1")
-        if not self.max_body_bytes > 0:
-            raise InputError("--max-body-mb must be > 0")
+        if not 0 < self.max_body_bytes < float("inf"):  # NaN too
+            raise InputError("--max-body-mb must be a finite number > 0")
+        self.max_body_bytes = int(self.max_body_bytes)  # from --max-body-mb, a float
         held, avail = self.max_queue * self.max_body_bytes, available_memory()
         if avail is not None and held > avail // 2:
             raise InputError(f"--max-queue {self.max_queue} x --max-body-mb "
@@ -76,8 +77,8 @@ class ServeOptions:
                 raise InputError(f"{flag} must be >= 1")
         if not 1024 <= self.port <= 65535:
             raise InputError(f"--port {self.port}: expected 1024 to 65535")
-        if self.batch_timeout_ms < 0:
-            raise InputError("--batch-timeout-ms must be >= 0")
+        if not 0 <= self.batch_timeout_ms < float("inf"):  # NaN too: a batch never closed
+            raise InputError("--batch-timeout-ms must be a finite number >= 0")
         if not 0 <= self.poll_s < float("inf") or (
                 self.poll_s and registry_alias(self.uri or "") is None):
             raise InputError(f"--poll-s {self.poll_s:g}: expected a finite number of seconds "
