@@ -219,8 +219,11 @@ class Predictor:
         options.log_severity_level = 4  # failures become one InputError line, not a log
         timer = None
         try:
-            if timeout:  # a daemon: a Ctrl-C landing while it starts must not leave it to
-                # hold the process open until it fires (seen as a 60 s hang on SIGTERM)
+            # past TIMEOUT_MAX (~292 years; inf) the OS cannot wait: no timer, not an
+            # OverflowError in the timer's thread. A daemon: a Ctrl-C landing while it
+            # starts must not leave it to hold the process open until it fires (seen as a
+            # 60 s hang on SIGTERM).
+            if timeout and timeout < threading.TIMEOUT_MAX:
                 timer = threading.Timer(timeout, setattr, (options, "terminate", True))
                 timer.daemon = True
                 timer.start()

@@ -253,6 +253,17 @@ def test_a_hung_graph_fails_after_the_batch_timeout(digits_run, digits_test_npz,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hung.onnx"]
 
 
+def test_a_batch_timeout_past_what_the_os_can_wait_is_no_timeout(digits_run, digits_test_npz,
+                                                                  tmp_path):
+    # the timer thread raised OverflowError (a traceback on stderr, exit 0) for inf or 1e10
+    for seconds in ("inf", "1e10"):
+        proc = run_cli(*_predict_args(digits_run / "model.onnx", digits_test_npz,
+                                      tmp_path / f"p{seconds}.csv", "--timeout-per-batch",
+                                      seconds))
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+        assert (tmp_path / f"p{seconds}.csv").stat().st_size > 0
+
+
 @pytest.mark.slow
 def test_sigterm_during_the_export_resumes_to_the_same_run(tmp_path):
     config = ["--config", str(ROOT / "configs" / "digits.yaml"), "--trainer.max_epochs", "2",
