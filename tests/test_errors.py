@@ -172,7 +172,15 @@ def test_option_typos_are_one_line_naming_where_and_the_closest_names(tmp_path, 
 def test_training_options_out_of_range_are_one_line_before_any_data(tmp_path, capfd):
     digits = str(ROOT / "configs" / "digits.yaml")
     for flag, value, needle in (("--model.width", "0", "--model.width must be >= 1, got 0"),
-                                ("--model.lr", "-0.1", "--model.lr must be > 0, got -0.1"),
+                                ("--model.lr", "-0.1", "--model.lr must be > 0"),
+                                # a traceback from torch's float32 lr, once the fit began
+                                ("--model.lr", "1e308", "--model.lr must be > 0 and a finite"),
+                                ("--model.weight_decay", ".inf", "must be >= 0, finite"),
+                                # the parity gate refused them after the whole fit
+                                ("--export.atol", ".nan", "--export.atol must be > 0"),
+                                ("--export.atol", "-1", "--export.atol must be > 0"),
+                                ("--trainer.gradient_clip_val", ".nan",
+                                 "--trainer.gradient_clip_val must be >= 0, got nan"),
                                 ("--model.dropout", "1", "--model.dropout must be in [0, 1)"),
                                 ("--data.batch_size", "0", "--data.batch_size must be >= 1"),
                                 ("--data.seed", "-1", "--data.seed must be in [0, 2**63), got -1"),
@@ -187,6 +195,10 @@ def test_training_options_out_of_range_are_one_line_before_any_data(tmp_path, ca
         rc, err = cli_in_process(["export", "--ckpt", str(tmp_path / "none.ckpt"), "--out",
                                   str(tmp_path / "m.onnx"), "--opset", opset], tmp_path, capfd)
         _one_line(rc, err, f"--opset {opset}: expected 13 to")
+    for flag in ("--atol", "--max-accuracy-drop"):
+        rc, err = cli_in_process(["export", "--ckpt", str(tmp_path / "none.ckpt"), "--out",
+                                  str(tmp_path / "m.onnx"), flag, "nan"], tmp_path, capfd)
+        _one_line(rc, err, f"{flag} must be")
 
 
 def test_a_single_class_folder_cannot_train_a_classifier(tmp_path, capfd):

@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.utilities import rank_zero_info
 
-from export.errors import InputError
+from export.errors import InputError, check_options
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -38,13 +38,15 @@ class EpochProgressBar(TQDMProgressBar):
         self.train_progress_bar.set_description(f"Epoch {trainer.current_epoch + 1}{total}")
 
 
-def check_export_filename(filename: str) -> None:
+def check_export_options(filename: str, atol: float) -> None:
     """--export.filename names a file in the run folder: a path (`../x.onnx`, `/etc/x`)
-    wrote the model wherever it pointed, over any file there."""
+    wrote the model wherever it pointed, over any file there. --export.atol > 0 (NaN or a
+    negative one failed the parity gate after the whole fit; inf turns the gate off)."""
     if not isinstance(filename, str) or Path(filename).name != filename or \
             filename in (".", "..") or not filename.endswith(".onnx"):
         raise InputError(f"--export.filename {filename!r}: expected a file name inside the run "
                          "folder ending in .onnx, such as model.onnx")
+    check_options(("export.atol", atol, atol > 0, "> 0 (onnxruntime against torch)"))
 
 
 class ExportOnnx(L.Callback):
@@ -68,7 +70,7 @@ class ExportOnnx(L.Callback):
                 validation rows (the conformal scores for prediction sets are stored either
                 way); writes calibration.png, the reliability diagram, beside the model.
         """
-        check_export_filename(filename)
+        check_export_options(filename, atol)
         self.enabled, self.filename, self.atol, self.opset = enabled, filename, atol, opset
         self.register_as, self.allow_trivial = register_as, allow_trivial
         self.calibrate = calibrate

@@ -15,10 +15,10 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 from export.card import HardwareChoice
-from export.errors import InputError
+from export.errors import InputError, check_options
 from trainer import phases, runs, tracking
 from trainer.callbacks import (CheckpointOnSigterm, ExportOnnx, NonFiniteGuard, RunCheckpoint,
-                               RunReport, check_export_filename)
+                               RunReport, check_export_options)
 from trainer.data.datamodule import FixedDataModule, check_data_options
 from trainer.hardware import AutoTrainer, choose, pinned_choice
 from trainer.module import ClassifierModule, check_model_options
@@ -148,7 +148,9 @@ class TrainerCLI(LightningCLI):
         check_data_options(**config.data)  # before any data is read
         check_model_options(**config.model)
         if config.get("export") is not None:
-            check_export_filename(config.export.filename)
+            check_export_options(config.export.filename, config.export.atol)
+        clip = config.trainer.get("gradient_clip_val")  # NaN: Lightning's traceback mid-fit
+        check_options(("trainer.gradient_clip_val", clip, clip is None or clip >= 0, ">= 0"))
         # Lightning unpickles checkpoints fully unless told otherwise; ours hold only
         # tensors and plain values. A config file cannot turn this off.
         config.weights_only = True

@@ -7,7 +7,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from export.errors import InputError
+from export.errors import InputError, check_options
 from trainer.cli import check_paths, flag_value
 
 MIN_OPSET = 13  # below, ONNX's version converter ends in an assertion on these graphs
@@ -40,6 +40,9 @@ def cmd_export(argv: list[str]) -> int:
                    help="INT8: refuse if validation accuracy drops by more percentage points "
                    "than this (default 0.5)")
     args = p.parse_args(argv)
+    check_options(("atol", args.atol, args.atol is None or args.atol > 0, "> 0"),
+                  ("max-accuracy-drop", args.max_accuracy_drop, args.max_accuracy_drop >= 0,
+                   ">= 0 percentage points"))  # NaN too: it failed the gate after the export
     import onnx
 
     newest = onnx.defs.onnx_opset_version()
