@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 
 from export.errors import InputError
 
@@ -28,6 +29,10 @@ class Registry:
                 "-", "").isalnum():
             raise InputError(f"model {name!r} alias {alias!r}: expected a registered model "
                              f"name without quotes and an alias of letters, digits, _ and -")
+        # MLflow's own names of versions: setting one was an MlflowException traceback
+        if alias.lower() == "latest" or re.fullmatch(r"[vV][0-9]+", alias):
+            raise InputError(f"alias {alias!r}: reserved by MLflow for the newest version "
+                             f"and for version numbers; choose another, such as champion")
         mlflow = require_mlflow(f"registered model {name!r}")
         self.client, self.name, self.alias = mlflow.MlflowClient(), name, alias
         self.errors = mlflow.exceptions.MlflowException

@@ -178,6 +178,16 @@ def test_promote_moves_the_alias_only_through_the_gate_and_rolls_back(
                                   str(digits_test_npz), env=env), "models:/digits@nosuch")
 
 
+def test_an_alias_mlflow_reserves_is_refused_in_one_line(tmp_path):
+    # MLflow names versions v1, v2, ... and the newest `latest`: setting such an alias was
+    # its MlflowException traceback after the gate had run
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlruns.db'}"}
+    for alias in ("v1", "V12", "latest", "Latest"):
+        assert_one_line_error(run_cli("promote", "digits", "--alias", alias, env=env,
+                                      cwd=tmp_path), f"alias {alias!r}: reserved by MLflow")
+    assert not (tmp_path / "mlruns.db").exists()
+
+
 def test_regressors_compare_by_mae(tmp_path):
     """Diabetes (real, from scikit-learn): a model against itself is not worse; the same
     recipe for one epoch at a learning rate too small to move (its outputs stay near 0 for
