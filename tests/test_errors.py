@@ -179,6 +179,7 @@ def test_training_options_out_of_range_are_one_line_before_any_data(tmp_path, ca
                                 # the parity gate refused them after the whole fit
                                 ("--export.atol", ".nan", "--export.atol must be > 0"),
                                 ("--export.atol", "-1", "--export.atol must be > 0"),
+                                ("--export.opset", "5", "--export.opset 5: expected 13 to"),
                                 ("--trainer.gradient_clip_val", ".nan",
                                  "--trainer.gradient_clip_val must be >= 0, got nan"),
                                 ("--model.dropout", "1", "--model.dropout must be in [0, 1)"),

@@ -38,15 +38,28 @@ class EpochProgressBar(TQDMProgressBar):
         self.train_progress_bar.set_description(f"Epoch {trainer.current_epoch + 1}{total}")
 
 
-def check_export_options(filename: str, atol: float) -> None:
+MIN_OPSET = 13  # below, ONNX's version converter ends in an assertion on these graphs
+
+
+def check_opset(opset: int, flag: str) -> None:
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= opset <= newest:
+        raise InputError(f"{flag} {opset}: expected {MIN_OPSET} to {newest} (this onnx)")
+
+
+def check_export_options(filename: str, atol: float, opset: int) -> None:
     """--export.filename names a file in the run folder: a path (`../x.onnx`, `/etc/x`)
-    wrote the model wherever it pointed, over any file there. --export.atol > 0 (NaN or a
-    negative one failed the parity gate after the whole fit; inf turns the gate off)."""
+    wrote the model wherever it pointed, over any file there. --export.atol > 0 and
+    --export.opset in range (NaN, a negative tolerance or opset 5 failed the export after
+    the whole fit; an atol of inf turns the parity gate off)."""
     if not isinstance(filename, str) or Path(filename).name != filename or \
-            filename in (".", "..") or not filename.endswith(".onnx"):
+            not filename.endswith(".onnx"):
         raise InputError(f"--export.filename {filename!r}: expected a file name inside the run "
                          "folder ending in .onnx, such as model.onnx")
     check_options(("export.atol", atol, atol > 0, "> 0 (onnxruntime against torch)"))
+    check_opset(opset, "--export.opset")
 
 
 class ExportOnnx(L.Callback):
@@ -70,7 +83,7 @@ class ExportOnnx(L.Callback):
                 validation rows (the conformal scores for prediction sets are stored either
                 way); writes calibration.png, the reliability diagram, beside the model.
         """
-        check_export_options(filename, atol)
+        check_export_options(filename, atol, opset)
         self.enabled, self.filename, self.atol, self.opset = enabled, filename, atol, opset
         self.register_as, self.allow_trivial = register_as, allow_trivial
         self.calibrate = calibrate

@@ -148,7 +148,8 @@ class TrainerCLI(LightningCLI):
         check_data_options(**config.data)  # before any data is read
         check_model_options(**config.model)
         if config.get("export") is not None:
-            check_export_options(config.export.filename, config.export.atol)
+            check_export_options(config.export.filename, config.export.atol,
+                                 config.export.opset)
         clip = config.trainer.get("gradient_clip_val")  # NaN: Lightning's traceback mid-fit
         check_options(("trainer.gradient_clip_val", clip, clip is None or clip >= 0, ">= 0"))
         # Lightning unpickles checkpoints fully unless told otherwise; ours hold only

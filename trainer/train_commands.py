@@ -7,10 +7,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from export.errors import InputError, check_options
+from export.errors import check_options
 from trainer.cli import check_paths, flag_value
-
-MIN_OPSET = 13  # below, ONNX's version converter ends in an assertion on these graphs
 
 
 def cmd_export(argv: list[str]) -> int:
@@ -43,11 +41,9 @@ def cmd_export(argv: list[str]) -> int:
     check_options(("atol", args.atol, args.atol is None or args.atol > 0, "> 0"),
                   ("max-accuracy-drop", args.max_accuracy_drop, args.max_accuracy_drop >= 0,
                    ">= 0 percentage points"))  # NaN too: it failed the gate after the export
-    import onnx
+    from trainer.callbacks import check_opset
 
-    newest = onnx.defs.onnx_opset_version()
-    if not MIN_OPSET <= args.opset <= newest:  # below: ONNX's converter fails on our graphs
-        raise InputError(f"--opset {args.opset}: expected {MIN_OPSET} to {newest} (this onnx)")
+    check_opset(args.opset, "--opset")
     from export.atomic import check_output
 
     check_output(args.out, "--out", {"--ckpt": args.ckpt, "--samples": args.samples})
