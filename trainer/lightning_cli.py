@@ -85,6 +85,17 @@ def _undecodable(args: list[str]) -> str:
     return "--config"
 
 
+def _check_trainer_options(trainer) -> None:
+    """What Lightning takes unchecked and fails on mid-fit: a NaN clip (its
+    MisconfigurationException), accumulating or validating every 0 (ZeroDivisionError)."""
+    clip, every = trainer.get("gradient_clip_val"), trainer.get("check_val_every_n_epoch")
+    accumulate = trainer.get("accumulate_grad_batches", 1)
+    check_options(("trainer.gradient_clip_val", clip, clip is None or clip >= 0, ">= 0"),
+                  ("trainer.accumulate_grad_batches", accumulate, accumulate >= 1, ">= 1"),
+                  ("trainer.check_val_every_n_epoch", every, every is None or every >= 1,
+                   ">= 1"))
+
+
 class TrainerCLI(LightningCLI):
     """LightningCLI with the product's rules; each hook hands its work to the module that
     owns it (run folders: runs.py, hardware: hardware.py, tracking: tracking.py)."""
@@ -150,8 +161,7 @@ class TrainerCLI(LightningCLI):
         if config.get("export") is not None:
             check_export_options(config.export.filename, config.export.atol,
                                  config.export.opset)
-        clip = config.trainer.get("gradient_clip_val")  # NaN: Lightning's traceback mid-fit
-        check_options(("trainer.gradient_clip_val", clip, clip is None or clip >= 0, ">= 0"))
+        _check_trainer_options(config.trainer)
         # Lightning unpickles checkpoints fully unless told otherwise; ours hold only
         # tensors and plain values. A config file cannot turn this off.
         config.weights_only = True
