@@ -157,6 +157,16 @@ def test_a_model_no_better_than_a_constant_is_not_exported(tmp_path):
     assert baseline.model <= baseline.constant + 1 / 269
 
 
+def test_a_run_that_never_validated_still_meets_the_baseline_gate(tmp_path):
+    """No epoch, so no recorded val/acc to check the graph against: the gate skipped the
+    baseline too and exported the untrained net (test accuracy 0.10, exit 0). The graph's
+    own validation score is what the baseline compares."""
+    proc = _fit(tmp_path, 0)
+    assert_one_line_error(proc, "final.ckpt: the model is no better than a constant answer",
+                          after_run_log=True)
+    assert not list((tmp_path / "runs").rglob("model.onnx"))
+
+
 def test_an_ema_horizon_longer_than_the_run_is_refused_before_training(tmp_path):
     ema = "--trainer.callbacks+=" + json.dumps({"class_path": "EMAWeightAveraging"})
     proc = _fit(tmp_path, 3, ema)

@@ -93,9 +93,14 @@ def consistency_check(val: Prediction | None, ckpt: dict, data: HeldOut, margin:
     metrics, regression = ckpt.get("metrics", {}), checkpoint_data(ckpt).regression
     key = "val/mae" if regression else "val/acc"
     if key not in metrics or not data.val_is_split or val is None:
+        # nothing recorded to check against (a run that never validated): the graph's own
+        # score still goes to the baseline gate, which let a model at chance through
+        graph = None if val is None or not data.val_is_split else (
+            float(np.abs(val.values - data.val_y).mean()) if regression
+            else float((val.logits.argmax(1) == data.val_y).mean()))
         return Consistency(checked=False, reason=f"no recorded {key} for the whole validation "
                            f"split" if data.val_is_split else "validation split not available "
-                           "(--samples)")
+                           "(--samples)", metric=None if graph is None else key, graph=graph)
     validated, step = ckpt.get("validated_at_step"), int(ckpt.get("global_step", 0))
     if validated is not None and validated != step:
         raise ParityError(f"{source}: its {key} was measured at step {validated} but its weights "
@@ -133,7 +138,7 @@ def baseline_check(consistency: Consistency, val_y: np.ndarray, card: Card, allo
     median target, for MAE) beside the graph's own, which `consistency` measured. A model
     that does not beat it is refused, unless `allow`: it would answer as if it had learned
     nothing (an EMA whose horizon is longer than the run exports one at chance)."""
-    if not consistency.checked:
+    if consistency.graph is None:
         return Baseline(checked=False, reason=consistency.reason)
     y, graph, key = np.asarray(val_y), float(consistency.graph), consistency.metric
     if card.regression:
