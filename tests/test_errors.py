@@ -43,11 +43,12 @@ def test_trainer_data_names_a_bad_option_in_one_line(tmp_path, capfd):
 
 
 def test_lightnings_own_option_checks_are_one_line(tmp_path, capfd):
-    """Lightning's Trainer refuses these itself (MisconfigurationException, ValueError):
-    they were tracebacks. The precision and layout choice is logged before them."""
+    """Lightning's Trainer refuses these itself (MisconfigurationException, ValueError,
+    TypeError): they were tracebacks. The precision and layout choice is logged before them."""
     digits = str(ROOT / "configs" / "digits.yaml")
     for flag, value, needle in (("--trainer.max_epochs", "-2", "`max_epochs` must be a non-"),
-                                ("--trainer.strategy", "nope", "invalid strategy name")):
+                                ("--trainer.strategy", "nope", "invalid strategy name"),
+                                ("--trainer.devices", "-2", "`devices` selected with")):
         rc, err = cli_in_process(["fit", "--config", digits, flag, value], tmp_path, capfd)
         assert rc == 2 and "Traceback" not in err, err
         assert err.strip().splitlines()[-1].startswith("trainer fit: error: --trainer: ") and \
@@ -184,6 +185,10 @@ def test_training_options_out_of_range_are_one_line_before_any_data(tmp_path, ca
                                  "--trainer.accumulate_grad_batches must be >= 1, got 0"),
                                 ("--trainer.check_val_every_n_epoch", "0",
                                  "--trainer.check_val_every_n_epoch must be >= 1, got 0"),
+                                ("--trainer.val_check_interval", "0",
+                                 "--trainer.val_check_interval must be > 0"),
+                                # a RuntimeError mid-fit: bf16 weights, float32 input
+                                ("--trainer.precision", "bf16-true", "bf16-mixed or auto"),
                                 ("--trainer.gradient_clip_val", ".nan",
                                  "--trainer.gradient_clip_val must be >= 0, got nan"),
                                 ("--model.dropout", "1", "--model.dropout must be in [0, 1)"),

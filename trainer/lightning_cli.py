@@ -87,13 +87,21 @@ def _undecodable(args: list[str]) -> str:
 
 def _check_trainer_options(trainer) -> None:
     """What Lightning takes unchecked and fails on mid-fit: a NaN clip (its
-    MisconfigurationException), accumulating or validating every 0 (ZeroDivisionError)."""
+    MisconfigurationException), accumulating or validating every 0 (ZeroDivisionError), and
+    weights in half precision fed the float32 the model normalises its input to."""
     clip, every = trainer.get("gradient_clip_val"), trainer.get("check_val_every_n_epoch")
-    accumulate = trainer.get("accumulate_grad_batches", 1)
+    accumulate, interval = trainer.get("accumulate_grad_batches", 1), \
+        trainer.get("val_check_interval")
+    precision = str(trainer.get("precision"))
     check_options(("trainer.gradient_clip_val", clip, clip is None or clip >= 0, ">= 0"),
                   ("trainer.accumulate_grad_batches", accumulate, accumulate >= 1, ">= 1"),
                   ("trainer.check_val_every_n_epoch", every, every is None or every >= 1,
-                   ">= 1"))
+                   ">= 1"),
+                  ("trainer.val_check_interval", interval, not isinstance(interval, (int, float))
+                   or interval > 0, "> 0"),
+                  ("trainer.precision", precision, precision not in ("16-true", "bf16-true"),
+                   ("32-true, 64-true, 16-mixed, bf16-mixed or auto (half-precision weights "
+                    "would take the float32 the model normalises its input to)")))
 
 
 class TrainerCLI(LightningCLI):
@@ -204,7 +212,7 @@ class TrainerCLI(LightningCLI):
 
         try:
             trainer = super().instantiate_trainer(**kwargs)
-        except (MisconfigurationException, ValueError) as exc:  # Lightning's own checks of
+        except (MisconfigurationException, ValueError, TypeError) as exc:  # Lightning's checks of
             raise InputError(f"--trainer: {str(exc).splitlines()[0]}") from None  # its options
         if settings:
             trainer.hardware = settings
