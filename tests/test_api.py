@@ -90,6 +90,13 @@ def test_api_fit_says_what_is_wrong_in_one_line(tmp_path):
     assert "model.width" in str(bad.value) and "\n" not in str(bad.value)
     with pytest.raises(InputError, match="config file not found"):
         api.fit(tmp_path / "missing.yaml")
+    # a string was read a character at a time ("unknown option -"); ints an AttributeError
+    for args in ("--trainer.max_epochs 1", [1, 2]):
+        with pytest.raises(InputError, match="args must be a list of command-line strings"):
+            api.fit(args=args, data={"source": "digits"})
+    # a group given a plain value reached the option checks as that value: AttributeError
+    with pytest.raises(InputError, match="trainer: 5 in a config; expected a mapping"):
+        api.fit(trainer=5, data={"source": "digits"})
     assert not (tmp_path / "runs").exists()
 
 

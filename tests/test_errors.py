@@ -29,6 +29,19 @@ def test_a_config_that_is_not_text_is_named(tmp_path, capfd):
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_config_group_given_a_plain_value_is_one_line(tmp_path, capfd):
+    """`trainer: 5` in a config file reached the option checks as 5: an AttributeError."""
+    digits = str(ROOT / "configs" / "digits.yaml")
+    for group in ("trainer", "model", "data", "export"):
+        (tmp_path / "g.yaml").write_text(f"{group}: 5\n")
+        for command in (["fit"], ["data", "--out", "o.npz"]) if group == "data" else (["fit"],):
+            rc, err = cli_in_process([command[0], "--config", digits, "--config",
+                                      str(tmp_path / "g.yaml"), *command[1:]], tmp_path, capfd)
+            assert rc == 2 and len(err.strip().splitlines()) == 1, err
+            assert f"{group}: 5 in a config; expected a mapping of its options" in err, err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "o.npz").exists()
+
+
 def test_trainer_data_names_a_bad_option_in_one_line(tmp_path, capfd):
     """`trainer data` parses with no subcommand: its option errors were an AttributeError
     (the CLI looked up the subcommand's parser) instead of the option's one line."""

@@ -24,8 +24,7 @@ import yaml
 
 from export.errors import InputError
 
-SECTIONS = ("trainer", "model", "data", "export", "checkpoint", "last_checkpoint", "report",
-            "nan_guard", "sigterm_checkpoint", "seed_everything", "ckpt_path")
+VALUES = ("seed_everything", "ckpt_path")  # the sections that are values; the rest: GROUPS
 
 
 @dataclass(frozen=True)
@@ -51,11 +50,15 @@ def fit(config: str | Path | None = None, *, args: list[str] | tuple[str, ...] =
     """
     from trainer.cli import check_paths
     from trainer.allocator import tune_cpu_allocator
-    from trainer.lightning_cli import build_cli
+    from trainer.lightning_cli import GROUPS, build_cli
 
-    unknown = sorted(set(sections) - set(SECTIONS))
+    unknown = sorted(set(sections) - {*GROUPS, *VALUES})
     if unknown:
-        raise InputError(f"api.fit: unknown section(s) {unknown}; expected any of {list(SECTIONS)}")
+        raise InputError(f"api.fit: unknown section(s) {unknown}; expected any of "
+                         f"{[*GROUPS, *VALUES]}")
+    if isinstance(args, str) or not all(isinstance(a, str) for a in args):
+        raise InputError(f"api.fit: args must be a list of command-line strings, such as "
+                         f"['--trainer.max_epochs', '3']; got {args!r:.60}")
     argv = ["fit"] + (["--config", str(config)] if config is not None else [])
     with tempfile.TemporaryDirectory(prefix="trainer-api-") as tmp:
         if sections:

@@ -85,6 +85,21 @@ def _undecodable(args: list[str]) -> str:
     return "--config"
 
 
+GROUPS = ("trainer", "model", "data", "export", "checkpoint", "last_checkpoint", "report",
+          "nan_guard", "sigterm_checkpoint")  # the config's groups of options
+
+
+def _check_groups(config) -> None:
+    """A group given a plain value in a config file (`trainer: 5`) reached the checks as
+    that value: an AttributeError traceback."""
+    from jsonargparse import Namespace
+
+    for group in GROUPS:
+        if (value := config.get(group)) is not None and not isinstance(value, Namespace):
+            raise InputError(f"{group}: {value!r:.40} in a config; expected a mapping of its "
+                             f"options ({group}: followed by indented option: value lines)")
+
+
 def _check_trainer_options(trainer) -> None:
     """What Lightning takes unchecked and fails on mid-fit: a NaN clip (its
     MisconfigurationException), accumulating or validating every 0 (ZeroDivisionError), and
@@ -159,6 +174,7 @@ class TrainerCLI(LightningCLI):
         """Check the options and resolve --ckpt_path before anything is built: `last` /
         `best` name the newest run of this run name; a resume continues in its own run
         folder; validate and test write into the checkpoint's run (`eval/`)."""
+        _check_groups(self.config[self.subcommand] if self.subcommand else self.config)
         if self.subcommand is None:  # `trainer data`: parse only, nothing runs
             return
         if self.subcommand == "fit":
