@@ -14,7 +14,7 @@ from onnx.reference import ReferenceEvaluator
 
 from export.card import read_card
 from export.errors import InputError
-from tests.conftest import run_cli
+from tests.conftest import assert_one_line_error, run_cli
 from trainer import freeze
 from trainer.data.datamodule import FixedDataModule
 from trainer.freeze import ParityError, export_checkpoint, held_out
@@ -99,6 +99,11 @@ def test_an_opset_the_exporter_cannot_reach_is_refused(tmp_path, convnet):
                                          r"graph from opset 18"):
         export_checkpoint(ckpt, tmp_path / "m.onnx", data=held_out(dm), opset=13)
     assert not (tmp_path / "m.onnx").exists()
+    # the command: the exporter's warning and onnxscript's traceback of the failed
+    # conversion came before the one line, and say nothing it does not
+    assert_one_line_error(run_cli("export", "--ckpt", str(ckpt), "--out",
+                                  str(tmp_path / "m.onnx"), "--opset", "13"),
+                          "--opset 13: the exporter could not convert")
 
 
 def test_broken_export_is_refused_and_nothing_is_overwritten(tmp_path, convnet, monkeypatch):

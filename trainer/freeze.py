@@ -10,10 +10,12 @@ onnx.checker passes and every gate does.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
 import importlib.metadata as md
+import logging
 import sys
 from pathlib import Path
 
@@ -149,13 +151,31 @@ def build_card(ckpt: dict, ckpt_path: Path) -> Card:
         created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
 
 
+@contextlib.contextmanager
+def _exporter_logs_quiet():
+    """Below opset 18 the exporter warns that it converts, and onnxscript logs a failed
+    conversion with its traceback; the opset check below says it in one line (--debug,
+    which logs at DEBUG, keeps them)."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    quiet = logging.getLogger().level > logging.DEBUG
+    for lg in loggers if quiet else ():
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def to_onnx(frozen: nn.Module, card: Card, example: np.ndarray, opset: int) -> onnx.ModelProto:
     """The float32 graph of `frozen`, with a dynamic batch axis, at exactly `opset`."""
-    program = torch.onnx.export(
-        frozen, (torch.from_numpy(example.copy()),),  # writable: the rows may be mapped
-        input_names=[card.input.name], output_names=list(card.outputs), opset_version=opset,
-        dynamo=True, external_data=False, dynamic_shapes=({0: torch.export.Dim("batch")},),
-        verbose=False)
+    with _exporter_logs_quiet():
+        program = torch.onnx.export(
+            frozen, (torch.from_numpy(example.copy()),),  # writable: the rows may be mapped
+            input_names=[card.input.name], output_names=list(card.outputs),
+            opset_version=opset, dynamo=True, external_data=False,
+            dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
     frozen.eval()  # the exporter restores the wrapper's own mode; keep it in eval
     model = program.model_proto
     got = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
