@@ -83,6 +83,13 @@ def metric_margin(ckpt: dict, atol: float | None, variant: str) -> float:
     return DEFAULT_ATOL["fp32"] if atol is None or variant != "fp32" else atol
 
 
+def _score(val: Prediction, y: np.ndarray, regression: bool) -> float:
+    """The graph's validation metric: MAE, or accuracy."""
+    if regression:
+        return float(np.abs(val.values - y).mean())
+    return float((val.logits.argmax(1) == y).mean())
+
+
 def consistency_check(val: Prediction | None, ckpt: dict, data: HeldOut, margin: float,
                       source: str) -> Consistency:
     """The float32 graph (its scores `val` on the validation split) must score what the
@@ -95,9 +102,8 @@ def consistency_check(val: Prediction | None, ckpt: dict, data: HeldOut, margin:
     if key not in metrics or not data.val_is_split or val is None:
         # nothing recorded to check against (a run that never validated): the graph's own
         # score still goes to the baseline gate, which let a model at chance through
-        graph = None if val is None or not data.val_is_split else (
-            float(np.abs(val.values - data.val_y).mean()) if regression
-            else float((val.logits.argmax(1) == data.val_y).mean()))
+        graph = None if val is None or not data.val_is_split else \
+            _score(val, data.val_y, regression)
         return Consistency(checked=False, reason=f"no recorded {key} for the whole validation "
                            f"split" if data.val_is_split else "validation split not available "
                            "(--samples)", metric=None if graph is None else key, graph=graph)
@@ -109,14 +115,13 @@ def consistency_check(val: Prediction | None, ckpt: dict, data: HeldOut, margin:
     y, out = data.val_y, val.values if regression else val.logits
     rows, recorded = len(y), float(metrics[key])
     rows_recorded = int(round(metrics.get("val/samples", rows)))
+    graph = _score(val, y, regression)
     if regression:
-        graph = float(np.abs(out - y).mean())
         allowed = margin + 1e-5 * abs(recorded)
         ok = rows_recorded == rows and abs(graph - recorded) <= allowed
         detail = f"allowed difference {allowed:.2g}"
     else:
-        correct = int((out.argmax(1) == y).sum())
-        graph = correct / rows
+        correct = round(graph * rows)
         top2 = np.sort(out, axis=1)[:, -2:] if out.shape[1] > 1 else np.zeros((rows, 2))
         near_ties = int((top2[:, 1] - top2[:, 0] < 2 * margin).sum())
         allowed = near_ties + abs(rows - rows_recorded)
