@@ -78,7 +78,7 @@ def score_rows(champion, challenger, data: str, chunk_rows: int = 8192):
     booleans for a classifier, (abs_err_a, abs_err_b) for a regressor."""
     card, a_out, b_out = champion.card, [], []
     for i, chunk in enumerate(iter_chunks(data, champion.spec, champion.class_names,
-                                          chunk_rows, "fail", card.dataset.target)):
+                                          chunk_rows, "fail", card.dataset.target, flag="--data")):
         if chunk.y is None:
             raise InputError(f"{data}: the rows have no labels ({_where_labels(card)}); "
                              f"a comparison needs them")

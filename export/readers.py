@@ -273,17 +273,18 @@ def short_reason(exc: BaseException, limit: int = 160) -> str:
 def iter_chunks(path: str | Path, spec: InputSpec, class_names: list[str], rows: int = 1024,
                 on_error: str = "fail", target: str | None = None,
                 start_chunk: int = 0, files: Iterable[Path] | None = None,
-                labelled: bool | None = None, folder=None) -> Iterator[Chunk]:
+                labelled: bool | None = None, folder=None, flag: str = "--input") -> Iterator[Chunk]:
     """Chunks of exactly `rows` inputs (the last may be shorter) from any supported input,
     starting at chunk `start_chunk` (a resumed job skips what it has done). `files`: the
     images of an image input, when the caller has listed them already (a stream of them
     with `labelled`: whether every image's folder names a class). `folder`
     (tables.FolderSchema): a table file is one of that folder of tables, read as the folder
-    is read (its columns, types and partition keys)."""
+    is read (its columns, types and partition keys). `flag`: the option that gave `path`."""
     from export.tables import FORMATS, folder_chunks, is_table_glob, table_chunks
 
     if is_table_glob(path):  # data/*.parquet: the tables it names, as one
-        yield from folder_chunks(Path(path), spec, class_names, rows, start_chunk, target)
+        yield from folder_chunks(Path(path), spec, class_names, rows, start_chunk, target,
+                                 flag=flag)
         return
     path = Path(path)
     if not path.exists():
@@ -296,7 +297,8 @@ def iter_chunks(path: str | Path, spec: InputSpec, class_names: list[str], rows:
     elif suffix in (".npz", ".npy"):
         yield from _array_chunks(path, *read_arrays(path), class_names, rows, start_chunk)
     elif path.is_dir() or suffix in FORMATS and folder is not None:
-        yield from folder_chunks(path, spec, class_names, rows, start_chunk, target, folder)
+        yield from folder_chunks(path, spec, class_names, rows, start_chunk, target, folder,
+                                 flag)
     elif suffix in FORMATS:
         yield from table_chunks(path, spec, class_names, rows, start_chunk, target)
     elif "idx3-ubyte" in path.name:

@@ -206,17 +206,17 @@ def check_schema(fragment, dataset, path, fmt: str) -> None:
             else "") + f"; expected the columns {expected}")
 
 
-def folder_chunks(path: Path, spec: InputSpec, class_names, rows: int, first: int,
-                  target: str | None, folder: FolderSchema | None = None) -> Iterator[Chunk]:
+def folder_chunks(path: Path, spec: InputSpec, class_names, rows: int, first: int, target: str | None,
+                  folder: FolderSchema | None = None, flag: str = "--input") -> Iterator[Chunk]:
     """A folder of tables read as one table, from chunk `first` on, in chunks of exactly
     `rows` (the last may be shorter) that may span files; a row's id is its file's path
     under the folder and its row number in that file ("part-1.parquet:12"). Every file must
     have the first one's columns (check_schema); a resumed job skips whole files by
     their row counts (Parquet's from its footer). With `folder`, `path` is one file of that
     folder (a Ray engine's unit), read as the folder reads it; its rows' ids are their row
-    numbers, as any one file's are."""
+    numbers, as any one file's are. `flag`: the option that gave `path`, for the messages."""
     if folder is None:
-        base, files, fmt = table_files(str(path), "--input")
+        base, files, fmt = table_files(str(path), flag)
         dataset = table_dataset(base, files, fmt)
     else:
         base, files, fmt = Path(folder.base), [path], FORMATS[path.suffix.lower()]

@@ -220,3 +220,8 @@ def test_regressors_compare_by_mae(tmp_path):
     assert worse.returncode == 1 and "verdict: worse" in worse.stdout, worse.stdout
     doc = json.loads((tmp_path / "r.json").read_text())["comparison"]
     assert doc["metric"] == "mae" and doc["challenger"] > doc["champion"]
+    # a folder of tables with a file that is not one: named with compare's own option
+    (tmp_path / "mixed").mkdir()
+    (tmp_path / "mixed" / "diabetes.csv").write_text((tmp_path / "diabetes.csv").read_text())
+    (tmp_path / "mixed" / "notes.txt").write_text("not a table\n")
+    assert_one_line_error(_compare(model, model, tmp_path / "mixed"), "notes.txt", "(--data)")
