@@ -236,6 +236,17 @@ def test_a_single_class_folder_cannot_train_a_classifier(tmp_path, capfd):
     _one_line(rc, err, "imgs: one class (cat); a classifier needs at least two")
 
 
+def test_a_crop_padding_as_large_as_the_images_is_one_line_before_training(tmp_path, capfd):
+    """Digits are 8x8: a translation by 8 pixels can crop only padding (a fit of blank crops
+    that only the export's baseline gate refused, after training), and a padding of 10**6
+    pads each batch to 2,000,008 pixels a side."""
+    for padding in ("8", "1000000"):
+        rc, err = cli_in_process(["fit", "--config", str(ROOT / "configs" / "digits.yaml"),
+                                  "--data.crop_padding", padding], tmp_path, capfd)
+        _one_line(rc, err, f"data.crop_padding {padding}: the images are 8x8")
+    assert not (tmp_path / "runs").exists()  # refused before a run was made
+
+
 def test_an_output_that_cannot_be_replaced_is_named_not_its_temporary_file(tmp_path):
     import pytest
 
