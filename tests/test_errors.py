@@ -68,6 +68,18 @@ def test_lightnings_own_option_checks_are_one_line(tmp_path, capfd):
             needle in err.strip().splitlines()[-1], err
     assert not (tmp_path / "runs").exists()
 
+def test_a_validation_interval_past_the_epochs_batches_is_one_line(tmp_path):
+    """Lightning checks an integer val_check_interval against the epoch's batches only once
+    the data is loaded (a ValueError traceback from the LR schedule's step count). In a
+    fresh process: Lightning logs to the stderr it found at import, by then another test's."""
+    proc = run_cli("fit", "--config", str(ROOT / "configs" / "digits.yaml"),
+                   "--trainer.val_check_interval", "100000", cwd=tmp_path)
+    assert_one_line_error(proc, "--trainer.val_check_interval: `val_check_interval` (100000) "
+                                "must be less than or equal to the number of the training",
+                          after_run_log=True)
+    assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("*.onnx"))
+
+
 def test_missing_checkpoint_for_export(tmp_path):
     out = tmp_path / "m.onnx"
     proc = run_cli("export", "--ckpt", str(tmp_path / "gone.ckpt"), "--out", str(out))

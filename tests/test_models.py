@@ -27,7 +27,10 @@ def _fit_and_export(tmp_path, steps=3, callbacks=(), precision="32-true", **mode
                         precision=precision, callbacks=list(callbacks))
     trainer.fit(model, dm)
     trainer.save_checkpoint(tmp_path / "m.ckpt")
-    return export_checkpoint(tmp_path / "m.ckpt", tmp_path / "m.onnx", data=held_out(dm))
+    # a few steps can leave a net at chance, which the baseline gate refuses (tested in
+    # test_retraining.py): these tests are of training and the graph's parity
+    return export_checkpoint(tmp_path / "m.ckpt", tmp_path / "m.onnx", data=held_out(dm),
+                             allow_trivial=True)
 
 
 @pytest.mark.parametrize("arch", ["mlp", "convnet", "resnet9", "torchvision.resnet18"])
@@ -172,7 +175,7 @@ def test_ema_weights_are_what_gets_exported(tmp_path):
     raw, ema = ckpt["current_model_state"], ckpt["state_dict"]  # Lightning keeps both
     assert not torch.equal(raw["net.1.0.weight"], ema["net.1.0.weight"])
     dm = FixedDataModule(batch_size=32)
-    export_checkpoint(path, tmp_path / "ema.onnx", data=held_out(dm))
+    export_checkpoint(path, tmp_path / "ema.onnx", data=held_out(dm), allow_trivial=True)
     module = ClassifierModule(data_info=dm.info)
     module.load_state_dict(ema)
     x = dm.splits["test"].arrays(8)[0]

@@ -136,13 +136,26 @@ class ExportOnnx(L.Callback):
         return ckpt
 
 
+def stepping_batches(trainer) -> int:
+    """The optimizer steps of the whole fit (`estimated_stepping_batches`). Where the data
+    is first known Lightning checks an integer `val_check_interval` against the epoch's
+    batches: its ValueError (its message says what to set) is one line here."""
+    try:
+        return int(trainer.estimated_stepping_batches)
+    except ValueError as exc:
+        if "val_check_interval" not in str(exc):
+            raise
+        raise InputError(f"--trainer.val_check_interval: {' '.join(str(exc).split())}") \
+            from None
+
+
 def check_averaging_horizon(trainer) -> None:
     """An exponential moving average of the weights remembers ~1 / (1 - decay) updates; a
     run shorter than that exports weights close to their random start (decay 0.999 over a
     300-step digits run: 10% accuracy). Refused before the first step, naming both."""
     from lightning.pytorch.callbacks import EMAWeightAveraging
 
-    steps = int(trainer.estimated_stepping_batches)
+    steps = stepping_batches(trainer)
     for cb in trainer.callbacks:
         if not isinstance(cb, EMAWeightAveraging):
             continue

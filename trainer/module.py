@@ -378,11 +378,10 @@ class ClassifierModule(L.LightningModule):
         """(first, last) step of the LR schedule. A resumed run keeps its checkpoint's plan.
         A run extended past its planned end (more epochs) gets a cosine warm restart from
         the restored step to the new end; OneCycle cannot be stretched and is refused."""
-        from lightning.pytorch.utilities import rank_zero_info
-
         from export.errors import InputError
+        from trainer.callbacks import stepping_batches
 
-        total = max(1, int(self.trainer.estimated_stepping_batches))
+        total = max(1, stepping_batches(self.trainer))
         plan, step = self._restored_plan, self._restored_step
         if plan is None or plan["total"] == total:
             start = plan["start"] if plan else 0
