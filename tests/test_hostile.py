@@ -712,6 +712,58 @@ def _(tmp, m):
         "'data_info.input.shape' is [1, 0, 8]; expected a list of positive sizes"
 
 
+# ------------------------------------------------------------------------ configs
+def _alias_bomb(levels: int) -> str:
+    """9**levels values in `levels` lines: each line's list holds nine aliases of the last."""
+    lines = ['v0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    lines += [f"v{k}: &a{k} [{', '.join([f'*a{k - 1}'] * 9)}]" for k in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+HOSTILE_YAML = {  # label: (text, how the line's reason begins)
+    "an alias bomb (9**6 values in 6 lines)": (
+        _alias_bomb(6), "more than 100,000 values once its aliases are expanded"),
+    "an alias inside the value it names": (
+        "data: &a\n  x: *a\n", "line 1: an alias inside the value its anchor names"),
+    "lists nested 50,000 deep": ("data:\n  exclude_columns: " + "[" * 50_000 + "]" * 50_000,
+                                 "while increasing flow level exceeded maximum nesting depth"),
+    "an unclosed list": ("model:\n  arch: [mlp\n", "while parsing a flow sequence at line 2"),
+}
+
+for _label, (_text, _needle) in HOSTILE_YAML.items():
+    @case("configs", f"fit --config: {_label}")
+    def _(tmp, m, text=_text, needle=_needle):
+        (tmp / "c.yaml").write_text(text)
+        return ["fit", "--config", "c.yaml"], f"c.yaml: not a YAML config: {needle}"
+
+def test_anchors_and_aliases_within_bounds_still_read():
+    from trainer import configyaml
+
+    text = "base: &b {max_epochs: 2}\ntrainer: *b\nlist: &l [1, 2]\nother: [*l, *l]\n"
+    assert configyaml.load(text) == {"base": {"max_epochs": 2}, "trainer": {"max_epochs": 2},
+                                     "list": [1, 2], "other": [[1, 2], [1, 2]]}
+    assert len(configyaml.load(_alias_bomb(5))) == 5  # ~75,000 values: under the bound
+
+
+@pytest.mark.parametrize("text,needle", [
+    *HOSTILE_YAML.values(), ("trainer: 5\n", "(expected a mapping of option groups")])
+def test_a_resumed_runs_damaged_config_is_one_line(text, needle, models, tmp_path, capfd):
+    """A resume checks the run's recorded options (trainer/runs.py): an unreadable
+    config.yaml was a traceback (AttributeError, RecursionError) or a hang. The line
+    saying which checkpoint it is comes first, as before any refusal of a resume."""
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "last.ckpt").write_bytes(models["ckpt"].read_bytes())
+    (tmp_path / "run" / "config.yaml").write_text(text)
+    before = _hashes(tmp_path)
+    rc, err = cli_in_process(["fit", "--config", str(ROOT / "configs" / "digits.yaml"),
+                              "--ckpt_path", "run/checkpoints/last.ckpt"], tmp_path, capfd)
+    lines = err.strip().splitlines()
+    assert rc == 2 and "Traceback" not in err and len(lines) == 2, err
+    assert lines[0].startswith("fit: checkpoint ") and lines[1].startswith("trainer fit: error: ")
+    assert "run/config.yaml: not the options a run recorded" in lines[1] and needle in lines[1]
+    assert _hashes(tmp_path) == before
+
+
 # ------------------------------------------------------------------------ the run
 def test_there_are_enough_cases():
     assert len(CASES) >= 150, len(CASES)
@@ -746,6 +798,8 @@ REAL = {  # one real `trainer` process per class
     "arrays": lambda t, m: (np.savez(t / "a.npz", x=np.array(5)), [
         "predict", "--model", str(m["image"]), "--input", "a.npz", "--output", "p.csv"])[1],
     "model files": lambda t, m: (_with_card(m, t, _drop("input")), ["inspect", "m.onnx"])[1],
+    "configs": lambda t, m: ((t / "c.yaml").write_text(_alias_bomb(7)), [
+        "fit", "--config", "c.yaml"])[1],
     "checkpoints": lambda t, m: ((t / "bad.ckpt").write_bytes(pickle.dumps({"x": _Evil()})), [
         "test", "--config", str(ROOT / "configs" / "digits.yaml"), "--ckpt_path", "bad.ckpt"])[1],
 }

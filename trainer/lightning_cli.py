@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from export.card import HardwareChoice
 from export.errors import InputError, check_options
-from trainer import phases, runs, tracking
+from trainer import configyaml, phases, runs, tracking
 from trainer.callbacks import (CheckpointOnSigterm, ExportOnnx, NonFiniteGuard, RunCheckpoint,
                                RunReport, check_export_options)
 from trainer.data.datamodule import FixedDataModule, check_data_options
@@ -69,16 +69,17 @@ def _report(trainer):
     return next(cb for cb in trainer.callbacks if isinstance(cb, RunReport))
 
 
-def _undecodable(args: list[str]) -> str:
-    """The config file among `args` (a flag's value: --config F, --model F.yaml, ...) that is
-    not UTF-8 text, or --config when none of them can be named."""
+def _bad_config(args: list[str], read=configyaml.load) -> str:
+    """The config file among `args` (a flag's value: --config F, --model F.yaml, ...) that
+    `read` (given its text) fails on: not UTF-8 text, or not a YAML a config may be; or
+    --config when none of them can be named."""
     for arg in args:
         path = arg.split("=", 1)[-1]
         try:
             if os.path.isfile(path):
                 with open(path, encoding="utf-8") as f:
-                    f.read()
-        except UnicodeDecodeError:
+                    read(f.read())
+        except (UnicodeDecodeError, yaml.YAMLError):
             return path
         except OSError:
             continue
@@ -136,11 +137,14 @@ class TrainerCLI(LightningCLI):
         try:
             super().parse_arguments(parser, args)
         except ArgumentError as exc:
+            if (problem := str(exc).partition("Problems parsing config: ")[2]):
+                raise InputError(f"{_bad_config(args or [])}: not a YAML config: "
+                                 f"{configyaml.problem(problem)}") from None
             sub = getattr(self, "_subcommand_parsers", {}).get(args[0]) if args else None
             raise InputError(explain(str(exc), list(args), sub or parser)) from None
         except UnicodeDecodeError as exc:  # jsonargparse reads a config file as UTF-8 text
-            raise InputError(f"{_undecodable(args or [])}: not UTF-8 text ({exc.reason} at byte "
-                             f"{exc.start}); expected a YAML config") from None
+            raise InputError(f"{_bad_config(args or [], str)}: not UTF-8 text ({exc.reason} at "
+                             f"byte {exc.start}); expected a YAML config") from None
 
     def add_arguments_to_parser(self, parser):
         # The model learns its input spec, classes and normalisation from the data.
@@ -287,6 +291,7 @@ class TrainerCLI(LightningCLI):
 def build_cli(args: list[str], run: bool = True, instantiate: bool = True) -> TrainerCLI:
     """The LightningCLI over ClassifierModule + FixedDataModule with the product's defaults.
     `instantiate=False` only parses and validates (`cli.config`), loading no data."""
+    configyaml.guard_jsonargparse()
     # The seed is recorded in config.yaml; its log line would only clutter error output.
     logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
     for handler in logging.getLogger("lightning.pytorch").handlers:

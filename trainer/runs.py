@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from export.errors import InputError, require_file
+from trainer import configyaml
 from trainer.data.info import DataInfo
 
 # Config keys that do not change the weights a run produces (run length, logging, the
@@ -112,17 +113,34 @@ def _averaging(callbacks) -> list:
             and str(c.get("class_path", "")).endswith("WeightAveraging")]
 
 
+def saved_config(run: Path) -> dict | None:
+    """The options `run` recorded (its config.yaml), None where it has none; InputError
+    naming the file where it is not such a record (damaged, or edited by hand)."""
+    import yaml
+
+    path = run / "config.yaml"
+    if not path.is_file():
+        return None
+    try:
+        saved = configyaml.load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise InputError(f"{path}: not the options a run recorded: "
+                         f"{configyaml.problem(str(exc))}") from None
+    if not isinstance(saved, dict) or any(not isinstance(saved.get(g) or {}, dict)
+                                          for g in ("trainer", "model", "data")):
+        raise InputError(f"{path}: not the options a run recorded (expected a mapping of "
+                         "option groups: trainer, model, data, ...)")
+    return saved
+
+
 def check_same_config(ckpt: Path, current: dict) -> None:
     """Refuse to resume `ckpt` when its run's config.yaml differs from `current` in anything
     that changes the weights (everything but RESUMABLE_CHANGES)."""
-    import yaml
-
-    saved_file = run_folder(ckpt) / "config.yaml"
-    if not saved_file.is_file():
+    saved = saved_config(run_folder(ckpt))
+    if saved is None:
         return  # a loose checkpoint: its hyperparameters are checked on load
-    saved = yaml.safe_load(saved_file.read_text()) or {}
     diffs = []
-    if _averaging(saved.get("trainer", {}).get("callbacks")) != \
+    if _averaging((saved.get("trainer") or {}).get("callbacks")) != \
             _averaging(current.get("trainer", {}).get("callbacks")):
         diffs.append("trainer.callbacks (weight averaging)")
     old, new = _flatten(saved), _flatten(current)
@@ -245,13 +263,11 @@ def continue_in_run(logger, run: Path, root: Path) -> None:
 def take_run_data(data, run: Path, argv: list[str], command: str) -> None:
     """validate/test evaluate the checkpoint on its run's data: the data options of the
     run's config.yaml, except those given on the command line."""
-    import yaml
-
     saved = run / "config.yaml"
     try:
-        recorded = (yaml.safe_load(saved.read_text()) or {}).get("data") or {}
-    except (OSError, yaml.YAMLError, AttributeError):
-        return
+        recorded = (saved_config(run) or {}).get("data") or {}
+    except InputError:
+        return  # what the command line and the config give is evaluated
     given = {a[2:].split("=", 1)[0] for a in argv if a.startswith("--data.")}
     taken = [k for k, v in recorded.items()
              if f"data.{k}" not in given and k in data and data[k] != v]
