@@ -16,7 +16,8 @@ from typing import Any
 from export.conformal import Calibration
 from export.driftref import DriftReference, summary_names
 from export.errors import InputError, require_file
-from export.records import Record, entry, fail, is_count, is_dict, is_num, is_str, list_of, one_of
+from export.records import (Record, entry, fail, is_count, is_dict, is_num, is_str, list_of,
+                            load_json, one_of)
 
 CARD_KEY = "frozenfit.card"
 CARD_VERSION = 2  # 2: training.epochs split into run_epochs and weights_epoch
@@ -318,8 +319,8 @@ def parse_card(metadata: dict[str, str], source: str) -> Card:
         raise InputError(f"{source}: ONNX model has no '{CARD_KEY}' model card; "
                          "export it with `trainer export`")
     try:
-        doc = json.loads(metadata[CARD_KEY])
-    except json.JSONDecodeError as exc:
+        doc = load_json(metadata[CARD_KEY])
+    except ValueError as exc:
         raise InputError(f"{source}: model card is not valid JSON ({exc})") from None
     if not isinstance(doc, dict):
         raise InputError(f"{source}: model card is not a JSON object")

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from export.atomic import atomic_path
 from export.errors import InputError
+from export.records import load_json
 
 HEAD_TAIL = 1 << 20  # bytes of a file's head and tail hashed into its identity
 log = logging.getLogger(__name__)
@@ -239,7 +240,7 @@ class JobState:
         meta = self.folder / "job.json"
         if resume and meta.is_file():
             try:
-                saved = json.loads(meta.read_text())
+                saved = load_json(meta.read_text())
             except (OSError, ValueError):
                 saved = None
             if isinstance(saved, dict):
@@ -295,7 +296,7 @@ class JobState:
     def read_record(self, i: int, fmt: str) -> dict | None:
         """Part `i`'s record if the part exists and matches it, else None."""
         try:
-            record = json.loads(self.record_path(i).read_text())
+            record = load_json(self.record_path(i).read_text())
             if isinstance(record, dict) and record.get("sha256") == sha256_file(self.part(i, fmt)):
                 return record
         except (OSError, ValueError):

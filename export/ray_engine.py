@@ -32,6 +32,7 @@ from export.atomic import atomic_path
 from export.errors import InputError
 from export.jobstate import no_images
 from export.ray_cluster import import_ray, join_cluster
+from export.records import load_json
 
 ARRAY_SUFFIXES = (".npy", ".npz")  # a folder or glob of them: one unit a shard (Ray only)
 FILE_SUFFIXES = (".parquet", ".pq", ".csv", *ARRAY_SUFFIXES)
@@ -202,7 +203,7 @@ def _complete(out: Path, unit: dict, model_sha: str, job_options: dict) -> bool:
 
     path = manifest_path(out, unit)
     try:
-        manifest = json.loads(path.read_text())  # one written before it kept "folder": as now
+        manifest = load_json(path.read_text())  # one written before it kept "folder": as now
         change = _folder_change(manifest.get("folder", unit["folder"]), unit["folder"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError):  # damaged: redone
         return False
@@ -345,7 +346,7 @@ def run_ray(model: str, source: str, output: str, job_options, options: RayOptio
                 job_options.progress)
         totals = Totals(predictor.card)
         for unit in units:
-            totals.add(json.loads(manifest_path(out, unit).read_text()))
+            totals.add(load_json(manifest_path(out, unit).read_text()))
         summary, report = totals.summary(
             predictor, start, totals.rows, output=str(out), format="parquet", engine="ray",
             workers=workers, units=len(units), units_resumed=len(units) - len(todo),

@@ -20,6 +20,16 @@ from export.errors import InputError
 _MISSING = object()
 
 
+def load_json(text: str | bytes):
+    """json.loads, where a document nested deeper than the decoder can follow is a ValueError
+    like any other text that is not JSON (json raises RecursionError there: a traceback in
+    every reader that took ValueError for a damaged file)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested deeper than the decoder can follow") from None
+
+
 def is_num(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 

@@ -14,6 +14,7 @@ import json
 import re
 
 from export.errors import InputError
+from export.records import load_json
 
 HISTORY_TAG = "frozenfit.alias.{alias}"
 HISTORY_KEPT = 50
@@ -65,7 +66,7 @@ class Registry:
     def history(self) -> list[dict]:
         tag = HISTORY_TAG.format(alias=self.alias)
         try:
-            moves = json.loads(self.model.tags.get(tag, "[]"))
+            moves = load_json(self.model.tags.get(tag, "[]"))
         except ValueError:
             moves = None
         if not isinstance(moves, list) or not all(isinstance(m, dict) for m in moves):

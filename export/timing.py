@@ -12,6 +12,8 @@ import statistics
 import time
 from pathlib import Path
 
+from export.records import load_json
+
 # A setting is taken only when a quick check finds it at least this much faster than the
 # default: near 1.0 the choice would only follow noise.
 CLEARLY_FASTER = 0.9
@@ -46,7 +48,7 @@ def remembered(key: list, check, decode) -> tuple[object, bool]:
     digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()
     path = cache_folder() / CHECKS
     try:
-        known = json.loads(path.read_text())
+        known = load_json(path.read_text())
     except (OSError, ValueError):
         known = {}
     known = known if isinstance(known, dict) else {}

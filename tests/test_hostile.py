@@ -463,6 +463,8 @@ def _ref(edit):
 CARDS = {
     "card is not JSON": ("{not json", "not valid JSON"),
     "card is a list": ("[1, 2]", "not a JSON object"),
+    "card nested 200,000 deep": ('{"card_version": ' + "[" * 200_000 + "]" * 200_000 + "}",
+                                 "nested deeper than the decoder can follow"),
     "future card version": (_set("card_version", 99), "version 99"),
     **{f"no {f}": (_drop(f), f"'{f}'") for f in (
         "task", "class_names", "input", "outputs", "dataset", "input.name", "input.shape",
@@ -735,6 +737,16 @@ for _label, (_text, _needle) in HOSTILE_YAML.items():
     def _(tmp, m, text=_text, needle=_needle):
         (tmp / "c.yaml").write_text(text)
         return ["fit", "--config", "c.yaml"], f"c.yaml: not a YAML config: {needle}"
+
+def test_json_nested_too_deep_is_a_value_error_as_other_damage_is():
+    """Every reader of a JSON file or card takes ValueError for a damaged one; json raised
+    RecursionError for deep nesting (a traceback from `trainer inspect` of such a card)."""
+    from export.records import load_json
+
+    with pytest.raises(ValueError, match="nested deeper than the decoder can follow"):
+        load_json("[" * 200_000 + "]" * 200_000)
+    assert load_json(b'{"a": [[1]]}') == {"a": [[1]]}
+
 
 def test_anchors_and_aliases_within_bounds_still_read():
     from trainer import configyaml

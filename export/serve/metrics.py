@@ -16,6 +16,7 @@ import threading
 from pathlib import Path
 
 from export.card import Card
+from export.records import load_json
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -80,7 +81,7 @@ def write_supervisor_counts(folder: Path, counts: dict) -> None:
 
 def _read(path: Path) -> dict | None:
     try:
-        doc = json.loads(path.read_text())
+        doc = load_json(path.read_text())
     except (OSError, ValueError):  # a process replacing its file right now: next scrape
         return None
     return doc if isinstance(doc, dict) else None

@@ -39,6 +39,7 @@ import numpy as np
 
 from export.atomic import atomic_path
 from export.errors import InputError
+from export.records import load_json
 from export.timing import cache_folder
 from trainer.data.prefixfile import PrefixFile
 from trainer.data.records import (READ_ROWS, Records, Rows, StoredIndex,
@@ -134,7 +135,7 @@ class RowCache:
         if index.is_file():
             try:
                 stored = StoredIndex(index)
-                meta = json.loads(stored.read("meta").tobytes())
+                meta = load_json(stored.read("meta").tobytes())
                 if {k: meta.get(k) for k in self._meta()} == self._meta():
                     gen, extra = int(meta["gen"]), meta.get("extra", {})
                     if not isinstance(extra, dict):
