@@ -646,6 +646,67 @@ for label, make in CHECKPOINTS.items():
             return argv("bad.ckpt"), "bad.ckpt"
 
 
+def _edited_ckpt(tmp: Path, m: dict, edit) -> str:
+    """The fixture's checkpoint with `edit` applied to the whole dict, as bad.ckpt."""
+    import torch
+
+    ckpt = torch.load(m["ckpt"], weights_only=True)
+    edit(ckpt)
+    torch.save(ckpt, tmp / "bad.ckpt")
+    return "bad.ckpt"
+
+
+def _put(*path, value):
+    def edit(ckpt):
+        for key in path[:-1]:
+            ckpt = ckpt[key]
+        ckpt[path[-1]] = value(ckpt) if callable(value) else value
+    return edit
+
+
+EDITED = {  # read by every command: refused where the checkpoint is loaded
+    "loops that are not a mapping": (_put("loops", value=5), "'loops' is int; expected dict"),
+    "a global step that is a string": (_put("global_step", value="x"),
+                                       "'global_step' is str; expected int"),
+    "a callback state that is not a mapping": (
+        _put("callbacks", value={"ModelCheckpoint": 5}),
+        "'callbacks' holds a state that is not a mapping"),
+    "datamodule options that are not a mapping": (
+        _put("datamodule_hyper_parameters", value=5),
+        "'datamodule_hyper_parameters' is int; expected dict"),
+    "epochs processed that are not a count": (
+        _put("loops", "fit_loop", "epoch_progress", "current", "processed", value="x"),
+        "epochs processed are not a count"),
+    "a state_dict entry that is not a tensor": (
+        _put("state_dict", "net.extra", value=5), "'state_dict' holds other than named tensors"),
+}
+for label, (edit, needle) in EDITED.items():
+    for command, argv in COMMANDS.items():
+        @case("checkpoints", f"{command}: {label}")
+        def _(tmp, m, edit=edit, needle=needle, argv=argv):
+            return argv(_edited_ckpt(tmp, m, edit)), f"bad.ckpt: not a trainer checkpoint (its {needle}"
+
+FIRST = "net.0.mean"  # the convnet's first entry: its input normalisation
+EXPORT_EDITED = {  # read where the model or its data are rebuilt from the checkpoint
+    "an option ClassifierModule does not take": (
+        _put("hyper_parameters", "note", value=1),
+        "'hyper_parameters.note': not an option of ClassifierModule"),
+    "an option FixedDataModule does not take": (
+        _put("datamodule_hyper_parameters", "note", value=1),
+        "'datamodule_hyper_parameters.note': not an option of FixedDataModule"),
+    "a learning rate that is a string": (
+        _put("hyper_parameters", "lr", value="fast"),
+        "'hyper_parameters': a value ClassifierModule cannot take (TypeError"),
+    "a tensor of another shape than its architecture's": (
+        _put("state_dict", FIRST, value=lambda sd: __import__("torch").zeros(3)),
+        f"'state_dict.{FIRST}': shape [3]; the model its hyper_parameters describe has"),
+}
+for label, (edit, needle) in EXPORT_EDITED.items():
+    @case("checkpoints", f"export --ckpt: {label}")
+    def _(tmp, m, edit=edit, needle=needle):
+        return ["export", "--ckpt", _edited_ckpt(tmp, m, edit), "--out", "m.onnx"], needle
+
+
 @case("checkpoints", "a config cannot turn weights_only off")
 def _(tmp, m):
     (tmp / "evil.yaml").write_text((ROOT / "configs" / "digits.yaml").read_text() +

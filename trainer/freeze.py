@@ -35,8 +35,9 @@ from trainer.data.dataset import SplitRows, wide
 from trainer.gates import (DEFAULT_ATOL, DEFAULT_MAX_ACCURACY_DROP, HeldOut, ParityError,
                            baseline_check, consistency_check, metric_margin, test_metrics,
                            parity_check, quantization_check, score)
-from trainer.runs import (checkpoint_data, checkpoint_metrics, epochs_trained, init_args,
-                          load_checkpoint, run_config, run_epochs)
+from trainer.runs import (checkpoint_data, checkpoint_metrics, epochs_trained,
+                          from_checkpoint, init_args, load_checkpoint, loadable_state,
+                          run_config, run_epochs)
 
 __all__ = ["DEFAULT_OPSET", "HeldOut", "ParityError", "export_checkpoint", "held_out"]
 DEFAULT_OPSET = 18
@@ -94,11 +95,9 @@ def module_from_checkpoint(ckpt: dict, backbone: nn.Module | None = None) -> nn.
     handed over (a checkpoint keeps only its class path, trainer/models/custom.py)."""
     from trainer.module import ClassifierModule
 
-    args = init_args(ckpt, "hyper_parameters")
-    if backbone is not None:
-        args["backbone"] = backbone
-    module = ClassifierModule(**args)
-    module.load_state_dict(module.with_metric_states(ckpt["state_dict"]))
+    module = from_checkpoint(ClassifierModule, ckpt, "hyper_parameters",
+                             **({"backbone": backbone} if backbone is not None else {}))
+    module.load_state_dict(loadable_state(module, ckpt["state_dict"]))
     return module.eval()
 
 
@@ -106,7 +105,7 @@ def held_out_from_checkpoint(ckpt: dict) -> HeldOut:
     """Rebuild the checkpoint's DataModule (same source, same split seed) for its samples."""
     from trainer.data.datamodule import FixedDataModule
 
-    dm = FixedDataModule(**init_args(ckpt, "datamodule_hyper_parameters"))
+    dm = from_checkpoint(FixedDataModule, ckpt, "datamodule_hyper_parameters")
     fp = checkpoint_data(ckpt).dataset.fingerprint
     if dm.dataset.fingerprint != fp:
         raise InputError(f"data.root: the dataset now has fingerprint {dm.dataset.fingerprint[:12]}, "

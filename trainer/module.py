@@ -21,6 +21,7 @@ from trainer.data import lineage
 from trainer.data.info import DataInfo
 from trainer.models import build_backbone, custom, forward_checked
 from trainer.models.nets import Normalize
+from trainer.runs import loadable_state
 
 
 def check_model_options(*, width, dropout, lr, weight_decay, warmup_fraction,
@@ -274,18 +275,11 @@ class ClassifierModule(L.LightningModule):
         if torch.cuda.is_available():
             checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()
 
-    def with_metric_states(self, state_dict: dict) -> dict:
-        """`state_dict` completed by this module's own (empty) metric states where it lacks
-        them: checkpoints written before a metric existed still load strictly."""
-        own = {k: v for k, v in self.state_dict().items()
-               if k.startswith(("train_loss.", "metrics.", "test_confusion."))}
-        return {**own, **state_dict}
-
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse to resume a checkpoint of another dataset or architecture."""
         from export.errors import InputError
 
-        checkpoint["state_dict"] = self.with_metric_states(checkpoint["state_dict"])
+        checkpoint["state_dict"] = loadable_state(self, checkpoint["state_dict"])
         saved, ours = checkpoint.get("hyper_parameters", {}), self.hparams
         theirs = (DataInfo.read(saved["data_info"], "--ckpt_path")
                   if isinstance(saved.get("data_info"), dict) else None)

@@ -8,6 +8,7 @@ report. One run keeps one folder for its whole life: a resume continues in it, a
 
 from __future__ import annotations
 
+import inspect
 import sys
 import warnings
 from pathlib import Path
@@ -47,7 +48,45 @@ def load_checkpoint(path: str | Path, flag: str = "--ckpt", mmap: bool = False) 
             or not isinstance(ckpt["hyper_parameters"].get("data_info"), dict):
         raise InputError(f"{flag} {path}: not a trainer checkpoint (no state_dict, "
                          f"hyper_parameters or their data_info)")
+    if (odd := _odd_field(ckpt)) is not None:
+        raise InputError(f"{flag} {path}: not a trainer checkpoint (its {odd})")
     return ckpt
+
+
+# What the commands and Lightning's restore read of a checkpoint, by kind: a checkpoint
+# edited by hand or written by something else fails here in one line, not in a traceback
+# from the code that reads it later (an 'int' object has no attribute 'get').
+OPTIONAL = type(None)  # hardware: none chosen (a script's own Trainer); the others: not yet
+FIELDS = {"state_dict": dict, "hyper_parameters": dict, "datamodule_hyper_parameters": dict,
+          "callbacks": dict, "loops": dict, "metrics": dict, "optimizer_states": list,
+          "lr_schedulers": list, "epoch": int, "global_step": int, "rng": dict,
+          "hardware": (dict, OPTIONAL), "lr_plan": (dict, OPTIONAL),
+          "validated_at_step": (int, OPTIONAL)}
+
+
+def at(tree, *keys):
+    """tree[k1][k2]..., or None where a level is missing or not a mapping."""
+    for key in keys:
+        tree = tree.get(key) if isinstance(tree, dict) else None
+    return tree
+
+
+def _odd_field(ckpt: dict) -> str | None:
+    """What in `ckpt` is not of the kind its readers take, said as a phrase; else None."""
+    for key, kind in FIELDS.items():
+        if key in ckpt and (not isinstance(ckpt[key], kind) or isinstance(ckpt[key], bool)):
+            expected = " or ".join("None" if k is OPTIONAL else k.__name__
+                                   for k in (kind if isinstance(kind, tuple) else (kind,)))
+            return f"{key!r} is {type(ckpt[key]).__name__}; expected {expected}"
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+               for k, v in ckpt["state_dict"].items()):
+        return "'state_dict' holds other than named tensors"
+    if not all(isinstance(v, dict) for v in ckpt.get("callbacks", {}).values()):
+        return "'callbacks' holds a state that is not a mapping"
+    done = at(ckpt, "loops", "fit_loop", "epoch_progress", "current", "processed")
+    if done is not None and (not isinstance(done, int) or isinstance(done, bool) or done < 0):
+        return "epochs processed are not a count"
+    return None
 
 
 def run_folder(ckpt: Path) -> Path:
@@ -191,19 +230,61 @@ def checkpoint_data(ckpt: dict, source: str = "checkpoint") -> DataInfo:
     return DataInfo.read(ckpt.get("hyper_parameters", {}).get("data_info"), source)
 
 
-def init_args(ckpt: dict, key: str) -> dict:
-    """Constructor arguments saved under `key`, without LightningCLI's private entries."""
-    return {k: v for k, v in ckpt.get(key, {}).items() if not k.startswith("_")}
+def init_args(ckpt: dict, key: str, cls: type | None = None) -> dict:
+    """Constructor arguments saved under `key` (none where it is absent), without
+    LightningCLI's private entries; with `cls`, each an option `cls` takes (a checkpoint of
+    another version, or edited by hand, may hold others: a TypeError in the constructor)."""
+    saved = ckpt.get(key, {})
+    if not isinstance(saved, dict) or not all(isinstance(k, str) for k in saved):
+        raise InputError(f"checkpoint field {key!r}: expected a mapping of option names to "
+                         f"values, got {type(saved).__name__}")
+    args = {k: v for k, v in saved.items() if not k.startswith("_")}
+    known = inspect.signature(cls).parameters if cls is not None else args
+    if (odd := next((k for k in args if k not in known), None)) is not None:
+        raise InputError(f"checkpoint field '{key}.{odd}': not an option of {cls.__name__} "
+                         "(a checkpoint of another version, or edited by hand)")
+    return args
+
+
+def from_checkpoint(cls: type, ckpt: dict, key: str, **given):
+    """cls(**the options saved under `key`, updated with `given`). A value of another type
+    than its option takes (a checkpoint edited by hand) fails the options' checks as a
+    TypeError or AttributeError: one line naming `key`."""
+    try:
+        return cls(**{**init_args(ckpt, key, cls), **given})
+    except (TypeError, AttributeError) as exc:
+        raise InputError(f"checkpoint field {key!r}: a value {cls.__name__} cannot take "
+                         f"({type(exc).__name__}: {exc})") from exc
+
+
+def loadable_state(module: torch.nn.Module, state_dict: dict) -> dict:
+    """`state_dict` completed by `module`'s own (empty) metric states where it lacks them
+    (checkpoints written before a metric existed still load strictly). A tensor of another
+    shape than the module's (a checkpoint edited by hand: its hyperparameters name the same
+    architecture) is one line here, not load_state_dict's RuntimeError traceback."""
+    ours = module.state_dict()
+    for key, value in state_dict.items():
+        if key in ours and value.shape != ours[key].shape:
+            raise InputError(f"checkpoint field 'state_dict.{key}': shape {list(value.shape)}; "
+                             f"the model its hyper_parameters describe has {list(ours[key].shape)}")
+    own = {k: v for k, v in ours.items()
+           if k.startswith(("train_loss.", "metrics.", "test_confusion."))}
+    return {**own, **state_dict}
 
 
 def checkpoint_metrics(ckpt: dict) -> dict[str, float]:
     """Metrics logged in the epoch the checkpoint was saved, plus the best monitored scores
     recorded by ModelCheckpoint callbacks."""
-    out = {k: v for k, v in ckpt.get("metrics", {}).items() if not k.endswith("_step")}
+    out = {k: v for k, v in ckpt.get("metrics", {}).items()
+           if isinstance(k, str) and not k.endswith("_step")}
     for state in ckpt.get("callbacks", {}).values():
         score, monitor = state.get("best_model_score"), state.get("monitor")
-        if monitor and score is not None:
-            out[f"best_{monitor}"] = float(score)
+        try:
+            value = float(score) if monitor and score is not None else None
+        except (TypeError, ValueError, RuntimeError):  # not one number: edited by hand
+            value = None
+        if value is not None:
+            out[f"best_{monitor}"] = value
     return out
 
 
@@ -215,10 +296,8 @@ def run_config(ckpt_path: Path) -> str | None:
 
 def epochs_trained(ckpt: dict) -> int:
     """Training epochs the weights have seen (`epoch` alone is off by one after fit ends)."""
-    try:
-        return int(ckpt["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
-    except KeyError:
-        return int(ckpt.get("epoch", -1)) + 1
+    done = at(ckpt, "loops", "fit_loop", "epoch_progress", "current", "processed")
+    return int(done) if done is not None else int(ckpt.get("epoch", -1)) + 1
 
 
 def run_epochs(ckpt: dict, ckpt_path: Path) -> int:
@@ -240,8 +319,7 @@ def open_checkpoint(value: str, root: Path, command: str) -> tuple[Path, dict]:
     (memory-mapped); says which checkpoint it is and how far it had trained."""
     ckpt = resolve_checkpoint(value, root)
     state = load_checkpoint(ckpt, "--ckpt_path", mmap=True)
-    progress = state.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {})
-    done = progress.get("current", {}).get("processed")
+    done = at(state, "loops", "fit_loop", "epoch_progress", "current", "processed")
     print(f"{command}: checkpoint {ckpt}" + (
         f" ({done} complete epochs, step {state.get('global_step')})"
         if done is not None else ""), file=sys.stderr)
