@@ -78,8 +78,8 @@ def _odd_field(ckpt: dict) -> str | None:
             expected = " or ".join("None" if k is OPTIONAL else k.__name__
                                    for k in (kind if isinstance(kind, tuple) else (kind,)))
             return f"{key!r} is {type(ckpt[key]).__name__}; expected {expected}"
-    if not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-               for k, v in ckpt["state_dict"].items()):
+    if not all(isinstance(k, str) and (isinstance(v, torch.Tensor) or k.endswith("_extra_state"))
+               for k, v in ckpt["state_dict"].items()):  # a module's get_extra_state: any value
         return "'state_dict' holds other than named tensors"
     if not all(isinstance(v, dict) for v in ckpt.get("callbacks", {}).values()):
         return "'callbacks' holds a state that is not a mapping"
@@ -263,10 +263,14 @@ def loadable_state(module: torch.nn.Module, state_dict: dict) -> dict:
     shape than the module's (a checkpoint edited by hand: its hyperparameters name the same
     architecture) is one line here, not load_state_dict's RuntimeError traceback."""
     ours = module.state_dict()
+
+    def shape(value) -> list[int] | None:  # None: a module's extra state, not a tensor
+        return list(value.shape) if isinstance(value, torch.Tensor) else None
+
     for key, value in state_dict.items():
-        if key in ours and value.shape != ours[key].shape:
-            raise InputError(f"checkpoint field 'state_dict.{key}': shape {list(value.shape)}; "
-                             f"the model its hyper_parameters describe has {list(ours[key].shape)}")
+        if key in ours and shape(value) != shape(ours[key]):
+            raise InputError(f"checkpoint field 'state_dict.{key}': shape {shape(value)}; the "
+                             f"model its hyper_parameters describe has {shape(ours[key])}")
     own = {k: v for k, v in ours.items()
            if k.startswith(("train_loss.", "metrics.", "test_confusion."))}
     return {**own, **state_dict}
