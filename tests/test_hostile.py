@@ -707,6 +707,19 @@ for label, (edit, needle) in EXPORT_EDITED.items():
         return ["export", "--ckpt", _edited_ckpt(tmp, m, edit), "--out", "m.onnx"], needle
 
 
+def test_a_modules_extra_state_in_a_checkpoint_is_read(models, tmp_path):
+    """get_extra_state may return any value: the field check takes it beside the tensors."""
+    import torch
+
+    from trainer.runs import load_checkpoint
+
+    ckpt = torch.load(models["ckpt"], weights_only=True)
+    ckpt["state_dict"]["net.custom._extra_state"] = {"version": 2}
+    torch.save(ckpt, tmp_path / "x.ckpt")
+    state = load_checkpoint(tmp_path / "x.ckpt")["state_dict"]
+    assert state["net.custom._extra_state"] == {"version": 2}
+
+
 @case("checkpoints", "a config cannot turn weights_only off")
 def _(tmp, m):
     (tmp / "evil.yaml").write_text((ROOT / "configs" / "digits.yaml").read_text() +
