@@ -803,6 +803,8 @@ HOSTILE_YAML = {  # label: (text, how the line's reason begins)
         "data: &a\n  x: *a\n", "line 1: an alias inside the value its anchor names"),
     "lists nested 50,000 deep": ("data:\n  exclude_columns: " + "[" * 50_000 + "]" * 50_000,
                                  "while increasing flow level exceeded maximum nesting depth"),
+    "lists nested 500 deep (jsonargparse recursed out)": (
+        "data:\n  exclude_columns: " + "[" * 500 + "]" * 500, "nested more than 100 levels"),
     "an unclosed list": ("model:\n  arch: [mlp\n", "while parsing a flow sequence at line 2"),
 }
 

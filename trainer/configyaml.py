@@ -10,6 +10,7 @@ from __future__ import annotations
 import yaml
 
 MAX_VALUES = 100_000  # once aliases are expanded; a config holds a few hundred
+MAX_DEPTH = 100  # levels of nesting; a config has a few (jsonargparse recursed past ~450)
 # libyaml's parser where PyYAML was built with it (as jsonargparse uses): it refuses nesting
 # deeper than 1,000 in one line, where the Python parser recurses into a RecursionError
 LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -28,24 +29,29 @@ def _children(node: yaml.Node) -> list[yaml.Node]:
 
 
 def check_expansion(text: str) -> None:
-    """Raise ConfigTooLarge where the YAML `text` holds an alias of itself or more than
-    MAX_VALUES values once its aliases are expanded (YAMLError where it is not YAML)."""
+    """Raise ConfigTooLarge where the YAML `text` holds an alias of itself, or more than
+    MAX_VALUES values or MAX_DEPTH levels once its aliases are expanded (YAMLError where it
+    is not YAML)."""
     try:
         root = yaml.compose(text, Loader=LOADER)
     except RecursionError:
         raise ConfigTooLarge("nested deeper than the YAML parser can follow") from None
-    sizes: dict[int, int] = {}  # node -> values under it, aliases expanded
+    sizes: dict[int, tuple[int, int]] = {}  # node -> (values, levels) in it, aliases expanded
     open_nodes: set[int] = set()  # the nodes whose values are being counted: a path
     stack = [(root, False)] if root is not None else []
     while stack:  # depth first without recursion: nesting is bounded by memory only
         node, closing = stack.pop()
         if closing:
-            sizes[id(node)] = 1 + sum(sizes[id(c)] for c in _children(node))
+            inner = [sizes[id(c)] for c in _children(node)]
+            values = 1 + sum(v for v, _ in inner)
+            levels = 1 + max((h for _, h in inner), default=0)
+            sizes[id(node)] = values, levels
             open_nodes.discard(id(node))
-            if sizes[id(node)] > MAX_VALUES:
-                raise ConfigTooLarge(f"more than {MAX_VALUES:,} values once its aliases are "
-                                     f"expanded (line {node.start_mark.line + 1}); a config "
-                                     "holds a few hundred")
+            if values > MAX_VALUES or levels > MAX_DEPTH:
+                what = (f"more than {MAX_VALUES:,} values once its aliases are expanded"
+                        if values > MAX_VALUES else f"nested more than {MAX_DEPTH} levels deep")
+                raise ConfigTooLarge(f"{what} (line {node.start_mark.line + 1}); a config holds "
+                                     "a few hundred values a few levels deep")
             continue
         if id(node) in sizes:
             continue

@@ -50,9 +50,11 @@ def _holder(key: str, args: list[str]) -> str:
 def _has_key(path: Path, key: str) -> bool:
     import yaml
 
+    from trainer import configyaml
+
     try:
-        node = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
+        node = configyaml.load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return False
     parts = key.split(".")
     for part in parts[:-1]:
