@@ -279,7 +279,6 @@ class ClassifierModule(L.LightningModule):
         """Refuse to resume a checkpoint of another dataset or architecture."""
         from export.errors import InputError
 
-        checkpoint["state_dict"] = loadable_state(self, checkpoint["state_dict"])
         saved, ours = checkpoint.get("hyper_parameters", {}), self.hparams
         theirs = (DataInfo.read(saved["data_info"], "--ckpt_path")
                   if isinstance(saved.get("data_info"), dict) else None)
@@ -295,6 +294,7 @@ class ClassifierModule(L.LightningModule):
             if saved.get(key) != ours[key]:
                 raise InputError(f"--ckpt_path: the checkpoint has model.{key}={saved.get(key)!r}, "
                                  f"the config has {ours[key]!r}; resume needs the same architecture")
+        checkpoint["state_dict"] = loadable_state(self, checkpoint["state_dict"])  # then shapes
         self._validated_step = checkpoint.get("validated_at_step")
         self._restored_plan = checkpoint.get("lr_plan")
         self._restored_step = int(checkpoint.get("global_step", 0))
