@@ -154,28 +154,57 @@ def is_image_input(path: Path) -> bool:
     return path.suffix.lower() == ".txt" if not path.is_dir() else not holds_tables(path)
 
 
-def iter_image_files(path: Path, _above: frozenset = frozenset()) -> Iterator[Path]:
-    """The images of a folder (recursively, in sorted path order, holding one folder's
-    entries at a time; a link back to a folder above is not followed again) or of a .txt
-    list (one path per line, read line by line): a job over millions of images keeps no
-    list of them."""
+def iter_image_files(path: Path) -> Iterator[Path]:
+    """The images of a folder (recursively, in sorted path order, holding the entries of the
+    folders on the way down only; a link back to a folder above is not followed again) or
+    of a .txt list (one path per line, read line by line): a job over millions of images
+    keeps no list of them. The walk keeps its own stack, not Python's: a folder tree
+    thousands of levels deep was a RecursionError."""
     if not path.is_dir():
-        base = path.parent
-        with open(path, "rb") as f:
-            for n, raw in enumerate(f, 1):
-                try:
-                    line = raw.decode("utf-8").strip()
-                except UnicodeDecodeError as exc:
-                    raise InputError(f"{path}: image list is not UTF-8 text (line {n}, byte "
-                                     f"{exc.start})") from None
-                if line:
-                    yield base / line
+        yield from _listed_images(path)
         return
     st = path.stat()
-    above = _above | {(st.st_dev, st.st_ino)}
-    # No str per entry (a folder may hold millions), sorted in runs on disk past RUN: each
-    # name ends in NUL and whether it is a folder. A name has no NUL, so the mark keeps the
-    # names' order (a name that is a prefix of another still sorts first).
+    walk = [(path, _entries(path), frozenset({(st.st_dev, st.st_ino)}))]
+    try:
+        while walk:
+            folder, entries, above = walk[-1]
+            name, is_dir = next(entries, (None, False))
+            if name is None:
+                walk.pop()
+            elif is_dir:
+                sub = (folder / name).stat()
+                if (sub.st_dev, sub.st_ino) not in above:
+                    walk.append((folder / name, _entries(folder / name),
+                                 above | {(sub.st_dev, sub.st_ino)}))
+            elif os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES:
+                yield folder / name
+    finally:
+        for _, entries, _ in walk:
+            entries.close()
+
+
+def _listed_images(path: Path) -> Iterator[Path]:
+    base = path.parent
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as exc:
+                raise InputError(f"{path}: image list is not UTF-8 text (line {n}, byte "
+                                 f"{exc.start})") from None
+            if "\0" in line:
+                raise InputError(f"{path}: line {n} holds a NUL character; expected one image "
+                                 "path a line")
+            if line:
+                yield base / line
+
+
+def _entries(path: Path) -> Iterator[tuple[str, bool]]:
+    """(name, is a folder) of each entry of `path`, by name: the order of sorted(Path) (by
+    parts). No str per entry while listing (a folder may hold millions), sorted in runs on
+    disk past RUN: each name ends in NUL and whether it is a folder. A name has no NUL, so
+    the mark keeps the names' order (a name that is a prefix of another still sorts
+    first)."""
     names, batch = SortedNames(), []
     try:
         with os.scandir(path) as it:
@@ -185,20 +214,10 @@ def iter_image_files(path: Path, _above: frozenset = frozenset()) -> Iterator[Pa
                     names.add(b"", batch)
                     batch = []
         names.add(b"", batch)
-        for entry in names:  # by name: the order of sorted(Path) (by parts)
-            yield from _image_entry(path, os.fsdecode(entry[:-2]), entry[-1:] == b"d", above)
+        for entry in names:
+            yield os.fsdecode(entry[:-2]), entry[-1:] == b"d"
     finally:
         names.close()
-
-
-def _image_entry(path: Path, name: str, is_dir: bool, above: frozenset) -> Iterator[Path]:
-    """One entry of a folder that `iter_image_files` walks: its images."""
-    if is_dir:
-        sub = (path / name).stat()
-        if (sub.st_dev, sub.st_ino) not in above:
-            yield from iter_image_files(path / name, above)
-    elif os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES:
-        yield path / name
 
 
 def image_files(path: Path) -> list[Path]:

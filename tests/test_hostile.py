@@ -220,6 +220,14 @@ def _(tmp, m):
         "not UTF-8"
 
 
+@case("images", "image list with a NUL in a line")
+def _(tmp, m):
+    _png(tmp / "a.png")
+    (tmp / "list.txt").write_bytes(b"a.png\nb\0.png\n")
+    return ["predict", "--model", str(m["image"]), "--input", "list.txt", "--output", "p.csv"], \
+        "list.txt: line 2 holds a NUL character"
+
+
 @case("images", "image list naming a missing file")
 def _(tmp, m):
     _png(tmp / "a.png")

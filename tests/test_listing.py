@@ -74,6 +74,18 @@ def test_a_folder_is_listed_in_the_order_it_always_was(tmp_path):
     assert list(iter_image_files(tmp_path)) == by_parts
 
 
+def test_a_folder_tree_deeper_than_pythons_recursion_is_walked(tmp_path):
+    """The batch job's walk recursed two frames a level: 600 levels were a RecursionError
+    (not deeper here: pytest's own clean-up of old temporary folders recurses a level)."""
+    deep = tmp_path
+    for _ in range(600):
+        deep = deep / "a"
+        deep.mkdir()  # one level at a time: os.makedirs itself recurses
+    (deep / "x.png").write_bytes(b"")
+    (tmp_path / "b.png").write_bytes(b"")
+    assert list(iter_image_files(tmp_path)) == [deep / "x.png", tmp_path / "b.png"]
+
+
 def _listing_peak(folder: Path, n: int, train: bool, spill: Path | None = None) -> int:
     """Traced peak memory (bytes) of listing a class folder of n empty image files: the
     lower of two listings (an unrelated allocation of the test process, seen once in a full
