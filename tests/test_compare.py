@@ -135,11 +135,12 @@ def _register(store, name: str, model) -> None:
 
 @pytest.mark.slow
 def test_promote_moves_the_alias_only_through_the_gate_and_rolls_back(
-        digits_run, weak_digits_run, digits_test_npz, tmp_path):
+        digits_run, weak_digits_run, digits_test_npz, tmp_path, monkeypatch):
     pytest.importorskip("mlflow", reason="the tracking extra: pip install '.[tracking]'")
     from export.jobstate import sha256_file
 
     strong, weak = digits_run / "model.onnx", weak_digits_run / "model.onnx"
+    monkeypatch.chdir(tmp_path)  # the default experiment's artifacts: ./mlruns, not the checkout's
     for model in (weak, strong, weak):  # versions 1, 2, 3
         _register(tmp_path, "digits", model)
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlruns.db'}"}

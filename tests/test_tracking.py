@@ -178,7 +178,7 @@ def test_tensorboard_logs_the_same_run(tmp_path):
 
 @pytest.mark.slow
 def test_serve_follows_an_alias_under_load_and_refuses_a_version_that_differs(
-        digits_run, digits_test_npz, tmp_path):
+        digits_run, digits_test_npz, tmp_path, monkeypatch):
     """The alias moves from version 1 to 2 while 8 threads send 2,000 requests: every one is
     answered 200, each thread sees version 1 and then only version 2, and the SHA-256 always
     matches the version; a version whose classes differ is refused and 2 stays."""
@@ -189,6 +189,7 @@ def test_serve_follows_an_alias_under_load_and_refuses_a_version_that_differs(
 
     from tests.test_serve import Server
 
+    monkeypatch.chdir(tmp_path)  # the default experiment's artifacts: ./mlruns, not the checkout's
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlruns.db'}")
     client, shas = mlflow.MlflowClient(), {}
     for version, change in ((1, None), (2, "retrained"), (3, "classes")):
