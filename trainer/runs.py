@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from export.errors import InputError, require_file
+from export.records import is_count
 from trainer import configyaml
 from trainer.data.info import DataInfo
 
@@ -84,7 +85,7 @@ def _odd_field(ckpt: dict) -> str | None:
     if not all(isinstance(v, dict) for v in ckpt.get("callbacks", {}).values()):
         return "'callbacks' holds a state that is not a mapping"
     done = at(ckpt, "loops", "fit_loop", "epoch_progress", "current", "processed")
-    if done is not None and (not isinstance(done, int) or isinstance(done, bool) or done < 0):
+    if done is not None and not is_count(done):
         return "epochs processed are not a count"
     return None
 

@@ -116,9 +116,9 @@ class FixedDataModule(L.LightningDataModule):
         if ds.num_classes == 1:
             raise InputError(f"{ds.name}: one class ({ds.class_names[0]}); a classifier needs "
                              "at least two (for a numeric target, --data.task regression)")
-        height, width = ds.input_spec.shape[-2:] if ds.input_spec.image else (0, 0)
-        if ds.input_spec.image and hp.crop_padding >= min(height, width):  # blank crops,
-            # and a padded batch that grows as the padding's square
+        if ds.input_spec.image and hp.crop_padding >= min(ds.input_spec.shape[-2:]):
+            # blank crops, and a padded batch that grows as the padding's square
+            height, width = ds.input_spec.shape[-2:]
             raise InputError(f"data.crop_padding {hp.crop_padding}: the images are {height}x"
                              f"{width}; a translation by {min(height, width)} pixels or more "
                              "can leave none of the image in a crop")
