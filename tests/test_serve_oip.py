@@ -127,6 +127,17 @@ def test_refusals_raise_the_clients_exception_naming_the_field(client, server, d
         json.dumps({"inputs": [{**one, "parameters": "x"}]}): (422, "inputs[0].parameters"),
         json.dumps({"inputs": [{**one, "shape": [10 ** 12, 1, 8, 8]}]}): (413, "at most"),
         json.dumps([one]): (400, "not a JSON object"),
+        # numpy alone takes "1" and true as 1: the protocol's data are numbers, as /predict's
+        json.dumps({"inputs": [{**one, "data": ["1"] * 64}]}): (422, "got non-numbers"),
+        json.dumps({"inputs": [{**one, "data": [True] * 64}]}): (422, "got booleans"),
+        json.dumps({"inputs": [{**one, "data": [None] * 64}]}): (422, "inputs[0].data"),
+        json.dumps({"inputs": [{**one, "data": [[0] * 60, [0] * 4]}]}): (422, "ragged"),
+        json.dumps({"id": {"x": 1}, "inputs": [one]}): (422, "id: expected a string"),
+        json.dumps({"inputs": [one], "parameters": {"binary_data_output": "false"}}):
+            (422, "binary_data_output: expected true or false"),
+        json.dumps({"inputs": [one], "outputs": [{"name": "logits", "parameters":
+                                                  {"binary_data": 1}}]}):
+            (422, "outputs[0].parameters.binary_data"),
     }
     for request, (want, words) in hostile.items():
         status, body, _ = server.request("POST", "/v2/models/digits/infer", request.encode())

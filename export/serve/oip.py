@@ -25,7 +25,7 @@ from export.card import Card
 from export.conformal import set_columns, threshold
 from export.errors import InputError
 from export.runtime import Prediction, check_input
-from export.serve.payloads import RequestError, dumps, loads
+from export.serve.payloads import RequestError, dumps, loads, numbers
 
 DATATYPES = {"uint8": "UINT8", "float32": "FP32", "float16": "FP16", "int32": "INT32",
              "float64": "FP64", "int64": "INT64"}
@@ -78,6 +78,15 @@ def _params(obj: dict, where: str) -> dict:
     if not isinstance(params, dict):
         _fail(422, f"{where}parameters: expected an object")
     return params
+
+
+def _flag(params: dict, key: str, where: str) -> bool | None:
+    """A true/false parameter (binary_data, binary_data_output), or None when absent: a
+    string such as "false" is refused, not taken as true."""
+    value = params.get(key)
+    if value is not None and not isinstance(value, bool):
+        _fail(422, f"{where}parameters.{key}: expected true or false, got {value!r:.40}")
+    return value
 
 
 def _json_header(body: bytes, header_length: bytes | None) -> tuple[dict, bytes]:
@@ -139,18 +148,11 @@ def _tensor(inp: dict, shape: list, dtype: str, binary: bytes) -> np.ndarray:
                        f"shape {shape} is {count * want.itemsize} bytes "
                        f"({len(binary)} sent after the header)")
         return np.frombuffer(binary[:size], want.newbyteorder("<")).reshape(shape)
-    data = inp.get("data")
-    try:
-        flat = np.asarray(data, dtype=np.float64).ravel()
-    except (TypeError, ValueError):
-        _fail(422, "inputs[0].data: expected numbers (a flat or nested list)")
+    flat = numbers(inp.get("data"), dtype, "inputs[0].data",
+                   f"a list of {DATATYPES[dtype]} values").ravel()
     if flat.size != count:
         _fail(422, f"inputs[0].data: {flat.size} values for shape {shape} ({count})")
-    if want == np.uint8:
-        if not (np.all(flat == np.round(flat)) and flat.min(initial=0) >= 0
-                and flat.max(initial=0) <= 255):
-            _fail(422, "inputs[0].data: UINT8 values must be whole numbers in [0, 255]")
-    return flat.astype(want).reshape(shape)
+    return flat.reshape(shape)
 
 
 def _response_spec(doc: dict, card: Card) -> dict:
@@ -170,14 +172,17 @@ def _response_spec(doc: dict, card: Card) -> dict:
         if not isinstance(o, dict) or o.get("name") not in known:
             _fail(422, f"outputs[{i}].name: {o.get('name') if isinstance(o, dict) else o!r};"
                        f" this model returns {', '.join(known)}")
+        _flag(_params(o, f"outputs[{i}]."), "binary_data", f"outputs[{i}].")
         k = _params(o, f"outputs[{i}].").get("classification")
         if k is not None and (card.regression or not isinstance(k, int) or isinstance(k, bool) or
                               not 1 <= k <= len(card.class_names)):
             _fail(422, f"outputs[{i}].parameters.classification: expected 1 to "
                        f"{len(card.class_names)} classes, got {k!r}" if not card.regression
                   else f"outputs[{i}].parameters.classification: this model is a regressor")
+    if not isinstance(doc.get("id", ""), str):
+        _fail(422, "id: expected a string (the protocol's request id)")
     return {"id": doc.get("id"), "outputs": outputs, "qhat": qhat,
-            "binary": bool(params.get("binary_data_output", False))}
+            "binary": bool(_flag(params, "binary_data_output", ""))}
 
 
 def _bytes_tensor(strings: list[str]) -> bytes:

@@ -71,22 +71,30 @@ def _image(data: bytes, spec: InputSpec, where: str) -> np.ndarray:
         raise RequestError(400, str(exc)) from None
 
 
-def _raw_image_array(inst: list, spec: InputSpec, where: str) -> np.ndarray:
-    """A nested list of pixel values: integers in [0, 255] for a uint8 graph."""
+def numbers(data, dtype: str, where: str, expected: str) -> np.ndarray:
+    """`data` from JSON (a number or a nested list of them) as an array of `dtype`, for
+    /predict and the inference protocol alike: a ragged list, booleans, strings and nulls
+    are refused naming `where` (numpy would take "1" or true as 1), and for a uint8 input
+    the values must be whole numbers in [0, 255]. `expected`: what the input is."""
     try:
-        arr = np.asarray(inst)
+        arr = np.asarray(data)
     except ValueError:  # ragged nesting
-        raise RequestError(422, f"{where}: expected {describe_input(spec)} per instance; "
-                                "got a ragged nested list") from None
+        raise RequestError(422, f"{where}: expected {expected}; got a ragged nested "
+                                "list") from None
     if arr.dtype.kind not in "iuf":
-        raise RequestError(422, f"{where}: expected numbers ({describe_input(spec)}), got "
+        raise RequestError(422, f"{where}: expected numbers ({expected}), got "
                                 f"{arr.dtype.kind == 'b' and 'booleans' or 'non-numbers'}")
-    if np.dtype(spec.dtype) == np.uint8:
+    if np.dtype(dtype) == np.uint8:
         whole = arr.dtype.kind in "iu" or (np.isfinite(arr).all() and (arr == np.round(arr)).all())
         if not (whole and arr.min(initial=0) >= 0 and arr.max(initial=0) <= 255):
             raise RequestError(422, f"{where}: expected integers in [0, 255] for the model's "
                                     "uint8 input")
-        arr = arr.astype(np.uint8)
+    return arr.astype(dtype)
+
+
+def _raw_image_array(inst: list, spec: InputSpec, where: str) -> np.ndarray:
+    """A nested list of pixel values: integers in [0, 255] for a uint8 graph."""
+    arr = numbers(inst, spec.dtype, where, f"{describe_input(spec)} per instance")
     shape = spec.shape
     if arr.shape != shape and not (shape[0] == 1 and arr.shape == shape[1:]):
         raise RequestError(422, f"{where}: expected one instance of shape {shape} "
