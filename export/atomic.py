@@ -43,15 +43,25 @@ def atomic_path(dest: str | os.PathLike) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
+def _same_inode(a: Path, b: Path) -> bool:
+    """Two names of one file (a hard link, a bind mount): the atomic write would replace
+    the output's name only, but the user named an input as the output."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # either one not there (yet)
+        return False
+
+
 def check_output(out: str | os.PathLike, flag: str, inputs: dict[str, str | os.PathLike | None]) -> None:
     """Refuse, before any work, an output path that resolves to one of the command's inputs
-    (however spelled: relative, absolute, through a symlink) or that cannot be a file."""
+    (however spelled: relative, absolute, through a symlink, a hard link) or that cannot be
+    a file."""
     target = Path(os.path.realpath(out))
     for name, path in inputs.items():
         if path is None:
             continue
         source = Path(os.path.realpath(path))
-        if source == target:
+        if source == target or _same_inode(source, target):
             raise InputError(f"{flag} {out}: is the same file as {name} {path}; refusing to "
                              f"overwrite an input")
         if source.is_dir() and target.is_file() and source in target.parents:

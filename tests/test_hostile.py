@@ -63,7 +63,7 @@ def _npz(tmp: Path, name="in.npz") -> Path:
     return tmp / name
 
 
-for spelling in ("plain", "absolute", "dot-slash", "dot-dot", "symlink"):
+for spelling in ("plain", "absolute", "dot-slash", "dot-dot", "symlink", "hard link"):
     def _spell(tmp: Path, target: Path, how=spelling) -> str:
         if how == "absolute":
             return str(target.resolve())
@@ -75,6 +75,9 @@ for spelling in ("plain", "absolute", "dot-slash", "dot-dot", "symlink"):
         if how == "symlink":
             (tmp / f"link{target.suffix}").symlink_to(target.name)
             return f"link{target.suffix}"
+        if how == "hard link":  # the atomic write would replace only the link's name
+            (tmp / f"hard{target.suffix}").hardlink_to(target)
+            return f"hard{target.suffix}"
         return target.name
 
     @case("same-file", f"predict output is the csv input ({spelling})")
