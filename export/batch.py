@@ -31,7 +31,8 @@ from export.jobstate import (JobState, input_identity, read_listing, tables_iden
 from export.readers import is_image_input, iter_chunks, iter_image_files
 from export.runtime import Prediction, Predictor, predictor_for_job
 from export.summary import JobSummary, write_reports
-from export.tables import FolderSchema, check_not_read_back, holds_tables, is_table_glob
+from export.tables import check_not_read_back, holds_tables, is_table_glob
+from export.tableschema import FolderSchema
 from export.writers import check_format, join_parts, write_part
 
 log = logging.getLogger(__name__)

@@ -115,7 +115,8 @@ def _folder_schema(root: Path, files: list[Path]) -> dict | None:
     """How the tables under `root` read as one table (as JSON; None for array shards): a
     unit reads one file as the folder read as one table (the local engine) reads it: its
     columns and partition keys, typed alike, and a file whose columns differ refused."""
-    from export.tables import FORMATS, FolderSchema
+    from export.tables import FORMATS
+    from export.tableschema import FolderSchema
 
     fmt = FORMATS.get(files[0].suffix.lower())
     return None if fmt is None else asdict(FolderSchema.of(root, files, fmt))
@@ -129,7 +130,7 @@ def run_unit(predictor, unit: dict, out: Path, job_options: dict) -> dict:
     """One unit, as the local engine's job; then its manifest, written atomically."""
     from export.batch import JobOptions, run_batch
     from export.jobstate import read_listing, sha256_file
-    from export.tables import FolderSchema
+    from export.tableschema import FolderSchema
 
     started = time.perf_counter()
     opts = JobOptions(**{**job_options, "resume": True, "progress": False})
@@ -234,7 +235,7 @@ def _folder_change(was: dict | None, now: dict | None) -> str | None:
 
     import pyarrow as pa
 
-    from export.tables import FolderSchema
+    from export.tableschema import FolderSchema
 
     if FolderSchema.from_json(was) == FolderSchema.from_json(now):  # keys: a list in JSON
         return None

@@ -297,7 +297,7 @@ def iter_chunks(path: str | Path, spec: InputSpec, class_names: list[str], rows:
     starting at chunk `start_chunk` (a resumed job skips what it has done). `files`: the
     images of an image input, when the caller has listed them already (a stream of them
     with `labelled`: whether every image's folder names a class). `folder`
-    (tables.FolderSchema): a table file is one of that folder of tables, read as the folder
+    (tableschema.FolderSchema): a table file is one of that folder of tables, read as the folder
     is read (its columns, types and partition keys). `flag`: the option that gave `path`."""
     from export.tables import FORMATS, folder_chunks, is_table_glob, table_chunks
 

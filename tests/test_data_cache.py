@@ -655,7 +655,8 @@ def test_the_same_bytes_under_two_partitions_are_two_files_rows(tmp_path):
     assert ds.class_names == ["down", "up"] and np.bincount(ds.train.y).tolist() == [40, 40]
     # pyarrow's partitioning of a folder without keys names every column: no keys here, so
     # such a folder's cache (reader "1", digests of bytes alone) is the one it was
-    from export.tables import partition_keys, table_dataset, table_files
+    from export.tables import table_files
+    from export.tableschema import partition_keys, table_dataset
 
     plain = tmp_path / "plain"
     plain.mkdir()

@@ -175,6 +175,35 @@ for label, make in PARQUETS.items():
                 "p.csv"], "t.parquet"
 
 
+def _hive_clash(tmp: Path, m: dict, key: str, column) -> None:
+    """A hive folder t/KEY=1/ whose file also holds a column KEY: pyarrow put the folder's
+    value in every row (the same type) or failed with a traceback (another type)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    values = [float(v) for v in m["row"].split(",")[:-1]]
+    table = {h: [v] for h, v in zip(m["header"], values)} | {key: column, "cultivar": ["c0"]}
+    for k in (1, 2):
+        (tmp / "t" / f"{key}=1{k}").mkdir(parents=True)
+        pq.write_table(pa.table(table), tmp / "t" / f"{key}=1{k}" / "p.parquet")
+
+
+for command in ("predict", "fit"):
+    for label, key, column in (("the same type", "batch", ("int32", [7])),
+                               ("another type", "alcohol", ("double", [13.2]))):
+        @case("tables", f"{command}: a hive key that is also a column of the file, {label}")
+        def _(tmp, m, command=command, key=key, column=column):
+            import pyarrow as pa
+
+            _hive_clash(tmp, m, key, pa.array(column[1], column[0]))
+            argv = ["predict", "--model", str(m["table"]), "--input", "t", "--output", "p.csv"] \
+                if command == "predict" else \
+                ["fit", "--config", str(ROOT / "configs" / "tabular.yaml"), "--data.root", "t",
+                 "--data.target", "cultivar", "--data.cache_dir",  # (what a failed ingest
+                 str(tmp.parent / f"{tmp.name}-cache")]  # completed is kept there: by design)
+            return argv, f"t/{key}=11/p.parquet: column {key!r} is also a key of its folders'"
+
+
 @case("tables", "pass-through columns named like outputs are renamed", expect="ok")
 def _(tmp, m):
     (tmp / "t.csv").write_text(",".join([*m["header"], "id", "label", "confidence"]) + "\n" +

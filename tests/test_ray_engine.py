@@ -226,7 +226,7 @@ def test_a_hive_folders_units_read_their_partition_columns(table_model, tmp_path
     "missing feature column 'c'") and its rows equal the local engine's."""
     from export.batch import JobOptions, run_batch
     from export.ray_engine import list_units
-    from export.tables import FolderSchema
+    from export.tableschema import FolderSchema
 
     folder = tmp_path / "events"
     files = _hive(folder)

@@ -21,8 +21,8 @@ import numpy as np
 
 from export.errors import InputError
 from export.timing import usable_cores
-from export.tables import (check_schema, describe_nonfinite, partition_keys, table_dataset,
-                           table_files, unreadable)
+from export.tables import describe_nonfinite, table_files
+from export.tableschema import check_schema, partition_keys, table_dataset, unreadable
 from trainer.allocator import release_arrow_memory
 from trainer.data.ahead import Ahead
 from trainer.data.cache import RowCache, cache_root
@@ -267,7 +267,7 @@ def _feature_columns(schema, first: Path, target: str, exclude: tuple[str, ...])
     """The table's feature columns (all but the target and `exclude`), each of numbers."""
     import pyarrow.types as pat
 
-    if target not in schema.names:  # (its names were checked by tables.table_dataset)
+    if target not in schema.names:  # (its names were checked by tableschema.table_dataset)
         raise InputError(f"{first}: missing target column {target!r} (data.target); "
                          f"found {schema.names}")
     for name in exclude:
