@@ -244,6 +244,30 @@ for label, make in BAD_IMAGES.items():
             return argv, "bad.png"
 
 
+for label, bad, says in (("not UTF-8", b"caf\xe9", "is not UTF-8 text"),
+                         ("a newline", b"two\nlines", "holds a control character"),
+                         ("a bar", b"cat|dog", "holds '|', which separates the classes")):
+    @case("images", f"fit: a class folder's name holding {label}")
+    def _(tmp, m, bad=bad, says=says):
+        """The name not UTF-8 was a UnicodeEncodeError traceback after the listing; a newline
+        or a bar went into the card and every answer that names the class."""
+        for cls in (b"ok", bad):
+            for i in range(3):
+                _png(Path(os.fsdecode(os.path.join(os.fsencode(tmp), b"imgs", cls))) / f"{i}.png")
+        return ["fit", "--config", str(ROOT / "configs" / "image_folder.yaml"), "--data.root",
+                "imgs", "--data.cache_dir", str(tmp.parent / f"{tmp.name}-cache")], \
+            f"imgs: class name {os.fsdecode(bad)!r} {says}"
+
+
+@case("tables", "fit: a target value holding a newline")
+def _(tmp, m):
+    labels = ["ok", "two\nlines"] * 10
+    (tmp / "t.csv").write_text("a,target\n" + "".join(f'{i},"{y}"\n' for i, y in enumerate(labels)))
+    return ["fit", "--config", str(ROOT / "configs" / "tabular.yaml"), "--data.root", "t.csv",
+            "--data.cache_dir", str(tmp.parent / f"{tmp.name}-cache")], \
+        "t.csv: row 1: class name 'two\\nlines' holds a control character"
+
+
 @case("images", "image list that is not UTF-8")
 def _(tmp, m):
     _png(tmp / "a.png")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
+import unicodedata
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -325,6 +326,21 @@ def _check_split(name: str, split_name: str, split: Split, num_classes: int,
                                  "NaN or infinite")
 
 
+def check_class_names(names: list[str], where: str | Path) -> None:
+    """Class names are text the model's users read, one line each (the card, `trainer
+    inspect`, CSV and HTTP answers, a one-line error naming one): a name that is not UTF-8
+    (a folder's name read with surrogateescape) or holds a control character (a newline, a
+    tab, NUL) is refused, as is "|", which separates the classes of a prediction set."""
+    for name in names:
+        kinds = {unicodedata.category(c) for c in name}
+        problem = ("is not UTF-8 text" if "Cs" in kinds else
+                   "holds a control character (a newline, tab or NUL)" if "Cc" in kinds else
+                   "holds '|', which separates the classes of a prediction set" if "|" in name
+                   else None)
+        if problem:
+            raise InputError(f"{where}: class name {name!r} {problem}; rename the class")
+
+
 def make_dataset(name: str, train: Split, test: Split | None, class_names: list[str],
                  input_spec: InputSpec, val: Split | None = None, task: str = "classification",
                  origin: str | Path | None = None, fp: str | None = None,
@@ -333,6 +349,7 @@ def make_dataset(name: str, train: Split, test: Split | None, class_names: list[
     when the source composed it from its files' digests). `origin` (the file or folder
     read) is what error messages name. `checked`: the source checked every value when it
     decoded it (into its row cache), so no pass over the rows repeats that."""
+    check_class_names(class_names, origin or name)
     for split_name, split in (("train", train), ("val", val), ("test", test)):
         if split is not None:
             _check_split(str(origin or name), split_name, split, len(class_names), checked)

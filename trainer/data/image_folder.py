@@ -22,9 +22,9 @@ import numpy as np
 from export.errors import InputError
 from export.listing import RUN, SortedNames
 from trainer.data.cache import RowCache, cache_root
-from trainer.data.dataset import (FixedDataset, SourceOptions, Split, file_rows,
-                                  files_fingerprint, image_spec, label_dtype, make_dataset,
-                                  require_root)
+from trainer.data.dataset import (FixedDataset, SourceOptions, Split, check_class_names,
+                                  file_rows, files_fingerprint, image_spec, label_dtype,
+                                  make_dataset, require_root)
 from trainer.data.ingest import update
 from trainer.data.lineage import save_snapshot
 from trainer.data.paths import PathList, encode_path
@@ -102,6 +102,7 @@ def _class_files(folder: Path, listing: PathList, above: frozenset,
     classes = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise InputError(f"{folder}: no class sub-folders found")
+    check_class_names([c.name for c in classes], folder)  # before any image is read
     out = {}
     for cls, names in zip(classes, _class_names(classes, len(listing.prefix), above, spill)):
         if not len(names):

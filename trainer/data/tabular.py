@@ -26,9 +26,9 @@ from export.tableschema import check_schema, partition_keys, table_dataset, unre
 from trainer.allocator import release_arrow_memory
 from trainer.data.ahead import Ahead
 from trainer.data.cache import RowCache, cache_root
-from trainer.data.dataset import (FixedDataset, SourceOptions, Split, feature_spec,
-                                  files_fingerprint, in_file_order, label_dtype, make_dataset,
-                                  value_range)
+from trainer.data.dataset import (FixedDataset, SourceOptions, Split, check_class_names,
+                                  feature_spec, files_fingerprint, in_file_order, label_dtype,
+                                  make_dataset, value_range)
 from trainer.data.ingest import update
 from trainer.data.lazy import Labels
 from trainer.data.lineage import save_snapshot
@@ -149,7 +149,9 @@ def _batches(fragment, schema, columns, target, path, vocab: list[str], ranges: 
                 with VOCAB_LOCK:  # files are decoded on threads of their own (ahead.py)
                     known = {v: i for i, v in enumerate(vocab)}
                     for v in np.unique(values):
-                        if v not in known:
+                        if v not in known:  # a class first seen: named by file and row
+                            check_class_names([str(v)], f"{path}: row "
+                                              f"{row + int(np.flatnonzero(values == v)[0])}")
                             known[v] = len(vocab)
                             vocab.append(str(v))
                 y = np.array([known[v] for v in values], np.int64)
