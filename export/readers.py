@@ -25,6 +25,7 @@ from export.card import InputSpec
 from export.errors import InputError, require_file
 from export.jobstate import name_under, no_images
 from export.listing import BLOCK, SortedNames
+from export.timing import available_memory
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
@@ -118,7 +119,34 @@ def read_npz(path: Path, names: tuple[str, ...]) -> dict[str, np.ndarray]:
     with _reading_arrays(path), npz:
         if "x" not in npz.files:
             raise InputError(f"{path}: missing array 'x' (found {sorted(npz.files)})")
-        return {name: npz[name] for name in names if name in npz.files}
+        names = tuple(name for name in names if name in npz.files)
+        _check_fits(path, {name: _member_bytes(npz, name) for name in names})
+        return {name: npz[name] for name in names}
+
+
+def _member_bytes(npz, name: str) -> int:
+    """The bytes array `name` of an .npz takes once read, from its .npy header alone."""
+    fmt = np.lib.format
+    if f"{name}.npy" not in npz.zip.namelist():  # numpy would hand the member over as bytes
+        raise InputError(f"{npz.zip.filename}: {name!r} is not a NumPy array (its zip member "
+                         "is not an .npy)")
+    with npz.zip.open(f"{name}.npy") as f:
+        read = fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0) else \
+            fmt.read_array_header_2_0  # (2, 0) and (3, 0): the header's size in 4 bytes
+        shape, _, dtype = read(f)
+    return math.prod(shape) * dtype.itemsize
+
+
+def _check_fits(path: Path, sizes: dict[str, int]) -> None:
+    """An .npz is read whole (zip members cannot be memory-mapped): arrays larger than the
+    memory available are refused before their decompression fills it (a 3 MB file can hold
+    gigabytes of zeros; the machine would swap or kill the process, with no line)."""
+    avail = available_memory()
+    if avail is not None and sum(sizes.values()) > avail:
+        name, size = max(sizes.items(), key=lambda kv: kv[1])
+        raise InputError(f"{path}: array {name!r} is {size / 2**20:,.0f} MiB once decompressed,"
+                         f" more than the {avail / 2**20:,.0f} MiB of memory available; an .npz "
+                         "is read whole (trainer predict reads an .npy memory-mapped)")
 
 
 def read_arrays(path: Path) -> tuple[np.ndarray, np.ndarray | None]:

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 
 import numpy as np
 import pytest
@@ -143,6 +144,11 @@ def _tables(folder):
     pq.write_table(pa.table({"f0": [1.0, 2.0]}), folder / "sub" / "part-0.parquet")
 
 
+def _zip_member(path, name: str, data: bytes) -> None:
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr(name, data)
+
+
 @pytest.mark.parametrize("make,needle", [
     (lambda d: np.savez(d / "in.npz", x=np.zeros((4, 3, 8, 8), np.uint8)), "got shape (4, 3, 8, 8)"),
     (lambda d: np.savez(d / "in.npz", x=np.zeros((4, 1, 8, 8), np.int32)), "got dtype int32"),
@@ -150,6 +156,8 @@ def _tables(folder):
     (lambda d: _tables(d / "in"), "in (chunk 0): the model takes images and this input is a "
      "table (2 rows x 0 numeric columns)"),
     (lambda d: (d / "in.npz").write_bytes(b"garbage"), "cannot read arrays"),
+    (lambda d: _zip_member(d / "in.npz", "x", b"not an array"),  # (numpy hands it over as
+     "in.npz: 'x' is not a NumPy array (its zip member is not an .npy)"),  # bytes: a traceback)
 ])
 def test_bad_inputs_leave_no_output(digits_run, tmp_path, make, needle):
     make(tmp_path)
@@ -315,6 +323,26 @@ def test_absurd_sizes_are_bounded_or_refused_in_one_line(digits_run, digits_test
     assert_one_line_error(proc, "--chunk-rows 100,000,000,000: a chunk of this model's input",
                           "GiB available")
     assert not (tmp_path / "b.csv").exists()
+
+
+def test_an_npz_larger_than_the_memory_available_is_refused_before_it_is_read(
+        digits_run, tmp_path, monkeypatch):
+    """An .npz is read whole: 3 MB of zip can hold gigabytes of zeros, which would fill the
+    machine with no line. The memory available is set low here (the arrays are real)."""
+    from export import readers
+
+    np.savez_compressed(tmp_path / "z.npz", x=np.zeros((40_000, 1, 8, 8), np.uint8))
+    assert (tmp_path / "z.npz").stat().st_size < 100_000  # 2.4 MiB of pixels
+    monkeypatch.setattr(readers, "available_memory", lambda: 1 << 20)
+    with pytest.raises(InputError, match=r"z\.npz: array 'x' is 2 MiB once decompressed, "
+                                         r"more than the 1 MiB of memory available"):
+        run_batch(digits_run / "model.onnx", tmp_path / "z.npz", tmp_path / "p.csv",
+                  JobOptions(progress=False))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["z.npz"]
+    monkeypatch.setattr(readers, "available_memory", lambda: 3 << 20)
+    run_batch(digits_run / "model.onnx", tmp_path / "z.npz", tmp_path / "p.csv",
+              JobOptions(progress=False))
+    assert len(_rows(tmp_path / "p.csv")) == 40_000
 
 
 def test_image_listings_stream_and_name_each_change(tmp_path):
