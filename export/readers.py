@@ -40,27 +40,37 @@ class Chunk:
 
 
 def read_idx(path: Path, expected_magic: int | None = None) -> np.ndarray:
-    """Read one IDX file with a uint8 payload, checking its magic number and length."""
+    """Read one IDX file with a uint8 payload, checking its magic number and length. The
+    payload is read up to the size its dimensions give (and one byte more, to find a longer
+    file), once that size fits in the memory available: a .gz of a few MB can inflate to
+    gigabytes."""
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
-            raw = f.read()
+            head = f.read(4)
+            magic = int.from_bytes(head, "big")
+            if len(head) == 4 and ((expected_magic is not None and magic != expected_magic)
+                                   or magic >> 8 != 0x08):
+                want = expected_magic if expected_magic is not None else "0x08NN (uint8 payload)"
+                raise InputError(f"{path}: IDX magic number is {magic}, expected {want}")
+            head += f.read(4 * (magic & 0xFF))
+            if len(head) < 4 + 4 * (magic & 0xFF) or len(head) < 8:
+                raise InputError(f"{path}: IDX file is truncated ({len(head)} bytes)")
+            dims = [int.from_bytes(head[4 + 4 * i: 8 + 4 * i], "big")
+                    for i in range(magic & 0xFF)]
+            size = math.prod(dims)  # exact: huge declared sizes cannot wrap around
+            check_fits(path, f"its data ({' x '.join(map(str, dims))})", size,
+                       "an IDX file is read whole")
+            data = f.read(size + 1)
     except (OSError, EOFError, zlib.error) as exc:  # zlib's: a damaged .gz
         raise InputError(f"{path}: cannot read IDX file ({exc})") from None
-    if len(raw) < 8:
-        raise InputError(f"{path}: IDX file is truncated ({len(raw)} bytes)")
-    magic = int.from_bytes(raw[:4], "big")
-    if (expected_magic is not None and magic != expected_magic) or magic >> 8 != 0x08:
-        want = expected_magic if expected_magic is not None else "0x08NN (uint8 payload)"
-        raise InputError(f"{path}: IDX magic number is {magic}, expected {want}")
-    ndim = magic & 0xFF
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    offset = 4 + 4 * ndim
-    expected = offset + math.prod(dims)  # exact: huge declared sizes cannot wrap around
-    if len(raw) != expected:
-        raise InputError(f"{path}: IDX file has {len(raw)} bytes, expected {expected} "
-                         f"for dimensions {dims}")
-    return np.frombuffer(raw, dtype=np.uint8, offset=offset).reshape(dims)
+    if len(data) < size:
+        raise InputError(f"{path}: IDX file has {len(head) + len(data)} bytes, expected "
+                         f"{len(head) + size} for dimensions {dims}")
+    if len(data) > size:
+        raise InputError(f"{path}: IDX file holds more than the {len(head) + size} bytes of "
+                         f"its dimensions {dims}")
+    return np.frombuffer(data, dtype=np.uint8).reshape(dims)
 
 
 def labels_to_index(y: np.ndarray, class_names: list[str], source: str,
@@ -120,7 +130,10 @@ def read_npz(path: Path, names: tuple[str, ...]) -> dict[str, np.ndarray]:
         if "x" not in npz.files:
             raise InputError(f"{path}: missing array 'x' (found {sorted(npz.files)})")
         names = tuple(name for name in names if name in npz.files)
-        _check_fits(path, {name: _member_bytes(npz, name) for name in names})
+        # a zip member cannot be memory-mapped, and 3 MB of zip can hold gigabytes of zeros
+        check_fits(path, f"array{'s' * (len(names) > 1)} {', '.join(map(repr, names))}",
+                   sum(_member_bytes(npz, name) for name in names),
+                   "an .npz is read whole (trainer predict reads an .npy memory-mapped)")
         return {name: npz[name] for name in names}
 
 
@@ -137,16 +150,13 @@ def _member_bytes(npz, name: str) -> int:
     return math.prod(shape) * dtype.itemsize
 
 
-def _check_fits(path: Path, sizes: dict[str, int]) -> None:
-    """An .npz is read whole (zip members cannot be memory-mapped): arrays larger than the
-    memory available are refused before their decompression fills it (a 3 MB file can hold
-    gigabytes of zeros; the machine would swap or kill the process, with no line)."""
+def check_fits(path: Path, what: str, size: int, why: str) -> None:
+    """`what` of `path`, `size` bytes once read, must fit in the memory available: read
+    whole (`why`), more would swap or get the process killed, with no line."""
     avail = available_memory()
-    if avail is not None and sum(sizes.values()) > avail:
-        name, size = max(sizes.items(), key=lambda kv: kv[1])
-        raise InputError(f"{path}: array {name!r} is {size / 2**20:,.0f} MiB once decompressed,"
-                         f" more than the {avail / 2**20:,.0f} MiB of memory available; an .npz "
-                         "is read whole (trainer predict reads an .npy memory-mapped)")
+    if avail is not None and size > avail:
+        raise InputError(f"{path}: {what} is {size / 2**20:,.0f} MiB once read, more "
+                         f"than the {avail / 2**20:,.0f} MiB of memory available; {why}")
 
 
 def read_arrays(path: Path) -> tuple[np.ndarray, np.ndarray | None]:

@@ -334,7 +334,7 @@ def test_an_npz_larger_than_the_memory_available_is_refused_before_it_is_read(
     np.savez_compressed(tmp_path / "z.npz", x=np.zeros((40_000, 1, 8, 8), np.uint8))
     assert (tmp_path / "z.npz").stat().st_size < 100_000  # 2.4 MiB of pixels
     monkeypatch.setattr(readers, "available_memory", lambda: 1 << 20)
-    with pytest.raises(InputError, match=r"z\.npz: array 'x' is 2 MiB once decompressed, "
+    with pytest.raises(InputError, match=r"z\.npz: array 'x' is 2 MiB once read, "
                                          r"more than the 1 MiB of memory available"):
         run_batch(digits_run / "model.onnx", tmp_path / "z.npz", tmp_path / "p.csv",
                   JobOptions(progress=False))

@@ -105,6 +105,29 @@ def test_mnist_truncated(tmp_path):
         load_source("mnist", str(folder))
 
 
+def test_mnist_longer_than_its_dimensions(tmp_path):
+    folder = _mnist_folder(tmp_path / "m", gz=True)
+    path = folder / "train-images-idx3-ubyte.gz"
+    path.write_bytes(gzip.compress(gzip.decompress(path.read_bytes()) + bytes(3)))
+    with pytest.raises(InputError, match=r"train-images-idx3-ubyte\.gz: IDX file holds more "
+                                         r"than the 23536 bytes of its dimensions \[30, 28, 28\]"):
+        load_source("mnist", str(folder))
+
+
+def test_an_idx_gz_that_inflates_past_the_memory_available_is_refused_unread(tmp_path,
+                                                                           monkeypatch):
+    """A .gz of a few MB can inflate to gigabytes; it was read whole before its size was
+    checked. The memory available is set low here; the file is real."""
+    from export import readers
+
+    folder = _mnist_folder(tmp_path / "m", gz=True, n_train=6000)  # 4.5 MiB of pixels
+    monkeypatch.setattr(readers, "available_memory", lambda: 1 << 20)
+    with pytest.raises(InputError, match=r"train-images-idx3-ubyte\.gz: its data \(6000 x 28 x "
+                                         r"28\) is 4 MiB once read, more than the 1 MiB of "
+                                         r"memory available; an IDX file is read whole"):
+        load_source("mnist", str(folder))
+
+
 def test_mnist_missing_folder(tmp_path):
     with pytest.raises(InputError, match="folder not found"):
         load_source("mnist", str(tmp_path / "nothing"))
