@@ -30,7 +30,10 @@ def table_dataset(base: Path, files: list[Path], fmt: str, partitioning="hive", 
                                partition_base_dir=str(base), schema=schema)
         check_column_names(dataset.schema.names, files[0])  # pyarrow decodes the names here
     except pa.ArrowTypeError as exc:  # a hive key typed otherwise than a column of the file
-        first = pads.dataset(str(files[0]), format=form).schema.names
+        try:
+            first = pads.dataset(str(files[0]), format=form).schema.names
+        except (pa.ArrowException, OSError, UnicodeDecodeError):
+            first = []
         raise key_in_file(files[0], first, hive_keys(base, files[0])) or \
             unreadable(files[0], exc) from None
     except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as exc:  # a header not UTF-8

@@ -172,8 +172,9 @@ def _response_spec(doc: dict, card: Card) -> dict:
         if not isinstance(o, dict) or o.get("name") not in known:
             _fail(422, f"outputs[{i}].name: {o.get('name') if isinstance(o, dict) else o!r};"
                        f" this model returns {', '.join(known)}")
-        _flag(_params(o, f"outputs[{i}]."), "binary_data", f"outputs[{i}].")
-        k = _params(o, f"outputs[{i}].").get("classification")
+        wanted = _params(o, f"outputs[{i}].")
+        _flag(wanted, "binary_data", f"outputs[{i}].")
+        k = wanted.get("classification")
         if k is not None and (card.regression or not isinstance(k, int) or isinstance(k, bool) or
                               not 1 <= k <= len(card.class_names)):
             _fail(422, f"outputs[{i}].parameters.classification: expected 1 to "
