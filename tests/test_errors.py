@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from tests.conftest import ROOT, assert_one_line_error, cli_in_process, run_cli
 
@@ -216,6 +217,12 @@ def test_training_options_out_of_range_are_one_line_before_any_data(tmp_path, ca
                                 ("--trainer.precision", "bf16-true", "bf16-mixed or auto"),
                                 ("--trainer.gradient_clip_val", ".nan",
                                  "--trainer.gradient_clip_val must be >= 0, got nan"),
+                                # the fit trained nothing, then the gate refused the model
+                                ("--trainer.max_epochs", "0", "--trainer.max_epochs must be >= 1"),
+                                ("--trainer.limit_train_batches", "0",
+                                 "--trainer.limit_train_batches must be > 0"),
+                                # 100 processes of torch on a machine of a few cores
+                                ("--trainer.devices", "100", "--trainer.devices must be at most"),
                                 ("--model.dropout", "1", "--model.dropout must be in [0, 1)"),
                                 ("--data.batch_size", "0", "--data.batch_size must be >= 1"),
                                 ("--data.seed", "-1", "--data.seed must be in [0, 2**63), got -1"),
@@ -234,6 +241,24 @@ def test_training_options_out_of_range_are_one_line_before_any_data(tmp_path, ca
         rc, err = cli_in_process(["export", "--ckpt", str(tmp_path / "none.ckpt"), "--out",
                                   str(tmp_path / "m.onnx"), flag, "nan"], tmp_path, capfd)
         _one_line(rc, err, f"{flag} must be")
+
+
+def test_a_run_without_an_end_is_refused_by_a_schedule_that_needs_its_length(tmp_path, capfd):
+    """max_epochs -1 (and max_steps -1) is Lightning's run until max_time or a stop: an
+    OverflowError traceback where the onecycle schedule took its length."""
+    proc = run_cli("fit", "--config", str(ROOT / "configs" / "digits.yaml"),
+                   "--trainer.max_epochs", "-1", cwd=tmp_path)  # (it fails once the fit began)
+    assert_one_line_error(proc, "--trainer.max_epochs -1: a run without an end has no length "
+                                "for the onecycle schedule to plan", after_run_log=True)
+
+
+@pytest.mark.slow  # a fit of a few seconds
+def test_a_run_without_an_end_trains_until_its_time_with_a_constant_schedule(tmp_path):
+    proc = run_cli("fit", "--config", str(ROOT / "configs" / "digits.yaml"),
+                   "--trainer.max_epochs", "-1", "--trainer.max_time", "00:00:00:04",
+                   "--model.schedule", "constant", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert list((tmp_path / "runs").glob("*/version_0/model.onnx")), proc.stderr[-3000:]
 
 
 def test_a_single_class_folder_cannot_train_a_classifier(tmp_path, capfd):

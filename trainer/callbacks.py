@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import time
 from pathlib import Path
 
@@ -136,12 +137,14 @@ class ExportOnnx(L.Callback):
         return ckpt
 
 
-def stepping_batches(trainer) -> int:
-    """The optimizer steps of the whole fit (`estimated_stepping_batches`). Where the data
-    is first known Lightning checks an integer `val_check_interval` against the epoch's
-    batches: its ValueError (its message says what to set) is one line here."""
+def stepping_batches(trainer) -> int | float:
+    """The optimizer steps of the whole fit (`estimated_stepping_batches`; math.inf for a run
+    without an end: max_epochs and max_steps -1). Where the data is first known Lightning
+    checks an integer `val_check_interval` against the epoch's batches: its ValueError (its
+    message says what to set) is one line here."""
     try:
-        return int(trainer.estimated_stepping_batches)
+        steps = trainer.estimated_stepping_batches
+        return steps if math.isinf(steps) else int(steps)
     except ValueError as exc:
         if "val_check_interval" not in str(exc):
             raise

@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from export.card import HardwareChoice
 from export.errors import InputError, check_options
+from export.timing import usable_cores
 from trainer import configyaml, phases, runs, tracking
 from trainer.callbacks import (CheckpointOnSigterm, ExportOnnx, NonFiniteGuard, RunCheckpoint,
                                RunReport, check_export_options)
@@ -104,12 +105,23 @@ def _check_groups(config) -> None:
 def _check_trainer_options(trainer) -> None:
     """What Lightning takes unchecked and fails on mid-fit: a NaN clip (its
     MisconfigurationException), accumulating or validating every 0 (ZeroDivisionError), and
-    weights in half precision fed the float32 the model normalises its input to."""
+    weights in half precision fed the float32 the model normalises its input to; and what it
+    takes but is never meant: no epoch or no batch to train (the export's gate then refused an
+    untrained model, naming neither), a process a CPU device past 4 a core."""
     clip, every = trainer.get("gradient_clip_val"), trainer.get("check_val_every_n_epoch")
     accumulate, interval = trainer.get("accumulate_grad_batches", 1), \
         trainer.get("val_check_interval")
     precision = str(trainer.get("precision"))
-    check_options(("trainer.gradient_clip_val", clip, clip is None or clip >= 0, ">= 0"),
+    epochs, batches = trainer.get("max_epochs"), trainer.get("limit_train_batches")
+    check_options(("trainer.max_epochs", epochs, epochs in (None, -1) or epochs >= 1,
+                   ">= 1 (or -1: a run that ends at --trainer.max_steps or --trainer.max_time)"),
+                  ("trainer.limit_train_batches", batches, batches is None or batches > 0,
+                   "> 0 (0 trains nothing)"),
+                  ("trainer.devices", trainer.get("devices"), _cpu_processes(trainer) <=
+                   4 * usable_cores(), (f"at most {4 * usable_cores()} on CPU (a process "
+                                        f"each, 4 per core of the {usable_cores()} this "
+                                        "process may use)")),
+                  ("trainer.gradient_clip_val", clip, clip is None or clip >= 0, ">= 0"),
                   ("trainer.accumulate_grad_batches", accumulate, accumulate >= 1, ">= 1"),
                   ("trainer.check_val_every_n_epoch", every, every is None or every >= 1,
                    ">= 1"),
@@ -118,6 +130,17 @@ def _check_trainer_options(trainer) -> None:
                   ("trainer.precision", precision, precision not in ("16-true", "bf16-true"),
                    ("32-true, 64-true, 16-mixed, bf16-mixed or auto (half-precision weights "
                     "would take the float32 the model normalises its input to)")))
+
+
+def _cpu_processes(trainer) -> int:
+    """The processes a fit on CPU starts for --trainer.devices N (1 on a GPU, or where
+    Lightning chooses): --trainer.devices 100 on a 2-core machine started 100 processes of
+    several hundred MB each."""
+    import torch
+
+    devices, accelerator = str(trainer.get("devices")), str(trainer.get("accelerator"))
+    on_cpu = accelerator == "cpu" or accelerator == "auto" and not torch.cuda.is_available()
+    return int(devices) if on_cpu and devices.isdigit() else 1
 
 
 class TrainerCLI(LightningCLI):

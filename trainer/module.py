@@ -376,6 +376,11 @@ class ClassifierModule(L.LightningModule):
         from trainer.callbacks import stepping_batches
 
         total = max(1, stepping_batches(self.trainer))
+        if math.isinf(total):  # (max_epochs and max_steps -1: until max_time or a stop)
+            raise InputError(f"--trainer.max_epochs {self.trainer.max_epochs}: a run without an "
+                             f"end has no length for the {self.hparams.schedule} schedule to "
+                             "plan; set --trainer.max_epochs or --trainer.max_steps, or use "
+                             "--model.schedule constant")
         plan, step = self._restored_plan, self._restored_step
         if plan is None or plan["total"] == total:
             start = plan["start"] if plan else 0
