@@ -259,6 +259,22 @@ for label, bad, says in (("not UTF-8", b"caf\xe9", "is not UTF-8 text"),
             f"imgs: class name {os.fsdecode(bad)!r} {says}"
 
 
+for label, header, says in (
+        ("a column without a name (pandas' index)", ',a,target', "column 0 has no name (an index "
+         "written by pandas' to_csv?); name it, or leave it out: --data.exclude_columns"),
+        ("a feature name holding a newline", 'a,"b\nc",target',
+         "feature column 'b\\nc' holds a control character")):
+    @case("tables", f"fit: {label}")
+    def _(tmp, m, header=header, says=says):
+        """The pandas index became a feature (the row number); a newline went into the card
+        and every line that names the column."""
+        (tmp / "t.csv").write_text(header + "\n" + "".join(f"{i},{i % 3},{'xy'[i % 2]}\n"
+                                                            for i in range(20)))
+        return ["fit", "--config", str(ROOT / "configs" / "tabular.yaml"), "--data.root",
+                "t.csv", "--data.cache_dir", str(tmp.parent / f"{tmp.name}-cache")], \
+            f"t.csv: {says}"
+
+
 @case("tables", "fit: a target value holding a newline")
 def _(tmp, m):
     labels = ["ok", "two\nlines"] * 10

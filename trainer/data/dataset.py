@@ -326,17 +326,21 @@ def _check_split(name: str, split_name: str, split: Split, num_classes: int,
                                  "NaN or infinite")
 
 
+def text_problem(name: str) -> str | None:
+    """Why a name from the data (a class, a column) cannot be shown on one line of text: not
+    UTF-8 (a folder's name read with surrogateescape), or a control character in it."""
+    kinds = {unicodedata.category(c) for c in name}
+    return ("is not UTF-8 text" if "Cs" in kinds else
+            "holds a control character (a newline, tab or NUL)" if "Cc" in kinds else None)
+
+
 def check_class_names(names: list[str], where: str | Path) -> None:
     """Class names are text the model's users read, one line each (the card, `trainer
-    inspect`, CSV and HTTP answers, a one-line error naming one): a name that is not UTF-8
-    (a folder's name read with surrogateescape) or holds a control character (a newline, a
-    tab, NUL) is refused, as is "|", which separates the classes of a prediction set."""
+    inspect`, CSV and HTTP answers, a one-line error naming one): `text_problem`, and "|",
+    which separates the classes of a prediction set."""
     for name in names:
-        kinds = {unicodedata.category(c) for c in name}
-        problem = ("is not UTF-8 text" if "Cs" in kinds else
-                   "holds a control character (a newline, tab or NUL)" if "Cc" in kinds else
-                   "holds '|', which separates the classes of a prediction set" if "|" in name
-                   else None)
+        problem = text_problem(name) or ("holds '|', which separates the classes of a "
+                                         "prediction set" if "|" in name else None)
         if problem:
             raise InputError(f"{where}: class name {name!r} {problem}; rename the class")
 

@@ -28,7 +28,7 @@ from trainer.data.ahead import Ahead
 from trainer.data.cache import RowCache, cache_root
 from trainer.data.dataset import (FixedDataset, SourceOptions, Split, check_class_names,
                                   feature_spec, files_fingerprint, in_file_order, label_dtype,
-                                  make_dataset, value_range)
+                                  make_dataset, text_problem, value_range)
 from trainer.data.ingest import update
 from trainer.data.lazy import Labels
 from trainer.data.lineage import save_snapshot
@@ -279,6 +279,12 @@ def _feature_columns(schema, first: Path, target: str, exclude: tuple[str, ...])
                              f"{[c for c in schema.names if c != target]}")
     columns = [c for c in schema.names if c != target and c not in exclude]
     for name in columns:
+        if name == "":  # pandas' to_csv writes its index so: the row number as a feature
+            raise InputError(f"{first}: column {schema.names.index(name)} has no name (an "
+                             "index written by pandas' to_csv?); name it, or leave it out: "
+                             "--data.exclude_columns '[\"\"]'")
+        if problem := text_problem(name):
+            raise InputError(f"{first}: feature column {name!r} {problem}; rename it")
         t = schema.field(name).type
         if not (pat.is_integer(t) or pat.is_floating(t) or pat.is_boolean(t) or pat.is_null(t)):
             leave = ", ".join([*exclude, name])
