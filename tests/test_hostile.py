@@ -260,8 +260,8 @@ for label, bad, says in (("not UTF-8", b"caf\xe9", "is not UTF-8 text"),
 
 
 for label, header, says in (
-        ("a column without a name (pandas' index)", ',a,target', "column 0 has no name (an index "
-         "written by pandas' to_csv?); name it, or leave it out: --data.exclude_columns"),
+        ("a column without a name (pandas' index)", ',a,target', ("column 0 has no name (an "
+         "index written by pandas' to_csv?); name it, or leave it out: --data.exclude_columns")),
         ("a feature name holding a newline", 'a,"b\nc",target',
          "feature column 'b\\nc' holds a control character")):
     @case("tables", f"fit: {label}")
