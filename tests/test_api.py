@@ -88,6 +88,10 @@ def test_api_fit_says_what_is_wrong_in_one_line(tmp_path):
     with pytest.raises(InputError) as bad:
         api.fit(model={"width": 0}, data={"source": "digits"})
     assert "model.width" in str(bad.value) and "\n" not in str(bad.value)
+    # the sections travel through a temporary YAML file; the line names them, not it
+    with pytest.raises(InputError, match=r"--trainer\.max_epochs \(from api\.fit's keyword "
+                                         r"sections\): expected int"):
+        api.fit(trainer={"max_epochs": "two"}, data={"source": "digits"})
     with pytest.raises(InputError, match="config file not found"):
         api.fit(tmp_path / "missing.yaml")
     # a string was read a character at a time ("unknown option -"); ints an AttributeError

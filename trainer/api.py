@@ -72,7 +72,11 @@ def fit(config: str | Path | None = None, *, args: list[str] | tuple[str, ...] =
         argv += list(args)
         check_paths(argv[1:])
         tune_cpu_allocator()
-        cli = build_cli(argv)
+        try:
+            cli = build_cli(argv)
+        except InputError as exc:  # the sections' file is ours: name what the user passed
+            raise InputError(str(exc).replace(str(Path(tmp) / "sections.yaml"),
+                                              "api.fit's keyword sections")) from None
     trainer = cli.trainer
     run = Path(trainer.log_dir or trainer.default_root_dir).absolute()
     export = next((cb for cb in trainer.callbacks if type(cb).__name__ == "ExportOnnx"), None)
