@@ -101,6 +101,22 @@ for spelling in ("plain", "absolute", "dot-slash", "dot-dot", "symlink", "hard l
             "same file as --config"
 
 
+@case("same-file", "export out is the table its checkpoint trained on")
+def _(tmp, m):
+    """An export reads the checkpoint's own dataset: --out naming it wrote the model over the
+    user's training table."""
+    import torch
+
+    ckpt = torch.load(next((m["table"].parent / "checkpoints").glob("best-*.ckpt")),
+                      weights_only=True, map_location="cpu")
+    table = Path(ckpt["datamodule_hyper_parameters"]["root"])
+    (tmp / "wine.csv").write_bytes(table.read_bytes())
+    ckpt["datamodule_hyper_parameters"]["root"] = "wine.csv"
+    torch.save(ckpt, tmp / "t.ckpt")
+    return ["export", "--ckpt", "t.ckpt", "--out", "wine.csv"], \
+        "--out wine.csv: is the same file as the checkpoint's data.root wine.csv"
+
+
 @case("same-file", "predict output is the model")
 def _(tmp, m):
     (tmp / "m.csv").write_bytes(m["image"].read_bytes())

@@ -16,6 +16,7 @@ import datetime as dt
 import hashlib
 import importlib.metadata as md
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from export import drift
-from export.atomic import atomic_path
+from export.atomic import atomic_path, check_output
 from export.card import OUTPUTS, Card, HardwareChoice, ModelSettings, Training, attach_card
 from export.errors import InputError
 from export.runtime import Predictor
@@ -101,10 +102,26 @@ def module_from_checkpoint(ckpt: dict, backbone: nn.Module | None = None) -> nn.
     return module.eval()
 
 
-def held_out_from_checkpoint(ckpt: dict) -> HeldOut:
-    """Rebuild the checkpoint's DataModule (same source, same split seed) for its samples."""
+def check_not_a_data_file(out: Path, ckpt: dict) -> None:
+    """An export that reads the checkpoint's own dataset has those files as inputs: `--out`
+    naming the training table wrote the ONNX model over it."""
+    from export.tables import is_table_glob
+    from trainer.data.cache import cache_root
+
+    dm = init_args(ckpt, "datamodule_hyper_parameters")
+    root = dm.get("root")  # a glob of tables: the folder its files lie in
+    root = os.path.dirname(root) or "." if root and is_table_glob(root) else root
+    check_output(out, "--out", {"the checkpoint's data.root": root,
+                                "data.cache_dir": cache_root(dm.get("cache_dir"))})
+
+
+def held_out_from_checkpoint(ckpt: dict, out: Path | None = None) -> HeldOut:
+    """Rebuild the checkpoint's DataModule (same source, same split seed) for its samples;
+    an export's `out` that is one of its files is refused before they are read."""
     from trainer.data.datamodule import FixedDataModule
 
+    if out is not None:
+        check_not_a_data_file(out, ckpt)
     dm = from_checkpoint(FixedDataModule, ckpt, "datamodule_hyper_parameters")
     fp = checkpoint_data(ckpt).dataset.fingerprint
     if dm.dataset.fingerprint != fp:
@@ -197,10 +214,14 @@ def _variant(model: onnx.ModelProto, variant: str, data: HeldOut) -> onnx.ModelP
     return variants.to_int8(model, data.calibration_x)
 
 
-def _samples(data: HeldOut | Path | None, card: Card, quantize: str | None) -> HeldOut | None:
-    """`data` as it is, or the held-out rows of an .npz/.npy given with --samples, checked
+def _samples(data: HeldOut | Path | None, card: Card, quantize: str | None, ckpt: dict,
+             out: Path) -> HeldOut:
+    """`data` as it is, the held-out rows of an .npz/.npy given with --samples, checked
     as trainer predict checks its inputs (the card's input, one label a row of its classes):
-    a file of other shapes or labels was a traceback from the ONNX export or the gates."""
+    a file of other shapes or labels was a traceback from the ONNX export or the gates; or
+    (None) the checkpoint's own splits."""
+    if data is None:
+        return held_out_from_checkpoint(ckpt, out)
     if not isinstance(data, Path):
         return data
     from export.readers import labels_to_index, read_arrays
@@ -258,7 +279,7 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path, data: HeldOut | Pa
         raise InputError("--quantize int8 is for classifiers; its gate is accuracy")
     frozen = Frozen(module).eval()
     card = build_card(ckpt, ckpt_path).replace(opset=opset, precision=variant)
-    data = _cast(_samples(data, card, quantize) or held_out_from_checkpoint(ckpt), card.input.dtype)
+    data = _cast(_samples(data, card, quantize, ckpt, out), card.input.dtype)
     model = to_onnx(frozen, card, data.parity_x[:2], opset)
     graph = deployed(model, card, source)  # one session per graph, the validation split
     val = score(graph, data.val_x)         # scored once by it
