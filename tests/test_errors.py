@@ -261,6 +261,23 @@ def test_a_run_without_an_end_trains_until_its_time_with_a_constant_schedule(tmp
     assert list((tmp_path / "runs").glob("*/version_0/model.onnx")), proc.stderr[-3000:]
 
 
+def test_run_folders_inside_the_data_folder_are_refused_before_any_data(tmp_path, capfd):
+    """`cd photos && trainer fit --data.root .` wrote runs/ into the image folder: the next
+    fit took runs/ for a class and the run's plots for its images."""
+    from PIL import Image
+
+    for cls in ("cat", "dog"):
+        (tmp_path / cls).mkdir()
+        for i in range(4):
+            Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(tmp_path / cls / f"{i}.png")
+    rc, err = cli_in_process(["fit", "--config", str(ROOT / "configs" / "image_folder.yaml"),
+                              "--data.root", ".", "--data.cache_dir",
+                              str(tmp_path.parent / f"{tmp_path.name}-cache")], tmp_path, capfd)
+    _one_line(rc, err, "--data.root .: the run folders (runs) would be written inside it",
+              "set --trainer.logger.save_dir outside it")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cat", "dog"]
+
+
 def test_a_single_class_folder_cannot_train_a_classifier(tmp_path, capfd):
     from PIL import Image
 

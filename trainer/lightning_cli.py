@@ -59,6 +59,27 @@ def _keep_run_folder(config) -> None:
         config.trainer.logger = [file_logger, *others]
 
 
+def _check_runs_outside_data(config) -> None:
+    """Run folders written inside a folder that is listed as data (image folders, folders
+    of tables): the next fit took `runs/` for a class and its plots for images, or read its
+    metrics.csv as a table. Refused, naming both folders."""
+    from trainer import tracking
+
+    root = config.data.get("root")
+    if config.data.get("source") not in ("image_folder", "tabular") or not root or \
+            not os.path.isdir(root):
+        return
+    file_logger, _ = tracking.split_loggers(config.trainer.logger)
+    where, flag = (file_logger.init_args.save_dir, "--trainer.logger.save_dir") if file_logger \
+        else (os.path.join(config.trainer.get("default_root_dir") or ".", "lightning_logs"),
+              "--trainer.default_root_dir")
+    data, runs = Path(root).resolve(), Path(where).resolve()
+    if runs == data or data in runs.parents:
+        raise InputError(f"--data.root {root}: the run folders ({where}) would be written "
+                         "inside it, and the next fit would read their plots and tables as "
+                         f"data; set {flag} outside it, or run from another folder")
+
+
 def _no_advertising(record: logging.LogRecord) -> bool:
     """Lightning tips for a cloud service on every run: not the user's business."""
     return "litlogger" not in record.getMessage()
@@ -213,6 +234,7 @@ class TrainerCLI(LightningCLI):
             check_export_options(config.export.filename, config.export.atol,
                                  config.export.opset)
         _check_trainer_options(config.trainer)
+        _check_runs_outside_data(config)
         # Lightning unpickles checkpoints fully unless told otherwise; ours hold only
         # tensors and plain values. A config file cannot turn this off.
         config.weights_only = True
