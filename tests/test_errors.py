@@ -60,7 +60,7 @@ def test_lightnings_own_option_checks_are_one_line(tmp_path, capfd):
     """Lightning's Trainer refuses these itself (MisconfigurationException, ValueError,
     TypeError): they were tracebacks. The precision and layout choice is logged before them."""
     digits = str(ROOT / "configs" / "digits.yaml")
-    for flag, value, needle in (("--trainer.max_epochs", "-2", "`max_epochs` must be a non-"),
+    for flag, value, needle in (("--trainer.max_steps", "-2", "`max_steps` must be a non-"),
                                 ("--trainer.strategy", "nope", "invalid strategy name"),
                                 ("--trainer.devices", "-2", "`devices` selected with")):
         rc, err = cli_in_process(["fit", "--config", digits, flag, value], tmp_path, capfd)

@@ -158,11 +158,13 @@ def test_a_model_no_better_than_a_constant_is_not_exported(tmp_path):
 
 
 def test_a_run_that_never_validated_still_meets_the_baseline_gate(tmp_path):
-    """No epoch, so no recorded val/acc to check the graph against: the gate skipped the
-    baseline too and exported the untrained net (test accuracy 0.10, exit 0). The graph's
-    own validation score is what the baseline compares."""
-    proc = _fit(tmp_path, 0)
-    assert_one_line_error(proc, "final.ckpt: the model is no better than a constant answer",
+    """No validation, so no recorded val/acc to check the graph against: the gate skipped
+    the baseline too and exported the untrained net (test accuracy 0.10, exit 0). The graph's
+    own validation score is what the baseline compares. (The run was `max_epochs 0`, which is
+    now refused before the fit: one step at a vanishing rate leaves the net as untrained.)"""
+    proc = _fit(tmp_path, 1, "--trainer.limit_val_batches", "0",
+                "--trainer.limit_train_batches", "1", "--model.lr", "1e-12")
+    assert_one_line_error(proc, "the model is no better than a constant answer",
                           after_run_log=True)
     assert not list((tmp_path / "runs").rglob("model.onnx"))
 
