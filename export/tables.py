@@ -64,6 +64,14 @@ def is_table_glob(path: str | os.PathLike) -> bool:
     return any(c in str(path) for c in "*?[") and not os.path.exists(path)
 
 
+def glob_base(pattern: str) -> Path:
+    """The folder every file a glob pattern can match lies under: its parts before the first
+    one holding a wildcard (`t/*/part.csv` -> `t`)."""
+    parts = Path(pattern).parts
+    fixed = next((i for i, part in enumerate(parts) if any(c in part for c in "*?[")), len(parts))
+    return Path(*parts[:fixed]) if fixed else Path(".")
+
+
 def check_not_read_back(outputs: list[Path], source: str | os.PathLike) -> None:
     """A job's outputs must not lie where its folder or glob of tables would read them as
     tables the next time (one file that is not a table there fails every later job)."""

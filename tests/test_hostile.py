@@ -117,6 +117,22 @@ def _(tmp, m):
         "--out wine.csv: is the same file as the checkpoint's data.root wine.csv"
 
 
+@case("same-file", "export out is a table its checkpoint's glob of folders matches")
+def _(tmp, m):
+    """A glob whose folder part holds a wildcard (`t/*/part.csv`): its files lie under `t`."""
+    import torch
+
+    ckpt = torch.load(next((m["table"].parent / "checkpoints").glob("best-*.ckpt")),
+                      weights_only=True, map_location="cpu")
+    (tmp / "t" / "a").mkdir(parents=True)
+    table = Path(ckpt["datamodule_hyper_parameters"]["root"])
+    (tmp / "t" / "a" / "part.csv").write_bytes(table.read_bytes())
+    ckpt["datamodule_hyper_parameters"]["root"] = "t/*/part.csv"
+    torch.save(ckpt, tmp / "t.ckpt")
+    return ["export", "--ckpt", "t.ckpt", "--out", "t/a/part.csv"], \
+        "--out t/a/part.csv: is a file inside the checkpoint's data.root t"
+
+
 @case("same-file", "predict output is the model")
 def _(tmp, m):
     (tmp / "m.csv").write_bytes(m["image"].read_bytes())

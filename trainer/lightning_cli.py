@@ -64,10 +64,10 @@ def _check_runs_outside_data(config) -> None:
     of tables): the next fit took `runs/` for a class and its plots for images, or read its
     metrics.csv as a table. Refused, naming both folders."""
     from trainer import tracking
+    from trainer.data.sources import LISTS_ROOT
 
     root = config.data.get("root")
-    if config.data.get("source") not in ("image_folder", "tabular") or not root or \
-            not os.path.isdir(root):
+    if config.data.get("source") not in LISTS_ROOT or not root or not os.path.isdir(root):
         return
     file_logger, _ = tracking.split_loggers(config.trainer.logger)
     where, flag = (file_logger.init_args.save_dir, "--trainer.logger.save_dir") if file_logger \

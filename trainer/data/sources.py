@@ -72,6 +72,12 @@ def load_arrays(root: str | None, opts: SourceOptions) -> FixedDataset:
 SOURCES = {"digits": load_digits, "mnist": load_mnist, "cifar10": load_cifar10,
            "image_folder": load_image_folder, "tabular": load_tabular, "arrays": load_arrays}
 
+# Sources that read whatever their root folder holds (every image, every table file under
+# it): anything written inside that folder (a run's plots, its metrics.csv) is data the
+# next time.
+LISTS_ROOT = frozenset({"image_folder", "tabular"})
+
+
 
 def load_source(source: str, root: str | None, opts: SourceOptions | None = None) -> FixedDataset:
     if source not in SOURCES:
