@@ -72,6 +72,12 @@ def glob_base(pattern: str) -> Path:
     return Path(*parts[:fixed]) if fixed else Path(".")
 
 
+def root_path(root: str | None) -> str | Path | None:
+    """What a data root's files lie in, for the checks that an output is not one of them: the
+    root itself, or a glob's fixed folder."""
+    return glob_base(root) if root and is_table_glob(root) else root
+
+
 def check_not_read_back(outputs: list[Path], source: str | os.PathLike) -> None:
     """A job's outputs must not lie where its folder or glob of tables would read them as
     tables the next time (one file that is not a table there fails every later job)."""

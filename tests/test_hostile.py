@@ -133,6 +133,34 @@ def _(tmp, m):
         "--out t/a/part.csv: is a file inside the checkpoint's data.root t"
 
 
+def _wine(m) -> bytes:
+    """The table the session's tabular model trained on."""
+    import torch
+
+    ckpt = torch.load(next((m["table"].parent / "checkpoints").glob("best-*.ckpt")),
+                      weights_only=True, map_location="cpu")
+    return Path(ckpt["datamodule_hyper_parameters"]["root"]).read_bytes()
+
+
+@case("same-file", "data out is a table its glob of folders matches")
+def _(tmp, m):
+    (tmp / "t" / "a").mkdir(parents=True)
+    (tmp / "t" / "a" / "part.csv").write_bytes(_wine(m))
+    return ["data", "--config", str(ROOT / "configs" / "tabular.yaml"), "--data.root",
+            "t/*/part.csv", "--out", "t/a/part.csv"], \
+        "--out t/a/part.csv: is a file inside --data.root t"
+
+
+@case("same-file", "data out is the table its config names")
+def _(tmp, m):
+    """A root set in a config file is known only once the config is read."""
+    (tmp / "wine.csv").write_bytes(_wine(m))
+    (tmp / "c.yaml").write_text("data:\n  root: wine.csv\n  target: cultivar\n")
+    return ["data", "--config", str(ROOT / "configs" / "tabular.yaml"), "--config", "c.yaml",
+            "--data.cache_dir", str(tmp.parent / f"{tmp.name}-cache"), "--out", "wine.csv"], \
+        "--out wine.csv: is the same file as data.root wine.csv"
+
+
 @case("same-file", "predict output is the model")
 def _(tmp, m):
     (tmp / "m.csv").write_bytes(m["image"].read_bytes())

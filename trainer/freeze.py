@@ -104,13 +104,11 @@ def module_from_checkpoint(ckpt: dict, backbone: nn.Module | None = None) -> nn.
 def check_not_a_data_file(out: Path, ckpt: dict) -> None:
     """An export that reads the checkpoint's own dataset has those files as inputs: `--out`
     naming the training table wrote the ONNX model over it."""
-    from export.tables import glob_base, is_table_glob
+    from export.tables import root_path
     from trainer.data.cache import cache_root
 
     dm = init_args(ckpt, "datamodule_hyper_parameters")
-    root = dm.get("root")  # a glob of tables: the folder its files lie in
-    root = glob_base(root) if root and is_table_glob(root) else root
-    check_output(out, "--out", {"the checkpoint's data.root": root,
+    check_output(out, "--out", {"the checkpoint's data.root": root_path(dm.get("root")),
                                 "data.cache_dir": cache_root(dm.get("cache_dir"))})
 
 

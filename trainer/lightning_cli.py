@@ -332,6 +332,11 @@ class TrainerCLI(LightningCLI):
             phases.mark("build")
             super().instantiate_classes()
 
+    def build(self) -> None:
+        """Build what a parse-only CLI (`instantiate=False`) left unbuilt: the data is read."""
+        self._instantiate = True
+        self.instantiate_classes()
+
 
 def build_cli(args: list[str], run: bool = True, instantiate: bool = True) -> TrainerCLI:
     """The LightningCLI over ClassifierModule + FixedDataModule with the product's defaults.

@@ -71,15 +71,15 @@ def cmd_data(argv: list[str]) -> int:
     args, rest = p.parse_known_args(argv)
     check_paths(rest)
     from export.atomic import check_output
+    from export.tables import root_path
     from trainer.data.cache import cache_root
     from trainer.data.dataset import wide
 
     # the decoded-row cache is an input too: its index overwritten, the next run would
     # decode every file again
-    cache = cache_root(flag_value(rest, "--data.cache_dir"))
+    root, cache = flag_value(rest, "--data.root"), cache_root(flag_value(rest, "--data.cache_dir"))
     check_output(args.out, "--out", {"--config": flag_value(rest, "--config", "-c"),
-                                     "--data.root": flag_value(rest, "--data.root"),
-                                     "--data.cache_dir": cache})
+                                     "--data.root": root_path(root), "--data.cache_dir": cache})
     import zipfile
 
     import numpy as np
@@ -89,9 +89,12 @@ def cmd_data(argv: list[str]) -> int:
 
     for name in ("lightning.pytorch", "lightning.pytorch.utilities.rank_zero"):
         logging.getLogger(name).setLevel(logging.WARNING)  # no Trainer banner: no training
-    cli = build_cli(rest, run=False)
-    if cache_root(cli.datamodule.hparams.cache_dir) != cache:  # set in the config
-        check_output(args.out, "--out", {"data.cache_dir": cli.datamodule.hparams.cache_dir})
+    cli = build_cli(rest, run=False, instantiate=False)
+    data = cli.config.data  # what the config files set, before any data is read
+    check_output(args.out, "--out", {
+        "data.root": root_path(data.root) if data.root != root else None,
+        "data.cache_dir": data.cache_dir if cache_root(data.cache_dir) != cache else None})
+    cli.build()
     split = cli.datamodule.splits[args.split]
     n, step = len(split), split.chunk_rows
     # y written as int64 (as before labels were kept narrow), a chunk at a time like x: a
