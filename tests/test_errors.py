@@ -278,6 +278,21 @@ def test_run_folders_inside_the_data_folder_are_refused_before_any_data(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cat", "dog"]
 
 
+def test_a_fit_never_writes_into_an_existing_runs_folder(digits_run, tmp_path, capfd):
+    """`--trainer.logger.version 0` of a run that exists wrote the new fit's checkpoints,
+    config.yaml and model.onnx over that run's: the deployed model was lost."""
+    import shutil
+
+    shutil.copytree(digits_run, tmp_path / "runs" / "digits" / "version_0")
+    before = {p: p.read_bytes() for p in (tmp_path / "runs").rglob("*") if p.is_file()}
+    for version in ("0", "version_0"):
+        rc, err = cli_in_process(["fit", "--config", str(ROOT / "configs" / "digits.yaml"),
+                                  "--trainer.logger.version", version], tmp_path, capfd)
+        _one_line(rc, err, f"--trainer.logger.version {version}: runs/digits/version_0 holds "
+                  "a run already", "--ckpt_path runs/digits/version_0/checkpoints/last.ckpt")
+    assert {p: p.read_bytes() for p in (tmp_path / "runs").rglob("*") if p.is_file()} == before
+
+
 def test_a_single_class_folder_cannot_train_a_classifier(tmp_path, capfd):
     from PIL import Image
 

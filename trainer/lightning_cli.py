@@ -248,6 +248,7 @@ class TrainerCLI(LightningCLI):
             if self.subcommand != "fit":
                 raise InputError(f"--ckpt_path is required: a checkpoint file, `last` or "
                                  f"`best` (of the newest run under {root}/)")
+            runs.check_new_version(logger, root)
             return
         ckpt, state = runs.open_checkpoint(config.ckpt_path, root, self.subcommand)
         config.ckpt_path = str(ckpt)
@@ -259,6 +260,8 @@ class TrainerCLI(LightningCLI):
                                          f"--ckpt_path {ckpt}")
             if logger and runs.in_run_folder(ckpt):
                 runs.continue_in_run(logger, run, root)
+            else:
+                runs.check_new_version(logger, root)
         else:
             runs.take_run_data(config.data, run, self._argv, self.subcommand)
             if logger:

@@ -331,6 +331,19 @@ def open_checkpoint(value: str, root: Path, command: str) -> tuple[Path, dict]:
     return ckpt, state
 
 
+def check_new_version(logger, root: Path) -> None:
+    """A fit told `--trainer.logger.version` of a run that exists would write its
+    checkpoints, config.yaml and model.onnx over that run's (only a resume continues one)."""
+    if logger is None or logger.version is None:
+        return
+    version = logger.version
+    run = root / (version if isinstance(version, str) else f"version_{version}")
+    if run.is_dir() and any(run.iterdir()):
+        raise InputError(f"--trainer.logger.version {version}: {run} holds a run already, "
+                         f"which this fit would overwrite; resume it (--ckpt_path "
+                         f"{run / 'checkpoints' / 'last.ckpt'}) or leave the version out")
+
+
 def continue_in_run(logger, run: Path, root: Path) -> None:
     """Point the file logger of a resumed fit at the run's own folder."""
     if run.parent != root.resolve():  # a run under another save_dir/name
