@@ -239,3 +239,53 @@ def test_torchrun_trains_with_ddp_on_two_processes_and_exports_once(tmp_path):
     # trains on its own half (a single process would make 39 steps per epoch)
     assert card.training.global_step == 4 * 19
     assert card.parity.max_abs_diff <= 1e-3 and card.metrics["test/acc_onnx"] >= 0.85
+
+
+_SCRIPT = r"""
+import glob, json, os, signal, sys, threading, time
+from trainer import api
+
+before = [str(signal.getsignal(s)) for s in (signal.SIGTERM, signal.SIGINT)]
+args = ["--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+        "--data.source", "digits", "--model.arch", "mlp", "--model.width", "8"]
+out = {}
+
+def in_thread():  # signals are the main thread's: a fit elsewhere runs without handlers
+    try:
+        out["thread"] = str(api.fit(trainer={"max_epochs": 1}, args=args).model)
+    except BaseException as exc:
+        out["thread"] = repr(exc)
+
+worker = threading.Thread(target=in_thread)
+worker.start()
+worker.join()
+
+def ctrl_c_after_the_first_checkpoint():
+    while not glob.glob("runs/default/version_1/checkpoints/*.ckpt"):
+        time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGINT)
+
+threading.Thread(target=ctrl_c_after_the_first_checkpoint, daemon=True).start()
+try:
+    api.fit(trainer={"max_epochs": 1000}, args=args)
+    out["main"] = "returned"
+except KeyboardInterrupt as exc:
+    out["main"] = str(exc)
+out["handlers"] = [str(signal.getsignal(s)) for s in (signal.SIGTERM, signal.SIGINT)] == before
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow  # two short fits in one script
+def test_api_fit_leaves_the_scripts_signals_as_they_were(tmp_path):
+    """api.fit installed the CLI's SIGTERM/Ctrl-C handlers for good: after it, the script's
+    Ctrl-C printed the fit's message and raised Preempted; in a thread it was a ValueError
+    (signals are the main thread's); a Ctrl-C during it ended the script as SystemExit."""
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["thread"].endswith("runs/default/version_0/model.onnx"), out
+    kept = "runs/default/version_1/checkpoints/last.ckpt"
+    assert out["main"] == f"api.fit: interrupted; kept {kept}; resume with ckpt_path='last'"
+    assert (tmp_path / kept).is_file() and out["handlers"], out

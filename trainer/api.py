@@ -48,8 +48,9 @@ def fit(config: str | Path | None = None, *, args: list[str] | tuple[str, ...] =
     args: further command-line flags, as the command takes them
         (e.g. ["--trainer.callbacks+=EMAWeightAveraging"]).
     """
-    from trainer.cli import check_paths
+    from trainer import stops
     from trainer.allocator import tune_cpu_allocator
+    from trainer.cli import check_paths
     from trainer.lightning_cli import GROUPS, build_cli
 
     unknown = sorted(set(sections) - {*GROUPS, *VALUES})
@@ -60,7 +61,7 @@ def fit(config: str | Path | None = None, *, args: list[str] | tuple[str, ...] =
         raise InputError(f"api.fit: args must be a list of command-line strings, such as "
                          f"['--trainer.max_epochs', '3']; got {args!r:.60}")
     argv = ["fit"] + (["--config", str(config)] if config is not None else [])
-    with tempfile.TemporaryDirectory(prefix="trainer-api-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="trainer-api-") as tmp, stops.fit_signals():
         if sections:
             extra = Path(tmp) / "sections.yaml"
             try:
@@ -77,6 +78,14 @@ def fit(config: str | Path | None = None, *, args: list[str] | tuple[str, ...] =
         except InputError as exc:  # the sections' file is ours: name what the user passed
             raise InputError(str(exc).replace(str(Path(tmp) / "sections.yaml"),
                                               "api.fit's keyword sections")) from None
+        except BaseException:  # Lightning's SIGTERMException is a SystemExit
+            if not stops.ctrl_c_pressed():
+                raise
+        if stops.ctrl_c_pressed():  # the script's Ctrl-C, once the fit saved where it was
+            kept = stops.kept_checkpoint()
+            raise KeyboardInterrupt(f"api.fit: interrupted; kept {kept}; resume with "
+                                    "ckpt_path='last'" if kept else
+                                    "api.fit: interrupted; no checkpoint was saved")
     trainer = cli.trainer
     run = Path(trainer.log_dir or trainer.default_root_dir).absolute()
     export = next((cb for cb in trainer.callbacks if type(cb).__name__ == "ExportOnnx"), None)

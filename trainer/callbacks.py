@@ -131,7 +131,7 @@ class ExportOnnx(L.Callback):
         ckpt = next((p for p in paths if p), "")
         if not ckpt:
             ckpt = str(log_dir / "checkpoints" / "final.ckpt")
-            trainer.save_checkpoint(ckpt)
+            trainer.save_checkpoint(ckpt, weights_only=False)
             rank_zero_info(f"ExportOnnx: the run saved no checkpoint; saved the final "
                            f"weights to {ckpt} and exporting those")
         return ckpt
@@ -215,6 +215,9 @@ class CheckpointOnSigterm(L.Callback):
 
     saved: Path | None = None  # the checkpoint written on the last stop, for the CLI's message
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        CheckpointOnSigterm.saved = None  # not an earlier fit's (api.fit runs several)
+
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -223,7 +226,7 @@ class CheckpointOnSigterm(L.Callback):
         for cb in trainer.checkpoint_callbacks:
             if getattr(cb, "monitor", None) is None and cb.dirpath:
                 path = Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}"
-                trainer.save_checkpoint(path)
+                trainer.save_checkpoint(path, weights_only=False)
                 CheckpointOnSigterm.saved = path
                 rank_zero_info(f"SIGTERM: saved {path}; resume with --ckpt_path last")
                 return

@@ -3,10 +3,13 @@ fit stopped by Ctrl-C says which checkpoint it kept and the command that resumes
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import signal
 import sys
+import threading
+from collections.abc import Iterator
 
 
 class Preempted(BaseException):
@@ -24,6 +27,9 @@ def stop_fit_on_sigterm() -> None:
     report) this is the handler, and it raises Preempted, which the CLI reports in one line.
     The first Ctrl-C takes the same path (a KeyboardInterrupt mid-step would leave nothing
     to resume from); a second one aborts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # only the main thread may handle signals (Lightning's own skip them too)
+
     def handler(signum, frame):
         if signal.getsignal(signal.SIGTERM) is handler:
             raise Preempted()
@@ -37,6 +43,29 @@ def stop_fit_on_sigterm() -> None:
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, ctrl_c)
+
+
+@contextlib.contextmanager
+def fit_signals() -> Iterator[None]:
+    """One fit inside a caller's process (`api.fit`): the handlers `stop_fit_on_sigterm`
+    installs last for that fit only; the caller's own come back after it, and an earlier
+    fit's Ctrl-C is forgotten."""
+    main = threading.current_thread() is threading.main_thread()
+    saved = (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) if main else ()
+    CTRL_C["pressed"] = False
+    try:
+        yield
+    finally:
+        if saved:
+            signal.signal(signal.SIGTERM, saved[0])
+            signal.signal(signal.SIGINT, saved[1])
+
+
+def kept_checkpoint() -> str | None:
+    """The checkpoint a fit stopped by Ctrl-C or SIGTERM saved, if any."""
+    from trainer.callbacks import CheckpointOnSigterm
+
+    return CheckpointOnSigterm.saved
 
 
 class Stopped(BaseException):
@@ -53,11 +82,9 @@ def ctrl_c_pressed() -> bool:
 
 def after_ctrl_c(argv: list[str]) -> int:
     """After a Ctrl-C stopped a fit: the checkpoint kept and the command that resumes it."""
-    from trainer.callbacks import CheckpointOnSigterm
-
     args = [a for i, a in enumerate(argv) if a != "--ckpt_path" and
             (i == 0 or argv[i - 1] != "--ckpt_path") and not a.startswith("--ckpt_path=")]
-    kept = CheckpointOnSigterm.saved
+    kept = kept_checkpoint()
     print(f"trainer {argv[0]}: interrupted; "
           + (f"kept {kept}; resume with: trainer {shlex.join(args)} --ckpt_path last"
              if kept else "no checkpoint was saved"), file=sys.stderr)
