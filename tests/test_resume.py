@@ -164,6 +164,11 @@ def test_warm_start_from_another_datasets_weights(reference, tmp_path):
     assert card.training.parent_sha256 == sha256_file(Path(ckpt))
     shown = run_cli("inspect", str(model)).stdout
     assert f"lineage:     started from {ckpt} (sha256 {card.training.parent_sha256[:16]}" in shown
+    # another network shares none of its weights: it copied only the metrics' counters and
+    # trained from scratch while it said "copied 14 of 36 tensors"
+    proc = _fit(tmp_path, "--model.init_from", ckpt, "--model.arch", "mlp")
+    assert_one_line_error(proc, f"--model.init_from {ckpt}: none of its weights has the name "
+                          "and shape of one of this model's", after_run_log=True)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):

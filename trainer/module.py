@@ -320,9 +320,8 @@ class ClassifierModule(L.LightningModule):
             self.data = self.data.with_change(change)
 
     def _copy_matching(self, path: str, prefix: str = "") -> dict | None:
-        """Copy the tensors of a checkpoint (or, with `prefix`, a plain backbone state_dict)
-        whose names and shapes match; report how many. Returns the checkpoint (None for a
-        backbone state_dict)."""
+        """Copy the network's tensors in a checkpoint (with `prefix`: a backbone state_dict)
+        whose names and shapes match; report how many. Returns the checkpoint, if one."""
         from lightning.pytorch.utilities import rank_zero_info
 
         from export.errors import InputError
@@ -331,18 +330,21 @@ class ClassifierModule(L.LightningModule):
         if prefix:
             try:
                 source = torch.load(path, map_location="cpu", weights_only=True)
+                source = dict(source.get("state_dict", source))
             except Exception as exc:  # missing file, pickled code, not a state_dict
                 raise InputError(f"{path}: cannot load weights ({type(exc).__name__})") from None
-            ckpt, tensors = None, {prefix + k: v
-                                   for k, v in source.get("state_dict", source).items()}
+            ckpt, tensors = None, {prefix + k: v for k, v in source.items()}
         else:
             ckpt = load_checkpoint(path, "--model.init_from")
             tensors = ckpt["state_dict"]
-        own = self.state_dict()
+        own = {k: v for k, v in self.state_dict().items() if k.startswith("net.")}  # no metric
         matched = {k: v for k, v in tensors.items() if k in own and own[k].shape == v.shape}
+        if not matched.keys() & dict(self.named_parameters()).keys():  # another network
+            raise InputError(f"--model.{'backbone_weights' if prefix else 'init_from'} {path}: "
+                             "none of its weights has the name and shape of one of this model's; "
+                             "expected the same network (only the layers meant to change differ)")
         self.load_state_dict(matched, strict=False)
-        rank_zero_info(f"{path}: copied {len(matched)} of {len(own)} tensors "
-                       f"({len(own) - len(matched)} kept their fresh initialisation)")
+        rank_zero_info(f"{path}: copied {len(matched)} of the network's {len(own)} tensors")
         return ckpt
 
     def configure_optimizers(self):
