@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import lightning as L
 import numpy as np
 import pytest
 import torch
 from lightning.pytorch.callbacks import EMAWeightAveraging
+from torch import nn
 
 from export.errors import InputError
 from tests.helpers import TrainingProbe
@@ -94,6 +97,29 @@ def test_backbone_weights_from_a_local_file(tmp_path):
     trainer.fit(model, dm)
     w = model.net[1].conv1.weight.detach()
     assert torch.allclose(w, source.conv1.weight, atol=1e-6)  # copied, then a tiny step
+
+
+@pytest.mark.parametrize("content,needle", [
+    (lambda: torch.zeros(3), "found a Tensor"),
+    (lambda: {"conv1.weight": 3}, "found 'conv1.weight': int"),
+    (lambda: {"state_dict": [1, 2]}, "found a list"),
+    (lambda: {"conv1.weight": torch.zeros(2, 2)}, "none of its weights has the name and shape"),
+    (lambda: nn.Linear(3, 2).state_dict(), "none of its weights has the name and shape"),
+])
+def test_backbone_weights_that_fit_nothing_are_one_line(tmp_path, content, needle):
+    """A weights file of another network trained from scratch as if its weights were used;
+    a tensor or a dict of other values was an AttributeError traceback."""
+    torch.save(content(), tmp_path / "w.pth")
+    dm = FixedDataModule(batch_size=32)
+    model = ClassifierModule(arch="torchvision.resnet18", data_info=dm.info,
+                             backbone_weights=str(tmp_path / "w.pth"))
+    trainer = L.Trainer(max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        use_distributed_sampler=False)
+    with pytest.raises(InputError, match=f"--model.backbone_weights {tmp_path}/w.pth: .*"
+                                         f"{re.escape(needle)}"):
+        trainer.fit(model, dm)
+    assert trainer.global_step == 0
 
 
 def test_cosine_with_warmup_shape():

@@ -325,15 +325,11 @@ class ClassifierModule(L.LightningModule):
         from lightning.pytorch.utilities import rank_zero_info
 
         from export.errors import InputError
+        from trainer.models.registry import read_weights
         from trainer.runs import load_checkpoint
 
         if prefix:
-            try:
-                source = torch.load(path, map_location="cpu", weights_only=True)
-                source = dict(source.get("state_dict", source))
-            except Exception as exc:  # missing file, pickled code, not a state_dict
-                raise InputError(f"{path}: cannot load weights ({type(exc).__name__})") from None
-            ckpt, tensors = None, {prefix + k: v for k, v in source.items()}
+            ckpt, tensors = None, {prefix + k: v for k, v in read_weights(path).items()}
         else:
             ckpt = load_checkpoint(path, "--model.init_from")
             tensors = ckpt["state_dict"]

@@ -71,3 +71,25 @@ def forward_checked(net: nn.Module, x):
 
         raise InputError("a training batch of 1 row: the model's batch normalisation needs "
                          "2 or more (--data.batch_size, or more training rows)") from None
+
+
+def read_weights(path: str) -> dict:
+    """A backbone's weights file (`--model.backbone_weights`): a state_dict, or a dict
+    holding one under "state_dict", read without executing pickled code."""
+    import torch
+
+    from export.errors import InputError
+
+    try:
+        source = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # missing file, pickled code, not a torch file
+        raise InputError(f"--model.backbone_weights {path}: cannot load weights "
+                         f"({type(exc).__name__})") from None
+    weights = source.get("state_dict", source) if isinstance(source, dict) else source
+    odd = [f"{k!r}: {type(v).__name__}" for k, v in weights.items() if not isinstance(k, str)
+           or not isinstance(v, torch.Tensor)] if isinstance(weights, dict) else \
+        [f"a {type(weights).__name__}"]
+    if odd:
+        raise InputError(f"--model.backbone_weights {path}: expected a state_dict (names "
+                         f"mapped to tensors), found {str(odd[0])[:60]}")
+    return weights
