@@ -228,7 +228,11 @@ def test_training_options_out_of_range_are_one_line_before_any_data(tmp_path, ca
                                 ("--data.seed", "-1", "--data.seed must be in [0, 2**63), got -1"),
                                 ("--data.seed", str(2 ** 70), "--data.seed must be in [0, 2**63)"),
                                 ("--data.num_workers", "100000",
-                                 "--data.num_workers must be 0 to ")):
+                                 "--data.num_workers must be 0 to "),
+                                # a decoded cache of 30 GB an image: killed for memory
+                                ("--data.image_size", "[100000, 100000]",
+                                 ("--data.image_size must be two sizes >= 1 of at most "
+                                  "64,000,000 pixels"))):
         rc, err = cli_in_process(["fit", "--config", digits, flag, value], tmp_path, capfd)
         assert len(err.strip().splitlines()) == 1, err
         _one_line(rc, err, needle)

@@ -12,6 +12,7 @@ import torch
 
 from export.card import DatasetInfo
 from export.errors import InputError, check_options
+from export.imaging import MAX_PIXELS
 from export.timing import usable_cores
 from trainer.data.augment import augment_batch, augmentation_seed
 from trainer.data.dataset import FixedDataset, SourceOptions, Split
@@ -35,7 +36,9 @@ def check_data_options(*, val_fraction, test_fraction, batch_size, eval_batch_si
                   # generators and torch's take it
                   ("data.crop_padding", crop_padding, crop_padding >= 0, ">= 0"),
                   ("data.image_size", image_size, image_size is None or (
-                      len(image_size) == 2 and min(image_size) >= 1), "two sizes >= 1"),
+                      len(image_size) == 2 and min(image_size) >= 1 and
+                      image_size[0] * image_size[1] <= MAX_PIXELS),  # as a file's header
+                   f"two sizes >= 1 of at most {MAX_PIXELS:,} pixels in all"),
                   ("data.memory_budget_gb", memory_budget_gb, memory_budget_gb > 0, "> 0"),
                   ("data.gpu_memory_budget_gb", gpu_memory_budget_gb,
                    gpu_memory_budget_gb >= 0, ">= 0"),
