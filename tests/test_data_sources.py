@@ -540,6 +540,10 @@ def test_tabular_classes_are_counted_across_blocks_of_rows(monkeypatch):
     ("a,b,target\n1,2,0\n2,,1\n", r"row 1, column 'b' is empty"),
     ("a,b,target\n1,2,0\n2,1e39,1\n", r"row 1, column 'b' is 1e\+39, which overflows float32"),
     ("a,b,target\n", r"the table has no rows"),
+    # a regression target named by the split's shuffled row, or past float32 as "NaN"
+    ("a,target\n1,0.5\n2,1e300\n",
+     r"row 1, target column 'target' is 1e\+300, which overflows float32"),
+    ("a,target\n1,0.5\n2,0.25\n3,-inf\n", r"row 2, target column 'target' is NaN or infinite"),
 ])
 def test_tabular_bad_input(tmp_path, text, message):
     with pytest.raises(InputError, match=r"t.csv: " + message):

@@ -36,6 +36,7 @@ from trainer.data.records import places
 
 CONVERT_ROWS = 4096  # rows of features converted to float32 together
 GATHER_ROWS = 1 << 18  # rows of the cached target read together
+F32_MAX = float(np.finfo(np.float32).max)  # a regression target is trained as float32
 VOCAB_LOCK = threading.Lock()  # the string labels' codes, assigned as files are decoded
 BATCH_ROWS = 1 << 16  # rows of a file decoded together
 # Files decoded ahead of their writing (ahead.py, _ahead_width), each holding at most DEPTH
@@ -157,6 +158,10 @@ def _batches(fragment, schema, columns, target, path, vocab: list[str], ranges: 
                 y = np.array([known[v] for v in values], np.int64)
             else:
                 y = t.to_numpy(zero_copy_only=False).astype(np.float64)
+                odd = np.flatnonzero(~(np.abs(y) <= F32_MAX))  # NaN, infinite, past float32
+                if len(odd):
+                    raise InputError(f"{path}: row {row + int(odd[0])}, target column {target!r} "
+                                     f"{describe_nonfinite(float(y[odd[0]]))}")
             row, lo, hi = row + len(y), min(lo, batch_lo), max(hi, batch_hi)
             batch = table = t = values = None  # not held while the batch waits to be written
             yield {"x": x, "y": y}
