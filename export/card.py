@@ -16,6 +16,7 @@ from typing import Any
 from export.conformal import Calibration
 from export.driftref import DriftReference, summary_names
 from export.errors import InputError, require_file
+from export.names import check_class_names, shown
 from export.records import (Record, entry, fail, is_count, is_dict, is_num, is_str, list_of,
                             load_json, one_of)
 
@@ -268,6 +269,12 @@ class Card(Record):
     def validate(self, source: str) -> None:
         if not self.regression and not self.class_names:
             raise InputError(f"{source}: model card field 'class_names' is empty for a classifier")
+        # what training refuses; a card edited or written elsewhere reached every answer
+        check_class_names(self.class_names, f"{source}: model card field 'class_names'")
+        if len(set(self.class_names)) < len(self.class_names):
+            twice = next(n for i, n in enumerate(self.class_names) if n in self.class_names[:i])
+            raise InputError(f"{source}: model card field 'class_names' holds {shown(twice)} "
+                             "twice; expected one name a class")
         want = OUTPUTS[self.task]
         if self.outputs != want:
             raise InputError(f"{source}: model card field 'outputs' is {list(self.outputs)}; a "

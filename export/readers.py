@@ -25,6 +25,7 @@ from export.card import InputSpec
 from export.errors import InputError, require_file
 from export.jobstate import name_under, no_images
 from export.listing import BLOCK, SortedNames
+from export.names import shown
 from export.timing import available_memory
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
@@ -90,7 +91,10 @@ def labels_to_index(y: np.ndarray, class_names: list[str], source: str,
     index = {name: i for i, name in enumerate(class_names)}
     unknown = [str(v) for v in y if str(v) not in index]
     if unknown:
-        raise InputError(f"{source}: label {unknown[0]!r} is not one of the classes {class_names}")
+        listed = ", ".join(map(shown, class_names[:10])) + (
+            f", ... ({len(class_names)} in all)" if len(class_names) > 10 else "")
+        raise InputError(f"{source}: label {shown(unknown[0])} is not one of the classes "
+                         f"({listed})")
     return np.array([index[str(v)] for v in y], dtype=np.int64)
 
 

@@ -544,6 +544,9 @@ def test_tabular_classes_are_counted_across_blocks_of_rows(monkeypatch):
     ("a,target\n1,0.5\n2,1e300\n",
      r"row 1, target column 'target' is 1e\+300, which overflows float32"),
     ("a,target\n1,0.5\n2,0.25\n3,-inf\n", r"row 2, target column 'target' is NaN or infinite"),
+    # a column of free text taken for the target: every answer would carry such a name
+    ("a,target\n1,x\n2," + "y" * 300 + "\n",
+     r"row 1: class name 'y{57}'\.\.\. \(300 characters\) is longer than 256 characters"),
 ])
 def test_tabular_bad_input(tmp_path, text, message):
     with pytest.raises(InputError, match=r"t.csv: " + message):

@@ -617,6 +617,14 @@ CARDS = {
     "dtype not the graph's": (_set("input.dtype", "float32"), "'input.dtype'"),
     "shape not the graph's": (_set("input.shape", [1, 9, 9]), "'input.shape'"),
     "more classes than logits": (_set("class_names", [str(i) for i in range(12)]), "12 classes"),
+    # what training refuses; each answer named the same class for two logits, or went
+    # over lines (a newline), or was a 10 MB one-line error
+    "a class named twice": (_set("class_names", ["0", "1", "2", "3", "4", "5", "6", "7", "8",
+                                                 "1"]), "'class_names' holds '1' twice"),
+    "a class name over lines": (_set("class_names", ["0\n1", *"123456789"]),
+                                "class name '0\\n1' holds a control character"),
+    "a class name of 1 MB": (_set("class_names", ["c" * 2**20, *"123456789"]),
+                             "(1,048,576 characters) is longer than 256"),
     "outputs renamed": (_set("outputs", ["scores", "probabilities"]), "'outputs'"),
     "metrics not numbers": (_set("metrics", {"val/acc": "high"}), "'metrics'"),
     "parity without fields": (_set("parity", {"samples": 3}), "'parity.max_abs_diff'"),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
-import unicodedata
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import numpy as np
 from export.card import InputSpec
 from export.errors import InputError
 from export.imaging import PREPROCESSING
+from export.names import check_class_names
 from trainer.data.bucketsort import bucket_sorted
 from trainer.data.records import READ_ROWS, Records, places
 from trainer.data.split import Picked
@@ -324,25 +324,6 @@ def _check_split(name: str, split_name: str, split: Split, num_classes: int,
                 col = int(np.flatnonzero(~finite[row])[0])
                 raise InputError(f"{name}: {split_name} row {start + row}, feature {col} is "
                                  "NaN or infinite")
-
-
-def text_problem(name: str) -> str | None:
-    """Why a name from the data (a class, a column) cannot be shown on one line of text: not
-    UTF-8 (a folder's name read with surrogateescape), or a control character in it."""
-    kinds = {unicodedata.category(c) for c in name}
-    return ("is not UTF-8 text" if "Cs" in kinds else
-            "holds a control character (a newline, tab or NUL)" if "Cc" in kinds else None)
-
-
-def check_class_names(names: list[str], where: str | Path) -> None:
-    """Class names are text the model's users read, one line each (the card, `trainer
-    inspect`, CSV and HTTP answers, a one-line error naming one): `text_problem`, and "|",
-    which separates the classes of a prediction set."""
-    for name in names:
-        problem = text_problem(name) or ("holds '|', which separates the classes of a "
-                                         "prediction set" if "|" in name else None)
-        if problem:
-            raise InputError(f"{where}: class name {name!r} {problem}; rename the class")
 
 
 def make_dataset(name: str, train: Split, test: Split | None, class_names: list[str],

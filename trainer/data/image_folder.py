@@ -21,10 +21,11 @@ import numpy as np
 
 from export.errors import InputError
 from export.listing import RUN, SortedNames
+from export.names import check_class_names
 from trainer.data.cache import RowCache, cache_root
-from trainer.data.dataset import (FixedDataset, SourceOptions, Split, check_class_names,
-                                  file_rows, files_fingerprint, image_spec, label_dtype,
-                                  make_dataset, require_root)
+from trainer.data.dataset import (FixedDataset, SourceOptions, Split, file_rows,
+                                  files_fingerprint, image_spec, label_dtype, make_dataset,
+                                  require_root)
 from trainer.data.ingest import update
 from trainer.data.lineage import save_snapshot
 from trainer.data.paths import PathList, encode_path

@@ -20,15 +20,16 @@ from pathlib import Path
 import numpy as np
 
 from export.errors import InputError
+from export.names import check_class_names, text_problem
 from export.timing import usable_cores
 from export.tables import describe_nonfinite, table_files
 from export.tableschema import check_schema, partition_keys, table_dataset, unreadable
 from trainer.allocator import release_arrow_memory
 from trainer.data.ahead import Ahead
 from trainer.data.cache import RowCache, cache_root
-from trainer.data.dataset import (FixedDataset, SourceOptions, Split, check_class_names,
-                                  feature_spec, files_fingerprint, in_file_order, label_dtype,
-                                  make_dataset, text_problem, value_range)
+from trainer.data.dataset import (FixedDataset, SourceOptions, Split, feature_spec,
+                                  files_fingerprint, in_file_order, label_dtype, make_dataset,
+                                  value_range)
 from trainer.data.ingest import update
 from trainer.data.lazy import Labels
 from trainer.data.lineage import save_snapshot
