@@ -20,7 +20,9 @@ from export.jobstate import name_under
 from export.readers import IMAGE_SUFFIXES, Chunk, labels_to_index
 from export.tableschema import (
     FolderSchema,
+    bytes_column,
     check_column_names,
+    check_csv_columns,
     check_schema,
     table_dataset,
     unreadable,
@@ -220,6 +222,8 @@ def _table_chunks_in(path: Path, spec: InputSpec, class_names, rows: int, first:
         for batch in batches:  # re-cut the reader's batches into chunks of exactly `rows`
             if done == 0 and pending is None:
                 check_column_names(batch.schema.names, path)
+                if path.suffix.lower() == ".csv":
+                    check_csv_columns(batch.schema.names, path, {})
             pending = batch if pending is None else _concat(pending, batch)
             while pending.num_rows >= rows:
                 part, pending = pending.slice(0, rows), pending.slice(rows)
@@ -273,6 +277,8 @@ def table_chunk(path: Path, batch, columns, class_names, target, offset: int,
              if n not in columns and n != target}
     y = None
     if target and target in names:
+        if error := bytes_column(path, target, batch.schema.field(target).type):
+            raise error
         raw = batch.column(names.index(target)).to_numpy(zero_copy_only=False)
         y = labels_to_index(raw, class_names, f"{path}:{target}", by_name=True)
     ids = [f"{under}:{offset + i}" if under else str(offset + i) for i in range(batch.num_rows)]

@@ -40,7 +40,31 @@ def table_dataset(base: Path, files: list[Path], fmt: str, partitioning="hive", 
         raise unreadable(files[0], exc) from None
     if schema is None and any(pa.types.is_null(field.type) for field in dataset.schema):
         return table_dataset(base, files, fmt, partitioning, _typed_schema(dataset))
+    if fmt == "csv":
+        check_csv_columns(dataset.schema.names, files[0], hive_keys(base, files[0]))
     return dataset
+
+
+def check_csv_columns(names: list[str], path: Path, keys: dict) -> None:
+    """A CSV read as a single column whose name holds ';' or a tab: a file separated by
+    them, not by commas (the error would otherwise be a missing column)."""
+    own = [name for name in names if name not in keys]
+    sep = next((c for c in ";\t|" if len(own) == 1 and c in own[0]), None)
+    if sep is not None:
+        raise InputError(f"{path}: reads as one column {own[0]!r}, its values separated by "
+                         f"{sep!r}; expected a comma-separated file")
+
+
+def bytes_column(path: Path, name: str, type_) -> InputError | None:
+    """A CSV column read as bytes where text is expected (class labels): text that is not
+    UTF-8 (a Parquet file's bytes are bytes, named so where they are refused)."""
+    import pyarrow.types as pat
+
+    if Path(path).suffix.lower() == ".csv" and (pat.is_binary(type_) or
+                                                 pat.is_large_binary(type_)):
+        return InputError(f"{path}: column {name!r} holds text that is not UTF-8; save the "
+                          "file as UTF-8")
+    return None
 
 
 def hive_keys(base: Path, path: Path) -> dict[str, str]:

@@ -533,6 +533,12 @@ def test_tabular_classes_are_counted_across_blocks_of_rows(monkeypatch):
     assert names == ["-3", "0", "1", "2", "7"] and y.tolist() == [2, 1, 2, 1, 3, 4, 3, 1, 2, 0]
 
 
+def test_tabular_labels_not_utf8_are_named_as_such(tmp_path):
+    (tmp_path / "t.csv").write_bytes(b"a,target\n1,caf\xe9\n2,th\xe9\n")
+    with pytest.raises(InputError, match=r"t.csv: column 'target' holds text that is not UTF-8"):
+        load_source("tabular", str(tmp_path / "t.csv"))
+
+
 @pytest.mark.parametrize("text,message", [
     ("a,b\n1,2\n", r"missing target column 'target'"),
     ("a,b,target\n1,x,0\n2,y,1\n", r"feature column 'b' is string, expected numbers"),
@@ -544,6 +550,7 @@ def test_tabular_classes_are_counted_across_blocks_of_rows(monkeypatch):
     ("a,target\n1,0.5\n2,1e300\n",
      r"row 1, target column 'target' is 1e\+300, which overflows float32"),
     ("a,target\n1,0.5\n2,0.25\n3,-inf\n", r"row 2, target column 'target' is NaN or infinite"),
+    ("a;b;target\n1;2;x\n", r"reads as one column 'a;b;target', its values separated by ';'"),
     # a column of free text taken for the target: every answer would carry such a name
     ("a,target\n1,x\n2," + "y" * 300 + "\n",
      r"row 1: class name 'y{57}'\.\.\. \(300 characters\) is longer than 256 characters"),

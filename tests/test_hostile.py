@@ -214,6 +214,24 @@ def _(tmp, m):
         "row 0, column 'alcohol' is 1e+39, which overflows float32"
 
 
+@case("tables", "csv: separated by semicolons")
+def _(tmp, m):
+    """Read as one column: the line named a missing feature column, not the separator."""
+    (tmp / "t.csv").write_text(";".join(m["header"]) + "\n" +
+                               ";".join(m["row"].split(",")[:-1]) + "\n")
+    return ["predict", "--model", str(m["table"]), "--input", "t.csv", "--output", "p.csv"], \
+        "its values separated by ';'; expected a comma-separated file"
+
+
+@case("tables", "csv: labels saved in Latin-1")
+def _(tmp, m):
+    """Read as bytes: every label was "b'caf\\xe9'", not one of the classes."""
+    (tmp / "t.csv").write_bytes((",".join([*m["header"], "cultivar"]) + "\n" +
+                                 m["row"].rsplit(",", 1)[0] + ",").encode() + b"caf\xe9\n")
+    return ["predict", "--model", str(m["table"]), "--input", "t.csv", "--output", "p.csv"], \
+        "column 'cultivar' holds text that is not UTF-8"
+
+
 PARQUETS = {
     "text named .parquet": lambda good: b"id,value\n1,2\n",
     "truncated": lambda good: good[: len(good) // 2],

@@ -23,7 +23,8 @@ from export.errors import InputError
 from export.names import check_class_names, text_problem
 from export.timing import usable_cores
 from export.tables import describe_nonfinite, table_files
-from export.tableschema import check_schema, partition_keys, table_dataset, unreadable
+from export.tableschema import (bytes_column, check_schema, partition_keys, table_dataset,
+                                 unreadable)
 from trainer.allocator import release_arrow_memory
 from trainer.data.ahead import Ahead
 from trainer.data.cache import RowCache, cache_root
@@ -325,6 +326,8 @@ def load_tabular(root: str | None, opts: SourceOptions) -> FixedDataset:
     dataset = table_dataset(base, files, fmt)
     schema, origin = dataset.schema, Path(root)
     columns = _feature_columns(schema, files[0], opts.target, opts.exclude_columns)
+    if error := bytes_column(files[0], opts.target, schema.field(opts.target).type):
+        raise error
     task, y_dtype = _target_kind(schema.field(opts.target).type, opts.task,
                                  f"{files[0]}: target column {opts.target!r} (data.target)")
     fragments = {str(Path(f.path)): f for f in dataset.get_fragments()}
