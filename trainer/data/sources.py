@@ -78,7 +78,6 @@ SOURCES = {"digits": load_digits, "mnist": load_mnist, "cifar10": load_cifar10,
 LISTS_ROOT = frozenset({"image_folder", "tabular"})
 
 
-
 def load_source(source: str, root: str | None, opts: SourceOptions | None = None) -> FixedDataset:
     if source not in SOURCES:
         raise InputError(f"data.source: unknown source {source!r}; expected one of "
