@@ -20,6 +20,19 @@ REPRODUCIBLE = ("--trainer.precision", "32-true", "--model.channels_last", "fals
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _ctrl_c_reaches_the_commands():
+    """A suite started as a background job of a script (`.ci/run &`) inherits SIGINT
+    ignored, and so would every command it starts, which keep it so, as a background job
+    should: the Ctrl-C tests send SIGINT to their commands as a terminal does to its
+    foreground job, so the commands start with it as a terminal's would."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # SIG_DFL in a child
+    yield
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _private_data_cache(tmp_path_factory):
     """Decoded-row caches of the whole session (in-process and CLI runs) go to a temporary
     folder, never the user's ~/.cache."""

@@ -183,22 +183,15 @@ def test_killed_job_resumes_without_losing_or_duplicating_rows(digits_run, tmp_p
 
     out = tmp_path / "p.csv"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    job = subprocess.Popen([sys.executable, "-m", "trainer", "predict", *args, "--output",
+                            str(out)], env=env, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)
     partial = tmp_path / ".p.csv.partial"
-    for _ in range(3):  # a poller starved on a loaded machine may see the parts only at the end
-        job = subprocess.Popen([sys.executable, "-m", "trainer", "predict", *args, "--output",
-                                str(out)], env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
-        deadline, seen = time.time() + 60, 0
-        while seen < 5 and job.poll() is None and time.time() < deadline:
-            time.sleep(0.02)
-            seen = len(list(partial.glob("part-*.json")))
-        job.send_signal(getattr(signal, name))
-        _, err = job.communicate(timeout=60)
-        if job.returncode != 0 or seen < 50:  # stopped mid-job: judged below
-            break
-        for written in tmp_path.glob("p.*"):  # it had finished: again
-            written.unlink()
-    assert seen >= 5, f"the job ended before it wrote 5 parts: {err}"
+    deadline = time.time() + 60
+    while len(list(partial.glob("part-*.json"))) < 5 and time.time() < deadline:
+        time.sleep(0.02)
+    job.send_signal(getattr(signal, name))
+    _, err = job.communicate(timeout=60)
     if name == "SIGKILL":
         assert job.returncode == -9
     else:  # Ctrl-C or a scheduler's SIGTERM: one line, the parts kept, how to resume

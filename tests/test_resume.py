@@ -4,6 +4,7 @@ checkpoint from other data or another architecture, warm start, and the NaN guar
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -113,6 +114,25 @@ def test_a_resumed_run_keeps_the_hardware_choices_of_its_checkpoint(tmp_path):
     assert record["reason"].endswith("kept from the checkpoint on resume")
     assert (record["precision"], record["channels_last"]) == \
         (chosen["precision"], chosen["channels_last"])
+
+
+@pytest.mark.slow  # a whole fit
+def test_a_fit_started_with_ctrl_c_ignored_keeps_ignoring_it(reference, tmp_path):
+    """A script's background job (`trainer fit ... &`) starts with SIGINT ignored, so the
+    script's Ctrl-C does not stop it; fit installed its own Ctrl-C handler over that."""
+    import signal
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "trainer", "fit", "--config",
+            str(ROOT / "configs" / "digits.yaml"), "--trainer.max_epochs", EPOCHS,
+            "--trainer.enable_progress_bar", "false", "--export.enabled", "false",
+            *REPRODUCIBLE, _signal_at(10, "SIGINT")]
+    proc = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert proc.returncode == 0 and "interrupted" not in proc.stderr, proc.stderr[-2000:]
+    _same_training(_last(tmp_path, 0), reference[0])
 
 
 def _other_digits(tmp_path):

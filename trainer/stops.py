@@ -26,7 +26,8 @@ def stop_fit_on_sigterm() -> None:
     batch (CheckpointOnSigterm saves). Anywhere else (setup, the export at fit's end, the
     report) this is the handler, and it raises Preempted, which the CLI reports in one line.
     The first Ctrl-C takes the same path (a KeyboardInterrupt mid-step would leave nothing
-    to resume from); a second one aborts at once."""
+    to resume from); a second one aborts at once. A process started with SIGINT ignored (a
+    script's background job) keeps ignoring it, as Python itself does."""
     if threading.current_thread() is not threading.main_thread():
         return  # only the main thread may handle signals (Lightning's own skip them too)
 
@@ -42,7 +43,8 @@ def stop_fit_on_sigterm() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, ctrl_c)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # a background job's stays so
+        signal.signal(signal.SIGINT, ctrl_c)
 
 
 @contextlib.contextmanager
