@@ -63,7 +63,6 @@ def _check_runs_outside_data(config) -> None:
     """Run folders written inside a folder that is listed as data (image folders, folders
     of tables): the next fit took `runs/` for a class and its plots for images, or read its
     metrics.csv as a table. Refused, naming both folders."""
-    from trainer import tracking
     from trainer.data.sources import LISTS_ROOT
 
     root = config.data.get("root")

@@ -20,6 +20,11 @@ class Preempted(BaseException):
 CTRL_C = {"pressed": False}  # set by the first Ctrl-C of a fit
 
 
+def _in_main_thread() -> bool:
+    """Only the main thread may install signal handlers (Lightning's own skip them too)."""
+    return threading.current_thread() is threading.main_thread()
+
+
 def stop_fit_on_sigterm() -> None:
     """From here on SIGTERM never kills the process mid-write. While a Lightning loop runs,
     Lightning's own handler is installed and calls this one too: Lightning stops at the next
@@ -28,8 +33,8 @@ def stop_fit_on_sigterm() -> None:
     The first Ctrl-C takes the same path (a KeyboardInterrupt mid-step would leave nothing
     to resume from); a second one aborts at once. A process started with SIGINT ignored (a
     script's background job) keeps ignoring it, as Python itself does."""
-    if threading.current_thread() is not threading.main_thread():
-        return  # only the main thread may handle signals (Lightning's own skip them too)
+    if not _in_main_thread():
+        return
 
     def handler(signum, frame):
         if signal.getsignal(signal.SIGTERM) is handler:
@@ -52,8 +57,8 @@ def fit_signals() -> Iterator[None]:
     """One fit inside a caller's process (`api.fit`): the handlers `stop_fit_on_sigterm`
     installs last for that fit only; the caller's own come back after it, and an earlier
     fit's Ctrl-C is forgotten."""
-    main = threading.current_thread() is threading.main_thread()
-    saved = (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) if main else ()
+    saved = (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) \
+        if _in_main_thread() else ()
     CTRL_C["pressed"] = False
     try:
         yield

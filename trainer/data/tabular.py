@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from export.errors import InputError
-from export.names import check_class_names, text_problem
+from export.names import check_class_names, shown, text_problem
 from export.timing import usable_cores
 from export.tables import describe_nonfinite, table_files
 from export.tableschema import (bytes_column, check_schema, partition_keys, table_dataset,
@@ -291,11 +291,11 @@ def _feature_columns(schema, first: Path, target: str, exclude: tuple[str, ...])
                              "index written by pandas' to_csv?); name it, or leave it out: "
                              "--data.exclude_columns '[\"\"]'")
         if problem := text_problem(name):
-            raise InputError(f"{first}: feature column {name!r} {problem}; rename it")
+            raise InputError(f"{first}: feature column {shown(name)} {problem}; rename it")
         t = schema.field(name).type
         if not (pat.is_integer(t) or pat.is_floating(t) or pat.is_boolean(t) or pat.is_null(t)):
             leave = ", ".join([*exclude, name])
-            raise InputError(f"{first}: feature column {name!r} is {t}, expected numbers (a "
+            raise InputError(f"{first}: feature column {shown(name)} is {t}, expected numbers (a "
                              f"column that is not a feature: --data.exclude_columns '[{leave}]')")
     if not columns:
         raise InputError(f"{first}: no feature column left; the table has {schema.names}")

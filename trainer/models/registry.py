@@ -91,5 +91,5 @@ def read_weights(path: str) -> dict:
         [f"a {type(weights).__name__}"]
     if odd:
         raise InputError(f"--model.backbone_weights {path}: expected a state_dict (names "
-                         f"mapped to tensors), found {str(odd[0])[:60]}")
+                         f"mapped to tensors), found {odd[0][:60]}")
     return weights
