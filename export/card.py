@@ -9,15 +9,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from export.conformal import Calibration
+from export.dataset_card import DatasetChange, DatasetInfo
 from export.driftref import DriftReference, summary_names
 from export.errors import InputError, require_file
 from export.names import check_class_names, shown
-from export.records import (Record, entry, fail, is_count, is_dict, is_num, is_str, list_of,
+from export.records import (Record, entry, fail, is_bool, is_dict, is_num, is_str, list_of,
                             load_json, one_of)
 
 CARD_KEY = "frozenfit.card"
@@ -119,10 +120,6 @@ class Quantization(Record):
     val_samples: int = entry(is_num, "a number")
 
 
-def _is_bool(v) -> bool:
-    return isinstance(v, bool)
-
-
 @dataclass(frozen=True, kw_only=True)
 class HardwareChoice(Record):
     """The precision and memory layout a fit ran with, and why: decided once
@@ -135,7 +132,7 @@ class HardwareChoice(Record):
     isa: str | None = entry(is_str, "torch's CPU capability", None)
     bf16_native: tuple | None = entry(list_of(is_str), "a list of CPU features", None)
     capability: str | None = entry(is_str, "a CUDA compute capability", None)
-    channels_last: bool | None = entry(_is_bool, "true or false", None)
+    channels_last: bool | None = entry(is_bool, "true or false", None)
     layout_reason: str | None = entry(is_str, "a sentence", None)
     step_ms: dict | None = entry(is_dict, "an object of milliseconds", None)
 
@@ -147,48 +144,6 @@ class HardwareChoice(Record):
     def kept_on_resume(self) -> HardwareChoice:
         return dataclasses.replace(self, reason=(self.reason or "").removesuffix(self.KEPT)
                                    + self.KEPT)
-
-
-@dataclass(frozen=True, kw_only=True)
-class DatasetChange(Record):
-    """Lineage: what changed in the data since the dataset of the parent model
-    (`--model.init_from`), from the source's per-file snapshots (trainer/data/lineage.py).
-    Changed files (same path, other content) count in both row totals."""
-
-    parent_fingerprint: str = entry(is_str, "a SHA-256 hex string")
-    known: bool = entry(_is_bool, "true or false")
-    note: str | None = entry(is_str, "a sentence", None)
-    files_added: int | None = entry(is_num, "a number", None)
-    files_removed: int | None = entry(is_num, "a number", None)
-    files_changed: int | None = entry(is_num, "a number", None)
-    files_unchanged: int | None = entry(is_num, "a number", None)
-    rows_added: int | None = entry(is_num, "a number", None)
-    rows_removed: int | None = entry(is_num, "a number", None)
-
-    def line(self) -> str:
-        since = f"since the parent's dataset {self.parent_fingerprint[:12]}"
-        if not self.known:
-            return f"not known {since}: {self.note}"
-        if self.files_added is None:
-            return f"none {since} ({self.note})"
-        return (f"{self.files_added:,} files added, {self.files_removed:,} removed, "
-                f"{self.files_changed:,} changed ({self.rows_added:,} rows in, "
-                f"{self.rows_removed:,} out) {since}")
-
-
-@dataclass(frozen=True, kw_only=True)
-class DatasetInfo(Record):
-    """Which fixed dataset the model learned from, and how it was split."""
-
-    name: str = entry(is_str, "a name")
-    fingerprint: str = entry(is_str, "a SHA-256 hex string")
-    split_sizes: dict | None = entry(lambda v: is_dict(v) and all(map(is_count, v.values())),
-                                     "an object of row counts", None)
-    class_counts: tuple[int, ...] | None = entry(list_of(is_count), "a list of counts", None)
-    source: str | None = entry(is_str, "a source name", None)
-    target: str | None = entry(is_str, "a column name", None)
-    split_seed: int | None = entry(is_num, "a number", None)
-    change: DatasetChange | None = entry(None, "an object", None, record=DatasetChange)
 
 
 def _is_layout(v) -> bool:

@@ -23,6 +23,8 @@ def format_card(card: Card) -> str:
         f"dataset:     {data.name} fingerprint {data.fingerprint[:16]}... splits "
         + (", ".join(f"{k} {v:,}" for k, v in splits.items()) if splits else "unknown"),
     ]
+    if data.copies and (copies := data.copies.line()):
+        lines.append(f"copies:      {copies}")
     if card.metrics:
         lines.append("metrics:     " + ", ".join(
             f"{k}={int(v)}" if float(v).is_integer() and "samples" in k else f"{k}={v:.4f}"

@@ -34,6 +34,10 @@ def is_num(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def is_bool(v) -> bool:
+    return isinstance(v, bool)
+
+
 def is_count(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 

@@ -3,6 +3,7 @@ budget, streamed from a memory map when it does not."""
 
 from __future__ import annotations
 
+import sys
 from functools import cached_property
 from typing import Literal
 
@@ -10,11 +11,12 @@ import lightning as L
 import numpy as np
 import torch
 
-from export.card import DatasetInfo
+from export.dataset_card import DatasetInfo
 from export.errors import InputError, check_options
 from export.imaging import MAX_PIXELS
 from export.timing import usable_cores
 from trainer.data.augment import augment_batch, augmentation_seed
+from trainer.data.copies import count_copies, keep_together
 from trainer.data.dataset import FixedDataset, SourceOptions, Split
 from trainer.data.info import DataInfo, Normalization
 from trainer.data.loader import EpochSampler, InMemoryLoader, block_rows, streaming_loader
@@ -102,6 +104,7 @@ class FixedDataModule(L.LightningDataModule):
         check_data_options(**{k: v for k, v in locals().items() if k != "self"})
         self.save_hyperparameters(logger=False)  # loggers get the resolved config instead
         self.tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.kept_together = 0  # samples the split moved to the part of their first copy
 
     @cached_property
     def dataset(self) -> FixedDataset:
@@ -135,6 +138,8 @@ class FixedDataModule(L.LightningDataModule):
             fracs.append(hp.test_fraction)
         # each row's part in a byte; the parts read through it (no rows or labels of their own)
         notes = split_notes(strata, fracs, hp.seed) if fracs else None
+        if notes is not None and ds.history is not None:  # copies known by content
+            self.kept_together = keep_together(notes, ds.train)
         parts = [ds.train.pick(notes, k) for k in range(len(fracs) + 1)] if fracs else [ds.train]
         held = iter(parts[:-1])
         out = {"train": parts[-1],
@@ -143,7 +148,9 @@ class FixedDataModule(L.LightningDataModule):
         for name, split in out.items():
             if len(split) == 0:
                 raise InputError(f"{ds.name}: the {name} split is empty; the dataset has "
-                                 f"{len(ds.train)} rows (data.val_fraction/test_fraction)")
+                                 f"{len(ds.train)} rows (data.val_fraction/test_fraction)"
+                                 + (f", {self.kept_together} of them copies kept in the "
+                                    "split of their first" if self.kept_together else ""))
         return out
 
     @cached_property
@@ -153,12 +160,16 @@ class FixedDataModule(L.LightningDataModule):
         ds, hp = self.dataset, self.hparams
         stats = training_stats(self.splits["train"], ds.num_classes, ds.input_spec.value_range,
                                hp.seed)
+        copies = None if ds.history is None else \
+            count_copies(self.splits, ds.num_classes > 0, self.kept_together)
+        if copies is not None and (line := copies.line()):
+            print(f"data: {ds.name}: {line}", file=sys.stderr)
         return DataInfo(
             task=ds.task, input=ds.input_spec, class_names=tuple(ds.class_names),
             normalization=Normalization(mean=tuple(stats["mean"]), std=tuple(stats["std"])),
             dataset=DatasetInfo(
                 name=ds.name, source=hp.source, fingerprint=ds.fingerprint, split_seed=hp.seed,
-                split_sizes={k: len(v) for k, v in self.splits.items()},
+                split_sizes={k: len(v) for k, v in self.splits.items()}, copies=copies,
                 target=hp.target if hp.source == "tabular" else None),
             stats=stats)
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from export.card import OUTPUTS, DatasetChange, DatasetInfo, InputSpec
+from export.card import OUTPUTS, InputSpec
+from export.dataset_card import DatasetChange, DatasetInfo
 from export.records import Record, entry, is_dict, is_num, list_of, one_of
 
 

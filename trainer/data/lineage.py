@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from export.atomic import atomic_path
-from export.card import DatasetChange, DatasetInfo
+from export.dataset_card import DatasetChange, DatasetInfo
 from trainer.data.bucketsort import bucket_sorted
 from trainer.data.records import (READ_ROWS, Records, pread_rows, read_npy_header,
                                   write_npy_header)
