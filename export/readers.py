@@ -189,11 +189,13 @@ def _idx_chunks(path: Path, class_names, rows: int, first: int) -> Iterator[Chun
 
 
 def is_image_input(path: Path) -> bool:
-    """A folder of images or a .txt list of them (the other inputs are single files, or a
-    folder of tables: export/tables.py)."""
+    """A folder of images, a .txt list of them or one image file (the other inputs are
+    files of rows, or a folder of tables: export/tables.py)."""
     from export.tables import holds_tables
 
-    return path.suffix.lower() == ".txt" if not path.is_dir() else not holds_tables(path)
+    if path.is_dir():
+        return not holds_tables(path)
+    return path.suffix.lower() in (".txt", *IMAGE_SUFFIXES)
 
 
 def iter_image_files(path: Path) -> Iterator[Path]:
@@ -203,7 +205,7 @@ def iter_image_files(path: Path) -> Iterator[Path]:
     keeps no list of them. The walk keeps its own stack, not Python's: a folder tree
     thousands of levels deep was a RecursionError."""
     if not path.is_dir():
-        yield from _listed_images(path)
+        yield from [path] if path.suffix.lower() in IMAGE_SUFFIXES else _listed_images(path)
         return
     st = path.stat()
     walk = [(path, _entries(path), frozenset({(st.st_dev, st.st_ino)}))]
@@ -365,6 +367,6 @@ def iter_chunks(path: str | Path, spec: InputSpec, class_names: list[str], rows:
     elif "idx3-ubyte" in path.name:
         yield from _idx_chunks(path, class_names, rows, start_chunk)
     else:
-        raise InputError(f"{path}: unsupported input; expected a folder or .txt list of "
-                         "images, .csv or .parquet (or a folder of them), .npz, .npy or an "
-                         "IDX images file")
+        raise InputError(f"{path}: unsupported input; expected an image, a folder or .txt "
+                         "list of images, .csv or .parquet (or a folder of them), .npz, .npy "
+                         "or an IDX images file")

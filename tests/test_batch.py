@@ -115,6 +115,29 @@ def _image_folder(root, n=6):
     return root
 
 
+def test_one_image_file_is_an_input(digits_run, tmp_path):
+    """`--input photo.png`: one row, its id the file's name, labelled when its folder names
+    a class, the same answer as within its folder; a broken one is one line either way."""
+    root = _image_folder(tmp_path / "imgs")
+    model = str(digits_run / "model.onnx")
+    whole, one = tmp_path / "all.csv", tmp_path / "one.csv"
+    assert run_cli("predict", "--model", model, "--input", str(root), "--output",
+                   str(whole)).returncode == 0
+    proc = run_cli("predict", "--model", model, "--input", str(root / "1" / "3.png"),
+                   "--output", str(one))
+    assert proc.returncode == 0, proc.stderr
+    [row] = _rows(one)
+    assert row["id"] == "3.png" and row["true_label"] == "1"
+    assert {k: v for k, v in row.items() if k != "id"} == \
+        {k: v for r in _rows(whole) if r["id"] == "1/3.png" for k, v in r.items() if k != "id"}
+    (root / "broken.png").write_bytes(b"not a png")
+    for extra in ((), ("--on-error", "skip")):
+        proc = run_cli("predict", "--model", model, "--input", str(root / "broken.png"),
+                       "--output", str(tmp_path / "b.csv"), *extra)
+        assert_one_line_error(proc, "broken.png", "cannot decode image")
+        assert not (tmp_path / "b.csv").exists()
+
+
 def test_image_folder_on_error_fail_and_skip(digits_run, tmp_path):
     root = _image_folder(tmp_path / "imgs")
     (root / "1" / "broken.png").write_bytes(b"not a png")
