@@ -81,6 +81,13 @@ def test_validate_and_test_resolve_last_and_best_into_the_run_folder(ema_run):
     assert result["checkpoint"] == str(best) and result["metrics"]["test/acc"] == fit_test
     result = json.loads((run / "eval" / "validate-last" / "metrics.json").read_text())
     assert result["metrics"]["val/samples"] == 269 and result["metrics"]["val/acc"] > 0.9
+    first = (run / "eval" / f"test-{best.stem}" / "metrics.json").read_bytes()
+    proc = run_cli("test", "--config", str(ROOT / "configs" / "digits.yaml"), "--ckpt_path",
+                   "best", *QUIET, EMA, "--data.test_fraction", "0.3", cwd=work)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (run / "eval" / f"test-{best.stem}" / "metrics.json").read_bytes() == first  # kept
+    again = json.loads((run / "eval" / f"test-{best.stem}-2" / "metrics.json").read_text())
+    assert again["metrics"]["test/samples"] > result["metrics"]["val/samples"]
 
 
 @pytest.mark.parametrize("command", ["test", "validate"])

@@ -265,7 +265,7 @@ class TrainerCLI(LightningCLI):
             runs.take_run_data(config.data, run, self._argv, self.subcommand)
             if logger:
                 logger.save_dir, logger.name = str(run.parent), run.name
-                logger.version = f"eval/{self.subcommand}-{ckpt.stem}"
+                logger.version = runs.eval_version(run, self.subcommand, ckpt)
 
     def instantiate_trainer(self, **kwargs):
         with phases.timed("check"):

@@ -372,3 +372,14 @@ def take_run_data(data, run: Path, argv: list[str], command: str) -> None:
     if taken:
         print(f"{command}: the run's data ({', '.join(f'data.{k}' for k in taken)} from "
               f"{saved})", file=sys.stderr)
+
+
+def eval_version(run: Path, command: str, ckpt: Path) -> str:
+    """The sub-folder of `run` an evaluation writes into: `eval/<command>-<checkpoint>`, or
+    `-2`, `-3`... after it when an earlier evaluation is there (its results are kept)."""
+    base = name = f"eval/{command}-{ckpt.stem}"
+    n = 1
+    while (run / name).exists():
+        n += 1
+        name = f"{base}-{n}"
+    return name
