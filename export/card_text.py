@@ -25,6 +25,8 @@ def format_card(card: Card) -> str:
     ]
     if data.copies and (copies := data.copies.line()):
         lines.append(f"copies:      {copies}")
+    if missing := data.unmeasured(card.class_names):
+        lines.append(f"unmeasured:  {missing} (classes without a validation row)")
     if card.metrics:
         lines.append("metrics:     " + ", ".join(
             f"{k}={int(v)}" if float(v).is_integer() and "samples" in k else f"{k}={v:.4f}"

@@ -69,8 +69,21 @@ class DatasetInfo(Record):
     split_sizes: dict | None = entry(lambda v: is_dict(v) and all(map(is_count, v.values())),
                                      "an object of row counts", None)
     class_counts: tuple[int, ...] | None = entry(list_of(is_count), "a list of counts", None)
+    val_class_counts: tuple[int, ...] | None = entry(list_of(is_count), "a list of counts", None)
     source: str | None = entry(is_str, "a source name", None)
     target: str | None = entry(is_str, "a column name", None)
     split_seed: int | None = entry(is_num, "a number", None)
     change: DatasetChange | None = entry(None, "an object", None, record=DatasetChange)
     copies: DatasetCopies | None = entry(None, "an object", None, record=DatasetCopies)
+
+    def unmeasured(self, class_names) -> str | None:
+        """The classes without a validation row, named (val/acc, the calibration and the
+        gates never saw the model answer them), or None."""
+        from export.names import shown
+
+        counts = self.val_class_counts or ()
+        missing = [name for name, n in zip(class_names, counts) if n == 0]
+        if not missing:
+            return None
+        more = f" and {len(missing) - 5:,} more" if len(missing) > 5 else ""
+        return ", ".join(map(shown, missing[:5])) + more

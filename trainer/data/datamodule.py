@@ -164,14 +164,20 @@ class FixedDataModule(L.LightningDataModule):
             count_copies(self.splits, ds.num_classes > 0, self.kept_together)
         if copies is not None and (line := copies.line()):
             print(f"data: {ds.name}: {line}", file=sys.stderr)
+        val_counts = np.bincount(np.asarray(self.splits["val"].y), minlength=ds.num_classes) \
+            if ds.num_classes else None
+        dataset = DatasetInfo(
+            name=ds.name, source=hp.source, fingerprint=ds.fingerprint, split_seed=hp.seed,
+            split_sizes={k: len(v) for k, v in self.splits.items()}, copies=copies,
+            val_class_counts=None if val_counts is None else tuple(val_counts.tolist()),
+            target=hp.target if hp.source == "tabular" else None)
+        if missing := dataset.unmeasured(ds.class_names):
+            print(f"data: {ds.name}: no validation rows of class {missing}: val/acc, the "
+                  "calibration and the gates do not measure its answers", file=sys.stderr)
         return DataInfo(
             task=ds.task, input=ds.input_spec, class_names=tuple(ds.class_names),
             normalization=Normalization(mean=tuple(stats["mean"]), std=tuple(stats["std"])),
-            dataset=DatasetInfo(
-                name=ds.name, source=hp.source, fingerprint=ds.fingerprint, split_seed=hp.seed,
-                split_sizes={k: len(v) for k, v in self.splits.items()}, copies=copies,
-                target=hp.target if hp.source == "tabular" else None),
-            stats=stats)
+            dataset=dataset, stats=stats)
 
     @property
     def streaming(self) -> bool:

@@ -1,5 +1,6 @@
-"""Files of equal content: kept in one split where the split is drawn, counted across the
-splits a user's folders give, recorded in the card (trainer/data/copies.py)."""
+"""What the card tells about how far the validation split can be trusted: files of equal
+content (kept in one split where the split is drawn, counted across the splits a user's
+folders give: trainer/data/copies.py) and classes without a validation row."""
 
 import shutil
 
@@ -8,8 +9,8 @@ import pytest
 from PIL import Image
 
 from export.card_text import format_card
-from export.errors import InputError
 from export.dataset_card import DatasetCopies
+from export.errors import InputError
 from trainer.data.copies import count_copies, keep_together
 from trainer.data.datamodule import FixedDataModule
 from trainer.data.dataset import Split
@@ -135,3 +136,33 @@ def test_a_copied_table_file_keeps_its_rows_in_one_split(tmp_path):
     assert sum(map(len, x.values())) == 150
     assert not set(x["train"]) & (set(x["val"]) | set(x["test"]))  # a's rows in one split
     assert data.info.dataset.copies.kept_together > 0
+
+
+def test_a_class_without_validation_rows_is_named(tmp_path, capfd):
+    root = _folder(tmp_path / "imgs")
+    (root / "bird").mkdir()
+    shutil.copy(root / "cat" / "0.png", root / "bird" / "only.png")  # one image: no val row
+    data = _module(tmp_path, root)
+    info = data.info.dataset
+    assert info.val_class_counts[0] == 0 and sum(info.val_class_counts) == len(data.splits["val"])
+    assert info.unmeasured(data.dataset.class_names) == "'bird'"
+    assert "data: imgs: no validation rows of class 'bird': val/acc, the calibration and the " \
+        "gates do not measure its answers" in capfd.readouterr().err
+    assert _module(tmp_path, _folder(tmp_path / "other")).info.dataset.unmeasured(
+        ["cat", "dog"]) is None
+
+
+def test_the_card_names_unmeasured_classes(digits_run):
+    from dataclasses import replace
+
+    from export.card import Card, read_card
+
+    card = read_card(digits_run / "model.onnx")
+    assert len(card.dataset.val_class_counts) == 10 and min(card.dataset.val_class_counts) > 0
+    assert "unmeasured:" not in format_card(card)
+    counts = (0, *card.dataset.val_class_counts[1:])
+    card = Card.from_json(replace(card, dataset=replace(
+        card.dataset, val_class_counts=counts)).to_json())
+    assert "unmeasured:  '0' (classes without a validation row)" in format_card(card)
+    many = replace(card.dataset, val_class_counts=(0,) * 10)
+    assert many.unmeasured(card.class_names) == "'0', '1', '2', '3', '4' and 5 more"
