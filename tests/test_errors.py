@@ -54,6 +54,13 @@ def test_trainer_data_names_a_bad_option_in_one_line(tmp_path, capfd):
                                  tmp_path, capfd)
         assert rc == 2 and len(err.strip().splitlines()) == 1 and needle in err, err
     assert not (tmp_path / "o.npz").exists()
+    (tmp_path / "list.txt").write_text("mine\n")
+    for out in ("list.txt", "o.npy", "o"):  # an .npz by another name (predict read x.txt
+        rc, err = cli_in_process(["data", "--config", digits, "--out", out], tmp_path, capfd)
+        assert rc == 2 and len(err.strip().splitlines()) == 1, err  # as a list of images)
+        assert f"--out {out}: expected a file name ending in .npz" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["list.txt"]
+    assert (tmp_path / "list.txt").read_text() == "mine\n"
 
 
 def test_lightnings_own_option_checks_are_one_line(tmp_path, capfd):

@@ -7,7 +7,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from export.errors import check_options
+from export.errors import InputError, check_options
 from trainer.cli import check_paths, flag_value
 
 
@@ -70,6 +70,9 @@ def cmd_data(argv: list[str]) -> int:
     p.add_argument("--out", required=True, help=".npz file to write")
     args, rest = p.parse_known_args(argv)
     check_paths(rest)
+    if Path(args.out).suffix.lower() != ".npz":  # an .npz named x.txt: predict read a list
+        raise InputError(f"--out {args.out}: expected a file name ending in .npz (trainer "
+                         "data writes the arrays x, y and class_names)")
     from export.atomic import check_output
     from export.tables import root_path
     from trainer.data.cache import cache_root
