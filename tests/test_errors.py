@@ -289,6 +289,24 @@ def test_run_folders_inside_the_data_folder_are_refused_before_any_data(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cat", "dog"]
 
 
+def test_run_folders_a_recursive_glob_of_tables_would_read_are_refused(tmp_path, capfd):
+    """`--data.root 'data/**/*.csv'` with the runs under data/: the next fit read the run's
+    metrics.csv as a part of the table. A glob that does not recurse reads no run folder."""
+    for part in ("p1", "p2", "."):
+        (tmp_path / "data" / part).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "data" / part / "t.csv").write_text(
+            "a,target\n" + "".join(f"{i},{i % 2}\n" for i in range(40)))
+    fit = ["fit", "--config", str(ROOT / "configs" / "tabular.yaml"), "--trainer.logger.save_dir",
+           "data/runs", "--trainer.max_epochs", "1", "--export.enabled", "false"]
+    rc, err = cli_in_process([*fit, "--data.root", "data/**/*.csv"], tmp_path, capfd)
+    _one_line(rc, err, "--data.root data/**/*.csv: the run folders (data/runs) would be "
+              "written inside it", "set --trainer.logger.save_dir outside it")
+    assert not (tmp_path / "data" / "runs").exists()
+    rc, err = cli_in_process([*fit, "--data.root", "data/*.csv"], tmp_path, capfd)
+    assert rc == 0, err[-2000:]
+    assert (tmp_path / "data" / "runs" / "tabular" / "version_0" / "metrics.csv").is_file()
+
+
 def test_a_fit_never_writes_into_an_existing_runs_folder(digits_run, tmp_path, capfd):
     """`--trainer.logger.version 0` of a run that exists wrote the new fit's checkpoints,
     config.yaml and model.onnx over that run's: the deployed model was lost."""

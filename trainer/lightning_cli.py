@@ -62,17 +62,22 @@ def _keep_run_folder(config) -> None:
 def _check_runs_outside_data(config) -> None:
     """Run folders written inside a folder that is listed as data (image folders, folders
     of tables): the next fit took `runs/` for a class and its plots for images, or read its
-    metrics.csv as a table. Refused, naming both folders."""
+    metrics.csv as a table. Refused, naming both folders. A recursive glob (`data/**/*.csv`)
+    lists its fixed folder as deep as a folder root is listed."""
+    from export.tables import glob_base, is_table_glob
     from trainer.data.sources import LISTS_ROOT
 
     root = config.data.get("root")
-    if config.data.get("source") not in LISTS_ROOT or not root or not os.path.isdir(root):
+    if config.data.get("source") not in LISTS_ROOT or not root:
+        return
+    folder = glob_base(root) if is_table_glob(root) and "**" in root else root
+    if not os.path.isdir(folder):
         return
     file_logger, _ = tracking.split_loggers(config.trainer.logger)
     where, flag = (file_logger.init_args.save_dir, "--trainer.logger.save_dir") if file_logger \
         else (os.path.join(config.trainer.get("default_root_dir") or ".", "lightning_logs"),
               "--trainer.default_root_dir")
-    data, runs = Path(root).resolve(), Path(where).resolve()
+    data, runs = Path(folder).resolve(), Path(where).resolve()
     if runs == data or data in runs.parents:
         raise InputError(f"--data.root {root}: the run folders ({where}) would be written "
                          "inside it, and the next fit would read their plots and tables as "
