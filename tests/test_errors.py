@@ -397,3 +397,24 @@ def test_the_process_exit_skips_only_the_teardown(tmp_path):
                           text=True, timeout=120)
     assert proc.returncode == 3 and proc.stdout == "buffered" and proc.stderr == "err"
     assert marker.read_text() == "ran" and late.read_text() == "done"
+
+
+@pytest.mark.parametrize("target, needle", [
+    ([f"id{i}" for i in range(300)], ("300 rows in 300 classes (data.val_fraction/"
+                                      "test_fraction): ~1.0 rows a class, and each class gives "
+                                      "its fraction of them; is the target a class?")),
+    ([0.5, 1.5, 2.5], "the dataset has 3 rows (data.val_fraction/test_fraction)"),
+])
+def test_an_empty_drawn_split_says_why(tmp_path, target, needle):
+    """A target column of identifiers was "the val split is empty; the dataset has 300 rows":
+    the stratified split takes each class's fraction, rounded, of ~1 row."""
+    from export.errors import InputError
+    from trainer.data.datamodule import FixedDataModule
+
+    rows = "".join(f"{i},{t}\n" for i, t in enumerate(target))
+    (tmp_path / "t.csv").write_text("a,target\n" + rows)
+    data = FixedDataModule(source="tabular", root=str(tmp_path / "t.csv"),
+                           cache_dir=str(tmp_path / "c"))
+    with pytest.raises(InputError, match=r"t: the val split is empty; ") as err:
+        _ = data.splits
+    assert needle in str(err.value) and "\n" not in str(err.value)

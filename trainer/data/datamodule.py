@@ -147,11 +147,22 @@ class FixedDataModule(L.LightningDataModule):
                "test": ds.test if ds.test is not None else next(held)}
         for name, split in out.items():
             if len(split) == 0:
-                raise InputError(f"{ds.name}: the {name} split is empty; the dataset has "
-                                 f"{len(ds.train)} rows (data.val_fraction/test_fraction)"
-                                 + (f", {self.kept_together} of them copies kept in the "
-                                    "split of their first" if self.kept_together else ""))
+                raise InputError(f"{ds.name}: the {name} split is empty; {self._too_few()}")
         return out
+
+    def _too_few(self) -> str:
+        """Why a drawn split came out empty: too few rows, or too few a class (a stratified
+        split takes its fraction of each class, rounded), or copies kept together."""
+        ds = self.dataset
+        rows, k = len(ds.train), ds.num_classes
+        why = f"the dataset has {rows:,} rows" + (f" in {k:,} classes" if k else "") + \
+            " (data.val_fraction/test_fraction)"
+        if k and rows < 4 * k:  # an identifier or a measurement taken for a class
+            why += (f": ~{rows / k:.1f} rows a class, and each class gives its fraction of "
+                    "them; is the target a class? (--data.target, --data.task regression)")
+        if self.kept_together:
+            why += f"; {self.kept_together:,} copies were kept in the split of their first"
+        return why
 
     @cached_property
     def info(self) -> DataInfo:
