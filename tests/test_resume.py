@@ -163,6 +163,14 @@ def test_resume_refuses_other_data_and_other_architecture(reference, tmp_path):
                           after_run_log=True)
     proc = _fit(tmp_path, "--ckpt_path", str(loose), "--model.width", "16")
     assert_one_line_error(proc, "model.width=32", "same architecture", after_run_log=True)
+    # ... and by its split: the same data split otherwise (as a version that drew copies of a
+    # file apart did) would train on other rows
+    state = torch.load(loose, weights_only=True)
+    state["hyper_parameters"]["data_info"]["dataset"]["split_sizes"]["train"] -= 1
+    torch.save(state, loose)
+    proc = _fit(tmp_path, "--ckpt_path", str(loose))
+    assert_one_line_error(proc, "--ckpt_path: the checkpoint's splits were", "resume needs the "
+                          "same split", "--model.init_from", after_run_log=True)
     # The refused runs left no folders behind.
     assert sorted(p.name for p in (tmp_path / "runs" / "digits").iterdir()) == ["version_0"]
 

@@ -21,7 +21,7 @@ from trainer.data import lineage
 from trainer.data.info import DataInfo
 from trainer.models import build_backbone, custom, forward_checked
 from trainer.models.nets import Normalize
-from trainer.runs import loadable_state
+from trainer.runs import check_same_rows, loadable_state
 
 
 def check_model_options(*, width, dropout, lr, weight_decay, warmup_fraction,
@@ -282,12 +282,7 @@ class ClassifierModule(L.LightningModule):
         saved, ours = checkpoint.get("hyper_parameters", {}), self.hparams
         theirs = (DataInfo.read(saved["data_info"], "--ckpt_path")
                   if isinstance(saved.get("data_info"), dict) else None)
-        old_fp, new_fp = theirs and theirs.dataset.fingerprint, self.data.dataset.fingerprint
-        if old_fp != new_fp:
-            raise InputError(
-                f"--ckpt_path: the checkpoint was trained on dataset fingerprint {str(old_fp)[:12]}, "
-                f"the configured data has {new_fp[:12]}; resume needs the same data (use "
-                f"--model.init_from CKPT to warm-start from its weights instead)")
+        check_same_rows(theirs, self.data)
         if theirs.dataset.change:  # measured at the first start
             self.data = self.data.with_change(theirs.dataset.change)
         for key in ("arch", "width", "backbone"):

@@ -226,6 +226,21 @@ def keep_previous_log(log_dir: Path) -> None:
 
 # ---------------------------------------------------------------- reading a checkpoint
 
+def check_same_rows(theirs: DataInfo | None, ours: DataInfo) -> None:
+    """A resume trains on the rows its checkpoint trained on: the same dataset fingerprint,
+    split the same way (a version that split copies of a file apart drew other sizes)."""
+    old_fp, new_fp = theirs and theirs.dataset.fingerprint, ours.dataset.fingerprint
+    warm = "use --model.init_from CKPT to warm-start from its weights instead"
+    if old_fp != new_fp:
+        raise InputError(f"--ckpt_path: the checkpoint was trained on dataset fingerprint "
+                         f"{str(old_fp)[:12]}, the configured data has {new_fp[:12]}; resume "
+                         f"needs the same data ({warm})")
+    old, new = theirs.dataset.split_sizes, ours.dataset.split_sizes
+    if old and new and old != new:
+        raise InputError(f"--ckpt_path: the checkpoint's splits were {old}, this data splits "
+                         f"into {new}; resume needs the same split ({warm})")
+
+
 def checkpoint_data(ckpt: dict, source: str = "checkpoint") -> DataInfo:
     """What the checkpoint's model learned about its data (its `data_info`)."""
     return DataInfo.read(ckpt.get("hyper_parameters", {}).get("data_info"), source)
