@@ -195,9 +195,12 @@ def lineage_line(card: Card) -> str:
         parent += f" (sha256 {t.parent_sha256[:12]})"
     epochs = f"{t.run_epochs} epochs" if t and t.run_epochs is not None else "epochs unknown"
     change = f"; data: {t.dataset_change.line()}" if t and t.dataset_change else ""
+    copies = f"; copies: {line}" if data.copies and (line := data.copies.line()) else ""
+    unmeasured = f"; unmeasured: {missing}" if (missing := data.unmeasured(card.class_names)) \
+        else ""
     return (f"dataset {data.name} {data.fingerprint[:12]} ({_splits(data.split_sizes)}), "
             f"{epochs}, seed {t.seed if t else None}, started from {parent}, "
-            f"created {card.created}{change}")
+            f"created {card.created}{change}{copies}{unmeasured}")
 
 
 def _splits(sizes: dict | None) -> str:

@@ -166,3 +166,9 @@ def test_the_card_names_unmeasured_classes(digits_run):
     assert "unmeasured:  '0' (classes without a validation row)" in format_card(card)
     many = replace(card.dataset, val_class_counts=(0,) * 10)
     assert many.unmeasured(card.class_names) == "'0', '1', '2', '3', '4' and 5 more"
+    from export.compare import lineage_line  # what trainer compare prints of each model
+
+    assert lineage_line(card).endswith("; unmeasured: '0'")
+    copies = DatasetCopies(kept_together=0, val_in_train=1, test_in_train=0, in_two_classes=0)
+    line = lineage_line(replace(card, dataset=replace(card.dataset, copies=copies)))
+    assert "; copies: 1 val and 0 test samples copy a training file" in line
