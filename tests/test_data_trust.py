@@ -86,9 +86,15 @@ def test_counts_read_samples_through_their_rows():
     train = Split(x, np.array([0, 1, 0]), np.array([0, 1, 1]))  # row 1 as class 1 and 0
     val = Split(x, np.array([0, 1, 1]), np.array([2, 0, 3]))  # row 0 is a training row
     test = Split(x, np.array([1, 1]), np.array([4, 4]))  # a copy within test only
-    copies = count_copies({"train": train, "val": val, "test": test}, True, 0)
+    splits = {"train": train, "val": val, "test": test}
+    copies = count_copies(splits, 0, classes=2, labels_apart=True, given=True)
     assert (copies.val_in_train, copies.test_in_train, copies.in_two_classes) == (1, 0, 2)
-    assert count_copies({"train": train, "val": val}, False, 0).in_two_classes == 0
+    copies = count_copies(splits, 0, classes=2, labels_apart=False, given=True)  # a table's
+    assert (copies.val_in_train, copies.in_two_classes) == (1, 0)  # labels are its content
+    copies = count_copies(splits, 3, classes=0, labels_apart=True, given=False)  # regression
+    assert (copies.kept_together, copies.val_in_train, copies.in_two_classes) == (3, 0, 0)
+    assert count_copies(splits, 0, classes=300, labels_apart=True, given=True) == \
+        count_copies(splits, 0, classes=2, labels_apart=True, given=True)  # int32 labels
 
 
 @pytest.mark.parametrize("notes, rows, want, moved", [

@@ -7,8 +7,9 @@ is drawn (`--data.val_fraction`, `--data.test_fraction`), the copies of one cont
 in the split of the first of them; where the user's folders give the splits, the copies
 across them are counted; either way the card records them (`DatasetCopies`).
 
-Memory: one byte a stored row to keep copies together, six to count them (the first label
-of each row in four); the samples are read a block at a time."""
+Memory: one byte a stored row to keep copies together; to count them, one, and one or two
+for the first label of each row where labels come from folders (images: a stored row is a
+whole image); the samples are read a block at a time."""
 
 from __future__ import annotations
 
@@ -52,26 +53,35 @@ def keep_together(notes: np.ndarray, split: Split) -> int:
     return moved
 
 
-def count_copies(splits: dict[str, Split], classes: bool, kept_together: int) -> DatasetCopies:
+IN_TRAIN, CLASH = 1, 2  # what is known of a stored row, as bits
+
+
+def count_copies(splits: dict[str, Split], kept_together: int, *, classes: int,
+                 labels_apart: bool, given: bool) -> DatasetCopies:
     """The copies across `splits` (train first; all read rows of one x): samples of val and
-    test that read a row some training sample reads, and (`classes`) rows read under two or
-    more labels."""
-    stored = len(splits["train"].x)
-    in_train, clash = np.zeros(stored, bool), np.zeros(stored, bool)
-    label = np.full(stored, -1, np.int32) if classes else None
+    test that read a row some training sample reads, and rows read under two or more of the
+    `classes` (0: a regression). `labels_apart`: a label is not part of a file's content (an
+    image's class folder), so copies can disagree; `given`: val or test came from the user's
+    folders. Without either, each copy is in one split with one label: nothing to count."""
     found = dict.fromkeys(("val", "test"), 0)
-    for name, split in splits.items():
-        for a, b in _blocks(len(split)):
-            rows = _rows(split, a, b)
-            if name == "train":
-                in_train[rows] = True
-            elif name in found:
-                found[name] += int(np.count_nonzero(in_train[rows]))
-            if label is not None:
-                y = np.asarray(split.y[a:b])
-                unset = label[rows] < 0
-                label[rows[unset]] = y[unset]  # one of a block's copies sets it
-                clash[rows[label[rows] != y]] = True
+    labels_apart = labels_apart and classes > 0
+    if labels_apart or given:
+        stored = len(splits["train"].x)
+        state = np.zeros(stored, np.uint8)
+        label = np.full(stored, -1, np.int8 if classes < 127 else np.int32) \
+            if labels_apart else None
+        for name, split in splits.items():
+            for a, b in _blocks(len(split)):
+                rows = _rows(split, a, b)
+                if name == "train":
+                    state[rows] |= IN_TRAIN
+                elif name in found:
+                    found[name] += int(np.count_nonzero(state[rows] & IN_TRAIN))
+                if label is not None:
+                    y = np.asarray(split.y[a:b])
+                    unset = label[rows] < 0
+                    label[rows[unset]] = y[unset]  # one of a block's copies sets it
+                    state[rows[label[rows] != y]] |= CLASH
+    clashes = int(np.count_nonzero(state & CLASH)) if labels_apart else 0
     return DatasetCopies(kept_together=kept_together, val_in_train=found["val"],
-                         test_in_train=found["test"],
-                         in_two_classes=int(np.count_nonzero(clash)))
+                         test_in_train=found["test"], in_two_classes=clashes)

@@ -171,8 +171,9 @@ class FixedDataModule(L.LightningDataModule):
         ds, hp = self.dataset, self.hparams
         stats = training_stats(self.splits["train"], ds.num_classes, ds.input_spec.value_range,
                                hp.seed)
-        copies = None if ds.history is None else \
-            count_copies(self.splits, ds.num_classes > 0, self.kept_together)
+        copies = None if ds.history is None else count_copies(
+            self.splits, self.kept_together, classes=ds.num_classes,
+            labels_apart=ds.input_spec.image, given=ds.val is not None or ds.test is not None)
         if copies is not None and (line := copies.line()):
             print(f"data: {ds.name}: {line}", file=sys.stderr)
         val_counts = np.bincount(np.asarray(self.splits["val"].y), minlength=ds.num_classes) \
