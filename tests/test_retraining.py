@@ -6,6 +6,7 @@ is extended where its schedule allows; one folder per run."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -81,12 +82,16 @@ def test_validate_and_test_resolve_last_and_best_into_the_run_folder(ema_run):
     assert result["checkpoint"] == str(best) and result["metrics"]["test/acc"] == fit_test
     result = json.loads((run / "eval" / "validate-last" / "metrics.json").read_text())
     assert result["metrics"]["val/samples"] == 269 and result["metrics"]["val/acc"] > 0.9
-    first = (run / "eval" / f"test-{best.stem}" / "metrics.json").read_bytes()
+    # the same checkpoint tested again (here on other rows): beside the earlier results
+    before = {p: p.read_bytes() for p in (run / "eval").rglob("*") if p.is_file()}
+    folders = set((run / "eval").iterdir())
     proc = run_cli("test", "--config", str(ROOT / "configs" / "digits.yaml"), "--ckpt_path",
                    "best", *QUIET, EMA, "--data.test_fraction", "0.3", cwd=work)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (run / "eval" / f"test-{best.stem}" / "metrics.json").read_bytes() == first  # kept
-    again = json.loads((run / "eval" / f"test-{best.stem}-2" / "metrics.json").read_text())
+    assert {p: p.read_bytes() for p in before} == before  # every earlier evaluation kept
+    [added] = set((run / "eval").iterdir()) - folders
+    assert re.fullmatch(rf"test-{best.stem}-[2-9]", added.name), added.name
+    again = json.loads((added / "metrics.json").read_text())
     assert again["metrics"]["test/samples"] > result["metrics"]["val/samples"]
 
 

@@ -282,7 +282,8 @@ class ClassifierModule(L.LightningModule):
         saved, ours = checkpoint.get("hyper_parameters", {}), self.hparams
         theirs = (DataInfo.read(saved["data_info"], "--ckpt_path")
                   if isinstance(saved.get("data_info"), dict) else None)
-        check_same_rows(theirs, self.data)
+        check_same_rows(theirs, self.data, self._trainer is not None and
+                        self._trainer.state.fn == "fit")  # test/validate may split otherwise
         if theirs.dataset.change:  # measured at the first start
             self.data = self.data.with_change(theirs.dataset.change)
         for key in ("arch", "width", "backbone"):

@@ -226,9 +226,9 @@ def keep_previous_log(log_dir: Path) -> None:
 
 # ---------------------------------------------------------------- reading a checkpoint
 
-def check_same_rows(theirs: DataInfo | None, ours: DataInfo) -> None:
-    """A resume trains on the rows its checkpoint trained on: the same dataset fingerprint,
-    split the same way (a version that split copies of a file apart drew other sizes)."""
+def check_same_rows(theirs: DataInfo | None, ours: DataInfo, fitting: bool) -> None:
+    """A checkpoint is loaded for the data it learned from, and (`fitting`: a resume) split
+    the same way (a version that split copies of a file apart drew other sizes)."""
     old_fp, new_fp = theirs and theirs.dataset.fingerprint, ours.dataset.fingerprint
     warm = "use --model.init_from CKPT to warm-start from its weights instead"
     if old_fp != new_fp:
@@ -236,7 +236,7 @@ def check_same_rows(theirs: DataInfo | None, ours: DataInfo) -> None:
                          f"{str(old_fp)[:12]}, the configured data has {new_fp[:12]}; resume "
                          f"needs the same data ({warm})")
     old, new = theirs.dataset.split_sizes, ours.dataset.split_sizes
-    if old and new and old != new:
+    if fitting and old and new and old != new:
         raise InputError(f"--ckpt_path: the checkpoint's splits were {old}, this data splits "
                          f"into {new}; resume needs the same split ({warm})")
 

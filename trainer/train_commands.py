@@ -70,9 +70,6 @@ def cmd_data(argv: list[str]) -> int:
     p.add_argument("--out", required=True, help=".npz file to write")
     args, rest = p.parse_known_args(argv)
     check_paths(rest)
-    if Path(args.out).suffix.lower() != ".npz":  # an .npz named x.txt: predict read a list
-        raise InputError(f"--out {args.out}: expected a file name ending in .npz (trainer "
-                         "data writes the arrays x, y and class_names)")
     from export.atomic import check_output
     from export.tables import root_path
     from trainer.data.cache import cache_root
@@ -97,6 +94,9 @@ def cmd_data(argv: list[str]) -> int:
     check_output(args.out, "--out", {
         "data.root": root_path(data.root) if data.root != root else None,
         "data.cache_dir": data.cache_dir if cache_root(data.cache_dir) != cache else None})
+    if Path(args.out).suffix.lower() != ".npz":  # an .npz named x.txt: predict read a list
+        raise InputError(f"--out {args.out}: expected a file name ending in .npz (trainer "
+                         "data writes the arrays x, y and class_names)")
     cli.build()
     split = cli.datamodule.splits[args.split]
     n, step = len(split), split.chunk_rows

@@ -22,7 +22,7 @@ from trainer.data.info import DataInfo, Normalization
 from trainer.data.loader import EpochSampler, InMemoryLoader, block_rows, streaming_loader
 from trainer.data.sources import load_source
 from trainer.data.split import split_notes
-from trainer.data.stats import training_stats
+from trainer.data.stats import class_rows, training_stats
 
 
 def check_data_options(*, val_fraction, test_fraction, batch_size, eval_batch_size, seed,
@@ -176,8 +176,7 @@ class FixedDataModule(L.LightningDataModule):
             labels_apart=ds.input_spec.image, given=ds.val is not None or ds.test is not None)
         if copies is not None and (line := copies.line()):
             print(f"data: {ds.name}: {line}", file=sys.stderr)
-        val_counts = np.bincount(np.asarray(self.splits["val"].y), minlength=ds.num_classes) \
-            if ds.num_classes else None
+        val_counts = class_rows(self.splits["val"], ds.num_classes) if ds.num_classes else None
         dataset = DatasetInfo(
             name=ds.name, source=hp.source, fingerprint=ds.fingerprint, split_seed=hp.seed,
             split_sizes={k: len(v) for k, v in self.splits.items()}, copies=copies,

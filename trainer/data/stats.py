@@ -101,3 +101,12 @@ def training_stats(split: Split, num_classes: int, value_range: tuple[float, flo
                            "histogram": {"range": [t_lo, t_hi], "bins": HIST_BINS,
                                          "frequencies": _hist(y, t_lo, t_hi)}}
     return stats
+
+
+def class_rows(split: Split, num_classes: int) -> np.ndarray:
+    """How many rows of each class `split` holds, its labels read a block at a time (a
+    streamed split's labels are read through its notes, never whole)."""
+    counts = np.zeros(num_classes, np.int64)
+    for a in range(0, len(split), 1 << 16):
+        counts += np.bincount(np.asarray(split.y[a:a + (1 << 16)]), minlength=num_classes)
+    return counts
