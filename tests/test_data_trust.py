@@ -178,3 +178,12 @@ def test_the_card_names_unmeasured_classes(digits_run):
     copies = DatasetCopies(kept_together=0, val_in_train=1, test_in_train=0, in_two_classes=0)
     line = lineage_line(replace(card, dataset=replace(card.dataset, copies=copies)))
     assert "; copies: 1 val and 0 test samples copy a training file" in line
+
+
+def test_an_empty_val_split_of_few_images_a_class_says_so(tmp_path):
+    data = _module(tmp_path, _folder(tmp_path / "imgs", per_class=1))
+    with pytest.raises(InputError, match=r"imgs: the val split is empty; the dataset has 2 "
+                                         r"rows in 2 classes \(data.val_fraction/test_fraction\)"
+                                         r": ~1.0 rows a class, and each class gives its "
+                                         r"fraction of them$"):
+        _ = data.splits

@@ -157,9 +157,10 @@ class FixedDataModule(L.LightningDataModule):
         rows, k = len(ds.train), ds.num_classes
         why = f"the dataset has {rows:,} rows" + (f" in {k:,} classes" if k else "") + \
             " (data.val_fraction/test_fraction)"
-        if k and rows < 4 * k:  # an identifier or a measurement taken for a class
-            why += (f": ~{rows / k:.1f} rows a class, and each class gives its fraction of "
-                    "them; is the target a class? (--data.target, --data.task regression)")
+        if k and rows < 4 * k:
+            why += f": ~{rows / k:.1f} rows a class, and each class gives its fraction of them"
+            if self.hparams.source == "tabular":  # an identifier or a measurement as a class
+                why += "; is the target a class? (--data.target, --data.task regression)"
         if self.kept_together:
             why += f"; {self.kept_together:,} copies were kept in the split of their first"
         return why
