@@ -20,7 +20,7 @@ bound is < -m; `inconclusive` otherwise.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import stats
@@ -28,7 +28,7 @@ from scipy import stats
 from export.card import Card
 from export.errors import InputError
 from export.readers import iter_chunks
-from export.records import Record, entry, is_num, is_str, list_of, one_of
+from export.records import Record, entry, is_bool, is_num, is_str, list_of, one_of
 
 BOOTSTRAP_ROWS = 20_000  # above, the normal interval (the two agree to 1e-3 at this size)
 BOOTSTRAP_RESAMPLES = 2000
@@ -56,6 +56,8 @@ class Comparison(Record):
     verdict: str = entry(one_of(*VERDICTS), "better, not worse, worse or inconclusive")
     champion_only: int | None = entry(is_num, "a number", None)  # discordant rows
     challenger_only: int | None = entry(is_num, "a number", None)
+    # the two files load the same bytes: any difference measured is none
+    same_model: bool = entry(is_bool, "true or false", False)
 
 
 def check_same_problem(champion: Card, challenger: Card, names: tuple[str, str]) -> None:
@@ -183,6 +185,8 @@ def format_comparison(c: Comparison, names: tuple[str, str]) -> str:
                      f"{c.challenger_only} only the challenger; {c.test} p = {c.p_value:.3g}")
     else:
         lines.append(f"{c.test} = {c.p_value:.3g}")
+    if c.same_model:
+        lines.append("note: the champion and the challenger are the same model (equal SHA-256)")
     lines.append(f"verdict: {c.verdict}")
     return "\n".join(lines)
 
@@ -224,6 +228,5 @@ def run_compare(champion: str, challenger: str, data: str, *, alpha: float = 0.0
         raise InputError(f"--margin {margin:g}: accuracy is a fraction here (0.01 is one "
                          "point); a margin of 1 or more would pass any challenger")
     out_a, out_b = score_rows(a, b, data)
-    if a.card.regression:
-        return compare_regressors(out_a, out_b, alpha, margin)
-    return compare_classifiers(out_a, out_b, alpha, margin)
+    compare = compare_regressors if a.card.regression else compare_classifiers
+    return replace(compare(out_a, out_b, alpha, margin), same_model=a.sha256 == b.sha256)

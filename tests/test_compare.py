@@ -81,12 +81,14 @@ def test_compare_calls_the_strong_model_better_and_the_weak_one_worse(
     assert doc["meets"] and c["verdict"] == "better" and c["challenger"] > c["champion"]
     assert c["champion_only"] + c["challenger_only"] > 0 and c["p_value"] < 0.05
     assert "verdict: better" in proc.stdout and "champion: " in proc.stdout
-    assert "exact McNemar" in proc.stdout
+    assert "exact McNemar" in proc.stdout and not c["same_model"] and "same model" not in \
+        proc.stdout
     proc = _compare(strong, weak, digits_test_npz)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "verdict: worse" in proc.stdout and "NOT met" in proc.stdout
     same = _compare(strong, strong, digits_test_npz)
     assert same.returncode == 0 and "verdict: not worse" in same.stdout
+    assert "the champion and the challenger are the same model" in same.stdout
     assert _compare(strong, strong, digits_test_npz, "--require", "better").returncode == 1
 
 

@@ -163,6 +163,12 @@ def test_resume_refuses_other_data_and_other_architecture(reference, tmp_path):
                           after_run_log=True)
     proc = _fit(tmp_path, "--ckpt_path", str(loose), "--model.width", "16")
     assert_one_line_error(proc, "model.width=32", "same architecture", after_run_log=True)
+    # trainer test of it on other data is told how other labelled data are scored instead
+    proc = run_cli("test", "--config", str(ROOT / "configs" / "digits.yaml"), "--ckpt_path",
+                   str(loose), "--trainer.enable_progress_bar", "false", *other, cwd=tmp_path)
+    assert_one_line_error(proc, "dataset fingerprint", "export it and run trainer predict",
+                          after_run_log=True)
+    assert "resume" not in proc.stderr.strip().splitlines()[-1]
     # ... and by its split: the same data split otherwise (as a version that drew copies of a
     # file apart did) would train on other rows
     state = torch.load(loose, weights_only=True)

@@ -289,7 +289,8 @@ class ClassifierModule(L.LightningModule):
         for key in ("arch", "width", "backbone"):
             if saved.get(key) != ours[key]:
                 raise InputError(f"--ckpt_path: the checkpoint has model.{key}={saved.get(key)!r}, "
-                                 f"the config has {ours[key]!r}; resume needs the same architecture")
+                                 f"the config has {ours[key]!r}; it loads into the same "
+                                 "architecture only")
         checkpoint["state_dict"] = loadable_state(self, checkpoint["state_dict"])  # then shapes
         self._validated_step = checkpoint.get("validated_at_step")
         self._restored_plan = checkpoint.get("lr_plan")

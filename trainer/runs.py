@@ -225,16 +225,16 @@ def keep_previous_log(log_dir: Path) -> None:
 
 
 # ---------------------------------------------------------------- reading a checkpoint
-
 def check_same_rows(theirs: DataInfo | None, ours: DataInfo, fitting: bool) -> None:
     """A checkpoint is loaded for the data it learned from, and (`fitting`: a resume) split
     the same way (a version that split copies of a file apart drew other sizes)."""
     old_fp, new_fp = theirs and theirs.dataset.fingerprint, ours.dataset.fingerprint
     warm = "use --model.init_from CKPT to warm-start from its weights instead"
+    need = (f"resume needs the same data ({warm})" if fitting else "it is evaluated on the data "
+            "it learned from; to score other labelled data, export it and run trainer predict")
     if old_fp != new_fp:
         raise InputError(f"--ckpt_path: the checkpoint was trained on dataset fingerprint "
-                         f"{str(old_fp)[:12]}, the configured data has {new_fp[:12]}; resume "
-                         f"needs the same data ({warm})")
+                         f"{str(old_fp)[:12]}, the configured data has {new_fp[:12]}; {need}")
     old, new = theirs.dataset.split_sizes, ours.dataset.split_sizes
     if fitting and old and new and old != new:
         raise InputError(f"--ckpt_path: the checkpoint's splits were {old}, this data splits "

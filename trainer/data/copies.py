@@ -63,7 +63,7 @@ def count_copies(splits: dict[str, Split], kept_together: int, *, classes: int,
     `classes` (0: a regression). `labels_apart`: a label is not part of a file's content (an
     image's class folder), so copies can disagree; `given`: val or test came from the user's
     folders. Without either, each copy is in one split with one label: nothing to count."""
-    found = dict.fromkeys(("val", "test"), 0)
+    found, clashes = dict.fromkeys(("val", "test"), 0), 0
     labels_apart = labels_apart and classes > 0
     if labels_apart or given:
         stored = len(splits["train"].x)
@@ -82,6 +82,6 @@ def count_copies(splits: dict[str, Split], kept_together: int, *, classes: int,
                     unset = label[rows] < 0
                     label[rows[unset]] = y[unset]  # one of a block's copies sets it
                     state[rows[label[rows] != y]] |= CLASH
-    clashes = int(np.count_nonzero(state & CLASH)) if labels_apart else 0
+        clashes = int(np.count_nonzero(state & CLASH))
     return DatasetCopies(kept_together=kept_together, val_in_train=found["val"],
                          test_in_train=found["test"], in_two_classes=clashes)
