@@ -8,6 +8,7 @@ import atexit
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -66,6 +67,8 @@ def first_line(exc: Exception) -> str:
 def _download(uri: str) -> str:
     mlflow = require_mlflow(f"--model {uri}")
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # its INFO lines on the store
+    if not sys.stderr.isatty():  # its download bar: a line of carriage returns in a log
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     folder = tempfile.mkdtemp(prefix="frozenfit-model-")
     atexit.register(shutil.rmtree, folder, ignore_errors=True)  # a copy, not the user's file
     try:

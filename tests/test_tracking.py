@@ -99,6 +99,7 @@ def test_predict_resolves_mlflow_uris(store, digits_test_npz, tmp_path):
         proc = run_cli("predict", "--model", model, "--input", str(digits_test_npz),
                        "--output", str(out), "--no-progress", env=env, cwd=store)
         assert proc.returncode == 0, proc.stderr
+        assert "Downloading artifacts" not in proc.stderr  # MLflow's bar, into a log file
         outputs[name] = out.read_text()
     assert outputs["path"] == outputs["registry"] == outputs["run"]
     pytest.importorskip("uvicorn", reason="the serve extra is not installed")
