@@ -33,6 +33,13 @@ def registry_alias(uri: str) -> tuple[str, str] | None:
     return None
 
 
+def registered_name(uri: str) -> str | None:
+    """NAME of `models:/NAME/VERSION` or `models:/NAME@ALIAS`, else None."""
+    if not uri.startswith("models:/"):
+        return None
+    return uri[len("models:/"):].split("/")[0].partition("@")[0] or None
+
+
 def served_version(uri: str) -> str:
     """The registry version `uri` names now (the alias's holder for `@ALIAS`), else "1"."""
     from export.registry import Registry

@@ -111,6 +111,9 @@ def test_predict_resolves_mlflow_uris(store, digits_test_npz, tmp_path):
             status, doc = server.predict(npz["x"][:3].tolist())
         assert status == 200, doc
         assert doc["model_sha256"] == hashlib.sha256((folder / "model.onnx").read_bytes()).hexdigest()
+        # on the inference protocol, by its registered name, as a KServe or Triton client asks
+        status, body, _ = server.request("GET", "/v2/models/digits-model/versions/1")
+        assert status == 200 and json.loads(body)["name"] == "digits-model", body
     finally:
         assert server.stop()[0] == 0
     proc = run_cli("predict", "--model", "models:/digits-model/9", "--input",
@@ -248,3 +251,16 @@ def test_serve_follows_an_alias_under_load_and_refuses_a_version_that_differs(
     assert code == 0, err
     assert "moved to version 2: now serving sha256" in err
     assert "not loaded: its class_names differs" in err and "still serving sha256" in err
+
+
+def test_a_registry_model_is_served_under_its_registered_name():
+    from export.model_uri import registered_name
+    from export.serve.options import ServeOptions
+
+    uris = ("models:/digits/3", "models:/digits@champion", "runs:/abc/model", "model.onnx")
+    assert [registered_name(u) for u in uris] == ["digits", "digits", None, None]
+    assert ServeOptions(uri="models:/digits@champion").name == "digits"
+    assert ServeOptions(uri="models:/digits/1", name="d2").name == "d2"  # --name wins
+    # a registered name that is no URL path segment: the file's stem, as before
+    assert ServeOptions(uri="models:/my model/1").name is None
+    assert ServeOptions(uri="runs:/abc/model").name is None

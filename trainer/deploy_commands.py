@@ -148,7 +148,8 @@ def serve_parser() -> argparse.ArgumentParser:
                    "models:/NAME@ALIAS: check the alias every POLL_S seconds and, when it "
                    "moves, swap the new version in without a restart (default 0: never)")
     p.add_argument("--name", help="the model's name on the Open Inference Protocol routes "
-                   "(/v2/models/NAME/infer; default: the model file's stem)")
+                   "(/v2/models/NAME/infer; default: a models:/ URI's registered name, else the model "
+                   "file's stem)")
     return p
 
 

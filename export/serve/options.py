@@ -9,7 +9,7 @@ from pathlib import Path
 
 from export.card import InputSpec
 from export.errors import InputError
-from export.model_uri import registry_alias
+from export.model_uri import registered_name, registry_alias
 
 
 @dataclass
@@ -47,6 +47,9 @@ class Limits:
                              f"{avail / 2 / 2**30:.1f} GiB (half of the memory available)")
 
 
+NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}"  # a model's name on the routes: one URL path segment
+
+
 @dataclass
 class ServeOptions:
     host: str = "127.0.0.1"
@@ -58,7 +61,7 @@ class ServeOptions:
     limits: Limits = None
     drain_timeout_s: float = 30.0
     log_level: str = "warning"
-    name: str | None = None  # the model's name on the inference protocol (default: file stem)
+    name: str | None = None  # the model's name on the inference protocol (default: see below)
     api_key: str | None = field(default=None, repr=False)  # never printed
     uri: str | None = None  # --model as given (a path, or an MLflow URI)
     poll_s: float = 0.0  # how often a models:/NAME@ALIAS is checked for a new holder; 0: never
@@ -67,9 +70,12 @@ class ServeOptions:
         from export.timing import usable_cores
 
         self.limits = self.limits or Limits()
-        if self.name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", self.name):
+        if self.name is not None and not re.fullmatch(NAME, self.name):
             raise InputError(f"--name {self.name!r}: expected letters, digits, '.', '_' and "
                              f"'-' (a URL path segment)")
+        registered = registered_name(self.uri or "")
+        if self.name is None and registered and re.fullmatch(NAME, registered):
+            self.name = registered  # as the registry names it, not its artifact's file stem
         workers = 1 if self.workers is None else self.workers  # None: chosen by serve()
         for flag, value in (("--workers", workers),
                             ("--max-batch-size", self.max_batch_size)):
