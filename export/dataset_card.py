@@ -23,16 +23,22 @@ class DatasetChange(Record):
     files_unchanged: int | None = entry(is_num, "a number", None)
     rows_added: int | None = entry(is_num, "a number", None)
     rows_removed: int | None = entry(is_num, "a number", None)
+    # about what share of val and test the parent trained on: drawn anew over changed data
+    parent_in_eval: float | None = entry(is_num, "a number", None)
 
     def line(self) -> str:
         since = f"since the parent's dataset {self.parent_fingerprint[:12]}"
         if not self.known:
             return f"not known {since}: {self.note}"
         if self.files_added is None:
-            return f"none {since} ({self.note})"
+            return f"none {since} ({self.note}){self.eval_line()}"
         return (f"{self.files_added:,} files added, {self.files_removed:,} removed, "
                 f"{self.files_changed:,} changed ({self.rows_added:,} rows in, "
-                f"{self.rows_removed:,} out) {since}")
+                f"{self.rows_removed:,} out) {since}{self.eval_line()}")
+
+    def eval_line(self) -> str:
+        return (f"; ~{self.parent_in_eval:.0%} of val and test the parent trained on (drawn "
+                "anew)" if self.parent_in_eval else "")
 
 
 @dataclass(frozen=True, kw_only=True)

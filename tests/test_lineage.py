@@ -198,11 +198,14 @@ FIT = ("--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false",
 def test_a_warm_started_fit_records_the_data_change_in_its_card(tmp_path):
     images, cache = _digits_folder(tmp_path / "digits"), str(tmp_path / "cache")
 
+    logs = []
+
     def fit(name, *extra):
         proc = run_cli("fit", "--config", str(ROOT / "configs" / "image_folder.yaml"),
                        "--data.root", str(images), "--data.cache_dir", cache, *FIT,
                        "--trainer.logger.init_args.name", name, *extra, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
+        logs.append(proc.stderr)
         return tmp_path / "runs" / name / "version_0"
 
     parent = fit("parent")
@@ -219,8 +222,35 @@ def test_a_warm_started_fit_records_the_data_change_in_its_card(tmp_path):
     assert change.parent_fingerprint == read_card(parent / "model.onnx").dataset.fingerprint
     assert (change.files_added, change.files_removed, change.files_changed) == (7, 2, 1)
     assert (change.rows_added, change.rows_removed, change.files_unchanged) == (8, 3, 297)
+    # val and test were drawn anew over the changed folder: most of their rows were the
+    # parent's training rows (its training share, ~70%, times the 97% of today's it had)
+    sizes = read_card(parent / "model.onnx").dataset.split_sizes
+    assert change.parent_in_eval == pytest.approx(sizes["train"] / sum(sizes.values()) * 297 / 305,
+                                                  abs=0.001)
+    assert "of the val and test rows are likely rows the parent trained on" in logs[-1]
+    assert "parent trained on" not in logs[0]
     proc = run_cli("inspect", str(child / "model.onnx"))
     assert "data change: 7 files added, 2 removed, 1 changed (8 rows in, 3 out)" in proc.stdout
+    assert "of val and test the parent trained on (drawn anew)" in proc.stdout
     proc = run_cli("compare", "--champion", str(parent / "model.onnx"), "--challenger",
                    str(child / "model.onnx"), "--data", str(images))
     assert "challenger: " in proc.stdout and "data: 7 files added" in proc.stdout, proc.stdout
+
+
+def test_the_share_of_val_and_test_a_parent_trained_on():
+    from export.dataset_card import DatasetChange, DatasetInfo
+
+    sizes = {"train": 70, "val": 15, "test": 15}
+    ours = DatasetInfo(name="d", source="image_folder", fingerprint="ab" * 32, split_seed=0,
+                       split_sizes=sizes)
+    same = DatasetChange(parent_fingerprint="ab" * 32, known=True, rows_added=0, rows_removed=0)
+    theirs = {"fingerprint": "ab" * 32, "split_sizes": sizes, "split_seed": 0}
+    share = lineage._parent_in_eval
+    assert share(theirs, ours, same) is None  # the parent's very split
+    assert share({**theirs, "split_seed": 1}, ours, same) == 0.7  # drawn otherwise
+    grown = DatasetChange(parent_fingerprint="cd" * 32, known=True, rows_added=20,
+                          rows_removed=0)
+    assert share({**theirs, "fingerprint": "cd" * 32}, ours, grown) == pytest.approx(0.56)
+    unknown = DatasetChange(parent_fingerprint="cd" * 32, known=False, note="another source")
+    assert share({**theirs, "fingerprint": "cd" * 32}, ours, unknown) is None
+    assert share({"split_sizes": {"train": "x"}}, ours, grown) is None  # a foreign record

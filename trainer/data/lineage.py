@@ -14,13 +14,16 @@ recorded as not known, with the reason, never guessed.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from export.atomic import atomic_path
 from export.dataset_card import DatasetChange, DatasetInfo
+from export.records import is_count
 from trainer.data.bucketsort import bucket_sorted
 from trainer.data.records import (READ_ROWS, Records, pread_rows, read_npy_header,
                                   write_npy_header)
@@ -140,6 +143,32 @@ def change_from_parent(parent_ckpt: dict, dataset: DatasetInfo, fixed) -> Datase
     `dataset` describes (`fixed`: its FixedDataset, if known). The parent's record is read
     leniently: an older or foreign checkpoint only makes the change unknown."""
     parent = parent_ckpt.get("hyper_parameters", {}).get("data_info") or {}
-    change = change_since(parent.get("dataset", {}).get("fingerprint"), dataset.fingerprint,
-                          getattr(fixed, "history", None), dataset.source or "this")
-    return DatasetChange.from_json(change, "lineage")
+    theirs = parent.get("dataset") if isinstance(parent.get("dataset"), dict) else {}
+    change = DatasetChange.from_json(change_since(
+        theirs.get("fingerprint"), dataset.fingerprint, getattr(fixed, "history", None),
+        dataset.source or "this"), "lineage")
+    drawn = fixed is not None and (fixed.val is None or fixed.test is None)
+    share = _parent_in_eval(theirs, dataset, change) if drawn else None
+    if share:
+        print(f"data: {dataset.name}: ~{share:.0%} of the val and test rows are likely rows "
+              "the parent trained on (drawn anew over changed data): val/acc, the calibration "
+              "and the gates are optimistic; for updates keep val/ and test/ folders fixed, "
+              "or judge with trainer compare on held-out data", file=sys.stderr)
+    return replace(change, parent_in_eval=share)
+
+
+def _parent_in_eval(theirs: dict, dataset: DatasetInfo, change: DatasetChange) -> float | None:
+    """About what share of val and test, drawn anew over this data, the parent trained on:
+    its training share of the rows it had, times the share of today's rows it had. A split
+    drawn over other rows (one row added, another seed or fractions) is a fresh draw. None
+    where the split is the parent's own, or too little is known to tell."""
+    sizes, now = theirs.get("split_sizes"), dataset.split_sizes
+    if not (isinstance(sizes, dict) and now and all(map(is_count, sizes.values()))
+            and sum(sizes.values()) and change.known):
+        return None
+    if sizes == now and theirs.get("split_seed") == dataset.split_seed and \
+            theirs.get("fingerprint") == dataset.fingerprint:
+        return None  # the very same split
+    total = sum(now.values())
+    kept = (total - min(total, change.rows_added or 0)) / total
+    return round(sizes.get("train", 0) / sum(sizes.values()) * kept, 3)
